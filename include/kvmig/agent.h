@@ -1,0 +1,158 @@
+// Agent: what an engine embeds to take part in migrations, and the client
+// calls a scheduler uses to drive agents.
+//
+// One agent owns one TCP port that serves both peers (incoming migrations)
+// and schedulers (status, migrate). It drives the engine's CachePager.
+#ifndef KVMIG_AGENT_H_
+#define KVMIG_AGENT_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvmig/pager.h"
+#include "kvmig/status.h"
+#include "kvmig/transport.h"
+#include "kvmig/types.h"
+
+namespace kvmig {
+
+// Plain options; every limit is enforced with a clear error.
+struct AgentOptions {
+  // Where to listen. Port 0 picks a free port (see Agent::port()).
+  std::string listen_host = "127.0.0.1";
+  uint16_t listen_port = 0;
+  // Transports this agent accepts and may use, in preference order. Each
+  // must be built (built_transports()).
+  std::vector<std::string> transports = {"tcp"};
+  TransportOptions transport_options;
+  // Deadline for every wait on a peer (a frame, a connect, a flush).
+  std::chrono::milliseconds peer_timeout{10'000};
+  // Largest control frame accepted, in bytes.
+  uint32_t max_frame_bytes = 64u << 20;
+  // Most distinct pages one migration may move.
+  uint32_t max_pages_per_migration = 1u << 20;
+  // Most requests one migration may move.
+  uint32_t max_seqs_per_migration = 1u << 16;
+  // Most control connections served at once; more are closed at accept.
+  uint32_t max_connections = 64;
+  // Staging buffer for pagers without layout(), per migration and side.
+  uint64_t staging_bytes = 64ull << 20;
+  // Test seam: called at named protocol points ("src.data.mid",
+  // "dst.before_done", ...) on the thread that reaches them; may sleep or
+  // exit the process to cause a fault at that point. Empty: nothing.
+  std::function<void(std::string_view point)> fault_hook;
+};
+
+enum class MigrationMode : uint8_t { kMove = 0, kCopy = 1 };
+
+// What a scheduler asks a source agent to do.
+struct MigrateRequest {
+  std::string to;             // destination agent, "HOST:PORT"
+  std::vector<SeqId> seqs;    // which requests; ignored when all
+  bool all = false;           // every live request
+  MigrationMode mode = MigrationMode::kMove;
+  bool live = false;          // pre-copy (not yet implemented: Unimplemented)
+  std::string transport;      // empty: the first the source prefers
+  bool verify = true;         // per-page checksums checked at the destination
+};
+
+// The outcome of a successful migration.
+struct MigrationReport {
+  std::string migration_id;
+  std::vector<SeqId> seqs;  // requests that moved (or were copied)
+  uint64_t pages = 0;       // distinct pages sent
+  uint64_t bytes = 0;       // payload bytes sent
+  uint64_t writes = 0;      // transport writes after merging
+  double seconds = 0;       // HELLO sent to DONE received
+  double gbps = 0;          // bytes / data-phase seconds / 1e9 (GB/s)
+  double pause_ms = 0;      // source paused to resumed
+  uint32_t rounds = 1;
+  std::string transport;
+  bool staged = false;      // some side went through a staging buffer
+};
+
+// One live request as status reports it.
+struct SeqStatus {
+  SeqId id = 0;
+  uint64_t tokens = 0;
+  uint32_t pages = 0;
+  std::string digest;  // Digest::hex() of seq_digest()
+};
+
+struct AgentStatus {
+  CacheMeta meta;
+  uint64_t capacity_pages = 0;
+  uint64_t free_pages = 0;
+  std::vector<SeqStatus> seqs;
+  std::vector<std::string> transports;
+  // Migrations whose outcome this agent could not learn (peer unreachable at
+  // the decision point), with the requests they hold.
+  struct InDoubt {
+    std::string migration_id;
+    std::vector<SeqId> seqs;
+  };
+  std::vector<InDoubt> in_doubt;
+};
+
+// A running agent. Thread-safe: every method may be called from any thread.
+// The pager must outlive the agent.
+class Agent {
+ public:
+  // Binds the listen socket, builds the transports and registers the pager's
+  // memory with each. Does not serve until run() or start().
+  static Result<std::unique_ptr<Agent>> create(CachePager& pager,
+                                               AgentOptions options);
+  ~Agent();
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+
+  // The bound address, e.g. "127.0.0.1:40123".
+  std::string address() const;
+  uint16_t port() const;
+
+  // Serves on the calling thread until stop().
+  Status run();
+  // Serves on a thread of the agent's own; stop() or the destructor ends it.
+  Status start();
+  // Stops serving: open migrations are aborted (rolled back). Idempotent.
+  void stop();
+
+  // Moves or copies requests to another agent, as if a scheduler asked.
+  // Blocks until the migration ends. Needs the agent to be serving.
+  Result<MigrationReport> migrate(const MigrateRequest& request);
+
+  // This agent's status (digests computed on the spot).
+  Result<AgentStatus> status();
+
+  struct Impl;
+
+ private:
+  explicit Agent(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Scheduler side: talk to an agent at "HOST:PORT" over its control port.
+struct ClientOptions {
+  std::chrono::milliseconds timeout{60'000};
+};
+Result<AgentStatus> query_status(std::string_view agent,
+                                 const ClientOptions& options = {});
+Result<MigrationReport> request_migration(std::string_view agent,
+                                          const MigrateRequest& request,
+                                          const ClientOptions& options = {});
+
+// Splits "HOST:PORT" (IPv4, a name, or [IPv6]). InvalidArgument otherwise.
+struct HostPort {
+  std::string host;
+  uint16_t port = 0;
+};
+Result<HostPort> parse_host_port(std::string_view text);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_AGENT_H_

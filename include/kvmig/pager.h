@@ -1,0 +1,104 @@
+// CachePager: the only thing an inference engine implements to let kvmig
+// move its requests. It mirrors the seed's interface (nine methods) and adds
+// optional extensions with safe defaults.
+#ifndef KVMIG_PAGER_H_
+#define KVMIG_PAGER_H_
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "kvmig/status.h"
+#include "kvmig/types.h"
+
+namespace kvmig {
+
+// Capacity figures a pager may report (for `status`).
+struct PagerCapacity {
+  uint64_t capacity_pages = 0;
+  uint64_t free_pages = 0;
+};
+
+// A paged KV cache as kvmig sees it.
+//
+// Thread safety: implementations must be thread-safe. kvmig calls a pager
+// from its control thread and its data threads, possibly concurrently, while
+// the engine runs its own work (decode) on the same pager.
+//
+// Between a successful pause() and the matching resume(), the bytes of every
+// page that belongs to a sequence must not change: kvmig reads them directly
+// through layout() while paused.
+//
+// Errors: every method returns a clear Status for bad use (an index out of
+// range, a free page, a buffer of the wrong size, no room) and leaves the
+// pager as it was.
+class CachePager {
+ public:
+  virtual ~CachePager() = default;
+
+  // The cache's shape. Constant for the pager's lifetime.
+  virtual CacheMeta meta() const = 0;
+
+  // Stops the engine from changing any page or sequence until resume(). When
+  // pause() returns, no change is in progress. Pauses nest: each pause() is
+  // undone by one resume().
+  virtual Status pause() = 0;
+  // Undoes one pause(). FailedPrecondition when not paused.
+  virtual Status resume() = 0;
+
+  // Every page slot that is not free (owned by a sequence or allocated and
+  // not yet installed), ascending.
+  virtual Result<std::vector<PageIndex>> occupied_pages() = 0;
+
+  // Every live sequence's page table, ascending by seq_id.
+  virtual Result<std::vector<LogicalSeq>> logical_seqs() = 0;
+
+  // A copy of page ix in canonical byte order. OutOfRange for an index past
+  // capacity, FailedPrecondition for a free slot.
+  virtual Result<PageBytes> read_page(PageIndex ix) = 0;
+
+  // Reserves n free slots for writing, all or nothing: ResourceExhausted
+  // (nothing reserved) when fewer than n are free. Reserved slots belong to
+  // no sequence until install_logical_seqs() names them.
+  virtual Result<std::vector<PageIndex>> allocate_pages(uint32_t n) = 0;
+
+  // Overwrites slot ix (allocated or owned) with page. InvalidArgument when
+  // page.k or page.v is not page_bytes() long; FailedPrecondition for a free
+  // slot; OutOfRange past capacity.
+  virtual Status write_page(PageIndex ix, const PageBytes& page) = 0;
+
+  // Adds sequences whose pages are allocated (or already owned, for shared
+  // pages) slots. All or nothing: AlreadyExists for a seq_id that is live,
+  // FailedPrecondition for a page that is free, InvalidArgument when
+  // pages.size() does not match n_tokens.
+  virtual Status install_logical_seqs(const std::vector<LogicalSeq>& seqs) = 0;
+
+  // --- Optional extensions -------------------------------------------------
+
+  // Where the pages live in memory, for zero-copy transfers. The regions stay
+  // valid and at the same address for the pager's lifetime. nullopt: pages
+  // go through read_page/write_page and a bounded staging buffer.
+  virtual std::optional<PagerLayout> layout() const { return std::nullopt; }
+
+  // Frees slots that allocate_pages() reserved and no sequence owns (a
+  // migration that failed before install). All or nothing.
+  virtual Status release_pages(std::span<const PageIndex> ixs) {
+    (void)ixs;
+    return Status::unimplemented("pager does not support release_pages");
+  }
+
+  // Forgets sequences (after they moved away); a page no remaining sequence
+  // owns becomes free. All or nothing: NotFound for an id that is not live.
+  virtual Status drop_logical_seqs(std::span<const SeqId> ids) {
+    (void)ids;
+    return Status::unimplemented("pager does not support drop_logical_seqs");
+  }
+
+  // Capacity and free slots, if the pager knows them.
+  virtual std::optional<PagerCapacity> capacity() const { return std::nullopt; }
+};
+
+}  // namespace kvmig
+
+#endif  // KVMIG_PAGER_H_

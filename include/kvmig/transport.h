@@ -1,0 +1,144 @@
+// Transport: the data plane. One-sided writes from registered local memory
+// into registered memory of a peer, then a flush that returns only when the
+// bytes are visible at the target.
+//
+// The handshake maps onto the migration protocol:
+//   source                           destination
+//   t.create_initiator()  -> init    (init.address() travels in HELLO)
+//                                    t.open_target(regions, init address)
+//                                    (target.address() travels in OFFER)
+//   init.connect(target address)
+//   init.write(...) ... init.flush()
+//                                    target.revoke()  (no write lands after)
+// tcp and ucx send an empty initiator address; verbs sends its QP numbers.
+//
+// Every call that waits on the peer takes a deadline and returns
+// DeadlineExceeded past it; a peer that goes away gives Unavailable.
+#ifndef KVMIG_TRANSPORT_H_
+#define KVMIG_TRANSPORT_H_
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvmig/status.h"
+
+namespace kvmig {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = Clock::time_point;
+
+// One write: `length` bytes from local address `src` (inside a registered
+// region) to byte `dst_offset` of the target's region number `dst_region`
+// (its index in the list given to open_target()).
+struct WriteOp {
+  const std::byte* src = nullptr;
+  uint32_t dst_region = 0;
+  uint64_t dst_offset = 0;
+  uint64_t length = 0;
+};
+
+// The sending end of one migration's data path. Not thread-safe: one thread
+// drives it. Destroying it closes the connection.
+class TransportInitiator {
+ public:
+  virtual ~TransportInitiator() = default;
+
+  // What the target needs to reach this initiator (may be empty).
+  virtual std::vector<uint8_t> address() const = 0;
+
+  // Connects to the target whose address() came back in OFFER.
+  virtual Status connect(std::span<const uint8_t> target_address,
+                         Deadline deadline) = 0;
+
+  // Posts writes. May block for flow control until `deadline`. Checks every
+  // op against the target's region bounds before posting any
+  // (InvalidArgument). Writes may land in any order; none is known to have
+  // landed until flush() succeeds.
+  virtual Status write(std::span<const WriteOp> ops, Deadline deadline) = 0;
+
+  // Returns when every write posted so far is visible in the target's
+  // memory; Unavailable or DeadlineExceeded otherwise.
+  virtual Status flush(Deadline deadline) = 0;
+
+  // Counters for reports.
+  virtual uint64_t bytes_written() const = 0;
+  virtual uint64_t ops_posted() const = 0;
+};
+
+// The receiving end of one migration's data path. Thread-safe.
+class TransportTarget {
+ public:
+  virtual ~TransportTarget() = default;
+
+  // What the initiator needs to reach and write this target (goes into
+  // OFFER): connection details and the regions' remote keys.
+  virtual std::vector<uint8_t> address() const = 0;
+
+  // Cuts the initiator off: after revoke() returns, no write from it can
+  // change the target's memory (connection closed, keys and queue pairs
+  // destroyed). Idempotent. The destructor revokes too.
+  virtual void revoke() = 0;
+
+  // Set once the initiator's connection failed or closed (for logs).
+  virtual Status health() const = 0;
+};
+
+// A transport instance, one per agent and kind. Owns memory registrations.
+// Thread-safe.
+class Transport {
+ public:
+  virtual ~Transport() = default;
+
+  // "tcp", "ucx" or "verbs".
+  virtual std::string_view name() const = 0;
+
+  // Registers [region.data(), +size) for use as a write source or target.
+  // Regions are registered once (agent start, or when a staging buffer is
+  // made) and may overlap nothing else registered.
+  virtual Status register_memory(std::span<std::byte> region) = 0;
+
+  // Undoes register_memory. The caller guarantees no initiator or target
+  // still uses the region.
+  virtual Status deregister_memory(std::span<std::byte> region) = 0;
+
+  // Makes the sending end of a new data path.
+  virtual Result<std::unique_ptr<TransportInitiator>> create_initiator() = 0;
+
+  // Accepts writes from the initiator whose address() is given, into
+  // regions (each registered; region i is dst_region i of WriteOp).
+  virtual Result<std::unique_ptr<TransportTarget>> open_target(
+      std::span<const std::span<std::byte>> regions,
+      std::span<const uint8_t> initiator_address, Deadline deadline) = 0;
+};
+
+// Options for building a transport.
+struct TransportOptions {
+  // Host address the target side listens on / advertises (tcp, ucx), or the
+  // IP whose RoCE GID verbs uses. Empty: the agent's listen host.
+  std::string bind_host = "127.0.0.1";
+  // Verbs: device name (empty: the first device with an active port).
+  std::string device;
+  // Writes in flight at most (ucx, verbs), to bound memory and queue depth.
+  uint32_t max_in_flight = 64;
+  // Verbs: queue pairs per peer.
+  uint32_t queue_pairs = 1;
+};
+
+// Names of the transports compiled into this build, e.g. {"tcp", "ucx"}.
+std::vector<std::string> built_transports();
+
+// Builds the transport called name. NotFound for a name kvmig does not know;
+// Unimplemented for one this build does not include (says which meson option
+// enables it).
+Result<std::unique_ptr<Transport>> make_transport(std::string_view name,
+                                                  const TransportOptions& opts);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_TRANSPORT_H_

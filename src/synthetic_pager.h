@@ -1,0 +1,99 @@
+// SyntheticPager: an in-memory stand-in for an inference engine's paged KV
+// cache, used by `kvmig serve`, the tests and the benchmarks.
+#ifndef KVMIG_SRC_SYNTHETIC_PAGER_H_
+#define KVMIG_SRC_SYNTHETIC_PAGER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "kvmig/pager.h"
+#include "kvmig/status.h"
+#include "kvmig/types.h"
+
+namespace kvmig {
+
+enum class PoolLayout : uint8_t {
+  kPage,   // one region; page ix is 2 * page_bytes() contiguous bytes
+  kLayer,  // 2 * n_layers tensors (K layers, then V layers), chunk each
+};
+Result<PoolLayout> parse_pool_layout(std::string_view name);  // page|layer
+std::string_view pool_layout_name(PoolLayout layout);
+
+// A host-memory page pool of fixed capacity with request bookkeeping.
+//
+// Thread-safe: one mutex guards all state, so a decode step and a
+// read_page() never interleave; pause() waits for a running decode step and
+// blocks later ones until resume(). Page memory is page-aligned (mmap) and
+// stays at one address for the pager's lifetime (layout() is truthful).
+//
+// Slot states: free -> allocated (allocate_pages) -> owned by one or more
+// sequences (install_logical_seqs, refcounted) -> free (drop_logical_seqs
+// when the last owner goes, or release_pages for allocated slots).
+// Allocation hands out the lowest free indices first.
+class SyntheticPager final : public CachePager {
+ public:
+  static Result<std::unique_ptr<SyntheticPager>> create(
+      const CacheMeta& meta, PoolLayout layout, uint32_t capacity_pages);
+  ~SyntheticPager() override;
+
+  // CachePager.
+  CacheMeta meta() const override { return meta_; }
+  Status pause() override;
+  Status resume() override;
+  Result<std::vector<PageIndex>> occupied_pages() override;
+  Result<std::vector<LogicalSeq>> logical_seqs() override;
+  Result<PageBytes> read_page(PageIndex ix) override;
+  Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override;
+  Status write_page(PageIndex ix, const PageBytes& page) override;
+  Status install_logical_seqs(const std::vector<LogicalSeq>& seqs) override;
+  std::optional<PagerLayout> layout() const override;
+  Status release_pages(std::span<const PageIndex> ixs) override;
+  Status drop_logical_seqs(std::span<const SeqId> ids) override;
+  std::optional<PagerCapacity> capacity() const override;
+
+  // Creates n_seqs requests of `tokens` tokens each, with ids following the
+  // largest live id (1, 2, ... on an empty pager), content drawn
+  // deterministically from seed. The first floor(share_prefix_tokens /
+  // page_size_tokens) pages are one set of pages shared by all of them (the
+  // shared tokens have the same content in every request). All or nothing:
+  // ResourceExhausted when the pages do not fit.
+  Status populate(uint32_t n_seqs, uint64_t tokens, uint64_t seed,
+                  uint64_t share_prefix_tokens = 0);
+
+  // Appends one token to every live request (writes its K and V into the
+  // tail page; allocates a new page when the tail is full; a request that
+  // cannot get a page is skipped). Returns the number of tokens appended: 0
+  // while paused.
+  uint64_t decode_step();
+
+  // Runs decode_step() from a thread of its own at `tokens_per_second` steps
+  // per second (each step appends one token to every request) until
+  // stop_decoding() or destruction. 0 stops.
+  void start_decoding(double tokens_per_second);
+  void stop_decoding();
+
+  PoolLayout pool_layout() const { return pool_layout_; }
+  uint32_t capacity_pages() const { return capacity_; }
+
+ private:
+  SyntheticPager(const CacheMeta& meta, PoolLayout layout, uint32_t capacity);
+  // ... implementation details are private to synthetic_pager.cc
+  struct State;
+
+  const CacheMeta meta_;
+  const PoolLayout pool_layout_;
+  const uint32_t capacity_;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_SYNTHETIC_PAGER_H_
