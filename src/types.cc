@@ -46,7 +46,8 @@ Status CacheMeta::validate() const {
   constexpr uint64_t kMaxPageBytes = 1ull << 30;
   uint64_t bytes = dtype_size(dtype);
   for (uint64_t f : {uint64_t{head_dim}, uint64_t{n_heads},
-                     uint64_t{page_size_tokens}, uint64_t{n_layers}, 2ull}) {
+                     uint64_t{page_size_tokens}, uint64_t{n_layers},
+                     uint64_t{2}}) {
     bytes *= f;
     if (bytes > kMaxPageBytes) {
       return Status::invalid_argument("cache meta " + to_string() +
