@@ -1,1 +1,103 @@
-// placeholder: being written
+// Scheduler-side calls: one connection per request to an agent's port.
+#include <charconv>
+#include <string>
+
+#include "asio.h"
+#include "channel.h"
+#include "kvmig/agent.h"
+#include "messages.h"
+
+namespace kvmig {
+namespace {
+
+// Replies may carry a large status (many requests): allow 256 MiB.
+constexpr uint32_t kClientMaxFrame = 256u << 20;
+
+// Sends one request frame and returns the decoded reply of type `expect`;
+// an ERROR reply becomes the agent's Status.
+template <typename T, typename Decode>
+Result<T> call_agent(std::string_view agent, MsgType type,
+                     std::vector<uint8_t> payload, MsgType expect,
+                     Decode decode, const ClientOptions& options) {
+  asio::io_context io;
+  Result<T> out = Status::internal("client call did not run");
+  const Deadline deadline = Clock::now() + options.timeout;
+  WireLimits limits;
+  limits.max_seqs = 1u << 24;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto socket = co_await connect_to(agent, deadline);
+        if (!socket.ok()) {
+          out = socket.status().with_context("agent " + std::string(agent));
+          co_return;
+        }
+        FrameChannel channel(std::move(*socket), kClientMaxFrame);
+        Status sent = co_await channel.send(type, payload, deadline);
+        if (!sent.ok()) {
+          out = sent;
+          co_return;
+        }
+        auto reply = co_await channel.receive(deadline);
+        if (!reply.ok()) {
+          out = reply.status();
+        } else if (reply->type == MsgType::kError) {
+          auto err = decode_error(reply->payload, limits);
+          out = err.ok() ? err->status : err.status();
+        } else if (reply->type != expect) {
+          out = Status::protocol("agent " + std::string(agent) + " answered " +
+                                 msg_type_name(reply->type) + ", expected " +
+                                 msg_type_name(expect));
+        } else {
+          out = decode(reply->payload, limits);
+        }
+        channel.close();
+      },
+      asio::detached);
+  io.run();
+  return out;
+}
+
+}  // namespace
+
+Result<AgentStatus> query_status(std::string_view agent,
+                                 const ClientOptions& options) {
+  return call_agent<AgentStatus>(agent, MsgType::kStatusReq, {},
+                                 MsgType::kStatusResp, decode_agent_status,
+                                 options);
+}
+
+Result<MigrationReport> request_migration(std::string_view agent,
+                                          const MigrateRequest& request,
+                                          const ClientOptions& options) {
+  return call_agent<MigrationReport>(agent, MsgType::kMigrateReq,
+                                     encode(request), MsgType::kMigrateResp,
+                                     decode_migration_report, options);
+}
+
+Result<HostPort> parse_host_port(std::string_view text) {
+  auto bad = [&](std::string_view why) {
+    return Status::invalid_argument("address '" + std::string(text) +
+                                    "': " + std::string(why) +
+                                    " (expected HOST:PORT)");
+  };
+  size_t colon = text.rfind(':');
+  if (colon == std::string_view::npos) return bad("no port");
+  std::string_view host = text.substr(0, colon);
+  std::string_view port = text.substr(colon + 1);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  } else if (host.find(':') != std::string_view::npos) {
+    return bad("IPv6 hosts go in brackets");
+  }
+  if (host.empty()) return bad("empty host");
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (ec != std::errc() || end != port.data() + port.size() || port.empty() ||
+      value > 65535) {
+    return bad("port is not a number from 0 to 65535");
+  }
+  return HostPort{std::string(host), static_cast<uint16_t>(value)};
+}
+
+}  // namespace kvmig

@@ -1,1 +1,316 @@
-// placeholder: being written
+// The destination side of a migration: check HELLO, allocate every slot
+// once, OFFER, receive the data (directly into the slots, or staged), check
+// COMMIT, cut the source off, verify, install, DONE. Until install, any
+// failure releases the slots, after cutting the source off so that no late
+// write can land in a slot that is given back.
+#include <algorithm>
+#include <set>
+#include <string>
+
+#include "agent_impl.h"
+#include "staging.h"
+
+namespace kvmig {
+namespace {
+
+// While waiting for COMMIT the destination allows the data phase at least
+// this rate on top of the peer timeout (a stalled source still times out; a
+// dead one is seen at once as a closed connection).
+constexpr double kMinDataBytesPerSecond = 20e6;
+
+}  // namespace
+
+asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
+                                                   HelloMsg hello) {
+  const std::string& id = hello.migration_id;
+  const std::string tag = "[" + id.substr(0, 12) + " <- " + channel.peer() + "]";
+  const CacheMeta meta = pager.meta();
+
+  // Every exit before install: cut the source off, give the slots back,
+  // remember the outcome and tell the source why (best effort).
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<StagingBuffer> staging;
+  std::vector<PageIndex> slots;
+  bool registered = false;  // this session owns dst_records[id]
+  auto fail = [&](Status why) -> asio::awaitable<void> {
+    log->warn("{} aborted: {}", tag, why.to_string());
+    if (target) co_await offload([&] { target->revoke(); return 0; });
+    staging.reset();
+    if (!slots.empty()) {
+      Status released = pager.release_pages(slots);
+      if (!released.ok()) {
+        log->error("{} releasing {} slots: {}", tag, slots.size(),
+                   released.to_string());
+      }
+      slots.clear();
+    }
+    if (registered) remember_outcome(id, Outcome::kAborted);
+    Status sent = co_await channel.send(MsgType::kAbort,
+                                        encode(AbortMsg{why.to_string()}),
+                                        Clock::now() + std::chrono::seconds(1));
+    (void)sent;
+  };
+
+  // 1. Check HELLO against this agent.
+  if (dst_records.count(id)) {
+    co_await fail(Status::already_exists("migration id " + id + " seen before"));
+    co_return;
+  }
+  if (hello.meta != meta) {
+    co_await fail(Status::invalid_argument(
+        "cache meta mismatch: source has " + hello.meta.to_string() +
+        ", destination has " + meta.to_string()));
+    co_return;
+  }
+  if (hello.n_pages == 0 || hello.n_pages > options.max_pages_per_migration) {
+    co_await fail(Status::resource_exhausted(
+        "HELLO asks for " + std::to_string(hello.n_pages) +
+        " pages; this agent takes 1 to " +
+        std::to_string(options.max_pages_per_migration)));
+    co_return;
+  }
+  if (hello.n_seqs == 0 || hello.n_seqs > options.max_seqs_per_migration) {
+    co_await fail(Status::resource_exhausted(
+        "HELLO moves " + std::to_string(hello.n_seqs) +
+        " requests; this agent takes 1 to " +
+        std::to_string(options.max_seqs_per_migration)));
+    co_return;
+  }
+  Transport* transport = nullptr;
+  for (const std::string& name : hello.transports) {
+    auto it = transports.find(name);
+    if (it != transports.end()) {
+      transport = it->second.get();
+      break;
+    }
+  }
+  if (!transport) {
+    std::string offered, accepted;
+    for (const auto& n : hello.transports) offered += n + " ";
+    for (const auto& [n, t] : transports) accepted += n + " ";
+    co_await fail(Status::failed_precondition(
+        "no common transport: source offers [ " + offered +
+        "], destination accepts [ " + accepted + "]"));
+    co_return;
+  }
+  remember_outcome(id, Outcome::kPending);
+  registered = true;
+
+  // 2. Allocate every slot once.
+  auto allocated = pager.allocate_pages(hello.n_pages);
+  if (!allocated.ok()) {
+    auto cap = pager.capacity();
+    co_await fail(Status::resource_exhausted(
+        "destination full: need " + std::to_string(hello.n_pages) +
+        " pages" +
+        (cap ? ", " + std::to_string(cap->free_pages) + " free" : "") + " (" +
+        allocated.status().message() + ")"));
+    co_return;
+  }
+  slots = std::move(*allocated);
+  if (slots.size() != hello.n_pages) {
+    co_await fail(Status::internal("pager allocated " +
+                                   std::to_string(slots.size()) + " of " +
+                                   std::to_string(hello.n_pages) + " pages"));
+    co_return;
+  }
+
+  // 3. Where the source writes: the pager's own memory, or a staging buffer.
+  const uint64_t page_total = 2 * meta.page_bytes();
+  OfferMsg offer;
+  offer.transport = std::string(transport->name());
+  offer.slots = slots;
+  std::vector<std::span<std::byte>> regions;
+  if (layout) {
+    regions = pager_regions;
+    for (const StridedRegion& r : *layout) {
+      offer.regions.push_back({r.stride, r.chunk, r.slots});
+    }
+  } else {
+    uint32_t n_staging = static_cast<uint32_t>(std::clamp<uint64_t>(
+        options.staging_bytes / page_total, 1, hello.n_pages));
+    auto sb = StagingBuffer::create(*transport, page_total, n_staging);
+    if (!sb.ok()) {
+      co_await fail(sb.status());
+      co_return;
+    }
+    staging = std::move(*sb);
+    regions = {staging->memory()};
+    offer.regions = {staging->geometry()};
+    offer.staging_slots = n_staging;
+  }
+  auto opened = co_await offload([&] {
+    return transport->open_target(regions, hello.initiator_address,
+                                  peer_deadline());
+  });
+  if (!opened.ok()) {
+    co_await fail(opened.status().with_context("opening the data path"));
+    co_return;
+  }
+  target = std::move(*opened);
+  offer.target_address = target->address();
+  Status sent =
+      co_await channel.send(MsgType::kOffer, encode(offer), peer_deadline());
+  if (!sent.ok()) {
+    co_await fail(sent);
+    co_return;
+  }
+  log->info("{} offered {} slots over {}{}", tag, slots.size(),
+            transport->name(), staging ? " (staged)" : "");
+  fault("dst.after_offer");
+
+  // 4. Wait for the data to land: staged batches, then COMMIT.
+  const auto data_allowance = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(double(hello.n_pages) * page_total /
+                                    kMinDataBytesPerSecond));
+  const Deadline commit_deadline = peer_deadline() + data_allowance;
+  uint32_t next_batch = 0;
+  Result<Frame> frame = Status::internal("no frame yet");
+  for (;;) {
+    frame = co_await channel.receive(commit_deadline);
+    if (!frame.ok()) {
+      co_await fail(frame.status().with_context("waiting for COMMIT"));
+      co_return;
+    }
+    if (frame->type == MsgType::kCommit) break;
+    if (frame->type == MsgType::kAbort) {
+      auto why = decode_abort(frame->payload, limits);
+      co_await fail(Status::aborted(
+          "source aborted: " +
+          (why.ok() ? why->reason : why.status().to_string())));
+      co_return;
+    }
+    if (frame->type != MsgType::kBatch || !staging) {
+      co_await fail(Status::protocol("unexpected " +
+                                     msg_type_name(frame->type) +
+                                     " during the data phase"));
+      co_return;
+    }
+    auto batch = decode_batch(frame->payload);
+    Status ok = batch.status();
+    if (ok.ok() && (batch->first != next_batch || batch->count == 0 ||
+                    batch->count > staging->slots() ||
+                    batch->count > hello.n_pages - batch->first)) {
+      ok = Status::protocol("BATCH of " + std::to_string(batch->count) +
+                            " pages at " + std::to_string(batch->first) +
+                            ", expected one at " + std::to_string(next_batch));
+    }
+    if (ok.ok()) {
+      ok = co_await offload([&]() -> Status {
+        for (uint32_t i = 0; i < batch->count; ++i) {
+          KVMIG_RETURN_IF_ERROR(pager.write_page(
+              slots[batch->first + i], staging->load(i, meta.page_bytes())));
+        }
+        return Status();
+      });
+    }
+    if (!ok.ok()) {
+      co_await fail(ok);
+      co_return;
+    }
+    next_batch = batch->first + batch->count;
+    sent = co_await channel.send(MsgType::kBatchAck, {}, peer_deadline());
+    if (!sent.ok()) {
+      co_await fail(sent);
+      co_return;
+    }
+  }
+  if (dst_records[id].fenced) {
+    co_await fail(Status::aborted(
+        "COMMIT arrived after an outcome query had decided abort"));
+    co_return;
+  }
+  if (staging && next_batch != hello.n_pages) {
+    co_await fail(Status::protocol("COMMIT after " +
+                                   std::to_string(next_batch) + " of " +
+                                   std::to_string(hello.n_pages) +
+                                   " staged pages"));
+    co_return;
+  }
+  dst_records[id].committing = true;
+
+  // 5. Check COMMIT: the page tables use exactly the allocated slots.
+  auto commit = decode_commit(frame->payload, limits);
+  Status valid = commit.status();
+  if (valid.ok() && commit->seqs.size() != hello.n_seqs) {
+    valid = Status::protocol("COMMIT has " +
+                             std::to_string(commit->seqs.size()) +
+                             " requests, HELLO announced " +
+                             std::to_string(hello.n_seqs));
+  }
+  if (valid.ok() && !commit->checksums.empty() &&
+      commit->checksums.size() != slots.size()) {
+    valid = Status::protocol("COMMIT has " +
+                             std::to_string(commit->checksums.size()) +
+                             " checksums for " + std::to_string(slots.size()) +
+                             " pages");
+  }
+  if (valid.ok()) {
+    std::set<PageIndex> allocated_set(slots.begin(), slots.end());
+    std::set<PageIndex> used;
+    for (const LogicalSeq& s : commit->seqs) {
+      if (s.pages.size() != meta.pages_for_tokens(s.n_tokens)) {
+        valid = Status::protocol("request " + std::to_string(s.seq_id) +
+                                 " has " + std::to_string(s.n_tokens) +
+                                 " tokens in " +
+                                 std::to_string(s.pages.size()) + " pages");
+        break;
+      }
+      for (PageIndex p : s.pages) {
+        if (!allocated_set.count(p)) {
+          valid = Status::protocol("request " + std::to_string(s.seq_id) +
+                                   " points at slot " + std::to_string(p) +
+                                   ", not one allocated for it");
+          break;
+        }
+        used.insert(p);
+      }
+      if (!valid.ok()) break;
+    }
+    if (valid.ok() && used.size() != allocated_set.size()) {
+      valid = Status::protocol(std::to_string(allocated_set.size() - used.size()) +
+                               " allocated slots are used by no request");
+    }
+  }
+  if (!valid.ok()) {
+    co_await fail(valid);
+    co_return;
+  }
+
+  // 6. Cut the source off, then verify what landed, then install.
+  co_await offload([&] { target->revoke(); return 0; });
+  if (!commit->checksums.empty()) {
+    Status verified = co_await offload([&]() -> Status {
+      for (size_t i = 0; i < slots.size(); ++i) {
+        KVMIG_ASSIGN_OR_RETURN(uint64_t c,
+                               pager_page_checksum(pager, layout, slots[i]));
+        if (c != commit->checksums[i]) {
+          return Status::data_loss("page " + std::to_string(i) + " (slot " +
+                                   std::to_string(slots[i]) +
+                                   ") checksum mismatch");
+        }
+      }
+      return Status();
+    });
+    if (!verified.ok()) {
+      co_await fail(verified);
+      co_return;
+    }
+  }
+  Status install = pager.install_logical_seqs(commit->seqs);
+  if (!install.ok()) {
+    co_await fail(install.with_context("install"));
+    co_return;
+  }
+  remember_outcome(id, Outcome::kCommitted);
+  log->info("{} installed {} requests in {} slots", tag, commit->seqs.size(),
+            slots.size());
+  fault("dst.before_done");
+  sent = co_await channel.send(MsgType::kDone, {}, peer_deadline());
+  if (!sent.ok()) {
+    // Committed all the same: the source learns it by asking.
+    log->warn("{} DONE not delivered: {}", tag, sent.to_string());
+  }
+}
+
+}  // namespace kvmig

@@ -1,1 +1,455 @@
-// placeholder: being written
+#include "messages.h"
+
+#include <cstring>
+#include <string>
+
+#include "bytes.h"
+
+namespace kvmig {
+namespace {
+
+// Reads a u32 count and checks it against a limit and against the bytes
+// left, given the smallest encoding of one element.
+Result<uint32_t> get_count(ByteReader& r, uint32_t limit, size_t min_elem,
+                           std::string_view what) {
+  KVMIG_ASSIGN_OR_RETURN(uint32_t n, r.get<uint32_t>(what));
+  if (n > limit) {
+    return Status::resource_exhausted(std::string(what) + ": " +
+                                      std::to_string(n) + " exceeds limit " +
+                                      std::to_string(limit));
+  }
+  if (min_elem > 0 && uint64_t{n} * min_elem > r.remaining()) {
+    return Status::data_loss(std::string(what) + ": count " +
+                             std::to_string(n) + " does not fit in " +
+                             std::to_string(r.remaining()) + " bytes left");
+  }
+  return n;
+}
+
+void put_meta(ByteWriter& w, const CacheMeta& m) {
+  w.put(m.page_size_tokens);
+  w.put(m.n_layers);
+  w.put(m.n_heads);
+  w.put(m.head_dim);
+  w.put(static_cast<uint8_t>(m.dtype));
+}
+
+Result<CacheMeta> get_meta(ByteReader& r) {
+  CacheMeta m;
+  KVMIG_ASSIGN_OR_RETURN(m.page_size_tokens, r.get<uint32_t>("meta tokens"));
+  KVMIG_ASSIGN_OR_RETURN(m.n_layers, r.get<uint32_t>("meta layers"));
+  KVMIG_ASSIGN_OR_RETURN(m.n_heads, r.get<uint32_t>("meta heads"));
+  KVMIG_ASSIGN_OR_RETURN(m.head_dim, r.get<uint32_t>("meta head_dim"));
+  KVMIG_ASSIGN_OR_RETURN(uint8_t dtype, r.get<uint8_t>("meta dtype"));
+  m.dtype = static_cast<Dtype>(dtype);
+  Status valid = m.validate();
+  if (!valid.ok()) return Status::data_loss(valid.message());
+  return m;
+}
+
+void put_seqs(ByteWriter& w, const std::vector<LogicalSeq>& seqs) {
+  w.put(static_cast<uint32_t>(seqs.size()));
+  for (const LogicalSeq& s : seqs) {
+    w.put(s.seq_id);
+    w.put(s.n_tokens);
+    w.put(static_cast<uint32_t>(s.pages.size()));
+    for (PageIndex p : s.pages) w.put(p);
+  }
+}
+
+Result<std::vector<LogicalSeq>> get_seqs(ByteReader& r, const WireLimits& l) {
+  KVMIG_ASSIGN_OR_RETURN(uint32_t n, get_count(r, l.max_seqs, 20, "seq count"));
+  std::vector<LogicalSeq> seqs(n);
+  for (LogicalSeq& s : seqs) {
+    KVMIG_ASSIGN_OR_RETURN(s.seq_id, r.get<uint64_t>("seq id"));
+    KVMIG_ASSIGN_OR_RETURN(s.n_tokens, r.get<uint64_t>("seq tokens"));
+    KVMIG_ASSIGN_OR_RETURN(uint32_t np,
+                           get_count(r, l.max_pages, 4, "seq page count"));
+    s.pages.resize(np);
+    for (PageIndex& p : s.pages) {
+      KVMIG_ASSIGN_OR_RETURN(p, r.get<uint32_t>("seq page"));
+    }
+  }
+  return seqs;
+}
+
+void put_ids(ByteWriter& w, const std::vector<SeqId>& ids) {
+  w.put(static_cast<uint32_t>(ids.size()));
+  for (SeqId id : ids) w.put(id);
+}
+
+Result<std::vector<SeqId>> get_ids(ByteReader& r, const WireLimits& l) {
+  KVMIG_ASSIGN_OR_RETURN(uint32_t n, get_count(r, l.max_seqs, 8, "id count"));
+  std::vector<SeqId> ids(n);
+  for (SeqId& id : ids) {
+    KVMIG_ASSIGN_OR_RETURN(id, r.get<uint64_t>("seq id"));
+  }
+  return ids;
+}
+
+Result<std::vector<uint8_t>> get_blob_copy(ByteReader& r, uint32_t max,
+                                           std::string_view what) {
+  KVMIG_ASSIGN_OR_RETURN(auto b, r.get_blob(max, what));
+  return std::vector<uint8_t>(b.begin(), b.end());
+}
+
+void put_double(ByteWriter& w, double d) {
+  uint64_t bits;
+  std::memcpy(&bits, &d, sizeof bits);
+  w.put(bits);
+}
+
+Result<double> get_double(ByteReader& r, std::string_view what) {
+  KVMIG_ASSIGN_OR_RETURN(uint64_t bits, r.get<uint64_t>(what));
+  double d;
+  std::memcpy(&d, &bits, sizeof d);
+  return d;
+}
+
+void put_status(ByteWriter& w, const Status& s) {
+  w.put(static_cast<uint8_t>(s.code()));
+  w.put_string(s.message());
+}
+
+Result<ErrorMsg> get_status(ByteReader& r, const WireLimits& l) {
+  KVMIG_ASSIGN_OR_RETURN(uint8_t code, r.get<uint8_t>("status code"));
+  KVMIG_ASSIGN_OR_RETURN(std::string msg,
+                         r.get_string(l.max_string * 16, "status message"));
+  if (code == 0 || code > static_cast<uint8_t>(StatusCode::kInternal)) {
+    return Status::data_loss("status code " + std::to_string(code) +
+                             " out of range");
+  }
+  switch (static_cast<StatusCode>(code)) {
+    case StatusCode::kInvalidArgument: return ErrorMsg{Status::invalid_argument(msg)};
+    case StatusCode::kNotFound: return ErrorMsg{Status::not_found(msg)};
+    case StatusCode::kAlreadyExists: return ErrorMsg{Status::already_exists(msg)};
+    case StatusCode::kOutOfRange: return ErrorMsg{Status::out_of_range(msg)};
+    case StatusCode::kResourceExhausted: return ErrorMsg{Status::resource_exhausted(msg)};
+    case StatusCode::kFailedPrecondition:
+      return ErrorMsg{Status::failed_precondition(msg)};
+    case StatusCode::kDataLoss: return ErrorMsg{Status::data_loss(msg)};
+    case StatusCode::kUnavailable: return ErrorMsg{Status::unavailable(msg)};
+    case StatusCode::kDeadlineExceeded: return ErrorMsg{Status::deadline_exceeded(msg)};
+    case StatusCode::kAborted: return ErrorMsg{Status::aborted(msg)};
+    case StatusCode::kProtocol: return ErrorMsg{Status::protocol(msg)};
+    case StatusCode::kUnimplemented: return ErrorMsg{Status::unimplemented(msg)};
+    default: return ErrorMsg{Status::internal(msg)};
+  }
+}
+
+// Runs a decoder body over a reader and requires every byte consumed.
+template <typename T, typename F>
+Result<T> decode_all(std::span<const uint8_t> p, std::string_view what,
+                     F&& body) {
+  ByteReader r(p);
+  Result<T> out = body(r);
+  if (!out.ok()) return out.status().with_context(what);
+  Status end = r.expect_end(what);
+  if (!end.ok()) return end;
+  return out;
+}
+
+}  // namespace
+
+std::vector<uint8_t> encode(const HelloMsg& m) {
+  ByteWriter w;
+  w.put_string(m.migration_id);
+  put_meta(w, m.meta);
+  w.put(m.n_pages);
+  w.put(m.n_seqs);
+  w.put(static_cast<uint32_t>(m.transports.size()));
+  for (const auto& t : m.transports) w.put_string(t);
+  w.put_blob(m.initiator_address);
+  return w.take();
+}
+
+Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
+  return decode_all<HelloMsg>(p, "HELLO", [&](ByteReader& r) -> Result<HelloMsg> {
+    HelloMsg m;
+    KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                           r.get_string(l.max_string, "migration id"));
+    KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
+    KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
+    KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));
+    KVMIG_ASSIGN_OR_RETURN(uint32_t nt, get_count(r, 8, 4, "transport count"));
+    m.transports.resize(nt);
+    for (auto& t : m.transports) {
+      KVMIG_ASSIGN_OR_RETURN(t, r.get_string(64, "transport name"));
+    }
+    KVMIG_ASSIGN_OR_RETURN(m.initiator_address,
+                           get_blob_copy(r, l.max_blob, "initiator address"));
+    return m;
+  });
+}
+
+std::vector<uint8_t> encode(const OfferMsg& m) {
+  ByteWriter w;
+  w.put_string(m.transport);
+  w.put(static_cast<uint32_t>(m.slots.size()));
+  for (PageIndex s : m.slots) w.put(s);
+  w.put(static_cast<uint32_t>(m.regions.size()));
+  for (const RegionGeometry& g : m.regions) {
+    w.put(g.stride);
+    w.put(g.chunk);
+    w.put(g.slots);
+  }
+  w.put(m.staging_slots);
+  w.put_blob(m.target_address);
+  return w.take();
+}
+
+Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
+  return decode_all<OfferMsg>(p, "OFFER", [&](ByteReader& r) -> Result<OfferMsg> {
+    OfferMsg m;
+    KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
+    KVMIG_ASSIGN_OR_RETURN(uint32_t n, get_count(r, l.max_pages, 4, "slots"));
+    m.slots.resize(n);
+    for (PageIndex& s : m.slots) {
+      KVMIG_ASSIGN_OR_RETURN(s, r.get<uint32_t>("slot"));
+    }
+    KVMIG_ASSIGN_OR_RETURN(uint32_t nr,
+                           get_count(r, l.max_regions, 20, "regions"));
+    m.regions.resize(nr);
+    for (RegionGeometry& g : m.regions) {
+      KVMIG_ASSIGN_OR_RETURN(g.stride, r.get<uint64_t>("region stride"));
+      KVMIG_ASSIGN_OR_RETURN(g.chunk, r.get<uint64_t>("region chunk"));
+      KVMIG_ASSIGN_OR_RETURN(g.slots, r.get<uint32_t>("region slots"));
+    }
+    KVMIG_ASSIGN_OR_RETURN(m.staging_slots, r.get<uint32_t>("staging slots"));
+    KVMIG_ASSIGN_OR_RETURN(m.target_address,
+                           get_blob_copy(r, l.max_blob, "target address"));
+    return m;
+  });
+}
+
+std::vector<uint8_t> encode(const CommitMsg& m) {
+  ByteWriter w;
+  put_seqs(w, m.seqs);
+  w.put(static_cast<uint32_t>(m.checksums.size()));
+  for (uint64_t c : m.checksums) w.put(c);
+  return w.take();
+}
+
+Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
+                                const WireLimits& l) {
+  return decode_all<CommitMsg>(p, "COMMIT", [&](ByteReader& r) -> Result<CommitMsg> {
+    CommitMsg m;
+    KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
+    KVMIG_ASSIGN_OR_RETURN(uint32_t n,
+                           get_count(r, l.max_pages, 8, "checksum count"));
+    m.checksums.resize(n);
+    for (uint64_t& c : m.checksums) {
+      KVMIG_ASSIGN_OR_RETURN(c, r.get<uint64_t>("checksum"));
+    }
+    return m;
+  });
+}
+
+std::vector<uint8_t> encode(const BatchMsg& m) {
+  ByteWriter w;
+  w.put(m.first);
+  w.put(m.count);
+  return w.take();
+}
+
+Result<BatchMsg> decode_batch(std::span<const uint8_t> p) {
+  return decode_all<BatchMsg>(p, "BATCH", [&](ByteReader& r) -> Result<BatchMsg> {
+    BatchMsg m;
+    KVMIG_ASSIGN_OR_RETURN(m.first, r.get<uint32_t>("batch first"));
+    KVMIG_ASSIGN_OR_RETURN(m.count, r.get<uint32_t>("batch count"));
+    return m;
+  });
+}
+
+std::vector<uint8_t> encode(const AbortMsg& m) {
+  ByteWriter w;
+  w.put_string(m.reason);
+  return w.take();
+}
+
+Result<AbortMsg> decode_abort(std::span<const uint8_t> p, const WireLimits& l) {
+  return decode_all<AbortMsg>(p, "ABORT", [&](ByteReader& r) -> Result<AbortMsg> {
+    AbortMsg m;
+    KVMIG_ASSIGN_OR_RETURN(m.reason, r.get_string(l.max_string * 16, "reason"));
+    return m;
+  });
+}
+
+std::vector<uint8_t> encode(const ErrorMsg& m) {
+  ByteWriter w;
+  put_status(w, m.status);
+  return w.take();
+}
+
+Result<ErrorMsg> decode_error(std::span<const uint8_t> p, const WireLimits& l) {
+  return decode_all<ErrorMsg>(p, "ERROR", [&](ByteReader& r) -> Result<ErrorMsg> {
+    return get_status(r, l);
+  });
+}
+
+std::vector<uint8_t> encode(const OutcomeReqMsg& m) {
+  ByteWriter w;
+  w.put_string(m.migration_id);
+  return w.take();
+}
+
+Result<OutcomeReqMsg> decode_outcome_req(std::span<const uint8_t> p,
+                                         const WireLimits& l) {
+  return decode_all<OutcomeReqMsg>(
+      p, "OUTCOME_REQ", [&](ByteReader& r) -> Result<OutcomeReqMsg> {
+        OutcomeReqMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(l.max_string, "migration id"));
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const OutcomeRespMsg& m) {
+  ByteWriter w;
+  w.put(static_cast<uint8_t>(m.outcome));
+  return w.take();
+}
+
+Result<OutcomeRespMsg> decode_outcome_resp(std::span<const uint8_t> p) {
+  return decode_all<OutcomeRespMsg>(
+      p, "OUTCOME_RESP", [&](ByteReader& r) -> Result<OutcomeRespMsg> {
+        KVMIG_ASSIGN_OR_RETURN(uint8_t o, r.get<uint8_t>("outcome"));
+        if (o > static_cast<uint8_t>(Outcome::kAborted)) {
+          return Status::data_loss("outcome " + std::to_string(o) +
+                                   " out of range");
+        }
+        return OutcomeRespMsg{static_cast<Outcome>(o)};
+      });
+}
+
+std::vector<uint8_t> encode(const MigrateRequest& m) {
+  ByteWriter w;
+  w.put_string(m.to);
+  put_ids(w, m.seqs);
+  w.put(static_cast<uint8_t>(m.all));
+  w.put(static_cast<uint8_t>(m.mode));
+  w.put(static_cast<uint8_t>(m.live));
+  w.put_string(m.transport);
+  w.put(static_cast<uint8_t>(m.verify));
+  return w.take();
+}
+
+Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
+                                              const WireLimits& l) {
+  return decode_all<MigrateRequest>(
+      p, "MIGRATE_REQ", [&](ByteReader& r) -> Result<MigrateRequest> {
+        MigrateRequest m;
+        KVMIG_ASSIGN_OR_RETURN(m.to, r.get_string(l.max_string, "to"));
+        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_ids(r, l));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t all, r.get<uint8_t>("all"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t mode, r.get<uint8_t>("mode"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t live, r.get<uint8_t>("live"));
+        KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t verify, r.get<uint8_t>("verify"));
+        if (all > 1 || mode > 1 || live > 1 || verify > 1) {
+          return Status::data_loss("flag out of range");
+        }
+        m.all = all;
+        m.mode = static_cast<MigrationMode>(mode);
+        m.live = live;
+        m.verify = verify;
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const MigrationReport& m) {
+  ByteWriter w;
+  w.put_string(m.migration_id);
+  put_ids(w, m.seqs);
+  w.put(m.pages);
+  w.put(m.bytes);
+  w.put(m.writes);
+  put_double(w, m.seconds);
+  put_double(w, m.gbps);
+  put_double(w, m.pause_ms);
+  w.put(m.rounds);
+  w.put_string(m.transport);
+  w.put(static_cast<uint8_t>(m.staged));
+  return w.take();
+}
+
+Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
+                                                const WireLimits& l) {
+  return decode_all<MigrationReport>(
+      p, "MIGRATE_RESP", [&](ByteReader& r) -> Result<MigrationReport> {
+        MigrationReport m;
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(l.max_string, "migration id"));
+        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_ids(r, l));
+        KVMIG_ASSIGN_OR_RETURN(m.pages, r.get<uint64_t>("pages"));
+        KVMIG_ASSIGN_OR_RETURN(m.bytes, r.get<uint64_t>("bytes"));
+        KVMIG_ASSIGN_OR_RETURN(m.writes, r.get<uint64_t>("writes"));
+        KVMIG_ASSIGN_OR_RETURN(m.seconds, get_double(r, "seconds"));
+        KVMIG_ASSIGN_OR_RETURN(m.gbps, get_double(r, "gbps"));
+        KVMIG_ASSIGN_OR_RETURN(m.pause_ms, get_double(r, "pause_ms"));
+        KVMIG_ASSIGN_OR_RETURN(m.rounds, r.get<uint32_t>("rounds"));
+        KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t staged, r.get<uint8_t>("staged"));
+        m.staged = staged != 0;
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const AgentStatus& m) {
+  ByteWriter w;
+  put_meta(w, m.meta);
+  w.put(m.capacity_pages);
+  w.put(m.free_pages);
+  w.put(static_cast<uint32_t>(m.seqs.size()));
+  for (const SeqStatus& s : m.seqs) {
+    w.put(s.id);
+    w.put(s.tokens);
+    w.put(s.pages);
+    w.put_string(s.digest);
+  }
+  w.put(static_cast<uint32_t>(m.transports.size()));
+  for (const auto& t : m.transports) w.put_string(t);
+  w.put(static_cast<uint32_t>(m.in_doubt.size()));
+  for (const auto& d : m.in_doubt) {
+    w.put_string(d.migration_id);
+    put_ids(w, d.seqs);
+  }
+  return w.take();
+}
+
+Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
+                                        const WireLimits& l) {
+  return decode_all<AgentStatus>(
+      p, "STATUS_RESP", [&](ByteReader& r) -> Result<AgentStatus> {
+        AgentStatus m;
+        KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
+        KVMIG_ASSIGN_OR_RETURN(m.capacity_pages, r.get<uint64_t>("capacity"));
+        KVMIG_ASSIGN_OR_RETURN(m.free_pages, r.get<uint64_t>("free pages"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t n,
+                               get_count(r, l.max_seqs, 24, "seq count"));
+        m.seqs.resize(n);
+        for (SeqStatus& s : m.seqs) {
+          KVMIG_ASSIGN_OR_RETURN(s.id, r.get<uint64_t>("seq id"));
+          KVMIG_ASSIGN_OR_RETURN(s.tokens, r.get<uint64_t>("seq tokens"));
+          KVMIG_ASSIGN_OR_RETURN(s.pages, r.get<uint32_t>("seq pages"));
+          KVMIG_ASSIGN_OR_RETURN(s.digest, r.get_string(64, "seq digest"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
+                               get_count(r, 8, 4, "transport count"));
+        m.transports.resize(nt);
+        for (auto& t : m.transports) {
+          KVMIG_ASSIGN_OR_RETURN(t, r.get_string(64, "transport"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nd,
+                               get_count(r, l.max_seqs, 8, "in-doubt count"));
+        m.in_doubt.resize(nd);
+        for (auto& d : m.in_doubt) {
+          KVMIG_ASSIGN_OR_RETURN(d.migration_id,
+                                 r.get_string(l.max_string, "migration id"));
+          KVMIG_ASSIGN_OR_RETURN(d.seqs, get_ids(r, l));
+        }
+        return m;
+      });
+}
+
+}  // namespace kvmig

@@ -1,1 +1,123 @@
-// placeholder: being written
+#include "planner.h"
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+
+namespace kvmig {
+namespace {
+
+Status check_geometry(std::span<const RegionGeometry> regions,
+                      uint64_t page_total_bytes, const char* side) {
+  if (regions.empty()) {
+    return Status::invalid_argument(std::string(side) + " layout is empty");
+  }
+  uint64_t total = 0;
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const RegionGeometry& g = regions[i];
+    if (g.chunk == 0 || (g.slots > 1 && g.chunk > g.stride)) {
+      return Status::invalid_argument(
+          std::string(side) + " region " + std::to_string(i) + ": chunk " +
+          std::to_string(g.chunk) + ", stride " + std::to_string(g.stride));
+    }
+    if (g.slots > 0 && g.stride > (UINT64_MAX - g.chunk) / g.slots) {
+      return Status::invalid_argument(std::string(side) + " region " +
+                                      std::to_string(i) + " overflows");
+    }
+    total += g.chunk;
+    if (total > page_total_bytes) break;
+  }
+  if (total != page_total_bytes) {
+    return Status::invalid_argument(
+        std::string(side) + " layout chunks add up to " +
+        std::to_string(total) + " bytes, a page is " +
+        std::to_string(page_total_bytes));
+  }
+  return Status();
+}
+
+}  // namespace
+
+std::vector<RegionGeometry> geometry_of(const PagerLayout& layout) {
+  std::vector<RegionGeometry> out;
+  out.reserve(layout.size());
+  for (const StridedRegion& r : layout) {
+    out.push_back({r.stride, r.chunk, r.slots});
+  }
+  return out;
+}
+
+Result<std::vector<PlannedWrite>> plan_writes(
+    std::span<const RegionGeometry> src, std::span<const RegionGeometry> dst,
+    std::span<const PagePair> pairs, uint64_t page_total_bytes,
+    uint64_t max_write_bytes) {
+  KVMIG_RETURN_IF_ERROR(check_geometry(src, page_total_bytes, "source"));
+  KVMIG_RETURN_IF_ERROR(check_geometry(dst, page_total_bytes, "destination"));
+
+  std::vector<PlannedWrite> pieces;
+  pieces.reserve(pairs.size() * std::max(src.size(), dst.size()));
+  for (const PagePair& pair : pairs) {
+    if (pair.src >= src[0].slots || pair.dst >= dst[0].slots) {
+      return Status::invalid_argument(
+          "page pair " + std::to_string(pair.src) + " -> " +
+          std::to_string(pair.dst) + " out of range (source has " +
+          std::to_string(src[0].slots) + " slots, destination " +
+          std::to_string(dst[0].slots) + ")");
+    }
+    // Walk the page's canonical bytes; cut wherever either side's chunk ends.
+    size_t i = 0, j = 0;
+    uint64_t in_src = 0, in_dst = 0;
+    while (i < src.size() && j < dst.size()) {
+      uint64_t len = std::min(src[i].chunk - in_src, dst[j].chunk - in_dst);
+      pieces.push_back({static_cast<uint32_t>(i),
+                        uint64_t{pair.src} * src[i].stride + in_src,
+                        static_cast<uint32_t>(j),
+                        uint64_t{pair.dst} * dst[j].stride + in_dst, len});
+      in_src += len;
+      in_dst += len;
+      if (in_src == src[i].chunk) ++i, in_src = 0;
+      if (in_dst == dst[j].chunk) ++j, in_dst = 0;
+    }
+  }
+
+  std::sort(pieces.begin(), pieces.end(),
+            [](const PlannedWrite& a, const PlannedWrite& b) {
+              return std::tie(a.src_region, a.src_offset) <
+                     std::tie(b.src_region, b.src_offset);
+            });
+  std::vector<PlannedWrite> merged;
+  merged.reserve(pieces.size());
+  for (const PlannedWrite& p : pieces) {
+    if (!merged.empty()) {
+      PlannedWrite& last = merged.back();
+      bool contiguous = last.src_region == p.src_region &&
+                        last.src_offset + last.length == p.src_offset &&
+                        last.dst_region == p.dst_region &&
+                        last.dst_offset + last.length == p.dst_offset;
+      bool fits =
+          max_write_bytes == 0 || last.length + p.length <= max_write_bytes;
+      if (contiguous && fits) {
+        last.length += p.length;
+        continue;
+      }
+    }
+    merged.push_back(p);
+  }
+  if (max_write_bytes == 0) return merged;
+  std::vector<PlannedWrite> bounded;
+  bounded.reserve(merged.size());
+  for (PlannedWrite w : merged) {
+    while (w.length > max_write_bytes) {
+      PlannedWrite head = w;
+      head.length = max_write_bytes;
+      bounded.push_back(head);
+      w.src_offset += max_write_bytes;
+      w.dst_offset += max_write_bytes;
+      w.length -= max_write_bytes;
+    }
+    bounded.push_back(w);
+  }
+  return bounded;
+}
+
+}  // namespace kvmig

@@ -1,1 +1,420 @@
-// placeholder: being written
+#include "cli.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kvmig/kvmig.h"
+#include "log.h"
+#include "synthetic_pager.h"
+
+namespace kvmig {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+int fail(const Status& s, bool as_json) {
+  if (as_json) {
+    std::cout << json{{"ok", false}, {"error", s.to_string()}}.dump() << "\n";
+  } else {
+    std::cerr << "kvmig: " << s.to_string() << "\n";
+  }
+  return 1;
+}
+
+json meta_json(const CacheMeta& m) {
+  return {{"page_size_tokens", m.page_size_tokens},
+          {"n_layers", m.n_layers},
+          {"n_heads", m.n_heads},
+          {"head_dim", m.head_dim},
+          {"dtype", std::string(dtype_name(m.dtype))},
+          {"page_bytes", m.page_bytes()}};
+}
+
+// "SEQS:TOKENS", e.g. "8:1000".
+Result<std::pair<uint32_t, uint64_t>> parse_populate(const std::string& text) {
+  size_t colon = text.find(':');
+  try {
+    if (colon == std::string::npos) throw std::invalid_argument("no colon");
+    size_t used = 0;
+    unsigned long seqs = std::stoul(text.substr(0, colon), &used);
+    if (used != colon) throw std::invalid_argument("seqs");
+    std::string tok = text.substr(colon + 1);
+    unsigned long long tokens = std::stoull(tok, &used);
+    if (used != tok.size() || seqs > 1'000'000 || tokens == 0) {
+      throw std::invalid_argument("range");
+    }
+    return std::pair<uint32_t, uint64_t>{static_cast<uint32_t>(seqs), tokens};
+  } catch (const std::exception&) {
+    return Status::invalid_argument("--populate '" + text +
+                                    "': expected SEQS:TOKENS, e.g. 8:1000");
+  }
+}
+
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+// A synthetic cache from the serve/snapshot flags.
+struct PoolFlags {
+  std::string preset = "tiny";
+  std::string layout = "page";
+  uint32_t capacity_pages = 1024;
+  std::string populate;
+  uint64_t seed = 1;
+  uint64_t share_prefix = 0;
+};
+
+void add_pool_flags(CLI::App* app, PoolFlags& f) {
+  app->add_option("--preset", f.preset, "cache shape: tiny|llama3-8b")
+      ->check(CLI::IsMember({"tiny", "llama3-8b"}));
+  app->add_option("--layout", f.layout,
+                  "page: each page in one piece; layer: one tensor per layer "
+                  "for K and for V (vLLM)")
+      ->check(CLI::IsMember({"page", "layer"}));
+  app->add_option("--capacity-pages", f.capacity_pages, "page slots in the pool")
+      ->check(CLI::Range(1u, 1u << 24));
+  app->add_option("--populate", f.populate,
+                  "SEQS:TOKENS requests to create, e.g. 8:1000");
+  app->add_option("--seed", f.seed, "content seed");
+  app->add_option("--share-prefix", f.share_prefix,
+                  "tokens of shared prefix pages across populated requests");
+}
+
+Result<std::unique_ptr<SyntheticPager>> make_pool(const PoolFlags& f) {
+  KVMIG_ASSIGN_OR_RETURN(CacheMeta meta, preset_meta(f.preset));
+  KVMIG_ASSIGN_OR_RETURN(PoolLayout layout, parse_pool_layout(f.layout));
+  KVMIG_ASSIGN_OR_RETURN(auto pager,
+                         SyntheticPager::create(meta, layout, f.capacity_pages));
+  if (!f.populate.empty()) {
+    KVMIG_ASSIGN_OR_RETURN(auto pop, parse_populate(f.populate));
+    KVMIG_RETURN_IF_ERROR(
+        pager->populate(pop.first, pop.second, f.seed, f.share_prefix)
+            .with_context("--populate"));
+  }
+  return pager;
+}
+
+// --fault POINT=stall:MS | POINT=exit (tests only): at POINT, say so on
+// stderr, then sleep MS milliseconds or exit at once with status 99.
+Result<std::function<void(std::string_view)>> parse_faults(
+    const std::vector<std::string>& specs) {
+  struct Fault {
+    std::string point;
+    bool exit = false;
+    int stall_ms = 0;
+  };
+  std::vector<Fault> faults;
+  for (const std::string& spec : specs) {
+    size_t eq = spec.find('=');
+    if (eq == std::string::npos) {
+      return Status::invalid_argument("--fault '" + spec +
+                                      "': expected POINT=stall:MS or POINT=exit");
+    }
+    Fault f{spec.substr(0, eq)};
+    std::string action = spec.substr(eq + 1);
+    if (action == "exit") {
+      f.exit = true;
+    } else if (action.rfind("stall:", 0) == 0) {
+      try {
+        f.stall_ms = std::stoi(action.substr(6));
+      } catch (const std::exception&) {
+        return Status::invalid_argument("--fault '" + spec + "': bad MS");
+      }
+    } else {
+      return Status::invalid_argument("--fault '" + spec + "': unknown action");
+    }
+    faults.push_back(std::move(f));
+  }
+  if (faults.empty()) return std::function<void(std::string_view)>();
+  return std::function<void(std::string_view)>(
+      [faults](std::string_view point) {
+        for (const Fault& f : faults) {
+          if (f.point != point) continue;
+          std::fprintf(stderr, "kvmig fault: reached %s\n", f.point.c_str());
+          std::fflush(stderr);
+          if (f.exit) _exit(99);
+          std::this_thread::sleep_for(std::chrono::milliseconds(f.stall_ms));
+        }
+      });
+}
+
+int cmd_serve(const std::string& listen, const PoolFlags& pool,
+              double decode_rate, const std::string& transports,
+              int peer_timeout_ms, uint64_t staging_mib,
+              const std::vector<std::string>& fault_specs) {
+  auto hp = parse_host_port(listen);
+  if (!hp.ok()) return fail(hp.status(), false);
+  auto pager = make_pool(pool);
+  if (!pager.ok()) return fail(pager.status(), false);
+  AgentOptions options;
+  options.listen_host = hp->host;
+  options.listen_port = hp->port;
+  options.transports = split_commas(transports);
+  options.peer_timeout = std::chrono::milliseconds(peer_timeout_ms);
+  options.staging_bytes = staging_mib << 20;
+  auto hook = parse_faults(fault_specs);
+  if (!hook.ok()) return fail(hook.status(), false);
+  options.fault_hook = *hook;
+
+  // SIGINT/SIGTERM stop the agent from a thread that waits for them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto agent = Agent::create(**pager, options);
+  if (!agent.ok()) return fail(agent.status(), false);
+  if (decode_rate > 0) (*pager)->start_decoding(decode_rate);
+  std::cout << "kvmig agent listening on " << (*agent)->address() << std::endl;
+
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    logger("engine")->info("signal {}: stopping", sig);
+    (*agent)->stop();
+  });
+  Status ran = (*agent)->run();
+  // run() also ends when stop() is called by other means: wake the waiter.
+  pthread_kill(waiter.native_handle(), SIGTERM);
+  waiter.join();
+  (*pager)->stop_decoding();
+  agent->reset();
+  if (!ran.ok()) return fail(ran, false);
+  return 0;
+}
+
+int cmd_status(const std::string& agent, bool as_json) {
+  auto st = query_status(agent);
+  if (!st.ok()) return fail(st.status(), as_json);
+  if (as_json) {
+    json seqs = json::array();
+    for (const SeqStatus& s : st->seqs) {
+      seqs.push_back({{"id", s.id},
+                      {"tokens", s.tokens},
+                      {"pages", s.pages},
+                      {"digest", s.digest}});
+    }
+    json in_doubt = json::array();
+    for (const auto& d : st->in_doubt) {
+      in_doubt.push_back({{"migration_id", d.migration_id}, {"seqs", d.seqs}});
+    }
+    json out = {{"meta", meta_json(st->meta)},
+                {"capacity_pages", st->capacity_pages},
+                {"free_pages", st->free_pages},
+                {"seqs", seqs},
+                {"transports", st->transports},
+                {"in_doubt", in_doubt}};
+    std::cout << out.dump() << "\n";
+    return 0;
+  }
+  std::cout << "meta " << st->meta.to_string() << ", " << st->free_pages
+            << " of " << st->capacity_pages << " pages free, "
+            << st->seqs.size() << " requests\n";
+  for (const SeqStatus& s : st->seqs) {
+    std::cout << "  seq " << s.id << ": " << s.tokens << " tokens, " << s.pages
+              << " pages, digest " << s.digest << "\n";
+  }
+  for (const auto& d : st->in_doubt) {
+    std::cout << "  in doubt: migration " << d.migration_id << "\n";
+  }
+  return 0;
+}
+
+int cmd_migrate(const std::string& agent, MigrateRequest req,
+                const std::string& seqs_text, const std::string& mode,
+                bool as_json, int timeout_ms) {
+  req.mode = mode == "copy" ? MigrationMode::kCopy : MigrationMode::kMove;
+  if (!req.all) {
+    for (const std::string& item : split_commas(seqs_text)) {
+      try {
+        size_t used = 0;
+        req.seqs.push_back(std::stoull(item, &used));
+        if (used != item.size()) throw std::invalid_argument(item);
+      } catch (const std::exception&) {
+        return fail(Status::invalid_argument("--seqs: '" + item +
+                                             "' is not a request id"),
+                    as_json);
+      }
+    }
+  }
+  ClientOptions copts;
+  copts.timeout = std::chrono::milliseconds(timeout_ms);
+  auto report = request_migration(agent, req, copts);
+  if (!report.ok()) return fail(report.status(), as_json);
+  const MigrationReport& r = *report;
+  if (as_json) {
+    json out = {{"ok", true},
+                {"migration_id", r.migration_id},
+                {"seqs", r.seqs},
+                {"pages", r.pages},
+                {"bytes", r.bytes},
+                {"writes", r.writes},
+                {"seconds", r.seconds},
+                {"gbps", r.gbps},
+                {"pause_ms", r.pause_ms},
+                {"rounds", r.rounds},
+                {"transport", r.transport},
+                {"staged", r.staged}};
+    std::cout << out.dump() << "\n";
+    return 0;
+  }
+  std::printf("%s %zu requests (%llu pages, %.1f MiB in %llu writes) to %s "
+              "over %s in %.3f s: %.3f GB/s, pause %.1f ms\nmigration %s\n",
+              req.mode == MigrationMode::kMove ? "moved" : "copied",
+              r.seqs.size(), static_cast<unsigned long long>(r.pages),
+              r.bytes / 1048576.0, static_cast<unsigned long long>(r.writes),
+              req.to.c_str(), r.transport.c_str(), r.seconds, r.gbps,
+              r.pause_ms, r.migration_id.c_str());
+  return 0;
+}
+
+int print_snapshot(const std::string& file, bool verbose) {
+  auto info = inspect_snapshot(file);
+  if (!info.ok()) return fail(info.status(), false);
+  if (!verbose) {
+    std::cout << file << ": OK (" << info->seqs.size() << " requests, "
+              << info->n_pages << " pages, " << info->file_bytes
+              << " bytes)\n";
+    return 0;
+  }
+  std::cout << "snapshot " << file << " (version " << info->version << ", "
+            << info->file_bytes << " bytes)\n"
+            << "meta " << info->meta.to_string() << ", " << info->n_pages
+            << " distinct pages\n";
+  for (const SnapshotSeqInfo& s : info->seqs) {
+    std::cout << "  seq " << s.seq_id << ": " << s.n_tokens << " tokens, "
+              << s.n_pages << " pages, digest " << s.digest.hex() << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_cli(int argc, char** argv) {
+  CLI::App app{"kvmig: live migration of paged KV caches"};
+  app.require_subcommand(1);
+  std::string log_level;
+  app.add_option("--log-level", log_level,
+                 "trace|debug|info|warn|error|off (default info, or "
+                 "KVMIG_LOG_LEVEL)");
+
+  // serve
+  auto* serve = app.add_subcommand("serve", "run an agent over a synthetic cache");
+  std::string listen = "127.0.0.1:7470";
+  PoolFlags pool;
+  double decode_rate = 0;
+  std::string transports = "tcp";
+  int peer_timeout_ms = 10'000;
+  uint64_t staging_mib = 64;
+  std::vector<std::string> faults;
+  serve->add_option("--listen", listen, "HOST:PORT to listen on (port 0: any)");
+  add_pool_flags(serve, pool);
+  serve->add_option("--decode-rate", decode_rate,
+                    "tokens per second appended to every request while "
+                    "running (0: none)")
+      ->check(CLI::Range(0.0, 1e6));
+  serve->add_option("--transports", transports,
+                    "data planes accepted, preferred first: tcp,ucx,verbs");
+  serve->add_option("--peer-timeout-ms", peer_timeout_ms,
+                    "deadline for every wait on a peer")
+      ->check(CLI::Range(1, 3'600'000));
+  serve->add_option("--staging-mib", staging_mib,
+                    "staging buffer per migration for pagers without a layout")
+      ->check(CLI::Range(1, 1 << 16));
+  serve->add_option("--fault", faults,
+                    "testing: POINT=stall:MS or POINT=exit at a protocol point")
+      ->group("");
+
+  // status
+  auto* status = app.add_subcommand("status", "print an agent's requests");
+  std::string agent;
+  bool as_json = false;
+  status->add_option("--agent", agent, "HOST:PORT")->required();
+  status->add_flag("--json", as_json, "print JSON");
+
+  // migrate
+  auto* migrate = app.add_subcommand("migrate", "move or copy requests");
+  MigrateRequest req;
+  std::string seqs_text, mode = "move";
+  bool no_verify = false;
+  int timeout_ms = 600'000;
+  migrate->add_option("--agent", agent, "source agent HOST:PORT")->required();
+  migrate->add_option("--to", req.to, "destination agent HOST:PORT")->required();
+  auto* seqs_opt =
+      migrate->add_option("--seqs", seqs_text, "request ids: ID,ID,...");
+  auto* all_opt = migrate->add_flag("--all", req.all, "every request");
+  seqs_opt->excludes(all_opt);
+  migrate->add_option("--mode", mode, "move (default) or copy")
+      ->check(CLI::IsMember({"move", "copy"}));
+  migrate->add_flag("--live", req.live, "pre-copy while the engine runs");
+  migrate->add_option("--transport", req.transport, "tcp|ucx|verbs")
+      ->check(CLI::IsMember({"tcp", "ucx", "verbs"}));
+  migrate->add_flag("--no-verify", no_verify,
+                    "skip the destination's per-page checksum check");
+  migrate->add_option("--timeout-ms", timeout_ms, "give up after this long")
+      ->check(CLI::Range(1, 86'400'000));
+  migrate->add_flag("--json", as_json, "print JSON");
+
+  // snapshot
+  auto* snapshot = app.add_subcommand("snapshot", "save, inspect, verify");
+  snapshot->require_subcommand(1);
+  auto* save = snapshot->add_subcommand(
+      "save", "write a synthetic cache (--preset ... --populate ...) to FILE");
+  std::string out_file, in_file;
+  add_pool_flags(save, pool);
+  save->add_option("--out", out_file, "snapshot file")->required();
+  auto* inspect = snapshot->add_subcommand("inspect", "print a snapshot");
+  inspect->add_option("file", in_file, "snapshot file")->required();
+  auto* verify = snapshot->add_subcommand("verify", "check every checksum");
+  verify->add_option("file", in_file, "snapshot file")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (!log_level.empty()) set_log_level(log_level);
+
+  if (*serve) {
+    return cmd_serve(listen, pool, decode_rate, transports, peer_timeout_ms,
+                     staging_mib, faults);
+  }
+  if (*status) return cmd_status(agent, as_json);
+  if (*migrate) {
+    if (!req.all && seqs_text.empty()) {
+      return fail(Status::invalid_argument("migrate: give --seqs or --all"),
+                  as_json);
+    }
+    req.verify = !no_verify;
+    return cmd_migrate(agent, req, seqs_text, mode, as_json, timeout_ms);
+  }
+  if (*save) {
+    auto pager = make_pool(pool);
+    if (!pager.ok()) return fail(pager.status(), false);
+    Status s = capture(**pager, out_file);
+    if (!s.ok()) return fail(s, false);
+    return print_snapshot(out_file, false);
+  }
+  if (*inspect) return print_snapshot(in_file, true);
+  if (*verify) return print_snapshot(in_file, false);
+  return 2;
+}
+
+}  // namespace kvmig

@@ -1,1 +1,339 @@
-// placeholder: being written
+// Two (or three) real agent processes on loopback, driven through the
+// `kvmig` command line as a scheduler would.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <tuple>
+
+#include "frame.h"
+#include "kvmig/transport.h"
+#include "process.h"
+
+namespace kvmig::testing {
+namespace {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+json status_of(const std::string& agent) {
+  CliResult r = run_kvmig({"status", "--agent", agent, "--json"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  return json::parse(r.out, nullptr, false);
+}
+
+std::map<uint64_t, std::string> digests(const json& status) {
+  std::map<uint64_t, std::string> out;
+  for (const auto& s : status["seqs"]) {
+    out[s["id"].get<uint64_t>()] = s["digest"].get<std::string>();
+  }
+  return out;
+}
+
+json migrate(const std::string& src, const std::string& dst,
+             std::vector<std::string> extra, int* code = nullptr) {
+  std::vector<std::string> args = {"migrate", "--agent", src, "--to", dst,
+                                   "--json"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  CliResult r = run_kvmig(args);
+  if (code) *code = r.code;
+  return json::parse(r.out, nullptr, false);
+}
+
+std::vector<std::string> data_transports() {
+  std::vector<std::string> out;
+  for (const auto& t : built_transports()) {
+    if (t != "verbs") out.push_back(t);
+  }
+  return out;
+}
+
+// --- every layout pair, with and without shared prefixes, move and copy ----
+
+using LayoutCase = std::tuple<std::string, std::string, std::string, bool,
+                              std::string>;  // transport, src, dst, share, mode
+
+class MigrateLayouts : public ::testing::TestWithParam<LayoutCase> {};
+
+TEST_P(MigrateLayouts, RequestsArriveIntact) {
+  auto [transport, src_layout, dst_layout, share, mode] = GetParam();
+  const std::string transports = "tcp," + transport;
+  auto src = AgentProcess::start({"--layout", src_layout, "--capacity-pages",
+                                  "256", "--populate", "4:100", "--seed", "5",
+                                  "--share-prefix", share ? "48" : "0",
+                                  "--transports", transports});
+  auto dst = AgentProcess::start({"--layout", dst_layout, "--capacity-pages",
+                                  "256", "--transports", transports});
+  ASSERT_TRUE(src && dst);
+  json src_before = status_of(src->address());
+  json dst_before = status_of(dst->address());
+  ASSERT_EQ(src_before["seqs"].size(), 4u);
+  // 100 tokens = 7 pages a request; 3 full prefix pages shared when asked.
+  const uint64_t distinct = share ? 3 + 4 * 4 : 4 * 7;
+  EXPECT_EQ(src_before["free_pages"], 256 - distinct);
+
+  int code = -1;
+  json report = migrate(src->address(), dst->address(),
+                        {"--all", "--mode", mode, "--transport", transport},
+                        &code);
+  ASSERT_EQ(code, 0) << report.dump() << src->child().err();
+  EXPECT_TRUE(report["ok"].get<bool>());
+  EXPECT_EQ(report["pages"], distinct);
+  EXPECT_EQ(report["bytes"], distinct * 2 * 8192);
+  EXPECT_EQ(report["transport"], transport);
+  EXPECT_EQ(report["seqs"].size(), 4u);
+  EXPECT_GE(report["pause_ms"].get<double>(), 0.0);
+  EXPECT_EQ(report["migration_id"].get<std::string>().size(), 32u);
+
+  json src_after = status_of(src->address());
+  json dst_after = status_of(dst->address());
+  EXPECT_EQ(digests(dst_after), digests(src_before));
+  // The destination keeps the sharing: exactly the distinct pages in use.
+  EXPECT_EQ(dst_after["free_pages"], 256 - distinct);
+  if (mode == "move") {
+    EXPECT_TRUE(src_after["seqs"].empty());
+    EXPECT_EQ(src_after["free_pages"], 256);
+  } else {
+    EXPECT_EQ(digests(src_after), digests(src_before));
+    EXPECT_EQ(src_after["free_pages"], src_before["free_pages"]);
+  }
+}
+
+std::string layout_case_name(const ::testing::TestParamInfo<LayoutCase>& info) {
+  const auto& [t, s, d, share, mode] = info.param;
+  return t + "_" + s + "_to_" + d + (share ? "_shared_" : "_") + mode;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllPairs, MigrateLayouts,
+    ::testing::Combine(::testing::ValuesIn(data_transports()),
+                       ::testing::Values("page", "layer"),
+                       ::testing::Values("page", "layer"), ::testing::Bool(),
+                       ::testing::Values("move", "copy")),
+    layout_case_name);
+
+// --- partial moves keep shared pages that remaining requests still use ----
+
+TEST(MigrateE2E, PartialMoveFreesOnlyPagesNoLongerUsed) {
+  auto src = AgentProcess::start({"--populate", "3:64", "--share-prefix", "32",
+                                  "--capacity-pages", "64"});
+  auto dst = AgentProcess::start({"--capacity-pages", "64", "--layout", "layer"});
+  ASSERT_TRUE(src && dst);
+  json before = status_of(src->address());
+  // 64 tokens = 4 pages each, 2 shared: 2 + 3 * 2 = 8 pages in use.
+  ASSERT_EQ(before["free_pages"], 64 - 8);
+  int code = -1;
+  json report = migrate(src->address(), dst->address(), {"--seqs", "2"}, &code);
+  ASSERT_EQ(code, 0) << report.dump();
+  EXPECT_EQ(report["pages"], 4);
+  json after = status_of(src->address());
+  // Only request 2's own two pages came free; the prefix is still used.
+  EXPECT_EQ(after["free_pages"], 64 - 6);
+  auto d = digests(after);
+  EXPECT_EQ(d.size(), 2u);
+  EXPECT_EQ(d.count(2), 0u);
+  EXPECT_EQ(digests(status_of(dst->address()))[2], digests(before)[2]);
+}
+
+// --- refused migrations change nothing ------------------------------------
+
+void expect_unchanged(const std::string& agent, const json& before) {
+  json now = status_of(agent);
+  EXPECT_EQ(digests(now), digests(before));
+  EXPECT_EQ(now["free_pages"], before["free_pages"]);
+}
+
+TEST(MigrateE2E, MetaMismatchIsRefusedNamingBothMetas) {
+  auto src = AgentProcess::start({"--populate", "2:40"});
+  auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "8"});
+  ASSERT_TRUE(src && dst);
+  json sb = status_of(src->address()), db = status_of(dst->address());
+  int code = 0;
+  json r = migrate(src->address(), dst->address(), {"--all"}, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_FALSE(r["ok"].get<bool>());
+  std::string err = r["error"];
+  EXPECT_NE(err.find("16x2x2x64 f16"), std::string::npos) << err;
+  EXPECT_NE(err.find("16x32x8x128 bf16"), std::string::npos) << err;
+  expect_unchanged(src->address(), sb);
+  expect_unchanged(dst->address(), db);
+}
+
+TEST(MigrateE2E, FullDestinationIsRefused) {
+  auto src = AgentProcess::start({"--populate", "4:160"});
+  auto dst = AgentProcess::start({"--capacity-pages", "16"});
+  ASSERT_TRUE(src && dst);
+  json sb = status_of(src->address()), db = status_of(dst->address());
+  int code = 0;
+  json r = migrate(src->address(), dst->address(), {"--all"}, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(r["error"].get<std::string>().find("destination full"),
+            std::string::npos)
+      << r.dump();
+  expect_unchanged(src->address(), sb);
+  expect_unchanged(dst->address(), db);
+}
+
+TEST(MigrateE2E, UnknownIdsAreAnErrorBeforeAnythingMoves) {
+  auto src = AgentProcess::start({"--populate", "2:40"});
+  auto dst = AgentProcess::start({});
+  ASSERT_TRUE(src && dst);
+  json sb = status_of(src->address()), db = status_of(dst->address());
+  int code = 0;
+  json r = migrate(src->address(), dst->address(), {"--seqs", "1,99"}, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(r["error"].get<std::string>().find("unknown request ids: 99"),
+            std::string::npos)
+      << r.dump();
+  expect_unchanged(src->address(), sb);
+  expect_unchanged(dst->address(), db);
+}
+
+TEST(MigrateE2E, UnreachableDestinationIsAnError) {
+  auto src = AgentProcess::start({"--populate", "1:16"});
+  ASSERT_TRUE(src);
+  json sb = status_of(src->address());
+  int code = 0;
+  json r = migrate(src->address(), "127.0.0.1:1", {"--all"}, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(r["error"].get<std::string>().find("destination"), std::string::npos);
+  expect_unchanged(src->address(), sb);
+}
+
+// --- peers that die mid-transfer ------------------------------------------
+
+TEST(MigrateE2E, DestinationKilledMidDataRollsBackAndRetrySucceeds) {
+  auto src = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages",
+                                  "64", "--populate", "2:400", "--fault",
+                                  "src.data.mid=stall:1500"});
+  auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "64"});
+  auto third = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "64",
+                                    "--layout", "layer"});
+  ASSERT_TRUE(src && dst && third);
+  json sb = status_of(src->address());
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst->address(), "--all", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true));
+  dst->child().kill(SIGKILL);
+  ASSERT_TRUE(cli->wait_exit(60s));
+  EXPECT_EQ(cli->exit_code(), 1);
+  json r = json::parse(cli->out(), nullptr, false);
+  EXPECT_FALSE(r["ok"].get<bool>()) << cli->out();
+  // The source resumed with every request intact.
+  expect_unchanged(src->address(), sb);
+  // And can move them elsewhere.
+  int code = -1;
+  json retry = migrate(src->address(), third->address(), {"--all"}, &code);
+  ASSERT_EQ(code, 0) << retry.dump();
+  EXPECT_EQ(digests(status_of(third->address())), digests(sb));
+}
+
+TEST(MigrateE2E, SourceKilledMidDataReleasesDestinationSlots) {
+  auto src = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages",
+                                  "64", "--populate", "2:400", "--fault",
+                                  "src.data.mid=stall:60000"});
+  auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages",
+                                  "64", "--peer-timeout-ms", "2000"});
+  ASSERT_TRUE(src && dst);
+  json db = status_of(dst->address());
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst->address(), "--all", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true));
+  // Slots are allocated while the source is stalled.
+  EXPECT_LT(status_of(dst->address())["free_pages"], db["free_pages"]);
+  src->child().kill(SIGKILL);
+  auto end = std::chrono::steady_clock::now() + 5s;
+  json now;
+  do {
+    std::this_thread::sleep_for(100ms);
+    now = status_of(dst->address());
+  } while (now["free_pages"] != db["free_pages"] &&
+           std::chrono::steady_clock::now() < end);
+  EXPECT_EQ(now["free_pages"], db["free_pages"]);
+  EXPECT_TRUE(now["seqs"].empty());
+  ASSERT_TRUE(cli->wait_exit(30s));
+  EXPECT_EQ(cli->exit_code(), 1);
+}
+
+// --- hostile bytes on the control port ------------------------------------
+
+int raw_connect(const std::string& address) {
+  auto colon = address.rfind(':');
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(std::stoi(address.substr(colon + 1))));
+  inet_pton(AF_INET, address.substr(0, colon).c_str(), &sa.sin_addr);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
+    close(fd);
+    return -1;
+  }
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  return fd;
+}
+
+// Sends bytes, half-closes, and reports whether the agent closed the
+// connection (read returns 0 or an error) without hanging.
+bool agent_closes_after(const std::string& address,
+                        const std::vector<uint8_t>& bytes) {
+  int fd = raw_connect(address);
+  if (fd < 0) return false;
+  (void)!write(fd, bytes.data(), bytes.size());
+  shutdown(fd, SHUT_WR);
+  char buf[256];
+  ssize_t n;
+  bool closed = false;
+  while ((n = read(fd, buf, sizeof buf)) > 0) {
+  }
+  closed = n == 0 || (n < 0 && errno == ECONNRESET);
+  close(fd);
+  return closed;
+}
+
+TEST(MigrateE2E, MalformedFramesAreRefusedAndTheAgentKeepsServing) {
+  auto agent = AgentProcess::start({"--populate", "2:40", "--peer-timeout-ms", "3000"});
+  ASSERT_TRUE(agent);
+  json before = status_of(agent->address());
+  std::vector<uint8_t> garbage(100, 0xAB);
+  EXPECT_TRUE(agent_closes_after(agent->address(), garbage));
+  auto hello = encode_frame(MsgType::kHello, std::vector<uint8_t>(40, 1));
+  auto truncated = std::vector<uint8_t>(hello.begin(), hello.begin() + 30);
+  EXPECT_TRUE(agent_closes_after(agent->address(), truncated));
+  auto bad_sum = hello;
+  bad_sum.back() ^= 0xff;
+  EXPECT_TRUE(agent_closes_after(agent->address(), bad_sum));
+  // A well-formed frame whose HELLO payload is nonsense: ABORT and close.
+  EXPECT_TRUE(agent_closes_after(agent->address(), hello));
+  auto huge = encode_frame(MsgType::kCommit, {});
+  huge[8] = 0xff, huge[9] = 0xff, huge[10] = 0xff, huge[11] = 0x7f;
+  EXPECT_TRUE(agent_closes_after(agent->address(), huge));
+  EXPECT_TRUE(agent_closes_after(agent->address(), {}));
+  expect_unchanged(agent->address(), before);
+  std::string err = agent->child().err();
+  EXPECT_NE(err.find("bad magic"), std::string::npos) << err;
+  EXPECT_NE(err.find("checksum mismatch"), std::string::npos) << err;
+  EXPECT_NE(err.find("exceeds the limit"), std::string::npos) << err;
+}
+
+TEST(MigrateE2E, UsageErrorsAreClear) {
+  CliResult r = run_kvmig({"migrate", "--agent", "127.0.0.1:1", "--to", "x:1"});
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE((r.out + r.err).find("--seqs or --all"), std::string::npos) << r.err;
+  r = run_kvmig({"serve", "--preset", "gpt5"});
+  EXPECT_EQ(r.code, 2);
+  r = run_kvmig({"serve", "--listen", "127.0.0.1:0", "--transports", "carrier-pigeon"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("carrier-pigeon"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace kvmig::testing

@@ -1,0 +1,68 @@
+// Control-plane framing: every message is a 24-byte header and a payload.
+//
+//   u32 magic "KVMG" | u16 version | u16 type | u32 payload length |
+//   u32 reserved (0) | u64 XXH3-64 over header bytes 0..15 and the payload
+//
+// All little-endian. A receiver checks magic, version, type, reserved and the
+// length limit from the header alone, before reading the payload, then the
+// checksum. Stateless functions; thread-safe.
+#ifndef KVMIG_SRC_FRAME_H_
+#define KVMIG_SRC_FRAME_H_
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "kvmig/status.h"
+
+namespace kvmig {
+
+inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
+inline constexpr uint16_t kProtocolVersion = 1;
+inline constexpr size_t kFrameHeaderBytes = 24;
+
+enum class MsgType : uint16_t {
+  kHello = 1,         // src -> dst: start a migration
+  kOffer = 2,         // dst -> src: slots and where to write
+  kCommit = 3,        // src -> dst: page tables and checksums
+  kDone = 4,          // dst -> src: installed
+  kAbort = 5,         // either way: rolled back, with a reason
+  kBatch = 6,         // src -> dst: a staged batch landed
+  kBatchAck = 7,      // dst -> src: staged batch applied
+  kStatusReq = 16,    // scheduler -> agent
+  kStatusResp = 17,   // agent -> scheduler
+  kMigrateReq = 18,   // scheduler -> source agent
+  kMigrateResp = 19,  // source agent -> scheduler
+  kOutcomeReq = 20,   // src -> dst: what became of migration id?
+  kOutcomeResp = 21,  // dst -> src
+  kError = 31,        // agent -> client: request refused
+};
+
+// "HELLO", "OFFER", ...; "UNKNOWN(n)" for other values.
+std::string msg_type_name(MsgType type);
+
+struct FrameHeader {
+  MsgType type = MsgType::kError;
+  uint32_t length = 0;
+  uint64_t checksum = 0;
+  std::array<uint8_t, 16> prefix{};  // header bytes 0..15, for the checksum
+};
+
+// The whole frame: header then payload.
+std::vector<uint8_t> encode_frame(MsgType type,
+                                  std::span<const uint8_t> payload);
+
+// Validates a header: Protocol for a bad magic, version, type or reserved
+// field; ResourceExhausted when length exceeds max_payload.
+Result<FrameHeader> decode_frame_header(
+    std::span<const uint8_t, kFrameHeaderBytes> bytes, uint32_t max_payload);
+
+// DataLoss unless payload has the header's length and checksum.
+Status check_frame_payload(const FrameHeader& header,
+                           std::span<const uint8_t> payload);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_FRAME_H_

@@ -1,0 +1,123 @@
+// Control-plane messages: plain structs and their payload codecs. Decoders
+// validate every count, length and enum against Limits before allocating,
+// and fail with DataLoss (malformed) or ResourceExhausted (over a limit).
+// Stateless; thread-safe.
+#ifndef KVMIG_SRC_MESSAGES_H_
+#define KVMIG_SRC_MESSAGES_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvmig/agent.h"
+#include "kvmig/status.h"
+#include "kvmig/types.h"
+
+namespace kvmig {
+
+// Bounds a decoder enforces on counts read from the wire.
+struct WireLimits {
+  uint32_t max_pages = 1u << 20;
+  uint32_t max_seqs = 1u << 16;
+  uint32_t max_blob = 1u << 20;    // addresses, keys
+  uint32_t max_string = 4096;      // names, ids, messages
+  uint32_t max_regions = 4096;     // layout regions
+};
+
+// Geometry of one strided region of a layout, without its address.
+struct RegionGeometry {
+  uint64_t stride = 0;
+  uint64_t chunk = 0;
+  uint32_t slots = 0;
+  friend bool operator==(const RegionGeometry&, const RegionGeometry&) =
+      default;
+};
+
+struct HelloMsg {
+  std::string migration_id;
+  CacheMeta meta;
+  uint32_t n_pages = 0;                  // distinct pages to move
+  uint32_t n_seqs = 0;                   // requests to move
+  std::vector<std::string> transports;  // acceptable, preferred first
+  std::vector<uint8_t> initiator_address;
+};
+
+struct OfferMsg {
+  std::string transport;
+  std::vector<PageIndex> slots;  // one per distinct page, in HELLO order
+  // Where the source writes: the destination's layout geometry (region i is
+  // the target's region i). With staging_slots > 0 the geometry is a staging
+  // buffer of that many page slots, filled in batches (BATCH / BATCH_ACK).
+  std::vector<RegionGeometry> regions;
+  uint32_t staging_slots = 0;
+  std::vector<uint8_t> target_address;
+};
+
+struct CommitMsg {
+  std::vector<LogicalSeq> seqs;     // page tables in destination slots
+  std::vector<uint64_t> checksums;  // per distinct page, HELLO order; empty
+                                    // when not verifying
+};
+
+// A staged batch: pages [first, first + count) of HELLO order sit in staging
+// slots [0, count).
+struct BatchMsg {
+  uint32_t first = 0;
+  uint32_t count = 0;
+};
+
+struct AbortMsg {
+  std::string reason;
+};
+
+struct ErrorMsg {
+  Status status;
+};
+
+enum class Outcome : uint8_t {
+  kUnknown = 0,    // never heard of it (or forgotten)
+  kPending = 1,    // commit being applied; ask again
+  kCommitted = 2,  // installed at the destination
+  kAborted = 3,    // rolled back; will never be installed
+};
+
+struct OutcomeReqMsg {
+  std::string migration_id;
+};
+struct OutcomeRespMsg {
+  Outcome outcome = Outcome::kUnknown;
+};
+
+std::vector<uint8_t> encode(const HelloMsg& m);
+std::vector<uint8_t> encode(const OfferMsg& m);
+std::vector<uint8_t> encode(const CommitMsg& m);
+std::vector<uint8_t> encode(const BatchMsg& m);
+std::vector<uint8_t> encode(const AbortMsg& m);
+std::vector<uint8_t> encode(const ErrorMsg& m);
+std::vector<uint8_t> encode(const OutcomeReqMsg& m);
+std::vector<uint8_t> encode(const OutcomeRespMsg& m);
+std::vector<uint8_t> encode(const MigrateRequest& m);
+std::vector<uint8_t> encode(const MigrationReport& m);
+std::vector<uint8_t> encode(const AgentStatus& m);
+
+Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l);
+Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l);
+Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
+                                const WireLimits& l);
+Result<BatchMsg> decode_batch(std::span<const uint8_t> p);
+Result<AbortMsg> decode_abort(std::span<const uint8_t> p, const WireLimits& l);
+Result<ErrorMsg> decode_error(std::span<const uint8_t> p, const WireLimits& l);
+Result<OutcomeReqMsg> decode_outcome_req(std::span<const uint8_t> p,
+                                         const WireLimits& l);
+Result<OutcomeRespMsg> decode_outcome_resp(std::span<const uint8_t> p);
+Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
+                                              const WireLimits& l);
+Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
+                                                const WireLimits& l);
+Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
+                                        const WireLimits& l);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_MESSAGES_H_
