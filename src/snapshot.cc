@@ -474,7 +474,7 @@ Status read_file_page(int fd, const VerifiedSnapshot& snap, uint64_t p,
   return Status();
 }
 
-// Writes the snapshot of a paused pager to temp_path.
+// Writes the snapshot of a paused pager to fd (what names the file in errors).
 Status write_snapshot(CachePager& pager, int fd, const std::string& what) {
   const CacheMeta meta = pager.meta();
   KVMIG_ASSIGN_OR_RETURN(std::vector<LogicalSeq> seqs, pager.logical_seqs());

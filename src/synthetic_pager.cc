@@ -205,8 +205,10 @@ struct Pool {
   }
 };
 
-// Content seed of decode-appended tokens: a pager has no seed of its own, so
-// appended tokens use a fixed one (they depend on seq id and position only).
+// Content seed of decode-appended tokens. It is the same in every pager, so a
+// token appended to a request depends only on its seq id and position: a
+// request decoded on the source and one decoded after migrating to another
+// pager grow the same bytes.
 constexpr uint64_t kDecodeSeed = 0x64656364;
 
 }  // namespace

@@ -218,8 +218,7 @@ TEST(SyntheticPagerTest, SharedPrefixPagesAreShared) {
   auto before = digests(*pager);
   EXPECT_NE(before[1], before[2]);
 
-  // The same content as a pager without sharing? No: unshared prefixes are
-  // owned by each request. But a request's bytes do not depend on slots:
+  // A request's bytes do not depend on the slots it lands in.
   auto other = make(PoolLayout::kPage, 64);
   ASSERT_OK(other->allocate_pages(9));
   ASSERT_OK(other->populate(3, 100, 5, 70));
