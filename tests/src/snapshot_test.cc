@@ -1,1 +1,353 @@
-// placeholder: being written
+#include "kvmig/snapshot.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <xxhash.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvmig/digest.h"
+#include "synthetic_pager.h"
+#include "testutil.h"
+
+namespace kvmig {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr uint64_t kHeaderBytes = 60;
+constexpr uint64_t kTrailerBytes = 16;
+
+CacheMeta tiny() { return *preset_meta("tiny"); }
+
+std::unique_ptr<SyntheticPager> make(PoolLayout layout, uint32_t capacity,
+                                     CacheMeta meta = tiny()) {
+  auto r = SyntheticPager::create(meta, layout, capacity);
+  EXPECT_TRUE(r.ok()) << r.status().to_string();
+  return r.ok() ? std::move(r).value() : nullptr;
+}
+
+std::map<SeqId, Digest> digests(CachePager& pager) {
+  std::map<SeqId, Digest> out;
+  auto seqs = pager.logical_seqs();
+  EXPECT_TRUE(seqs.ok());
+  if (!seqs.ok()) return out;
+  for (const LogicalSeq& seq : *seqs) {
+    auto d = seq_digest(pager, seq);
+    EXPECT_TRUE(d.ok()) << d.status().to_string();
+    if (d.ok()) out[seq.seq_id] = *d;
+  }
+  return out;
+}
+
+std::vector<uint8_t> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_file(const std::string& path, const std::vector<uint8_t>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
+}
+
+void put_u64(std::vector<uint8_t>& bytes, size_t offset, uint64_t v) {
+  for (int i = 0; i < 8; ++i)
+    bytes[offset + i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+class SnapshotTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = ::testing::TempDir() + "/kvmig_snapshot_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+
+  // A tiny page-layout pager with 3 requests of 53 tokens sharing 2 pages
+  // (8 distinct pages), captured to path("base.snp").
+  void capture_base() {
+    source_ = make(PoolLayout::kPage, 32);
+    ASSERT_OK(source_->populate(3, 50, 7, 32));
+    for (int i = 0; i < 3; ++i) source_->decode_step();
+    ASSERT_OK(capture(*source_, path("base.snp")));
+    base_ = read_file(path("base.snp"));
+    const uint64_t record = 2 * tiny().page_bytes() + 8;
+    pages_offset_ = base_.size() - kTrailerBytes - 8 * record;
+  }
+
+  // Restoring `bytes` fails with code and a message containing `what`, and
+  // leaves a fresh target untouched; inspect_snapshot fails the same way.
+  void expect_rejected(const std::vector<uint8_t>& bytes, StatusCode code,
+                       const std::string& what) {
+    const std::string p = path("bad.snp");
+    write_file(p, bytes);
+    auto target = make(PoolLayout::kLayer, 32);
+    Status s = restore(p, *target);
+    EXPECT_EQ(s.code(), code) << s.to_string();
+    EXPECT_NE(s.message().find(what), std::string::npos) << s.to_string();
+    EXPECT_TRUE(target->logical_seqs()->empty());
+    EXPECT_TRUE(target->occupied_pages()->empty());
+    EXPECT_EQ(target->capacity()->free_pages, 32u);
+    auto info = inspect_snapshot(p);
+    EXPECT_EQ(info.status().code(), code) << info.status().to_string();
+  }
+
+  std::string dir_;
+  std::unique_ptr<SyntheticPager> source_;
+  std::vector<uint8_t> base_;
+  uint64_t pages_offset_ = 0;
+};
+
+TEST_F(SnapshotTest, RoundTripAcrossLayoutsWithSharedPrefix) {
+  for (PoolLayout from : {PoolLayout::kPage, PoolLayout::kLayer}) {
+    auto src = make(from, 32);
+    ASSERT_OK(src->populate(3, 50, 7, 32));  // 2 shared + 3 x 2 own pages
+    for (int i = 0; i < 3; ++i) src->decode_step();  // 53 tokens, 4 pages
+    const auto want = digests(*src);
+    ASSERT_EQ(want.size(), 3u);
+    const std::string p = path("rt.snp");
+    ASSERT_OK(capture(*src, p));
+
+    ASSERT_OK_AND_ASSIGN(SnapshotInfo info, inspect_snapshot(p));
+    EXPECT_EQ(info.version, 1u);
+    EXPECT_EQ(info.meta, tiny());
+    EXPECT_EQ(info.n_pages, 8u);  // shared pages stored once
+    EXPECT_EQ(info.file_bytes, fs::file_size(p));
+    ASSERT_EQ(info.seqs.size(), 3u);
+    for (const SnapshotSeqInfo& s : info.seqs) {
+      EXPECT_EQ(s.n_tokens, 53u);
+      EXPECT_EQ(s.n_pages, 4u);
+      EXPECT_EQ(s.digest, want.at(s.seq_id)) << s.seq_id;
+    }
+
+    for (PoolLayout to : {PoolLayout::kPage, PoolLayout::kLayer}) {
+      auto dst = make(to, 32);
+      ASSERT_OK(restore(p, *dst));
+      EXPECT_EQ(digests(*dst), want);
+      EXPECT_EQ(dst->capacity()->free_pages, 32u - 8);
+      ASSERT_OK_AND_ASSIGN(auto seqs, dst->logical_seqs());
+      ASSERT_EQ(seqs.size(), 3u);
+      EXPECT_EQ(seqs[0].pages[1], seqs[2].pages[1]);
+      EXPECT_NE(seqs[0].pages[2], seqs[2].pages[2]);
+      // The restored pager keeps decoding.
+      EXPECT_EQ(dst->decode_step(), 3u);
+    }
+  }
+}
+
+TEST_F(SnapshotTest, EmptyPagerRoundTrip) {
+  auto src = make(PoolLayout::kPage, 8);
+  ASSERT_OK(capture(*src, path("empty.snp")));
+  ASSERT_OK_AND_ASSIGN(SnapshotInfo info, inspect_snapshot(path("empty.snp")));
+  EXPECT_EQ(info.n_pages, 0u);
+  EXPECT_TRUE(info.seqs.empty());
+  EXPECT_EQ(info.file_bytes, kHeaderBytes + 8 + kTrailerBytes);
+  auto dst = make(PoolLayout::kLayer, 8);
+  ASSERT_OK(restore(path("empty.snp"), *dst));
+  EXPECT_EQ(dst->capacity()->free_pages, 8u);
+}
+
+TEST_F(SnapshotTest, CaptureOverwritesAtomicallyAndLeavesNoTempFile) {
+  capture_base();
+  for (int i = 0; i < 20; ++i) source_->decode_step();
+  ASSERT_OK(capture(*source_, path("base.snp")));
+  ASSERT_OK_AND_ASSIGN(SnapshotInfo info, inspect_snapshot(path("base.snp")));
+  EXPECT_EQ(info.seqs[0].n_tokens, 73u);
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    names.push_back(e.path().filename().string());
+  }
+  EXPECT_EQ(names, std::vector<std::string>{"base.snp"});
+  // The pager was resumed.
+  EXPECT_EQ(source_->resume().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST_F(SnapshotTest, CaptureWhileDecodingIsConsistent) {
+  auto src = make(PoolLayout::kLayer, 256);
+  ASSERT_OK(src->populate(4, 20, 1));
+  src->start_decoding(5000);
+  for (int round = 0; round < 3; ++round) {
+    ASSERT_OK(capture(*src, path("live.snp")));
+    ASSERT_OK_AND_ASSIGN(SnapshotInfo info, inspect_snapshot(path("live.snp")));
+    auto dst = make(PoolLayout::kPage, 256);
+    ASSERT_OK(restore(path("live.snp"), *dst));
+    auto got = digests(*dst);
+    for (const SnapshotSeqInfo& s : info.seqs)
+      EXPECT_EQ(got[s.seq_id], s.digest);
+  }
+  src->stop_decoding();
+}
+
+TEST_F(SnapshotTest, CaptureFailureStillResumes) {
+  auto src = make(PoolLayout::kPage, 16);
+  ASSERT_OK(src->populate(2, 10, 1));
+  Status s = capture(*src, path("no/such/dir/x.snp"));
+  EXPECT_EQ(s.code(), StatusCode::kNotFound) << s.to_string();
+  EXPECT_NE(s.message().find("x.snp"), std::string::npos) << s.to_string();
+  EXPECT_EQ(src->decode_step(), 2u);
+  EXPECT_EQ(src->resume().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST_F(SnapshotTest, MissingFileIsNotFound) {
+  auto dst = make(PoolLayout::kPage, 16);
+  EXPECT_EQ(restore(path("nope.snp"), *dst).code(), StatusCode::kNotFound);
+  EXPECT_EQ(inspect_snapshot(path("nope.snp")).status().code(),
+            StatusCode::kNotFound);
+}
+
+TEST_F(SnapshotTest, FlippedBytesAreDataLoss) {
+  capture_base();
+  const uint64_t record = 2 * tiny().page_bytes() + 8;
+  struct Case {
+    uint64_t offset;
+    std::string what;
+  };
+  const std::vector<Case> cases = {
+      {0, "bad magic"},
+      {20, "header checksum mismatch at offset 52"},
+      {kHeaderBytes + 9, "seq table checksum mismatch"},
+      {pages_offset_ - 1, "seq table checksum mismatch"},
+      {pages_offset_ + 100,
+       "page 0 checksum mismatch at offset " + std::to_string(pages_offset_)},
+      {pages_offset_ + 3 * record + 9000, "page 3 checksum mismatch"},
+      {pages_offset_ + 2 * record - 1, "page 1 checksum mismatch"},
+      {base_.size() - kTrailerBytes, "bad trailer magic"},
+      {base_.size() - 1, "file checksum mismatch"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE("offset " + std::to_string(c.offset));
+    std::vector<uint8_t> bad = base_;
+    bad[c.offset] ^= 0x10;
+    expect_rejected(bad, StatusCode::kDataLoss, c.what);
+  }
+}
+
+TEST_F(SnapshotTest, TruncatedFilesAreDataLoss) {
+  capture_base();
+  for (uint64_t cut : {uint64_t{0}, uint64_t{10}, kHeaderBytes - 1,
+                       kHeaderBytes + 5, pages_offset_ - 3, pages_offset_,
+                       pages_offset_ + 1000, uint64_t{base_.size() - 1}}) {
+    SCOPED_TRACE("cut at " + std::to_string(cut));
+    std::vector<uint8_t> bad(base_.begin(), base_.begin() + cut);
+    expect_rejected(bad, StatusCode::kDataLoss, "truncated");
+  }
+  std::vector<uint8_t> ten(base_.begin(), base_.begin() + 10);
+  const std::string p = path("ten.snp");
+  write_file(p, ten);
+  EXPECT_EQ(inspect_snapshot(p).status().message(),
+            "snapshot: truncated: header needs 60 bytes, file has 10");
+}
+
+TEST_F(SnapshotTest, TrailingBytesAreDataLoss) {
+  capture_base();
+  std::vector<uint8_t> bad = base_;
+  bad.push_back(0);
+  expect_rejected(bad, StatusCode::kDataLoss, "size mismatch");
+}
+
+TEST_F(SnapshotTest, ImpossibleCountsAreCaughtBeforeAllocating) {
+  capture_base();
+  // Counts rewritten with a valid header checksum: only the size check can
+  // catch them.
+  for (size_t field : {size_t{36}, size_t{44}}) {
+    std::vector<uint8_t> bad = base_;
+    put_u64(bad, field, uint64_t{1} << 60);
+    put_u64(bad, 52, XXH3_64bits(bad.data(), 52));
+    expect_rejected(bad, StatusCode::kDataLoss, "holds at most");
+  }
+}
+
+TEST_F(SnapshotTest, WrongMetaIsInvalidArgument) {
+  capture_base();
+  auto llama = make(PoolLayout::kPage, 4, *preset_meta("llama3-8b"));
+  Status s = restore(path("base.snp"), *llama);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+  EXPECT_NE(s.message().find("16x2x2x64 f16"), std::string::npos);
+  EXPECT_NE(s.message().find("16x32x8x128 bf16"), std::string::npos);
+  EXPECT_TRUE(llama->logical_seqs()->empty());
+  EXPECT_EQ(llama->capacity()->free_pages, 4u);
+}
+
+TEST_F(SnapshotTest, NonEmptyTargetIsRefused) {
+  capture_base();
+  auto populated = make(PoolLayout::kPage, 32);
+  ASSERT_OK(populated->populate(1, 20, 99));
+  const auto before = digests(*populated);
+  Status s = restore(path("base.snp"), *populated);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.to_string();
+  EXPECT_EQ(digests(*populated), before);
+  EXPECT_EQ(populated->capacity()->free_pages, 30u);
+
+  auto allocated = make(PoolLayout::kPage, 32);
+  ASSERT_OK(allocated->allocate_pages(1));
+  s = restore(path("base.snp"), *allocated);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.to_string();
+  EXPECT_EQ(allocated->capacity()->free_pages, 31u);
+}
+
+TEST_F(SnapshotTest, TooSmallTargetAllocatesNothing) {
+  capture_base();
+  auto small = make(PoolLayout::kPage, 7);
+  Status s = restore(path("base.snp"), *small);
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.to_string();
+  EXPECT_EQ(small->capacity()->free_pages, 7u);
+}
+
+// Delegates to a SyntheticPager but fails install_logical_seqs.
+class FailingInstallPager final : public CachePager {
+ public:
+  explicit FailingInstallPager(SyntheticPager& inner) : inner_(inner) {}
+  CacheMeta meta() const override { return inner_.meta(); }
+  Status pause() override { return inner_.pause(); }
+  Status resume() override { return inner_.resume(); }
+  Result<std::vector<PageIndex>> occupied_pages() override {
+    return inner_.occupied_pages();
+  }
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    return inner_.logical_seqs();
+  }
+  Result<PageBytes> read_page(PageIndex ix) override {
+    return inner_.read_page(ix);
+  }
+  Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override {
+    return inner_.allocate_pages(n);
+  }
+  Status write_page(PageIndex ix, const PageBytes& page) override {
+    return inner_.write_page(ix, page);
+  }
+  Status install_logical_seqs(const std::vector<LogicalSeq>&) override {
+    return Status::unavailable("injected install failure");
+  }
+  Status release_pages(std::span<const PageIndex> ixs) override {
+    return inner_.release_pages(ixs);
+  }
+
+ private:
+  SyntheticPager& inner_;
+};
+
+TEST_F(SnapshotTest, FailureAfterAllocatingReleasesTheSlots) {
+  capture_base();
+  auto inner = make(PoolLayout::kLayer, 32);
+  FailingInstallPager failing(*inner);
+  Status s = restore(path("base.snp"), failing);
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.to_string();
+  EXPECT_EQ(inner->capacity()->free_pages, 32u);
+  EXPECT_TRUE(inner->occupied_pages()->empty());
+}
+
+}  // namespace
+}  // namespace kvmig
