@@ -1,1 +1,557 @@
-// placeholder: being written
+// One conformance suite for every built transport. Source and target are
+// separate Transport instances in one process (two "agents"), talking over
+// real sockets / real UCX.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bytes.h"
+#include "kvmig/transport.h"
+#include "testutil.h"
+
+namespace kvmig {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+constexpr size_t kMiB = size_t{1} << 20;
+
+Deadline in(Clock::duration d) { return Clock::now() + d; }
+
+// Anonymous private memory, unmapped on destruction.
+class Mapping {
+ public:
+  explicit Mapping(size_t size) : size_(size) {
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) data_ = static_cast<std::byte*>(p);
+  }
+  ~Mapping() {
+    if (data_) munmap(data_, size_);
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  bool ok() const { return data_ != nullptr; }
+  std::byte* data() const { return data_; }
+  size_t size() const { return size_; }
+  std::span<std::byte> span() const { return {data_, size_}; }
+  std::span<std::byte> sub(size_t off, size_t len) const {
+    return {data_ + off, len};
+  }
+
+ private:
+  std::byte* data_ = nullptr;
+  size_t size_;
+};
+
+void fill_random(std::span<std::byte> s, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  size_t i = 0;
+  for (; i + 8 <= s.size(); i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(s.data() + i, &v, 8);
+  }
+  for (; i < s.size(); ++i) s[i] = static_cast<std::byte>(rng());
+}
+
+void fill(std::span<std::byte> s, uint8_t v) {
+  std::memset(s.data(), v, s.size());
+}
+
+// Two agents: `src` writes from its registered memory into `dst`'s.
+class TransportConformanceTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  static constexpr size_t kSrcBytes = 16 * kMiB;
+  // The target's memory holds two regions with a gap between them.
+  static constexpr size_t kDstBytes = 16 * kMiB;
+  static constexpr size_t kRegion0Off = 4096;
+  static constexpr size_t kRegion0Len = 9 * kMiB + 17;
+  static constexpr size_t kRegion1Off = 10 * kMiB;
+  static constexpr size_t kRegion1Len = 3 * kMiB + 5;
+
+  void SetUp() override {
+    ASSERT_TRUE(src_mem_.ok() && dst_mem_.ok());
+    TransportOptions opts;
+    ASSERT_OK_AND_ASSIGN(src_, make_transport(GetParam(), opts));
+    ASSERT_OK_AND_ASSIGN(dst_, make_transport(GetParam(), opts));
+    EXPECT_EQ(src_->name(), GetParam());
+    ASSERT_OK(src_->register_memory(src_mem_.span()));
+    ASSERT_OK(dst_->register_memory(dst_mem_.span()));
+    fill_random(src_mem_.span(), 1);
+    fill(dst_mem_.span(), 0xA5);  // the canary
+    regions_ = {dst_mem_.sub(kRegion0Off, kRegion0Len),
+                dst_mem_.sub(kRegion1Off, kRegion1Len)};
+  }
+
+  void TearDown() override {
+    if (src_) EXPECT_OK(src_->deregister_memory(src_mem_.span()));
+    if (dst_) EXPECT_OK(dst_->deregister_memory(dst_mem_.span()));
+  }
+
+  // Opens a target over regions_ and connects a fresh initiator to it.
+  void connect_pair(std::unique_ptr<TransportTarget>& target,
+                    std::unique_ptr<TransportInitiator>& init) {
+    ASSERT_OK_AND_ASSIGN(init, src_->create_initiator());
+    ASSERT_OK_AND_ASSIGN(
+        target, dst_->open_target(regions_, init->address(), in(seconds(10))));
+    ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+  }
+
+  // Applies ops to `expected` (a copy of the target memory) as the target
+  // should.
+  void apply(std::span<const WriteOp> ops, std::vector<std::byte>& expected) {
+    const size_t offs[] = {kRegion0Off, kRegion1Off};
+    for (const WriteOp& op : ops) {
+      std::memcpy(expected.data() + offs[op.dst_region] + op.dst_offset, op.src,
+                  op.length);
+    }
+  }
+
+  std::vector<std::byte> dst_copy() const {
+    return {dst_mem_.data(), dst_mem_.data() + dst_mem_.size()};
+  }
+
+  // Compares the target memory with `expected`, naming the first difference.
+  void expect_dst_equals(const std::vector<std::byte>& expected) {
+    ASSERT_EQ(expected.size(), dst_mem_.size());
+    if (std::memcmp(expected.data(), dst_mem_.data(), expected.size()) == 0) {
+      return;
+    }
+    for (size_t i = 0; i < expected.size(); ++i) {
+      if (expected[i] != dst_mem_.data()[i]) {
+        ADD_FAILURE() << "target memory differs first at byte " << i;
+        return;
+      }
+    }
+  }
+
+  const std::byte* src_at(size_t off) const { return src_mem_.data() + off; }
+
+  Mapping src_mem_{kSrcBytes};
+  Mapping dst_mem_{kDstBytes};
+  std::unique_ptr<Transport> src_;
+  std::unique_ptr<Transport> dst_;
+  std::vector<std::span<std::byte>> regions_;
+};
+
+TEST_P(TransportConformanceTest, WritesLandByteExactAfterFlush) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  EXPECT_TRUE(init->address().empty() || GetParam() == "verbs");
+
+  // Destinations never overlap, so the expected image is well defined.
+  std::vector<WriteOp> ops;
+  // Single bytes at odd places, including both regions' last bytes.
+  ops.push_back({src_at(7), 0, 0, 1});
+  ops.push_back({src_at(9), 0, kRegion0Len - 1, 1});
+  ops.push_back({src_at(11), 1, kRegion1Len - 1, 1});
+  ops.push_back({src_at(13), 1, 0, 1});
+  // Unaligned source and destination, odd lengths.
+  ops.push_back({src_at(1001), 0, 3, 1001});
+  ops.push_back({src_at(77777), 1, 12345, 4097});
+  ops.push_back({src_at(5), 0, 5000, 0});  // empty op: valid, no effect
+  // 64 chunks of 32 KiB, like per-layer chunks of llama3-8b pages, placed in
+  // reverse order.
+  for (size_t i = 0; i < 64; ++i) {
+    ops.push_back(
+        {src_at(kMiB + i * 32768), 1, 64 * 1024 + (63 - i) * 32768, 32768});
+  }
+  // One multi-MiB op.
+  ops.push_back({src_at(4 * kMiB + 3), 0, 2 * kMiB + 1, 6 * kMiB + 11});
+
+  auto expected = dst_copy();
+  apply(ops, expected);
+  // Posted as two batches to exercise several write() calls before a flush.
+  const auto half = std::span<const WriteOp>(ops).subspan(0, ops.size() / 2);
+  const auto rest = std::span<const WriteOp>(ops).subspan(ops.size() / 2);
+  ASSERT_OK(init->write(half, in(seconds(20))));
+  ASSERT_OK(init->write(rest, in(seconds(20))));
+  ASSERT_OK(init->flush(in(seconds(20))));
+  expect_dst_equals(expected);
+
+  uint64_t bytes = 0;
+  for (const auto& op : ops) bytes += op.length;
+  EXPECT_EQ(init->bytes_written(), bytes);
+  EXPECT_EQ(init->ops_posted(), ops.size());
+  EXPECT_OK(target->health());
+
+  // The same path keeps working: overwrite part of it and flush again.
+  std::vector<WriteOp> again = {{src_at(123), 0, 2 * kMiB + 1, 777}};
+  apply(again, expected);
+  ASSERT_OK(init->write(again, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  expect_dst_equals(expected);
+  // A flush with nothing posted succeeds too.
+  ASSERT_OK(init->flush(in(seconds(10))));
+}
+
+TEST_P(TransportConformanceTest, ManySmallWritesAcrossBatches) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  auto expected = dst_copy();
+  std::mt19937 rng(7);
+  // 4096 writes of 1..300 bytes into distinct 512-byte slots.
+  std::vector<WriteOp> ops;
+  for (uint64_t i = 0; i < 4096; ++i) {
+    const uint64_t len = 1 + rng() % 300;
+    ops.push_back({src_at(rng() % kMiB), static_cast<uint32_t>(i % 2),
+                   (i / 2) * 512 + rng() % 200, len});
+  }
+  apply(ops, expected);
+  for (size_t i = 0; i < ops.size(); i += 500) {
+    const size_t n = std::min<size_t>(500, ops.size() - i);
+    ASSERT_OK(init->write(std::span<const WriteOp>(ops).subspan(i, n),
+                          in(seconds(20))));
+  }
+  ASSERT_OK(init->flush(in(seconds(20))));
+  expect_dst_equals(expected);
+}
+
+TEST_P(TransportConformanceTest, RejectsBadOpsBeforeSendingAny) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  const auto before = dst_copy();
+
+  const WriteOp good{src_at(0), 0, 0, 4096};
+  const std::vector<std::vector<WriteOp>> bad_batches = {
+      {good, {src_at(0), 2, 0, 1}},                  // no region 2
+      {good, {src_at(0), 0xFFFFFFFF, 0, 1}},         // flush marker
+      {good, {src_at(0), 0, kRegion0Len - 10, 11}},  // one past the end
+      {good, {src_at(0), 1, kRegion1Len + 1, 0}},    // offset past end
+      {good, {src_at(0), 0, UINT64_MAX - 2, 8}},     // wraps around
+      {good, {src_at(0), 0, 8, UINT64_MAX}},         // huge length
+      {good, {nullptr, 0, 0, 16}},                   // no source
+  };
+  for (size_t i = 0; i < bad_batches.size(); ++i) {
+    Status s = init->write(bad_batches[i], in(seconds(5)));
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument)
+        << "batch " << i << ": " << s.to_string();
+  }
+  // Nothing of the rejected batches was sent, and the path still works.
+  ASSERT_OK(init->flush(in(seconds(10))));
+  expect_dst_equals(before);
+  std::vector<WriteOp> ok_ops = {good, {src_at(1), 1, kRegion1Len - 3, 3}};
+  auto expected = before;
+  apply(ok_ops, expected);
+  ASSERT_OK(init->write(ok_ops, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  expect_dst_equals(expected);
+}
+
+TEST_P(TransportConformanceTest, GarbageAddressIsAClearError) {
+  const std::vector<std::vector<uint8_t>> garbage = {
+      {},
+      {1, 2, 3},
+      std::vector<uint8_t>(64, 0xFF),
+      std::vector<uint8_t>(1000, 0)};
+  for (const auto& g : garbage) {
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator());
+    const auto t0 = Clock::now();
+    Status s = init->connect(g, in(seconds(5)));
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+    EXPECT_FALSE(s.message().empty());
+    EXPECT_LT(Clock::now() - t0, seconds(2));
+  }
+  // A real address cut short, or with a byte too many.
+  ASSERT_OK_AND_ASSIGN(auto probe, src_->create_initiator());
+  ASSERT_OK_AND_ASSIGN(
+      auto target,
+      dst_->open_target(regions_, probe->address(), in(seconds(10))));
+  auto addr = target->address();
+  ASSERT_FALSE(addr.empty());
+  for (size_t cut : {size_t{1}, addr.size() / 2, addr.size() - 1}) {
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator());
+    Status s = init->connect(std::span(addr).first(cut), in(seconds(5)));
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+  }
+  addr.push_back(0);
+  ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator());
+  Status s = init->connect(addr, in(seconds(5)));
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+}
+
+TEST_P(TransportConformanceTest, UnconnectedInitiatorRefusesWork) {
+  ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator());
+  const WriteOp op{src_at(0), 0, 0, 1};
+  EXPECT_EQ(init->write({&op, 1}, in(seconds(1))).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(init->flush(in(seconds(1))).code(),
+            StatusCode::kFailedPrecondition);
+}
+
+TEST_P(TransportConformanceTest, RevokeCutsTheInitiatorOff) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  std::vector<WriteOp> first = {{src_at(0), 0, 0, kMiB}};
+  ASSERT_OK(init->write(first, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+
+  target->revoke();
+  target->revoke();  // idempotent
+  const auto after_revoke = dst_copy();
+
+  // Writes over the canary after revoke: the flush must fail in time and no
+  // byte may change.
+  std::vector<WriteOp> late;
+  for (uint64_t i = 0; i < 32; ++i) {
+    late.push_back({src_at(2 * kMiB + i * 32768), static_cast<uint32_t>(i % 2),
+                    kMiB + i * 32768, 32768});
+  }
+  const auto t0 = Clock::now();
+  const auto deadline = in(seconds(3));
+  Status ws = init->write(late, deadline);
+  Status fs = ws.ok() ? init->flush(deadline) : ws;
+  const auto took = Clock::now() - t0;
+  EXPECT_TRUE(fs.code() == StatusCode::kUnavailable ||
+              fs.code() == StatusCode::kDeadlineExceeded)
+      << fs.to_string();
+  EXPECT_LT(took, seconds(3) + milliseconds(1500));
+  // Calls after the failure keep failing, fast.
+  EXPECT_FALSE(init->flush(in(seconds(1))).ok());
+  std::this_thread::sleep_for(milliseconds(200));
+  expect_dst_equals(after_revoke);
+  init.reset();
+  target.reset();
+  expect_dst_equals(after_revoke);
+}
+
+TEST_P(TransportConformanceTest, TargetWithoutInitiatorRevokesCleanly) {
+  ASSERT_OK_AND_ASSIGN(auto probe, src_->create_initiator());
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_OK_AND_ASSIGN(
+        auto target,
+        dst_->open_target(regions_, probe->address(), in(seconds(10))));
+    EXPECT_FALSE(target->address().empty());
+    EXPECT_OK(target->health());
+    const auto t0 = Clock::now();
+    if (i == 0) target->revoke();  // then the destructor revokes again
+    target.reset();
+    EXPECT_LT(Clock::now() - t0, seconds(2));
+  }
+}
+
+TEST_P(TransportConformanceTest, SecondInitiatorIsRefused) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  const auto before = dst_copy();
+
+  ASSERT_OK_AND_ASSIGN(auto intruder, src_->create_initiator());
+  const auto deadline = in(seconds(3));
+  Status s = intruder->connect(target->address(), deadline);
+  if (s.ok()) {
+    std::vector<WriteOp> ops = {{src_at(0), 0, 0, 4096}};
+    s = intruder->write(ops, deadline);
+    if (s.ok()) s = intruder->flush(deadline);
+  }
+  EXPECT_FALSE(s.ok());
+  intruder.reset();
+  std::this_thread::sleep_for(milliseconds(100));
+  expect_dst_equals(before);
+
+  // The first initiator is unaffected.
+  std::vector<WriteOp> ops = {{src_at(100), 1, 100, 1000}};
+  auto expected = before;
+  apply(ops, expected);
+  ASSERT_OK(init->write(ops, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  expect_dst_equals(expected);
+}
+
+TEST_P(TransportConformanceTest, ConnectToDeadPortFailsWithinDeadline) {
+  ASSERT_OK_AND_ASSIGN(auto probe, src_->create_initiator());
+  std::vector<uint8_t> addr;
+  {
+    ASSERT_OK_AND_ASSIGN(
+        auto target,
+        dst_->open_target(regions_, probe->address(), in(seconds(10))));
+    addr = target->address();
+  }  // revoked: nothing listens on its port any more
+  for (auto budget : {milliseconds(300), milliseconds(2000)}) {
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator());
+    const auto t0 = Clock::now();
+    Status s = init->connect(addr, t0 + budget);
+    const auto took = Clock::now() - t0;
+    EXPECT_TRUE(s.code() == StatusCode::kUnavailable ||
+                s.code() == StatusCode::kDeadlineExceeded)
+        << s.to_string();
+    EXPECT_LT(took, budget + milliseconds(1000));
+  }
+}
+
+TEST_P(TransportConformanceTest, ExpiredDeadlineIsDeadlineExceeded) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  // A 12 MiB batch cannot be posted and flushed by a deadline in the past.
+  std::vector<WriteOp> ops = {{src_at(0), 0, 0, 8 * kMiB},
+                              {src_at(8 * kMiB), 1, 0, 3 * kMiB}};
+  Status s = init->write(ops, Clock::now() - milliseconds(1));
+  if (s.ok()) s = init->flush(Clock::now() - milliseconds(1));
+  EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.to_string();
+}
+
+TEST_P(TransportConformanceTest, RegistrationRules) {
+  Mapping m(kMiB);
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(src_->register_memory({}).code(), StatusCode::kInvalidArgument);
+  ASSERT_OK(src_->register_memory(m.sub(0, kMiB / 2)));
+  EXPECT_EQ(src_->register_memory(m.sub(kMiB / 4, kMiB / 2)).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(src_->register_memory(m.sub(0, kMiB / 2)).code(),
+            StatusCode::kInvalidArgument);
+  // Overlaps the fixture's registration from inside.
+  EXPECT_EQ(src_->register_memory(src_mem_.sub(4096, 4096)).code(),
+            StatusCode::kInvalidArgument);
+  ASSERT_OK(src_->register_memory(m.sub(kMiB / 2, kMiB / 2)));  // adjacent
+  EXPECT_EQ(src_->deregister_memory(m.sub(0, kMiB / 4)).code(),
+            StatusCode::kNotFound);
+  ASSERT_OK(src_->deregister_memory(m.sub(0, kMiB / 2)));
+  ASSERT_OK(src_->deregister_memory(m.sub(kMiB / 2, kMiB / 2)));
+  EXPECT_EQ(src_->deregister_memory(m.sub(0, kMiB / 2)).code(),
+            StatusCode::kNotFound);
+
+  // A target region must lie in registered memory.
+  ASSERT_OK_AND_ASSIGN(auto probe, src_->create_initiator());
+  std::vector<std::span<std::byte>> outside = {m.sub(0, 4096)};
+  EXPECT_EQ(dst_->open_target(outside, probe->address(), in(seconds(5)))
+                .status()
+                .code(),
+            StatusCode::kInvalidArgument);
+}
+
+std::vector<std::string> testable_transports() {
+  std::vector<std::string> names;
+  for (const auto& n : built_transports()) {
+    if (n != "verbs") names.push_back(n);  // verbs has its own device suite
+  }
+  return names;
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TransportConformanceTest,
+                         ::testing::ValuesIn(testable_transports()),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+
+TEST(TransportRegistryTest, TcpIsAlwaysBuilt) {
+  const auto names = built_transports();
+  EXPECT_NE(std::find(names.begin(), names.end(), "tcp"), names.end());
+  for (const auto& n : names) {
+    ASSERT_OK_AND_ASSIGN(auto t, make_transport(n, TransportOptions{}));
+    EXPECT_EQ(t->name(), n);
+  }
+}
+
+TEST(TransportRegistryTest, UnknownAndUnbuiltNames) {
+  auto unknown = make_transport("carrier-pigeon", TransportOptions{});
+  EXPECT_EQ(unknown.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(unknown.status().message().find("tcp"), std::string::npos)
+      << unknown.status().to_string();
+  auto verbs = make_transport("verbs", TransportOptions{});
+  EXPECT_EQ(verbs.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(verbs.status().message().find("-Dverbs"), std::string::npos)
+      << verbs.status().to_string();
+#ifndef KVMIG_WITH_UCX
+  EXPECT_EQ(make_transport("ucx", TransportOptions{}).status().code(),
+            StatusCode::kUnimplemented);
+#endif
+}
+
+// The tcp target's own defences, driven by a hand-made peer.
+class TcpTargetTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(mem_.ok());
+    ASSERT_OK_AND_ASSIGN(t_, make_transport("tcp", TransportOptions{}));
+    ASSERT_OK(t_->register_memory(mem_.span()));
+    fill(mem_.span(), 0x5A);
+    std::vector<std::span<std::byte>> regions = {mem_.sub(0, 4096)};
+    ASSERT_OK_AND_ASSIGN(target_, t_->open_target(regions, {}, in(seconds(5))));
+    const auto addr = target_->address();
+    ByteReader r(addr);
+    ASSERT_OK_AND_ASSIGN(std::string host, r.get_string(255, "host"));
+    ASSERT_OK_AND_ASSIGN(port_, r.get<uint16_t>("port"));
+    ASSERT_OK_AND_ASSIGN(token_, r.get<uint64_t>("token"));
+  }
+  void TearDown() override {
+    target_.reset();
+    EXPECT_OK(t_->deregister_memory(mem_.span()));
+  }
+
+  // A raw connection that sent `token` and got the echo (or not).
+  boost::asio::ip::tcp::socket dial(uint64_t token, bool expect_echo) {
+    namespace asio = boost::asio;
+    asio::ip::tcp::socket s(io_);
+    boost::system::error_code ec;
+    s.connect({asio::ip::make_address("127.0.0.1"), port_}, ec);
+    EXPECT_FALSE(ec) << ec.message();
+    ByteWriter w;
+    w.put<uint64_t>(token);
+    asio::write(s, asio::buffer(w.buffer()), ec);
+    EXPECT_FALSE(ec) << ec.message();
+    std::array<uint8_t, 8> echo{};
+    asio::read(s, asio::buffer(echo), ec);
+    EXPECT_EQ(!ec, expect_echo) << ec.message();
+    return s;
+  }
+
+  Mapping mem_{kMiB};
+  std::unique_ptr<Transport> t_;
+  std::unique_ptr<TransportTarget> target_;
+  boost::asio::io_context io_;
+  uint16_t port_ = 0;
+  uint64_t token_ = 0;
+};
+
+TEST_F(TcpTargetTest, WrongTokenIsDroppedAndRightOneServed) {
+  auto bad = dial(token_ + 1, /*expect_echo=*/false);
+  auto good = dial(token_, /*expect_echo=*/true);
+  EXPECT_OK(target_->health());
+}
+
+TEST_F(TcpTargetTest, MalformedRecordIsAProtocolError) {
+  auto s = dial(token_, true);
+  // A write record for [4000, +200) of a 4096-byte region, then its payload.
+  ByteWriter w;
+  w.put<uint32_t>(0);
+  w.put<uint64_t>(4000);
+  w.put<uint64_t>(200);
+  w.put_bytes(std::vector<uint8_t>(200, 1));
+  boost::system::error_code ec;
+  boost::asio::write(s, boost::asio::buffer(w.buffer()), ec);
+  // The target closes the connection without applying anything.
+  std::array<uint8_t, 1> b{};
+  boost::asio::read(s, boost::asio::buffer(b), ec);
+  EXPECT_TRUE(ec);
+  EXPECT_EQ(target_->health().code(), StatusCode::kProtocol)
+      << target_->health().to_string();
+  for (size_t i = 0; i < mem_.size(); ++i) {
+    ASSERT_EQ(mem_.data()[i], std::byte{0x5A}) << "byte " << i;
+  }
+}
+
+}  // namespace
+}  // namespace kvmig

@@ -1,0 +1,28 @@
+// The tcp data plane: Boost.Asio streams. The target runs one thread that
+// applies write records from one authenticated connection straight into its
+// registered memory; the initiator sends records with gathered writes and
+// flushes with a sequence-numbered record the target acknowledges once every
+// earlier write has been applied.
+//
+// Wire format (little-endian), after the initiator sent the target's 64-bit
+// token and the target echoed it:
+//   write record: u32 region, u64 offset, u64 length, then `length` bytes
+//   flush record: u32 0xFFFFFFFF, u64 sequence, u64 0; answered by the u64
+//                 sequence once all earlier records were applied.
+#ifndef KVMIG_TRANSPORT_TCP_TCP_TRANSPORT_H_
+#define KVMIG_TRANSPORT_TCP_TCP_TRANSPORT_H_
+
+#include <memory>
+
+#include "kvmig/status.h"
+#include "kvmig/transport.h"
+
+namespace kvmig {
+
+// Builds a tcp transport; targets listen on opts.bind_host.
+Result<std::unique_ptr<Transport>> make_tcp_transport(
+    const TransportOptions& opts);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_TRANSPORT_TCP_TCP_TRANSPORT_H_
