@@ -44,11 +44,12 @@ Result<Transport*> Agent::Impl::transport_named(std::string_view name) {
   auto it = transports.find(name);
   if (it != transports.end()) return it->second.get();
   std::string enabled;
-  for (const auto& [n, t] : transports) enabled += (enabled.empty() ? "" : ",") + n;
+  for (const auto& [n, t] : transports)
+    enabled += (enabled.empty() ? "" : ",") + n;
   return Status::failed_precondition("transport '" + std::string(name) +
                                      "' is not enabled on this agent "
-                                     "(enabled: " + enabled +
-                                     "; see serve --transports)");
+                                     "(enabled: " +
+                                     enabled + "; see serve --transports)");
 }
 
 asio::awaitable<void> Agent::Impl::accept_loop() {
@@ -86,8 +87,9 @@ asio::awaitable<void> Agent::Impl::serve_connection(
     co_return;
   }
   auto reply_error = [&](const Status& s) -> asio::awaitable<void> {
-    Status sent = co_await channel.send(MsgType::kError, encode(ErrorMsg{s}),
-                                        peer_deadline());
+    const std::vector<uint8_t> payload1 = encode(ErrorMsg{s});
+    Status sent =
+        co_await channel.send(MsgType::kError, payload1, peer_deadline());
     if (!sent.ok()) log->warn("{}", sent.to_string());
   };
 
@@ -95,10 +97,12 @@ asio::awaitable<void> Agent::Impl::serve_connection(
     case MsgType::kStatusReq: {
       auto st = co_await compute_status();
       if (!st.ok()) {
-        co_await reply_error(st.status());
+        Status error = st.status();
+        co_await reply_error(error);
         break;
       }
-      Status sent = co_await channel.send(MsgType::kStatusResp, encode(*st),
+      const std::vector<uint8_t> payload2 = encode(*st);
+      Status sent = co_await channel.send(MsgType::kStatusResp, payload2,
                                           peer_deadline());
       if (!sent.ok()) log->warn("{}", sent.to_string());
       break;
@@ -108,16 +112,19 @@ asio::awaitable<void> Agent::Impl::serve_connection(
       if (!req.ok()) {
         log->warn("bad MIGRATE_REQ from {}: {}", channel.peer(),
                   req.status().to_string());
-        co_await reply_error(req.status());
+        Status error = req.status();
+        co_await reply_error(error);
         break;
       }
       auto report = co_await run_source(std::move(*req));
       if (!report.ok()) {
-        co_await reply_error(report.status());
+        Status error = report.status();
+        co_await reply_error(error);
         break;
       }
-      Status sent = co_await channel.send(MsgType::kMigrateResp,
-                                          encode(*report), peer_deadline());
+      const std::vector<uint8_t> payload3 = encode(*report);
+      Status sent = co_await channel.send(MsgType::kMigrateResp, payload3,
+                                          peer_deadline());
       if (!sent.ok()) log->warn("{}", sent.to_string());
       break;
     }
@@ -126,9 +133,10 @@ asio::awaitable<void> Agent::Impl::serve_connection(
       if (!hello.ok()) {
         log->warn("bad HELLO from {}: {}", channel.peer(),
                   hello.status().to_string());
-        Status sent = co_await channel.send(
-            MsgType::kAbort, encode(AbortMsg{hello.status().to_string()}),
-            peer_deadline());
+        const std::vector<uint8_t> payload4 =
+            encode(AbortMsg{hello.status().to_string()});
+        Status sent =
+            co_await channel.send(MsgType::kAbort, payload4, peer_deadline());
         (void)sent;
         break;
       }
@@ -143,7 +151,8 @@ asio::awaitable<void> Agent::Impl::serve_connection(
         break;
       }
       OutcomeRespMsg resp = answer_outcome_query(req->migration_id);
-      Status sent = co_await channel.send(MsgType::kOutcomeResp, encode(resp),
+      const std::vector<uint8_t> payload5 = encode(resp);
+      Status sent = co_await channel.send(MsgType::kOutcomeResp, payload5,
                                           peer_deadline());
       if (!sent.ok()) log->warn("{}", sent.to_string());
       break;
@@ -203,7 +212,8 @@ void Agent::Impl::remember_outcome(const std::string& id, Outcome outcome) {
       const std::string& oldest = dst_record_order.front();
       auto old = dst_records.find(oldest);
       // Never forget a migration that is still under way.
-      if (old != dst_records.end() && old->second.outcome == Outcome::kPending) {
+      if (old != dst_records.end() &&
+          old->second.outcome == Outcome::kPending) {
         break;
       }
       dst_records.erase(oldest);
@@ -277,10 +287,9 @@ Result<std::unique_ptr<Agent>> Agent::create(CachePager& pager,
   if (!ec) acceptor.bind(endpoint, ec);
   if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) {
-    return Status::unavailable("agent: cannot listen on " +
-                               options.listen_host + ":" +
-                               std::to_string(options.listen_port) + ": " +
-                               ec.message());
+    return Status::unavailable(
+        "agent: cannot listen on " + options.listen_host + ":" +
+        std::to_string(options.listen_port) + ": " + ec.message());
   }
   return std::unique_ptr<Agent>(new Agent(std::move(impl)));
 }
@@ -345,7 +354,8 @@ Result<T> run_on(asio::io_context& io, Make make) {
   asio::co_spawn(
       io,
       [promise, make = std::move(make)]() -> asio::awaitable<void> {
-        promise->set_value(co_await make());
+        Result<T> result = co_await make();
+        promise->set_value(std::move(result));
       },
       asio::detached);
   try {
@@ -358,13 +368,14 @@ Result<T> run_on(asio::io_context& io, Make make) {
 }  // namespace
 
 Result<MigrationReport> Agent::migrate(const MigrateRequest& request) {
-  return run_on<MigrationReport>(
-      impl_->io, [impl = impl_.get(), request] { return impl->run_source(request); });
+  return run_on<MigrationReport>(impl_->io, [impl = impl_.get(), request] {
+    return impl->run_source(request);
+  });
 }
 
 Result<AgentStatus> Agent::status() {
-  return run_on<AgentStatus>(impl_->io,
-                             [impl = impl_.get()] { return impl->compute_status(); });
+  return run_on<AgentStatus>(
+      impl_->io, [impl = impl_.get()] { return impl->compute_status(); });
 }
 
 }  // namespace kvmig

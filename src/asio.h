@@ -1,11 +1,16 @@
 // The one place kvmig includes Boost.Asio. Boost 1.74's awaitable.hpp uses
 // std::exchange without including <utility>.
+//
+// Coroutine rule (GCC 12): never put a brace-initialised temporary
+// (`co_await f(encode(Msg{...}))`) in a co_await full-expression: GCC 12
+// destroys it twice. Build payloads and statuses into named locals first.
 #ifndef KVMIG_SRC_ASIO_H_
 #define KVMIG_SRC_ASIO_H_
 
-#include <utility>
-
+// clang-format off
+#include <utility>  // before Asio, see above
 #include <boost/asio.hpp>
+// clang-format on
 
 namespace kvmig {
 namespace asio = boost::asio;

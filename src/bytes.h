@@ -20,7 +20,7 @@ namespace kvmig {
 class ByteWriter {
  public:
   template <typename T>
-    requires std::is_integral_v<T>
+  requires std::is_integral_v<T>
   void put(T value) {
     using U = std::make_unsigned_t<T>;
     auto u = static_cast<U>(value);
@@ -56,8 +56,7 @@ class ByteReader {
   explicit ByteReader(std::span<const uint8_t> data) : data_(data) {}
 
   template <typename T>
-    requires std::is_integral_v<T>
-  Result<T> get(std::string_view what) {
+  requires std::is_integral_v<T> Result<T> get(std::string_view what) {
     KVMIG_RETURN_IF_ERROR(need(sizeof(T), what));
     using U = std::make_unsigned_t<T>;
     U u = 0;
@@ -95,10 +94,9 @@ class ByteReader {
   // DataLoss unless every byte was consumed.
   Status expect_end(std::string_view what) const {
     if (remaining() == 0) return Status();
-    return Status::data_loss(std::string(what) + ": " +
-                             std::to_string(remaining()) +
-                             " trailing bytes at offset " +
-                             std::to_string(pos_));
+    return Status::data_loss(
+        std::string(what) + ": " + std::to_string(remaining()) +
+        " trailing bytes at offset " + std::to_string(pos_));
   }
 
  private:

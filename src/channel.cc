@@ -16,8 +16,7 @@ using boost::system::error_code;
 class Watchdog {
  public:
   Watchdog(asio::ip::tcp::socket& socket, Deadline deadline)
-      : state_(std::make_shared<State>()),
-        timer_(socket.get_executor()) {
+      : state_(std::make_shared<State>()), timer_(socket.get_executor()) {
     timer_.expires_at(deadline);
     timer_.async_wait([state = state_, &socket](const error_code& ec) {
       if (ec || state->disarmed) return;
@@ -48,8 +47,7 @@ class Watchdog {
 Status status_from_error(const error_code& ec, std::string_view what) {
   std::string msg = std::string(what) + ": " + ec.message();
   if (ec == asio::error::eof || ec == asio::error::connection_reset ||
-      ec == asio::error::broken_pipe ||
-      ec == asio::error::connection_refused ||
+      ec == asio::error::broken_pipe || ec == asio::error::connection_refused ||
       ec == asio::error::connection_aborted ||
       ec == asio::error::host_unreachable ||
       ec == asio::error::network_unreachable ||
@@ -87,8 +85,9 @@ asio::awaitable<Status> FrameChannel::send(MsgType type,
     co_return Status::deadline_exceeded("sending " + msg_type_name(type) +
                                         " to " + peer_ + ": deadline passed");
   }
-  if (ec) co_return status_from_error(ec, "sending " + msg_type_name(type) +
-                                              " to " + peer_);
+  if (ec)
+    co_return status_from_error(
+        ec, "sending " + msg_type_name(type) + " to " + peer_);
   co_return Status();
 }
 
@@ -119,9 +118,8 @@ asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline) {
   if (ec) {
     if (late) {
       co_return Status::deadline_exceeded("reading " +
-                                          msg_type_name(frame.type) +
-                                          " from " + peer_ +
-                                          ": deadline passed");
+                                          msg_type_name(frame.type) + " from " +
+                                          peer_ + ": deadline passed");
     }
     co_return status_from_error(
         ec, "reading " + msg_type_name(frame.type) + " from " + peer_);
@@ -155,12 +153,10 @@ asio::awaitable<Result<asio::ip::tcp::socket>> connect_to(
   bool late = dog.disarm();
   if (ec) {
     if (late) {
-      co_return Status::deadline_exceeded("connecting to " +
-                                          std::string(host_port) +
-                                          ": deadline passed");
+      co_return Status::deadline_exceeded(
+          "connecting to " + std::string(host_port) + ": deadline passed");
     }
-    co_return status_from_error(ec,
-                                "connecting to " + std::string(host_port));
+    co_return status_from_error(ec, "connecting to " + std::string(host_port));
   }
   co_return std::move(socket);
 }

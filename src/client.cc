@@ -77,9 +77,8 @@ Result<MigrationReport> request_migration(std::string_view agent,
 
 Result<HostPort> parse_host_port(std::string_view text) {
   auto bad = [&](std::string_view why) {
-    return Status::invalid_argument("address '" + std::string(text) +
-                                    "': " + std::string(why) +
-                                    " (expected HOST:PORT)");
+    return Status::invalid_argument("address '" + std::string(text) + "': " +
+                                    std::string(why) + " (expected HOST:PORT)");
   };
   size_t colon = text.rfind(':');
   if (colon == std::string_view::npos) return bad("no port");
@@ -92,7 +91,8 @@ Result<HostPort> parse_host_port(std::string_view text) {
   }
   if (host.empty()) return bad("empty host");
   unsigned value = 0;
-  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  auto [end, ec] =
+      std::from_chars(port.data(), port.data() + port.size(), value);
   if (ec != std::errc() || end != port.data() + port.size() || port.empty() ||
       value > 65535) {
     return bad("port is not a number from 0 to 65535");

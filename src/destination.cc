@@ -23,7 +23,8 @@ constexpr double kMinDataBytesPerSecond = 20e6;
 asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
                                                    HelloMsg hello) {
   const std::string& id = hello.migration_id;
-  const std::string tag = "[" + id.substr(0, 12) + " <- " + channel.peer() + "]";
+  const std::string tag =
+      "[" + id.substr(0, 12) + " <- " + channel.peer() + "]";
   const CacheMeta meta = pager.meta();
 
   // Every exit before install: cut the source off, give the slots back,
@@ -34,7 +35,11 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   bool registered = false;  // this session owns dst_records[id]
   auto fail = [&](Status why) -> asio::awaitable<void> {
     log->warn("{} aborted: {}", tag, why.to_string());
-    if (target) co_await offload([&] { target->revoke(); return 0; });
+    if (target)
+      co_await offload([&] {
+        target->revoke();
+        return 0;
+      });
     staging.reset();
     if (!slots.empty()) {
       Status released = pager.release_pages(slots);
@@ -45,35 +50,40 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
       slots.clear();
     }
     if (registered) remember_outcome(id, Outcome::kAborted);
-    Status sent = co_await channel.send(MsgType::kAbort,
-                                        encode(AbortMsg{why.to_string()}),
+    const std::vector<uint8_t> payload1 = encode(AbortMsg{why.to_string()});
+    Status sent = co_await channel.send(MsgType::kAbort, payload1,
                                         Clock::now() + std::chrono::seconds(1));
     (void)sent;
   };
 
   // 1. Check HELLO against this agent.
   if (dst_records.count(id)) {
-    co_await fail(Status::already_exists("migration id " + id + " seen before"));
+    Status error =
+        Status::already_exists("migration id " + id + " seen before");
+    co_await fail(error);
     co_return;
   }
   if (hello.meta != meta) {
-    co_await fail(Status::invalid_argument(
+    Status error = Status::invalid_argument(
         "cache meta mismatch: source has " + hello.meta.to_string() +
-        ", destination has " + meta.to_string()));
+        ", destination has " + meta.to_string());
+    co_await fail(error);
     co_return;
   }
   if (hello.n_pages == 0 || hello.n_pages > options.max_pages_per_migration) {
-    co_await fail(Status::resource_exhausted(
+    Status error = Status::resource_exhausted(
         "HELLO asks for " + std::to_string(hello.n_pages) +
         " pages; this agent takes 1 to " +
-        std::to_string(options.max_pages_per_migration)));
+        std::to_string(options.max_pages_per_migration));
+    co_await fail(error);
     co_return;
   }
   if (hello.n_seqs == 0 || hello.n_seqs > options.max_seqs_per_migration) {
-    co_await fail(Status::resource_exhausted(
+    Status error = Status::resource_exhausted(
         "HELLO moves " + std::to_string(hello.n_seqs) +
         " requests; this agent takes 1 to " +
-        std::to_string(options.max_seqs_per_migration)));
+        std::to_string(options.max_seqs_per_migration));
+    co_await fail(error);
     co_return;
   }
   Transport* transport = nullptr;
@@ -88,9 +98,10 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
     std::string offered, accepted;
     for (const auto& n : hello.transports) offered += n + " ";
     for (const auto& [n, t] : transports) accepted += n + " ";
-    co_await fail(Status::failed_precondition(
+    Status error = Status::failed_precondition(
         "no common transport: source offers [ " + offered +
-        "], destination accepts [ " + accepted + "]"));
+        "], destination accepts [ " + accepted + "]");
+    co_await fail(error);
     co_return;
   }
   remember_outcome(id, Outcome::kPending);
@@ -100,18 +111,19 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   auto allocated = pager.allocate_pages(hello.n_pages);
   if (!allocated.ok()) {
     auto cap = pager.capacity();
-    co_await fail(Status::resource_exhausted(
-        "destination full: need " + std::to_string(hello.n_pages) +
-        " pages" +
+    Status error = Status::resource_exhausted(
+        "destination full: need " + std::to_string(hello.n_pages) + " pages" +
         (cap ? ", " + std::to_string(cap->free_pages) + " free" : "") + " (" +
-        allocated.status().message() + ")"));
+        allocated.status().message() + ")");
+    co_await fail(error);
     co_return;
   }
   slots = std::move(*allocated);
   if (slots.size() != hello.n_pages) {
-    co_await fail(Status::internal("pager allocated " +
-                                   std::to_string(slots.size()) + " of " +
-                                   std::to_string(hello.n_pages) + " pages"));
+    Status error =
+        Status::internal("pager allocated " + std::to_string(slots.size()) +
+                         " of " + std::to_string(hello.n_pages) + " pages");
+    co_await fail(error);
     co_return;
   }
 
@@ -131,7 +143,8 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
         options.staging_bytes / page_total, 1, hello.n_pages));
     auto sb = StagingBuffer::create(*transport, page_total, n_staging);
     if (!sb.ok()) {
-      co_await fail(sb.status());
+      Status error = sb.status();
+      co_await fail(error);
       co_return;
     }
     staging = std::move(*sb);
@@ -144,13 +157,15 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
                                   peer_deadline());
   });
   if (!opened.ok()) {
-    co_await fail(opened.status().with_context("opening the data path"));
+    Status error = opened.status().with_context("opening the data path");
+    co_await fail(error);
     co_return;
   }
   target = std::move(*opened);
   offer.target_address = target->address();
+  const std::vector<uint8_t> payload2 = encode(offer);
   Status sent =
-      co_await channel.send(MsgType::kOffer, encode(offer), peer_deadline());
+      co_await channel.send(MsgType::kOffer, payload2, peer_deadline());
   if (!sent.ok()) {
     co_await fail(sent);
     co_return;
@@ -160,30 +175,33 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   fault("dst.after_offer");
 
   // 4. Wait for the data to land: staged batches, then COMMIT.
-  const auto data_allowance = std::chrono::duration_cast<Clock::duration>(
-      std::chrono::duration<double>(double(hello.n_pages) * page_total /
-                                    kMinDataBytesPerSecond));
+  const auto data_allowance =
+      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
+          double(hello.n_pages) * page_total / kMinDataBytesPerSecond));
   const Deadline commit_deadline = peer_deadline() + data_allowance;
   uint32_t next_batch = 0;
   Result<Frame> frame = Status::internal("no frame yet");
   for (;;) {
     frame = co_await channel.receive(commit_deadline);
     if (!frame.ok()) {
-      co_await fail(frame.status().with_context("waiting for COMMIT"));
+      Status error = frame.status().with_context("waiting for COMMIT");
+      co_await fail(error);
       co_return;
     }
     if (frame->type == MsgType::kCommit) break;
     if (frame->type == MsgType::kAbort) {
       auto why = decode_abort(frame->payload, limits);
-      co_await fail(Status::aborted(
-          "source aborted: " +
-          (why.ok() ? why->reason : why.status().to_string())));
+      Status error =
+          Status::aborted("source aborted: " +
+                          (why.ok() ? why->reason : why.status().to_string()));
+      co_await fail(error);
       co_return;
     }
     if (frame->type != MsgType::kBatch || !staging) {
-      co_await fail(Status::protocol("unexpected " +
-                                     msg_type_name(frame->type) +
-                                     " during the data phase"));
+      Status error =
+          Status::protocol("unexpected " + msg_type_name(frame->type) +
+                           " during the data phase");
+      co_await fail(error);
       co_return;
     }
     auto batch = decode_batch(frame->payload);
@@ -216,15 +234,16 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
     }
   }
   if (dst_records[id].fenced) {
-    co_await fail(Status::aborted(
-        "COMMIT arrived after an outcome query had decided abort"));
+    Status error = Status::aborted(
+        "COMMIT arrived after an outcome query had decided abort");
+    co_await fail(error);
     co_return;
   }
   if (staging && next_batch != hello.n_pages) {
-    co_await fail(Status::protocol("COMMIT after " +
-                                   std::to_string(next_batch) + " of " +
-                                   std::to_string(hello.n_pages) +
-                                   " staged pages"));
+    Status error =
+        Status::protocol("COMMIT after " + std::to_string(next_batch) + " of " +
+                         std::to_string(hello.n_pages) + " staged pages");
+    co_await fail(error);
     co_return;
   }
   dst_records[id].committing = true;
@@ -233,27 +252,25 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   auto commit = decode_commit(frame->payload, limits);
   Status valid = commit.status();
   if (valid.ok() && commit->seqs.size() != hello.n_seqs) {
-    valid = Status::protocol("COMMIT has " +
-                             std::to_string(commit->seqs.size()) +
-                             " requests, HELLO announced " +
-                             std::to_string(hello.n_seqs));
+    valid = Status::protocol(
+        "COMMIT has " + std::to_string(commit->seqs.size()) +
+        " requests, HELLO announced " + std::to_string(hello.n_seqs));
   }
   if (valid.ok() && !commit->checksums.empty() &&
       commit->checksums.size() != slots.size()) {
-    valid = Status::protocol("COMMIT has " +
-                             std::to_string(commit->checksums.size()) +
-                             " checksums for " + std::to_string(slots.size()) +
-                             " pages");
+    valid = Status::protocol(
+        "COMMIT has " + std::to_string(commit->checksums.size()) +
+        " checksums for " + std::to_string(slots.size()) + " pages");
   }
   if (valid.ok()) {
     std::set<PageIndex> allocated_set(slots.begin(), slots.end());
     std::set<PageIndex> used;
     for (const LogicalSeq& s : commit->seqs) {
       if (s.pages.size() != meta.pages_for_tokens(s.n_tokens)) {
-        valid = Status::protocol("request " + std::to_string(s.seq_id) +
-                                 " has " + std::to_string(s.n_tokens) +
-                                 " tokens in " +
-                                 std::to_string(s.pages.size()) + " pages");
+        valid =
+            Status::protocol("request " + std::to_string(s.seq_id) + " has " +
+                             std::to_string(s.n_tokens) + " tokens in " +
+                             std::to_string(s.pages.size()) + " pages");
         break;
       }
       for (PageIndex p : s.pages) {
@@ -268,8 +285,9 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
       if (!valid.ok()) break;
     }
     if (valid.ok() && used.size() != allocated_set.size()) {
-      valid = Status::protocol(std::to_string(allocated_set.size() - used.size()) +
-                               " allocated slots are used by no request");
+      valid =
+          Status::protocol(std::to_string(allocated_set.size() - used.size()) +
+                           " allocated slots are used by no request");
     }
   }
   if (!valid.ok()) {
@@ -278,7 +296,10 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   }
 
   // 6. Cut the source off, then verify what landed, then install.
-  co_await offload([&] { target->revoke(); return 0; });
+  co_await offload([&] {
+    target->revoke();
+    return 0;
+  });
   if (!commit->checksums.empty()) {
     Status verified = co_await offload([&]() -> Status {
       for (size_t i = 0; i < slots.size(); ++i) {
@@ -299,7 +320,8 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   }
   Status install = pager.install_logical_seqs(commit->seqs);
   if (!install.ok()) {
-    co_await fail(install.with_context("install"));
+    Status error = install.with_context("install");
+    co_await fail(error);
     co_return;
   }
   remember_outcome(id, Outcome::kCommitted);

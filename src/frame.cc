@@ -45,20 +45,34 @@ uint64_t frame_checksum(std::span<const uint8_t> prefix,
 
 std::string msg_type_name(MsgType type) {
   switch (type) {
-    case MsgType::kHello: return "HELLO";
-    case MsgType::kOffer: return "OFFER";
-    case MsgType::kCommit: return "COMMIT";
-    case MsgType::kDone: return "DONE";
-    case MsgType::kAbort: return "ABORT";
-    case MsgType::kBatch: return "BATCH";
-    case MsgType::kBatchAck: return "BATCH_ACK";
-    case MsgType::kStatusReq: return "STATUS_REQ";
-    case MsgType::kStatusResp: return "STATUS_RESP";
-    case MsgType::kMigrateReq: return "MIGRATE_REQ";
-    case MsgType::kMigrateResp: return "MIGRATE_RESP";
-    case MsgType::kOutcomeReq: return "OUTCOME_REQ";
-    case MsgType::kOutcomeResp: return "OUTCOME_RESP";
-    case MsgType::kError: return "ERROR";
+    case MsgType::kHello:
+      return "HELLO";
+    case MsgType::kOffer:
+      return "OFFER";
+    case MsgType::kCommit:
+      return "COMMIT";
+    case MsgType::kDone:
+      return "DONE";
+    case MsgType::kAbort:
+      return "ABORT";
+    case MsgType::kBatch:
+      return "BATCH";
+    case MsgType::kBatchAck:
+      return "BATCH_ACK";
+    case MsgType::kStatusReq:
+      return "STATUS_REQ";
+    case MsgType::kStatusResp:
+      return "STATUS_RESP";
+    case MsgType::kMigrateReq:
+      return "MIGRATE_REQ";
+    case MsgType::kMigrateResp:
+      return "MIGRATE_RESP";
+    case MsgType::kOutcomeReq:
+      return "OUTCOME_REQ";
+    case MsgType::kOutcomeResp:
+      return "OUTCOME_RESP";
+    case MsgType::kError:
+      return "ERROR";
   }
   return "UNKNOWN(" + std::to_string(static_cast<uint16_t>(type)) + ")";
 }

@@ -120,20 +120,32 @@ Result<ErrorMsg> get_status(ByteReader& r, const WireLimits& l) {
                              " out of range");
   }
   switch (static_cast<StatusCode>(code)) {
-    case StatusCode::kInvalidArgument: return ErrorMsg{Status::invalid_argument(msg)};
-    case StatusCode::kNotFound: return ErrorMsg{Status::not_found(msg)};
-    case StatusCode::kAlreadyExists: return ErrorMsg{Status::already_exists(msg)};
-    case StatusCode::kOutOfRange: return ErrorMsg{Status::out_of_range(msg)};
-    case StatusCode::kResourceExhausted: return ErrorMsg{Status::resource_exhausted(msg)};
+    case StatusCode::kInvalidArgument:
+      return ErrorMsg{Status::invalid_argument(msg)};
+    case StatusCode::kNotFound:
+      return ErrorMsg{Status::not_found(msg)};
+    case StatusCode::kAlreadyExists:
+      return ErrorMsg{Status::already_exists(msg)};
+    case StatusCode::kOutOfRange:
+      return ErrorMsg{Status::out_of_range(msg)};
+    case StatusCode::kResourceExhausted:
+      return ErrorMsg{Status::resource_exhausted(msg)};
     case StatusCode::kFailedPrecondition:
       return ErrorMsg{Status::failed_precondition(msg)};
-    case StatusCode::kDataLoss: return ErrorMsg{Status::data_loss(msg)};
-    case StatusCode::kUnavailable: return ErrorMsg{Status::unavailable(msg)};
-    case StatusCode::kDeadlineExceeded: return ErrorMsg{Status::deadline_exceeded(msg)};
-    case StatusCode::kAborted: return ErrorMsg{Status::aborted(msg)};
-    case StatusCode::kProtocol: return ErrorMsg{Status::protocol(msg)};
-    case StatusCode::kUnimplemented: return ErrorMsg{Status::unimplemented(msg)};
-    default: return ErrorMsg{Status::internal(msg)};
+    case StatusCode::kDataLoss:
+      return ErrorMsg{Status::data_loss(msg)};
+    case StatusCode::kUnavailable:
+      return ErrorMsg{Status::unavailable(msg)};
+    case StatusCode::kDeadlineExceeded:
+      return ErrorMsg{Status::deadline_exceeded(msg)};
+    case StatusCode::kAborted:
+      return ErrorMsg{Status::aborted(msg)};
+    case StatusCode::kProtocol:
+      return ErrorMsg{Status::protocol(msg)};
+    case StatusCode::kUnimplemented:
+      return ErrorMsg{Status::unimplemented(msg)};
+    default:
+      return ErrorMsg{Status::internal(msg)};
   }
 }
 
@@ -164,22 +176,25 @@ std::vector<uint8_t> encode(const HelloMsg& m) {
 }
 
 Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
-  return decode_all<HelloMsg>(p, "HELLO", [&](ByteReader& r) -> Result<HelloMsg> {
-    HelloMsg m;
-    KVMIG_ASSIGN_OR_RETURN(m.migration_id,
-                           r.get_string(l.max_string, "migration id"));
-    KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
-    KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
-    KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));
-    KVMIG_ASSIGN_OR_RETURN(uint32_t nt, get_count(r, 8, 4, "transport count"));
-    m.transports.resize(nt);
-    for (auto& t : m.transports) {
-      KVMIG_ASSIGN_OR_RETURN(t, r.get_string(64, "transport name"));
-    }
-    KVMIG_ASSIGN_OR_RETURN(m.initiator_address,
-                           get_blob_copy(r, l.max_blob, "initiator address"));
-    return m;
-  });
+  return decode_all<HelloMsg>(
+      p, "HELLO", [&](ByteReader& r) -> Result<HelloMsg> {
+        HelloMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(l.max_string, "migration id"));
+        KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
+        KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
+        KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
+                               get_count(r, 8, 4, "transport count"));
+        m.transports.resize(nt);
+        for (auto& t : m.transports) {
+          KVMIG_ASSIGN_OR_RETURN(t, r.get_string(64, "transport name"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(
+            m.initiator_address,
+            get_blob_copy(r, l.max_blob, "initiator address"));
+        return m;
+      });
 }
 
 std::vector<uint8_t> encode(const OfferMsg& m) {
@@ -199,27 +214,30 @@ std::vector<uint8_t> encode(const OfferMsg& m) {
 }
 
 Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
-  return decode_all<OfferMsg>(p, "OFFER", [&](ByteReader& r) -> Result<OfferMsg> {
-    OfferMsg m;
-    KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
-    KVMIG_ASSIGN_OR_RETURN(uint32_t n, get_count(r, l.max_pages, 4, "slots"));
-    m.slots.resize(n);
-    for (PageIndex& s : m.slots) {
-      KVMIG_ASSIGN_OR_RETURN(s, r.get<uint32_t>("slot"));
-    }
-    KVMIG_ASSIGN_OR_RETURN(uint32_t nr,
-                           get_count(r, l.max_regions, 20, "regions"));
-    m.regions.resize(nr);
-    for (RegionGeometry& g : m.regions) {
-      KVMIG_ASSIGN_OR_RETURN(g.stride, r.get<uint64_t>("region stride"));
-      KVMIG_ASSIGN_OR_RETURN(g.chunk, r.get<uint64_t>("region chunk"));
-      KVMIG_ASSIGN_OR_RETURN(g.slots, r.get<uint32_t>("region slots"));
-    }
-    KVMIG_ASSIGN_OR_RETURN(m.staging_slots, r.get<uint32_t>("staging slots"));
-    KVMIG_ASSIGN_OR_RETURN(m.target_address,
-                           get_blob_copy(r, l.max_blob, "target address"));
-    return m;
-  });
+  return decode_all<OfferMsg>(
+      p, "OFFER", [&](ByteReader& r) -> Result<OfferMsg> {
+        OfferMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t n,
+                               get_count(r, l.max_pages, 4, "slots"));
+        m.slots.resize(n);
+        for (PageIndex& s : m.slots) {
+          KVMIG_ASSIGN_OR_RETURN(s, r.get<uint32_t>("slot"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nr,
+                               get_count(r, l.max_regions, 20, "regions"));
+        m.regions.resize(nr);
+        for (RegionGeometry& g : m.regions) {
+          KVMIG_ASSIGN_OR_RETURN(g.stride, r.get<uint64_t>("region stride"));
+          KVMIG_ASSIGN_OR_RETURN(g.chunk, r.get<uint64_t>("region chunk"));
+          KVMIG_ASSIGN_OR_RETURN(g.slots, r.get<uint32_t>("region slots"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(m.staging_slots,
+                               r.get<uint32_t>("staging slots"));
+        KVMIG_ASSIGN_OR_RETURN(m.target_address,
+                               get_blob_copy(r, l.max_blob, "target address"));
+        return m;
+      });
 }
 
 std::vector<uint8_t> encode(const CommitMsg& m) {
@@ -232,17 +250,18 @@ std::vector<uint8_t> encode(const CommitMsg& m) {
 
 Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
                                 const WireLimits& l) {
-  return decode_all<CommitMsg>(p, "COMMIT", [&](ByteReader& r) -> Result<CommitMsg> {
-    CommitMsg m;
-    KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
-    KVMIG_ASSIGN_OR_RETURN(uint32_t n,
-                           get_count(r, l.max_pages, 8, "checksum count"));
-    m.checksums.resize(n);
-    for (uint64_t& c : m.checksums) {
-      KVMIG_ASSIGN_OR_RETURN(c, r.get<uint64_t>("checksum"));
-    }
-    return m;
-  });
+  return decode_all<CommitMsg>(
+      p, "COMMIT", [&](ByteReader& r) -> Result<CommitMsg> {
+        CommitMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t n,
+                               get_count(r, l.max_pages, 8, "checksum count"));
+        m.checksums.resize(n);
+        for (uint64_t& c : m.checksums) {
+          KVMIG_ASSIGN_OR_RETURN(c, r.get<uint64_t>("checksum"));
+        }
+        return m;
+      });
 }
 
 std::vector<uint8_t> encode(const BatchMsg& m) {
@@ -253,12 +272,13 @@ std::vector<uint8_t> encode(const BatchMsg& m) {
 }
 
 Result<BatchMsg> decode_batch(std::span<const uint8_t> p) {
-  return decode_all<BatchMsg>(p, "BATCH", [&](ByteReader& r) -> Result<BatchMsg> {
-    BatchMsg m;
-    KVMIG_ASSIGN_OR_RETURN(m.first, r.get<uint32_t>("batch first"));
-    KVMIG_ASSIGN_OR_RETURN(m.count, r.get<uint32_t>("batch count"));
-    return m;
-  });
+  return decode_all<BatchMsg>(
+      p, "BATCH", [&](ByteReader& r) -> Result<BatchMsg> {
+        BatchMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.first, r.get<uint32_t>("batch first"));
+        KVMIG_ASSIGN_OR_RETURN(m.count, r.get<uint32_t>("batch count"));
+        return m;
+      });
 }
 
 std::vector<uint8_t> encode(const AbortMsg& m) {
@@ -268,11 +288,13 @@ std::vector<uint8_t> encode(const AbortMsg& m) {
 }
 
 Result<AbortMsg> decode_abort(std::span<const uint8_t> p, const WireLimits& l) {
-  return decode_all<AbortMsg>(p, "ABORT", [&](ByteReader& r) -> Result<AbortMsg> {
-    AbortMsg m;
-    KVMIG_ASSIGN_OR_RETURN(m.reason, r.get_string(l.max_string * 16, "reason"));
-    return m;
-  });
+  return decode_all<AbortMsg>(
+      p, "ABORT", [&](ByteReader& r) -> Result<AbortMsg> {
+        AbortMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.reason,
+                               r.get_string(l.max_string * 16, "reason"));
+        return m;
+      });
 }
 
 std::vector<uint8_t> encode(const ErrorMsg& m) {
@@ -282,9 +304,9 @@ std::vector<uint8_t> encode(const ErrorMsg& m) {
 }
 
 Result<ErrorMsg> decode_error(std::span<const uint8_t> p, const WireLimits& l) {
-  return decode_all<ErrorMsg>(p, "ERROR", [&](ByteReader& r) -> Result<ErrorMsg> {
-    return get_status(r, l);
-  });
+  return decode_all<ErrorMsg>(
+      p, "ERROR",
+      [&](ByteReader& r) -> Result<ErrorMsg> { return get_status(r, l); });
 }
 
 std::vector<uint8_t> encode(const OutcomeReqMsg& m) {

@@ -20,9 +20,9 @@ namespace kvmig {
 struct WireLimits {
   uint32_t max_pages = 1u << 20;
   uint32_t max_seqs = 1u << 16;
-  uint32_t max_blob = 1u << 20;    // addresses, keys
-  uint32_t max_string = 4096;      // names, ids, messages
-  uint32_t max_regions = 4096;     // layout regions
+  uint32_t max_blob = 1u << 20;  // addresses, keys
+  uint32_t max_string = 4096;    // names, ids, messages
+  uint32_t max_regions = 4096;   // layout regions
 };
 
 // Geometry of one strided region of a layout, without its address.
@@ -30,15 +30,15 @@ struct RegionGeometry {
   uint64_t stride = 0;
   uint64_t chunk = 0;
   uint32_t slots = 0;
-  friend bool operator==(const RegionGeometry&, const RegionGeometry&) =
-      default;
+  friend bool operator==(const RegionGeometry&,
+                         const RegionGeometry&) = default;
 };
 
 struct HelloMsg {
   std::string migration_id;
   CacheMeta meta;
-  uint32_t n_pages = 0;                  // distinct pages to move
-  uint32_t n_seqs = 0;                   // requests to move
+  uint32_t n_pages = 0;                 // distinct pages to move
+  uint32_t n_seqs = 0;                  // requests to move
   std::vector<std::string> transports;  // acceptable, preferred first
   std::vector<uint8_t> initiator_address;
 };

@@ -107,9 +107,12 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     std::set<SeqId> seen;
     for (SeqId id_ : req.seqs) {
       if (!seen.insert(id_).second) continue;
-      if (!live.count(id_)) unknown.push_back(id_);
-      else if (doubtful.count(id_)) held.push_back(id_);
-      else ids.push_back(id_);
+      if (!live.count(id_))
+        unknown.push_back(id_);
+      else if (doubtful.count(id_))
+        held.push_back(id_);
+      else
+        ids.push_back(id_);
     }
     if (!unknown.empty()) {
       co_return Status::not_found("unknown request ids: " + join_ids(unknown));
@@ -132,9 +135,9 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
   FrameChannel channel(std::move(*socket), options.max_frame_bytes);
 
   auto abort_peer = [&](const Status& why) -> asio::awaitable<void> {
-    Status sent = co_await channel.send(
-        MsgType::kAbort, encode(AbortMsg{why.to_string()}),
-        Clock::now() + std::chrono::seconds(1));
+    const std::vector<uint8_t> payload1 = encode(AbortMsg{why.to_string()});
+    Status sent = co_await channel.send(MsgType::kAbort, payload1,
+                                        Clock::now() + std::chrono::seconds(1));
     (void)sent;
     channel.close();
   };
@@ -155,8 +158,10 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     std::vector<SeqId> gone;
     for (SeqId s : ids) {
       auto it = by_id.find(s);
-      if (it == by_id.end()) gone.push_back(s);
-      else moving.push_back(*it->second);
+      if (it == by_id.end())
+        gone.push_back(s);
+      else
+        moving.push_back(*it->second);
     }
     if (!gone.empty()) {
       co_return Status::aborted("requests finished before the pause: " +
@@ -194,19 +199,21 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
   log->info("{} {} {} requests, {} pages over {}", tag,
             req.mode == MigrationMode::kMove ? "moving" : "copying",
             moving.size(), plan.pages.size(), transport_name);
+  const std::vector<uint8_t> payload2 = encode(hello);
   Status sent =
-      co_await channel.send(MsgType::kHello, encode(hello), peer_deadline());
+      co_await channel.send(MsgType::kHello, payload2, peer_deadline());
   if (!sent.ok()) co_return sent;
   auto reply = co_await channel.receive(peer_deadline());
   if (!reply.ok()) co_return reply.status().with_context("waiting for OFFER");
   if (reply->type == MsgType::kAbort) {
     auto why = decode_abort(reply->payload, limits);
-    co_return Status::aborted("destination refused: " +
-                              (why.ok() ? why->reason : why.status().to_string()));
+    co_return Status::aborted(
+        "destination refused: " +
+        (why.ok() ? why->reason : why.status().to_string()));
   }
   if (reply->type != MsgType::kOffer) {
-    Status bad = Status::protocol("expected OFFER, got " +
-                                  msg_type_name(reply->type));
+    Status bad =
+        Status::protocol("expected OFFER, got " + msg_type_name(reply->type));
     co_await abort_peer(bad);
     co_return bad;
   }
@@ -243,11 +250,12 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
   uint32_t src_batch = n;
   std::unique_ptr<StagingBuffer> src_staging;
   if (!layout) {
-    src_batch = static_cast<uint32_t>(std::clamp<uint64_t>(
-        options.staging_bytes / page_total, 1, n));
+    src_batch = static_cast<uint32_t>(
+        std::clamp<uint64_t>(options.staging_bytes / page_total, 1, n));
     auto sb = StagingBuffer::create(*t, page_total, src_batch);
     if (!sb.ok()) {
-      co_await abort_peer(sb.status());
+      Status error = sb.status();
+      co_await abort_peer(error);
       co_return sb.status();
     }
     src_staging = std::move(*sb);
@@ -265,9 +273,8 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     src_bases = {src_staging->slot(0)};
   }
 
-  Status connected = co_await offload([&] {
-    return init->connect(offer->target_address, peer_deadline());
-  });
+  Status connected = co_await offload(
+      [&] { return init->connect(offer->target_address, peer_deadline()); });
   if (!connected.ok()) {
     Status s = connected.with_context("data path");
     co_await abort_peer(s);
@@ -283,16 +290,16 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
       for (uint32_t i = 0; i < count; ++i) {
         uint32_t k = first + i;
         if (src_staging) {
-          KVMIG_ASSIGN_OR_RETURN(PageBytes page, pager.read_page(plan.pages[k]));
+          KVMIG_ASSIGN_OR_RETURN(PageBytes page,
+                                 pager.read_page(plan.pages[k]));
           src_staging->store(i, page);
         }
         pairs[i].src = src_staging ? i : plan.pages[k];
         pairs[i].dst = plan.dst_staging_slots > 0 ? i : plan.slots[k];
       }
-      KVMIG_ASSIGN_OR_RETURN(
-          auto writes_planned,
-          plan_writes(src_geometry, plan.dst_regions, pairs, page_total,
-                      kMaxWriteBytes));
+      KVMIG_ASSIGN_OR_RETURN(auto writes_planned,
+                             plan_writes(src_geometry, plan.dst_regions, pairs,
+                                         page_total, kMaxWriteBytes));
       std::vector<WriteOp> ops;
       ops.reserve(kOpsPerPost);
       for (size_t w = 0; w < writes_planned.size(); ++w) {
@@ -319,17 +326,18 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
       co_return s;
     }
     if (plan.dst_staging_slots > 0) {
-      Status s = co_await channel.send(MsgType::kBatch,
-                                       encode(BatchMsg{first, count}),
-                                       peer_deadline());
+      const std::vector<uint8_t> payload3 = encode(BatchMsg{first, count});
+      Status s =
+          co_await channel.send(MsgType::kBatch, payload3, peer_deadline());
       if (s.ok()) {
         auto ack = co_await channel.receive(peer_deadline());
         if (!ack.ok()) {
           s = ack.status();
         } else if (ack->type == MsgType::kAbort) {
           auto why = decode_abort(ack->payload, limits);
-          s = Status::aborted("destination aborted: " +
-                              (why.ok() ? why->reason : why.status().to_string()));
+          s = Status::aborted(
+              "destination aborted: " +
+              (why.ok() ? why->reason : why.status().to_string()));
         } else if (ack->type != MsgType::kBatchAck) {
           s = Status::protocol("expected BATCH_ACK, got " +
                                msg_type_name(ack->type));
@@ -358,19 +366,22 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
       std::vector<uint64_t> out;
       out.reserve(n);
       for (PageIndex p : plan.pages) {
-        KVMIG_ASSIGN_OR_RETURN(uint64_t c, pager_page_checksum(pager, layout, p));
+        KVMIG_ASSIGN_OR_RETURN(uint64_t c,
+                               pager_page_checksum(pager, layout, p));
         out.push_back(c);
       }
       return out;
     });
     if (!sums.ok()) {
-      co_await abort_peer(sums.status());
+      Status error = sums.status();
+      co_await abort_peer(error);
       co_return sums.status();
     }
     commit.checksums = std::move(*sums);
   }
   fault("src.before_commit");
-  sent = co_await channel.send(MsgType::kCommit, encode(commit), peer_deadline());
+  const std::vector<uint8_t> payload4 = encode(commit);
+  sent = co_await channel.send(MsgType::kCommit, payload4, peer_deadline());
   Outcome outcome = Outcome::kUnknown;
   Status failure;
   if (sent.ok()) {
@@ -383,9 +394,9 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     } else if (done.ok() && done->type == MsgType::kAbort) {
       auto why = decode_abort(done->payload, limits);
       outcome = Outcome::kAborted;
-      failure = Status::aborted("destination aborted at commit: " +
-                                (why.ok() ? why->reason
-                                          : why.status().to_string()));
+      failure =
+          Status::aborted("destination aborted at commit: " +
+                          (why.ok() ? why->reason : why.status().to_string()));
     } else {
       failure = done.ok() ? Status::protocol("expected DONE, got " +
                                              msg_type_name(done->type))
@@ -402,9 +413,10 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     outcome = co_await resolve_outcome(req.to, id);
     if (outcome == Outcome::kUnknown) {
       in_doubt.push_back({id, ids});
-      log->error("{} outcome in doubt: destination unreachable; requests {} "
-                 "kept and marked in doubt",
-                 tag, join_ids(ids));
+      log->error(
+          "{} outcome in doubt: destination unreachable; requests {} "
+          "kept and marked in doubt",
+          tag, join_ids(ids));
       co_return Status::unavailable("migration " + id +
                                     " is in doubt: no answer from " + req.to +
                                     " after COMMIT (" + failure.to_string() +
@@ -413,7 +425,8 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
   }
   if (outcome != Outcome::kCommitted) {
     log->warn("{} rolled back: {}", tag, failure.to_string());
-    co_return failure.ok() ? Status::aborted("destination rolled back") : failure;
+    co_return failure.ok() ? Status::aborted("destination rolled back")
+                           : failure;
   }
 
   // 7. Committed: the requests belong to the destination now.
@@ -440,9 +453,10 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
   report.rounds = 1;
   report.transport = transport_name;
   report.staged = staged;
-  log->info("{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, pause "
-            "{:.1f} ms, {} batch(es)",
-            tag, n, bytes_sent, writes, report.gbps, pause_ms, batches_done);
+  log->info(
+      "{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, pause "
+      "{:.1f} ms, {} batch(es)",
+      tag, n, bytes_sent, writes, report.gbps, pause_ms, batches_done);
   co_return report;
 }
 
@@ -454,8 +468,8 @@ asio::awaitable<Outcome> Agent::Impl::resolve_outcome(const std::string& to,
     auto socket = co_await connect_to(to, give_up);
     if (socket.ok()) {
       FrameChannel ch(std::move(*socket), options.max_frame_bytes);
-      Status sent = co_await ch.send(MsgType::kOutcomeReq,
-                                     encode(OutcomeReqMsg{id}), give_up);
+      const std::vector<uint8_t> payload5 = encode(OutcomeReqMsg{id});
+      Status sent = co_await ch.send(MsgType::kOutcomeReq, payload5, give_up);
       if (sent.ok()) {
         auto resp = co_await ch.receive(give_up);
         if (resp.ok() && resp->type == MsgType::kOutcomeResp) {

@@ -37,8 +37,11 @@ class StagingBuffer {
  private:
   StagingBuffer(Transport& t, std::byte* base, size_t length,
                 uint64_t slot_bytes, uint32_t slots)
-      : transport_(t), base_(base), length_(length),
-        slot_bytes_(slot_bytes), slots_(slots) {}
+      : transport_(t),
+        base_(base),
+        length_(length),
+        slot_bytes_(slot_bytes),
+        slots_(slots) {}
 
   Transport& transport_;
   std::byte* base_;

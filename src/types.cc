@@ -6,20 +6,28 @@ namespace kvmig {
 
 size_t dtype_size(Dtype dtype) {
   switch (dtype) {
-    case Dtype::kBf16: return 2;
-    case Dtype::kF16: return 2;
-    case Dtype::kF32: return 4;
-    case Dtype::kFp8E4m3: return 1;
+    case Dtype::kBf16:
+      return 2;
+    case Dtype::kF16:
+      return 2;
+    case Dtype::kF32:
+      return 4;
+    case Dtype::kFp8E4m3:
+      return 1;
   }
   return 0;
 }
 
 std::string_view dtype_name(Dtype dtype) {
   switch (dtype) {
-    case Dtype::kBf16: return "bf16";
-    case Dtype::kF16: return "f16";
-    case Dtype::kF32: return "f32";
-    case Dtype::kFp8E4m3: return "fp8_e4m3";
+    case Dtype::kBf16:
+      return "bf16";
+    case Dtype::kF16:
+      return "f16";
+    case Dtype::kF32:
+      return "f32";
+    case Dtype::kFp8E4m3:
+      return "fp8_e4m3";
   }
   return "invalid";
 }
@@ -33,8 +41,7 @@ Result<Dtype> parse_dtype(std::string_view name) {
 }
 
 Status CacheMeta::validate() const {
-  if (page_size_tokens == 0 || n_layers == 0 || n_heads == 0 ||
-      head_dim == 0) {
+  if (page_size_tokens == 0 || n_layers == 0 || n_heads == 0 || head_dim == 0) {
     return Status::invalid_argument("cache meta " + to_string() +
                                     ": every dimension must be non-zero");
   }
@@ -45,9 +52,9 @@ Status CacheMeta::validate() const {
   // Each factor is < 2^32, so check the product stepwise against 1 GiB.
   constexpr uint64_t kMaxPageBytes = 1ull << 30;
   uint64_t bytes = dtype_size(dtype);
-  for (uint64_t f : {uint64_t{head_dim}, uint64_t{n_heads},
-                     uint64_t{page_size_tokens}, uint64_t{n_layers},
-                     uint64_t{2}}) {
+  for (uint64_t f :
+       {uint64_t{head_dim}, uint64_t{n_heads}, uint64_t{page_size_tokens},
+        uint64_t{n_layers}, uint64_t{2}}) {
     bytes *= f;
     if (bytes > kMaxPageBytes) {
       return Status::invalid_argument("cache meta " + to_string() +
@@ -79,10 +86,9 @@ Status validate_layout(const CacheMeta& meta, const PagerLayout& layout) {
     if (r.base == nullptr) return Status::invalid_argument(where + ": no base");
     if (r.chunk == 0) return Status::invalid_argument(where + ": empty chunk");
     if (r.slots > 1 && r.chunk > r.stride) {
-      return Status::invalid_argument(where + ": chunk " +
-                                      std::to_string(r.chunk) +
-                                      " exceeds stride " +
-                                      std::to_string(r.stride));
+      return Status::invalid_argument(
+          where + ": chunk " + std::to_string(r.chunk) + " exceeds stride " +
+          std::to_string(r.stride));
     }
     if (r.slots != layout[0].slots) {
       return Status::invalid_argument(where + ": " + std::to_string(r.slots) +

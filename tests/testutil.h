@@ -7,23 +7,23 @@
 #include "kvmig/status.h"
 
 // Asserts that a Status (or Result) is ok, printing it otherwise.
-#define ASSERT_OK(expr)                                          \
-  do {                                                           \
+#define ASSERT_OK(expr)                                                 \
+  do {                                                                  \
     const ::kvmig::Status kvmig_s_ = ::kvmig::testing::as_status(expr); \
-    ASSERT_TRUE(kvmig_s_.ok()) << kvmig_s_.to_string();          \
+    ASSERT_TRUE(kvmig_s_.ok()) << kvmig_s_.to_string();                 \
   } while (0)
-#define EXPECT_OK(expr)                                          \
-  do {                                                           \
+#define EXPECT_OK(expr)                                                 \
+  do {                                                                  \
     const ::kvmig::Status kvmig_s_ = ::kvmig::testing::as_status(expr); \
-    EXPECT_TRUE(kvmig_s_.ok()) << kvmig_s_.to_string();          \
+    EXPECT_TRUE(kvmig_s_.ok()) << kvmig_s_.to_string();                 \
   } while (0)
 
 // Assigns the value of a Result to lhs, failing the test on error.
 #define ASSERT_OK_AND_ASSIGN(lhs, expr) \
   ASSERT_OK_AND_ASSIGN_IMPL_(KVMIG_CONCAT_(kvmig_r_, __LINE__), lhs, expr)
-#define ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr)          \
-  auto tmp = (expr);                                        \
-  ASSERT_TRUE(tmp.ok()) << tmp.status().to_string();        \
+#define ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr)   \
+  auto tmp = (expr);                                 \
+  ASSERT_TRUE(tmp.ok()) << tmp.status().to_string(); \
   lhs = std::move(tmp).value()
 
 namespace kvmig::testing {

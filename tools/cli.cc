@@ -87,7 +87,8 @@ void add_pool_flags(CLI::App* app, PoolFlags& f) {
                   "page: each page in one piece; layer: one tensor per layer "
                   "for K and for V (vLLM)")
       ->check(CLI::IsMember({"page", "layer"}));
-  app->add_option("--capacity-pages", f.capacity_pages, "page slots in the pool")
+  app->add_option("--capacity-pages", f.capacity_pages,
+                  "page slots in the pool")
       ->check(CLI::Range(1u, 1u << 24));
   app->add_option("--populate", f.populate,
                   "SEQS:TOKENS requests to create, e.g. 8:1000");
@@ -99,8 +100,8 @@ void add_pool_flags(CLI::App* app, PoolFlags& f) {
 Result<std::unique_ptr<SyntheticPager>> make_pool(const PoolFlags& f) {
   KVMIG_ASSIGN_OR_RETURN(CacheMeta meta, preset_meta(f.preset));
   KVMIG_ASSIGN_OR_RETURN(PoolLayout layout, parse_pool_layout(f.layout));
-  KVMIG_ASSIGN_OR_RETURN(auto pager,
-                         SyntheticPager::create(meta, layout, f.capacity_pages));
+  KVMIG_ASSIGN_OR_RETURN(
+      auto pager, SyntheticPager::create(meta, layout, f.capacity_pages));
   if (!f.populate.empty()) {
     KVMIG_ASSIGN_OR_RETURN(auto pop, parse_populate(f.populate));
     KVMIG_RETURN_IF_ERROR(
@@ -123,8 +124,8 @@ Result<std::function<void(std::string_view)>> parse_faults(
   for (const std::string& spec : specs) {
     size_t eq = spec.find('=');
     if (eq == std::string::npos) {
-      return Status::invalid_argument("--fault '" + spec +
-                                      "': expected POINT=stall:MS or POINT=exit");
+      return Status::invalid_argument(
+          "--fault '" + spec + "': expected POINT=stall:MS or POINT=exit");
     }
     Fault f{spec.substr(0, eq)};
     std::string action = spec.substr(eq + 1);
@@ -215,12 +216,10 @@ int cmd_status(const std::string& agent, bool as_json) {
     for (const auto& d : st->in_doubt) {
       in_doubt.push_back({{"migration_id", d.migration_id}, {"seqs", d.seqs}});
     }
-    json out = {{"meta", meta_json(st->meta)},
-                {"capacity_pages", st->capacity_pages},
-                {"free_pages", st->free_pages},
-                {"seqs", seqs},
-                {"transports", st->transports},
-                {"in_doubt", in_doubt}};
+    json out = {
+        {"meta", meta_json(st->meta)},  {"capacity_pages", st->capacity_pages},
+        {"free_pages", st->free_pages}, {"seqs", seqs},
+        {"transports", st->transports}, {"in_doubt", in_doubt}};
     std::cout << out.dump() << "\n";
     return 0;
   }
@@ -275,13 +274,14 @@ int cmd_migrate(const std::string& agent, MigrateRequest req,
     std::cout << out.dump() << "\n";
     return 0;
   }
-  std::printf("%s %zu requests (%llu pages, %.1f MiB in %llu writes) to %s "
-              "over %s in %.3f s: %.3f GB/s, pause %.1f ms\nmigration %s\n",
-              req.mode == MigrationMode::kMove ? "moved" : "copied",
-              r.seqs.size(), static_cast<unsigned long long>(r.pages),
-              r.bytes / 1048576.0, static_cast<unsigned long long>(r.writes),
-              req.to.c_str(), r.transport.c_str(), r.seconds, r.gbps,
-              r.pause_ms, r.migration_id.c_str());
+  std::printf(
+      "%s %zu requests (%llu pages, %.1f MiB in %llu writes) to %s "
+      "over %s in %.3f s: %.3f GB/s, pause %.1f ms\nmigration %s\n",
+      req.mode == MigrationMode::kMove ? "moved" : "copied", r.seqs.size(),
+      static_cast<unsigned long long>(r.pages), r.bytes / 1048576.0,
+      static_cast<unsigned long long>(r.writes), req.to.c_str(),
+      r.transport.c_str(), r.seconds, r.gbps, r.pause_ms,
+      r.migration_id.c_str());
   return 0;
 }
 
@@ -290,8 +290,7 @@ int print_snapshot(const std::string& file, bool verbose) {
   if (!info.ok()) return fail(info.status(), false);
   if (!verbose) {
     std::cout << file << ": OK (" << info->seqs.size() << " requests, "
-              << info->n_pages << " pages, " << info->file_bytes
-              << " bytes)\n";
+              << info->n_pages << " pages, " << info->file_bytes << " bytes)\n";
     return 0;
   }
   std::cout << "snapshot " << file << " (version " << info->version << ", "
@@ -316,7 +315,8 @@ int run_cli(int argc, char** argv) {
                  "KVMIG_LOG_LEVEL)");
 
   // serve
-  auto* serve = app.add_subcommand("serve", "run an agent over a synthetic cache");
+  auto* serve =
+      app.add_subcommand("serve", "run an agent over a synthetic cache");
   std::string listen = "127.0.0.1:7470";
   PoolFlags pool;
   double decode_rate = 0;
@@ -326,20 +326,24 @@ int run_cli(int argc, char** argv) {
   std::vector<std::string> faults;
   serve->add_option("--listen", listen, "HOST:PORT to listen on (port 0: any)");
   add_pool_flags(serve, pool);
-  serve->add_option("--decode-rate", decode_rate,
-                    "tokens per second appended to every request while "
-                    "running (0: none)")
+  serve
+      ->add_option("--decode-rate", decode_rate,
+                   "tokens per second appended to every request while "
+                   "running (0: none)")
       ->check(CLI::Range(0.0, 1e6));
   serve->add_option("--transports", transports,
                     "data planes accepted, preferred first: tcp,ucx,verbs");
-  serve->add_option("--peer-timeout-ms", peer_timeout_ms,
-                    "deadline for every wait on a peer")
+  serve
+      ->add_option("--peer-timeout-ms", peer_timeout_ms,
+                   "deadline for every wait on a peer")
       ->check(CLI::Range(1, 3'600'000));
-  serve->add_option("--staging-mib", staging_mib,
-                    "staging buffer per migration for pagers without a layout")
+  serve
+      ->add_option("--staging-mib", staging_mib,
+                   "staging buffer per migration for pagers without a layout")
       ->check(CLI::Range(1, 1 << 16));
-  serve->add_option("--fault", faults,
-                    "testing: POINT=stall:MS or POINT=exit at a protocol point")
+  serve
+      ->add_option("--fault", faults,
+                   "testing: POINT=stall:MS or POINT=exit at a protocol point")
       ->group("");
 
   // status
@@ -356,7 +360,8 @@ int run_cli(int argc, char** argv) {
   bool no_verify = false;
   int timeout_ms = 600'000;
   migrate->add_option("--agent", agent, "source agent HOST:PORT")->required();
-  migrate->add_option("--to", req.to, "destination agent HOST:PORT")->required();
+  migrate->add_option("--to", req.to, "destination agent HOST:PORT")
+      ->required();
   auto* seqs_opt =
       migrate->add_option("--seqs", seqs_text, "request ids: ID,ID,...");
   auto* all_opt = migrate->add_flag("--all", req.all, "every request");

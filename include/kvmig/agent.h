@@ -52,13 +52,13 @@ enum class MigrationMode : uint8_t { kMove = 0, kCopy = 1 };
 
 // What a scheduler asks a source agent to do.
 struct MigrateRequest {
-  std::string to;             // destination agent, "HOST:PORT"
-  std::vector<SeqId> seqs;    // which requests; ignored when all
-  bool all = false;           // every live request
+  std::string to;           // destination agent, "HOST:PORT"
+  std::vector<SeqId> seqs;  // which requests; ignored when all
+  bool all = false;         // every live request
   MigrationMode mode = MigrationMode::kMove;
-  bool live = false;          // pre-copy (not yet implemented: Unimplemented)
-  std::string transport;      // empty: the first the source prefers
-  bool verify = true;         // per-page checksums checked at the destination
+  bool live = false;      // pre-copy (not yet implemented: Unimplemented)
+  std::string transport;  // empty: the first the source prefers
+  bool verify = true;     // per-page checksums checked at the destination
 };
 
 // The outcome of a successful migration.
@@ -73,7 +73,7 @@ struct MigrationReport {
   double pause_ms = 0;      // source paused to resumed
   uint32_t rounds = 1;
   std::string transport;
-  bool staged = false;      // some side went through a staging buffer
+  bool staged = false;  // some side went through a staging buffer
 };
 
 // One live request as status reports it.

@@ -111,7 +111,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT: implicit
     assert(!std::get<Status>(v_).ok());
   }
@@ -152,16 +152,17 @@ class [[nodiscard]] Result {
 #define KVMIG_CONCAT_(a, b) KVMIG_CONCAT_INNER_(a, b)
 
 // Returns the Status of `expr` from the enclosing function if it is not ok.
-#define KVMIG_RETURN_IF_ERROR(expr)          \
-  do {                                       \
-    ::kvmig::Status kvmig_status_ = (expr);  \
+#define KVMIG_RETURN_IF_ERROR(expr)                \
+  do {                                             \
+    ::kvmig::Status kvmig_status_ = (expr);        \
     if (!kvmig_status_.ok()) return kvmig_status_; \
   } while (0)
 
 // Evaluates `expr` (a Result<T>); on error returns its Status, otherwise
 // moves the value into `lhs` (a declaration or an lvalue).
-#define KVMIG_ASSIGN_OR_RETURN(lhs, expr) \
-  KVMIG_ASSIGN_OR_RETURN_IMPL_(KVMIG_CONCAT_(kvmig_result_, __LINE__), lhs, expr)
+#define KVMIG_ASSIGN_OR_RETURN(lhs, expr)                                   \
+  KVMIG_ASSIGN_OR_RETURN_IMPL_(KVMIG_CONCAT_(kvmig_result_, __LINE__), lhs, \
+                               expr)
 #define KVMIG_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
   auto tmp = (expr);                                 \
   if (!tmp.ok()) return tmp.status();                \

@@ -49,9 +49,7 @@ struct CacheMeta {
 
   // Bytes of K in one page (and the same of V):
   // page_size_tokens * n_layers * n_heads * head_dim * dtype_size(dtype).
-  uint64_t page_bytes() const {
-    return layer_chunk_bytes() * n_layers;
-  }
+  uint64_t page_bytes() const { return layer_chunk_bytes() * n_layers; }
   // Bytes of K (or V) of one layer in one page.
   uint64_t layer_chunk_bytes() const {
     return token_bytes_per_layer() * page_size_tokens;

@@ -1,10 +1,9 @@
 // Two (or three) real agent processes on loopback, driven through the
 // `kvmig` command line as a scheduler would.
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-
-#include <gtest/gtest.h>
 
 #include <map>
 #include <nlohmann/json.hpp>
@@ -24,8 +23,13 @@ using namespace std::chrono_literals;
 
 json status_of(const std::string& agent) {
   CliResult r = run_kvmig({"status", "--agent", agent, "--json"});
-  EXPECT_EQ(r.code, 0) << r.err;
-  return json::parse(r.out, nullptr, false);
+  EXPECT_EQ(r.code, 0) << agent << ": " << r.out << r.err;
+  json j = json::parse(r.out, nullptr, false);
+  // Keep later lookups safe when the call failed (the failure is reported).
+  if (!j.is_object() || !j.contains("seqs")) {
+    j = {{"seqs", json::array()}, {"free_pages", -1}, {"error", r.out + r.err}};
+  }
+  return j;
 }
 
 std::map<uint64_t, std::string> digests(const json& status) {
@@ -38,8 +42,8 @@ std::map<uint64_t, std::string> digests(const json& status) {
 
 json migrate(const std::string& src, const std::string& dst,
              std::vector<std::string> extra, int* code = nullptr) {
-  std::vector<std::string> args = {"migrate", "--agent", src, "--to", dst,
-                                   "--json"};
+  std::vector<std::string> args = {"migrate", "--agent", src,
+                                   "--to",    dst,       "--json"};
   args.insert(args.end(), extra.begin(), extra.end());
   CliResult r = run_kvmig(args);
   if (code) *code = r.code;
@@ -79,9 +83,9 @@ TEST_P(MigrateLayouts, RequestsArriveIntact) {
   EXPECT_EQ(src_before["free_pages"], 256 - distinct);
 
   int code = -1;
-  json report = migrate(src->address(), dst->address(),
-                        {"--all", "--mode", mode, "--transport", transport},
-                        &code);
+  json report =
+      migrate(src->address(), dst->address(),
+              {"--all", "--mode", mode, "--transport", transport}, &code);
   ASSERT_EQ(code, 0) << report.dump() << src->child().err();
   EXPECT_TRUE(report["ok"].get<bool>());
   EXPECT_EQ(report["pages"], distinct);
@@ -121,9 +125,10 @@ INSTANTIATE_TEST_SUITE_P(
 // --- partial moves keep shared pages that remaining requests still use ----
 
 TEST(MigrateE2E, PartialMoveFreesOnlyPagesNoLongerUsed) {
-  auto src = AgentProcess::start({"--populate", "3:64", "--share-prefix", "32",
-                                  "--capacity-pages", "64"});
-  auto dst = AgentProcess::start({"--capacity-pages", "64", "--layout", "layer"});
+  auto src = AgentProcess::start(
+      {"--populate", "3:64", "--share-prefix", "32", "--capacity-pages", "64"});
+  auto dst =
+      AgentProcess::start({"--capacity-pages", "64", "--layout", "layer"});
   ASSERT_TRUE(src && dst);
   json before = status_of(src->address());
   // 64 tokens = 4 pages each, 2 shared: 2 + 3 * 2 = 8 pages in use.
@@ -151,7 +156,8 @@ void expect_unchanged(const std::string& agent, const json& before) {
 
 TEST(MigrateE2E, MetaMismatchIsRefusedNamingBothMetas) {
   auto src = AgentProcess::start({"--populate", "2:40"});
-  auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "8"});
+  auto dst =
+      AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "8"});
   ASSERT_TRUE(src && dst);
   json sb = status_of(src->address()), db = status_of(dst->address());
   int code = 0;
@@ -202,7 +208,8 @@ TEST(MigrateE2E, UnreachableDestinationIsAnError) {
   int code = 0;
   json r = migrate(src->address(), "127.0.0.1:1", {"--all"}, &code);
   EXPECT_EQ(code, 1);
-  EXPECT_NE(r["error"].get<std::string>().find("destination"), std::string::npos);
+  EXPECT_NE(r["error"].get<std::string>().find("destination"),
+            std::string::npos);
   expect_unchanged(src->address(), sb);
 }
 
@@ -212,9 +219,10 @@ TEST(MigrateE2E, DestinationKilledMidDataRollsBackAndRetrySucceeds) {
   auto src = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages",
                                   "64", "--populate", "2:400", "--fault",
                                   "src.data.mid=stall:1500"});
-  auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "64"});
-  auto third = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "64",
-                                    "--layout", "layer"});
+  auto dst =
+      AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "64"});
+  auto third = AgentProcess::start(
+      {"--preset", "llama3-8b", "--capacity-pages", "64", "--layout", "layer"});
   ASSERT_TRUE(src && dst && third);
   json sb = status_of(src->address());
   auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
@@ -269,7 +277,8 @@ int raw_connect(const std::string& address) {
   auto colon = address.rfind(':');
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
-  sa.sin_port = htons(static_cast<uint16_t>(std::stoi(address.substr(colon + 1))));
+  sa.sin_port =
+      htons(static_cast<uint16_t>(std::stoi(address.substr(colon + 1))));
   inet_pton(AF_INET, address.substr(0, colon).c_str(), &sa.sin_addr);
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
@@ -300,7 +309,8 @@ bool agent_closes_after(const std::string& address,
 }
 
 TEST(MigrateE2E, MalformedFramesAreRefusedAndTheAgentKeepsServing) {
-  auto agent = AgentProcess::start({"--populate", "2:40", "--peer-timeout-ms", "3000"});
+  auto agent =
+      AgentProcess::start({"--populate", "2:40", "--peer-timeout-ms", "3000"});
   ASSERT_TRUE(agent);
   json before = status_of(agent->address());
   std::vector<uint8_t> garbage(100, 0xAB);
@@ -327,10 +337,12 @@ TEST(MigrateE2E, MalformedFramesAreRefusedAndTheAgentKeepsServing) {
 TEST(MigrateE2E, UsageErrorsAreClear) {
   CliResult r = run_kvmig({"migrate", "--agent", "127.0.0.1:1", "--to", "x:1"});
   EXPECT_NE(r.code, 0);
-  EXPECT_NE((r.out + r.err).find("--seqs or --all"), std::string::npos) << r.err;
+  EXPECT_NE((r.out + r.err).find("--seqs or --all"), std::string::npos)
+      << r.err;
   r = run_kvmig({"serve", "--preset", "gpt5"});
   EXPECT_EQ(r.code, 2);
-  r = run_kvmig({"serve", "--listen", "127.0.0.1:0", "--transports", "carrier-pigeon"});
+  r = run_kvmig(
+      {"serve", "--listen", "127.0.0.1:0", "--transports", "carrier-pigeon"});
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("carrier-pigeon"), std::string::npos) << r.err;
 }

@@ -99,8 +99,8 @@ class Child {
       pid_t r = waitpid(pid_, &status, WNOHANG);
       if (r == pid_) {
         exited_ = true;
-        exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status)
-                                       : 128 + WTERMSIG(status);
+        exit_code_ =
+            WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
         return true;
       }
       if (std::chrono::steady_clock::now() >= end) return false;
@@ -153,8 +153,9 @@ struct CliResult {
 };
 
 // Runs `kvmig args...` to completion.
-inline CliResult run_kvmig(std::vector<std::string> args,
-                           std::chrono::seconds limit = std::chrono::seconds(120)) {
+inline CliResult run_kvmig(
+    std::vector<std::string> args,
+    std::chrono::seconds limit = std::chrono::seconds(120)) {
   args.insert(args.begin(), kvmig_bin());
   auto c = Child::spawn(args);
   CliResult r;

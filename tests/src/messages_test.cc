@@ -59,11 +59,13 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   st.seqs = {{1, 17, 2, "ff"}};
   st.transports = {"tcp"};
   st.in_doubt = {{"m", {1}}};
-  ASSERT_OK_AND_ASSIGN(AgentStatus sb, decode_agent_status(encode(st), limits()));
+  ASSERT_OK_AND_ASSIGN(AgentStatus sb,
+                       decode_agent_status(encode(st), limits()));
   EXPECT_EQ(sb.seqs[0].digest, "ff");
   EXPECT_EQ(sb.in_doubt[0].seqs, std::vector<SeqId>{1});
   ASSERT_OK_AND_ASSIGN(
-      ErrorMsg e, decode_error(encode(ErrorMsg{Status::not_found("x")}), limits()));
+      ErrorMsg e,
+      decode_error(encode(ErrorMsg{Status::not_found("x")}), limits()));
   EXPECT_EQ(e.status, Status::not_found("x"));
 }
 
@@ -88,7 +90,8 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
   auto payload = encode(BatchMsg{1, 2});
   payload.push_back(0);
   EXPECT_EQ(decode_batch(payload).status().code(), StatusCode::kDataLoss);
-  auto hello = encode(HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, 1, 1, {"tcp"}, {}});
+  auto hello =
+      encode(HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, 1, 1, {"tcp"}, {}});
   for (size_t cut = 0; cut < hello.size(); ++cut) {
     std::span<const uint8_t> part(hello.data(), cut);
     EXPECT_FALSE(decode_hello(part, limits()).ok()) << "cut at " << cut;
@@ -96,9 +99,11 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
 }
 
 TEST(MessagesTest, BadEnumsAreErrors) {
-  auto hello = encode(HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, 1, 1, {"tcp"}, {}});
+  auto hello =
+      encode(HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, 1, 1, {"tcp"}, {}});
   hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
-  EXPECT_EQ(decode_hello(hello, limits()).status().code(), StatusCode::kDataLoss);
+  EXPECT_EQ(decode_hello(hello, limits()).status().code(),
+            StatusCode::kDataLoss);
   std::vector<uint8_t> outcome = {9};
   EXPECT_FALSE(decode_outcome_resp(outcome).ok());
 }

@@ -29,7 +29,9 @@ void check_plan_moves_pages(const std::vector<RegionGeometry>& src,
                             const std::vector<RegionGeometry>& dst,
                             const std::vector<PagePair>& pairs,
                             uint64_t max_write) {
-  auto region_bytes = [](const RegionGeometry& g) { return g.stride * g.slots; };
+  auto region_bytes = [](const RegionGeometry& g) {
+    return g.stride * g.slots;
+  };
   std::vector<std::vector<uint8_t>> smem, dmem;
   std::mt19937 rng(7);
   for (const auto& g : src) {
@@ -75,28 +77,33 @@ TEST(PlannerTest, EveryLayoutCombinationMovesPagesIntact) {
 
 TEST(PlannerTest, MergesRunsContiguousOnBothSides) {
   std::vector<PagePair> run = {{0, 3}, {1, 4}, {2, 5}, {3, 6}};
-  ASSERT_OK_AND_ASSIGN(auto page_plan, plan_writes(page_geometry(), page_geometry(),
-                                                   run, 2 * kPage, 0));
+  ASSERT_OK_AND_ASSIGN(
+      auto page_plan,
+      plan_writes(page_geometry(), page_geometry(), run, 2 * kPage, 0));
   ASSERT_EQ(page_plan.size(), 1u);
   EXPECT_EQ(page_plan[0].length, 4 * 2 * kPage);
   // Layer to layer: one write per region for the whole run.
-  ASSERT_OK_AND_ASSIGN(auto layer_plan, plan_writes(layer_geometry(), layer_geometry(),
-                                                    run, 2 * kPage, 0));
+  ASSERT_OK_AND_ASSIGN(
+      auto layer_plan,
+      plan_writes(layer_geometry(), layer_geometry(), run, 2 * kPage, 0));
   EXPECT_EQ(layer_plan.size(), 4u);
   // Not contiguous at the destination: no merging across the gap.
   std::vector<PagePair> gap = {{0, 3}, {1, 5}};
-  ASSERT_OK_AND_ASSIGN(auto gap_plan, plan_writes(page_geometry(), page_geometry(),
-                                                  gap, 2 * kPage, 0));
+  ASSERT_OK_AND_ASSIGN(
+      auto gap_plan,
+      plan_writes(page_geometry(), page_geometry(), gap, 2 * kPage, 0));
   EXPECT_EQ(gap_plan.size(), 2u);
   // Page to layer: one piece per layer chunk per page, merged per region.
-  ASSERT_OK_AND_ASSIGN(auto mixed, plan_writes(page_geometry(), layer_geometry(),
-                                               run, 2 * kPage, 0));
+  ASSERT_OK_AND_ASSIGN(
+      auto mixed,
+      plan_writes(page_geometry(), layer_geometry(), run, 2 * kPage, 0));
   EXPECT_EQ(mixed.size(), 4u * 4u);
 }
 
 TEST(PlannerTest, RejectsBadInput) {
   std::vector<PagePair> out_of_range = {{0, kSlots}};
-  auto r = plan_writes(page_geometry(), page_geometry(), out_of_range, 2 * kPage, 0);
+  auto r =
+      plan_writes(page_geometry(), page_geometry(), out_of_range, 2 * kPage, 0);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("out of range"), std::string::npos);
   std::vector<RegionGeometry> short_geo = {{kPage, kPage, kSlots}};

@@ -21,7 +21,8 @@ TEST(TypesTest, Presets) {
 TEST(TypesTest, MetaValidation) {
   EXPECT_OK(CacheMeta({16, 2, 2, 64, Dtype::kF16}).validate());
   EXPECT_FALSE(CacheMeta({0, 2, 2, 64, Dtype::kF16}).validate().ok());
-  EXPECT_FALSE(CacheMeta({16, 2, 2, 64, static_cast<Dtype>(9)}).validate().ok());
+  EXPECT_FALSE(
+      CacheMeta({16, 2, 2, 64, static_cast<Dtype>(9)}).validate().ok());
   Status huge = CacheMeta({1u << 20, 1u << 20, 64, 64, Dtype::kF32}).validate();
   EXPECT_EQ(huge.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(huge.message().find("1 GiB"), std::string::npos);
