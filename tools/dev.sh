@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Developer entry points; the README's two commands and .ci/run call these.
+#
+#   tools/dev.sh demo   install, build, migrate requests between two agents
+#   tools/dev.sh test   install, build, run every test (last line: N passed, N failed)
+#   tools/dev.sh deps | build
+#
+# Env: BUILD_DIR (default build), MESON_ARGS (extra meson setup arguments).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${BUILD_DIR:-build}
+
+PACKAGES="meson ninja-build g++ pkg-config python3 libboost-dev libspdlog-dev
+  libfmt-dev libxxhash-dev libucx-dev ucx-utils libgtest-dev libgmock-dev
+  libcli11-dev nlohmann-json3-dev clang-format"
+
+deps() {
+  local missing=()
+  for p in $PACKAGES; do
+    dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' ||
+      missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
+  echo "installing: ${missing[*]}" >&2
+  local sudo=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+    --no-install-recommends "${missing[@]}" >&2
+}
+
+build() {
+  if [[ ! -f $BUILD_DIR/build.ninja ]]; then
+    # shellcheck disable=SC2086
+    meson setup "$BUILD_DIR" ${MESON_ARGS:-} >&2
+  fi
+  ninja -C "$BUILD_DIR" >&2
+}
+
+# Starts `kvmig serve` on a free loopback port; prints "PID ADDRESS".
+start_agent() {
+  local log=$1
+  shift
+  "$BUILD_DIR/tools/kvmig" serve --listen 127.0.0.1:0 "$@" >"$log" 2>"$log.err" &
+  local pid=$! addr=""
+  for _ in $(seq 300); do
+    addr=$(sed -n 's/.*listening on //p' "$log")
+    [[ -n $addr ]] && break
+    kill -0 "$pid" 2>/dev/null || { cat "$log.err" >&2; return 1; }
+    sleep 0.1
+  done
+  [[ -n $addr ]] || { echo "agent did not start" >&2; return 1; }
+  echo "$pid $addr"
+}
+
+demo() {
+  deps
+  build
+  local k=$BUILD_DIR/tools/kvmig tmp
+  tmp=$(mktemp -d)
+  local pids=()
+  trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
+  read -r p1 src < <(start_agent "$tmp/src" --preset llama3-8b --layout layer \
+    --capacity-pages 512 --populate 8:1000 --share-prefix 512 --seed 7)
+  pids+=("$p1")
+  read -r p2 dst < <(start_agent "$tmp/dst" --preset llama3-8b --layout page \
+    --capacity-pages 512)
+  pids+=("$p2")
+  echo "== source agent $src (llama3-8b, layer layout), destination $dst (page layout)"
+  "$k" status --agent "$src"
+  "$k" status --agent "$src" --json >"$tmp/before.json"
+  echo "== kvmig migrate --agent $src --to $dst --all"
+  "$k" migrate --agent "$src" --to "$dst" --all
+  "$k" status --agent "$dst" --json >"$tmp/after.json"
+  echo "== destination now"
+  "$k" status --agent "$dst"
+  python3 - "$tmp/before.json" "$tmp/after.json" <<'PY'
+import json, sys
+before = {s["id"]: s["digest"] for s in json.load(open(sys.argv[1]))["seqs"]}
+after = {s["id"]: s["digest"] for s in json.load(open(sys.argv[2]))["seqs"]}
+same = sum(1 for i, d in before.items() if after.get(i) == d)
+print(f"digest check: {same}/{len(before)} requests arrived intact")
+sys.exit(0 if before and same == len(before) == len(after) else 1)
+PY
+}
+
+# Runs the suites; prints the meson summary, then "N passed, N failed" over
+# every GoogleTest case (skips counted apart).
+run_tests() {
+  local dir=$1 rc=0
+  meson test -C "$dir" --print-errorlogs --num-processes 1 >&2 || rc=$?
+  python3 - "$dir/meson-logs/testlog.junit.xml" <<'PY' || rc=1
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+passed = failed = skipped = 0
+for case in root.iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        failed += 1
+    elif case.find("skipped") is not None:
+        skipped += 1
+    else:
+        passed += 1
+print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+sys.exit(1 if failed or passed == 0 else 0)
+PY
+  return $rc
+}
+
+case "${1:-}" in
+  deps) deps ;;
+  build) deps; build ;;
+  demo) demo ;;
+  test) deps; build; run_tests "$BUILD_DIR" ;;
+  run-tests) run_tests "$BUILD_DIR" ;;
+  *) sed -n '2,9p' "$0"; exit 2 ;;
+esac
