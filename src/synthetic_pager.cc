@@ -129,7 +129,7 @@ Result<std::unique_ptr<SyntheticPager>> SyntheticPager::create(
   }
   for (uint32_t r = 0; r < n_regions; ++r) {
     void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (p == MAP_FAILED) {
       int err = errno;
       return Status::resource_exhausted("synthetic pager: mmap of " +

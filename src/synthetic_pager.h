@@ -32,7 +32,10 @@ std::string_view pool_layout_name(PoolLayout layout);
 // Thread-safe: one mutex guards all state, so a decode step and a
 // read_page() never interleave; pause() waits for a running decode step and
 // blocks later ones until resume(). Page memory is page-aligned (mmap) and
-// stays at one address for the pager's lifetime (layout() is truthful).
+// stays at one address for the pager's lifetime (layout() is truthful). It
+// is faulted in at creation (MAP_POPULATE), as an engine's pre-allocated KV
+// pool is, so a migration measures the transfer and not first-touch faults
+// (without it, a 560 MiB TCP migration ran at 0.33 GB/s instead of 2.5).
 //
 // Slot states: free -> allocated (allocate_pages) -> owned by one or more
 // sequences (install_logical_seqs, refcounted) -> free (drop_logical_seqs
