@@ -5,6 +5,7 @@
 
 #include "agent_impl.h"
 #include "kvmig/digest.h"
+#include "kvmig/snapshot.h"
 
 namespace kvmig {
 namespace {
@@ -154,6 +155,26 @@ asio::awaitable<void> Agent::Impl::serve_connection(
       const std::vector<uint8_t> payload5 = encode(resp);
       Status sent = co_await channel.send(MsgType::kOutcomeResp, payload5,
                                           peer_deadline());
+      if (!sent.ok()) log->warn("{}", sent.to_string());
+      break;
+    }
+    case MsgType::kSnapshotReq: {
+      auto req = decode_snapshot_req(first->payload, limits);
+      Status done = req.status();
+      if (done.ok()) {
+        const SnapshotReqMsg& r = *req;
+        done = co_await offload([this, &r] {
+          return r.load ? restore(r.path, pager) : capture(pager, r.path);
+        });
+        log->info("snapshot {} {} for {}: {}", r.load ? "load from" : "save to",
+                  r.path, channel.peer(), done.to_string());
+      }
+      if (!done.ok()) {
+        co_await reply_error(done);
+        break;
+      }
+      Status sent =
+          co_await channel.send(MsgType::kSnapshotResp, {}, peer_deadline());
       if (!sent.ok()) log->warn("{}", sent.to_string());
       break;
     }

@@ -75,6 +75,20 @@ Result<MigrationReport> request_migration(std::string_view agent,
                                      decode_migration_report, options);
 }
 
+Status request_snapshot(std::string_view agent, bool load,
+                        const std::string& path, const ClientOptions& options) {
+  struct Empty {};
+  auto r = call_agent<Empty>(
+      agent, MsgType::kSnapshotReq, encode(SnapshotReqMsg{load, path}),
+      MsgType::kSnapshotResp,
+      [](std::span<const uint8_t> p, const WireLimits&) -> Result<Empty> {
+        if (!p.empty()) return Status::protocol("SNAPSHOT_RESP not empty");
+        return Empty{};
+      },
+      options);
+  return r.status();
+}
+
 Result<HostPort> parse_host_port(std::string_view text) {
   auto bad = [&](std::string_view why) {
     return Status::invalid_argument("address '" + std::string(text) + "': " +

@@ -26,6 +26,8 @@ bool known_type(uint16_t t) {
     case MsgType::kMigrateResp:
     case MsgType::kOutcomeReq:
     case MsgType::kOutcomeResp:
+    case MsgType::kSnapshotReq:
+    case MsgType::kSnapshotResp:
     case MsgType::kError:
       return true;
   }
@@ -71,6 +73,10 @@ std::string msg_type_name(MsgType type) {
       return "OUTCOME_REQ";
     case MsgType::kOutcomeResp:
       return "OUTCOME_RESP";
+    case MsgType::kSnapshotReq:
+      return "SNAPSHOT_REQ";
+    case MsgType::kSnapshotResp:
+      return "SNAPSHOT_RESP";
     case MsgType::kError:
       return "ERROR";
   }

@@ -163,6 +163,27 @@ Result<T> decode_all(std::span<const uint8_t> p, std::string_view what,
 
 }  // namespace
 
+std::vector<uint8_t> encode(const SnapshotReqMsg& m) {
+  ByteWriter w;
+  w.put(static_cast<uint8_t>(m.load));
+  w.put_string(m.path);
+  return w.take();
+}
+
+Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
+                                           const WireLimits& l) {
+  return decode_all<SnapshotReqMsg>(
+      p, "SNAPSHOT_REQ", [&](ByteReader& r) -> Result<SnapshotReqMsg> {
+        SnapshotReqMsg m;
+        KVMIG_ASSIGN_OR_RETURN(uint8_t load, r.get<uint8_t>("snapshot op"));
+        if (load > 1) return Status::data_loss("snapshot op out of range");
+        m.load = load != 0;
+        KVMIG_ASSIGN_OR_RETURN(m.path, r.get_string(l.max_string, "path"));
+        if (m.path.empty()) return Status::data_loss("empty snapshot path");
+        return m;
+      });
+}
+
 std::vector<uint8_t> encode(const HelloMsg& m) {
   ByteWriter w;
   w.put_string(m.migration_id);

@@ -89,6 +89,14 @@ struct OutcomeRespMsg {
   Outcome outcome = Outcome::kUnknown;
 };
 
+// Asks an agent to capture its pager to, or restore it from, a file on the
+// agent's host.
+struct SnapshotReqMsg {
+  bool load = false;
+  std::string path;
+};
+
+std::vector<uint8_t> encode(const SnapshotReqMsg& m);
 std::vector<uint8_t> encode(const HelloMsg& m);
 std::vector<uint8_t> encode(const OfferMsg& m);
 std::vector<uint8_t> encode(const CommitMsg& m);
@@ -101,6 +109,8 @@ std::vector<uint8_t> encode(const MigrateRequest& m);
 std::vector<uint8_t> encode(const MigrationReport& m);
 std::vector<uint8_t> encode(const AgentStatus& m);
 
+Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
+                                           const WireLimits& l);
 Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l);
 Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l);
 Result<CommitMsg> decode_commit(std::span<const uint8_t> p,

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -285,6 +286,13 @@ int cmd_migrate(const std::string& agent, MigrateRequest req,
   return 0;
 }
 
+// The agent runs elsewhere: hand it an absolute path.
+std::string absolute_path(const std::string& path) {
+  std::error_code ec;
+  auto abs = std::filesystem::absolute(path, ec);
+  return ec ? path : abs.string();
+}
+
 int print_snapshot(const std::string& file, bool verbose) {
   auto info = inspect_snapshot(file);
   if (!info.ok()) return fail(info.status(), false);
@@ -381,10 +389,20 @@ int run_cli(int argc, char** argv) {
   auto* snapshot = app.add_subcommand("snapshot", "save, inspect, verify");
   snapshot->require_subcommand(1);
   auto* save = snapshot->add_subcommand(
-      "save", "write a synthetic cache (--preset ... --populate ...) to FILE");
+      "save",
+      "write an agent's cache (--agent) or a synthetic one (--preset ... "
+      "--populate ...) to FILE");
   std::string out_file, in_file;
+  std::string snap_agent;
   add_pool_flags(save, pool);
+  save->add_option("--agent", snap_agent,
+                   "agent HOST:PORT (FILE is on the agent's host)");
   save->add_option("--out", out_file, "snapshot file")->required();
+  auto* load = snapshot->add_subcommand(
+      "load", "restore FILE into an agent's empty cache");
+  load->add_option("--agent", snap_agent, "agent HOST:PORT")->required();
+  load->add_option("--in", in_file, "snapshot file (on the agent's host)")
+      ->required();
   auto* inspect = snapshot->add_subcommand("inspect", "print a snapshot");
   inspect->add_option("file", in_file, "snapshot file")->required();
   auto* verify = snapshot->add_subcommand("verify", "check every checksum");
@@ -409,6 +427,17 @@ int run_cli(int argc, char** argv) {
     }
     req.verify = !no_verify;
     return cmd_migrate(agent, req, seqs_text, mode, as_json, timeout_ms);
+  }
+  if (*load) {
+    Status s = request_snapshot(snap_agent, true, absolute_path(in_file));
+    if (!s.ok()) return fail(s, false);
+    std::cout << "loaded " << in_file << " into " << snap_agent << "\n";
+    return 0;
+  }
+  if (*save && !snap_agent.empty()) {
+    Status s = request_snapshot(snap_agent, false, absolute_path(out_file));
+    if (!s.ok()) return fail(s, false);
+    return print_snapshot(out_file, false);
   }
   if (*save) {
     auto pager = make_pool(pool);

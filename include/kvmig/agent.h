@@ -146,6 +146,12 @@ Result<MigrationReport> request_migration(std::string_view agent,
                                           const MigrateRequest& request,
                                           const ClientOptions& options = {});
 
+// Asks the agent to capture its cache to `path` (load: restore it from
+// `path`), a file on the agent's host. Restoring needs an empty cache.
+Status request_snapshot(std::string_view agent, bool load,
+                        const std::string& path,
+                        const ClientOptions& options = {});
+
 // Splits "HOST:PORT" (IPv4, a name, or [IPv6]). InvalidArgument otherwise.
 struct HostPort {
   std::string host;

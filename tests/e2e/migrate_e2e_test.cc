@@ -334,6 +334,37 @@ TEST(MigrateE2E, MalformedFramesAreRefusedAndTheAgentKeepsServing) {
   EXPECT_NE(err.find("exceeds the limit"), std::string::npos) << err;
 }
 
+TEST(MigrateE2E, SnapshotThroughAgentsRoundTrips) {
+  auto src =
+      AgentProcess::start({"--populate", "3:50", "--share-prefix", "16"});
+  auto dst = AgentProcess::start({"--layout", "layer"});
+  ASSERT_TRUE(src && dst);
+  json before = status_of(src->address());
+  char dir_tmpl[] = "/tmp/kvmig-snap-XXXXXX";
+  std::string file = std::string(mkdtemp(dir_tmpl)) + "/a.snap";
+  CliResult saved =
+      run_kvmig({"snapshot", "save", "--agent", src->address(), "--out", file});
+  ASSERT_EQ(saved.code, 0) << saved.err;
+  CliResult inspect = run_kvmig({"snapshot", "inspect", file});
+  ASSERT_EQ(inspect.code, 0) << inspect.err;
+  for (const auto& [id, digest] : digests(before)) {
+    EXPECT_NE(inspect.out.find(digest), std::string::npos) << inspect.out;
+  }
+  CliResult loaded =
+      run_kvmig({"snapshot", "load", "--agent", dst->address(), "--in", file});
+  ASSERT_EQ(loaded.code, 0) << loaded.err;
+  json after = status_of(dst->address());
+  EXPECT_EQ(digests(after), digests(before));
+  EXPECT_EQ(after["free_pages"], before["free_pages"]);
+  // A second load into a cache that is no longer empty is refused.
+  CliResult again =
+      run_kvmig({"snapshot", "load", "--agent", dst->address(), "--in", file});
+  EXPECT_EQ(again.code, 1);
+  EXPECT_NE(again.err.find("empty"), std::string::npos) << again.err;
+  expect_unchanged(dst->address(), after);
+  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
+}
+
 TEST(MigrateE2E, UsageErrorsAreClear) {
   CliResult r = run_kvmig({"migrate", "--agent", "127.0.0.1:1", "--to", "x:1"});
   EXPECT_NE(r.code, 0);
