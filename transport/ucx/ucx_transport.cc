@@ -43,15 +43,16 @@
 // lanes closing the endpoint stops further writes: tcp (the connection is
 // closed), rc verbs (the QP is destroyed), and UCX's software-emulated RMA
 // over active messages (carried by those connections). Over connectionless
-// one-sided lanes it does not: cma (process_vm_writev), knem and xpmem on
-// one host, and dc on InfiniBand can still write through the rkey until the
-// mapping behind it is unmapped, and the initiator only stops once it has
-// seen the disconnect. So this transport removes cma from UCX's default
-// transports (knem and xpmem are not built into Debian's UCX; naming them
-// would only make UCX warn) unless UCX_TLS is set explicitly, which is then
-// trusted; a deployment on dc must map per migration. On this machine
-// (no RDMA device) a listener-made endpoint gets one lane, tcp on the
-// interface the connection came through, and puts run as rma_am over it.
+// one-sided lanes it does not: cma (process_vm_writev), knem, xpmem and the
+// posix/sysv shared-memory RMA (which tools/ucx_put_ref gets between worker
+// addresses) on one host, and dc on InfiniBand can still write through the
+// rkey until the mapping behind it is unmapped, and the initiator only stops
+// once it has seen the disconnect. So this transport removes cma from UCX's
+// default transports (knem and xpmem are not built into Debian's UCX; naming
+// them would only make UCX warn) unless UCX_TLS is set explicitly, which is
+// then trusted; a deployment on dc must map per migration. On this machine (no
+// RDMA device) a listener-made endpoint gets one lane, tcp on the interface the
+// connection came through, and puts run as rma_am over it.
 
 namespace kvmig {
 namespace {
