@@ -430,10 +430,44 @@ struct EpDeleter {
 };
 using EpPtr = std::unique_ptr<Handle<ucp_ep_h>, EpDeleter>;
 
+// Closes one endpoint once, however many parties ask (an error callback,
+// revoke(), a destructor), and tells each of them when UCX has finished.
+// Progress thread only.
+class EpClose {
+ public:
+  // Starts closing ep if it is open; calls done (if set) once it is closed,
+  // and `closed` (if set) first, once, when the close finishes.
+  template <typename Keep>
+  void request(UcxCore* core, EpPtr& ep, Keep keep_alive,
+               std::function<void()> done, std::function<void()> closed = {}) {
+    if (done) waiters_.push_back(std::move(done));
+    if (ep) {
+      in_progress_ = true;
+      core->close_ep(ep.release(), [this, keep_alive, closed](ucs_status_t) {
+        in_progress_ = false;
+        if (closed) closed();
+        finish();
+      });
+      return;
+    }
+    if (!in_progress_) finish();
+  }
+
+ private:
+  void finish() {
+    auto waiters = std::move(waiters_);
+    waiters_.clear();
+    for (auto& w : waiters) w();
+  }
+
+  bool in_progress_ = false;
+  std::vector<std::function<void()>> waiters_;
+};
+
 // ---------------------------------------------------------------- target
 
 // Shared by a UcxTarget and the callbacks UCX calls on the progress thread.
-struct TargetState {
+struct TargetState : std::enable_shared_from_this<TargetState> {
   explicit TargetState(UcxCore* c) : core(c), ep(nullptr, EpDeleter{c}) {}
 
   void set_health(Status s) {
@@ -486,12 +520,26 @@ struct TargetState {
     Status status = status_from_ucs(s, "connection from initiator " + peer);
     ucx_log()->info("target: {}", status.to_string());
     st->set_health(std::move(status));
+    // A failed endpoint is only good for closing; close it at once.
+    // Known UCX 1.13 limit (seen under TSan with UCX_TLS=tcp, about one run
+    // in five): when the initiator vanishes mid-transfer, software-RMA puts
+    // already received are acknowledged on the failed endpoint and UCX
+    // aborts the process (ucp_request.inl "unexpected error: Endpoint
+    // timeout" from ucp_put_handler). Closing here narrows the window; it
+    // does not close it.
+    st->close(nullptr);
+  }
+
+  // Progress thread: force-closes the initiator's endpoint, if any.
+  void close(std::function<void()> done) {
+    ep_close.request(core, ep, shared_from_this(), std::move(done));
   }
 
   UcxCore* const core;
   // Progress thread only. The endpoint is closed before the listener goes.
   ListenerPtr listener;
   EpPtr ep;
+  EpClose ep_close;
   bool revoked = false;
 
   std::mutex mu;
@@ -536,9 +584,7 @@ class UcxTarget final : public TransportTarget {
     core_->post([st = state_, done] {
       st->revoked = true;
       st->listener.reset();
-      if (!st->ep) return done->set_value();
-      st->core->close_ep(st->ep.release(),
-                         [st, done](ucs_status_t) { done->set_value(); });
+      st->close([done] { done->set_value(); });
     });
     if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
       ucx_log()->warn("target: closing the initiator's endpoint took over {}s",
@@ -735,6 +781,7 @@ struct InitState : std::enable_shared_from_this<InitState> {
   static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
     auto* st = static_cast<InitState*>(arg);
     st->fail(status_from_ucs(s, "connection to target " + st->peer));
+    st->close(nullptr);  // a failed endpoint is only good for closing
   }
 
   // Progress thread: posts puts of the current batch while fewer than
@@ -777,16 +824,8 @@ struct InitState : std::enable_shared_from_this<InitState> {
   void close(std::function<void()> on_closed) {
     closing = true;
     batch.reset();
-    if (!ep) {
-      rkeys.clear();
-      if (on_closed) on_closed();
-      return;
-    }
-    core->close_ep(ep.release(),
-                   [self = shared_from_this(), on_closed](ucs_status_t) {
-                     self->rkeys.clear();
-                     if (on_closed) on_closed();
-                   });
+    ep_close.request(core, ep, shared_from_this(), std::move(on_closed),
+                     [this] { rkeys.clear(); });
   }
 
   UcxCore* const core;
@@ -796,6 +835,7 @@ struct InitState : std::enable_shared_from_this<InitState> {
 
   // Progress thread only. Remote keys are destroyed before the endpoint.
   EpPtr ep;
+  EpClose ep_close;
   std::vector<RkeyPtr> rkeys;
   std::shared_ptr<const std::vector<Put>> batch;
   size_t next = 0;
