@@ -4,6 +4,7 @@
 // failure releases the slots, after cutting the source off so that no late
 // write can land in a slot that is given back.
 #include <algorithm>
+#include <map>
 #include <set>
 #include <string>
 
@@ -174,62 +175,95 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
             transport->name(), staging ? " (staged)" : "");
   fault("dst.after_offer");
 
-  // 4. Wait for the data to land: staged batches, then COMMIT.
-  const auto data_allowance =
-      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
-          double(hello.n_pages) * page_total / kMinDataBytesPerSecond));
-  const Deadline commit_deadline = peer_deadline() + data_allowance;
-  uint32_t next_batch = 0;
+  // 4. Wait for the data to land: live rounds, staged batches, then COMMIT.
+  // Each wait allows the data phase at least kMinDataBytesPerSecond for
+  // every slot allocated so far, on top of the peer timeout.
+  auto data_deadline = [&] {
+    return peer_deadline() +
+           std::chrono::duration_cast<Clock::duration>(
+               std::chrono::duration<double>(double(slots.size()) * page_total /
+                                             kMinDataBytesPerSecond));
+  };
+  std::vector<bool> landed(slots.size(), false);  // staged positions written
   Result<Frame> frame = Status::internal("no frame yet");
   for (;;) {
-    frame = co_await channel.receive(commit_deadline);
+    frame = co_await channel.receive(data_deadline());
     if (!frame.ok()) {
       Status error = frame.status().with_context("waiting for COMMIT");
       co_await fail(error);
       co_return;
     }
     if (frame->type == MsgType::kCommit) break;
+    Status ok;
     if (frame->type == MsgType::kAbort) {
       auto why = decode_abort(frame->payload, limits);
-      Status error =
-          Status::aborted("source aborted: " +
-                          (why.ok() ? why->reason : why.status().to_string()));
-      co_await fail(error);
-      co_return;
-    }
-    if (frame->type != MsgType::kBatch || !staging) {
-      Status error =
-          Status::protocol("unexpected " + msg_type_name(frame->type) +
-                           " during the data phase");
-      co_await fail(error);
-      co_return;
-    }
-    auto batch = decode_batch(frame->payload);
-    Status ok = batch.status();
-    if (ok.ok() && (batch->first != next_batch || batch->count == 0 ||
-                    batch->count > staging->slots() ||
-                    batch->count > hello.n_pages - batch->first)) {
-      ok = Status::protocol("BATCH of " + std::to_string(batch->count) +
-                            " pages at " + std::to_string(batch->first) +
-                            ", expected one at " + std::to_string(next_batch));
-    }
-    if (ok.ok()) {
-      ok = co_await offload([&]() -> Status {
-        for (uint32_t i = 0; i < batch->count; ++i) {
-          KVMIG_RETURN_IF_ERROR(pager.write_page(
-              slots[batch->first + i], staging->load(i, meta.page_bytes())));
+      ok = Status::aborted("source aborted: " +
+                           (why.ok() ? why->reason : why.status().to_string()));
+    } else if (frame->type == MsgType::kRound && hello.live) {
+      // A live round: more slots, appended to the positions.
+      auto round = decode_round(frame->payload);
+      ok = round.status();
+      if (ok.ok() &&
+          (round->n_pages == 0 ||
+           round->n_pages > options.max_pages_per_migration - slots.size())) {
+        ok = Status::resource_exhausted(
+            "ROUND asks for " + std::to_string(round->n_pages) +
+            " more pages; this agent takes at most " +
+            std::to_string(options.max_pages_per_migration) + " per migration");
+      }
+      if (ok.ok()) {
+        auto more = pager.allocate_pages(round->n_pages);
+        if (!more.ok()) {
+          ok = Status::resource_exhausted(
+              "destination full: need " + std::to_string(round->n_pages) +
+              " more pages (" + more.status().message() + ")");
+        } else {
+          slots.insert(slots.end(), more->begin(), more->end());
+          landed.resize(slots.size(), false);
+          const std::vector<uint8_t> payload = encode(RoundOfferMsg{*more});
+          ok = co_await channel.send(MsgType::kRoundOffer, payload,
+                                     peer_deadline());
         }
-        return Status();
-      });
+      }
+    } else if (frame->type == MsgType::kBatch && staging) {
+      // Staged pages: staging slot k holds the page for positions[k].
+      auto batch = decode_batch(frame->payload, limits);
+      ok = batch.status();
+      if (ok.ok() && (batch->positions.empty() ||
+                      batch->positions.size() > staging->slots())) {
+        ok = Status::protocol("BATCH of " +
+                              std::to_string(batch->positions.size()) +
+                              " pages for a staging buffer of " +
+                              std::to_string(staging->slots()));
+      }
+      for (size_t k = 0; ok.ok() && k < batch->positions.size(); ++k) {
+        if (batch->positions[k] >= slots.size()) {
+          ok = Status::protocol("BATCH names slot position " +
+                                std::to_string(batch->positions[k]) + " of " +
+                                std::to_string(slots.size()));
+        }
+      }
+      if (ok.ok()) {
+        ok = co_await offload([&]() -> Status {
+          for (size_t k = 0; k < batch->positions.size(); ++k) {
+            uint32_t pos = batch->positions[k];
+            KVMIG_RETURN_IF_ERROR(pager.write_page(
+                slots[pos],
+                staging->load(static_cast<uint32_t>(k), meta.page_bytes())));
+            landed[pos] = true;
+          }
+          return Status();
+        });
+      }
+      if (ok.ok()) {
+        ok = co_await channel.send(MsgType::kBatchAck, {}, peer_deadline());
+      }
+    } else {
+      ok = Status::protocol("unexpected " + msg_type_name(frame->type) +
+                            " during the data phase");
     }
     if (!ok.ok()) {
       co_await fail(ok);
-      co_return;
-    }
-    next_batch = batch->first + batch->count;
-    sent = co_await channel.send(MsgType::kBatchAck, {}, peer_deadline());
-    if (!sent.ok()) {
-      co_await fail(sent);
       co_return;
     }
   }
@@ -239,19 +273,15 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
     co_await fail(error);
     co_return;
   }
-  if (staging && next_batch != hello.n_pages) {
-    Status error =
-        Status::protocol("COMMIT after " + std::to_string(next_batch) + " of " +
-                         std::to_string(hello.n_pages) + " staged pages");
-    co_await fail(error);
-    co_return;
-  }
   dst_records[id].committing = true;
 
-  // 5. Check COMMIT: the page tables use exactly the allocated slots.
+  // 5. Check COMMIT: the page tables use only allocated slots; every slot is
+  // used (a live migration may leave some unused: requests left behind).
   auto commit = decode_commit(frame->payload, limits);
   Status valid = commit.status();
-  if (valid.ok() && commit->seqs.size() != hello.n_seqs) {
+  if (valid.ok() &&
+      (commit->seqs.empty() || commit->seqs.size() > hello.n_seqs ||
+       (!hello.live && commit->seqs.size() != hello.n_seqs))) {
     valid = Status::protocol(
         "COMMIT has " + std::to_string(commit->seqs.size()) +
         " requests, HELLO announced " + std::to_string(hello.n_seqs));
@@ -262,9 +292,11 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
         "COMMIT has " + std::to_string(commit->checksums.size()) +
         " checksums for " + std::to_string(slots.size()) + " pages");
   }
+  std::map<PageIndex, uint32_t> position_of;
+  for (uint32_t pos = 0; pos < slots.size(); ++pos)
+    position_of[slots[pos]] = pos;
+  std::vector<bool> used(slots.size(), false);
   if (valid.ok()) {
-    std::set<PageIndex> allocated_set(slots.begin(), slots.end());
-    std::set<PageIndex> used;
     for (const LogicalSeq& s : commit->seqs) {
       if (s.pages.size() != meta.pages_for_tokens(s.n_tokens)) {
         valid =
@@ -274,21 +306,31 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
         break;
       }
       for (PageIndex p : s.pages) {
-        if (!allocated_set.count(p)) {
+        auto it = position_of.find(p);
+        if (it == position_of.end()) {
           valid = Status::protocol("request " + std::to_string(s.seq_id) +
                                    " points at slot " + std::to_string(p) +
                                    ", not one allocated for it");
           break;
         }
-        used.insert(p);
+        if (staging && !landed[it->second]) {
+          valid = Status::protocol("request " + std::to_string(s.seq_id) +
+                                   " points at slot " + std::to_string(p) +
+                                   ", which no BATCH filled");
+          break;
+        }
+        used[it->second] = true;
       }
       if (!valid.ok()) break;
     }
-    if (valid.ok() && used.size() != allocated_set.size()) {
-      valid =
-          Status::protocol(std::to_string(allocated_set.size() - used.size()) +
-                           " allocated slots are used by no request");
-    }
+  }
+  std::vector<PageIndex> unused;
+  for (uint32_t pos = 0; pos < slots.size(); ++pos) {
+    if (!used[pos]) unused.push_back(slots[pos]);
+  }
+  if (valid.ok() && !hello.live && !unused.empty()) {
+    valid = Status::protocol(std::to_string(unused.size()) +
+                             " allocated slots are used by no request");
   }
   if (!valid.ok()) {
     co_await fail(valid);
@@ -302,12 +344,13 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   });
   if (!commit->checksums.empty()) {
     Status verified = co_await offload([&]() -> Status {
-      for (size_t i = 0; i < slots.size(); ++i) {
+      for (size_t pos = 0; pos < slots.size(); ++pos) {
+        if (!used[pos]) continue;
         KVMIG_ASSIGN_OR_RETURN(uint64_t c,
-                               pager_page_checksum(pager, layout, slots[i]));
-        if (c != commit->checksums[i]) {
-          return Status::data_loss("page " + std::to_string(i) + " (slot " +
-                                   std::to_string(slots[i]) +
+                               pager_page_checksum(pager, layout, slots[pos]));
+        if (c != commit->checksums[pos]) {
+          return Status::data_loss("page " + std::to_string(pos) + " (slot " +
+                                   std::to_string(slots[pos]) +
                                    ") checksum mismatch");
         }
       }
@@ -325,8 +368,16 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
     co_return;
   }
   remember_outcome(id, Outcome::kCommitted);
+  if (!unused.empty()) {
+    // Pages of requests the source left behind.
+    Status released = pager.release_pages(unused);
+    if (!released.ok()) {
+      log->error("{} releasing {} unused slots: {}", tag, unused.size(),
+                 released.to_string());
+    }
+  }
   log->info("{} installed {} requests in {} slots", tag, commit->seqs.size(),
-            slots.size());
+            slots.size() - unused.size());
   fault("dst.before_done");
   sent = co_await channel.send(MsgType::kDone, {}, peer_deadline());
   if (!sent.ok()) {

@@ -20,6 +20,8 @@ bool known_type(uint16_t t) {
     case MsgType::kAbort:
     case MsgType::kBatch:
     case MsgType::kBatchAck:
+    case MsgType::kRound:
+    case MsgType::kRoundOffer:
     case MsgType::kStatusReq:
     case MsgType::kStatusResp:
     case MsgType::kMigrateReq:
@@ -61,6 +63,10 @@ std::string msg_type_name(MsgType type) {
       return "BATCH";
     case MsgType::kBatchAck:
       return "BATCH_ACK";
+    case MsgType::kRound:
+      return "ROUND";
+    case MsgType::kRoundOffer:
+      return "ROUND_OFFER";
     case MsgType::kStatusReq:
       return "STATUS_REQ";
     case MsgType::kStatusResp:

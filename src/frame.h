@@ -31,6 +31,8 @@ enum class MsgType : uint16_t {
   kAbort = 5,          // either way: rolled back, with a reason
   kBatch = 6,          // src -> dst: a staged batch landed
   kBatchAck = 7,       // dst -> src: staged batch applied
+  kRound = 8,          // src -> dst: a live round needs more slots
+  kRoundOffer = 9,     // dst -> src: the slots for that round
   kStatusReq = 16,     // scheduler -> agent
   kStatusResp = 17,    // agent -> scheduler
   kMigrateReq = 18,    // scheduler -> source agent

@@ -87,6 +87,21 @@ Result<std::vector<SeqId>> get_ids(ByteReader& r, const WireLimits& l) {
   return ids;
 }
 
+void put_u32s(ByteWriter& w, const std::vector<uint32_t>& v) {
+  w.put(static_cast<uint32_t>(v.size()));
+  for (uint32_t x : v) w.put(x);
+}
+
+Result<std::vector<uint32_t>> get_u32s(ByteReader& r, uint32_t limit,
+                                       std::string_view what) {
+  KVMIG_ASSIGN_OR_RETURN(uint32_t n, get_count(r, limit, 4, what));
+  std::vector<uint32_t> v(n);
+  for (uint32_t& x : v) {
+    KVMIG_ASSIGN_OR_RETURN(x, r.get<uint32_t>(what));
+  }
+  return v;
+}
+
 Result<std::vector<uint8_t>> get_blob_copy(ByteReader& r, uint32_t max,
                                            std::string_view what) {
   KVMIG_ASSIGN_OR_RETURN(auto b, r.get_blob(max, what));
@@ -188,6 +203,7 @@ std::vector<uint8_t> encode(const HelloMsg& m) {
   ByteWriter w;
   w.put_string(m.migration_id);
   put_meta(w, m.meta);
+  w.put(static_cast<uint8_t>(m.live));
   w.put(m.n_pages);
   w.put(m.n_seqs);
   w.put(static_cast<uint32_t>(m.transports.size()));
@@ -203,6 +219,9 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
         KVMIG_ASSIGN_OR_RETURN(m.migration_id,
                                r.get_string(l.max_string, "migration id"));
         KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t live, r.get<uint8_t>("live flag"));
+        if (live > 1) return Status::data_loss("live flag out of range");
+        m.live = live != 0;
         KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
         KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
@@ -287,17 +306,47 @@ Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
 
 std::vector<uint8_t> encode(const BatchMsg& m) {
   ByteWriter w;
-  w.put(m.first);
-  w.put(m.count);
+  put_u32s(w, m.positions);
   return w.take();
 }
 
-Result<BatchMsg> decode_batch(std::span<const uint8_t> p) {
+Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l) {
   return decode_all<BatchMsg>(
       p, "BATCH", [&](ByteReader& r) -> Result<BatchMsg> {
         BatchMsg m;
-        KVMIG_ASSIGN_OR_RETURN(m.first, r.get<uint32_t>("batch first"));
-        KVMIG_ASSIGN_OR_RETURN(m.count, r.get<uint32_t>("batch count"));
+        KVMIG_ASSIGN_OR_RETURN(m.positions,
+                               get_u32s(r, l.max_pages, "positions"));
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const RoundMsg& m) {
+  ByteWriter w;
+  w.put(m.n_pages);
+  return w.take();
+}
+
+Result<RoundMsg> decode_round(std::span<const uint8_t> p) {
+  return decode_all<RoundMsg>(
+      p, "ROUND", [&](ByteReader& r) -> Result<RoundMsg> {
+        RoundMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("round pages"));
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const RoundOfferMsg& m) {
+  ByteWriter w;
+  put_u32s(w, m.slots);
+  return w.take();
+}
+
+Result<RoundOfferMsg> decode_round_offer(std::span<const uint8_t> p,
+                                         const WireLimits& l) {
+  return decode_all<RoundOfferMsg>(
+      p, "ROUND_OFFER", [&](ByteReader& r) -> Result<RoundOfferMsg> {
+        RoundOfferMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.slots, get_u32s(r, l.max_pages, "slots"));
         return m;
       });
 }
@@ -374,6 +423,10 @@ std::vector<uint8_t> encode(const MigrateRequest& m) {
   w.put(static_cast<uint8_t>(m.live));
   w.put_string(m.transport);
   w.put(static_cast<uint8_t>(m.verify));
+  w.put(static_cast<uint8_t>(m.record_digests));
+  w.put(m.live_max_rounds);
+  w.put(m.live_converge_pages);
+  w.put(static_cast<uint8_t>(m.live_abort_if_not_converged));
   return w.take();
 }
 
@@ -389,9 +442,18 @@ Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
         KVMIG_ASSIGN_OR_RETURN(uint8_t live, r.get<uint8_t>("live"));
         KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
         KVMIG_ASSIGN_OR_RETURN(uint8_t verify, r.get<uint8_t>("verify"));
-        if (all > 1 || mode > 1 || live > 1 || verify > 1) {
+        KVMIG_ASSIGN_OR_RETURN(uint8_t digests, r.get<uint8_t>("digests"));
+        KVMIG_ASSIGN_OR_RETURN(m.live_max_rounds,
+                               r.get<uint32_t>("max rounds"));
+        KVMIG_ASSIGN_OR_RETURN(m.live_converge_pages,
+                               r.get<uint32_t>("converge pages"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t abort_nc, r.get<uint8_t>("abort flag"));
+        if (all > 1 || mode > 1 || live > 1 || verify > 1 || digests > 1 ||
+            abort_nc > 1) {
           return Status::data_loss("flag out of range");
         }
+        m.record_digests = digests;
+        m.live_abort_if_not_converged = abort_nc;
         m.all = all;
         m.mode = static_cast<MigrationMode>(mode);
         m.live = live;
@@ -411,8 +473,16 @@ std::vector<uint8_t> encode(const MigrationReport& m) {
   put_double(w, m.gbps);
   put_double(w, m.pause_ms);
   w.put(m.rounds);
+  w.put(static_cast<uint32_t>(m.round_pages.size()));
+  for (uint64_t n : m.round_pages) w.put(n);
   w.put_string(m.transport);
   w.put(static_cast<uint8_t>(m.staged));
+  put_ids(w, m.left_behind);
+  w.put(static_cast<uint32_t>(m.digests.size()));
+  for (const auto& [id, hex] : m.digests) {
+    w.put(id);
+    w.put_string(hex);
+  }
   return w.take();
 }
 
@@ -431,9 +501,23 @@ Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
         KVMIG_ASSIGN_OR_RETURN(m.gbps, get_double(r, "gbps"));
         KVMIG_ASSIGN_OR_RETURN(m.pause_ms, get_double(r, "pause_ms"));
         KVMIG_ASSIGN_OR_RETURN(m.rounds, r.get<uint32_t>("rounds"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nr,
+                               get_count(r, 1u << 16, 8, "round count"));
+        m.round_pages.resize(nr);
+        for (uint64_t& n : m.round_pages) {
+          KVMIG_ASSIGN_OR_RETURN(n, r.get<uint64_t>("round pages"));
+        }
         KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
         KVMIG_ASSIGN_OR_RETURN(uint8_t staged, r.get<uint8_t>("staged"));
         m.staged = staged != 0;
+        KVMIG_ASSIGN_OR_RETURN(m.left_behind, get_ids(r, l));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nd,
+                               get_count(r, l.max_seqs, 12, "digest count"));
+        m.digests.resize(nd);
+        for (auto& [id, hex] : m.digests) {
+          KVMIG_ASSIGN_OR_RETURN(id, r.get<uint64_t>("digest id"));
+          KVMIG_ASSIGN_OR_RETURN(hex, r.get_string(64, "digest"));
+        }
         return m;
       });
 }

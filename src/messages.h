@@ -37,15 +37,18 @@ struct RegionGeometry {
 struct HelloMsg {
   std::string migration_id;
   CacheMeta meta;
-  uint32_t n_pages = 0;                 // distinct pages to move
-  uint32_t n_seqs = 0;                  // requests to move
+  bool live = false;     // pre-copy: ROUND messages may follow OFFER
+  uint32_t n_pages = 0;  // slots needed for the first round
+  uint32_t n_seqs = 0;   // requests to move (at most, when live)
   std::vector<std::string> transports;  // acceptable, preferred first
   std::vector<uint8_t> initiator_address;
 };
 
+// Slot positions: every slot the destination allocates for a migration gets
+// the next position (0, 1, ...), in OFFER order then ROUND_OFFER order.
 struct OfferMsg {
   std::string transport;
-  std::vector<PageIndex> slots;  // one per distinct page, in HELLO order
+  std::vector<PageIndex> slots;  // positions 0 .. n_pages - 1
   // Where the source writes: the destination's layout geometry (region i is
   // the target's region i). With staging_slots > 0 the geometry is a staging
   // buffer of that many page slots, filled in batches (BATCH / BATCH_ACK).
@@ -54,17 +57,24 @@ struct OfferMsg {
   std::vector<uint8_t> target_address;
 };
 
-struct CommitMsg {
-  std::vector<LogicalSeq> seqs;     // page tables in destination slots
-  std::vector<uint64_t> checksums;  // per distinct page, HELLO order; empty
-                                    // when not verifying
+// A live round asks for n more slots.
+struct RoundMsg {
+  uint32_t n_pages = 0;
+};
+struct RoundOfferMsg {
+  std::vector<PageIndex> slots;  // the next positions, in order
 };
 
-// A staged batch: pages [first, first + count) of HELLO order sit in staging
-// slots [0, count).
+struct CommitMsg {
+  std::vector<LogicalSeq> seqs;     // page tables in destination slots
+  std::vector<uint64_t> checksums;  // per slot position (0 for a slot no
+                                    // request uses); empty: no verification
+};
+
+// A staged batch: staging slot k holds the page for slot position
+// positions[k].
 struct BatchMsg {
-  uint32_t first = 0;
-  uint32_t count = 0;
+  std::vector<uint32_t> positions;
 };
 
 struct AbortMsg {
@@ -101,6 +111,8 @@ std::vector<uint8_t> encode(const HelloMsg& m);
 std::vector<uint8_t> encode(const OfferMsg& m);
 std::vector<uint8_t> encode(const CommitMsg& m);
 std::vector<uint8_t> encode(const BatchMsg& m);
+std::vector<uint8_t> encode(const RoundMsg& m);
+std::vector<uint8_t> encode(const RoundOfferMsg& m);
 std::vector<uint8_t> encode(const AbortMsg& m);
 std::vector<uint8_t> encode(const ErrorMsg& m);
 std::vector<uint8_t> encode(const OutcomeReqMsg& m);
@@ -115,7 +127,10 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l);
 Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l);
 Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
                                 const WireLimits& l);
-Result<BatchMsg> decode_batch(std::span<const uint8_t> p);
+Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l);
+Result<RoundMsg> decode_round(std::span<const uint8_t> p);
+Result<RoundOfferMsg> decode_round_offer(std::span<const uint8_t> p,
+                                         const WireLimits& l);
 Result<AbortMsg> decode_abort(std::span<const uint8_t> p, const WireLimits& l);
 Result<ErrorMsg> decode_error(std::span<const uint8_t> p, const WireLimits& l);
 Result<OutcomeReqMsg> decode_outcome_req(std::span<const uint8_t> p,

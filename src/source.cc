@@ -1,15 +1,20 @@
-// The source side of a migration: select, pause, HELLO, OFFER, data, COMMIT,
-// DONE, then drop (move) or keep (copy) and resume. Any failure before the
-// destination decides rolls back: the destination releases its slots and
-// the source resumes with everything it had.
+// The source side of a migration: select, (pause), HELLO, OFFER, data in one
+// or more rounds, COMMIT, DONE, then drop (move) or keep (copy) and resume.
+// Any failure before the destination decides rolls back: the destination
+// releases its slots and the source resumes with everything it had.
+//
+// Stop-and-copy pauses first and copies everything in one round. Live
+// migration copies in rounds while the engine runs (PrecopyState says what
+// each round sends), then pauses for a last round.
 #include <algorithm>
 #include <chrono>
 #include <set>
 #include <string>
-#include <unordered_map>
 
 #include "agent_impl.h"
+#include "kvmig/digest.h"
 #include "planner.h"
+#include "precopy.h"
 #include "staging.h"
 
 namespace kvmig {
@@ -37,6 +42,7 @@ class PauseGuard {
   explicit PauseGuard(CachePager& pager) : pager_(pager) {}
   ~PauseGuard() { (void)release(); }
   void engage() { engaged_ = true; }
+  bool engaged() const { return engaged_; }
   Status release() {
     if (!engaged_) return Status();
     engaged_ = false;
@@ -50,27 +56,470 @@ class PauseGuard {
   bool engaged_ = false;
 };
 
+Status reply_status(const Frame& f, const WireLimits& limits,
+                    std::string_view context) {
+  if (f.type == MsgType::kAbort) {
+    auto why = decode_abort(f.payload, limits);
+    return Status::aborted(std::string(context) + ": destination aborted: " +
+                           (why.ok() ? why->reason : why.status().to_string()));
+  }
+  return Status::protocol(std::string(context) + ": unexpected " +
+                          msg_type_name(f.type));
+}
+
 }  // namespace
 
-// Everything the data phase needs, built on the io thread and used on a
-// pool thread while the io coroutine awaits it.
-struct DataPlan {
-  CacheMeta meta;
-  std::vector<PageIndex> pages;  // distinct source pages, HELLO order
-  std::vector<PageIndex> slots;  // their destination slots
-  std::optional<PagerLayout> src_layout;
-  std::vector<RegionGeometry> dst_regions;
-  uint32_t dst_staging_slots = 0;
-  uint64_t src_staging_bytes = 0;
+// One outgoing migration. Its coroutines run on the io thread; its data
+// work runs on one pool thread at a time while the coroutine awaits it.
+class SourceRun {
+ public:
+  SourceRun(Agent::Impl& agent, const MigrateRequest& req, Transport& transport,
+            std::string id)
+      : a_(agent),
+        req_(req),
+        transport_(transport),
+        id_(std::move(id)),
+        tag_("[" + id_.substr(0, 12) + " -> " + req.to + "]"),
+        meta_(agent.pager.meta()),
+        page_total_(2 * meta_.page_bytes()),
+        precopy_(meta_.page_size_tokens),
+        pause_(agent.pager) {}
+
+  asio::awaitable<Result<MigrationReport>> run(std::vector<SeqId> ids);
+
+ private:
+  Deadline deadline() const { return a_.peer_deadline(); }
+  asio::awaitable<void> abort_peer(const Status& why);
+  asio::awaitable<Status> pause_engine();
+  // Plans, allocates and sends one round from a fresh snapshot.
+  asio::awaitable<Status> run_round(bool first);
+  // Copies the pages at `positions` into their destination slots.
+  asio::awaitable<Status> send_positions(
+      const std::vector<uint32_t>& positions);
+  Status write_batch(const std::vector<uint32_t>& positions, size_t first,
+                     size_t count, bool mid_fault);
+  asio::awaitable<Result<MigrationReport>> commit();
+
+  Agent::Impl& a_;
+  const MigrateRequest& req_;
+  Transport& transport_;
+  const std::string id_;
+  const std::string tag_;
+  const CacheMeta meta_;
+  const uint64_t page_total_;
+
+  std::optional<FrameChannel> channel_;
+  std::unique_ptr<TransportInitiator> init_;
+  PrecopyState precopy_;
+  PauseGuard pause_;
+  std::vector<SeqId> moving_;
+  std::vector<SeqId> left_behind_;
+  std::vector<uint64_t> round_pages_;
+
+  // Where writes go: the destination's geometry (or staging), from OFFER.
+  std::vector<RegionGeometry> dst_regions_;
+  uint32_t dst_staging_slots_ = 0;
+  // Where writes come from: the pager's layout or a staging buffer.
+  std::vector<RegionGeometry> src_geometry_;
+  std::vector<std::byte*> src_bases_;
+  std::unique_ptr<StagingBuffer> src_staging_;
+
+  Clock::time_point t_start_ = Clock::now();
+  Clock::time_point t_pause_;
+  double data_seconds_ = 0;
+  uint64_t bytes_ = 0, writes_ = 0;
+  bool mid_fault_done_ = false;
 };
+
+asio::awaitable<void> SourceRun::abort_peer(const Status& why) {
+  if (!channel_) co_return;
+  const std::vector<uint8_t> payload = encode(AbortMsg{why.to_string()});
+  Status sent = co_await channel_->send(MsgType::kAbort, payload,
+                                        Clock::now() + std::chrono::seconds(1));
+  (void)sent;
+  channel_->close();
+}
+
+asio::awaitable<Status> SourceRun::pause_engine() {
+  Status paused = co_await a_.offload([this] { return a_.pager.pause(); });
+  if (!paused.ok()) co_return paused.with_context("pause");
+  pause_.engage();
+  t_pause_ = Clock::now();
+  co_return Status();
+}
+
+asio::awaitable<Status> SourceRun::run_round(bool first) {
+  auto current = a_.pager.logical_seqs();
+  if (!current.ok()) co_return current.status().with_context("logical_seqs");
+  PrecopyState::Round round = precopy_.plan(*current, moving_);
+  if (!round.dropped.empty()) {
+    if (!req_.live) {
+      co_return Status::aborted("requests finished before the pause: " +
+                                join_ids(round.dropped));
+    }
+    a_.log->warn("{} left behind (finished or changed shape): {}", tag_,
+                 join_ids(round.dropped));
+    left_behind_.insert(left_behind_.end(), round.dropped.begin(),
+                        round.dropped.end());
+    std::erase_if(moving_, [&](SeqId s) {
+      return std::find(round.dropped.begin(), round.dropped.end(), s) !=
+             round.dropped.end();
+    });
+    if (moving_.empty()) {
+      co_return Status::aborted(
+          "every request finished or changed shape during the migration");
+    }
+  }
+  const uint64_t total =
+      uint64_t{precopy_.positions()} + round.new_pages.size();
+  if (total > a_.options.max_pages_per_migration) {
+    co_return Status::resource_exhausted(
+        std::to_string(total) + " pages exceed the limit of " +
+        std::to_string(a_.options.max_pages_per_migration) + " per migration");
+  }
+
+  // Slots for the new pages: OFFER on the first round, ROUND_OFFER later.
+  std::vector<PageIndex> new_slots;
+  if (first) {
+    init_ = nullptr;
+    auto initiator = transport_.create_initiator();
+    if (!initiator.ok()) co_return initiator.status();
+    init_ = std::move(*initiator);
+    HelloMsg hello;
+    hello.migration_id = id_;
+    hello.meta = meta_;
+    hello.live = req_.live;
+    hello.n_pages = static_cast<uint32_t>(round.new_pages.size());
+    hello.n_seqs = static_cast<uint32_t>(moving_.size());
+    hello.transports = {std::string(transport_.name())};
+    hello.initiator_address = init_->address();
+    a_.log->info("{} {} {} requests{}, {} pages over {}", tag_,
+                 req_.mode == MigrationMode::kMove ? "moving" : "copying",
+                 moving_.size(), req_.live ? " live" : "",
+                 round.new_pages.size(), transport_.name());
+    const std::vector<uint8_t> payload = encode(hello);
+    Status sent = co_await channel_->send(MsgType::kHello, payload, deadline());
+    if (!sent.ok()) co_return sent;
+    auto reply = co_await channel_->receive(deadline());
+    if (!reply.ok()) co_return reply.status().with_context("waiting for OFFER");
+    if (reply->type == MsgType::kAbort) {
+      // Refused before allocating anything: nothing to roll back there.
+      auto why = decode_abort(reply->payload, a_.limits);
+      co_return Status::aborted(
+          "destination refused: " +
+          (why.ok() ? why->reason : why.status().to_string()));
+    }
+    if (reply->type != MsgType::kOffer) {
+      co_return reply_status(*reply, a_.limits, "HELLO");
+    }
+    auto offer = decode_offer(reply->payload, a_.limits);
+    if (!offer.ok()) co_return offer.status();
+    if (offer->transport != transport_.name()) {
+      co_return Status::protocol("OFFER names transport '" + offer->transport +
+                                 "', HELLO asked for '" +
+                                 std::string(transport_.name()) + "'");
+    }
+    new_slots = std::move(offer->slots);
+    dst_regions_ = std::move(offer->regions);
+    dst_staging_slots_ = offer->staging_slots;
+    a_.fault("src.after_offer");
+    const std::vector<uint8_t> target = std::move(offer->target_address);
+    Status connected =
+        co_await a_.offload([&] { return init_->connect(target, deadline()); });
+    if (!connected.ok()) co_return connected.with_context("data path");
+  } else if (!round.new_pages.empty()) {
+    const std::vector<uint8_t> payload =
+        encode(RoundMsg{static_cast<uint32_t>(round.new_pages.size())});
+    Status sent = co_await channel_->send(MsgType::kRound, payload, deadline());
+    if (!sent.ok()) co_return sent;
+    auto reply = co_await channel_->receive(deadline());
+    if (!reply.ok()) {
+      co_return reply.status().with_context("waiting for ROUND_OFFER");
+    }
+    if (reply->type != MsgType::kRoundOffer) {
+      co_return reply_status(*reply, a_.limits, "ROUND");
+    }
+    auto offer = decode_round_offer(reply->payload, a_.limits);
+    if (!offer.ok()) co_return offer.status();
+    new_slots = std::move(offer->slots);
+  }
+  if (new_slots.size() != round.new_pages.size()) {
+    co_return Status::protocol(
+        "destination offered " + std::to_string(new_slots.size()) +
+        " slots for " + std::to_string(round.new_pages.size()) + " pages");
+  }
+
+  const uint32_t first_new = precopy_.positions();
+  precopy_.commit_round(round, *current, moving_, new_slots);
+  std::vector<uint32_t> positions = round.resend;
+  for (uint32_t k = 0; k < round.new_pages.size(); ++k) {
+    positions.push_back(first_new + k);
+  }
+  round_pages_.push_back(positions.size());
+  co_return co_await send_positions(positions);
+}
+
+Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
+                              size_t first, size_t count, bool mid_fault) {
+  std::vector<PagePair> pairs(count);
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t pos = positions[first + i];
+    PageIndex page = precopy_.source_page_at(pos);
+    if (src_staging_) {
+      KVMIG_ASSIGN_OR_RETURN(PageBytes bytes, a_.pager.read_page(page));
+      src_staging_->store(static_cast<uint32_t>(i), bytes);
+    }
+    pairs[i].src = src_staging_ ? static_cast<uint32_t>(i) : page;
+    pairs[i].dst = dst_staging_slots_ > 0 ? static_cast<uint32_t>(i)
+                                          : precopy_.slot_at(pos);
+  }
+  KVMIG_ASSIGN_OR_RETURN(
+      auto planned, plan_writes(src_geometry_, dst_regions_, pairs, page_total_,
+                                kMaxWriteBytes));
+  std::vector<WriteOp> ops;
+  ops.reserve(kOpsPerPost);
+  for (size_t w = 0; w < planned.size(); ++w) {
+    const PlannedWrite& pw = planned[w];
+    ops.push_back({src_bases_[pw.src_region] + pw.src_offset, pw.dst_region,
+                   pw.dst_offset, pw.length});
+    if (ops.size() == kOpsPerPost || w + 1 == planned.size()) {
+      KVMIG_RETURN_IF_ERROR(init_->write(ops, deadline()));
+      ops.clear();
+    }
+    if (mid_fault && !mid_fault_done_ && w >= planned.size() / 2) {
+      mid_fault_done_ = true;
+      a_.fault("src.data.mid");
+    }
+  }
+  writes_ += planned.size();
+  bytes_ += uint64_t{count} * page_total_;
+  return init_->flush(deadline());
+}
+
+asio::awaitable<Status> SourceRun::send_positions(
+    const std::vector<uint32_t>& positions) {
+  if (positions.empty()) co_return Status();
+  const auto t0 = Clock::now();
+  if (src_geometry_.empty()) {
+    if (a_.layout) {
+      src_geometry_ = geometry_of(*a_.layout);
+      for (const StridedRegion& r : *a_.layout) src_bases_.push_back(r.base);
+    } else {
+      const auto slots = static_cast<uint32_t>(
+          std::clamp<uint64_t>(a_.options.staging_bytes / page_total_, 1,
+                               a_.options.max_pages_per_migration));
+      auto sb = StagingBuffer::create(transport_, page_total_, slots);
+      if (!sb.ok()) co_return sb.status();
+      src_staging_ = std::move(*sb);
+      src_geometry_ = {src_staging_->geometry()};
+      src_bases_ = {src_staging_->slot(0)};
+    }
+  }
+  size_t batch = positions.size();
+  if (src_staging_) batch = std::min<size_t>(batch, src_staging_->slots());
+  if (dst_staging_slots_ > 0)
+    batch = std::min<size_t>(batch, dst_staging_slots_);
+  for (size_t first = 0; first < positions.size(); first += batch) {
+    const size_t count = std::min(batch, positions.size() - first);
+    const bool mid_fault = first == 0;
+    Status wrote = co_await a_.offload(
+        [&] { return write_batch(positions, first, count, mid_fault); });
+    if (!wrote.ok()) co_return wrote.with_context("data");
+    if (dst_staging_slots_ == 0) continue;
+    BatchMsg msg;
+    msg.positions.assign(positions.begin() + first,
+                         positions.begin() + first + count);
+    const std::vector<uint8_t> payload = encode(msg);
+    Status sent = co_await channel_->send(MsgType::kBatch, payload, deadline());
+    if (!sent.ok()) co_return sent;
+    auto ack = co_await channel_->receive(deadline());
+    if (!ack.ok()) co_return ack.status().with_context("waiting for BATCH_ACK");
+    if (ack->type != MsgType::kBatchAck) {
+      co_return reply_status(*ack, a_.limits, "BATCH");
+    }
+  }
+  data_seconds_ += seconds_since(t0);
+  co_return Status();
+}
+
+asio::awaitable<Result<MigrationReport>> SourceRun::run(
+    std::vector<SeqId> ids) {
+  moving_ = std::move(ids);
+  auto socket = co_await connect_to(req_.to, deadline());
+  if (!socket.ok()) co_return socket.status().with_context("destination");
+  channel_.emplace(std::move(*socket), a_.options.max_frame_bytes);
+
+  Status s;
+  if (!req_.live) {
+    // Stop-and-copy: one round, paused from the start.
+    s = co_await pause_engine();
+    if (s.ok()) s = co_await run_round(true);
+  } else {
+    // Pre-copy rounds while the engine runs, until the remainder is small.
+    s = co_await run_round(true);
+    size_t last = round_pages_.empty() ? 0 : round_pages_.back();
+    while (s.ok()) {
+      auto current = a_.pager.logical_seqs();
+      if (!current.ok()) {
+        s = current.status();
+        break;
+      }
+      size_t remainder = precopy_.plan(*current, moving_).pages();
+      bool converged = remainder <= req_.live_converge_pages;
+      bool out_of_rounds = round_pages_.size() >= req_.live_max_rounds;
+      if (converged || remainder >= last || out_of_rounds) {
+        if (!converged && out_of_rounds && req_.live_abort_if_not_converged) {
+          s = Status::aborted("live migration did not converge in " +
+                              std::to_string(req_.live_max_rounds) +
+                              " rounds (" + std::to_string(remainder) +
+                              " pages left)");
+        }
+        break;
+      }
+      a_.fault("src.live.round");
+      s = co_await run_round(false);
+      last = remainder;
+    }
+    // The last round, paused.
+    if (s.ok()) s = co_await pause_engine();
+    if (s.ok()) s = co_await run_round(false);
+  }
+  if (!s.ok()) {
+    a_.log->warn("{} aborting: {}", tag_, s.to_string());
+    co_await abort_peer(s);
+    co_return s;
+  }
+  src_staging_.reset();
+  co_return co_await commit();
+}
+
+asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
+  // Page tables in destination slots, checksums and digests, all read while
+  // paused.
+  CommitMsg msg;
+  std::vector<std::pair<SeqId, std::string>> digests;
+  for (const auto& [id, seq] : precopy_.tables()) {
+    LogicalSeq out{id, seq.n_tokens, {}};
+    out.pages.reserve(seq.pages.size());
+    for (PageIndex p : seq.pages) {
+      out.pages.push_back(
+          precopy_.slot_at(static_cast<uint32_t>(precopy_.position_of(p))));
+    }
+    msg.seqs.push_back(std::move(out));
+  }
+  Status read = co_await a_.offload([&]() -> Status {
+    if (req_.verify) {
+      std::vector<bool> used(precopy_.positions(), false);
+      for (const auto& [id, seq] : precopy_.tables()) {
+        for (PageIndex p : seq.pages) used[precopy_.position_of(p)] = true;
+      }
+      msg.checksums.assign(precopy_.positions(), 0);
+      for (uint32_t pos = 0; pos < precopy_.positions(); ++pos) {
+        if (!used[pos]) continue;
+        KVMIG_ASSIGN_OR_RETURN(
+            msg.checksums[pos],
+            pager_page_checksum(a_.pager, a_.layout,
+                                precopy_.source_page_at(pos)));
+      }
+    }
+    if (req_.record_digests) {
+      for (const auto& [id, seq] : precopy_.tables()) {
+        KVMIG_ASSIGN_OR_RETURN(Digest d, seq_digest(a_.pager, seq));
+        digests.emplace_back(id, d.hex());
+      }
+    }
+    return Status();
+  });
+  if (!read.ok()) {
+    co_await abort_peer(read);
+    co_return read;
+  }
+  a_.fault("src.before_commit");
+  const std::vector<uint8_t> payload = encode(msg);
+  Status sent = co_await channel_->send(MsgType::kCommit, payload, deadline());
+  Outcome outcome = Outcome::kUnknown;
+  Status failure;
+  if (sent.ok()) {
+    // The destination verifies every page before answering.
+    auto verify_time = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(double(bytes_) / 1e9));
+    auto done = co_await channel_->receive(deadline() + verify_time);
+    if (done.ok() && done->type == MsgType::kDone) {
+      outcome = Outcome::kCommitted;
+    } else if (done.ok() && done->type == MsgType::kAbort) {
+      outcome = Outcome::kAborted;
+      failure = reply_status(*done, a_.limits, "COMMIT");
+    } else {
+      failure =
+          done.ok() ? reply_status(*done, a_.limits, "COMMIT") : done.status();
+    }
+  } else {
+    failure = sent;
+  }
+  channel_->close();
+  std::vector<SeqId> ids;
+  for (const auto& [id, seq] : precopy_.tables()) ids.push_back(id);
+  if (outcome == Outcome::kUnknown) {
+    // The decision is the destination's; ask it.
+    a_.log->warn("{} no DONE after COMMIT ({}); asking the destination", tag_,
+                 failure.to_string());
+    outcome = co_await a_.resolve_outcome(req_.to, id_);
+    if (outcome == Outcome::kUnknown) {
+      a_.in_doubt.push_back({id_, ids});
+      a_.log->error(
+          "{} outcome in doubt: destination unreachable; requests "
+          "{} kept and marked in doubt",
+          tag_, join_ids(ids));
+      co_return Status::unavailable("migration " + id_ +
+                                    " is in doubt: no answer from " + req_.to +
+                                    " after COMMIT (" + failure.to_string() +
+                                    "); requests kept, marked in doubt");
+    }
+  }
+  if (outcome != Outcome::kCommitted) {
+    a_.log->warn("{} rolled back: {}", tag_, failure.to_string());
+    co_return failure.ok() ? Status::aborted("destination rolled back")
+                           : failure;
+  }
+
+  // Committed: the requests belong to the destination now.
+  if (req_.mode == MigrationMode::kMove) {
+    Status dropped = a_.pager.drop_logical_seqs(ids);
+    if (!dropped.ok()) {
+      a_.log->error("{} committed but drop failed: {}", tag_,
+                    dropped.to_string());
+      co_return dropped.with_context("drop after commit");
+    }
+  }
+  Status resumed = pause_.release();
+  const double pause_ms = seconds_since(t_pause_) * 1e3;
+  if (!resumed.ok()) co_return resumed.with_context("resume");
+
+  MigrationReport report;
+  report.migration_id = id_;
+  report.seqs = ids;
+  report.pages = precopy_.positions();
+  report.bytes = bytes_;
+  report.writes = writes_;
+  report.seconds = seconds_since(t_start_);
+  report.gbps = data_seconds_ > 0 ? bytes_ / data_seconds_ / 1e9 : 0;
+  report.pause_ms = pause_ms;
+  report.rounds = static_cast<uint32_t>(round_pages_.size());
+  report.round_pages = round_pages_;
+  report.transport = std::string(transport_.name());
+  report.staged = !a_.layout || dst_staging_slots_ > 0;
+  report.left_behind = left_behind_;
+  report.digests = std::move(digests);
+  a_.log->info(
+      "{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, {} round(s), "
+      "pause {:.1f} ms",
+      tag_, report.pages, bytes_, writes_, report.gbps, report.rounds,
+      pause_ms);
+  co_return report;
+}
 
 asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     MigrateRequest req) {
-  if (req.live) {
-    co_return Status::unimplemented(
-        "live (pre-copy) migration is not implemented yet; run without "
-        "--live");
-  }
   if (source_busy) {
     co_return Status::failed_precondition(
         "a migration from this agent is already running");
@@ -80,17 +529,16 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     bool& b;
     ~Busy() { b = false; }
   } busy{source_busy};
+  if (req.live && (req.live_max_rounds == 0)) {
+    co_return Status::invalid_argument("live migration needs max rounds >= 1");
+  }
 
   std::string transport_name =
       req.transport.empty() ? options.transports.front() : req.transport;
   auto transport = transport_named(transport_name);
   if (!transport.ok()) co_return transport.status();
 
-  const std::string id = new_migration_id();
-  const std::string tag = "[" + id.substr(0, 12) + " -> " + req.to + "]";
-  const auto t_start = Clock::now();
-
-  // 1. Choose the requests; unknown ids are an error before anything moves.
+  // Choose the requests; unknown ids are an error before anything moves.
   auto before = pager.logical_seqs();
   if (!before.ok()) co_return before.status().with_context("logical_seqs");
   std::set<SeqId> doubtful;
@@ -105,14 +553,15 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
     for (const LogicalSeq& s : *before) live.insert(s.seq_id);
     std::vector<SeqId> unknown, held;
     std::set<SeqId> seen;
-    for (SeqId id_ : req.seqs) {
-      if (!seen.insert(id_).second) continue;
-      if (!live.count(id_))
-        unknown.push_back(id_);
-      else if (doubtful.count(id_))
-        held.push_back(id_);
-      else
-        ids.push_back(id_);
+    for (SeqId id : req.seqs) {
+      if (!seen.insert(id).second) continue;
+      if (!live.count(id)) {
+        unknown.push_back(id);
+      } else if (doubtful.count(id)) {
+        held.push_back(id);
+      } else {
+        ids.push_back(id);
+      }
     }
     if (!unknown.empty()) {
       co_return Status::not_found("unknown request ids: " + join_ids(unknown));
@@ -128,336 +577,8 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
         std::to_string(ids.size()) + " requests exceed the limit of " +
         std::to_string(options.max_seqs_per_migration) + " per migration");
   }
-
-  // 2. Reach the destination before pausing anything.
-  auto socket = co_await connect_to(req.to, peer_deadline());
-  if (!socket.ok()) co_return socket.status().with_context("destination");
-  FrameChannel channel(std::move(*socket), options.max_frame_bytes);
-
-  auto abort_peer = [&](const Status& why) -> asio::awaitable<void> {
-    const std::vector<uint8_t> payload1 = encode(AbortMsg{why.to_string()});
-    Status sent = co_await channel.send(MsgType::kAbort, payload1,
-                                        Clock::now() + std::chrono::seconds(1));
-    (void)sent;
-    channel.close();
-  };
-
-  // 3. Stop-and-copy: pause, then read the page tables that will move.
-  PauseGuard pause(pager);
-  Status paused = co_await offload([this] { return pager.pause(); });
-  if (!paused.ok()) co_return paused.with_context("pause");
-  pause.engage();
-  const auto t_pause = Clock::now();
-
-  auto now_seqs = pager.logical_seqs();
-  if (!now_seqs.ok()) co_return now_seqs.status().with_context("logical_seqs");
-  std::vector<LogicalSeq> moving;
-  {
-    std::unordered_map<SeqId, const LogicalSeq*> by_id;
-    for (const LogicalSeq& s : *now_seqs) by_id[s.seq_id] = &s;
-    std::vector<SeqId> gone;
-    for (SeqId s : ids) {
-      auto it = by_id.find(s);
-      if (it == by_id.end())
-        gone.push_back(s);
-      else
-        moving.push_back(*it->second);
-    }
-    if (!gone.empty()) {
-      co_return Status::aborted("requests finished before the pause: " +
-                                join_ids(gone));
-    }
-  }
-  DataPlan plan;
-  plan.meta = pager.meta();
-  plan.src_layout = layout;
-  std::unordered_map<PageIndex, uint32_t> order;  // page -> HELLO position
-  for (const LogicalSeq& s : moving) {
-    for (PageIndex p : s.pages) {
-      if (order.emplace(p, static_cast<uint32_t>(plan.pages.size())).second) {
-        plan.pages.push_back(p);
-      }
-    }
-  }
-  if (plan.pages.size() > options.max_pages_per_migration) {
-    co_return Status::resource_exhausted(
-        std::to_string(plan.pages.size()) + " pages exceed the limit of " +
-        std::to_string(options.max_pages_per_migration) + " per migration");
-  }
-  const uint64_t page_total = 2 * plan.meta.page_bytes();
-
-  // 4. HELLO -> OFFER.
-  auto initiator = (*transport)->create_initiator();
-  if (!initiator.ok()) co_return initiator.status();
-  HelloMsg hello;
-  hello.migration_id = id;
-  hello.meta = plan.meta;
-  hello.n_pages = static_cast<uint32_t>(plan.pages.size());
-  hello.n_seqs = static_cast<uint32_t>(moving.size());
-  hello.transports = {transport_name};
-  hello.initiator_address = (*initiator)->address();
-  log->info("{} {} {} requests, {} pages over {}", tag,
-            req.mode == MigrationMode::kMove ? "moving" : "copying",
-            moving.size(), plan.pages.size(), transport_name);
-  const std::vector<uint8_t> payload2 = encode(hello);
-  Status sent =
-      co_await channel.send(MsgType::kHello, payload2, peer_deadline());
-  if (!sent.ok()) co_return sent;
-  auto reply = co_await channel.receive(peer_deadline());
-  if (!reply.ok()) co_return reply.status().with_context("waiting for OFFER");
-  if (reply->type == MsgType::kAbort) {
-    auto why = decode_abort(reply->payload, limits);
-    co_return Status::aborted(
-        "destination refused: " +
-        (why.ok() ? why->reason : why.status().to_string()));
-  }
-  if (reply->type != MsgType::kOffer) {
-    Status bad =
-        Status::protocol("expected OFFER, got " + msg_type_name(reply->type));
-    co_await abort_peer(bad);
-    co_return bad;
-  }
-  auto offer = decode_offer(reply->payload, limits);
-  Status offer_ok = offer.status();
-  if (offer_ok.ok() && offer->transport != transport_name) {
-    offer_ok = Status::protocol("OFFER names transport '" + offer->transport +
-                                "', HELLO asked for '" + transport_name + "'");
-  }
-  if (offer_ok.ok() && offer->slots.size() != plan.pages.size()) {
-    offer_ok = Status::protocol(
-        "OFFER has " + std::to_string(offer->slots.size()) + " slots for " +
-        std::to_string(plan.pages.size()) + " pages");
-  }
-  if (!offer_ok.ok()) {
-    co_await abort_peer(offer_ok);
-    co_return offer_ok;
-  }
-  plan.slots = std::move(offer->slots);
-  plan.dst_regions = std::move(offer->regions);
-  plan.dst_staging_slots = offer->staging_slots;
-  plan.src_staging_bytes = options.staging_bytes;
-  fault("src.after_offer");
-
-  // 5. Data: connect the data path, write every page, flush.
-  Transport* t = *transport;
-  TransportInitiator* init = initiator->get();
-  const auto t_data = Clock::now();
-  uint32_t batches_done = 0;
-  bool staged = !layout || plan.dst_staging_slots > 0;
-  // Each batch: (optionally) stage source pages, plan, write, flush; the
-  // destination applies staged batches on BATCH / BATCH_ACK.
-  const uint32_t n = static_cast<uint32_t>(plan.pages.size());
-  uint32_t src_batch = n;
-  std::unique_ptr<StagingBuffer> src_staging;
-  if (!layout) {
-    src_batch = static_cast<uint32_t>(
-        std::clamp<uint64_t>(options.staging_bytes / page_total, 1, n));
-    auto sb = StagingBuffer::create(*t, page_total, src_batch);
-    if (!sb.ok()) {
-      Status error = sb.status();
-      co_await abort_peer(error);
-      co_return sb.status();
-    }
-    src_staging = std::move(*sb);
-  }
-  const uint32_t batch = plan.dst_staging_slots > 0
-                             ? std::min(src_batch, plan.dst_staging_slots)
-                             : src_batch;
-  std::vector<std::byte*> src_bases;
-  std::vector<RegionGeometry> src_geometry;
-  if (layout) {
-    src_geometry = geometry_of(*layout);
-    for (const StridedRegion& r : *layout) src_bases.push_back(r.base);
-  } else {
-    src_geometry = {src_staging->geometry()};
-    src_bases = {src_staging->slot(0)};
-  }
-
-  Status connected = co_await offload(
-      [&] { return init->connect(offer->target_address, peer_deadline()); });
-  if (!connected.ok()) {
-    Status s = connected.with_context("data path");
-    co_await abort_peer(s);
-    co_return s;
-  }
-
-  uint64_t bytes_sent = 0, writes = 0;
-  bool mid_reached = false;
-  for (uint32_t first = 0; first < n; first += batch) {
-    const uint32_t count = std::min(batch, n - first);
-    Status batch_status = co_await offload([&]() -> Status {
-      std::vector<PagePair> pairs(count);
-      for (uint32_t i = 0; i < count; ++i) {
-        uint32_t k = first + i;
-        if (src_staging) {
-          KVMIG_ASSIGN_OR_RETURN(PageBytes page,
-                                 pager.read_page(plan.pages[k]));
-          src_staging->store(i, page);
-        }
-        pairs[i].src = src_staging ? i : plan.pages[k];
-        pairs[i].dst = plan.dst_staging_slots > 0 ? i : plan.slots[k];
-      }
-      KVMIG_ASSIGN_OR_RETURN(auto writes_planned,
-                             plan_writes(src_geometry, plan.dst_regions, pairs,
-                                         page_total, kMaxWriteBytes));
-      std::vector<WriteOp> ops;
-      ops.reserve(kOpsPerPost);
-      for (size_t w = 0; w < writes_planned.size(); ++w) {
-        const PlannedWrite& pw = writes_planned[w];
-        ops.push_back({src_bases[pw.src_region] + pw.src_offset, pw.dst_region,
-                       pw.dst_offset, pw.length});
-        if (ops.size() == kOpsPerPost || w + 1 == writes_planned.size()) {
-          KVMIG_RETURN_IF_ERROR(init->write(ops, peer_deadline()));
-          ops.clear();
-        }
-        if (!mid_reached && w >= writes_planned.size() / 2 && first == 0) {
-          mid_reached = true;
-          fault("src.data.mid");
-        }
-      }
-      writes += writes_planned.size();
-      bytes_sent += uint64_t{count} * page_total;
-      return init->flush(peer_deadline());
-    });
-    if (!batch_status.ok()) {
-      Status s = batch_status.with_context("data");
-      log->warn("{} aborting: {}", tag, s.to_string());
-      co_await abort_peer(s);
-      co_return s;
-    }
-    if (plan.dst_staging_slots > 0) {
-      const std::vector<uint8_t> payload3 = encode(BatchMsg{first, count});
-      Status s =
-          co_await channel.send(MsgType::kBatch, payload3, peer_deadline());
-      if (s.ok()) {
-        auto ack = co_await channel.receive(peer_deadline());
-        if (!ack.ok()) {
-          s = ack.status();
-        } else if (ack->type == MsgType::kAbort) {
-          auto why = decode_abort(ack->payload, limits);
-          s = Status::aborted(
-              "destination aborted: " +
-              (why.ok() ? why->reason : why.status().to_string()));
-        } else if (ack->type != MsgType::kBatchAck) {
-          s = Status::protocol("expected BATCH_ACK, got " +
-                               msg_type_name(ack->type));
-        }
-      }
-      if (!s.ok()) {
-        co_await abort_peer(s);
-        co_return s;
-      }
-    }
-    ++batches_done;
-  }
-  const double data_seconds = seconds_since(t_data);
-  src_staging.reset();
-
-  // 6. COMMIT: page tables in destination slots, plus checksums.
-  CommitMsg commit;
-  for (const LogicalSeq& s : moving) {
-    LogicalSeq out{s.seq_id, s.n_tokens, {}};
-    out.pages.reserve(s.pages.size());
-    for (PageIndex p : s.pages) out.pages.push_back(plan.slots[order.at(p)]);
-    commit.seqs.push_back(std::move(out));
-  }
-  if (req.verify) {
-    auto sums = co_await offload([&]() -> Result<std::vector<uint64_t>> {
-      std::vector<uint64_t> out;
-      out.reserve(n);
-      for (PageIndex p : plan.pages) {
-        KVMIG_ASSIGN_OR_RETURN(uint64_t c,
-                               pager_page_checksum(pager, layout, p));
-        out.push_back(c);
-      }
-      return out;
-    });
-    if (!sums.ok()) {
-      Status error = sums.status();
-      co_await abort_peer(error);
-      co_return sums.status();
-    }
-    commit.checksums = std::move(*sums);
-  }
-  fault("src.before_commit");
-  const std::vector<uint8_t> payload4 = encode(commit);
-  sent = co_await channel.send(MsgType::kCommit, payload4, peer_deadline());
-  Outcome outcome = Outcome::kUnknown;
-  Status failure;
-  if (sent.ok()) {
-    // The destination verifies every page before answering.
-    auto verify_time = std::chrono::duration_cast<Clock::duration>(
-        std::chrono::duration<double>(bytes_sent / 1e9));
-    auto done = co_await channel.receive(peer_deadline() + verify_time);
-    if (done.ok() && done->type == MsgType::kDone) {
-      outcome = Outcome::kCommitted;
-    } else if (done.ok() && done->type == MsgType::kAbort) {
-      auto why = decode_abort(done->payload, limits);
-      outcome = Outcome::kAborted;
-      failure =
-          Status::aborted("destination aborted at commit: " +
-                          (why.ok() ? why->reason : why.status().to_string()));
-    } else {
-      failure = done.ok() ? Status::protocol("expected DONE, got " +
-                                             msg_type_name(done->type))
-                          : done.status();
-    }
-  } else {
-    failure = sent;
-  }
-  channel.close();
-  if (outcome == Outcome::kUnknown) {
-    // The decision is the destination's; ask it.
-    log->warn("{} no DONE after COMMIT ({}); asking the destination", tag,
-              failure.to_string());
-    outcome = co_await resolve_outcome(req.to, id);
-    if (outcome == Outcome::kUnknown) {
-      in_doubt.push_back({id, ids});
-      log->error(
-          "{} outcome in doubt: destination unreachable; requests {} "
-          "kept and marked in doubt",
-          tag, join_ids(ids));
-      co_return Status::unavailable("migration " + id +
-                                    " is in doubt: no answer from " + req.to +
-                                    " after COMMIT (" + failure.to_string() +
-                                    "); requests kept, marked in doubt");
-    }
-  }
-  if (outcome != Outcome::kCommitted) {
-    log->warn("{} rolled back: {}", tag, failure.to_string());
-    co_return failure.ok() ? Status::aborted("destination rolled back")
-                           : failure;
-  }
-
-  // 7. Committed: the requests belong to the destination now.
-  if (req.mode == MigrationMode::kMove) {
-    Status dropped = pager.drop_logical_seqs(ids);
-    if (!dropped.ok()) {
-      log->error("{} committed but drop failed: {}", tag, dropped.to_string());
-      co_return dropped.with_context("drop after commit");
-    }
-  }
-  Status resumed = pause.release();
-  const double pause_ms = seconds_since(t_pause) * 1e3;
-  if (!resumed.ok()) co_return resumed.with_context("resume");
-
-  MigrationReport report;
-  report.migration_id = id;
-  report.seqs = ids;
-  report.pages = n;
-  report.bytes = bytes_sent;
-  report.writes = writes;
-  report.seconds = seconds_since(t_start);
-  report.gbps = data_seconds > 0 ? bytes_sent / data_seconds / 1e9 : 0;
-  report.pause_ms = pause_ms;
-  report.rounds = 1;
-  report.transport = transport_name;
-  report.staged = staged;
-  log->info(
-      "{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, pause "
-      "{:.1f} ms, {} batch(es)",
-      tag, n, bytes_sent, writes, report.gbps, pause_ms, batches_done);
-  co_return report;
+  SourceRun run(*this, req, **transport, new_migration_id());
+  co_return co_await run.run(std::move(ids));
 }
 
 asio::awaitable<Outcome> Agent::Impl::resolve_outcome(const std::string& to,
@@ -468,8 +589,8 @@ asio::awaitable<Outcome> Agent::Impl::resolve_outcome(const std::string& to,
     auto socket = co_await connect_to(to, give_up);
     if (socket.ok()) {
       FrameChannel ch(std::move(*socket), options.max_frame_bytes);
-      const std::vector<uint8_t> payload5 = encode(OutcomeReqMsg{id});
-      Status sent = co_await ch.send(MsgType::kOutcomeReq, payload5, give_up);
+      const std::vector<uint8_t> payload = encode(OutcomeReqMsg{id});
+      Status sent = co_await ch.send(MsgType::kOutcomeReq, payload, give_up);
       if (sent.ok()) {
         auto resp = co_await ch.receive(give_up);
         if (resp.ok() && resp->type == MsgType::kOutcomeResp) {

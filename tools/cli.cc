@@ -270,8 +270,15 @@ int cmd_migrate(const std::string& agent, MigrateRequest req,
                 {"gbps", r.gbps},
                 {"pause_ms", r.pause_ms},
                 {"rounds", r.rounds},
+                {"round_pages", r.round_pages},
                 {"transport", r.transport},
-                {"staged", r.staged}};
+                {"staged", r.staged},
+                {"left_behind", r.left_behind}};
+    if (!r.digests.empty()) {
+      json digests = json::object();
+      for (const auto& [id, hex] : r.digests) digests[std::to_string(id)] = hex;
+      out["digests"] = digests;
+    }
     std::cout << out.dump() << "\n";
     return 0;
   }
@@ -283,6 +290,20 @@ int cmd_migrate(const std::string& agent, MigrateRequest req,
       static_cast<unsigned long long>(r.writes), req.to.c_str(),
       r.transport.c_str(), r.seconds, r.gbps, r.pause_ms,
       r.migration_id.c_str());
+  if (r.rounds > 1) {
+    std::printf("live: %u rounds, pages per round:", r.rounds);
+    for (uint64_t n : r.round_pages) {
+      std::printf(" %llu", static_cast<unsigned long long>(n));
+    }
+    std::printf("\n");
+  }
+  if (!r.left_behind.empty()) {
+    std::printf("left at the source (finished or changed shape):");
+    for (SeqId id : r.left_behind) {
+      std::printf(" %llu", static_cast<unsigned long long>(id));
+    }
+    std::printf("\n");
+  }
   return 0;
 }
 
@@ -376,7 +397,27 @@ int run_cli(int argc, char** argv) {
   seqs_opt->excludes(all_opt);
   migrate->add_option("--mode", mode, "move (default) or copy")
       ->check(CLI::IsMember({"move", "copy"}));
-  migrate->add_flag("--live", req.live, "pre-copy while the engine runs");
+  migrate->add_flag("--live", req.live,
+                    "pre-copy in rounds while the engine runs, then pause "
+                    "for the last round");
+  migrate
+      ->add_option("--max-rounds", req.live_max_rounds,
+                   "live: most rounds before the paused one")
+      ->check(CLI::Range(1u, 1000u));
+  migrate
+      ->add_option("--converge-pages", req.live_converge_pages,
+                   "live: pause once a round would send at most this "
+                   "many pages")
+      ->check(CLI::Range(0u, 1u << 24));
+  std::string no_converge = "finish";
+  migrate
+      ->add_option("--no-converge", no_converge,
+                   "live, still above --converge-pages after "
+                   "--max-rounds: finish (stop-and-copy the rest) or "
+                   "abort")
+      ->check(CLI::IsMember({"finish", "abort"}));
+  migrate->add_flag("--digests", req.record_digests,
+                    "report each request's digest at the final pause");
   migrate->add_option("--transport", req.transport, "tcp|ucx|verbs")
       ->check(CLI::IsMember({"tcp", "ucx", "verbs"}));
   migrate->add_flag("--no-verify", no_verify,
@@ -426,6 +467,7 @@ int run_cli(int argc, char** argv) {
                   as_json);
     }
     req.verify = !no_verify;
+    req.live_abort_if_not_converged = no_converge == "abort";
     return cmd_migrate(agent, req, seqs_text, mode, as_json, timeout_ms);
   }
   if (*load) {

@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "kvmig/pager.h"
@@ -56,9 +57,23 @@ struct MigrateRequest {
   std::vector<SeqId> seqs;  // which requests; ignored when all
   bool all = false;         // every live request
   MigrationMode mode = MigrationMode::kMove;
-  bool live = false;      // pre-copy (not yet implemented: Unimplemented)
   std::string transport;  // empty: the first the source prefers
   bool verify = true;     // per-page checksums checked at the destination
+  // Record each moved request's digest at the final pause in the report
+  // (reads every page while paused: lengthens the pause).
+  bool record_digests = false;
+
+  // Live (pre-copy) migration: copy while the engine keeps running, in
+  // rounds (first every page, then pages that are new or were not full when
+  // copied), until the remainder is at most live_converge_pages, stops
+  // shrinking, or live_max_rounds rounds ran; then pause, copy the rest,
+  // commit, resume.
+  bool live = false;
+  uint32_t live_max_rounds = 8;
+  uint32_t live_converge_pages = 8;
+  // When the remainder is still above live_converge_pages after
+  // live_max_rounds: finish with a stop-and-copy of it (false) or abort.
+  bool live_abort_if_not_converged = false;
 };
 
 // The outcome of a successful migration.
@@ -72,8 +87,15 @@ struct MigrationReport {
   double gbps = 0;          // bytes / data-phase seconds / 1e9 (GB/s)
   double pause_ms = 0;      // source paused to resumed
   uint32_t rounds = 1;
+  std::vector<uint64_t> round_pages;  // pages sent per round (last: paused)
   std::string transport;
   bool staged = false;  // some side went through a staging buffer
+  // Requests asked for but left at the source: they finished or changed
+  // shape during a live migration.
+  std::vector<SeqId> left_behind;
+  // With record_digests: {id, Digest::hex()} of each moved request at the
+  // final pause.
+  std::vector<std::pair<SeqId, std::string>> digests;
 };
 
 // One live request as status reports it.

@@ -141,6 +141,52 @@ INSTANTIATE_TEST_SUITE_P(
              (info.param.dst_layout ? "layout" : "staged");
     });
 
+// A request that finishes while a live migration is under way stays out of
+// it: the report names it and the destination gives its slots back.
+TEST(EmbedExample, RequestFinishingMidLiveMigrationIsLeftBehind) {
+  auto src_cache = make_cache(PoolLayout::kPage, 256);
+  auto dst_cache = make_cache(PoolLayout::kLayer, 256);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(3, 100, 4));  // 7 pages each
+  SyntheticPager* src_raw = src_cache.get();
+  AgentOptions options;
+  options.peer_timeout = std::chrono::seconds(5);
+  bool finished = false;
+  options.fault_hook = [&](std::string_view point) {
+    if (point == "src.live.round" && !finished) {
+      finished = true;
+      SeqId done[] = {2};
+      EXPECT_OK(src_raw->drop_logical_seqs(done));  // request 2 completes
+    }
+  };
+  auto src = Agent::create(*src_cache, options);
+  options.fault_hook = nullptr;
+  auto dst = Agent::create(*dst_cache, options);
+  ASSERT_TRUE(src.ok() && dst.ok());
+  ASSERT_OK((*src)->start());
+  ASSERT_OK((*dst)->start());
+  auto before = digests(**src);
+
+  MigrateRequest req;
+  req.to = (*dst)->address();
+  req.all = true;
+  req.live = true;
+  req.live_converge_pages = 0;  // keep copying rounds: reach the hook
+  ASSERT_OK_AND_ASSIGN(MigrationReport report, (*src)->migrate(req));
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(report.left_behind, std::vector<SeqId>{2});
+  EXPECT_EQ(report.seqs, (std::vector<SeqId>{1, 3}));
+  auto after = digests(**dst);
+  EXPECT_EQ(after.size(), 2u);
+  EXPECT_EQ(after[1], before[1]);
+  EXPECT_EQ(after[3], before[3]);
+  // Request 2's slots went back: only 1 and 3's pages are held.
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, (*dst)->status());
+  EXPECT_EQ(st.free_pages, 256u - 14u);
+  (*src)->stop();
+  (*dst)->stop();
+}
+
 TEST(EmbedExample, AgentRefusesBadOptions) {
   auto cache = make_cache(PoolLayout::kPage, 8);
   ASSERT_TRUE(cache);

@@ -122,6 +122,105 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values("move", "copy")),
     layout_case_name);
 
+// --- live (pre-copy) migration while the source keeps decoding ------------
+
+using LiveCase = std::tuple<std::string, std::string, std::string, bool>;
+
+class LiveMigrate : public ::testing::TestWithParam<LiveCase> {};
+
+TEST_P(LiveMigrate, DestinationHoldsTheRequestsAsOfTheFinalPause) {
+  auto [transport, src_layout, dst_layout, share] = GetParam();
+  const std::string transports = "tcp," + transport;
+  auto src = AgentProcess::start(
+      {"--layout", src_layout, "--capacity-pages", "4096", "--populate",
+       "6:700", "--share-prefix", share ? "320" : "0", "--decode-rate", "400",
+       "--transports", transports});
+  auto dst = AgentProcess::start({"--layout", dst_layout, "--capacity-pages",
+                                  "4096", "--transports", transports});
+  ASSERT_TRUE(src && dst);
+  int code = -1;
+  json report = migrate(
+      src->address(), dst->address(),
+      {"--all", "--live", "--digests", "--transport", transport}, &code);
+  ASSERT_EQ(code, 0) << report.dump() << src->child().err();
+  EXPECT_GE(report["rounds"].get<int>(), 2);
+  EXPECT_EQ(report["round_pages"].size(), report["rounds"].get<size_t>());
+  EXPECT_TRUE(report["left_behind"].empty());
+  EXPECT_GT(report["pause_ms"].get<double>(), 0.0);
+  // The destination does not decode: it holds exactly what the source had
+  // at its final pause, token for token.
+  std::map<uint64_t, std::string> at_pause;
+  for (const auto& [id, hex] : report["digests"].items()) {
+    at_pause[std::stoull(id)] = hex.get<std::string>();
+  }
+  EXPECT_EQ(at_pause.size(), 6u);
+  EXPECT_EQ(digests(status_of(dst->address())), at_pause);
+  EXPECT_TRUE(status_of(src->address())["seqs"].empty());
+}
+
+std::string live_case_name(const ::testing::TestParamInfo<LiveCase>& info) {
+  const auto& [t, s, d, share] = info.param;
+  return t + "_" + s + "_to_" + d + (share ? "_shared" : "");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Live, LiveMigrate,
+    ::testing::Combine(::testing::ValuesIn(data_transports()),
+                       ::testing::Values("page", "layer"),
+                       ::testing::Values("layer"), ::testing::Bool()),
+    live_case_name);
+
+TEST(MigrateE2E, LiveRoundFailureLeavesTheSourceDecoding) {
+  auto src = AgentProcess::start({"--capacity-pages", "4096", "--populate",
+                                  "4:300", "--decode-rate", "200", "--fault",
+                                  "src.live.round=stall:1500"});
+  auto dst = AgentProcess::start({"--capacity-pages", "4096"});
+  ASSERT_TRUE(src && dst);
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst->address(), "--all", "--live",
+                           "--converge-pages", "0", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.live.round", 30s, true));
+  dst->child().kill(SIGKILL);
+  ASSERT_TRUE(cli->wait_exit(60s));
+  EXPECT_EQ(cli->exit_code(), 1) << cli->out();
+  // Every request is still at the source, and the engine decodes again.
+  json a = status_of(src->address());
+  std::this_thread::sleep_for(300ms);
+  json b = status_of(src->address());
+  ASSERT_EQ(a["seqs"].size(), 4u);
+  ASSERT_EQ(b["seqs"].size(), 4u);
+  EXPECT_GT(b["seqs"][0]["tokens"].get<uint64_t>(),
+            a["seqs"][0]["tokens"].get<uint64_t>());
+}
+
+TEST(MigrateE2E, SourceKilledDuringALiveRoundReleasesDestinationSlots) {
+  auto src = AgentProcess::start({"--capacity-pages", "4096", "--populate",
+                                  "4:300", "--decode-rate", "200", "--fault",
+                                  "src.live.round=stall:60000"});
+  auto dst = AgentProcess::start(
+      {"--capacity-pages", "4096", "--peer-timeout-ms", "2000"});
+  ASSERT_TRUE(src && dst);
+  json db = status_of(dst->address());
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst->address(), "--all", "--live",
+                           "--converge-pages", "0", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.live.round", 30s, true));
+  EXPECT_LT(status_of(dst->address())["free_pages"], db["free_pages"]);
+  src->child().kill(SIGKILL);
+  auto end = std::chrono::steady_clock::now() + 5s;
+  json now;
+  do {
+    std::this_thread::sleep_for(100ms);
+    now = status_of(dst->address());
+  } while (now["free_pages"] != db["free_pages"] &&
+           std::chrono::steady_clock::now() < end);
+  EXPECT_EQ(now["free_pages"], db["free_pages"]);
+  EXPECT_TRUE(now["seqs"].empty());
+  ASSERT_TRUE(cli->wait_exit(30s));
+}
+
 // --- partial moves keep shared pages that remaining requests still use ----
 
 TEST(MigrateE2E, PartialMoveFreesOnlyPagesNoLongerUsed) {

@@ -87,11 +87,12 @@ TEST(MessagesTest, HostileCountsAreRefusedBeforeAllocating) {
 }
 
 TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
-  auto payload = encode(BatchMsg{1, 2});
+  auto payload = encode(BatchMsg{{1, 2}});
   payload.push_back(0);
-  EXPECT_EQ(decode_batch(payload).status().code(), StatusCode::kDataLoss);
-  auto hello =
-      encode(HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, 1, 1, {"tcp"}, {}});
+  EXPECT_EQ(decode_batch(payload, limits()).status().code(),
+            StatusCode::kDataLoss);
+  auto hello = encode(
+      HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, false, 1, 1, {"tcp"}, {}});
   for (size_t cut = 0; cut < hello.size(); ++cut) {
     std::span<const uint8_t> part(hello.data(), cut);
     EXPECT_FALSE(decode_hello(part, limits()).ok()) << "cut at " << cut;
@@ -99,8 +100,8 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
 }
 
 TEST(MessagesTest, BadEnumsAreErrors) {
-  auto hello =
-      encode(HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, 1, 1, {"tcp"}, {}});
+  auto hello = encode(
+      HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, false, 1, 1, {"tcp"}, {}});
   hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
   EXPECT_EQ(decode_hello(hello, limits()).status().code(),
             StatusCode::kDataLoss);

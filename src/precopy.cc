@@ -1,0 +1,82 @@
+#include "precopy.h"
+
+#include <algorithm>
+#include <set>
+#include <unordered_set>
+
+namespace kvmig {
+
+int64_t PrecopyState::position_of(PageIndex page) const {
+  auto it = pos_of_.find(page);
+  return it == pos_of_.end() ? -1 : int64_t{it->second};
+}
+
+PrecopyState::Round PrecopyState::plan(const std::vector<LogicalSeq>& current,
+                                       const std::vector<SeqId>& moving) const {
+  Round r;
+  std::unordered_map<SeqId, const LogicalSeq*> by_id;
+  for (const LogicalSeq& s : current) by_id[s.seq_id] = &s;
+  std::unordered_set<PageIndex> new_set;
+  std::set<uint32_t> resend;
+  for (SeqId id : moving) {
+    auto it = by_id.find(id);
+    if (it == by_id.end()) {
+      r.dropped.push_back(id);
+      continue;
+    }
+    const LogicalSeq& cur = *it->second;
+    auto prev_it = tables_.find(id);
+    const LogicalSeq* prev =
+        prev_it == tables_.end() ? nullptr : &prev_it->second;
+    if (prev && (cur.n_tokens < prev->n_tokens ||
+                 cur.pages.size() < prev->pages.size() ||
+                 !std::equal(prev->pages.begin(), prev->pages.end(),
+                             cur.pages.begin()))) {
+      r.dropped.push_back(id);
+      continue;
+    }
+    for (size_t i = 0; i < cur.pages.size(); ++i) {
+      PageIndex page = cur.pages[i];
+      auto pos = pos_of_.find(page);
+      if (pos == pos_of_.end()) {
+        if (new_set.insert(page).second) r.new_pages.push_back(page);
+        continue;
+      }
+      bool picked_up_anew = prev && i >= prev->pages.size();
+      if (!full_[pos->second] || picked_up_anew) resend.insert(pos->second);
+    }
+  }
+  r.resend.assign(resend.begin(), resend.end());
+  return r;
+}
+
+void PrecopyState::commit_round(const Round& r,
+                                const std::vector<LogicalSeq>& current,
+                                const std::vector<SeqId>& moving,
+                                const std::vector<PageIndex>& new_slots) {
+  for (size_t k = 0; k < r.new_pages.size(); ++k) {
+    pos_of_[r.new_pages[k]] = static_cast<uint32_t>(slots_.size());
+    slots_.push_back(new_slots[k]);
+    src_pages_.push_back(r.new_pages[k]);
+    full_.push_back(true);
+  }
+  std::unordered_set<SeqId> keep(moving.begin(), moving.end());
+  for (SeqId id : r.dropped) keep.erase(id);
+  tables_.clear();
+  for (const LogicalSeq& s : current) {
+    if (keep.count(s.seq_id)) tables_[s.seq_id] = s;
+  }
+  // Fullness at this snapshot: a page counts as full only if every moving
+  // request that holds it has it full.
+  std::vector<bool> seen(full_.size(), false);
+  for (const auto& [id, seq] : tables_) {
+    for (size_t i = 0; i < seq.pages.size(); ++i) {
+      uint32_t pos = pos_of_.at(seq.pages[i]);
+      bool full = page_full(seq, i);
+      full_[pos] = seen[pos] ? (full_[pos] && full) : full;
+      seen[pos] = true;
+    }
+  }
+}
+
+}  // namespace kvmig

@@ -1,0 +1,73 @@
+// Pre-copy bookkeeping: which pages a round must send, given what earlier
+// rounds copied. Pure logic over page tables; not thread-safe (one
+// migration's coroutine owns it).
+//
+// KV pages are append-only: a page that was full when copied never changes
+// while the same request keeps it. So a round sends (a) pages no earlier
+// round sent (new slots at the destination) and (b) pages that were not
+// full when copied, or that a request picked up anew (a freed page reused),
+// into the slots they already have.
+#ifndef KVMIG_SRC_PRECOPY_H_
+#define KVMIG_SRC_PRECOPY_H_
+
+#include <cstdint>
+#include <map>
+#include <unordered_map>
+#include <vector>
+
+#include "kvmig/types.h"
+
+namespace kvmig {
+
+class PrecopyState {
+ public:
+  explicit PrecopyState(uint32_t page_size_tokens)
+      : page_size_(page_size_tokens) {}
+
+  // What the next round must do.
+  struct Round {
+    std::vector<PageIndex> new_pages;  // need new slots, in this order
+    std::vector<uint32_t> resend;      // slot positions to copy again
+    std::vector<SeqId> dropped;        // requests that no longer extend
+                                       // what was copied (or are gone)
+    size_t pages() const { return new_pages.size() + resend.size(); }
+  };
+
+  // Compares the current page tables (`current`, every live request) with
+  // what was copied for `moving`. Does not change the state.
+  Round plan(const std::vector<LogicalSeq>& current,
+             const std::vector<SeqId>& moving) const;
+
+  // Records that round `r`, planned from `current` for `moving`, was
+  // copied: new pages got `new_slots` (same order as r.new_pages); dropped
+  // requests leave the migration; remembers each page's fullness at this
+  // snapshot. Every page of a moving request must be new in r or known.
+  void commit_round(const Round& r, const std::vector<LogicalSeq>& current,
+                    const std::vector<SeqId>& moving,
+                    const std::vector<PageIndex>& new_slots);
+
+  // Requests still moving, ascending, with their page tables as copied.
+  const std::map<SeqId, LogicalSeq>& tables() const { return tables_; }
+  uint32_t positions() const { return static_cast<uint32_t>(slots_.size()); }
+  PageIndex slot_at(uint32_t pos) const { return slots_[pos]; }
+  PageIndex source_page_at(uint32_t pos) const { return src_pages_[pos]; }
+  // Position of a source page; -1 when never sent.
+  int64_t position_of(PageIndex page) const;
+
+ private:
+  // Whether the page at index i of seq is full at this snapshot.
+  bool page_full(const LogicalSeq& seq, size_t i) const {
+    return (uint64_t{i} + 1) * page_size_ <= seq.n_tokens;
+  }
+
+  uint32_t page_size_;
+  std::map<SeqId, LogicalSeq> tables_;
+  std::unordered_map<PageIndex, uint32_t> pos_of_;
+  std::vector<PageIndex> slots_;      // position -> destination slot
+  std::vector<PageIndex> src_pages_;  // position -> source page
+  std::vector<bool> full_;            // position -> full when last copied
+};
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_PRECOPY_H_
