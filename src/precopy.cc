@@ -12,7 +12,8 @@ int64_t PrecopyState::position_of(PageIndex page) const {
 }
 
 PrecopyState::Round PrecopyState::plan(const std::vector<LogicalSeq>& current,
-                                       const std::vector<SeqId>& moving) const {
+                                       const std::vector<SeqId>& moving,
+                                       bool paused) const {
   Round r;
   std::unordered_map<SeqId, const LogicalSeq*> by_id;
   for (const LogicalSeq& s : current) by_id[s.seq_id] = &s;
@@ -37,6 +38,7 @@ PrecopyState::Round PrecopyState::plan(const std::vector<LogicalSeq>& current,
     }
     for (size_t i = 0; i < cur.pages.size(); ++i) {
       PageIndex page = cur.pages[i];
+      if (!paused && !page_full(cur, i)) continue;  // still being written
       auto pos = pos_of_.find(page);
       if (pos == pos_of_.end()) {
         if (new_set.insert(page).second) r.new_pages.push_back(page);
@@ -71,7 +73,9 @@ void PrecopyState::commit_round(const Round& r,
   std::vector<bool> seen(full_.size(), false);
   for (const auto& [id, seq] : tables_) {
     for (size_t i = 0; i < seq.pages.size(); ++i) {
-      uint32_t pos = pos_of_.at(seq.pages[i]);
+      auto it = pos_of_.find(seq.pages[i]);
+      if (it == pos_of_.end()) continue;  // not sent yet (not full)
+      uint32_t pos = it->second;
       bool full = page_full(seq, i);
       full_[pos] = seen[pos] ? (full_[pos] && full) : full;
       seen[pos] = true;

@@ -2,11 +2,14 @@
 // rounds copied. Pure logic over page tables; not thread-safe (one
 // migration's coroutine owns it).
 //
-// KV pages are append-only: a page that was full when copied never changes
-// while the same request keeps it. So a round sends (a) pages no earlier
-// round sent (new slots at the destination) and (b) pages that were not
-// full when copied, or that a request picked up anew (a freed page reused),
-// into the slots they already have.
+// KV pages are append-only: a page that is full never changes while the
+// same request keeps it. So a round that runs while the engine decodes sends
+// only pages that are full at its snapshot: pages no earlier round sent (new
+// slots at the destination), and pages a request picked up anew (a freed
+// page reused) into the slots they already have. A page that is not full is
+// being written by the engine: it waits for the final round, which runs
+// paused and sends everything still unsent. No page is read while the engine
+// may write it.
 #ifndef KVMIG_SRC_PRECOPY_H_
 #define KVMIG_SRC_PRECOPY_H_
 
@@ -34,14 +37,15 @@ class PrecopyState {
   };
 
   // Compares the current page tables (`current`, every live request) with
-  // what was copied for `moving`. Does not change the state.
+  // what was copied for `moving`. `paused`: the engine is paused, so pages
+  // that are not full go too. Does not change the state.
   Round plan(const std::vector<LogicalSeq>& current,
-             const std::vector<SeqId>& moving) const;
+             const std::vector<SeqId>& moving, bool paused) const;
 
   // Records that round `r`, planned from `current` for `moving`, was
   // copied: new pages got `new_slots` (same order as r.new_pages); dropped
   // requests leave the migration; remembers each page's fullness at this
-  // snapshot. Every page of a moving request must be new in r or known.
+  // snapshot.
   void commit_round(const Round& r, const std::vector<LogicalSeq>& current,
                     const std::vector<SeqId>& moving,
                     const std::vector<PageIndex>& new_slots);
@@ -65,7 +69,7 @@ class PrecopyState {
   std::unordered_map<PageIndex, uint32_t> pos_of_;
   std::vector<PageIndex> slots_;      // position -> destination slot
   std::vector<PageIndex> src_pages_;  // position -> source page
-  std::vector<bool> full_;            // position -> full when last copied
+  std::vector<bool> full_;            // position -> full when last sent
 };
 
 }  // namespace kvmig

@@ -151,7 +151,8 @@ asio::awaitable<Status> SourceRun::pause_engine() {
 asio::awaitable<Status> SourceRun::run_round(bool first) {
   auto current = a_.pager.logical_seqs();
   if (!current.ok()) co_return current.status().with_context("logical_seqs");
-  PrecopyState::Round round = precopy_.plan(*current, moving_);
+  PrecopyState::Round round =
+      precopy_.plan(*current, moving_, pause_.engaged());
   if (!round.dropped.empty()) {
     if (!req_.live) {
       co_return Status::aborted("requests finished before the pause: " +
@@ -356,18 +357,20 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
     if (s.ok()) s = co_await run_round(true);
   } else {
     // Pre-copy rounds while the engine runs, until the remainder is small.
-    s = co_await run_round(true);
-    size_t last = round_pages_.empty() ? 0 : round_pages_.back();
     while (s.ok()) {
+      a_.fault("src.live.round");
+      s = co_await run_round(round_pages_.empty());
+      if (!s.ok()) break;
       auto current = a_.pager.logical_seqs();
       if (!current.ok()) {
         s = current.status();
         break;
       }
-      size_t remainder = precopy_.plan(*current, moving_).pages();
+      size_t remainder = precopy_.plan(*current, moving_, false).pages();
       bool converged = remainder <= req_.live_converge_pages;
+      bool shrinking = remainder < round_pages_.back();
       bool out_of_rounds = round_pages_.size() >= req_.live_max_rounds;
-      if (converged || remainder >= last || out_of_rounds) {
+      if (converged || !shrinking || out_of_rounds) {
         if (!converged && out_of_rounds && req_.live_abort_if_not_converged) {
           s = Status::aborted("live migration did not converge in " +
                               std::to_string(req_.live_max_rounds) +
@@ -376,10 +379,8 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
         }
         break;
       }
-      a_.fault("src.live.round");
-      s = co_await run_round(false);
-      last = remainder;
     }
+    a_.fault("src.live.final");
     // The last round, paused.
     if (s.ok()) s = co_await pause_engine();
     if (s.ok()) s = co_await run_round(false);

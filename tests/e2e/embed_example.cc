@@ -153,7 +153,7 @@ TEST(EmbedExample, RequestFinishingMidLiveMigrationIsLeftBehind) {
   options.peer_timeout = std::chrono::seconds(5);
   bool finished = false;
   options.fault_hook = [&](std::string_view point) {
-    if (point == "src.live.round" && !finished) {
+    if (point == "src.live.final" && !finished) {
       finished = true;
       SeqId done[] = {2};
       EXPECT_OK(src_raw->drop_logical_seqs(done));  // request 2 completes
@@ -171,7 +171,6 @@ TEST(EmbedExample, RequestFinishingMidLiveMigrationIsLeftBehind) {
   req.to = (*dst)->address();
   req.all = true;
   req.live = true;
-  req.live_converge_pages = 0;  // keep copying rounds: reach the hook
   ASSERT_OK_AND_ASSIGN(MigrationReport report, (*src)->migrate(req));
   EXPECT_TRUE(finished);
   EXPECT_EQ(report.left_behind, std::vector<SeqId>{2});

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -170,17 +171,22 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values("layer"), ::testing::Bool()),
     live_case_name);
 
-TEST(MigrateE2E, LiveRoundFailureLeavesTheSourceDecoding) {
+// A failure at any point of a live migration: the source keeps every
+// request and decodes on; the destination gives back every slot.
+class LiveFault : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(LiveFault, DestinationKilledLeavesTheSourceDecoding) {
+  const std::string point = GetParam();
   auto src = AgentProcess::start({"--capacity-pages", "4096", "--populate",
                                   "4:300", "--decode-rate", "200", "--fault",
-                                  "src.live.round=stall:1500"});
+                                  point + "=stall:1500"});
   auto dst = AgentProcess::start({"--capacity-pages", "4096"});
   ASSERT_TRUE(src && dst);
-  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
-                           "--to", dst->address(), "--all", "--live",
-                           "--converge-pages", "0", "--json"});
+  auto cli =
+      Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(), "--to",
+                    dst->address(), "--all", "--live", "--json"});
   ASSERT_TRUE(cli);
-  ASSERT_TRUE(src->child().wait_for("reached src.live.round", 30s, true));
+  ASSERT_TRUE(src->child().wait_for("reached " + point, 30s, true));
   dst->child().kill(SIGKILL);
   ASSERT_TRUE(cli->wait_exit(60s));
   EXPECT_EQ(cli->exit_code(), 1) << cli->out();
@@ -194,19 +200,20 @@ TEST(MigrateE2E, LiveRoundFailureLeavesTheSourceDecoding) {
             a["seqs"][0]["tokens"].get<uint64_t>());
 }
 
-TEST(MigrateE2E, SourceKilledDuringALiveRoundReleasesDestinationSlots) {
+TEST_P(LiveFault, SourceKilledReleasesDestinationSlots) {
+  const std::string point = GetParam();
   auto src = AgentProcess::start({"--capacity-pages", "4096", "--populate",
                                   "4:300", "--decode-rate", "200", "--fault",
-                                  "src.live.round=stall:60000"});
+                                  point + "=stall:60000"});
   auto dst = AgentProcess::start(
       {"--capacity-pages", "4096", "--peer-timeout-ms", "2000"});
   ASSERT_TRUE(src && dst);
   json db = status_of(dst->address());
-  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
-                           "--to", dst->address(), "--all", "--live",
-                           "--converge-pages", "0", "--json"});
+  auto cli =
+      Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(), "--to",
+                    dst->address(), "--all", "--live", "--json"});
   ASSERT_TRUE(cli);
-  ASSERT_TRUE(src->child().wait_for("reached src.live.round", 30s, true));
+  ASSERT_TRUE(src->child().wait_for("reached " + point, 30s, true));
   EXPECT_LT(status_of(dst->address())["free_pages"], db["free_pages"]);
   src->child().kill(SIGKILL);
   auto end = std::chrono::steady_clock::now() + 5s;
@@ -220,6 +227,15 @@ TEST(MigrateE2E, SourceKilledDuringALiveRoundReleasesDestinationSlots) {
   EXPECT_TRUE(now["seqs"].empty());
   ASSERT_TRUE(cli->wait_exit(30s));
 }
+
+INSTANTIATE_TEST_SUITE_P(Points, LiveFault,
+                         ::testing::Values("src.data.mid", "src.live.final",
+                                           "src.before_commit"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '.', '_');
+                           return name;
+                         });
 
 // --- partial moves keep shared pages that remaining requests still use ----
 

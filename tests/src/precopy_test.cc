@@ -8,6 +8,8 @@ namespace kvmig {
 namespace {
 
 constexpr uint32_t kPageTokens = 16;
+constexpr bool kRunning = false;
+constexpr bool kPaused = true;
 
 std::vector<PageIndex> slots_for(const PrecopyState::Round& r, PageIndex base) {
   std::vector<PageIndex> out;
@@ -17,11 +19,11 @@ std::vector<PageIndex> slots_for(const PrecopyState::Round& r, PageIndex base) {
   return out;
 }
 
-TEST(PrecopyTest, FirstRoundSendsEveryPageOnceIncludingSharedOnes) {
+TEST(PrecopyTest, PausedRoundSendsEveryPageOnceIncludingSharedOnes) {
   PrecopyState st(kPageTokens);
-  std::vector<LogicalSeq> cur = {{1, 40, {7, 8, 9}}, {2, 40, {7, 8, 10}},
-                                 {3, 5, {11}}};
-  auto r = st.plan(cur, {1, 2});
+  std::vector<LogicalSeq> cur = {
+      {1, 40, {7, 8, 9}}, {2, 40, {7, 8, 10}}, {3, 5, {11}}};
+  auto r = st.plan(cur, {1, 2}, kPaused);
   EXPECT_EQ(r.new_pages, (std::vector<PageIndex>{7, 8, 9, 10}));
   EXPECT_TRUE(r.resend.empty());
   EXPECT_TRUE(r.dropped.empty());
@@ -29,39 +31,44 @@ TEST(PrecopyTest, FirstRoundSendsEveryPageOnceIncludingSharedOnes) {
   EXPECT_EQ(st.positions(), 4u);
   EXPECT_EQ(st.slot_at(static_cast<uint32_t>(st.position_of(10))), 103u);
   EXPECT_EQ(st.tables().size(), 2u);
+  EXPECT_EQ(st.plan(cur, {1, 2}, kPaused).pages(), 2u);  // the two tails
 }
 
-TEST(PrecopyTest, LaterRoundsSendNewPagesAndTailsThatWereNotFull) {
+TEST(PrecopyTest, RunningRoundsSendOnlyFullPagesTheTailWaitsForThePause) {
   PrecopyState st(kPageTokens);
-  // 40 tokens: pages 7 and 8 full, 9 holds 8 tokens.
+  // 40 tokens: pages 7 and 8 full, 9 holds 8 tokens and is being written.
   std::vector<LogicalSeq> cur = {{1, 40, {7, 8, 9}}};
-  auto r1 = st.plan(cur, {1});
+  auto r1 = st.plan(cur, {1}, kRunning);
+  EXPECT_EQ(r1.new_pages, (std::vector<PageIndex>{7, 8}));
   st.commit_round(r1, cur, {1}, slots_for(r1, 0));
-  // Nothing changed: only the partial tail goes again.
-  auto same = st.plan(cur, {1});
-  EXPECT_TRUE(same.new_pages.empty());
-  EXPECT_EQ(same.resend, (std::vector<uint32_t>{2}));
-  // Decoding filled page 9 and started page 12.
+  // Nothing changed: nothing to send while running.
+  EXPECT_EQ(st.plan(cur, {1}, kRunning).pages(), 0u);
+  // Decoding filled page 9 and started page 12: 9 goes now, 12 waits.
   std::vector<LogicalSeq> grown = {{1, 50, {7, 8, 9, 12}}};
-  auto r2 = st.plan(grown, {1});
-  EXPECT_EQ(r2.new_pages, (std::vector<PageIndex>{12}));
-  EXPECT_EQ(r2.resend, (std::vector<uint32_t>{2}));
+  auto r2 = st.plan(grown, {1}, kRunning);
+  EXPECT_EQ(r2.new_pages, (std::vector<PageIndex>{9}));
+  EXPECT_TRUE(r2.resend.empty());
   st.commit_round(r2, grown, {1}, slots_for(r2, 50));
-  // Page 9 was full at that snapshot: only the new tail goes again.
-  auto r3 = st.plan(grown, {1});
-  EXPECT_TRUE(r3.new_pages.empty());
-  EXPECT_EQ(r3.resend, (std::vector<uint32_t>{3}));
+  // Paused: the tail goes, full pages already sent do not.
+  auto last = st.plan(grown, {1}, kPaused);
+  EXPECT_EQ(last.new_pages, (std::vector<PageIndex>{12}));
+  EXPECT_TRUE(last.resend.empty());
+  st.commit_round(last, grown, {1}, slots_for(last, 60));
+  // A tail sent while paused is resent if the engine ran on afterwards.
+  std::vector<LogicalSeq> more = {{1, 51, {7, 8, 9, 12}}};
+  EXPECT_EQ(st.plan(more, {1}, kPaused).resend,
+            (std::vector<uint32_t>{static_cast<uint32_t>(st.position_of(12))}));
 }
 
 TEST(PrecopyTest, RequestsThatStopExtendingAreDropped) {
   PrecopyState st(kPageTokens);
-  std::vector<LogicalSeq> cur = {{1, 40, {7, 8, 9}}, {2, 20, {4, 5}},
-                                 {3, 20, {20, 21}}};
-  auto r1 = st.plan(cur, {1, 2, 3});
+  std::vector<LogicalSeq> cur = {
+      {1, 48, {7, 8, 9}}, {2, 32, {4, 5}}, {3, 32, {20, 21}}};
+  auto r1 = st.plan(cur, {1, 2, 3}, kRunning);
   st.commit_round(r1, cur, {1, 2, 3}, slots_for(r1, 0));
   // 1 finished; 2 was preempted and rebuilt elsewhere; 3 grew normally.
-  std::vector<LogicalSeq> later = {{2, 20, {30, 5}}, {3, 33, {20, 21, 22}}};
-  auto r2 = st.plan(later, {1, 2, 3});
+  std::vector<LogicalSeq> later = {{2, 32, {30, 5}}, {3, 48, {20, 21, 22}}};
+  auto r2 = st.plan(later, {1, 2, 3}, kRunning);
   EXPECT_EQ(r2.dropped, (std::vector<SeqId>{1, 2}));
   EXPECT_EQ(r2.new_pages, (std::vector<PageIndex>{22}));
   st.commit_round(r2, later, {1, 2, 3}, slots_for(r2, 10));
@@ -72,15 +79,15 @@ TEST(PrecopyTest, RequestsThatStopExtendingAreDropped) {
 TEST(PrecopyTest, AFreedPageReusedByAMovingRequestIsSentAgain) {
   PrecopyState st(kPageTokens);
   std::vector<LogicalSeq> cur = {{1, 32, {7, 8}}, {2, 16, {9}}};
-  auto r1 = st.plan(cur, {1, 2});
+  auto r1 = st.plan(cur, {1, 2}, kRunning);
   st.commit_round(r1, cur, {1, 2}, slots_for(r1, 0));
-  // Request 2 finished; its full page 9 was freed and request 1 took it.
-  std::vector<LogicalSeq> later = {{1, 33, {7, 8, 9}}};
-  auto r2 = st.plan(later, {1, 2});
+  // Request 2 finished; its page 9 was freed and request 1 filled it.
+  std::vector<LogicalSeq> later = {{1, 48, {7, 8, 9}}};
+  auto r2 = st.plan(later, {1, 2}, kRunning);
   EXPECT_EQ(r2.dropped, (std::vector<SeqId>{2}));
   EXPECT_TRUE(r2.new_pages.empty());
-  EXPECT_EQ(r2.resend, (std::vector<uint32_t>{static_cast<uint32_t>(
-                           st.position_of(9))}));
+  EXPECT_EQ(r2.resend,
+            (std::vector<uint32_t>{static_cast<uint32_t>(st.position_of(9))}));
 }
 
 }  // namespace
