@@ -184,7 +184,8 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
                std::chrono::duration<double>(double(slots.size()) * page_total /
                                              kMinDataBytesPerSecond));
   };
-  std::vector<bool> landed(slots.size(), false);  // staged positions written
+  std::vector<bool> landed(slots.size(), false);    // staged positions written
+  std::vector<bool> verified(slots.size(), false);  // checked against VERIFY
   Result<Frame> frame = Status::internal("no frame yet");
   for (;;) {
     frame = co_await channel.receive(data_deadline());
@@ -220,10 +221,38 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
         } else {
           slots.insert(slots.end(), more->begin(), more->end());
           landed.resize(slots.size(), false);
+          verified.resize(slots.size(), false);
           const std::vector<uint8_t> payload = encode(RoundOfferMsg{*more});
           ok = co_await channel.send(MsgType::kRoundOffer, payload,
                                      peer_deadline());
         }
+      }
+    } else if (frame->type == MsgType::kVerify && hello.verify) {
+      // A round's data is flushed: check what landed in those slots.
+      auto v = decode_verify(frame->payload, limits);
+      ok = v.status();
+      for (size_t k = 0; ok.ok() && k < v->positions.size(); ++k) {
+        if (v->positions[k] >= slots.size()) {
+          ok = Status::protocol("VERIFY names slot position " +
+                                std::to_string(v->positions[k]) + " of " +
+                                std::to_string(slots.size()));
+        }
+      }
+      if (ok.ok()) {
+        ok = co_await offload([&]() -> Status {
+          for (size_t k = 0; k < v->positions.size(); ++k) {
+            uint32_t pos = v->positions[k];
+            KVMIG_ASSIGN_OR_RETURN(
+                uint64_t c, pager_page_checksum(pager, layout, slots[pos]));
+            if (c != v->checksums[k]) {
+              return Status::data_loss(
+                  "page at position " + std::to_string(pos) + " (slot " +
+                  std::to_string(slots[pos]) + ") checksum mismatch");
+            }
+            verified[pos] = true;
+          }
+          return Status();
+        });
       }
     } else if (frame->type == MsgType::kBatch && staging) {
       // Staged pages: staging slot k holds the page for positions[k].
@@ -286,12 +315,6 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
         "COMMIT has " + std::to_string(commit->seqs.size()) +
         " requests, HELLO announced " + std::to_string(hello.n_seqs));
   }
-  if (valid.ok() && !commit->checksums.empty() &&
-      commit->checksums.size() != slots.size()) {
-    valid = Status::protocol(
-        "COMMIT has " + std::to_string(commit->checksums.size()) +
-        " checksums for " + std::to_string(slots.size()) + " pages");
-  }
   std::map<PageIndex, uint32_t> position_of;
   for (uint32_t pos = 0; pos < slots.size(); ++pos)
     position_of[slots[pos]] = pos;
@@ -311,6 +334,12 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
           valid = Status::protocol("request " + std::to_string(s.seq_id) +
                                    " points at slot " + std::to_string(p) +
                                    ", not one allocated for it");
+          break;
+        }
+        if (hello.verify && !verified[it->second]) {
+          valid = Status::protocol("request " + std::to_string(s.seq_id) +
+                                   " points at slot " + std::to_string(p) +
+                                   ", which no VERIFY covered");
           break;
         }
         if (staging && !landed[it->second]) {
@@ -337,30 +366,11 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
     co_return;
   }
 
-  // 6. Cut the source off, then verify what landed, then install.
+  // 6. Cut the source off, then install.
   co_await offload([&] {
     target->revoke();
     return 0;
   });
-  if (!commit->checksums.empty()) {
-    Status verified = co_await offload([&]() -> Status {
-      for (size_t pos = 0; pos < slots.size(); ++pos) {
-        if (!used[pos]) continue;
-        KVMIG_ASSIGN_OR_RETURN(uint64_t c,
-                               pager_page_checksum(pager, layout, slots[pos]));
-        if (c != commit->checksums[pos]) {
-          return Status::data_loss("page " + std::to_string(pos) + " (slot " +
-                                   std::to_string(slots[pos]) +
-                                   ") checksum mismatch");
-        }
-      }
-      return Status();
-    });
-    if (!verified.ok()) {
-      co_await fail(verified);
-      co_return;
-    }
-  }
   Status install = pager.install_logical_seqs(commit->seqs);
   if (!install.ok()) {
     Status error = install.with_context("install");

@@ -22,6 +22,7 @@ bool known_type(uint16_t t) {
     case MsgType::kBatchAck:
     case MsgType::kRound:
     case MsgType::kRoundOffer:
+    case MsgType::kVerify:
     case MsgType::kStatusReq:
     case MsgType::kStatusResp:
     case MsgType::kMigrateReq:
@@ -67,6 +68,8 @@ std::string msg_type_name(MsgType type) {
       return "ROUND";
     case MsgType::kRoundOffer:
       return "ROUND_OFFER";
+    case MsgType::kVerify:
+      return "VERIFY";
     case MsgType::kStatusReq:
       return "STATUS_REQ";
     case MsgType::kStatusResp:

@@ -33,6 +33,7 @@ enum class MsgType : uint16_t {
   kBatchAck = 7,       // dst -> src: staged batch applied
   kRound = 8,          // src -> dst: a live round needs more slots
   kRoundOffer = 9,     // dst -> src: the slots for that round
+  kVerify = 10,        // src -> dst: checksums of the pages a round sent
   kStatusReq = 16,     // scheduler -> agent
   kStatusResp = 17,    // agent -> scheduler
   kMigrateReq = 18,    // scheduler -> source agent

@@ -203,7 +203,7 @@ std::vector<uint8_t> encode(const HelloMsg& m) {
   ByteWriter w;
   w.put_string(m.migration_id);
   put_meta(w, m.meta);
-  w.put(static_cast<uint8_t>(m.live));
+  w.put(static_cast<uint8_t>((m.live ? 1 : 0) | (m.verify ? 2 : 0)));
   w.put(m.n_pages);
   w.put(m.n_seqs);
   w.put(static_cast<uint32_t>(m.transports.size()));
@@ -219,9 +219,10 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
         KVMIG_ASSIGN_OR_RETURN(m.migration_id,
                                r.get_string(l.max_string, "migration id"));
         KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
-        KVMIG_ASSIGN_OR_RETURN(uint8_t live, r.get<uint8_t>("live flag"));
-        if (live > 1) return Status::data_loss("live flag out of range");
-        m.live = live != 0;
+        KVMIG_ASSIGN_OR_RETURN(uint8_t flags, r.get<uint8_t>("flags"));
+        if (flags > 3) return Status::data_loss("unknown HELLO flags");
+        m.live = flags & 1;
+        m.verify = flags & 2;
         KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
         KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
@@ -283,19 +284,41 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
 std::vector<uint8_t> encode(const CommitMsg& m) {
   ByteWriter w;
   put_seqs(w, m.seqs);
-  w.put(static_cast<uint32_t>(m.checksums.size()));
-  for (uint64_t c : m.checksums) w.put(c);
   return w.take();
 }
 
 Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
                                 const WireLimits& l) {
-  return decode_all<CommitMsg>(
-      p, "COMMIT", [&](ByteReader& r) -> Result<CommitMsg> {
-        CommitMsg m;
-        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
+  return decode_all<CommitMsg>(p, "COMMIT",
+                               [&](ByteReader& r) -> Result<CommitMsg> {
+                                 CommitMsg m;
+                                 KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
+                                 return m;
+                               });
+}
+
+std::vector<uint8_t> encode(const VerifyMsg& m) {
+  ByteWriter w;
+  put_u32s(w, m.positions);
+  w.put(static_cast<uint32_t>(m.checksums.size()));
+  for (uint64_t c : m.checksums) w.put(c);
+  return w.take();
+}
+
+Result<VerifyMsg> decode_verify(std::span<const uint8_t> p,
+                                const WireLimits& l) {
+  return decode_all<VerifyMsg>(
+      p, "VERIFY", [&](ByteReader& r) -> Result<VerifyMsg> {
+        VerifyMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.positions,
+                               get_u32s(r, l.max_pages, "positions"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t n,
                                get_count(r, l.max_pages, 8, "checksum count"));
+        if (n != m.positions.size()) {
+          return Status::data_loss(std::to_string(n) + " checksums for " +
+                                   std::to_string(m.positions.size()) +
+                                   " positions");
+        }
         m.checksums.resize(n);
         for (uint64_t& c : m.checksums) {
           KVMIG_ASSIGN_OR_RETURN(c, r.get<uint64_t>("checksum"));

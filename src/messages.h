@@ -38,6 +38,7 @@ struct HelloMsg {
   std::string migration_id;
   CacheMeta meta;
   bool live = false;     // pre-copy: ROUND messages may follow OFFER
+  bool verify = false;   // VERIFY covers every page before COMMIT
   uint32_t n_pages = 0;  // slots needed for the first round
   uint32_t n_seqs = 0;   // requests to move (at most, when live)
   std::vector<std::string> transports;  // acceptable, preferred first
@@ -65,10 +66,16 @@ struct RoundOfferMsg {
   std::vector<PageIndex> slots;  // the next positions, in order
 };
 
+// After a round's data is flushed: XXH3-64 of each page it sent, in
+// canonical order, by slot position. The destination checks them at once, so
+// the final pause only covers the last round's pages.
+struct VerifyMsg {
+  std::vector<uint32_t> positions;
+  std::vector<uint64_t> checksums;
+};
+
 struct CommitMsg {
-  std::vector<LogicalSeq> seqs;     // page tables in destination slots
-  std::vector<uint64_t> checksums;  // per slot position (0 for a slot no
-                                    // request uses); empty: no verification
+  std::vector<LogicalSeq> seqs;  // page tables in destination slots
 };
 
 // A staged batch: staging slot k holds the page for slot position
@@ -112,6 +119,7 @@ std::vector<uint8_t> encode(const OfferMsg& m);
 std::vector<uint8_t> encode(const CommitMsg& m);
 std::vector<uint8_t> encode(const BatchMsg& m);
 std::vector<uint8_t> encode(const RoundMsg& m);
+std::vector<uint8_t> encode(const VerifyMsg& m);
 std::vector<uint8_t> encode(const RoundOfferMsg& m);
 std::vector<uint8_t> encode(const AbortMsg& m);
 std::vector<uint8_t> encode(const ErrorMsg& m);
@@ -129,6 +137,8 @@ Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
                                 const WireLimits& l);
 Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l);
 Result<RoundMsg> decode_round(std::span<const uint8_t> p);
+Result<VerifyMsg> decode_verify(std::span<const uint8_t> p,
+                                const WireLimits& l);
 Result<RoundOfferMsg> decode_round_offer(std::span<const uint8_t> p,
                                          const WireLimits& l);
 Result<AbortMsg> decode_abort(std::span<const uint8_t> p, const WireLimits& l);

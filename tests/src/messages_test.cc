@@ -34,10 +34,16 @@ TEST(MessagesTest, OfferAndCommitRoundTrip) {
   EXPECT_EQ(ob.slots, o.slots);
   EXPECT_EQ(ob.regions, o.regions);
   EXPECT_EQ(ob.target_address, o.target_address);
-  CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}, {11, 22, 33}};
+  CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}};
   ASSERT_OK_AND_ASSIGN(CommitMsg cb, decode_commit(encode(c), limits()));
   EXPECT_EQ(cb.seqs, c.seqs);
-  EXPECT_EQ(cb.checksums, c.checksums);
+  VerifyMsg v{{0, 7}, {11, 22}};
+  ASSERT_OK_AND_ASSIGN(VerifyMsg vb, decode_verify(encode(v), limits()));
+  EXPECT_EQ(vb.positions, v.positions);
+  EXPECT_EQ(vb.checksums, v.checksums);
+  v.checksums.pop_back();
+  EXPECT_EQ(decode_verify(encode(v), limits()).status().code(),
+            StatusCode::kDataLoss);
 }
 
 TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
@@ -91,8 +97,8 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
   payload.push_back(0);
   EXPECT_EQ(decode_batch(payload, limits()).status().code(),
             StatusCode::kDataLoss);
-  auto hello = encode(
-      HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, false, 1, 1, {"tcp"}, {}});
+  auto hello = encode(HelloMsg{
+      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}});
   for (size_t cut = 0; cut < hello.size(); ++cut) {
     std::span<const uint8_t> part(hello.data(), cut);
     EXPECT_FALSE(decode_hello(part, limits()).ok()) << "cut at " << cut;
@@ -100,8 +106,8 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
 }
 
 TEST(MessagesTest, BadEnumsAreErrors) {
-  auto hello = encode(
-      HelloMsg{"id", {16, 2, 2, 64, Dtype::kF16}, false, 1, 1, {"tcp"}, {}});
+  auto hello = encode(HelloMsg{
+      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}});
   hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
   EXPECT_EQ(decode_hello(hello, limits()).status().code(),
             StatusCode::kDataLoss);
