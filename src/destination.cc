@@ -254,6 +254,9 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
           return Status();
         });
       }
+      if (ok.ok()) {
+        ok = co_await channel.send(MsgType::kVerifyAck, {}, peer_deadline());
+      }
     } else if (frame->type == MsgType::kBatch && staging) {
       // Staged pages: staging slot k holds the page for positions[k].
       auto batch = decode_batch(frame->payload, limits);

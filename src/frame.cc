@@ -23,6 +23,7 @@ bool known_type(uint16_t t) {
     case MsgType::kRound:
     case MsgType::kRoundOffer:
     case MsgType::kVerify:
+    case MsgType::kVerifyAck:
     case MsgType::kStatusReq:
     case MsgType::kStatusResp:
     case MsgType::kMigrateReq:
@@ -70,6 +71,8 @@ std::string msg_type_name(MsgType type) {
       return "ROUND_OFFER";
     case MsgType::kVerify:
       return "VERIFY";
+    case MsgType::kVerifyAck:
+      return "VERIFY_ACK";
     case MsgType::kStatusReq:
       return "STATUS_REQ";
     case MsgType::kStatusResp:

@@ -34,6 +34,7 @@ enum class MsgType : uint16_t {
   kRound = 8,          // src -> dst: a live round needs more slots
   kRoundOffer = 9,     // dst -> src: the slots for that round
   kVerify = 10,        // src -> dst: checksums of the pages a round sent
+  kVerifyAck = 11,     // dst -> src: those pages check out
   kStatusReq = 16,     // scheduler -> agent
   kStatusResp = 17,    // agent -> scheduler
   kMigrateReq = 18,    // scheduler -> source agent

@@ -351,8 +351,20 @@ asio::awaitable<Status> SourceRun::send_positions(
   }
   data_seconds_ += seconds_since(t0);
   if (!req_.verify) co_return Status();
+  // Wait until the destination has checked this round, so its checking
+  // never lands inside the final pause.
   const std::vector<uint8_t> payload = encode(VerifyMsg{positions, sums});
-  co_return co_await channel_->send(MsgType::kVerify, payload, deadline());
+  Status sent = co_await channel_->send(MsgType::kVerify, payload, deadline());
+  if (!sent.ok()) co_return sent;
+  const auto check_time =
+      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
+          double(positions.size()) * page_total_ / 1e9));
+  auto ack = co_await channel_->receive(deadline() + check_time);
+  if (!ack.ok()) co_return ack.status().with_context("waiting for VERIFY_ACK");
+  if (ack->type != MsgType::kVerifyAck) {
+    co_return reply_status(*ack, a_.limits, "VERIFY");
+  }
+  co_return Status();
 }
 
 asio::awaitable<Result<MigrationReport>> SourceRun::run(

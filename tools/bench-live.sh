@@ -24,10 +24,10 @@ tmp=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
 
-start() {  # start LOG ARGS... -> prints address
+start() {  # start LOG ARGS... -> prints address; pid in LOG.pid
   local log=$1; shift
   "$K" serve --listen 127.0.0.1:0 "$@" >"$log" 2>"$log.err" &
-  pids+=($!)
+  echo $! >"$log.pid"
   for _ in $(seq 600); do
     local a; a=$(sed -n 's/.*listening on //p' "$log")
     [[ -n $a ]] && { echo "$a"; return; }
@@ -37,15 +37,19 @@ start() {  # start LOG ARGS... -> prints address
 }
 
 run() {  # run TOKENS MODE -> prints pause_ms rounds
-  local tokens=$1 mode=$2 cap=$(( tokens / 16 + 64 ))
+  local tokens=$1 mode=$2
+  local cap=$(( tokens / 16 + 64 ))
   local src dst extra=()
   [[ $mode == live ]] && extra=(--live)
   src=$(start "$tmp/src" --preset llama3-8b --capacity-pages $cap \
         --populate 1:$tokens --decode-rate "$RATE" --transports tcp,ucx)
   dst=$(start "$tmp/dst" --preset llama3-8b --capacity-pages $cap --transports tcp,ucx)
+  pids=("$(cat "$tmp/src.pid")" "$(cat "$tmp/dst.pid")")
   "$K" migrate --agent "$src" --to "$dst" --all --transport "$TRANSPORT" --json \
     "${extra[@]}" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["ok"], d; print(d["pause_ms"], d["rounds"], d["gbps"])'
-  kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+  kill "${pids[@]}"
+  for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done
+  pids=()
 }
 
 echo "# $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
