@@ -167,6 +167,9 @@ int cmd_serve(const std::string& listen, const PoolFlags& pool,
   AgentOptions options;
   options.listen_host = hp->host;
   options.listen_port = hp->port;
+  // The data planes listen on (tcp, ucx) or take their RoCE GID from (verbs)
+  // the agent's own address.
+  options.transport_options.bind_host = hp->host;
   options.transports = split_commas(transports);
   options.peer_timeout = std::chrono::milliseconds(peer_timeout_ms);
   options.staging_bytes = staging_mib << 20;
