@@ -28,6 +28,8 @@ run() {  # run NAME BINARY FILTER
 run transport transport_tests '*verbs*:TransportRegistryTest.*'
 run e2e e2e_tests '*verbs*:VerbsE2E.*:UcxOnRxeE2E.*'
 
+echo "rxe-tests: done in $(since "$t0")s"
+# The summary is the last line (.ci/run sums these up).
 python3 - "$B/rxe-transport.xml" "$B/rxe-e2e.xml" <<'PY'
 import os, sys, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
@@ -47,6 +49,3 @@ for b in bad: print("rxe-tests:", b)
 print(f"{passed} passed, {failed} failed, {skipped} skipped")
 sys.exit(1 if failed or skipped or passed == 0 else 0)
 PY
-rc=$?
-echo "rxe-tests: done in $(since "$t0")s"
-exit $rc
