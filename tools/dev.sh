@@ -3,16 +3,19 @@
 #
 #   tools/dev.sh demo   install, build, migrate requests between two agents
 #   tools/dev.sh test   install, build, run every test (last line: N passed, N failed)
+#   tools/dev.sh rxe-test  build, then run the verbs tests (and UCX over
+#                       rc_verbs) in the Soft-RoCE guest (tools/rxe-tests.sh)
 #   tools/dev.sh deps | build
 #
-# Env: BUILD_DIR (default build), MESON_ARGS (extra meson setup arguments).
+# Env: BUILD_DIR (default build), MESON_ARGS (extra meson setup arguments),
+#      RXEVM_RUN (default ../shared/rxe-vm/rxe-run.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 
 PACKAGES="meson ninja-build g++ pkg-config python3 libboost-dev libspdlog-dev
   libfmt-dev libxxhash-dev libucx-dev ucx-utils libgtest-dev libgmock-dev
-  libcli11-dev nlohmann-json3-dev clang-format"
+  libcli11-dev nlohmann-json3-dev clang-format libibverbs-dev ibverbs-providers"
 
 deps() {
   local missing=()
@@ -106,11 +109,21 @@ PY
   return $rc
 }
 
+# Builds, then runs tools/rxe-tests.sh inside the Soft-RoCE guest; the guest
+# sees this directory read-write, so the build and its logs are shared.
+rxe_test() {
+  local start=$SECONDS rc=0
+  "${RXEVM_RUN:-../shared/rxe-vm/rxe-run.sh}" -- tools/rxe-tests.sh || rc=$?
+  echo "rxe-test: rc=$rc, $((SECONDS - start))s including the guest's boot" >&2
+  return $rc
+}
+
 case "${1:-}" in
   deps) deps ;;
   build) deps; build ;;
   demo) demo ;;
   test) deps; build; run_tests "$BUILD_DIR" ;;
   run-tests) run_tests "$BUILD_DIR" ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  rxe-test) deps; build; rxe_test ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

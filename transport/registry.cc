@@ -9,6 +9,9 @@
 #ifdef KVMIG_WITH_UCX
 #include "ucx/ucx_transport.h"
 #endif
+#ifdef KVMIG_WITH_VERBS
+#include "verbs/verbs_transport.h"
+#endif
 
 namespace kvmig {
 namespace {
@@ -32,7 +35,11 @@ const std::vector<Entry>& table() {
 #else
       {"ucx", nullptr, "-Ducx=enabled"},
 #endif
+#ifdef KVMIG_WITH_VERBS
+      {"verbs", make_verbs_transport, "-Dverbs=enabled"},
+#else
       {"verbs", nullptr, "-Dverbs=enabled"},
+#endif
   };
   return entries;
 }

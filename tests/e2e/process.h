@@ -117,12 +117,19 @@ class Child {
   int exit_code_ = -1;
 };
 
-// `kvmig serve` on an ephemeral loopback port.
+// The host agents listen on: the Soft-RoCE device's address inside the rxe
+// guest (RXEVM_IP, so verbs and UCX find its RoCE GID), else loopback.
+inline std::string agent_host() {
+  const char* ip = std::getenv("RXEVM_IP");
+  return ip ? ip : "127.0.0.1";
+}
+
+// `kvmig serve` on an ephemeral port of agent_host().
 class AgentProcess {
  public:
   static std::unique_ptr<AgentProcess> start(std::vector<std::string> flags) {
     std::vector<std::string> args = {kvmig_bin(), "serve", "--listen",
-                                     "127.0.0.1:0"};
+                                     agent_host() + ":0"};
     args.insert(args.end(), flags.begin(), flags.end());
     auto a = std::unique_ptr<AgentProcess>(new AgentProcess());
     a->child_ = Child::spawn(args);
