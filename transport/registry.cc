@@ -67,7 +67,10 @@ Result<std::unique_ptr<Transport>> make_transport(
           "' is not built: reconfigure with meson option " +
           std::string(e.meson_option) + " and its dependency installed");
     }
-    return e.factory(opts);
+    if (!opts.bind_host.empty()) return e.factory(opts);
+    TransportOptions local = opts;
+    local.bind_host = "127.0.0.1";
+    return e.factory(local);
   }
   return Status::not_found("unknown transport '" + std::string(name) +
                            "' (known: " + known + ")");

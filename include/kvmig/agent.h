@@ -30,9 +30,9 @@ struct AgentOptions {
   // Transports this agent accepts and may use, in preference order. Each
   // must be built (built_transports()).
   std::vector<std::string> transports = {"tcp"};
-  // Data-plane options. An empty bind_host (the default here) means the
-  // listen host: tcp and ucx listen there, verbs takes its RoCE GID from it.
-  TransportOptions transport_options = {.bind_host = ""};
+  // Data-plane options. An empty bind_host (the default) means the listen
+  // host: tcp and ucx listen there, verbs takes its RoCE GID from it.
+  TransportOptions transport_options;
   // Deadline for every wait on a peer (a frame, a connect, a flush).
   std::chrono::milliseconds peer_timeout{10'000};
   // Largest control frame accepted, in bytes.

@@ -120,8 +120,9 @@ class Transport {
 // Options for building a transport.
 struct TransportOptions {
   // Host address the target side listens on / advertises (tcp, ucx), or the
-  // IP whose RoCE GID verbs uses. Empty: the agent's listen host.
-  std::string bind_host = "127.0.0.1";
+  // IP whose RoCE GID verbs uses. Empty: inside an Agent, its listen host;
+  // on its own (make_transport), 127.0.0.1.
+  std::string bind_host;
   // Verbs: device name (empty: the first device with an active port).
   std::string device;
   // Writes in flight at most (ucx, verbs), to bound memory and queue depth.
