@@ -22,7 +22,7 @@ BUILD_DIR=${BUILD_DIR:-build} tools/dev.sh build >/dev/null 2>&1
 K=${BUILD_DIR:-build}/tools/kvmig
 tmp=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
+trap '((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null; rm -rf "$tmp"' EXIT
 
 start() {  # start LOG ARGS... -> prints address; pid in LOG.pid
   local log=$1; shift
