@@ -19,6 +19,18 @@ namespace {
 // dead one is seen at once as a closed connection).
 constexpr double kMinDataBytesPerSecond = 20e6;
 
+// Protocol error unless every slot position is below n.
+Status check_positions(const std::vector<uint32_t>& positions, size_t n,
+                       const char* message) {
+  for (uint32_t pos : positions) {
+    if (pos >= n) {
+      return Status::protocol(std::string(message) + " names slot position " +
+                              std::to_string(pos) + " of " + std::to_string(n));
+    }
+  }
+  return Status();
+}
+
 }  // namespace
 
 asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
@@ -231,13 +243,7 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
       // A round's data is flushed: check what landed in those slots.
       auto v = decode_verify(frame->payload, limits);
       ok = v.status();
-      for (size_t k = 0; ok.ok() && k < v->positions.size(); ++k) {
-        if (v->positions[k] >= slots.size()) {
-          ok = Status::protocol("VERIFY names slot position " +
-                                std::to_string(v->positions[k]) + " of " +
-                                std::to_string(slots.size()));
-        }
-      }
+      if (ok.ok()) ok = check_positions(v->positions, slots.size(), "VERIFY");
       if (ok.ok()) {
         ok = co_await offload([&]() -> Status {
           for (size_t k = 0; k < v->positions.size(); ++k) {
@@ -268,12 +274,8 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
                               " pages for a staging buffer of " +
                               std::to_string(staging->slots()));
       }
-      for (size_t k = 0; ok.ok() && k < batch->positions.size(); ++k) {
-        if (batch->positions[k] >= slots.size()) {
-          ok = Status::protocol("BATCH names slot position " +
-                                std::to_string(batch->positions[k]) + " of " +
-                                std::to_string(slots.size()));
-        }
+      if (ok.ok()) {
+        ok = check_positions(batch->positions, slots.size(), "BATCH");
       }
       if (ok.ok()) {
         ok = co_await offload([&]() -> Status {

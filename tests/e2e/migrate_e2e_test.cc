@@ -82,6 +82,20 @@ const std::string& verbs_unavailable() {
   } while (0)
 
 // Transports for the layout matrix: verbs only where a device is present.
+// Polls an agent's status until its free-page count is `expected` or
+// `limit` passes; returns the last status.
+json wait_for_free_pages(const std::string& agent, const json& expected,
+                         std::chrono::seconds limit) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  json now;
+  do {
+    std::this_thread::sleep_for(100ms);
+    now = status_of(agent);
+  } while (now["free_pages"] != expected &&
+           std::chrono::steady_clock::now() < end);
+  return now;
+}
+
 std::vector<std::string> data_transports() {
   std::vector<std::string> out;
   for (const auto& t : built_transports()) {
@@ -247,13 +261,7 @@ TEST_P(LiveFault, SourceKilledReleasesDestinationSlots) {
   ASSERT_TRUE(src->child().wait_for("reached " + point, 30s, true));
   EXPECT_LT(status_of(dst->address())["free_pages"], db["free_pages"]);
   src->child().kill(SIGKILL);
-  auto end = std::chrono::steady_clock::now() + 5s;
-  json now;
-  do {
-    std::this_thread::sleep_for(100ms);
-    now = status_of(dst->address());
-  } while (now["free_pages"] != db["free_pages"] &&
-           std::chrono::steady_clock::now() < end);
+  json now = wait_for_free_pages(dst->address(), db["free_pages"], 5s);
   EXPECT_EQ(now["free_pages"], db["free_pages"]);
   EXPECT_TRUE(now["seqs"].empty());
   ASSERT_TRUE(cli->wait_exit(30s));
@@ -404,13 +412,7 @@ TEST(MigrateE2E, SourceKilledMidDataReleasesDestinationSlots) {
   // Slots are allocated while the source is stalled.
   EXPECT_LT(status_of(dst->address())["free_pages"], db["free_pages"]);
   src->child().kill(SIGKILL);
-  auto end = std::chrono::steady_clock::now() + 5s;
-  json now;
-  do {
-    std::this_thread::sleep_for(100ms);
-    now = status_of(dst->address());
-  } while (now["free_pages"] != db["free_pages"] &&
-           std::chrono::steady_clock::now() < end);
+  json now = wait_for_free_pages(dst->address(), db["free_pages"], 5s);
   EXPECT_EQ(now["free_pages"], db["free_pages"]);
   EXPECT_TRUE(now["seqs"].empty());
   ASSERT_TRUE(cli->wait_exit(30s));
@@ -524,13 +526,7 @@ TEST(VerbsE2E, SourceKilledMidTransferDestinationRevokesAndReleases) {
   ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 60s, true));
   EXPECT_LT(status_of(dst->address())["free_pages"], db["free_pages"]);
   src->child().kill(SIGKILL);
-  auto end = std::chrono::steady_clock::now() + 10s;
-  json now;
-  do {
-    std::this_thread::sleep_for(100ms);
-    now = status_of(dst->address());
-  } while (now["free_pages"] != db["free_pages"] &&
-           std::chrono::steady_clock::now() < end);
+  json now = wait_for_free_pages(dst->address(), db["free_pages"], 10s);
   EXPECT_EQ(now["free_pages"], db["free_pages"]);
   EXPECT_TRUE(now["seqs"].empty());
   const std::string err = dst->child().err();
