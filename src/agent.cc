@@ -6,6 +6,7 @@
 #include "agent_impl.h"
 #include "kvmig/digest.h"
 #include "kvmig/snapshot.h"
+#include "perf_server.h"
 
 namespace kvmig {
 namespace {
@@ -178,6 +179,9 @@ asio::awaitable<void> Agent::Impl::serve_connection(
       if (!sent.ok()) log->warn("{}", sent.to_string());
       break;
     }
+    case MsgType::kPerfSetup:
+      co_await serve_perf_session(*this, channel, std::move(*first));
+      break;
     default:
       log->warn("closing connection from {}: unexpected {} as first frame",
                 channel.peer(), msg_type_name(first->type));
