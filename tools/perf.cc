@@ -169,7 +169,11 @@ Result<CacheMeta> client_meta(const PerfFlags& f, std::string* name) {
 
 std::string mib(uint64_t bytes) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / 1048576.0);
+  if (bytes < (1u << 20)) {
+    std::snprintf(buf, sizeof buf, "%.1f KiB", bytes / 1024.0);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / 1048576.0);
+  }
   return buf;
 }
 
