@@ -6,6 +6,7 @@
 #include "agent_impl.h"
 #include "kvmig/digest.h"
 #include "kvmig/snapshot.h"
+#include "perf_server.h"
 
 namespace kvmig {
 namespace {
@@ -45,8 +46,10 @@ Result<Transport*> Agent::Impl::transport_named(std::string_view name) {
   auto it = transports.find(name);
   if (it != transports.end()) return it->second.get();
   std::string enabled;
-  for (const auto& [n, t] : transports)
-    enabled += (enabled.empty() ? "" : ",") + n;
+  for (const auto& [n, t] : transports) {
+    if (!enabled.empty()) enabled += ',';
+    enabled += n;
+  }
   return Status::failed_precondition("transport '" + std::string(name) +
                                      "' is not enabled on this agent "
                                      "(enabled: " +
@@ -178,6 +181,9 @@ asio::awaitable<void> Agent::Impl::serve_connection(
       if (!sent.ok()) log->warn("{}", sent.to_string());
       break;
     }
+    case MsgType::kPerfSetup:
+      co_await serve_perf_session(*this, channel, std::move(*first));
+      break;
     default:
       log->warn("closing connection from {}: unexpected {} as first frame",
                 channel.peer(), msg_type_name(first->type));

@@ -32,6 +32,9 @@ bool known_type(uint16_t t) {
     case MsgType::kOutcomeResp:
     case MsgType::kSnapshotReq:
     case MsgType::kSnapshotResp:
+    case MsgType::kPerfSetup:
+    case MsgType::kPerfReady:
+    case MsgType::kPerfReset:
     case MsgType::kError:
       return true;
   }
@@ -89,6 +92,12 @@ std::string msg_type_name(MsgType type) {
       return "SNAPSHOT_REQ";
     case MsgType::kSnapshotResp:
       return "SNAPSHOT_RESP";
+    case MsgType::kPerfSetup:
+      return "PERF_SETUP";
+    case MsgType::kPerfReady:
+      return "PERF_READY";
+    case MsgType::kPerfReset:
+      return "PERF_RESET";
     case MsgType::kError:
       return "ERROR";
   }

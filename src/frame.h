@@ -43,6 +43,9 @@ enum class MsgType : uint16_t {
   kOutcomeResp = 21,   // dst -> src
   kSnapshotReq = 22,   // client -> agent: save or load a snapshot
   kSnapshotResp = 23,  // agent -> client: done
+  kPerfSetup = 24,     // perf client -> perf server: (re)build the target
+  kPerfReady = 25,     // perf server -> client: target agent ready and empty
+  kPerfReset = 26,     // perf client -> server: drop every request
   kError = 31,         // agent -> client: request refused
 };
 

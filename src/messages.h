@@ -13,6 +13,7 @@
 #include "kvmig/agent.h"
 #include "kvmig/status.h"
 #include "kvmig/types.h"
+#include "synthetic_pager.h"
 
 namespace kvmig {
 
@@ -113,6 +114,24 @@ struct SnapshotReqMsg {
   std::string path;
 };
 
+// kvmig perf: the client asks the perf server to (re)build its target, an
+// agent over an empty SyntheticPager of this shape (PERF_SETUP); the server
+// answers where that agent listens (PERF_READY). PERF_RESET (no payload)
+// drops every request the target holds; PERF_READY answers it too.
+struct PerfSetupMsg {
+  CacheMeta meta;
+  PoolLayout layout = PoolLayout::kPage;
+  uint32_t capacity_pages = 0;
+  AllocationOrder order = AllocationOrder::kContiguous;
+  uint64_t seed = 0;  // for AllocationOrder::kRandom
+};
+struct PerfReadyMsg {
+  std::string address;  // the target agent's control "HOST:PORT"
+  uint32_t free_pages = 0;
+};
+
+std::vector<uint8_t> encode(const PerfSetupMsg& m);
+std::vector<uint8_t> encode(const PerfReadyMsg& m);
 std::vector<uint8_t> encode(const SnapshotReqMsg& m);
 std::vector<uint8_t> encode(const HelloMsg& m);
 std::vector<uint8_t> encode(const OfferMsg& m);
@@ -129,6 +148,10 @@ std::vector<uint8_t> encode(const MigrateRequest& m);
 std::vector<uint8_t> encode(const MigrationReport& m);
 std::vector<uint8_t> encode(const AgentStatus& m);
 
+Result<PerfSetupMsg> decode_perf_setup(std::span<const uint8_t> p,
+                                       const WireLimits& l);
+Result<PerfReadyMsg> decode_perf_ready(std::span<const uint8_t> p,
+                                       const WireLimits& l);
 Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
                                            const WireLimits& l);
 Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l);

@@ -32,7 +32,10 @@ double seconds_since(Clock::time_point t) {
 
 std::string join_ids(const std::vector<SeqId>& ids) {
   std::string out;
-  for (SeqId id : ids) out += (out.empty() ? "" : ",") + std::to_string(id);
+  for (SeqId id : ids) {
+    if (!out.empty()) out += ',';
+    out += std::to_string(id);
+  }
   return out;
 }
 

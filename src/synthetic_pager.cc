@@ -7,6 +7,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <random>
 #include <set>
 #include <string>
 #include <utility>
@@ -62,6 +63,23 @@ Result<PoolLayout> parse_pool_layout(std::string_view name) {
                                   "' (page|layer)");
 }
 
+Result<AllocationOrder> parse_allocation_order(std::string_view name) {
+  if (name == "contiguous") return AllocationOrder::kContiguous;
+  if (name == "random") return AllocationOrder::kRandom;
+  return Status::invalid_argument("unknown allocation order '" +
+                                  std::string(name) + "' (contiguous|random)");
+}
+
+std::string_view allocation_order_name(AllocationOrder order) {
+  switch (order) {
+    case AllocationOrder::kContiguous:
+      return "contiguous";
+    case AllocationOrder::kRandom:
+      return "random";
+  }
+  return "invalid";
+}
+
 std::string_view pool_layout_name(PoolLayout layout) {
   switch (layout) {
     case PoolLayout::kPage:
@@ -85,6 +103,8 @@ struct SyntheticPager::State {
   PageIndex free_hint = 0;  // no free slot below this index
   std::map<SeqId, LogicalSeq> seqs;
   uint32_t pause_depth = 0;
+  AllocationOrder order = AllocationOrder::kContiguous;
+  std::mt19937_64 order_rng;  // kRandom's generator
 
   // Decode thread. control_mu serializes start/stop; wake_mu guards stop.
   std::mutex control_mu;
@@ -280,6 +300,23 @@ Result<std::vector<PageIndex>> SyntheticPager::allocate_pages(uint32_t n) {
   }
   std::vector<PageIndex> out;
   out.reserve(n);
+  if (st.order == AllocationOrder::kRandom) {
+    // A partial Fisher-Yates shuffle of the free slots: n distinct draws.
+    std::vector<PageIndex> free_slots;
+    free_slots.reserve(st.n_free);
+    for (PageIndex ix = st.free_hint; ix < capacity_; ++ix) {
+      if (st.slot_state[ix] == SlotState::kFree) free_slots.push_back(ix);
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+      std::uniform_int_distribution<size_t> pick(i, free_slots.size() - 1);
+      std::swap(free_slots[i], free_slots[pick(st.order_rng)]);
+      st.slot_state[free_slots[i]] = SlotState::kAllocated;
+      out.push_back(free_slots[i]);
+    }
+    st.n_free -= n;
+    // free_hint stays a lower bound: the slots below it are still not free.
+    return out;
+  }
   for (PageIndex ix = st.free_hint; out.size() < n && ix < capacity_; ++ix) {
     if (st.slot_state[ix] == SlotState::kFree) {
       st.slot_state[ix] = SlotState::kAllocated;
@@ -289,6 +326,13 @@ Result<std::vector<PageIndex>> SyntheticPager::allocate_pages(uint32_t n) {
   st.n_free -= n;
   if (!out.empty()) st.free_hint = out.back() + 1;
   return out;
+}
+
+void SyntheticPager::set_allocation_order(AllocationOrder order,
+                                          uint64_t seed) {
+  std::lock_guard lock(state_->mu);
+  state_->order = order;
+  state_->order_rng.seed(seed);
 }
 
 Status SyntheticPager::write_page(PageIndex ix, const PageBytes& page) {

@@ -27,6 +27,15 @@ enum class PoolLayout : uint8_t {
 Result<PoolLayout> parse_pool_layout(std::string_view name);  // page|layer
 std::string_view pool_layout_name(PoolLayout layout);
 
+// Which free slots allocate_pages() hands out.
+enum class AllocationOrder : uint8_t {
+  kContiguous,  // the lowest free indices, ascending: runs on a fresh pool
+  kRandom,      // free slots drawn at random, in the order drawn
+};
+// contiguous|random
+Result<AllocationOrder> parse_allocation_order(std::string_view name);
+std::string_view allocation_order_name(AllocationOrder order);
+
 // A host-memory page pool of fixed capacity with request bookkeeping.
 //
 // Thread-safe: one mutex guards all state, so a decode step and a
@@ -40,7 +49,8 @@ std::string_view pool_layout_name(PoolLayout layout);
 // Slot states: free -> allocated (allocate_pages) -> owned by one or more
 // sequences (install_logical_seqs, refcounted) -> free (drop_logical_seqs
 // when the last owner goes, or release_pages for allocated slots).
-// Allocation hands out the lowest free indices first.
+// Allocation hands out the lowest free indices first, unless
+// set_allocation_order() says otherwise.
 class SyntheticPager final : public CachePager {
  public:
   static Result<std::unique_ptr<SyntheticPager>> create(
@@ -82,6 +92,12 @@ class SyntheticPager final : public CachePager {
   // stop_decoding() or destruction. 0 stops.
   void start_decoding(double tokens_per_second);
   void stop_decoding();
+
+  // Sets the order in which allocate_pages() picks free slots from now on
+  // (populate() and decode_step() keep taking the lowest). kRandom draws
+  // from a generator seeded with seed: the same seed and the same sequence
+  // of calls give the same slots. Allocation stays all or nothing.
+  void set_allocation_order(AllocationOrder order, uint64_t seed = 0);
 
   PoolLayout pool_layout() const { return pool_layout_; }
   uint32_t capacity_pages() const { return capacity_; }

@@ -16,6 +16,7 @@
 
 #include "kvmig/kvmig.h"
 #include "log.h"
+#include "perf.h"
 #include "synthetic_pager.h"
 
 namespace kvmig {
@@ -449,6 +450,12 @@ int run_cli(int argc, char** argv) {
   auto* verify = snapshot->add_subcommand("verify", "check every checksum");
   verify->add_option("file", in_file, "snapshot file")->required();
 
+  // perf
+  auto* perf = app.add_subcommand(
+      "perf", "point-to-point benchmark: --server, or a client of HOST:PORT");
+  PerfFlags perf_flags;
+  add_perf_flags(perf, perf_flags);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -460,6 +467,7 @@ int run_cli(int argc, char** argv) {
     return cmd_serve(listen, pool, decode_rate, transports, peer_timeout_ms,
                      staging_mib, faults);
   }
+  if (*perf) return run_perf(perf_flags, !log_level.empty());
   if (*status) return cmd_status(agent, as_json);
   if (*migrate) {
     if (!req.all && seqs_text.empty()) {

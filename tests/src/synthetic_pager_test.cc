@@ -2,10 +2,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -367,6 +369,58 @@ TEST(SyntheticPagerTest, PauseGivesStablePagesWhileDecoding) {
   }
   pager->stop_decoding();
   EXPECT_GT(seqs_of(*pager)[0].n_tokens, 30u);
+}
+
+TEST(SyntheticPagerTest, RandomAllocationOrderIsSeededAndAllOrNothing) {
+  auto draw = [](uint64_t seed) {
+    auto pager = make(PoolLayout::kPage, 64);
+    pager->set_allocation_order(AllocationOrder::kRandom, seed);
+    std::vector<PageIndex> out;
+    for (int i = 0; i < 3; ++i) {
+      auto a = pager->allocate_pages(10);
+      EXPECT_TRUE(a.ok()) << a.status().to_string();
+      if (a.ok()) out.insert(out.end(), a->begin(), a->end());
+    }
+    return out;
+  };
+  const std::vector<PageIndex> a = draw(7);
+  ASSERT_EQ(a.size(), 30u);
+  EXPECT_EQ(draw(7), a);  // the same seed, the same slots
+  EXPECT_NE(draw(8), a);
+  EXPECT_EQ(std::set<PageIndex>(a.begin(), a.end()).size(), a.size());
+  EXPECT_FALSE(std::is_sorted(a.begin(), a.end()));
+  for (PageIndex ix : a) EXPECT_LT(ix, 64u);
+
+  auto pager = make(PoolLayout::kLayer, 16);
+  pager->set_allocation_order(AllocationOrder::kRandom, 3);
+  ASSERT_OK_AND_ASSIGN(auto first, pager->allocate_pages(12));
+  // All or nothing: a request larger than what is free takes nothing.
+  EXPECT_EQ(pager->allocate_pages(5).status().code(),
+            StatusCode::kResourceExhausted);
+  EXPECT_EQ(free_of(*pager), 4u);
+  ASSERT_OK_AND_ASSIGN(auto rest, pager->allocate_pages(4));
+  std::set<PageIndex> all(first.begin(), first.end());
+  all.insert(rest.begin(), rest.end());
+  EXPECT_EQ(all.size(), 16u);
+  EXPECT_EQ(free_of(*pager), 0u);
+  // Released slots come back; back to contiguous, the lowest first.
+  ASSERT_OK(pager->release_pages(rest));
+  pager->set_allocation_order(AllocationOrder::kContiguous);
+  std::vector<PageIndex> sorted = rest;
+  std::sort(sorted.begin(), sorted.end());
+  ASSERT_OK_AND_ASSIGN(auto again, pager->allocate_pages(4));
+  EXPECT_EQ(again, sorted);
+}
+
+TEST(SyntheticPagerTest, ParsesAllocationOrderNames) {
+  for (AllocationOrder o :
+       {AllocationOrder::kContiguous, AllocationOrder::kRandom}) {
+    ASSERT_OK_AND_ASSIGN(AllocationOrder parsed,
+                         parse_allocation_order(allocation_order_name(o)));
+    EXPECT_EQ(parsed, o);
+  }
+  EXPECT_EQ(parse_allocation_order("lowest").status().code(),
+            StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# The benchmark suite: kvmig beside the references, on one host.
+#
+#   tools/bench.sh [--quick] [--reps N] [--out FILE]
+#
+# Builds a release build of its own (build-bench, -Dbuildtype=release, no
+# -march=native), starts one `kvmig perf --server` and one iperf3 server on
+# loopback, then for every case runs kvmig and its references interleaved
+# (A B C A B C ..., --reps times, default 3) and prints one table: the
+# median GB/s of each side with its range, and kvmig / reference as the
+# median of the per-repetition ratios with their range.
+#
+# References, each moving the same bytes per iteration:
+#   ucx_put_ref          raw ucp_put_nbx in kvmig's average write size, UCX
+#                        free to pick shared memory (worker addresses)
+#   ucx_put_ref tcp      the same with UCX_TLS=tcp: what kvmig's listener-made
+#                        UCX endpoint gets here (it excludes cma), the fair one
+#   iperf3               one TCP stream on loopback, -l 1M (for kvmig tcp)
+#   memcpy_ref           one thread's memcpy: the single-host ceiling
+# kvmig's GB/s is `kvmig perf`'s: payload bytes over each migration's whole
+# wall time (HELLO to DONE, control round trips and commit included).
+#
+# Inside ../shared/rxe-vm/rxe-run.sh (RXEVM_DEV set) it also runs
+# tools/bench-verbs.sh (kvmig over verbs vs ib_write_bw) when that exists.
+#
+# Env: BENCH_BUILD_DIR (default build-bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BENCH_BUILD_DIR:-build-bench}
+QUICK=0
+REPS=3
+OUT=""
+while (($#)); do
+  case $1 in
+    --quick) QUICK=1 ;;
+    --reps) REPS=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    *) sed -n '2,26p' "$0"; exit 2 ;;
+  esac
+  shift
+done
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --reps N, N >= 1" >&2; exit 2; }
+OUT=${OUT:-$BUILD/bench-results.json}
+
+need_pkg() {
+  command -v "$1" >/dev/null && return 0
+  local sudo=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  echo "bench.sh: installing $2" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+    --no-install-recommends "$2" >&2
+}
+need_pkg iperf3 iperf3
+
+# -Wno-restrict: at -O3, GCC 12 reports a false -Wrestrict inside
+# std::string's operator+ (GCC bug 105329; src/source.cc join_ids trips it),
+# which -Werror turns into a failed release build. Only this build skips it.
+RELEASE_ARGS=(-Dbuildtype=release -Dcpp_args=-Wno-restrict)
+if [[ ! -f $BUILD/build.ninja ]]; then
+  meson setup "$BUILD" "${RELEASE_ARGS[@]}" >&2
+else
+  meson configure "$BUILD" "${RELEASE_ARGS[@]}" >&2
+fi
+ninja -C "$BUILD" -j2 tools/kvmig tools/memcpy_ref tools/ucx_put_ref >&2
+
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+"$BUILD/tools/kvmig" perf --server --listen 127.0.0.1:0 >"$tmp/perf.out" \
+  2>"$tmp/perf.err" &
+pids+=($!)
+server=""
+for _ in $(seq 300); do
+  server=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$tmp/perf.out")
+  [[ -n $server ]] && break
+  sleep 0.1
+done
+[[ -n $server ]] || { cat "$tmp/perf.err" >&2; exit 1; }
+iperf_port=$((20000 + RANDOM % 20000))
+iperf3 -s -p "$iperf_port" >"$tmp/iperf.log" 2>&1 &
+pids+=($!)
+sleep 0.3
+
+echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), kernel $(uname -r)"
+echo "command: tools/bench.sh $([[ $QUICK == 1 ]] && echo --quick) --reps $REPS"
+
+python3 - "$BUILD" "$server" "$iperf_port" "$QUICK" "$REPS" "$OUT" <<'PY'
+import json, os, statistics, subprocess, sys, time
+
+build, server, iperf_port, quick, reps, out_path = sys.argv[1:]
+quick, reps = quick == "1", int(reps)
+K = f"{build}/tools/kvmig"
+UCX_REF = f"{build}/tools/ucx_put_ref"
+MEM_REF = f"{build}/tools/memcpy_ref"
+MiB = 1 << 20
+PAGE = {"tiny": 16 * 1024, "llama3-8b": 2 * MiB}  # K + V bytes per page
+
+def run_json(cmd, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-400:]}")
+    try:
+        return json.loads(r.stdout)  # iperf3 -J: one multi-line object
+    except json.JSONDecodeError:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+def iters_for(nbytes):
+    # about 512 MiB a measurement, 3 to 30 iterations
+    return max(3, min(30, (512 * MiB) // nbytes))
+
+def kvmig(c, transport):
+    pages = c["bytes"] // PAGE[c["preset"]]
+    j = run_json([K, "perf", server, "--transport", transport, "--preset", c["preset"],
+                  "--src-layout", c["src"], "--dst-layout", c["dst"],
+                  "--dst-order", c["order"], "--pages", str(pages),
+                  "--iters", str(iters_for(c["bytes"])), "--warmup", "1", "--json"])
+    c.setdefault("writes", j["writes"])
+    return j["gbps"]
+
+def chunk_of(c):
+    # kvmig's average write: what the raw references post per call
+    return max(1, c["bytes"] // max(1, c.get("writes", 1)))
+
+def ucx_ref(c, tls=None):
+    j = run_json([UCX_REF, "--bytes", str(c["bytes"]), "--chunk", str(chunk_of(c)),
+                  "--iters", str(iters_for(c["bytes"]))], {"UCX_TLS": tls} if tls else None)
+    return j["gbps"]
+
+def memcpy_ref(c):
+    return run_json([MEM_REF, "--bytes", str(c["bytes"]), "--chunk", str(chunk_of(c)),
+                     "--iters", str(iters_for(c["bytes"]))])["gbps"]
+
+def iperf(c):
+    total = c["bytes"] * iters_for(c["bytes"])
+    j = run_json(["iperf3", "-c", "127.0.0.1", "-p", iperf_port, "-l", "1M",
+                  "-n", str(total), "-J"])
+    return j["end"]["sum_received"]["bits_per_second"] / 8 / 1e9
+
+def case(preset, nbytes, src="page", dst="page", order="contiguous"):
+    return {"preset": preset, "bytes": nbytes, "src": src, "dst": dst, "order": order}
+
+# The cases. A size sweep on the realistic shape, then layouts and slot
+# orders at one size on both shapes.
+if quick:
+    sweep = [case("tiny", 1 * MiB), case("llama3-8b", 16 * MiB), case("llama3-8b", 256 * MiB)]
+    variants = [case("llama3-8b", 64 * MiB, "layer", "page"),
+                case("tiny", 16 * MiB, "page", "page", "random")]
+else:
+    sweep = [case("tiny", 1 * MiB), case("llama3-8b", 16 * MiB),
+             case("llama3-8b", 256 * MiB), case("llama3-8b", 1024 * MiB)]
+    variants = []
+    for preset in ("tiny", "llama3-8b"):
+        for src, dst in (("page", "page"), ("layer", "layer"), ("layer", "page")):
+            for order in ("contiguous", "random"):
+                if (preset, src, dst, order) != ("llama3-8b", "page", "page", "contiguous"):
+                    variants.append(case(preset, 64 * MiB, src, dst, order))
+
+def name(c):
+    size = f"{c['bytes'] // MiB} MiB" if c["bytes"] < 1024 * MiB else f"{c['bytes'] // (1024 * MiB)} GiB"
+    return f"{c['preset']} {c['src']}->{c['dst']} {c['order'][:6]} {size}"
+
+# Each group: kvmig on one transport, then its references, interleaved.
+def groups(c, big):
+    g = [("kvmig ucx", lambda: kvmig(c, "ucx")),
+         ("ucx_put_ref shm", lambda: ucx_ref(c)),
+         ("ucx_put_ref tcp", lambda: ucx_ref(c, "tcp")),
+         ("memcpy_ref", lambda: memcpy_ref(c))]
+    t = [("kvmig tcp", lambda: kvmig(c, "tcp"))]
+    t.append(("iperf3 -l 1M", lambda: iperf(c)) if big
+             else ("memcpy_ref", lambda: memcpy_ref(c)))
+    return [t, g]
+
+rows, results = [], []
+t_start = time.time()
+for c in sweep + variants:
+    big = c in sweep  # iperf3 once per size, not per layout
+    for grp in groups(c, big):
+        samples = {label: [] for label, _ in grp}
+        errors = {}
+        for rep in range(reps):
+            for label, fn in grp:
+                if label in errors:
+                    continue
+                try:
+                    samples[label].append(fn())
+                except Exception as ex:  # report, keep going
+                    errors[label] = str(ex)
+        kl = grp[0][0]
+        for label, _ in grp[1:]:
+            k, r = samples[kl], samples[label]
+            n = min(len(k), len(r))
+            ratios = sorted(k[i] / r[i] for i in range(n) if r[i] > 0)
+            row = {"case": name(c), "kvmig": kl, "reference": label,
+                   "kvmig_gbps": k, "ref_gbps": r, "ratios": ratios,
+                   "writes": c.get("writes"), "chunk": chunk_of(c),
+                   "error": errors.get(label) or errors.get(kl)}
+            results.append(row)
+            rows.append(row)
+        print(f"  [{time.time() - t_start:5.0f} s] {name(c)}: {kl} done", file=sys.stderr, flush=True)
+
+def fmt(v):
+    if not v:
+        return "       -              "
+    return f"{statistics.median(v):6.3f} [{min(v):.3f}-{max(v):.3f}]".ljust(22)
+
+print()
+print(f"{'case':34} {'kvmig':10} {'GB/s median [range]':22} {'reference':16} "
+      f"{'GB/s median [range]':22} {'kvmig/ref median [range]':26} {'write':>9}")
+for r in rows:
+    ratio = (f"{statistics.median(r['ratios']):5.2f} [{min(r['ratios']):.2f}-{max(r['ratios']):.2f}]"
+             if r["ratios"] else "-")
+    chunk = r["chunk"]
+    wr = f"{chunk // MiB} MiB" if chunk >= MiB else f"{chunk // 1024} KiB"
+    print(f"{r['case']:34} {r['kvmig']:10} {fmt(r['kvmig_gbps'])} {r['reference']:16} "
+          f"{fmt(r['ref_gbps'])} {ratio:26} {wr:>9}" + (f"  ERROR {r['error'][:120]}" if r["error"] else ""))
+print(f"\n{reps} repetitions each, interleaved; GB/s = 10^9 bytes/s; 'write' is kvmig's "
+      f"average write (the size the ucx and memcpy references copy in); "
+      f"{time.time() - t_start:.0f} s")
+os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+with open(out_path, "w") as f:
+    json.dump(results, f, indent=1)
+PY
+
+if [[ -n ${RXEVM_DEV:-} && -x tools/bench-verbs.sh ]]; then
+  echo
+  echo "== verbs (tools/bench-verbs.sh)"
+  tools/bench-verbs.sh
+fi

@@ -1,0 +1,418 @@
+#include "perf.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kvmig/kvmig.h"
+#include "log.h"
+#include "perf_server.h"
+#include "synthetic_pager.h"
+
+namespace kvmig {
+namespace {
+
+using json = nlohmann::ordered_json;
+using SteadyClock = std::chrono::steady_clock;
+
+int usage_error(const std::string& what) {
+  std::cerr << "kvmig perf: " << what << "\nRun with --help for more.\n";
+  return 2;
+}
+
+int fail(const Status& s, bool as_json, const std::string& what = "") {
+  const std::string text = what.empty() ? s.to_string() : what;
+  if (as_json) {
+    std::cout << json{{"ok", false}, {"error", text}}.dump() << "\n";
+  } else {
+    std::cerr << "kvmig perf: " << text << "\n";
+  }
+  return 1;
+}
+
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+// --- server -----------------------------------------------------------------
+
+int run_server(const PerfFlags& f) {
+  auto hp = parse_host_port(f.listen);
+  if (!hp.ok()) return usage_error("--listen: " + hp.status().message());
+  AgentOptions options;
+  options.listen_host = hp->host;
+  options.listen_port = hp->port;
+  options.peer_timeout = std::chrono::milliseconds(f.timeout_ms);
+  TransportOptions topts = options.transport_options;
+  topts.bind_host = hp->host;
+  if (f.transports.empty()) {
+    // Every built data plane this host can run (verbs needs a device).
+    options.transports.clear();
+    for (const std::string& name : built_transports()) {
+      auto t = make_transport(name, topts);
+      if (t.ok()) {
+        options.transports.push_back(name);
+      } else {
+        logger("engine")->info("perf server: not offering {}: {}", name,
+                               t.status().to_string());
+      }
+    }
+  } else {
+    options.transports = split_commas(f.transports);
+  }
+
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  // The front agent's own cache is never migrated into: one tiny page.
+  auto pager =
+      SyntheticPager::create(*preset_meta("tiny"), PoolLayout::kPage, 1);
+  if (!pager.ok()) return fail(pager.status(), false);
+  auto agent = Agent::create(**pager, options);
+  if (!agent.ok()) return fail(agent.status(), false);
+  std::string offered;
+  for (const std::string& t : options.transports) {
+    offered += (offered.empty() ? "" : ",") + t;
+  }
+  std::cout << "kvmig perf server listening on " << (*agent)->address()
+            << " (transports " << offered << ")" << std::endl;
+
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    logger("engine")->info("signal {}: stopping", sig);
+    (*agent)->stop();
+  });
+  Status ran = (*agent)->run();
+  pthread_kill(waiter.native_handle(), SIGTERM);
+  waiter.join();
+  agent->reset();
+  if (!ran.ok()) return fail(ran, false);
+  return 0;
+}
+
+// --- client -----------------------------------------------------------------
+
+// Nearest-rank percentile of a sorted, non-empty list.
+double percentile(const std::vector<double>& sorted, double p) {
+  const size_t n = sorted.size();
+  size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * n));
+  return sorted[std::clamp<size_t>(rank, 1, n) - 1];
+}
+
+struct Sample {
+  double wall_s = 0;  // Agent::migrate, call to return
+  MigrationReport report;
+};
+
+// Shows "iteration i/n" on one terminal line; silent when stdout is not a
+// terminal or before the run is a second old. clear() erases the line.
+class Progress {
+ public:
+  explicit Progress(uint32_t total)
+      : total_(total), tty_(isatty(STDOUT_FILENO) == 1) {}
+  void update(uint32_t done, bool warmup, double gbps) {
+    if (!tty_ || SteadyClock::now() - start_ < std::chrono::seconds(1)) return;
+    std::printf("\r\033[K%s %u/%u  %.3f GB/s", warmup ? "warmup" : "iteration",
+                done, total_, gbps);
+    std::fflush(stdout);
+    shown_ = true;
+  }
+  void clear() {
+    if (!shown_) return;
+    std::printf("\r\033[K");
+    std::fflush(stdout);
+    shown_ = false;
+  }
+
+ private:
+  const uint32_t total_;
+  const bool tty_;
+  const SteadyClock::time_point start_ = SteadyClock::now();
+  bool shown_ = false;
+};
+
+Result<CacheMeta> client_meta(const PerfFlags& f, std::string* name) {
+  if (f.page_kib > 0) {
+    // 16 tokens x 2 layers x page_kib heads x 16 dims x f16 = page_kib KiB.
+    *name = "custom";
+    CacheMeta m{16, 2, f.page_kib, 16, Dtype::kF16};
+    KVMIG_RETURN_IF_ERROR(m.validate());
+    return m;
+  }
+  *name = f.preset;
+  return preset_meta(f.preset);
+}
+
+std::string mib(uint64_t bytes) {
+  char buf[32];
+  if (bytes < (1u << 20)) {
+    std::snprintf(buf, sizeof buf, "%.1f KiB", bytes / 1024.0);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / 1048576.0);
+  }
+  return buf;
+}
+
+int run_client(const PerfFlags& f) {
+  std::string preset;
+  auto meta = client_meta(f, &preset);
+  if (!meta.ok()) return usage_error(meta.status().message());
+  auto src_layout = parse_pool_layout(f.src_layout);
+  auto dst_layout = parse_pool_layout(f.dst_layout);
+  auto order = parse_allocation_order(f.dst_order);
+  if (!src_layout.ok() || !dst_layout.ok() || !order.ok()) {
+    return usage_error("bad --src-layout, --dst-layout or --dst-order");
+  }
+  const uint64_t page_total = 2 * meta->page_bytes();
+  // Room for live decoding to grow the request; the destination gets the
+  // same so whatever the source holds always fits.
+  const uint32_t slack = f.live ? std::max<uint32_t>(16, f.pages) : 0;
+  const uint32_t capacity = f.pages + slack;
+  if (page_total * capacity > kMaxPerfPoolBytes) {
+    return usage_error("--pages " + std::to_string(f.pages) + ": " +
+                       mib(page_total * capacity) + " exceeds the limit of " +
+                       mib(kMaxPerfPoolBytes));
+  }
+
+  // The source: one request of exactly --pages full pages.
+  auto pager = SyntheticPager::create(*meta, *src_layout, capacity);
+  if (!pager.ok()) return fail(pager.status(), f.json);
+  Status populated =
+      (*pager)->populate(1, uint64_t{f.pages} * meta->page_size_tokens, f.seed);
+  if (!populated.ok()) return fail(populated, f.json);
+  AgentOptions options;
+  options.transports = {f.transport};
+  options.peer_timeout = std::chrono::milliseconds(f.timeout_ms);
+  auto agent = Agent::create(**pager, options);
+  if (!agent.ok()) return fail(agent.status(), f.json);
+  Status started = (*agent)->start();
+  if (!started.ok()) return fail(started, f.json);
+
+  PerfSetupMsg setup;
+  setup.meta = *meta;
+  setup.layout = *dst_layout;
+  setup.capacity_pages = capacity;
+  setup.order = *order;
+  setup.seed = f.seed;
+  // Building the target faults its whole pool in: allow for that.
+  auto session = PerfSession::open(
+      f.connect, setup,
+      std::chrono::milliseconds(f.timeout_ms) + std::chrono::seconds(60));
+  if (!session.ok()) return fail(session.status(), f.json);
+
+  MigrateRequest req;
+  req.to = (*session)->target();
+  req.all = true;
+  req.mode = MigrationMode::kCopy;
+  req.live = f.live;
+  req.transport = f.transport;
+  req.verify = f.verify;
+  if (f.live && f.decode_rate > 0) (*pager)->start_decoding(f.decode_rate);
+
+  const uint32_t total = f.warmup + f.iters;
+  std::vector<Sample> samples;
+  Progress progress(total);
+  for (uint32_t i = 0; i < total; ++i) {
+    const bool warmup = i < f.warmup;
+    const auto t0 = SteadyClock::now();
+    auto report = (*agent)->migrate(req);
+    const double wall =
+        std::chrono::duration<double>(SteadyClock::now() - t0).count();
+    if (!report.ok()) {
+      progress.clear();
+      if (f.live && report.status().code() == StatusCode::kUnimplemented) {
+        return fail(report.status(), f.json,
+                    "--live: live (pre-copy) migration is not available in "
+                    "this build (the source answered Unimplemented: " +
+                        report.status().message() + ")");
+      }
+      return fail(report.status(), f.json,
+                  "migration " + std::to_string(i + 1) + " of " +
+                      std::to_string(total) + " to " + req.to +
+                      " failed: " + report.status().to_string());
+    }
+    if (!warmup) samples.push_back({wall, *report});
+    Status reset = (*session)->reset();
+    if (!reset.ok()) {
+      progress.clear();
+      return fail(reset, f.json,
+                  "after migration " + std::to_string(i + 1) + ": " +
+                      reset.to_string());
+    }
+    progress.update(warmup ? i + 1 : i + 1 - f.warmup, warmup,
+                    report->bytes / wall / 1e9);
+  }
+  progress.clear();
+  (*pager)->stop_decoding();
+
+  std::vector<double> lat, pause, data_gbps, writes, bytes, pages;
+  double seconds = 0, total_bytes = 0, total_pages = 0;
+  bool staged = false;
+  for (const Sample& s : samples) {
+    lat.push_back(s.wall_s * 1e3);
+    pause.push_back(s.report.pause_ms);
+    data_gbps.push_back(s.report.gbps);
+    writes.push_back(static_cast<double>(s.report.writes));
+    bytes.push_back(static_cast<double>(s.report.bytes));
+    pages.push_back(static_cast<double>(s.report.pages));
+    seconds += s.wall_s;
+    total_bytes += static_cast<double>(s.report.bytes);
+    total_pages += static_cast<double>(s.report.pages);
+    staged = staged || s.report.staged;
+  }
+  for (auto* v : {&lat, &pause, &data_gbps, &writes, &bytes, &pages}) {
+    std::sort(v->begin(), v->end());
+  }
+  const double gbps = total_bytes / seconds / 1e9;
+  const double pages_per_s = total_pages / seconds;
+  const auto p50 = [](const std::vector<double>& v) {
+    return percentile(v, 50);
+  };
+
+  if (f.json) {
+    json out = {
+        {"ok", true},
+        {"server", f.connect},
+        {"target", req.to},
+        {"transport", samples.front().report.transport},
+        {"preset", preset},
+        {"page_bytes", meta->page_bytes()},
+        {"src_layout", f.src_layout},
+        {"dst_layout", f.dst_layout},
+        {"dst_order", f.dst_order},
+        {"mode", "copy"},
+        {"verify", f.verify},
+        {"live", f.live},
+        {"staged", staged},
+        {"pages", static_cast<uint64_t>(p50(pages))},
+        {"bytes", static_cast<uint64_t>(p50(bytes))},
+        {"writes", static_cast<uint64_t>(p50(writes))},
+        {"iters", f.iters},
+        {"warmup", f.warmup},
+        {"seconds", seconds},
+        {"gbps", gbps},
+        {"pages_per_s", pages_per_s},
+        {"data_gbps_p50", p50(data_gbps)},
+        {"latency_ms",
+         {{"p50", p50(lat)},
+          {"p99", percentile(lat, 99)},
+          {"max", lat.back()},
+          {"min", lat.front()}}},
+        {"pause_ms", {{"p50", p50(pause)}, {"max", pause.back()}}},
+    };
+    std::cout << out.dump() << "\n";
+    return 0;
+  }
+  std::printf(
+      "kvmig perf to %s over %s: %s (%s K + %s V per page), %s -> %s "
+      "layout, %s destination slots, copy, verify %s\n",
+      f.connect.c_str(), samples.front().report.transport.c_str(),
+      preset.c_str(), mib(meta->page_bytes()).c_str(),
+      mib(meta->page_bytes()).c_str(), f.src_layout.c_str(),
+      f.dst_layout.c_str(), f.dst_order.c_str(), f.verify ? "on" : "off");
+  std::printf("%12s %8s %6s %8s %10s %7s %9s %8s %8s %9s %8s\n", "bytes",
+              "pages", "iters", "GB/s", "pages/s", "writes", "lat p50", "p99",
+              "max", "pause p50", "max");
+  std::printf(
+      "%12llu %8llu %6u %8.3f %10.1f %7llu %9.2f %8.2f %8.2f %9.2f %8.2f\n",
+      static_cast<unsigned long long>(p50(bytes)),
+      static_cast<unsigned long long>(p50(pages)), f.iters, gbps, pages_per_s,
+      static_cast<unsigned long long>(p50(writes)), p50(lat),
+      percentile(lat, 99), lat.back(), p50(pause), pause.back());
+  std::printf(
+      "(latencies and pauses in ms per migration; GB/s = 10^9 bytes/s "
+      "over the migrations' wall time%s)\n",
+      staged ? "; some side staged its pages" : "");
+  return 0;
+}
+
+}  // namespace
+
+void add_perf_flags(CLI::App* app, PerfFlags& f) {
+  auto* connect = app->add_option("server", f.connect,
+                                  "client: the perf server's HOST:PORT");
+  auto* server =
+      app->add_flag("--server", f.server, "run the server (no HOST:PORT)");
+  server->excludes(connect);
+  app->add_option("--listen", f.listen,
+                  "server: HOST:PORT to listen on (port 0: any)")
+      ->excludes(connect);
+  app->add_option("--transports", f.transports,
+                  "server: data planes offered (default: every one built "
+                  "that this host can run)")
+      ->excludes(connect);
+  app->add_option("--transport", f.transport, "client: tcp|ucx|verbs")
+      ->check(CLI::IsMember({"tcp", "ucx", "verbs"}));
+  auto* preset = app->add_option("--preset", f.preset,
+                                 "client: cache shape tiny|llama3-8b")
+                     ->check(CLI::IsMember({"tiny", "llama3-8b"}));
+  app->add_option("--page-kib", f.page_kib,
+                  "client: KiB of K (and of V) per page, instead of --preset")
+      ->check(CLI::Range(1u, 1u << 16))
+      ->excludes(preset);
+  app->add_option("--src-layout", f.src_layout, "client: page|layer")
+      ->check(CLI::IsMember({"page", "layer"}));
+  app->add_option("--dst-layout", f.dst_layout, "client: page|layer")
+      ->check(CLI::IsMember({"page", "layer"}));
+  app->add_option("--pages", f.pages, "client: pages per migration")
+      ->check(CLI::Range(1u, 1u << 20));
+  app->add_option("--iters", f.iters, "client: measured migrations")
+      ->check(CLI::Range(1u, 1'000'000u));
+  app->add_option("--warmup", f.warmup, "client: unmeasured migrations first")
+      ->check(CLI::Range(0u, 1'000'000u));
+  app->add_option("--dst-order", f.dst_order,
+                  "client: destination slot allocation, contiguous|random")
+      ->check(CLI::IsMember({"contiguous", "random"}));
+  app->add_option("--seed", f.seed, "client: content and --dst-order seed");
+  auto* live =
+      app->add_flag("--live", f.live, "client: pre-copy while decoding");
+  app->add_option("--decode-rate", f.decode_rate,
+                  "client, with --live: tokens per second appended to the "
+                  "request while it migrates")
+      ->check(CLI::Range(0.0, 1e6))
+      ->needs(live);
+  app->add_flag("--verify", f.verify,
+                "client: per-page checksums checked at the destination");
+  app->add_option("--timeout-ms", f.timeout_ms, "deadline for every peer wait")
+      ->check(CLI::Range(1, 3'600'000));
+  app->add_flag("--json", f.json, "client: print one JSON object");
+}
+
+int run_perf(const PerfFlags& f, bool log_level_given) {
+  if (f.server) return run_server(f);
+  if (f.connect.empty()) {
+    return usage_error("give the server's HOST:PORT, or --server");
+  }
+  auto hp = parse_host_port(f.connect);
+  if (!hp.ok()) return usage_error(hp.status().message());
+  if (!log_level_given && std::getenv("KVMIG_LOG_LEVEL") == nullptr) {
+    set_log_level("warn");  // no per-migration info lines
+  }
+  return run_client(f);
+}
+
+}  // namespace kvmig
