@@ -4,6 +4,7 @@
 #include <string>
 
 #include "agent_impl.h"
+#include "auth.h"
 #include "kvmig/digest.h"
 #include "kvmig/snapshot.h"
 #include "perf_server.h"
@@ -88,6 +89,45 @@ asio::awaitable<void> Agent::Impl::serve_connection(
   if (!first.ok()) {
     log->warn("closing connection from {}: {}", channel.peer(),
               first.status().to_string());
+    co_return;
+  }
+  // With a secret, nothing but the handshake comes before authentication.
+  Status refused;
+  if (!options.secret.empty()) {
+    if (first->type != MsgType::kAuthHello) {
+      refused = Status::unauthenticated(
+          "this agent requires authentication (a shared secret: "
+          "--secret-file); got " +
+          msg_type_name(first->type));
+    } else {
+      const Frame hello = std::move(*first);
+      Status authed = co_await authenticate_client(
+          channel, hello, options.secret, peer_deadline());
+      if (!authed.ok()) {
+        log->warn("authentication failed from {}: {}", channel.peer(),
+                  authed.to_string());
+        channel.close();
+        co_return;
+      }
+      first = co_await channel.receive(peer_deadline());
+      if (!first.ok()) {
+        log->warn("closing connection from {}: {}", channel.peer(),
+                  first.status().to_string());
+        co_return;
+      }
+    }
+  } else if (first->type == MsgType::kAuthHello) {
+    refused = Status::unauthenticated(
+        "this agent has no secret and cannot authenticate (start it with "
+        "--secret-file)");
+  }
+  if (!refused.ok()) {
+    log->warn("refusing {}: {}", channel.peer(), refused.to_string());
+    const std::vector<uint8_t> payload = encode(ErrorMsg{refused});
+    Status sent =
+        co_await channel.send(MsgType::kError, payload, peer_deadline());
+    (void)sent;
+    channel.close();
     co_return;
   }
   auto reply_error = [&](const Status& s) -> asio::awaitable<void> {
@@ -306,6 +346,12 @@ Result<std::unique_ptr<Agent>> Agent::create(CachePager& pager,
     return Status::invalid_argument("agent: listen host '" +
                                     options.listen_host +
                                     "' is not an IP address");
+  }
+  if (options.secret.empty() && !options.insecure && !address.is_loopback()) {
+    return Status::invalid_argument(
+        "agent: refusing to listen on " + options.listen_host +
+        " without a shared secret: give --secret-file, or --insecure to "
+        "accept unauthenticated peers");
   }
   asio::ip::tcp::endpoint endpoint(address, options.listen_port);
   auto& acceptor = impl->acceptor;

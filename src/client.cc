@@ -3,6 +3,7 @@
 #include <string>
 
 #include "asio.h"
+#include "auth.h"
 #include "channel.h"
 #include "kvmig/agent.h"
 #include "messages.h"
@@ -27,12 +28,13 @@ Result<T> call_agent(std::string_view agent, MsgType type,
   asio::co_spawn(
       io,
       [&]() -> asio::awaitable<void> {
-        auto socket = co_await connect_to(agent, deadline);
-        if (!socket.ok()) {
-          out = socket.status().with_context("agent " + std::string(agent));
+        auto connected = co_await connect_channel(agent, kClientMaxFrame,
+                                                  options.secret, deadline);
+        if (!connected.ok()) {
+          out = connected.status().with_context("agent " + std::string(agent));
           co_return;
         }
-        FrameChannel channel(std::move(*socket), kClientMaxFrame);
+        FrameChannel& channel = *connected;
         Status sent = co_await channel.send(type, payload, deadline);
         if (!sent.ok()) {
           out = sent;

@@ -35,6 +35,10 @@ bool known_type(uint16_t t) {
     case MsgType::kPerfSetup:
     case MsgType::kPerfReady:
     case MsgType::kPerfReset:
+    case MsgType::kAuthHello:
+    case MsgType::kAuthChallenge:
+    case MsgType::kAuthProof:
+    case MsgType::kAuthOk:
     case MsgType::kError:
       return true;
   }
@@ -98,6 +102,14 @@ std::string msg_type_name(MsgType type) {
       return "PERF_READY";
     case MsgType::kPerfReset:
       return "PERF_RESET";
+    case MsgType::kAuthHello:
+      return "AUTH_HELLO";
+    case MsgType::kAuthChallenge:
+      return "AUTH_CHALLENGE";
+    case MsgType::kAuthProof:
+      return "AUTH_PROOF";
+    case MsgType::kAuthOk:
+      return "AUTH_OK";
     case MsgType::kError:
       return "ERROR";
   }

@@ -24,29 +24,33 @@ inline constexpr uint16_t kProtocolVersion = 1;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {
-  kHello = 1,          // src -> dst: start a migration
-  kOffer = 2,          // dst -> src: slots and where to write
-  kCommit = 3,         // src -> dst: page tables and checksums
-  kDone = 4,           // dst -> src: installed
-  kAbort = 5,          // either way: rolled back, with a reason
-  kBatch = 6,          // src -> dst: a staged batch landed
-  kBatchAck = 7,       // dst -> src: staged batch applied
-  kRound = 8,          // src -> dst: a live round needs more slots
-  kRoundOffer = 9,     // dst -> src: the slots for that round
-  kVerify = 10,        // src -> dst: checksums of the pages a round sent
-  kVerifyAck = 11,     // dst -> src: those pages check out
-  kStatusReq = 16,     // scheduler -> agent
-  kStatusResp = 17,    // agent -> scheduler
-  kMigrateReq = 18,    // scheduler -> source agent
-  kMigrateResp = 19,   // source agent -> scheduler
-  kOutcomeReq = 20,    // src -> dst: what became of migration id?
-  kOutcomeResp = 21,   // dst -> src
-  kSnapshotReq = 22,   // client -> agent: save or load a snapshot
-  kSnapshotResp = 23,  // agent -> client: done
-  kPerfSetup = 24,     // perf client -> perf server: (re)build the target
-  kPerfReady = 25,     // perf server -> client: target agent ready and empty
-  kPerfReset = 26,     // perf client -> server: drop every request
-  kError = 31,         // agent -> client: request refused
+  kHello = 1,           // src -> dst: start a migration
+  kOffer = 2,           // dst -> src: slots and where to write
+  kCommit = 3,          // src -> dst: page tables and checksums
+  kDone = 4,            // dst -> src: installed
+  kAbort = 5,           // either way: rolled back, with a reason
+  kBatch = 6,           // src -> dst: a staged batch landed
+  kBatchAck = 7,        // dst -> src: staged batch applied
+  kRound = 8,           // src -> dst: a live round needs more slots
+  kRoundOffer = 9,      // dst -> src: the slots for that round
+  kVerify = 10,         // src -> dst: checksums of the pages a round sent
+  kVerifyAck = 11,      // dst -> src: those pages check out
+  kStatusReq = 16,      // scheduler -> agent
+  kStatusResp = 17,     // agent -> scheduler
+  kMigrateReq = 18,     // scheduler -> source agent
+  kMigrateResp = 19,    // source agent -> scheduler
+  kOutcomeReq = 20,     // src -> dst: what became of migration id?
+  kOutcomeResp = 21,    // dst -> src
+  kSnapshotReq = 22,    // client -> agent: save or load a snapshot
+  kSnapshotResp = 23,   // agent -> client: done
+  kPerfSetup = 24,      // perf client -> perf server: (re)build the target
+  kPerfReady = 25,      // perf server -> client: target agent ready and empty
+  kPerfReset = 26,      // perf client -> server: drop every request
+  kAuthHello = 27,      // client -> agent: nonce
+  kAuthChallenge = 28,  // agent -> client: nonce and the agent's MAC
+  kAuthProof = 29,      // client -> agent: the client's MAC
+  kAuthOk = 30,         // agent -> client: authenticated
+  kError = 31,          // agent -> client: request refused
 };
 
 // "HELLO", "OFFER", ...; "UNKNOWN(n)" for other values.

@@ -130,7 +130,7 @@ Result<ErrorMsg> get_status(ByteReader& r, const WireLimits& l) {
   KVMIG_ASSIGN_OR_RETURN(uint8_t code, r.get<uint8_t>("status code"));
   KVMIG_ASSIGN_OR_RETURN(std::string msg,
                          r.get_string(l.max_string * 16, "status message"));
-  if (code == 0 || code > static_cast<uint8_t>(StatusCode::kInternal)) {
+  if (code == 0 || code > static_cast<uint8_t>(StatusCode::kUnauthenticated)) {
     return Status::data_loss("status code " + std::to_string(code) +
                              " out of range");
   }
@@ -159,6 +159,8 @@ Result<ErrorMsg> get_status(ByteReader& r, const WireLimits& l) {
       return ErrorMsg{Status::protocol(msg)};
     case StatusCode::kUnimplemented:
       return ErrorMsg{Status::unimplemented(msg)};
+    case StatusCode::kUnauthenticated:
+      return ErrorMsg{Status::unauthenticated(msg)};
     default:
       return ErrorMsg{Status::internal(msg)};
   }

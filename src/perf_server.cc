@@ -3,6 +3,7 @@
 #include <utility>
 #include <vector>
 
+#include "auth.h"
 #include "synthetic_pager.h"
 
 namespace kvmig {
@@ -158,18 +159,18 @@ PerfSession::~PerfSession() {
 
 Result<std::unique_ptr<PerfSession>> PerfSession::open(
     std::string_view server, const PerfSetupMsg& setup,
-    std::chrono::milliseconds timeout) {
+    std::chrono::milliseconds timeout, const std::string& secret) {
   std::unique_ptr<PerfSession> session(
       new PerfSession(std::string(server), timeout));
   PerfSession& s = *session;
   const Deadline deadline = Clock::now() + timeout;
-  auto socket = run_blocking<asio::ip::tcp::socket>(
-      s.io_, [&]() { return connect_to(s.server_, deadline); });
-  if (!socket.ok()) {
-    return socket.status().with_context("perf server " + s.server_);
+  auto channel = run_blocking<FrameChannel>(s.io_, [&]() {
+    return connect_channel(s.server_, kPerfMaxFrame, secret, deadline);
+  });
+  if (!channel.ok()) {
+    return channel.status().with_context("perf server " + s.server_);
   }
-  s.channel_ =
-      std::make_unique<FrameChannel>(std::move(*socket), kPerfMaxFrame);
+  s.channel_ = std::make_unique<FrameChannel>(std::move(*channel));
   KVMIG_RETURN_IF_ERROR(s.exchange(MsgType::kPerfSetup, encode(setup)));
   return session;
 }

@@ -45,9 +45,10 @@ class PerfSession {
  public:
   // Connects to the perf server at "HOST:PORT" and asks for a target of
   // setup's shape. The server's refusal comes back as its Status.
+  // `secret`: the server's shared secret, if it has one.
   static Result<std::unique_ptr<PerfSession>> open(
       std::string_view server, const PerfSetupMsg& setup,
-      std::chrono::milliseconds timeout);
+      std::chrono::milliseconds timeout, const std::string& secret = "");
   ~PerfSession();
   PerfSession(const PerfSession&) = delete;
   PerfSession& operator=(const PerfSession&) = delete;

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "agent_impl.h"
+#include "auth.h"
 #include "kvmig/digest.h"
 #include "planner.h"
 #include "precopy.h"
@@ -373,9 +374,10 @@ asio::awaitable<Status> SourceRun::send_positions(
 asio::awaitable<Result<MigrationReport>> SourceRun::run(
     std::vector<SeqId> ids) {
   moving_ = std::move(ids);
-  auto socket = co_await connect_to(req_.to, deadline());
-  if (!socket.ok()) co_return socket.status().with_context("destination");
-  channel_.emplace(std::move(*socket), a_.options.max_frame_bytes);
+  auto connected = co_await connect_channel(req_.to, a_.options.max_frame_bytes,
+                                            a_.options.secret, deadline());
+  if (!connected.ok()) co_return connected.status().with_context("destination");
+  channel_.emplace(std::move(*connected));
 
   Status s;
   if (!req_.live) {
@@ -597,9 +599,10 @@ asio::awaitable<Outcome> Agent::Impl::resolve_outcome(const std::string& to,
   const Deadline give_up = peer_deadline();
   asio::steady_timer timer(io);
   while (Clock::now() < give_up) {
-    auto socket = co_await connect_to(to, give_up);
-    if (socket.ok()) {
-      FrameChannel ch(std::move(*socket), options.max_frame_bytes);
+    auto connected = co_await connect_channel(to, options.max_frame_bytes,
+                                              options.secret, give_up);
+    if (connected.ok()) {
+      FrameChannel& ch = *connected;
       const std::vector<uint8_t> payload = encode(OutcomeReqMsg{id});
       Status sent = co_await ch.send(MsgType::kOutcomeReq, payload, give_up);
       if (sent.ok()) {

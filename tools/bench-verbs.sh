@@ -26,7 +26,7 @@ done
 
 PAGES=$((MIB / 2)); TOKENS=$((PAGES / 2 * 16))   # 2 requests, 2 MiB a page
 agent() {  # agent NAME FLAGS... -> prints the address
-  "$K" serve --listen "$IP:0" --preset llama3-8b --layout page \
+  "$K" serve --listen "$IP:0" --insecure --preset llama3-8b --layout page \
     --capacity-pages $((PAGES + 8)) --transports tcp,verbs "${@:2}" >"$W/$1" 2>"$W/$1.err" &
   echo $! >"$W/$1.pid"
   for _ in $(seq 600); do

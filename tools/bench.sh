@@ -53,10 +53,7 @@ need_pkg() {
 }
 need_pkg iperf3 iperf3
 
-# -Wno-restrict: at -O3, GCC 12 reports a false -Wrestrict inside
-# std::string's operator+ (GCC bug 105329; src/source.cc join_ids trips it),
-# which -Werror turns into a failed release build. Only this build skips it.
-RELEASE_ARGS=(-Dbuildtype=release -Dcpp_args=-Wno-restrict)
+RELEASE_ARGS=(-Dbuildtype=release)
 if [[ ! -f $BUILD/build.ninja ]]; then
   meson setup "$BUILD" "${RELEASE_ARGS[@]}" >&2
 else

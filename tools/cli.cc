@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "auth.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf.h"
@@ -160,7 +161,8 @@ Result<std::function<void(std::string_view)>> parse_faults(
 int cmd_serve(const std::string& listen, const PoolFlags& pool,
               double decode_rate, const std::string& transports,
               int peer_timeout_ms, uint64_t staging_mib,
-              const std::vector<std::string>& fault_specs) {
+              const std::vector<std::string>& fault_specs,
+              const std::string& secret, bool insecure) {
   auto hp = parse_host_port(listen);
   if (!hp.ok()) return fail(hp.status(), false);
   auto pager = make_pool(pool);
@@ -171,6 +173,8 @@ int cmd_serve(const std::string& listen, const PoolFlags& pool,
   options.transports = split_commas(transports);
   options.peer_timeout = std::chrono::milliseconds(peer_timeout_ms);
   options.staging_bytes = staging_mib << 20;
+  options.secret = secret;
+  options.insecure = insecure;
   auto hook = parse_faults(fault_specs);
   if (!hook.ok()) return fail(hook.status(), false);
   options.fault_hook = *hook;
@@ -203,8 +207,9 @@ int cmd_serve(const std::string& listen, const PoolFlags& pool,
   return 0;
 }
 
-int cmd_status(const std::string& agent, bool as_json) {
-  auto st = query_status(agent);
+int cmd_status(const std::string& agent, bool as_json,
+               const ClientOptions& copts) {
+  auto st = query_status(agent, copts);
   if (!st.ok()) return fail(st.status(), as_json);
   if (as_json) {
     json seqs = json::array();
@@ -240,7 +245,7 @@ int cmd_status(const std::string& agent, bool as_json) {
 
 int cmd_migrate(const std::string& agent, MigrateRequest req,
                 const std::string& seqs_text, const std::string& mode,
-                bool as_json, int timeout_ms) {
+                bool as_json, ClientOptions copts) {
   req.mode = mode == "copy" ? MigrationMode::kCopy : MigrationMode::kMove;
   if (!req.all) {
     for (const std::string& item : split_commas(seqs_text)) {
@@ -255,8 +260,6 @@ int cmd_migrate(const std::string& agent, MigrateRequest req,
       }
     }
   }
-  ClientOptions copts;
-  copts.timeout = std::chrono::milliseconds(timeout_ms);
   auto report = request_migration(agent, req, copts);
   if (!report.ok()) return fail(report.status(), as_json);
   const MigrationReport& r = *report;
@@ -375,6 +378,17 @@ int run_cli(int argc, char** argv) {
       ->add_option("--fault", faults,
                    "testing: POINT=stall:MS or POINT=exit at a protocol point")
       ->group("");
+  std::string secret_file;
+  bool insecure = false;
+  auto add_secret = [&](CLI::App* cmd) {
+    cmd->add_option("--secret-file", secret_file,
+                    "shared secret (16+ bytes) for mutual HMAC-SHA256 "
+                    "authentication of every control connection");
+  };
+  add_secret(serve);
+  serve->add_flag("--insecure", insecure,
+                  "without --secret-file, listen on a non-loopback address "
+                  "anyway (unauthenticated peers)");
 
   // status
   auto* status = app.add_subcommand("status", "print an agent's requests");
@@ -382,6 +396,7 @@ int run_cli(int argc, char** argv) {
   bool as_json = false;
   status->add_option("--agent", agent, "HOST:PORT")->required();
   status->add_flag("--json", as_json, "print JSON");
+  add_secret(status);
 
   // migrate
   auto* migrate = app.add_subcommand("migrate", "move or copy requests");
@@ -426,6 +441,7 @@ int run_cli(int argc, char** argv) {
   migrate->add_option("--timeout-ms", timeout_ms, "give up after this long")
       ->check(CLI::Range(1, 86'400'000));
   migrate->add_flag("--json", as_json, "print JSON");
+  add_secret(migrate);
 
   // snapshot
   auto* snapshot = app.add_subcommand("snapshot", "save, inspect, verify");
@@ -440,11 +456,13 @@ int run_cli(int argc, char** argv) {
   save->add_option("--agent", snap_agent,
                    "agent HOST:PORT (FILE is on the agent's host)");
   save->add_option("--out", out_file, "snapshot file")->required();
+  add_secret(save);
   auto* load = snapshot->add_subcommand(
       "load", "restore FILE into an agent's empty cache");
   load->add_option("--agent", snap_agent, "agent HOST:PORT")->required();
   load->add_option("--in", in_file, "snapshot file (on the agent's host)")
       ->required();
+  add_secret(load);
   auto* inspect = snapshot->add_subcommand("inspect", "print a snapshot");
   inspect->add_option("file", in_file, "snapshot file")->required();
   auto* verify = snapshot->add_subcommand("verify", "check every checksum");
@@ -462,13 +480,19 @@ int run_cli(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   if (!log_level.empty()) set_log_level(log_level);
+  ClientOptions copts;
+  if (!secret_file.empty()) {
+    auto secret = read_secret_file(secret_file);
+    if (!secret.ok()) return fail(secret.status(), as_json);
+    copts.secret = *secret;
+  }
 
   if (*serve) {
     return cmd_serve(listen, pool, decode_rate, transports, peer_timeout_ms,
-                     staging_mib, faults);
+                     staging_mib, faults, copts.secret, insecure);
   }
   if (*perf) return run_perf(perf_flags, !log_level.empty());
-  if (*status) return cmd_status(agent, as_json);
+  if (*status) return cmd_status(agent, as_json, copts);
   if (*migrate) {
     if (!req.all && seqs_text.empty()) {
       return fail(Status::invalid_argument("migrate: give --seqs or --all"),
@@ -476,16 +500,19 @@ int run_cli(int argc, char** argv) {
     }
     req.verify = !no_verify;
     req.live_abort_if_not_converged = no_converge == "abort";
-    return cmd_migrate(agent, req, seqs_text, mode, as_json, timeout_ms);
+    copts.timeout = std::chrono::milliseconds(timeout_ms);
+    return cmd_migrate(agent, req, seqs_text, mode, as_json, copts);
   }
   if (*load) {
-    Status s = request_snapshot(snap_agent, true, absolute_path(in_file));
+    Status s =
+        request_snapshot(snap_agent, true, absolute_path(in_file), copts);
     if (!s.ok()) return fail(s, false);
     std::cout << "loaded " << in_file << " into " << snap_agent << "\n";
     return 0;
   }
   if (*save && !snap_agent.empty()) {
-    Status s = request_snapshot(snap_agent, false, absolute_path(out_file));
+    Status s =
+        request_snapshot(snap_agent, false, absolute_path(out_file), copts);
     if (!s.ok()) return fail(s, false);
     return print_snapshot(out_file, false);
   }

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 
 PACKAGES="meson ninja-build g++ pkg-config python3 libboost-dev libspdlog-dev
-  libfmt-dev libxxhash-dev libucx-dev ucx-utils libgtest-dev libgmock-dev
+  libfmt-dev libxxhash-dev libssl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev clang-format libibverbs-dev ibverbs-providers"
 
 deps() {

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "auth.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf_server.h"
@@ -63,6 +64,12 @@ int run_server(const PerfFlags& f) {
   options.listen_host = hp->host;
   options.listen_port = hp->port;
   options.peer_timeout = std::chrono::milliseconds(f.timeout_ms);
+  options.insecure = f.insecure;
+  if (!f.secret_file.empty()) {
+    auto secret = read_secret_file(f.secret_file);
+    if (!secret.ok()) return fail(secret.status(), false);
+    options.secret = *secret;
+  }
   TransportOptions topts = options.transport_options;
   topts.bind_host = hp->host;
   if (f.transports.empty()) {
@@ -207,6 +214,11 @@ int run_client(const PerfFlags& f) {
   AgentOptions options;
   options.transports = {f.transport};
   options.peer_timeout = std::chrono::milliseconds(f.timeout_ms);
+  if (!f.secret_file.empty()) {
+    auto secret = read_secret_file(f.secret_file);
+    if (!secret.ok()) return fail(secret.status(), f.json);
+    options.secret = *secret;
+  }
   auto agent = Agent::create(**pager, options);
   if (!agent.ok()) return fail(agent.status(), f.json);
   Status started = (*agent)->start();
@@ -221,7 +233,8 @@ int run_client(const PerfFlags& f) {
   // Building the target faults its whole pool in: allow for that.
   auto session = PerfSession::open(
       f.connect, setup,
-      std::chrono::milliseconds(f.timeout_ms) + std::chrono::seconds(60));
+      std::chrono::milliseconds(f.timeout_ms) + std::chrono::seconds(60),
+      options.secret);
   if (!session.ok()) return fail(session.status(), f.json);
 
   MigrateRequest req;
@@ -364,6 +377,11 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
   app->add_option("--transports", f.transports,
                   "server: data planes offered (default: every one built "
                   "that this host can run)")
+      ->excludes(connect);
+  app->add_option("--secret-file", f.secret_file,
+                  "shared secret for mutual authentication (both sides)");
+  app->add_flag("--insecure", f.insecure,
+                "server: listen off loopback without a secret")
       ->excludes(connect);
   app->add_option("--transport", f.transport, "client: tcp|ucx|verbs")
       ->check(CLI::IsMember({"tcp", "ucx", "verbs"}));

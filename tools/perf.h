@@ -28,8 +28,10 @@ struct PerfFlags {
   // Which side.
   bool server = false;
   std::string listen = "127.0.0.1:18515";
-  std::string transports;  // server: offered data planes (empty: all built)
-  std::string connect;     // client: the server's HOST:PORT
+  std::string transports;   // server: offered data planes (empty: all built)
+  std::string connect;      // client: the server's HOST:PORT
+  std::string secret_file;  // both: shared secret (see serve --secret-file)
+  bool insecure = false;    // server: listen off loopback without a secret
   // Client.
   std::string transport = "tcp";
   std::string preset = "llama3-8b";

@@ -27,6 +27,12 @@ struct AgentOptions {
   // Where to listen. Port 0 picks a free port (see Agent::port()).
   std::string listen_host = "127.0.0.1";
   uint16_t listen_port = 0;
+  // Shared secret: every control connection, in and out (peers, schedulers,
+  // outcome queries), first proves it with mutual HMAC-SHA256
+  // challenge-response. Empty: no authentication, and then the agent only
+  // listens on a loopback address unless `insecure` is set.
+  std::string secret;
+  bool insecure = false;
   // Transports this agent accepts and may use, in preference order. Each
   // must be built (built_transports()).
   std::vector<std::string> transports = {"tcp"};
@@ -163,6 +169,7 @@ class Agent {
 // Scheduler side: talk to an agent at "HOST:PORT" over its control port.
 struct ClientOptions {
   std::chrono::milliseconds timeout{60'000};
+  std::string secret;  // the agent's shared secret, if it has one
 };
 Result<AgentStatus> query_status(std::string_view agent,
                                  const ClientOptions& options = {});

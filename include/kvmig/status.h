@@ -33,6 +33,7 @@ enum class StatusCode : uint8_t {
   kProtocol,            // a peer sent a frame that breaks the protocol
   kUnimplemented,       // not supported by this build or this pager
   kInternal,            // a bug or an unexpected foreign error
+  kUnauthenticated,     // the peer did not prove it holds the secret
 };
 
 // The code's name, e.g. "InvalidArgument".
@@ -81,6 +82,9 @@ class [[nodiscard]] Status {
   }
   static Status internal(std::string msg) {
     return {StatusCode::kInternal, std::move(msg)};
+  }
+  static Status unauthenticated(std::string msg) {
+    return {StatusCode::kUnauthenticated, std::move(msg)};
   }
 
   bool ok() const { return code_ == StatusCode::kOk; }

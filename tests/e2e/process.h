@@ -130,6 +130,9 @@ class AgentProcess {
   static std::unique_ptr<AgentProcess> start(std::vector<std::string> flags) {
     std::vector<std::string> args = {kvmig_bin(), "serve", "--listen",
                                      agent_host() + ":0"};
+    // Off loopback (the Soft-RoCE guest) an agent without a secret needs
+    // --insecure; tests that want authentication pass --secret-file.
+    if (agent_host() != "127.0.0.1") args.push_back("--insecure");
     args.insert(args.end(), flags.begin(), flags.end());
     auto a = std::unique_ptr<AgentProcess>(new AgentProcess());
     a->child_ = Child::spawn(args);

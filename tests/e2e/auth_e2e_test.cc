@@ -1,0 +1,140 @@
+// Mutual authentication between real agent processes: a shared secret
+// lets migrations and status calls through; a wrong or missing one is
+// refused with a clear error on both sides, and nothing changes.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "process.h"
+
+namespace kvmig::testing {
+namespace {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+class AuthE2E : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/kvmig-auth-XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    good_ = write("good", "correct horse battery staple\n");
+    other_ = write("other", "a different secret of 32 bytes!!");
+    short_ = write("short", "tiny");
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::string write(const std::string& name, const std::string& content) {
+    std::string path = (dir_ / name).string();
+    std::ofstream(path) << content;
+    std::filesystem::permissions(path, std::filesystem::perms::owner_read |
+                                           std::filesystem::perms::owner_write);
+    return path;
+  }
+
+  // `kvmig status` with an optional secret file; returns the result.
+  CliResult status(const std::string& agent, const std::string& secret) {
+    std::vector<std::string> args = {"status", "--agent", agent, "--json"};
+    if (!secret.empty()) {
+      args.push_back("--secret-file");
+      args.push_back(secret);
+    }
+    return run_kvmig(args);
+  }
+
+  std::filesystem::path dir_;
+  std::string good_, other_, short_;
+};
+
+TEST_F(AuthE2E, SharedSecretLetsMigrationsThrough) {
+  auto src =
+      AgentProcess::start({"--populate", "3:40", "--secret-file", good_});
+  auto dst = AgentProcess::start({"--layout", "layer", "--secret-file", good_});
+  ASSERT_TRUE(src && dst);
+  CliResult before = status(src->address(), good_);
+  ASSERT_EQ(before.code, 0) << before.err;
+  CliResult moved =
+      run_kvmig({"migrate", "--agent", src->address(), "--to", dst->address(),
+                 "--all", "--json", "--secret-file", good_});
+  ASSERT_EQ(moved.code, 0) << moved.out << moved.err;
+  CliResult after = status(dst->address(), good_);
+  ASSERT_EQ(after.code, 0) << after.err;
+  EXPECT_EQ(json::parse(after.out)["seqs"], json::parse(before.out)["seqs"]);
+}
+
+TEST_F(AuthE2E, WrongOrMissingSecretsAreRefusedOnBothSides) {
+  auto agent =
+      AgentProcess::start({"--populate", "2:40", "--secret-file", good_});
+  auto open_agent = AgentProcess::start({});
+  ASSERT_TRUE(agent && open_agent);
+  // No secret at a client of an agent that has one.
+  CliResult none = status(agent->address(), "");
+  EXPECT_EQ(none.code, 1);
+  EXPECT_NE(none.out.find("Unauthenticated"), std::string::npos) << none.out;
+  EXPECT_NE(none.out.find("requires authentication"), std::string::npos);
+  // The wrong secret: the client sees the agent cannot prove ours.
+  CliResult wrong = status(agent->address(), other_);
+  EXPECT_EQ(wrong.code, 1);
+  EXPECT_NE(wrong.out.find("Unauthenticated"), std::string::npos) << wrong.out;
+  // A secret sent to an agent that has none.
+  CliResult unexpected = status(open_agent->address(), good_);
+  EXPECT_EQ(unexpected.code, 1);
+  EXPECT_NE(unexpected.out.find("has no secret"), std::string::npos)
+      << unexpected.out;
+  // The agent logged every refusal and still serves the right client.
+  EXPECT_TRUE(agent->child().wait_for("refusing", 5s, true));
+  EXPECT_TRUE(agent->child().wait_for("authentication failed", 5s, true))
+      << agent->child().err();
+  EXPECT_EQ(status(agent->address(), good_).code, 0);
+}
+
+TEST_F(AuthE2E, AgentsWithDifferentSecretsDoNotMigrate) {
+  auto src =
+      AgentProcess::start({"--populate", "2:40", "--secret-file", good_});
+  auto dst = AgentProcess::start({"--secret-file", other_});
+  ASSERT_TRUE(src && dst);
+  CliResult before = status(src->address(), good_);
+  CliResult moved =
+      run_kvmig({"migrate", "--agent", src->address(), "--to", dst->address(),
+                 "--all", "--json", "--secret-file", good_});
+  EXPECT_EQ(moved.code, 1);
+  EXPECT_NE(moved.out.find("Unauthenticated"), std::string::npos) << moved.out;
+  EXPECT_EQ(status(src->address(), good_).out, before.out);
+  CliResult dst_now = status(dst->address(), other_);
+  ASSERT_EQ(dst_now.code, 0);
+  EXPECT_TRUE(json::parse(dst_now.out)["seqs"].empty());
+}
+
+TEST_F(AuthE2E, WithoutASecretAnAgentStaysOnLoopback) {
+  CliResult refused = run_kvmig({"serve", "--listen", "0.0.0.0:0"}, 30s);
+  EXPECT_EQ(refused.code, 1);
+  EXPECT_NE(refused.err.find("without a shared secret"), std::string::npos)
+      << refused.err;
+  auto insecure = Child::spawn(
+      {kvmig_bin(), "serve", "--listen", "0.0.0.0:0", "--insecure"});
+  ASSERT_TRUE(insecure);
+  EXPECT_TRUE(insecure->wait_for("listening on", 30s));
+  auto with_secret = Child::spawn(
+      {kvmig_bin(), "serve", "--listen", "0.0.0.0:0", "--secret-file", good_});
+  ASSERT_TRUE(with_secret);
+  EXPECT_TRUE(with_secret->wait_for("listening on", 30s));
+}
+
+TEST_F(AuthE2E, ShortOrMissingSecretFilesAreClearErrors) {
+  CliResult too_short =
+      run_kvmig({"serve", "--listen", "127.0.0.1:0", "--secret-file", short_});
+  EXPECT_EQ(too_short.code, 1);
+  EXPECT_NE(too_short.err.find("at least 16"), std::string::npos)
+      << too_short.err;
+  CliResult missing = run_kvmig(
+      {"status", "--agent", "127.0.0.1:1", "--secret-file", "/nonexistent"});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_NE((missing.out + missing.err).find("/nonexistent"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace kvmig::testing
