@@ -158,11 +158,20 @@ Result<std::function<void(std::string_view)>> parse_faults(
       });
 }
 
+// Limits an agent enforces, from serve's flags.
+struct LimitFlags {
+  uint32_t max_frame_mib = 64;
+  uint32_t max_pages = 1u << 20;
+  uint32_t max_seqs = 1u << 16;
+  uint32_t max_connections = 64;
+};
+
 int cmd_serve(const std::string& listen, const PoolFlags& pool,
               double decode_rate, const std::string& transports,
               int peer_timeout_ms, uint64_t staging_mib,
               const std::vector<std::string>& fault_specs,
-              const std::string& secret, bool insecure) {
+              const std::string& secret, bool insecure,
+              const LimitFlags& limits) {
   auto hp = parse_host_port(listen);
   if (!hp.ok()) return fail(hp.status(), false);
   auto pager = make_pool(pool);
@@ -175,6 +184,10 @@ int cmd_serve(const std::string& listen, const PoolFlags& pool,
   options.staging_bytes = staging_mib << 20;
   options.secret = secret;
   options.insecure = insecure;
+  options.max_frame_bytes = limits.max_frame_mib << 20;
+  options.max_pages_per_migration = limits.max_pages;
+  options.max_seqs_per_migration = limits.max_seqs;
+  options.max_connections = limits.max_connections;
   auto hook = parse_faults(fault_specs);
   if (!hook.ok()) return fail(hook.status(), false);
   options.fault_hook = *hook;
@@ -378,6 +391,23 @@ int run_cli(int argc, char** argv) {
       ->add_option("--fault", faults,
                    "testing: POINT=stall:MS or POINT=exit at a protocol point")
       ->group("");
+  LimitFlags limits;
+  serve
+      ->add_option("--max-frame-mib", limits.max_frame_mib,
+                   "largest control frame accepted")
+      ->check(CLI::Range(1u, 1024u));
+  serve
+      ->add_option("--max-pages", limits.max_pages,
+                   "most pages one migration may move (in or out)")
+      ->check(CLI::Range(1u, 1u << 26));
+  serve
+      ->add_option("--max-seqs", limits.max_seqs,
+                   "most requests one migration may move")
+      ->check(CLI::Range(1u, 1u << 24));
+  serve
+      ->add_option("--max-connections", limits.max_connections,
+                   "control connections served at once; more are closed")
+      ->check(CLI::Range(1u, 1u << 16));
   std::string secret_file;
   bool insecure = false;
   auto add_secret = [&](CLI::App* cmd) {
@@ -489,7 +519,7 @@ int run_cli(int argc, char** argv) {
 
   if (*serve) {
     return cmd_serve(listen, pool, decode_rate, transports, peer_timeout_ms,
-                     staging_mib, faults, copts.secret, insecure);
+                     staging_mib, faults, copts.secret, insecure, limits);
   }
   if (*perf) return run_perf(perf_flags, !log_level.empty());
   if (*status) return cmd_status(agent, as_json, copts);
