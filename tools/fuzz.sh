@@ -9,7 +9,7 @@
 # Env: BUILD_DIR (default build-fuzz), CXX (default clang++-14, else clang++),
 #      FUZZ_JOBS (ninja -j, default 2).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 SECONDS_PER_TARGET=${1:-60}
 shift || true
 TARGETS=("$@")
@@ -44,10 +44,10 @@ for t in "${TARGETS[@]}"; do
     >"$out/log" 2>&1
   rc=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out/log" | tail -n1)
-  crashes=$(find "$out" -maxdepth 1 -name 'crash-*' -o -maxdepth 1 -name 'leak-*' \
-    -o -maxdepth 1 -name 'timeout-*' -o -maxdepth 1 -name 'oom-*' | wc -l)
+  crashes=$(find "$out" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' \
+    -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
   if ((rc != 0)) && ((crashes == 0)); then crashes=1; fi
-  line="$t: ${execs:-?} executions, $crashes crashes, $(ls "$out/corpus" | wc -l) corpus files"
+  line="$t: ${execs:-?} executions, $crashes crashes, $(find "$out/corpus" -type f | wc -l) corpus files"
   summary+=("$line")
   if ((crashes > 0)); then
     status=1
