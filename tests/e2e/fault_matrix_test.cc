@@ -1,0 +1,755 @@
+// The fault matrix: every fault at every point of a migration, with real
+// `kvmig serve` processes on loopback and, between source and destination,
+// a TCP proxy in the test process that carries the control connection and
+// can hold, cut, stall or corrupt it at a chosen frame.
+//
+// After each fault, on both sides: every request is live in exactly one
+// place with its original digest, or (peer unreachable at the decision
+// point) kept at the source and listed under "in_doubt" with its migration
+// id; the destination's free pages are back to the baseline or reflect only
+// what it installed; the agents still serve, and a retry to a fresh
+// destination succeeds, except for requests in doubt, which the source
+// refuses to move.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "kvmig/transport.h"
+#include "process.h"
+
+namespace kvmig::testing {
+namespace {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+// --- the control-connection proxy -------------------------------------------
+
+// Forwards TCP connections from its own loopback port to `target`, frame by
+// frame (24-byte kvmig headers: u32 length at offset 8), one thread per
+// direction. The first connection is the migration's control connection;
+// later ones (the source's outcome queries) are forwarded as they come.
+// Thread-safe.
+class ControlProxy {
+ public:
+  enum class Dir { kToDestination, kToSource };
+  enum class Action {
+    kHold,     // stop forwarding; a side that closes is closed on the other
+    kCut,      // close both sides at once
+    kStall,    // stop forwarding and never close: an unresponsive peer; new
+               // connections are accepted and left unanswered too
+    kCorrupt,  // flip one byte of a frame (its checksum no longer matches)
+  };
+
+  static std::unique_ptr<ControlProxy> start(const std::string& target) {
+    auto p = std::unique_ptr<ControlProxy>(new ControlProxy());
+    auto colon = target.rfind(':');
+    p->target_.sin_family = AF_INET;
+    p->target_.sin_port =
+        htons(static_cast<uint16_t>(std::stoi(target.substr(colon + 1))));
+    inet_pton(AF_INET, target.substr(0, colon).c_str(), &p->target_.sin_addr);
+    p->listen_fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_addr = p->target_.sin_addr;
+    socklen_t len = sizeof sa;
+    if (bind(p->listen_fd_, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 ||
+        listen(p->listen_fd_, 16) != 0 ||
+        getsockname(p->listen_fd_, reinterpret_cast<sockaddr*>(&sa), &len) !=
+            0) {
+      return nullptr;
+    }
+    p->address_ =
+        target.substr(0, colon) + ":" + std::to_string(ntohs(sa.sin_port));
+    p->accept_thread_ = std::thread([q = p.get()] { q->accept_loop(); });
+    return p;
+  }
+
+  ~ControlProxy() {
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+      for (auto& c : conns_) c->shut();
+      cv_.notify_all();
+    }
+    shutdown(listen_fd_, SHUT_RDWR);
+    accept_thread_.join();
+    std::vector<std::unique_ptr<Conn>> conns;
+    {
+      std::lock_guard lock(mu_);
+      conns.swap(conns_);
+    }
+    for (auto& c : conns) {
+      for (auto& t : c->threads) t.join();
+      close(c->client);
+      if (c->server >= 0) close(c->server);
+    }
+    close(listen_fd_);
+  }
+
+  const std::string& address() const { return address_; }
+
+  // Acts when the k-th frame (from 1) travelling `dir` on the first
+  // connection arrives: that frame is not forwarded (hold, cut, stall) or
+  // goes on with a byte flipped (corrupt).
+  void arm(Dir dir, int k, Action action) {
+    std::lock_guard lock(mu_);
+    armed_ = true;
+    armed_dir_ = dir;
+    armed_frame_ = k;
+    armed_action_ = action;
+  }
+
+  // Acts on every open connection now; corrupt flips a byte of the next
+  // frame of the first connection, either way.
+  void act(Action action) {
+    std::lock_guard lock(mu_);
+    apply_locked(action, nullptr);
+  }
+
+  // After a hold: a side that has closed (or closes later) is closed on
+  // the other too, as a real network would. Call it after killing a peer.
+  void release_closes() {
+    std::lock_guard lock(mu_);
+    release_closes_ = true;
+    cv_.notify_all();
+  }
+
+  // True once an armed action fired (or act() ran).
+  bool wait_fired(std::chrono::milliseconds limit) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, limit, [&] { return fired_; });
+  }
+
+ private:
+  struct Conn {
+    int client = -1;  // the source's side
+    int server = -1;  // the destination's side
+    bool first = false;
+    bool held = false;     // hold, stall or cut: nothing more is forwarded
+    bool frozen = false;   // hold: closes wait for release_closes()
+    bool stalled = false;  // stall: closes are never passed on
+    bool corrupt_next = false;
+    int frames[2] = {0, 0};
+    std::vector<std::thread> threads;
+    void shut() const {
+      shutdown(client, SHUT_RDWR);
+      if (server >= 0) shutdown(server, SHUT_RDWR);
+    }
+  };
+
+  ControlProxy() = default;
+
+  // mu_ held. `conn` is the connection whose frame fired, or null (act()).
+  void apply_locked(Action action, Conn* conn) {
+    fired_ = true;
+    cv_.notify_all();
+    if (action == Action::kCorrupt) {
+      for (auto& c : conns_) c->corrupt_next |= c->first && !conn;
+      return;
+    }
+    if (action == Action::kStall) stall_new_ = true;
+    for (auto& c : conns_) {
+      if (conn && c.get() != conn) continue;
+      if (action == Action::kCut) c->shut();
+      c->held = true;
+      c->frozen = action == Action::kHold;
+      c->stalled = action == Action::kStall;
+    }
+  }
+
+  void accept_loop() {
+    for (;;) {
+      int fd = accept(listen_fd_, nullptr, nullptr);
+      if (fd < 0) return;
+      std::lock_guard lock(mu_);
+      if (stopping_) {
+        close(fd);
+        return;
+      }
+      auto c = std::make_unique<Conn>();
+      c->client = fd;
+      c->first = conns_.empty();
+      if (stall_new_) {
+        // Unresponsive: accepted, never answered, never closed.
+        c->held = c->stalled = true;
+        conns_.push_back(std::move(c));
+        continue;
+      }
+      c->server = socket(AF_INET, SOCK_STREAM, 0);
+      if (connect(c->server, reinterpret_cast<const sockaddr*>(&target_),
+                  sizeof target_) != 0) {
+        // Destination gone: the source sees its connection closed.
+        shutdown(fd, SHUT_RDWR);
+        conns_.push_back(std::move(c));
+        continue;
+      }
+      Conn* raw = c.get();
+      raw->threads.emplace_back(
+          [this, raw] { pump(raw, Dir::kToDestination); });
+      raw->threads.emplace_back([this, raw] { pump(raw, Dir::kToSource); });
+      conns_.push_back(std::move(c));
+    }
+  }
+
+  static bool send_all(int fd, const uint8_t* p, size_t n) {
+    while (n > 0) {
+      ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+      if (w <= 0) return false;
+      p += w;
+      n -= static_cast<size_t>(w);
+    }
+    return true;
+  }
+
+  // Forwards one direction of c, a whole frame at a time.
+  void pump(Conn* c, Dir dir) {
+    const int from = dir == Dir::kToDestination ? c->client : c->server;
+    const int to = dir == Dir::kToDestination ? c->server : c->client;
+    std::vector<uint8_t> buf;
+    uint8_t chunk[64 * 1024];
+    for (;;) {
+      ssize_t n = recv(from, chunk, sizeof chunk, 0);
+      if (n <= 0) {
+        // A side that closed is closed on the other: at once, after
+        // release_closes() when held, never when stalled.
+        std::unique_lock lock(mu_);
+        cv_.wait(lock,
+                 [&] { return !c->frozen || release_closes_ || stopping_; });
+        if (!c->stalled) shutdown(to, SHUT_RDWR);
+        return;
+      }
+      buf.insert(buf.end(), chunk, chunk + n);
+      for (;;) {
+        if (buf.size() < 24) break;
+        uint32_t len;
+        std::memcpy(&len, buf.data() + 8, 4);
+        if (buf.size() < 24 + size_t{len}) break;
+        std::vector<uint8_t> frame(buf.begin(), buf.begin() + 24 + len);
+        buf.erase(buf.begin(), buf.begin() + 24 + len);
+        bool forward;
+        {
+          std::lock_guard lock(mu_);
+          const int k = ++c->frames[static_cast<int>(dir)];
+          bool corrupt = false;
+          if (c->first && armed_ && armed_dir_ == dir && armed_frame_ == k) {
+            armed_ = false;
+            if (armed_action_ == Action::kCorrupt) {
+              corrupt = true;
+              fired_ = true;
+              cv_.notify_all();
+            } else {
+              apply_locked(armed_action_, c);
+            }
+          }
+          if (c->corrupt_next) {
+            c->corrupt_next = false;
+            corrupt = true;
+          }
+          // A payload byte, or else a checksum byte (offset 16).
+          if (corrupt) frame[len > 0 ? 24 + len / 2 : 16] ^= 0x5a;
+          forward = !c->held;
+        }
+        if (forward && !send_all(to, frame.data(), frame.size())) {
+          shutdown(from, SHUT_RDWR);
+          return;
+        }
+      }
+    }
+  }
+
+  sockaddr_in target_{};
+  int listen_fd_ = -1;
+  std::string address_;
+  std::thread accept_thread_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<Conn>> conns_;
+  bool stopping_ = false;
+  bool stall_new_ = false;
+  bool release_closes_ = false;
+  bool fired_ = false;
+  bool armed_ = false;
+  Dir armed_dir_ = Dir::kToSource;
+  int armed_frame_ = 0;
+  Action armed_action_ = Action::kHold;
+};
+
+// --- helpers ----------------------------------------------------------------
+
+json status_of(const std::string& agent) {
+  CliResult r = run_kvmig({"status", "--agent", agent, "--json"});
+  EXPECT_EQ(r.code, 0) << agent << ": " << r.out << r.err;
+  json j = json::parse(r.out, nullptr, false);
+  if (!j.is_object() || !j.contains("seqs")) {
+    j = {{"seqs", json::array()},
+         {"free_pages", -1},
+         {"in_doubt", json::array()},
+         {"error", r.out + r.err}};
+  }
+  return j;
+}
+
+std::map<uint64_t, std::string> digests(const json& status) {
+  std::map<uint64_t, std::string> out;
+  for (const auto& s : status["seqs"]) {
+    out[s["id"].get<uint64_t>()] = s["digest"].get<std::string>();
+  }
+  return out;
+}
+
+std::map<uint64_t, std::string> only(const std::map<uint64_t, std::string>& m,
+                                     const std::set<uint64_t>& ids) {
+  std::map<uint64_t, std::string> out;
+  for (const auto& [id, d] : m) {
+    if (ids.count(id)) out[id] = d;
+  }
+  return out;
+}
+
+std::string join(const std::set<uint64_t>& ids) {
+  std::string out;
+  for (uint64_t id : ids) out += (out.empty() ? "" : ",") + std::to_string(id);
+  return out;
+}
+
+json migrate(const std::string& src, const std::string& dst,
+             const std::set<uint64_t>& ids, int* code) {
+  CliResult r = run_kvmig(
+      {"migrate", "--agent", src, "--to", dst, "--seqs", join(ids), "--json"});
+  *code = r.code;
+  json j = json::parse(r.out, nullptr, false);
+  return j.is_object() ? j : json{{"ok", false}, {"error", r.out + r.err}};
+}
+
+// Polls until the agent's free-page count is `expected` (or `limit` passes);
+// returns the last status.
+json wait_for_free_pages(const std::string& agent, int64_t expected,
+                         std::chrono::milliseconds limit) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  json now = status_of(agent);
+  while (now["free_pages"] != expected &&
+         std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(100ms);
+    now = status_of(agent);
+  }
+  return now;
+}
+
+// Prints the agents' logs when the test failed (or KVMIG_E2E_LOGS is set),
+// as the scope it guards ends.
+class LogsOnFailure {
+ public:
+  explicit LogsOnFailure(std::vector<std::pair<std::string, AgentProcess*>> a)
+      : agents_(std::move(a)) {}
+  ~LogsOnFailure() {
+    if (!::testing::Test::HasFailure() && !std::getenv("KVMIG_E2E_LOGS")) {
+      return;
+    }
+    for (const auto& [name, agent] : agents_) {
+      if (agent) {
+        std::cerr << "--- " << name << " " << agent->address() << "\n"
+                  << agent->child().err();
+      }
+    }
+  }
+
+ private:
+  std::vector<std::pair<std::string, AgentProcess*>> agents_;
+};
+
+// --- the matrix -------------------------------------------------------------
+
+enum class Fault { kKillSource, kKillDestination, kCut, kStall, kCorrupt };
+enum class Point {
+  kBeforeOffer,     // HELLO sent, slots allocated, OFFER not yet at the source
+  kDuringData,      // the source is halfway through its writes
+  kBeforeCommit,    // data landed and verified (VERIFY_ACK), no COMMIT yet
+  kCommitInFlight,  // COMMIT sent, not yet at the destination
+  kBeforeDone,      // the destination installed; DONE not yet at the source
+  kAfterDone,       // the migration completed
+};
+enum class Expect { kRolledBack, kCommitted, kInDoubt };
+
+using FaultCase = std::tuple<Fault, Point>;
+
+// Each migration's control frames, stop-and-copy with verification:
+// HELLO > , < OFFER, [data], VERIFY > , < VERIFY_ACK, COMMIT > , < DONE.
+Expect expected(Fault f, Point p) {
+  switch (p) {
+    case Point::kBeforeOffer:
+    case Point::kDuringData:
+    case Point::kBeforeCommit:
+      return Expect::kRolledBack;
+    case Point::kCommitInFlight:
+      // The destination never got COMMIT. A source that can still reach it
+      // learns "aborted" (its query fences the migration); one that cannot
+      // keeps the requests in doubt.
+      return f == Fault::kKillDestination || f == Fault::kStall
+                 ? Expect::kInDoubt
+                 : Expect::kRolledBack;
+    case Point::kBeforeDone:
+      return f == Fault::kKillDestination || f == Fault::kStall
+                 ? Expect::kInDoubt
+                 : Expect::kCommitted;
+    case Point::kAfterDone:
+      return Expect::kCommitted;
+  }
+  return Expect::kRolledBack;
+}
+
+std::string fault_name(Fault f) {
+  switch (f) {
+    case Fault::kKillSource:
+      return "KillSource";
+    case Fault::kKillDestination:
+      return "KillDestination";
+    case Fault::kCut:
+      return "Cut";
+    case Fault::kStall:
+      return "Stall";
+    case Fault::kCorrupt:
+      return "Corrupt";
+  }
+  return "?";
+}
+
+std::string point_name(Point p) {
+  switch (p) {
+    case Point::kBeforeOffer:
+      return "BeforeOffer";
+    case Point::kDuringData:
+      return "DuringData";
+    case Point::kBeforeCommit:
+      return "BeforeCommit";
+    case Point::kCommitInFlight:
+      return "CommitInFlight";
+    case Point::kBeforeDone:
+      return "BeforeDone";
+    case Point::kAfterDone:
+      return "AfterDone";
+  }
+  return "?";
+}
+
+constexpr int kPagesPerSeq = 3;  // 40 tokens in 16-token pages
+const std::set<uint64_t> kMoved = {1, 2};
+const std::set<uint64_t> kAll = {1, 2, 3};
+const std::string kPeerTimeoutMs = "1000";
+
+class FaultMatrix : public ::testing::TestWithParam<FaultCase> {};
+
+TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
+  const auto [fault, point] = GetParam();
+  const Expect expect = expected(fault, point);
+  const bool kill_src = fault == Fault::kKillSource;
+  const bool kill_dst = fault == Fault::kKillDestination;
+  using Action = ControlProxy::Action;
+  using Dir = ControlProxy::Dir;
+
+  // The source in the layer layout (several writes a page, so the data
+  // phase has a middle), tiny requests, short peer timeouts everywhere.
+  std::vector<std::string> src_flags = {
+      "--layout",          "layer",       "--capacity-pages", "64",
+      "--populate",        "3:40",        "--seed",           "11",
+      "--peer-timeout-ms", kPeerTimeoutMs};
+  if (point == Point::kDuringData) {
+    src_flags.insert(src_flags.end(), {"--fault", "src.data.mid=stall:1500"});
+  }
+  auto src = AgentProcess::start(src_flags);
+  auto dst = AgentProcess::start(
+      {"--capacity-pages", "64", "--peer-timeout-ms", kPeerTimeoutMs});
+  // The fresh destination for retries; it brings requests of its own to
+  // move into the destination when the source will not be there.
+  std::vector<std::string> fresh_flags = {"--capacity-pages", "64"};
+  if (kill_src) {
+    fresh_flags.insert(fresh_flags.end(),
+                       {"--populate", "3:40", "--seed", "23"});
+  }
+  auto fresh = AgentProcess::start(fresh_flags);
+  LogsOnFailure logs({{"source", src.get()},
+                      {"destination", dst.get()},
+                      {"fresh", fresh.get()}});
+  ASSERT_TRUE(src && dst && fresh);
+  auto proxy = ControlProxy::start(dst->address());
+  ASSERT_TRUE(proxy);
+
+  const json sb = status_of(src->address());
+  const json db = status_of(dst->address());
+  ASSERT_EQ(sb["seqs"].size(), 3u);
+  const int64_t src_free = sb["free_pages"];
+  const int64_t dst_free = db["free_pages"];
+  const auto original = digests(sb);
+
+  // Land the fault at its point: an armed proxy action at a frame, or an
+  // action on cue (the source stalled mid-data, or the migration over).
+  const Action action = kill_src || kill_dst     ? Action::kHold
+                        : fault == Fault::kCut   ? Action::kCut
+                        : fault == Fault::kStall ? Action::kStall
+                                                 : Action::kCorrupt;
+  switch (point) {
+    case Point::kBeforeOffer:
+      proxy->arm(Dir::kToSource, 1, action);
+      break;
+    case Point::kBeforeCommit:
+      proxy->arm(Dir::kToSource, 2, action);
+      break;
+    case Point::kCommitInFlight:
+      proxy->arm(Dir::kToDestination, 3, action);
+      break;
+    case Point::kBeforeDone:
+      proxy->arm(Dir::kToSource, 3, action);
+      break;
+    case Point::kDuringData:
+    case Point::kAfterDone:
+      break;
+  }
+  auto cli =
+      Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(), "--to",
+                    proxy->address(), "--seqs", join(kMoved), "--json"});
+  ASSERT_TRUE(cli);
+  if (point == Point::kDuringData) {
+    ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true))
+        << src->child().err();
+    if (!kill_src && !kill_dst) proxy->act(action);
+  } else if (point == Point::kAfterDone) {
+    ASSERT_TRUE(cli->wait_exit(30s));
+    ASSERT_EQ(cli->exit_code(), 0) << cli->out();
+  } else {
+    ASSERT_TRUE(proxy->wait_fired(30s)) << src->child().err();
+  }
+  if (kill_src) src->child().kill(SIGKILL);
+  if (kill_dst) dst->child().kill(SIGKILL);
+  if (kill_src || kill_dst) {
+    // Let the killed side's closed connection show on the other side.
+    (kill_src ? src : dst)->child().wait_exit(5s);
+    proxy->release_closes();
+  }
+  ASSERT_TRUE(cli->wait_exit(30s));
+  json report = json::parse(cli->out(), nullptr, false);
+  ASSERT_TRUE(report.is_object()) << cli->out() << cli->err();
+
+  // What the scheduler hears.
+  std::string in_doubt_id;
+  if (!kill_src) {
+    if (expect == Expect::kCommitted) {
+      EXPECT_EQ(cli->exit_code(), 0) << report.dump();
+      EXPECT_TRUE(report["ok"].get<bool>()) << report.dump();
+    } else {
+      EXPECT_EQ(cli->exit_code(), 1) << report.dump();
+      EXPECT_FALSE(report["ok"].get<bool>()) << report.dump();
+    }
+    if (expect == Expect::kInDoubt) {
+      const std::string err = report.value("error", "");
+      const std::string marker = "migration ";
+      auto at = err.find(marker);
+      ASSERT_NE(err.find("in doubt"), std::string::npos) << err;
+      ASSERT_NE(at, std::string::npos) << err;
+      in_doubt_id = err.substr(at + marker.size(), 32);
+    }
+  }
+
+  // The source: everything back (rolled back, in doubt) or only what stayed.
+  std::set<uint64_t> at_src;  // requests the source may move on
+  if (!kill_src) {
+    const int64_t want_free =
+        expect == Expect::kCommitted ? src_free + 2 * kPagesPerSeq : src_free;
+    json s = status_of(src->address());
+    EXPECT_EQ(s["free_pages"], want_free) << s.dump();
+    if (expect == Expect::kCommitted) {
+      EXPECT_EQ(digests(s), only(original, {3}));
+    } else {
+      EXPECT_EQ(digests(s), original);
+    }
+    if (expect == Expect::kInDoubt) {
+      ASSERT_EQ(s["in_doubt"].size(), 1u) << s.dump();
+      EXPECT_EQ(s["in_doubt"][0]["migration_id"], in_doubt_id) << s.dump();
+      EXPECT_EQ(s["in_doubt"][0]["seqs"], json(std::vector<uint64_t>{1, 2}));
+      at_src = {3};
+    } else {
+      EXPECT_TRUE(s["in_doubt"].empty()) << s.dump();
+      at_src = expect == Expect::kCommitted ? std::set<uint64_t>{3} : kAll;
+    }
+  }
+
+  // The destination: nothing (its slots back) or exactly what it installed.
+  std::set<uint64_t> at_dst;
+  if (!kill_dst) {
+    // A destination holds the requests if it installed them: committed, or
+    // in doubt because the source could not hear it (stall at DONE).
+    const bool installed =
+        expect == Expect::kCommitted ||
+        (expect == Expect::kInDoubt && point == Point::kBeforeDone);
+    if (installed) at_dst = kMoved;
+    json d = wait_for_free_pages(
+        dst->address(), dst_free - (installed ? 2 * kPagesPerSeq : 0), 10s);
+    EXPECT_EQ(d["free_pages"],
+              dst_free - static_cast<int64_t>(at_dst.size() * kPagesPerSeq))
+        << d.dump() << dst->child().err();
+    EXPECT_EQ(digests(d), only(original, at_dst)) << dst->child().err();
+  }
+
+  // Retries. Requests in doubt are refused by name.
+  if (!kill_src && expect == Expect::kInDoubt) {
+    int code = -1;
+    json r = migrate(src->address(), fresh->address(), {1}, &code);
+    EXPECT_EQ(code, 1) << r.dump();
+    EXPECT_NE(r.value("error", "").find("in doubt"), std::string::npos)
+        << r.dump();
+  }
+  // The rest goes to a fresh destination.
+  if (!kill_src) {
+    int code = -1;
+    json r = migrate(src->address(), fresh->address(), at_src, &code);
+    ASSERT_EQ(code, 0) << r.dump() << src->child().err();
+    EXPECT_EQ(digests(status_of(fresh->address())), only(original, at_src));
+  }
+  // And the destination takes new requests into the slots it gave back:
+  // a late write from the failed migration would show in their digests.
+  if (!kill_dst) {
+    const auto fresh_has = digests(status_of(fresh->address()));
+    std::set<uint64_t> onward;
+    for (const auto& [id, d] : fresh_has) {
+      if (!at_dst.count(id)) onward.insert(id);
+    }
+    ASSERT_FALSE(onward.empty());
+    int code = -1;
+    json r = migrate(fresh->address(), dst->address(), onward, &code);
+    ASSERT_EQ(code, 0) << r.dump() << dst->child().err();
+    json d = status_of(dst->address());
+    auto want = only(original, at_dst);
+    for (uint64_t id : onward) want[id] = fresh_has.at(id);
+    EXPECT_EQ(digests(d), want);
+    EXPECT_EQ(d["free_pages"],
+              dst_free - static_cast<int64_t>(want.size() * kPagesPerSeq));
+  }
+}
+
+std::string fault_case_name(const ::testing::TestParamInfo<FaultCase>& info) {
+  return fault_name(std::get<0>(info.param)) + "_" +
+         point_name(std::get<1>(info.param));
+}
+
+// Kills land anywhere, AfterDone included: the survivor must hold exactly
+// what the outcome gave it.
+INSTANTIATE_TEST_SUITE_P(
+    Kill, FaultMatrix,
+    ::testing::Combine(
+        ::testing::Values(Fault::kKillSource, Fault::kKillDestination),
+        ::testing::Values(Point::kBeforeOffer, Point::kDuringData,
+                          Point::kBeforeCommit, Point::kCommitInFlight,
+                          Point::kBeforeDone, Point::kAfterDone)),
+    fault_case_name);
+
+// Faults of the control connection. AfterDone is left out: the connection
+// is closed by then, so cutting, stalling or corrupting it changes nothing
+// (identical to no fault). During the data phase nothing travels on the
+// control connection: the fault lands there while the source is mid-data
+// and hits the next frame (VERIFY).
+INSTANTIATE_TEST_SUITE_P(
+    Connection, FaultMatrix,
+    ::testing::Combine(
+        ::testing::Values(Fault::kCut, Fault::kStall, Fault::kCorrupt),
+        ::testing::Values(Point::kBeforeOffer, Point::kDuringData,
+                          Point::kBeforeCommit, Point::kCommitInFlight,
+                          Point::kBeforeDone)),
+    fault_case_name);
+
+// --- stale writes -----------------------------------------------------------
+
+std::vector<std::string> data_transports() {
+  std::vector<std::string> out;
+  for (const auto& t : built_transports()) {
+    if (t != "verbs") out.push_back(t);
+  }
+  return out;
+}
+
+class StaleWrites : public ::testing::TestWithParam<std::string> {};
+
+// The destination aborts a migration while the source is stalled mid-data,
+// gives the slots back, and another migration fills them; then the stalled
+// source wakes and writes the rest of its pages. None of those writes may
+// land: the new requests' digests stay as they arrived.
+TEST_P(StaleWrites, AnAbortedSourceCannotChangeReleasedSlots) {
+  const std::string transport = GetParam();
+  const std::string transports = "tcp," + transport;
+  auto src = AgentProcess::start(
+      {"--layout", "layer", "--capacity-pages", "64", "--populate", "3:40",
+       "--seed", "11", "--transports", transports, "--peer-timeout-ms",
+       kPeerTimeoutMs, "--fault", "src.data.mid=stall:3000"});
+  auto dst =
+      AgentProcess::start({"--capacity-pages", "64", "--transports", transports,
+                           "--peer-timeout-ms", kPeerTimeoutMs});
+  auto other =
+      AgentProcess::start({"--capacity-pages", "64", "--populate", "3:40",
+                           "--seed", "77", "--transports", transports});
+  LogsOnFailure logs({{"source", src.get()},
+                      {"destination", dst.get()},
+                      {"other", other.get()}});
+  ASSERT_TRUE(src && dst && other);
+  auto proxy = ControlProxy::start(dst->address());
+  ASSERT_TRUE(proxy);
+  const json sb = status_of(src->address());
+  const json db = status_of(dst->address());
+  const json ob = status_of(other->address());
+  const int64_t dst_free = db["free_pages"];
+
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", proxy->address(), "--all", "--transport",
+                           transport, "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true));
+  proxy->act(ControlProxy::Action::kCut);
+  json d = wait_for_free_pages(dst->address(), dst_free, 5s);
+  ASSERT_EQ(d["free_pages"], dst_free) << dst->child().err();
+  // Refill the released slots while the source still sleeps.
+  CliResult refill =
+      run_kvmig({"migrate", "--agent", other->address(), "--to", dst->address(),
+                 "--all", "--transport", transport, "--json"});
+  ASSERT_EQ(refill.code, 0) << refill.out << refill.err;
+  ASSERT_FALSE(cli->wait_exit(0ms))
+      << "the source finished before the slots were refilled";
+  // The source wakes, writes the second half into revoked slots, fails.
+  ASSERT_TRUE(cli->wait_exit(30s));
+  EXPECT_EQ(cli->exit_code(), 1) << cli->out();
+  json after = status_of(dst->address());
+  EXPECT_EQ(digests(after), digests(ob)) << dst->child().err();
+  EXPECT_EQ(after["free_pages"], dst_free - 9);
+  // The source kept everything and can still move it elsewhere.
+  json s = status_of(src->address());
+  EXPECT_EQ(digests(s), digests(sb));
+  EXPECT_EQ(s["free_pages"], sb["free_pages"]);
+  json r = json::parse(
+      run_kvmig({"migrate", "--agent", src->address(), "--to", other->address(),
+                 "--all", "--transport", transport, "--json"})
+          .out,
+      nullptr, false);
+  ASSERT_TRUE(r.is_object() && r["ok"].get<bool>()) << r.dump();
+  json o = status_of(other->address());
+  EXPECT_EQ(digests(o), digests(sb));
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, StaleWrites,
+                         ::testing::ValuesIn(data_transports()),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace kvmig::testing
