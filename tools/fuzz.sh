@@ -15,6 +15,19 @@ shift || true
 TARGETS=("$@")
 ((${#TARGETS[@]})) || TARGETS=(frame_fuzz messages_fuzz snapshot_fuzz)
 BUILD_DIR=${BUILD_DIR:-build-fuzz}
+# clang and its sanitizer runtime (libFuzzer) come from Debian.
+missing=()
+for p in clang-14 libclang-rt-14-dev; do
+  dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' ||
+    missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+    --no-install-recommends "${missing[@]}" >&2 || exit 1
+fi
 if [[ -z ${CXX:-} ]]; then
   CXX=clang++-14
   command -v "$CXX" >/dev/null || CXX=clang++
