@@ -5,16 +5,17 @@
 # Prints median and range of pause_ms per case.
 #
 #   tools/bench-live.sh [--reps N] [--rate TOKENS_PER_S] [--lengths "1024 4096"]
-#                       [--transport tcp|ucx]
+#                       [--transport tcp|ucx] [--converge-pages N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPS=3 RATE=50 LENGTHS="1024 4096 16384 32768" TRANSPORT=tcp
+REPS=3 RATE=50 LENGTHS="1024 4096 16384 32768" TRANSPORT=tcp CONVERGE=
 while (($#)); do
   case $1 in
     --reps) REPS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --lengths) LENGTHS=$2; shift 2 ;;
     --transport) TRANSPORT=$2; shift 2 ;;
+    --converge-pages) CONVERGE=$2; shift 2 ;;
     *) sed -n '2,9p' "$0"; exit 2 ;;
   esac
 done
@@ -41,6 +42,7 @@ run() {  # run TOKENS MODE -> prints pause_ms rounds
   local cap=$(( tokens / 16 + 64 ))
   local src dst extra=()
   [[ $mode == live ]] && extra=(--live)
+  [[ $mode == live && -n $CONVERGE ]] && extra+=(--converge-pages "$CONVERGE")
   src=$(start "$tmp/src" --preset llama3-8b --capacity-pages $cap \
         --populate 1:$tokens --decode-rate "$RATE" --transports tcp,ucx)
   dst=$(start "$tmp/dst" --preset llama3-8b --capacity-pages $cap --transports tcp,ucx)
@@ -53,7 +55,7 @@ run() {  # run TOKENS MODE -> prints pause_ms rounds
 }
 
 echo "# $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
-echo "# llama3-8b (2 MiB per page), 1 request, decode $RATE tokens/s, $TRANSPORT, $REPS reps interleaved"
+echo "# llama3-8b (2 MiB per page), 1 request, decode $RATE tokens/s, $TRANSPORT, $REPS reps interleaved, converge-pages ${CONVERGE:-default}"
 declare -A results
 for rep in $(seq "$REPS"); do
   for t in $LENGTHS; do
