@@ -18,6 +18,7 @@
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf.h"
+#include "signals.h"
 #include "synthetic_pager.h"
 
 namespace kvmig {
@@ -192,28 +193,14 @@ int cmd_serve(const std::string& listen, const PoolFlags& pool,
   if (!hook.ok()) return fail(hook.status(), false);
   options.fault_hook = *hook;
 
-  // SIGINT/SIGTERM stop the agent from a thread that waits for them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  block_stop_signals();
 
   auto agent = Agent::create(**pager, options);
   if (!agent.ok()) return fail(agent.status(), false);
   if (decode_rate > 0) (*pager)->start_decoding(decode_rate);
   std::cout << "kvmig agent listening on " << (*agent)->address() << std::endl;
 
-  std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    logger("engine")->info("signal {}: stopping", sig);
-    (*agent)->stop();
-  });
-  Status ran = (*agent)->run();
-  // run() also ends when stop() is called by other means: wake the waiter.
-  pthread_kill(waiter.native_handle(), SIGTERM);
-  waiter.join();
+  Status ran = run_until_signal(**agent);
   (*pager)->stop_decoding();
   agent->reset();
   if (!ran.ok()) return fail(ran, false);

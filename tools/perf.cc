@@ -22,6 +22,7 @@
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf_server.h"
+#include "signals.h"
 #include "synthetic_pager.h"
 
 namespace kvmig {
@@ -88,11 +89,7 @@ int run_server(const PerfFlags& f) {
     options.transports = split_commas(f.transports);
   }
 
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  block_stop_signals();
 
   // The front agent's own cache is never migrated into: one tiny page.
   auto pager =
@@ -107,15 +104,7 @@ int run_server(const PerfFlags& f) {
   std::cout << "kvmig perf server listening on " << (*agent)->address()
             << " (transports " << offered << ")" << std::endl;
 
-  std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    logger("engine")->info("signal {}: stopping", sig);
-    (*agent)->stop();
-  });
-  Status ran = (*agent)->run();
-  pthread_kill(waiter.native_handle(), SIGTERM);
-  waiter.join();
+  Status ran = run_until_signal(**agent);
   agent->reset();
   if (!ran.ok()) return fail(ran, false);
   return 0;

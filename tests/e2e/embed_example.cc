@@ -6,6 +6,7 @@
 
 #include <memory>
 
+#include "forwarding_pager.h"
 #include "kvmig/kvmig.h"
 #include "synthetic_pager.h"
 #include "testutil.h"
@@ -15,41 +16,11 @@ namespace {
 
 // An engine's pager: every call forwards to the engine's own cache (a
 // SyntheticPager stands in for it), and no zero-copy layout is offered.
-class EnginePager final : public CachePager {
+class EnginePager final : public testing::ForwardingPager {
  public:
   explicit EnginePager(std::unique_ptr<SyntheticPager> cache)
-      : cache_(std::move(cache)) {}
-  CacheMeta meta() const override { return cache_->meta(); }
-  Status pause() override { return cache_->pause(); }
-  Status resume() override { return cache_->resume(); }
-  Result<std::vector<PageIndex>> occupied_pages() override {
-    return cache_->occupied_pages();
-  }
-  Result<std::vector<LogicalSeq>> logical_seqs() override {
-    return cache_->logical_seqs();
-  }
-  Result<PageBytes> read_page(PageIndex ix) override {
-    return cache_->read_page(ix);
-  }
-  Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override {
-    return cache_->allocate_pages(n);
-  }
-  Status write_page(PageIndex ix, const PageBytes& page) override {
-    return cache_->write_page(ix, page);
-  }
-  Status install_logical_seqs(const std::vector<LogicalSeq>& seqs) override {
-    return cache_->install_logical_seqs(seqs);
-  }
-  Status release_pages(std::span<const PageIndex> ixs) override {
-    return cache_->release_pages(ixs);
-  }
-  Status drop_logical_seqs(std::span<const SeqId> ids) override {
-    return cache_->drop_logical_seqs(ids);
-  }
-  std::optional<PagerCapacity> capacity() const override {
-    return cache_->capacity();
-  }
-  SyntheticPager& cache() { return *cache_; }
+      : ForwardingPager(*cache), cache_(std::move(cache)) {}
+  std::optional<PagerLayout> layout() const override { return std::nullopt; }
 
  private:
   std::unique_ptr<SyntheticPager> cache_;
@@ -188,41 +159,16 @@ TEST(EmbedExample, RequestFinishingMidLiveMigrationIsLeftBehind) {
 
 // A destination whose writes go wrong (one byte flipped per page): VERIFY
 // catches it, the migration rolls back, nothing is lost or installed.
-class CorruptingPager final : public CachePager {
+class CorruptingPager final : public testing::ForwardingPager {
  public:
-  explicit CorruptingPager(CachePager& inner) : inner_(inner) {}
-  CacheMeta meta() const override { return inner_.meta(); }
-  Status pause() override { return inner_.pause(); }
-  Status resume() override { return inner_.resume(); }
-  Result<std::vector<PageIndex>> occupied_pages() override {
-    return inner_.occupied_pages();
-  }
-  Result<std::vector<LogicalSeq>> logical_seqs() override {
-    return inner_.logical_seqs();
-  }
-  Result<PageBytes> read_page(PageIndex ix) override {
-    return inner_.read_page(ix);
-  }
-  Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override {
-    return inner_.allocate_pages(n);
-  }
+  using ForwardingPager::ForwardingPager;
+  // Pages arrive here only through staging: the destination has no layout.
+  std::optional<PagerLayout> layout() const override { return std::nullopt; }
   Status write_page(PageIndex ix, const PageBytes& page) override {
     PageBytes bad = page;
     bad.v.back() ^= std::byte{0x40};
-    return inner_.write_page(ix, bad);
+    return ForwardingPager::write_page(ix, bad);
   }
-  Status install_logical_seqs(const std::vector<LogicalSeq>& seqs) override {
-    return inner_.install_logical_seqs(seqs);
-  }
-  Status release_pages(std::span<const PageIndex> ixs) override {
-    return inner_.release_pages(ixs);
-  }
-  std::optional<PagerCapacity> capacity() const override {
-    return inner_.capacity();
-  }
-
- private:
-  CachePager& inner_;
 };
 
 TEST(EmbedExample, CorruptedPagesAreCaughtAndRolledBack) {

@@ -29,21 +29,6 @@ json migrate_all(const std::string& src, const std::string& dst) {
   return json::parse(r.out, nullptr, false);
 }
 
-int dial(const std::string& address) {
-  auto colon = address.rfind(':');
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port =
-      htons(static_cast<uint16_t>(std::stoi(address.substr(colon + 1))));
-  inet_pton(AF_INET, address.substr(0, colon).c_str(), &sa.sin_addr);
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 // Milliseconds until the agent closes fd (read returns 0 or an error), or
 // -1 if it is still open after `limit`.
 int ms_until_closed(int fd, std::chrono::milliseconds limit) {
@@ -86,13 +71,13 @@ TEST(LimitsE2E, ConnectionsAndIdleTimeout) {
   auto agent = AgentProcess::start(
       {"--max-connections", "2", "--peer-timeout-ms", "700"});
   ASSERT_TRUE(agent);
-  int a = dial(agent->address());
-  int b = dial(agent->address());
+  int a = dial_tcp(agent->address());
+  int b = dial_tcp(agent->address());
   ASSERT_GE(a, 0);
   ASSERT_GE(b, 0);
   std::this_thread::sleep_for(100ms);
   // A third connection is closed at once while two are open.
-  int c = dial(agent->address());
+  int c = dial_tcp(agent->address());
   ASSERT_GE(c, 0);
   int closed_after = ms_until_closed(c, 500ms);
   EXPECT_GE(closed_after, 0) << "third connection was not refused";
@@ -110,7 +95,7 @@ TEST(LimitsE2E, ConnectionsAndIdleTimeout) {
 TEST(LimitsE2E, FrameSize) {
   auto agent = AgentProcess::start({"--max-frame-mib", "1"});
   ASSERT_TRUE(agent);
-  int fd = dial(agent->address());
+  int fd = dial_tcp(agent->address());
   ASSERT_GE(fd, 0);
   auto frame = encode_frame(MsgType::kStatusReq, {});
   frame[8] = 0x00, frame[9] = 0x00, frame[10] = 0x20,

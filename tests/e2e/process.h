@@ -4,9 +4,12 @@
 #ifndef KVMIG_TESTS_E2E_PROCESS_H_
 #define KVMIG_TESTS_E2E_PROCESS_H_
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -155,6 +158,23 @@ class AgentProcess {
   std::unique_ptr<Child> child_;
   std::string address_;
 };
+
+// A plain TCP connection to "IPv4:PORT", for sending raw bytes; -1 on
+// failure. The caller closes it.
+inline int dial_tcp(const std::string& address) {
+  auto colon = address.rfind(':');
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port =
+      htons(static_cast<uint16_t>(std::stoi(address.substr(colon + 1))));
+  inet_pton(AF_INET, address.substr(0, colon).c_str(), &sa.sin_addr);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
 
 struct CliResult {
   int code = -1;

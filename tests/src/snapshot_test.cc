@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "forwarding_pager.h"
 #include "kvmig/digest.h"
 #include "synthetic_pager.h"
 #include "testutil.h"
@@ -307,36 +308,12 @@ TEST_F(SnapshotTest, TooSmallTargetAllocatesNothing) {
 }
 
 // Delegates to a SyntheticPager but fails install_logical_seqs.
-class FailingInstallPager final : public CachePager {
+class FailingInstallPager final : public testing::ForwardingPager {
  public:
-  explicit FailingInstallPager(SyntheticPager& inner) : inner_(inner) {}
-  CacheMeta meta() const override { return inner_.meta(); }
-  Status pause() override { return inner_.pause(); }
-  Status resume() override { return inner_.resume(); }
-  Result<std::vector<PageIndex>> occupied_pages() override {
-    return inner_.occupied_pages();
-  }
-  Result<std::vector<LogicalSeq>> logical_seqs() override {
-    return inner_.logical_seqs();
-  }
-  Result<PageBytes> read_page(PageIndex ix) override {
-    return inner_.read_page(ix);
-  }
-  Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override {
-    return inner_.allocate_pages(n);
-  }
-  Status write_page(PageIndex ix, const PageBytes& page) override {
-    return inner_.write_page(ix, page);
-  }
+  using ForwardingPager::ForwardingPager;
   Status install_logical_seqs(const std::vector<LogicalSeq>&) override {
     return Status::unavailable("injected install failure");
   }
-  Status release_pages(std::span<const PageIndex> ixs) override {
-    return inner_.release_pages(ixs);
-  }
-
- private:
-  SyntheticPager& inner_;
 };
 
 TEST_F(SnapshotTest, FailureAfterAllocatingReleasesTheSlots) {
