@@ -83,10 +83,14 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
     co_await fail(error);
     co_return;
   }
-  if (hello.n_pages == 0 || hello.n_pages > options.max_pages_per_migration) {
+  // A live migration's first round may have no full page yet (short
+  // requests): its slots come with later rounds.
+  const uint32_t min_pages = hello.live ? 0 : 1;
+  if (hello.n_pages < min_pages ||
+      hello.n_pages > options.max_pages_per_migration) {
     Status error = Status::resource_exhausted(
         "HELLO asks for " + std::to_string(hello.n_pages) +
-        " pages; this agent takes 1 to " +
+        " pages; this agent takes " + std::to_string(min_pages) + " to " +
         std::to_string(options.max_pages_per_migration));
     co_await fail(error);
     co_return;
@@ -120,8 +124,9 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
   remember_outcome(id, Outcome::kPending);
   registered = true;
 
-  // 2. Allocate every slot once.
-  auto allocated = pager.allocate_pages(hello.n_pages);
+  // 2. Allocate every slot once (a live migration: this round's slots).
+  Result<std::vector<PageIndex>> allocated = std::vector<PageIndex>{};
+  if (hello.n_pages > 0) allocated = pager.allocate_pages(hello.n_pages);
   if (!allocated.ok()) {
     auto cap = pager.capacity();
     Status error = Status::resource_exhausted(
@@ -152,8 +157,12 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
       offer.regions.push_back({r.stride, r.chunk, r.slots});
     }
   } else {
-    uint32_t n_staging = static_cast<uint32_t>(std::clamp<uint64_t>(
-        options.staging_bytes / page_total, 1, hello.n_pages));
+    // Later live rounds batch through the same buffer: size it by the limit,
+    // not by the first round.
+    const uint64_t most = hello.live ? options.max_pages_per_migration
+                                     : std::max<uint32_t>(hello.n_pages, 1);
+    uint32_t n_staging = static_cast<uint32_t>(
+        std::clamp<uint64_t>(options.staging_bytes / page_total, 1, most));
     auto sb = StagingBuffer::create(*transport, page_total, n_staging);
     if (!sb.ok()) {
       Status error = sb.status();

@@ -201,6 +201,30 @@ TEST(EmbedExample, CorruptedPagesAreCaughtAndRolledBack) {
   (*dst)->stop();
 }
 
+TEST(EmbedExample, LiveMigrationIntoAStagedEngine) {
+  auto src_cache = make_cache(PoolLayout::kLayer, 256);
+  ASSERT_TRUE(src_cache);
+  ASSERT_OK(src_cache->populate(3, 100, 8, 32));
+  SyntheticPager* src_raw = src_cache.get();
+  Engine src = start_engine(std::move(src_cache), 4);
+  Engine dst = start_engine(
+      std::make_unique<EnginePager>(make_cache(PoolLayout::kPage, 256)), 2);
+  ASSERT_TRUE(src.agent && dst.agent);
+  src_raw->start_decoding(300);
+  MigrateRequest req;
+  req.to = dst.agent->address();
+  req.all = true;
+  req.live = true;
+  req.record_digests = true;
+  ASSERT_OK_AND_ASSIGN(MigrationReport report, src.agent->migrate(req));
+  src_raw->stop_decoding();
+  EXPECT_TRUE(report.staged);
+  EXPECT_GE(report.rounds, 2u);
+  std::map<SeqId, std::string> at_pause(report.digests.begin(),
+                                        report.digests.end());
+  EXPECT_EQ(digests(*dst.agent), at_pause);
+}
+
 TEST(EmbedExample, AgentRefusesBadOptions) {
   auto cache = make_cache(PoolLayout::kPage, 8);
   ASSERT_TRUE(cache);
@@ -212,6 +236,10 @@ TEST(EmbedExample, AgentRefusesBadOptions) {
   options.listen_host = "not-an-ip";
   EXPECT_FALSE(Agent::create(*cache, options).ok());
   options.listen_host = "127.0.0.1";
+  options.max_pages_per_migration = 0;
+  EXPECT_EQ(Agent::create(*cache, options).status().code(),
+            StatusCode::kInvalidArgument);
+  options.max_pages_per_migration = 1024;
   options.transports = {"verbs"};
   auto verbs = Agent::create(*cache, options);
   EXPECT_FALSE(verbs.ok());

@@ -216,6 +216,25 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values("layer"), ::testing::Bool()),
     live_case_name);
 
+TEST(MigrateE2E, LiveMigrationOfRequestsShorterThanAPage) {
+  // No page is full at the first round: every slot comes later.
+  auto src = AgentProcess::start(
+      {"--capacity-pages", "64", "--populate", "3:10", "--decode-rate", "20"});
+  auto dst = AgentProcess::start({"--capacity-pages", "64"});
+  ASSERT_TRUE(src && dst);
+  int code = -1;
+  json report = migrate(src->address(), dst->address(),
+                        {"--all", "--live", "--digests"}, &code);
+  ASSERT_EQ(code, 0) << report.dump() << dst->child().err();
+  EXPECT_EQ(report["round_pages"][0], 0);
+  std::map<uint64_t, std::string> at_pause;
+  for (const auto& [id, hex] : report["digests"].items()) {
+    at_pause[std::stoull(id)] = hex.get<std::string>();
+  }
+  EXPECT_EQ(at_pause.size(), 3u);
+  EXPECT_EQ(digests(status_of(dst->address())), at_pause);
+}
+
 // A failure at any point of a live migration: the source keeps every
 // request and decodes on; the destination gives back every slot.
 class LiveFault : public ::testing::TestWithParam<std::string> {};
