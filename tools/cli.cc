@@ -20,6 +20,7 @@
 #include "perf.h"
 #include "signals.h"
 #include "synthetic_pager.h"
+#include "text.h"
 
 namespace kvmig {
 namespace {
@@ -62,16 +63,6 @@ Result<std::pair<uint32_t, uint64_t>> parse_populate(const std::string& text) {
     return Status::invalid_argument("--populate '" + text +
                                     "': expected SEQS:TOKENS, e.g. 8:1000");
   }
-}
-
-std::vector<std::string> split_commas(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
 }
 
 // A synthetic cache from the serve/snapshot flags.

@@ -24,6 +24,7 @@
 #include "perf_server.h"
 #include "signals.h"
 #include "synthetic_pager.h"
+#include "text.h"
 
 namespace kvmig {
 namespace {
@@ -44,16 +45,6 @@ int fail(const Status& s, bool as_json, const std::string& what = "") {
     std::cerr << "kvmig perf: " << text << "\n";
   }
   return 1;
-}
-
-std::vector<std::string> split_commas(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
 }
 
 // --- server -----------------------------------------------------------------
