@@ -362,19 +362,7 @@ class TcpInitiator final : public TransportInitiator {
           }
           error_code opt_ec;
           socket_.set_option(tcp::no_delay(true), opt_ec);
-          asio::async_write(
-              socket_, asio::buffer(word_), [&](const error_code& wec, size_t) {
-                if (wec) {
-                  result = wec;
-                  done = true;
-                  return;
-                }
-                asio::async_read(socket_, asio::buffer(reply_),
-                                 [&](const error_code& rec, size_t) {
-                                   result = rec;
-                                   done = true;
-                                 });
-              });
+          send_then_read_reply(asio::buffer(word_), done, result);
         });
     KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "connect"));
     if (reply_ != word_) {
@@ -429,19 +417,7 @@ class TcpInitiator final : public TransportInitiator {
     put_u64(h.data() + 4, seq);
     bool done = false;
     error_code result;
-    asio::async_write(socket_, asio::buffer(h),
-                      [&](const error_code& wec, size_t) {
-                        if (wec) {
-                          result = wec;
-                          done = true;
-                          return;
-                        }
-                        asio::async_read(socket_, asio::buffer(reply_),
-                                         [&](const error_code& rec, size_t) {
-                                           result = rec;
-                                           done = true;
-                                         });
-                      });
+    send_then_read_reply(asio::buffer(h), done, result);
     KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "flush"));
     if (get_u64(reply_.data()) != seq) {
       return fail(Status::protocol("tcp: target " + peer_ +
@@ -527,6 +503,26 @@ class TcpInitiator final : public TransportInitiator {
   uint64_t flush_seq_ = 0;
   uint64_t bytes_written_ = 0;
   uint64_t ops_posted_ = 0;
+  // Sends `out`, then reads the target's 8-byte answer into reply_; sets
+  // `result` and `done` when either step fails or both finish. Runs on
+  // io_, inside wait().
+  void send_then_read_reply(asio::const_buffer out, bool& done,
+                            error_code& result) {
+    asio::async_write(
+        socket_, out, [this, &done, &result](const error_code& wec, size_t) {
+          if (wec) {
+            result = wec;
+            done = true;
+            return;
+          }
+          asio::async_read(socket_, asio::buffer(reply_),
+                           [&done, &result](const error_code& rec, size_t) {
+                             result = rec;
+                             done = true;
+                           });
+        });
+  }
+
   Word word_{};
   Word reply_{};
   // Reused by write(); kept so large batches do not reallocate each call.
