@@ -327,51 +327,45 @@ void expect_unchanged(const std::string& agent, const json& before) {
   EXPECT_EQ(now["free_pages"], before["free_pages"]);
 }
 
+// Runs `migrate --json` with `args` from src to dst, expects it refused
+// (exit 1, ok false) with an error containing every one of `words`, and
+// both agents holding exactly what they held before.
+void expect_refused(AgentProcess& src, AgentProcess& dst,
+                    const std::vector<std::string>& args,
+                    const std::vector<std::string>& words) {
+  json sb = status_of(src.address()), db = status_of(dst.address());
+  int code = 0;
+  json r = migrate(src.address(), dst.address(), args, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_FALSE(r["ok"].get<bool>());
+  const std::string err = r["error"];
+  for (const std::string& w : words) {
+    EXPECT_NE(err.find(w), std::string::npos) << err;
+  }
+  expect_unchanged(src.address(), sb);
+  expect_unchanged(dst.address(), db);
+}
+
 TEST(MigrateE2E, MetaMismatchIsRefusedNamingBothMetas) {
   auto src = AgentProcess::start({"--populate", "2:40"});
   auto dst =
       AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "8"});
   ASSERT_TRUE(src && dst);
-  json sb = status_of(src->address()), db = status_of(dst->address());
-  int code = 0;
-  json r = migrate(src->address(), dst->address(), {"--all"}, &code);
-  EXPECT_EQ(code, 1);
-  EXPECT_FALSE(r["ok"].get<bool>());
-  std::string err = r["error"];
-  EXPECT_NE(err.find("16x2x2x64 f16"), std::string::npos) << err;
-  EXPECT_NE(err.find("16x32x8x128 bf16"), std::string::npos) << err;
-  expect_unchanged(src->address(), sb);
-  expect_unchanged(dst->address(), db);
+  expect_refused(*src, *dst, {"--all"}, {"16x2x2x64 f16", "16x32x8x128 bf16"});
 }
 
 TEST(MigrateE2E, FullDestinationIsRefused) {
   auto src = AgentProcess::start({"--populate", "4:160"});
   auto dst = AgentProcess::start({"--capacity-pages", "16"});
   ASSERT_TRUE(src && dst);
-  json sb = status_of(src->address()), db = status_of(dst->address());
-  int code = 0;
-  json r = migrate(src->address(), dst->address(), {"--all"}, &code);
-  EXPECT_EQ(code, 1);
-  EXPECT_NE(r["error"].get<std::string>().find("destination full"),
-            std::string::npos)
-      << r.dump();
-  expect_unchanged(src->address(), sb);
-  expect_unchanged(dst->address(), db);
+  expect_refused(*src, *dst, {"--all"}, {"destination full"});
 }
 
 TEST(MigrateE2E, UnknownIdsAreAnErrorBeforeAnythingMoves) {
   auto src = AgentProcess::start({"--populate", "2:40"});
   auto dst = AgentProcess::start({});
   ASSERT_TRUE(src && dst);
-  json sb = status_of(src->address()), db = status_of(dst->address());
-  int code = 0;
-  json r = migrate(src->address(), dst->address(), {"--seqs", "1,99"}, &code);
-  EXPECT_EQ(code, 1);
-  EXPECT_NE(r["error"].get<std::string>().find("unknown request ids: 99"),
-            std::string::npos)
-      << r.dump();
-  expect_unchanged(src->address(), sb);
-  expect_unchanged(dst->address(), db);
+  expect_refused(*src, *dst, {"--seqs", "1,99"}, {"unknown request ids: 99"});
 }
 
 TEST(MigrateE2E, UnreachableDestinationIsAnError) {
