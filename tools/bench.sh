@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The benchmark suite: kvmig beside the references, on one host.
 #
-#   tools/bench.sh [--quick] [--reps N] [--out FILE]
+#   tools/bench.sh [--quick | --ucx] [--reps N] [--out FILE]
 #
 # Builds a release build of its own (build-bench, -Dbuildtype=release, no
 # -march=native), starts one `kvmig perf --server` and one iperf3 server on
 # loopback, then for every case runs kvmig and its references interleaved
 # (A B C A B C ..., --reps times, default 3) and prints one table: the
 # median GB/s of each side with its range, and kvmig / reference as the
-# median of the per-repetition ratios with their range.
+# median of the per-repetition ratios with their range. --ucx runs only the
+# UCX issue's cases (llama3-8b page->page 256 MiB and 1 GiB, layer->layer
+# with 32 KiB writes) against the UCX references.
 #
 # References, each moving the same bytes per iteration:
 #   ucx_put_ref          raw ucp_put_nbx in kvmig's average write size, UCX
-#                        free to pick shared memory (worker addresses)
-#   ucx_put_ref tcp      the same with UCX_TLS=tcp: what kvmig's listener-made
-#                        UCX endpoint gets here (it excludes cma), the fair one
+#                        free to pick (worker addresses): shared memory here,
+#                        the lanes kvmig's listener-made endpoint gets too
+#   ucx_put_ref tcp      the same with UCX_TLS=tcp (kvmig's ucx then also
+#                        runs with UCX_TLS=tcp, on its own perf server)
 #   iperf3               one TCP stream on loopback, -l 1M (for kvmig tcp)
 #   memcpy_ref           one thread's memcpy: the single-host ceiling
 # kvmig's GB/s is `kvmig perf`'s: payload bytes over each migration's whole
@@ -33,9 +36,10 @@ OUT=""
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
+    --ucx) QUICK=2 ;;
     --reps) REPS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    *) sed -n '2,26p' "$0"; exit 2 ;;
+    *) sed -n '2,29p' "$0"; exit 2 ;;
   esac
   shift
 done
@@ -86,13 +90,13 @@ pids+=($!)
 sleep 0.3
 
 echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), kernel $(uname -r)"
-echo "command: tools/bench.sh $([[ $QUICK == 1 ]] && echo --quick) --reps $REPS"
+echo "command: tools/bench.sh $([[ $QUICK == 1 ]] && echo --quick)$([[ $QUICK == 2 ]] && echo --ucx) --reps $REPS"
 
 python3 - "$BUILD" "$server" "$iperf_port" "$QUICK" "$REPS" "$OUT" <<'PY'
 import json, os, statistics, subprocess, sys, time
 
 build, server, iperf_port, quick, reps, out_path = sys.argv[1:]
-quick, reps = quick == "1", int(reps)
+ucx_only, quick, reps = quick == "2", quick == "1", int(reps)
 K = f"{build}/tools/kvmig"
 UCX_REF = f"{build}/tools/ucx_put_ref"
 MEM_REF = f"{build}/tools/memcpy_ref"
@@ -114,12 +118,15 @@ def iters_for(nbytes):
     # about 512 MiB a measurement, 3 to 30 iterations
     return max(3, min(30, (512 * MiB) // nbytes))
 
-def kvmig(c, transport):
+def kvmig(c, transport, tls=None):
+    # tls: UCX_TLS for the migrating side (the perf client); its endpoint can
+    # only use transports both sides have, so tcp here means tcp throughout.
     pages = c["bytes"] // PAGE[c["preset"]]
     j = run_json([K, "perf", server, "--transport", transport, "--preset", c["preset"],
                   "--src-layout", c["src"], "--dst-layout", c["dst"],
                   "--dst-order", c["order"], "--pages", str(pages),
-                  "--iters", str(iters_for(c["bytes"])), "--warmup", "1", "--json"])
+                  "--iters", str(iters_for(c["bytes"])), "--warmup", "1", "--json"],
+                 {"UCX_TLS": tls} if tls else None)
     c.setdefault("writes", j["writes"])
     return j["gbps"]
 
@@ -147,7 +154,10 @@ def case(preset, nbytes, src="page", dst="page", order="contiguous"):
 
 # The cases. A size sweep on the realistic shape, then layouts and slot
 # orders at one size on both shapes.
-if quick:
+if ucx_only:
+    sweep = [case("llama3-8b", 256 * MiB), case("llama3-8b", 1024 * MiB)]
+    variants = [case("llama3-8b", 64 * MiB, "layer", "layer", "random")]
+elif quick:
     sweep = [case("tiny", 1 * MiB), case("llama3-8b", 16 * MiB), case("llama3-8b", 256 * MiB)]
     variants = [case("llama3-8b", 64 * MiB, "layer", "page"),
                 case("tiny", 16 * MiB, "page", "page", "random")]
@@ -168,13 +178,17 @@ def name(c):
 # Each group: kvmig on one transport, then its references, interleaved.
 def groups(c, big):
     g = [("kvmig ucx", lambda: kvmig(c, "ucx")),
-         ("ucx_put_ref shm", lambda: ucx_ref(c)),
-         ("ucx_put_ref tcp", lambda: ucx_ref(c, "tcp")),
-         ("memcpy_ref", lambda: memcpy_ref(c))]
+         ("ucx_put_ref", lambda: ucx_ref(c))]
+    if not ucx_only:
+        g.append(("memcpy_ref", lambda: memcpy_ref(c)))
+    u = [("kvmig ucx tcp", lambda: kvmig(c, "ucx", "tcp")),
+         ("ucx_put_ref tcp", lambda: ucx_ref(c, "tcp"))]
+    if ucx_only:
+        return [g, u]
     t = [("kvmig tcp", lambda: kvmig(c, "tcp"))]
     t.append(("iperf3 -l 1M", lambda: iperf(c)) if big
              else ("memcpy_ref", lambda: memcpy_ref(c)))
-    return [t, g]
+    return [t, g, u] if big else [t, g]
 
 rows, results = [], []
 t_start = time.time()
@@ -210,14 +224,14 @@ def fmt(v):
     return f"{statistics.median(v):6.3f} [{min(v):.3f}-{max(v):.3f}]".ljust(22)
 
 print()
-print(f"{'case':34} {'kvmig':10} {'GB/s median [range]':22} {'reference':16} "
+print(f"{'case':34} {'kvmig':13} {'GB/s median [range]':22} {'reference':16} "
       f"{'GB/s median [range]':22} {'kvmig/ref median [range]':26} {'write':>9}")
 for r in rows:
     ratio = (f"{statistics.median(r['ratios']):5.2f} [{min(r['ratios']):.2f}-{max(r['ratios']):.2f}]"
              if r["ratios"] else "-")
     chunk = r["chunk"]
     wr = f"{chunk // MiB} MiB" if chunk >= MiB else f"{chunk // 1024} KiB"
-    print(f"{r['case']:34} {r['kvmig']:10} {fmt(r['kvmig_gbps'])} {r['reference']:16} "
+    print(f"{r['case']:34} {r['kvmig']:13} {fmt(r['kvmig_gbps'])} {r['reference']:16} "
           f"{fmt(r['ref_gbps'])} {ratio:26} {wr:>9}" + (f"  ERROR {r['error'][:120]}" if r["error"] else ""))
 print(f"\n{reps} repetitions each, interleaved; GB/s = 10^9 bytes/s; 'write' is kvmig's "
       f"average write (the size the ucx and memcpy references copy in); "

@@ -429,15 +429,18 @@ TEST_P(TransportConformanceTest, ConnectToDeadPortFailsWithinDeadline) {
 }
 
 TEST_P(TransportConformanceTest, ExpiredDeadlineIsDeadlineExceeded) {
-  if (GetParam() == "ucx") {
+  const char* tls = std::getenv("UCX_TLS");
+  if (GetParam() == "ucx" && tls != nullptr &&
+      std::string_view(tls).find("tcp") != std::string_view::npos) {
     // The initiator gives up mid-transfer and force-closes its endpoint.
-    // UCX 1.13 emulates puts over active messages where it has no one-sided
-    // lane (tcp, and shared memory without cma), and its target then fails
-    // to acknowledge puts it already received and aborts the whole process
-    // ("Fatal: unexpected error: Endpoint timeout" in ucp_put_handler).
+    // UCX 1.13 emulates puts over active messages on tcp, and its target then
+    // fails to acknowledge puts it already received and aborts the whole
+    // process ("Fatal: unexpected error: Endpoint timeout" in
+    // ucp_put_handler), about one run in 16 here. Over shared memory (the
+    // default on one host) and rc verbs it holds: 440 runs, no abort.
     GTEST_SKIP() << "UCX 1.13 aborts the target process when an initiator "
-                    "vanishes mid-transfer on emulated puts (known defect, "
-                    "issue 4)";
+                    "vanishes mid-transfer on emulated puts over tcp (known "
+                    "defect, issue 4)";
   }
   std::unique_ptr<TransportTarget> target;
   std::unique_ptr<TransportInitiator> init;

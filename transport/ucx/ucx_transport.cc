@@ -44,15 +44,22 @@
 // closed), rc verbs (the QP is destroyed), and UCX's software-emulated RMA
 // over active messages (carried by those connections). Over connectionless
 // one-sided lanes it does not: cma (process_vm_writev), knem, xpmem and the
-// posix/sysv shared-memory RMA (which tools/ucx_put_ref gets between worker
-// addresses) on one host, and dc on InfiniBand can still write through the
-// rkey until the mapping behind it is unmapped, and the initiator only stops
-// once it has seen the disconnect. So this transport removes cma from UCX's
-// default transports (knem and xpmem are not built into Debian's UCX; naming
-// them would only make UCX warn) unless UCX_TLS is set explicitly, which is
-// then trusted; a deployment on dc must map per migration. On this machine (no
-// RDMA device) a listener-made endpoint gets one lane, tcp on the interface the
-// connection came through, and puts run as rma_am over it.
+// posix/sysv shared-memory RMA into UCX-allocated memory on one host, and dc on
+// InfiniBand can still write through the rkey until the mapping behind it is
+// unmapped, and the initiator only stops once it has seen the disconnect. So
+// this transport removes cma from UCX's default transports (knem and xpmem are
+// not built into Debian's UCX; naming them would only make UCX warn) unless
+// UCX_TLS is set explicitly, which is then trusted; a deployment on dc must map
+// per migration.
+//
+// Shared memory. A listener-made endpoint asks for peer error handling, and
+// UCX 1.13's shared-memory transports (sysv, posix) offer it only with
+// UCX_MM_ERROR_HANDLING=y; without it such an endpoint gets tcp alone even
+// between two processes on one host (openucx/ucx#8477). So this transport
+// sets it unless the environment does. Puts into the agent's own memory
+// (not UCX-allocated) then run as emulated RMA over the sysv active-message
+// lane, which carries the endpoint id, so a closed endpoint stops them as
+// it does on tcp. With no RDMA device an endpoint to another host gets tcp.
 
 namespace kvmig {
 namespace {
@@ -326,6 +333,13 @@ class UcxCore {
       if (s != UCS_OK) {
         ucp_config_release(config);
         return status_from_ucs(s, "set UCX_TLS");
+      }
+    }
+    if (std::getenv("UCX_MM_ERROR_HANDLING") == nullptr) {
+      s = ucp_config_modify(config, "MM_ERROR_HANDLING", "y");
+      if (s != UCS_OK) {
+        ucp_config_release(config);
+        return status_from_ucs(s, "set UCX_MM_ERROR_HANDLING");
       }
     }
     ucp_params_t params{};
