@@ -102,6 +102,7 @@ struct SyntheticPager::State {
   uint32_t n_free = 0;
   PageIndex free_hint = 0;  // no free slot below this index
   std::map<SeqId, LogicalSeq> seqs;
+  std::set<SeqId> held;  // live sequences decode_step() skips
   uint32_t pause_depth = 0;
   AllocationOrder order = AllocationOrder::kContiguous;
   std::mt19937_64 order_rng;  // kRandom's generator
@@ -472,7 +473,39 @@ Status SyntheticPager::drop_logical_seqs(std::span<const SeqId> ids) {
       }
     }
     st.seqs.erase(it);
+    st.held.erase(id);
   }
+  return Status();
+}
+
+namespace {
+
+// NotFound naming the first id in ids that seqs does not hold.
+template <typename Map>
+Status all_live(const Map& seqs, std::span<const SeqId> ids,
+                std::string_view what) {
+  for (SeqId id : ids) {
+    if (seqs.count(id) == 0) {
+      return Status::not_found(std::string(what) + ": seq " +
+                               std::to_string(id) + " is not live");
+    }
+  }
+  return Status();
+}
+
+}  // namespace
+
+Status SyntheticPager::hold_seqs(std::span<const SeqId> ids) {
+  std::lock_guard lock(state_->mu);
+  KVMIG_RETURN_IF_ERROR(all_live(state_->seqs, ids, "hold_seqs"));
+  state_->held.insert(ids.begin(), ids.end());
+  return Status();
+}
+
+Status SyntheticPager::unhold_seqs(std::span<const SeqId> ids) {
+  std::lock_guard lock(state_->mu);
+  KVMIG_RETURN_IF_ERROR(all_live(state_->seqs, ids, "unhold_seqs"));
+  for (SeqId id : ids) state_->held.erase(id);
   return Status();
 }
 
@@ -568,6 +601,7 @@ uint64_t SyntheticPager::decode_step() {
 
   uint64_t appended = 0;
   for (auto& [id, seq] : st.seqs) {
+    if (st.held.count(id) != 0) continue;
     const uint64_t pos = seq.n_tokens;
     if (pos % ps == 0) {
       std::optional<PageIndex> ix = take_slot();

@@ -70,6 +70,8 @@ class SyntheticPager final : public CachePager {
   std::optional<PagerLayout> layout() const override;
   Status release_pages(std::span<const PageIndex> ixs) override;
   Status drop_logical_seqs(std::span<const SeqId> ids) override;
+  Status hold_seqs(std::span<const SeqId> ids) override;
+  Status unhold_seqs(std::span<const SeqId> ids) override;
   std::optional<PagerCapacity> capacity() const override;
 
   // Creates n_seqs requests of `tokens` tokens each, with ids following the
@@ -81,10 +83,10 @@ class SyntheticPager final : public CachePager {
   Status populate(uint32_t n_seqs, uint64_t tokens, uint64_t seed,
                   uint64_t share_prefix_tokens = 0);
 
-  // Appends one token to every live request (writes its K and V into the
-  // tail page; allocates a new page when the tail is full; a request that
-  // cannot get a page is skipped). Returns the number of tokens appended: 0
-  // while paused.
+  // Appends one token to every live request that is not held (writes its K and
+  // V into the tail page; allocates a new page when the tail is full; a request
+  // that cannot get a page is skipped). Returns the number of tokens appended:
+  // 0 while paused.
   uint64_t decode_step();
 
   // Runs decode_step() from a thread of its own at `tokens_per_second` steps

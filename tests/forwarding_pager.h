@@ -46,6 +46,12 @@ class ForwardingPager : public CachePager {
   Status drop_logical_seqs(std::span<const SeqId> ids) override {
     return inner_.drop_logical_seqs(ids);
   }
+  Status hold_seqs(std::span<const SeqId> ids) override {
+    return inner_.hold_seqs(ids);
+  }
+  Status unhold_seqs(std::span<const SeqId> ids) override {
+    return inner_.unhold_seqs(ids);
+  }
   std::optional<PagerCapacity> capacity() const override {
     return inner_.capacity();
   }

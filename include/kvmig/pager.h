@@ -95,6 +95,26 @@ class CachePager {
     return Status::unimplemented("pager does not support drop_logical_seqs");
   }
 
+  // Keeps the engine from running the sequences ids (no decode step, no
+  // change to their pages or tables) until unhold_seqs(), while the rest of
+  // the engine runs; a held sequence can still be read, dropped and
+  // released. kvmig holds the requests of a move whose outcome it cannot
+  // learn yet (in doubt, DESIGN.md): they may already live at the
+  // destination, so they must not run here until the outcome is known. All
+  // or nothing: NotFound for an id that is not live. Holding a held
+  // sequence is a no-op. Without it (Unimplemented) kvmig keeps the whole
+  // engine paused while a move is in doubt.
+  virtual Status hold_seqs(std::span<const SeqId> ids) {
+    (void)ids;
+    return Status::unimplemented("pager does not support hold_seqs");
+  }
+  // Lets held sequences run again. All or nothing: NotFound for an id that
+  // is not live; an id that is live and not held is a no-op.
+  virtual Status unhold_seqs(std::span<const SeqId> ids) {
+    (void)ids;
+    return Status::unimplemented("pager does not support unhold_seqs");
+  }
+
   // Capacity and free slots, if the pager knows them.
   virtual std::optional<PagerCapacity> capacity() const { return std::nullopt; }
 };

@@ -3,7 +3,7 @@
 // Use: include this header in exactly one test file of a binary and
 // instantiate the suite with factories that each produce an empty pager of
 // capacity >= 64 that supports the extensions (capacity(), release_pages(),
-// drop_logical_seqs(); layout() is checked when present):
+// drop_logical_seqs(), hold_seqs(); layout() is checked when present):
 //
 //   INSTANTIATE_TEST_SUITE_P(Mine, PagerConformanceTest,
 //                            ::testing::Values(PagerFactory{"mine", make}),
@@ -276,6 +276,29 @@ TEST_P(PagerConformanceTest, DropFreesOnlyUnsharedPages) {
   EXPECT_EQ(free_pages(), cap);
   EXPECT_TRUE(occupied().empty());
   EXPECT_EQ(pager_->drop_logical_seqs(drop_b).code(), StatusCode::kNotFound);
+}
+
+TEST_P(PagerConformanceTest, HoldIsAllOrNothingAndDropsWithTheSeq) {
+  std::vector<PageIndex> p = allocate_written(2, 40);
+  LogicalSeq a{1, tokens_for_pages(1), {p[0]}};
+  LogicalSeq b{2, tokens_for_pages(1), {p[1]}};
+  ASSERT_OK(pager_->install_logical_seqs({a, b}));
+  const std::vector<SeqId> with_unknown = {1, 77};
+  EXPECT_EQ(pager_->hold_seqs(with_unknown).code(), StatusCode::kNotFound);
+  EXPECT_EQ(pager_->unhold_seqs(with_unknown).code(), StatusCode::kNotFound);
+  const std::vector<SeqId> both = {1, 2};
+  ASSERT_OK(pager_->hold_seqs(both));
+  ASSERT_OK(pager_->hold_seqs(both));  // holding again is a no-op
+  // Held sequences stay readable and can be dropped (a move that turned
+  // out committed) or let go (rolled back).
+  EXPECT_EQ(seqs(), (std::vector<LogicalSeq>{a, b}));
+  const std::vector<SeqId> drop_a = {1};
+  ASSERT_OK(pager_->drop_logical_seqs(drop_a));
+  EXPECT_EQ(pager_->unhold_seqs(both).code(), StatusCode::kNotFound);
+  const std::vector<SeqId> only_b = {2};
+  ASSERT_OK(pager_->unhold_seqs(only_b));
+  ASSERT_OK(pager_->unhold_seqs(only_b));  // not held: a no-op
+  EXPECT_EQ(seqs(), std::vector<LogicalSeq>{b});
 }
 
 TEST_P(PagerConformanceTest, LayoutAgreesWithReadPage) {

@@ -321,6 +321,21 @@ TEST(SyntheticPagerTest, PausedPagerDoesNotDecode) {
   EXPECT_EQ(pager->decode_step(), 2u);
 }
 
+TEST(SyntheticPagerTest, HeldRequestsDoNotDecodeTheOthersDo) {
+  auto pager = make(PoolLayout::kPage, 16);
+  ASSERT_OK(pager->populate(3, 5, 3));
+  const std::vector<SeqId> held = {2};
+  ASSERT_OK(pager->hold_seqs(held));
+  EXPECT_EQ(pager->decode_step(), 2u);
+  auto s = seqs_of(*pager);
+  EXPECT_EQ(s[0].n_tokens, 6u);
+  EXPECT_EQ(s[1].n_tokens, 5u);
+  EXPECT_EQ(s[2].n_tokens, 6u);
+  ASSERT_OK(pager->unhold_seqs(held));
+  EXPECT_EQ(pager->decode_step(), 3u);
+  EXPECT_EQ(seqs_of(*pager)[1].n_tokens, 6u);
+}
+
 TEST(SyntheticPagerTest, DecodeThreadStartsAndStops) {
   auto pager = make(PoolLayout::kPage, 64);
   ASSERT_OK(pager->populate(2, 5, 3));
