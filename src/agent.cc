@@ -37,6 +37,14 @@ Agent::Impl::~Impl() {
   stopping = true;
   io.stop();
   if (serve_thread.joinable()) serve_thread.join();
+  // Nobody will ask for these any more; their requests stay held (or the
+  // engine paused) rather than risk running in two places.
+  for (const auto& d : in_doubt) {
+    log->error(
+        "stopping with migration {} to {} in doubt: its requests stay "
+        "held ({})",
+        d.migration_id, d.to, d.hold);
+  }
 }
 
 void Agent::Impl::fault(std::string_view point) const {

@@ -59,10 +59,25 @@ struct Agent::Impl {
 
   // --- source.cc
   asio::awaitable<Result<MigrationReport>> run_source(MigrateRequest request);
+  // Asks the destination `to` once for the outcome of migration_id, by
+  // `deadline`. kCommitted, kAborted (the destination rolled back, or holds
+  // nothing of it), or kUnknown when it does not answer.
+  asio::awaitable<Outcome> ask_outcome(const std::string& to,
+                                       const std::string& migration_id,
+                                       Deadline deadline);
   // After COMMIT went out and DONE did not come back: ask the destination
   // until peer_timeout. kCommitted, kAborted, or kUnknown when unreachable.
   asio::awaitable<Outcome> resolve_outcome(const std::string& to,
                                            const std::string& migration_id);
+  // Records `entry` as in doubt (its requests already held as entry.hold
+  // says) and starts asking its destination in the background.
+  void enter_in_doubt(AgentStatus::InDoubt entry);
+  // Asks the destination of in-doubt migration_id with backoff until it
+  // answers, then settles it.
+  asio::awaitable<void> settle_in_doubt(std::string migration_id);
+  // Applies a learned outcome to an in-doubt migration: drops its requests
+  // (a committed move) or lets them run again, and forgets the entry.
+  void settle(const std::string& migration_id, Outcome outcome);
 
   // --- destination.cc
   asio::awaitable<void> run_destination(FrameChannel& channel, HelloMsg hello);
@@ -92,6 +107,7 @@ struct Agent::Impl {
   };
   std::map<std::string, DstRecord> dst_records;
   std::deque<std::string> dst_record_order;  // oldest first, bounded
+  // Migrations in doubt; entries with hold "engine" own one pager pause.
   std::vector<AgentStatus::InDoubt> in_doubt;
 
   // Declared last: destroyed (stopped and joined) first.

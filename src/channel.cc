@@ -1,6 +1,9 @@
 #include "channel.h"
 
+#include <sys/socket.h>
+
 #include <array>
+#include <cerrno>
 #include <memory>
 
 #include "kvmig/agent.h"
@@ -127,6 +130,16 @@ asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline) {
   Status valid = check_frame_payload(*header, frame.payload);
   if (!valid.ok()) co_return valid.with_context("frame from " + peer_);
   co_return frame;
+}
+
+bool FrameChannel::peer_closed() {
+  if (!socket_.is_open()) return true;
+  char byte = 0;
+  const ssize_t n =
+      ::recv(socket_.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (n == 0) return true;
+  if (n < 0) return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+  return false;
 }
 
 void FrameChannel::close() {

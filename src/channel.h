@@ -36,6 +36,11 @@ class FrameChannel {
   // The next frame, validated (header, length limit, checksum).
   asio::awaitable<Result<Frame>> receive(Deadline deadline);
 
+  // True when the peer has closed its end (end of stream or a reset is
+  // waiting to be read): nothing sent now can reach it. Does not block and
+  // consumes nothing; false while unread frames are pending.
+  bool peer_closed();
+
   // "HOST:PORT" of the peer, or "?" when unknown.
   const std::string& peer() const { return peer_; }
   void close();

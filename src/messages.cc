@@ -623,6 +623,8 @@ std::vector<uint8_t> encode(const AgentStatus& m) {
   for (const auto& d : m.in_doubt) {
     w.put_string(d.migration_id);
     put_ids(w, d.seqs);
+    w.put_string(d.to);
+    w.put_string(d.hold);
   }
   return w.take();
 }
@@ -657,6 +659,8 @@ Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
           KVMIG_ASSIGN_OR_RETURN(d.migration_id,
                                  r.get_string(l.max_string, "migration id"));
           KVMIG_ASSIGN_OR_RETURN(d.seqs, get_ids(r, l));
+          KVMIG_ASSIGN_OR_RETURN(d.to, r.get_string(l.max_string, "peer"));
+          KVMIG_ASSIGN_OR_RETURN(d.hold, r.get_string(16, "hold"));
         }
         return m;
       });

@@ -47,6 +47,8 @@ class PauseGuard {
   ~PauseGuard() { (void)release(); }
   void engage() { engaged_ = true; }
   bool engaged() const { return engaged_; }
+  // The pause now belongs to someone else (an in-doubt entry): no resume.
+  void hand_over() { engaged_ = false; }
   Status release() {
     if (!engaged_) return Status();
     engaged_ = false;
@@ -451,6 +453,15 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     co_return read;
   }
   a_.fault("src.before_commit");
+  // A destination that has already closed its end can never read COMMIT:
+  // the migration is certainly not committed, so roll back now rather than
+  // leave the requests in doubt.
+  if (channel_->peer_closed()) {
+    Status gone = Status::unavailable("destination " + req_.to +
+                                      " closed the connection before COMMIT");
+    co_await abort_peer(gone);
+    co_return gone;
+  }
   const std::vector<uint8_t> payload = encode(msg);
   Status sent = co_await channel_->send(MsgType::kCommit, payload, deadline());
   Outcome outcome = Outcome::kUnknown;
@@ -478,15 +489,29 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
                  failure.to_string());
     outcome = co_await a_.resolve_outcome(req_.to, id_);
     if (outcome == Outcome::kUnknown) {
-      a_.in_doubt.push_back({id_, ids});
+      // The requests may already live at the destination: a move keeps them
+      // from running here until the destination answers (DESIGN.md).
+      std::string hold = "none";
+      if (req_.mode == MigrationMode::kMove) {
+        Status held = a_.pager.hold_seqs(ids);
+        hold = held.ok() ? "seqs" : "engine";
+        if (!held.ok()) {
+          a_.log->error(
+              "{} cannot hold requests one by one ({}): the engine stays "
+              "paused until the destination answers",
+              tag_, held.to_string());
+          pause_.hand_over();
+        }
+      }
       a_.log->error(
-          "{} outcome in doubt: destination unreachable; requests "
-          "{} kept and marked in doubt",
-          tag_, join_ids(ids));
-      co_return Status::unavailable("migration " + id_ +
-                                    " is in doubt: no answer from " + req_.to +
-                                    " after COMMIT (" + failure.to_string() +
-                                    "); requests kept, marked in doubt");
+          "{} outcome in doubt: destination unreachable; requests {} kept "
+          "(held: {}), asking again in the background",
+          tag_, join_ids(ids), hold);
+      a_.enter_in_doubt({id_, ids, req_.to, hold});
+      co_return Status::unavailable(
+          "migration " + id_ + " is in doubt: no answer from " + req_.to +
+          " after COMMIT (" + failure.to_string() + "); requests kept (held: " +
+          hold + "), marked in doubt until the destination answers");
     }
   }
   if (outcome != Outcome::kCommitted) {
@@ -594,35 +619,104 @@ asio::awaitable<Result<MigrationReport>> Agent::Impl::run_source(
   co_return co_await run.run(std::move(ids));
 }
 
+asio::awaitable<Outcome> Agent::Impl::ask_outcome(const std::string& to,
+                                                  const std::string& id,
+                                                  Deadline deadline) {
+  auto connected = co_await connect_channel(to, options.max_frame_bytes,
+                                            options.secret, deadline);
+  if (!connected.ok()) co_return Outcome::kUnknown;
+  FrameChannel& ch = *connected;
+  const std::vector<uint8_t> payload = encode(OutcomeReqMsg{id});
+  Status sent = co_await ch.send(MsgType::kOutcomeReq, payload, deadline);
+  if (!sent.ok()) co_return Outcome::kUnknown;
+  auto resp = co_await ch.receive(deadline);
+  if (!resp.ok() || resp->type != MsgType::kOutcomeResp) {
+    co_return Outcome::kUnknown;
+  }
+  auto o = decode_outcome_resp(resp->payload);
+  if (!o.ok() || o->outcome == Outcome::kPending) co_return Outcome::kUnknown;
+  // Unknown: the destination holds nothing of it (never got the COMMIT, or
+  // restarted with its pager): the requests belong here.
+  co_return o->outcome == Outcome::kCommitted ? Outcome::kCommitted
+                                              : Outcome::kAborted;
+}
+
 asio::awaitable<Outcome> Agent::Impl::resolve_outcome(const std::string& to,
                                                       const std::string& id) {
   const Deadline give_up = peer_deadline();
   asio::steady_timer timer(io);
   while (Clock::now() < give_up) {
-    auto connected = co_await connect_channel(to, options.max_frame_bytes,
-                                              options.secret, give_up);
-    if (connected.ok()) {
-      FrameChannel& ch = *connected;
-      const std::vector<uint8_t> payload = encode(OutcomeReqMsg{id});
-      Status sent = co_await ch.send(MsgType::kOutcomeReq, payload, give_up);
-      if (sent.ok()) {
-        auto resp = co_await ch.receive(give_up);
-        if (resp.ok() && resp->type == MsgType::kOutcomeResp) {
-          auto o = decode_outcome_resp(resp->payload);
-          if (o.ok() && o->outcome != Outcome::kPending) {
-            // Unknown: the destination holds nothing of it (never got the
-            // COMMIT, or lost its state): the requests stay here.
-            co_return o->outcome == Outcome::kCommitted ? Outcome::kCommitted
-                                                        : Outcome::kAborted;
-          }
-        }
-      }
-    }
+    Outcome o = co_await ask_outcome(to, id, give_up);
+    if (o != Outcome::kUnknown) co_return o;
     timer.expires_after(std::chrono::milliseconds(200));
     boost::system::error_code ec;
     co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
   }
   co_return Outcome::kUnknown;
+}
+
+void Agent::Impl::enter_in_doubt(AgentStatus::InDoubt entry) {
+  std::string id = entry.migration_id;
+  in_doubt.push_back(std::move(entry));
+  asio::co_spawn(io, settle_in_doubt(std::move(id)), asio::detached);
+}
+
+asio::awaitable<void> Agent::Impl::settle_in_doubt(std::string id) {
+  // Quick at first (a brief partition), then every kMaxRetry at most.
+  constexpr auto kFirstRetry = std::chrono::milliseconds(250);
+  constexpr auto kMaxRetry = std::chrono::seconds(10);
+  auto delay =
+      std::chrono::duration_cast<std::chrono::milliseconds>(kFirstRetry);
+  asio::steady_timer timer(io);
+  for (;;) {
+    timer.expires_after(delay);
+    boost::system::error_code ec;
+    co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (stopping) co_return;
+    auto entry =
+        std::find_if(in_doubt.begin(), in_doubt.end(),
+                     [&](const auto& d) { return d.migration_id == id; });
+    if (entry == in_doubt.end()) co_return;
+    const std::string to = entry->to;
+    // `entry` may move while this waits; settle() looks it up again.
+    Outcome o = co_await ask_outcome(to, id, peer_deadline());
+    if (stopping) co_return;
+    if (o != Outcome::kUnknown) {
+      settle(id, o);
+      co_return;
+    }
+    delay = std::min<std::chrono::milliseconds>(2 * delay, kMaxRetry);
+  }
+}
+
+void Agent::Impl::settle(const std::string& id, Outcome outcome) {
+  auto it = std::find_if(in_doubt.begin(), in_doubt.end(),
+                         [&](const auto& d) { return d.migration_id == id; });
+  if (it == in_doubt.end()) return;
+  const AgentStatus::InDoubt d = std::move(*it);
+  in_doubt.erase(it);
+  const std::string tag = "[" + id.substr(0, 12) + " -> " + d.to + "]";
+  const bool committed = outcome == Outcome::kCommitted;
+  if (d.hold != "none") {
+    // A move: committed, the requests live at the destination now; rolled
+    // back, they run here again.
+    Status s = committed
+                   ? pager.drop_logical_seqs(d.seqs)
+                   : (d.hold == "seqs" ? pager.unhold_seqs(d.seqs) : Status());
+    if (!s.ok()) {
+      log->error("{} settling requests {}: {}", tag, join_ids(d.seqs),
+                 s.to_string());
+    }
+    if (d.hold == "engine") {
+      Status resumed = pager.resume();
+      if (!resumed.ok()) log->error("{} resume: {}", tag, resumed.to_string());
+    }
+  }
+  log->warn("{} in doubt settled: {}; requests {} {}", tag,
+            committed ? "committed at the destination" : "rolled back",
+            join_ids(d.seqs),
+            committed ? (d.hold == "none" ? "copied" : "dropped here")
+                      : "run here again");
 }
 
 }  // namespace kvmig

@@ -212,7 +212,10 @@ int cmd_status(const std::string& agent, bool as_json,
     }
     json in_doubt = json::array();
     for (const auto& d : st->in_doubt) {
-      in_doubt.push_back({{"migration_id", d.migration_id}, {"seqs", d.seqs}});
+      in_doubt.push_back({{"migration_id", d.migration_id},
+                          {"seqs", d.seqs},
+                          {"to", d.to},
+                          {"hold", d.hold}});
     }
     json out = {
         {"meta", meta_json(st->meta)},  {"capacity_pages", st->capacity_pages},
@@ -229,7 +232,10 @@ int cmd_status(const std::string& agent, bool as_json,
               << " pages, digest " << s.digest << "\n";
   }
   for (const auto& d : st->in_doubt) {
-    std::cout << "  in doubt: migration " << d.migration_id << "\n";
+    std::cout << "  in doubt: migration " << d.migration_id << " to " << d.to
+              << ", requests";
+    for (SeqId id : d.seqs) std::cout << " " << id;
+    std::cout << ", held: " << d.hold << "\n";
   }
   return 0;
 }

@@ -126,10 +126,17 @@ struct AgentStatus {
   std::vector<SeqStatus> seqs;
   std::vector<std::string> transports;
   // Migrations whose outcome this agent could not learn (peer unreachable at
-  // the decision point), with the requests they hold.
+  // the decision point), with the requests they hold. The agent keeps asking
+  // the destination in the background and settles each one when it answers.
   struct InDoubt {
     std::string migration_id;
     std::vector<SeqId> seqs;
+    std::string to;  // the destination asked
+    // How the requests are kept from running meanwhile: "seqs" (held one by
+    // one, CachePager::hold_seqs), "engine" (the pager cannot hold single
+    // requests: the whole engine stays paused) or "none" (a copy: the
+    // requests stay here whatever the outcome).
+    std::string hold;
   };
   std::vector<InDoubt> in_doubt;
 };

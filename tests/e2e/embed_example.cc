@@ -4,7 +4,9 @@
 // read_page/write_page and a bounded staging buffer on each side.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <memory>
+#include <thread>
 
 #include "forwarding_pager.h"
 #include "kvmig/kvmig.h"
@@ -223,6 +225,74 @@ TEST(EmbedExample, LiveMigrationIntoAStagedEngine) {
   std::map<SeqId, std::string> at_pause(report.digests.begin(),
                                         report.digests.end());
   EXPECT_EQ(digests(*dst.agent), at_pause);
+}
+
+// An engine that cannot hold single requests (no hold_seqs).
+class NoHoldPager final : public testing::ForwardingPager {
+ public:
+  using ForwardingPager::ForwardingPager;
+  Status hold_seqs(std::span<const SeqId> ids) override {
+    return CachePager::hold_seqs(ids);
+  }
+  Status unhold_seqs(std::span<const SeqId> ids) override {
+    return CachePager::unhold_seqs(ids);
+  }
+};
+
+// The destination installs, then stops answering (its agent thread stuck
+// past the source's timeouts): the move is in doubt. An engine without
+// hold_seqs stays paused as a whole (request 3 too) until the destination
+// answers; then the source drops 1 and 2 by itself and the engine runs on.
+TEST(EmbedExample, EngineWithoutHoldStaysPausedWhileInDoubt) {
+  auto src_cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kPage, 64);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(3, 40, 4));
+  NoHoldPager src_pager(*src_cache);
+  AgentOptions src_options;
+  src_options.peer_timeout = std::chrono::milliseconds(400);
+  AgentOptions dst_options;
+  dst_options.fault_hook = [](std::string_view point) {
+    if (point == "dst.before_done") {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+    }
+  };
+  auto src = Agent::create(src_pager, src_options);
+  auto dst = Agent::create(*dst_cache, dst_options);
+  ASSERT_TRUE(src.ok() && dst.ok());
+  ASSERT_OK((*src)->start());
+  ASSERT_OK((*dst)->start());
+  auto before = digests(**src);
+
+  MigrateRequest req;
+  req.to = (*dst)->address();
+  req.seqs = {1, 2};
+  auto moved = (*src)->migrate(req);
+  ASSERT_EQ(moved.status().code(), StatusCode::kUnavailable)
+      << moved.status().to_string();
+  EXPECT_NE(moved.status().message().find("in doubt"), std::string::npos);
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, (*src)->status());
+  ASSERT_EQ(st.in_doubt.size(), 1u);
+  EXPECT_EQ(st.in_doubt[0].hold, "engine");
+  EXPECT_EQ(st.in_doubt[0].seqs, (std::vector<SeqId>{1, 2}));
+  EXPECT_EQ(src_cache->decode_step(), 0u);  // the whole engine is paused
+
+  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!st.in_doubt.empty() && std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ASSERT_OK_AND_ASSIGN(st, (*src)->status());
+  }
+  ASSERT_TRUE(st.in_doubt.empty());
+  EXPECT_EQ(src_cache->decode_step(), 1u);  // request 3 runs again
+  ASSERT_OK_AND_ASSIGN(auto left, src_cache->logical_seqs());
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].seq_id, 3u);
+  auto there = digests(**dst);
+  EXPECT_EQ(there.size(), 2u);
+  EXPECT_EQ(there[1], before[1]);
+  EXPECT_EQ(there[2], before[2]);
+  (*src)->stop();
+  (*dst)->stop();
 }
 
 TEST(EmbedExample, AgentRefusesBadOptions) {

@@ -5,11 +5,11 @@
 //
 // After each fault, on both sides: every request is live in exactly one
 // place with its original digest, or (peer unreachable at the decision
-// point) kept at the source and listed under "in_doubt" with its migration
-// id; the destination's free pages are back to the baseline or reflect only
-// what it installed; the agents still serve, and a retry to a fresh
-// destination succeeds, except for requests in doubt, which the source
-// refuses to move.
+// point) kept at the source, held, and listed under "in_doubt" with its
+// migration id, and refused to new migrations, until the destination can be
+// asked again and the source settles it by itself; the destination's free
+// pages are back to the baseline or reflect only what it installed; the
+// agents still serve, and a retry to a fresh destination succeeds.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -129,6 +129,13 @@ class ControlProxy {
     std::lock_guard lock(mu_);
     release_closes_ = true;
     cv_.notify_all();
+  }
+
+  // The network heals: connections from now on are forwarded again (the
+  // ones a fault already caught stay as they are).
+  void heal() {
+    std::lock_guard lock(mu_);
+    stall_new_ = false;
   }
 
   // True once an armed action fired (or act() ran).
@@ -566,37 +573,72 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
     }
   }
 
-  // The source: everything back (rolled back, in doubt) or only what stayed.
+  // In doubt: the source keeps the requests, held, and refuses to move
+  // them; once the destination can be asked again (the network heals, or
+  // the killed destination restarts where it was) the source settles them
+  // by itself: committed if the destination installed them (stall at
+  // DONE), rolled back otherwise (a restarted agent holds nothing of it).
+  Expect settled = expect;
+  if (!kill_src && expect == Expect::kInDoubt) {
+    json s = status_of(src->address());
+    EXPECT_EQ(s["free_pages"], src_free) << s.dump();
+    EXPECT_EQ(digests(s), original);
+    ASSERT_EQ(s["in_doubt"].size(), 1u) << s.dump();
+    EXPECT_EQ(s["in_doubt"][0]["migration_id"], in_doubt_id) << s.dump();
+    EXPECT_EQ(s["in_doubt"][0]["seqs"], json(std::vector<uint64_t>{1, 2}));
+    EXPECT_EQ(s["in_doubt"][0]["to"], proxy->address());
+    EXPECT_EQ(s["in_doubt"][0]["hold"], "seqs");
+    int code = -1;
+    json r = migrate(src->address(), fresh->address(), {1}, &code);
+    EXPECT_EQ(code, 1) << r.dump();
+    EXPECT_NE(r.value("error", "").find("in doubt"), std::string::npos)
+        << r.dump();
+
+    std::unique_ptr<AgentProcess> restarted;
+    if (kill_dst) {
+      restarted =
+          AgentProcess::start({"--capacity-pages", "64"}, dst->address());
+      ASSERT_TRUE(restarted);
+    } else {
+      proxy->heal();
+    }
+    settled = fault == Fault::kStall && point == Point::kBeforeDone
+                  ? Expect::kCommitted
+                  : Expect::kRolledBack;
+    auto end = std::chrono::steady_clock::now() + 20s;
+    while (!s["in_doubt"].empty() && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(100ms);
+      s = status_of(src->address());
+    }
+    ASSERT_TRUE(s["in_doubt"].empty()) << s.dump() << src->child().err();
+    EXPECT_NE(src->child().err().find(
+                  settled == Expect::kCommitted
+                      ? "in doubt settled: committed at the destination"
+                      : "in doubt settled: rolled back"),
+              std::string::npos)
+        << src->child().err();
+  }
+
+  // The source: everything back (rolled back) or only what stayed.
   std::set<uint64_t> at_src;  // requests the source may move on
   if (!kill_src) {
     const int64_t want_free =
-        expect == Expect::kCommitted ? src_free + 2 * kPagesPerSeq : src_free;
+        settled == Expect::kCommitted ? src_free + 2 * kPagesPerSeq : src_free;
     json s = status_of(src->address());
     EXPECT_EQ(s["free_pages"], want_free) << s.dump();
-    if (expect == Expect::kCommitted) {
+    if (settled == Expect::kCommitted) {
       EXPECT_EQ(digests(s), only(original, {3}));
     } else {
       EXPECT_EQ(digests(s), original);
     }
-    if (expect == Expect::kInDoubt) {
-      ASSERT_EQ(s["in_doubt"].size(), 1u) << s.dump();
-      EXPECT_EQ(s["in_doubt"][0]["migration_id"], in_doubt_id) << s.dump();
-      EXPECT_EQ(s["in_doubt"][0]["seqs"], json(std::vector<uint64_t>{1, 2}));
-      at_src = {3};
-    } else {
-      EXPECT_TRUE(s["in_doubt"].empty()) << s.dump();
-      at_src = expect == Expect::kCommitted ? std::set<uint64_t>{3} : kAll;
-    }
+    EXPECT_TRUE(s["in_doubt"].empty()) << s.dump();
+    at_src = settled == Expect::kCommitted ? std::set<uint64_t>{3} : kAll;
   }
 
   // The destination: nothing (its slots back) or exactly what it installed.
   std::set<uint64_t> at_dst;
   if (!kill_dst) {
-    // A destination holds the requests if it installed them: committed, or
-    // in doubt because the source could not hear it (stall at DONE).
-    const bool installed =
-        expect == Expect::kCommitted ||
-        (expect == Expect::kInDoubt && point == Point::kBeforeDone);
+    const bool installed = settled == Expect::kCommitted;
     if (installed) at_dst = kMoved;
     json d = wait_for_free_pages(
         dst->address(), dst_free - (installed ? 2 * kPagesPerSeq : 0), 10s);
@@ -606,15 +648,7 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
     EXPECT_EQ(digests(d), only(original, at_dst)) << dst->child().err();
   }
 
-  // Retries. Requests in doubt are refused by name.
-  if (!kill_src && expect == Expect::kInDoubt) {
-    int code = -1;
-    json r = migrate(src->address(), fresh->address(), {1}, &code);
-    EXPECT_EQ(code, 1) << r.dump();
-    EXPECT_NE(r.value("error", "").find("in doubt"), std::string::npos)
-        << r.dump();
-  }
-  // The rest goes to a fresh destination.
+  // What the source holds goes to a fresh destination.
   if (!kill_src) {
     int code = -1;
     json r = migrate(src->address(), fresh->address(), at_src, &code);
@@ -671,6 +705,58 @@ INSTANTIATE_TEST_SUITE_P(
                           Point::kBeforeCommit, Point::kCommitInFlight,
                           Point::kBeforeDone)),
     fault_case_name);
+
+// --- in doubt while the engine runs -----------------------------------------
+
+// The destination installs requests 1 and 2, then its DONE and every later
+// connection stall: the move is in doubt while the source's engine keeps
+// decoding. Requests 1 and 2 stop (they may already run at the
+// destination), request 3 goes on. Once the network heals the source learns
+// "committed" by itself and drops 1 and 2; the destination has them exactly
+// as they were when they stopped.
+TEST(InDoubt, HeldRequestsDoNotRunUntilSettled) {
+  auto src = AgentProcess::start({"--capacity-pages", "256", "--populate",
+                                  "3:40", "--seed", "11", "--decode-rate", "50",
+                                  "--peer-timeout-ms", kPeerTimeoutMs});
+  auto dst = AgentProcess::start(
+      {"--capacity-pages", "256", "--peer-timeout-ms", kPeerTimeoutMs});
+  LogsOnFailure logs({{"source", src.get()}, {"destination", dst.get()}});
+  ASSERT_TRUE(src && dst);
+  auto proxy = ControlProxy::start(dst->address());
+  ASSERT_TRUE(proxy);
+  proxy->arm(ControlProxy::Dir::kToSource, 3, ControlProxy::Action::kStall);
+  int code = -1;
+  json r = migrate(src->address(), proxy->address(), kMoved, &code);
+  ASSERT_EQ(code, 1) << r.dump();
+  ASSERT_NE(r.value("error", "").find("in doubt"), std::string::npos)
+      << r.dump();
+
+  auto tokens = [](const json& status) {
+    std::map<uint64_t, uint64_t> out;
+    for (const auto& s : status["seqs"]) out[s["id"]] = s["tokens"];
+    return out;
+  };
+  const json held = status_of(src->address());
+  ASSERT_EQ(held["in_doubt"].size(), 1u) << held.dump();
+  EXPECT_EQ(held["in_doubt"][0]["hold"], "seqs");
+  std::this_thread::sleep_for(400ms);
+  const json later = status_of(src->address());
+  EXPECT_EQ(tokens(later)[1], tokens(held)[1]);
+  EXPECT_EQ(tokens(later)[2], tokens(held)[2]);
+  EXPECT_GT(tokens(later)[3], tokens(held)[3]);  // the engine runs
+
+  proxy->heal();
+  json s = later;
+  auto end = std::chrono::steady_clock::now() + 20s;
+  while (!s["in_doubt"].empty() && std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(100ms);
+    s = status_of(src->address());
+  }
+  ASSERT_TRUE(s["in_doubt"].empty()) << s.dump();
+  EXPECT_EQ(tokens(s).count(1) + tokens(s).count(2), 0u) << s.dump();
+  EXPECT_EQ(tokens(s).count(3), 1u);
+  EXPECT_EQ(digests(status_of(dst->address())), only(digests(held), kMoved));
+}
 
 // --- stale writes -----------------------------------------------------------
 

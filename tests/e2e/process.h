@@ -127,12 +127,14 @@ inline std::string agent_host() {
   return ip ? ip : "127.0.0.1";
 }
 
-// `kvmig serve` on an ephemeral port of agent_host().
+// `kvmig serve` on an ephemeral port of agent_host(), or on `listen`
+// ("IPv4:PORT", e.g. to restart an agent where it was).
 class AgentProcess {
  public:
-  static std::unique_ptr<AgentProcess> start(std::vector<std::string> flags) {
-    std::vector<std::string> args = {kvmig_bin(), "serve", "--listen",
-                                     agent_host() + ":0"};
+  static std::unique_ptr<AgentProcess> start(std::vector<std::string> flags,
+                                             std::string listen = "") {
+    if (listen.empty()) listen = agent_host() + ":0";
+    std::vector<std::string> args = {kvmig_bin(), "serve", "--listen", listen};
     // Off loopback (the Soft-RoCE guest) an agent without a secret needs
     // --insecure; tests that want authentication pass --secret-file.
     if (agent_host() != "127.0.0.1") args.push_back("--insecure");

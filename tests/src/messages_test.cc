@@ -64,11 +64,13 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   st.free_pages = 4;
   st.seqs = {{1, 17, 2, "ff"}};
   st.transports = {"tcp"};
-  st.in_doubt = {{"m", {1}}};
+  st.in_doubt = {{"m", {1}, "10.0.0.2:7000", "seqs"}};
   ASSERT_OK_AND_ASSIGN(AgentStatus sb,
                        decode_agent_status(encode(st), limits()));
   EXPECT_EQ(sb.seqs[0].digest, "ff");
   EXPECT_EQ(sb.in_doubt[0].seqs, std::vector<SeqId>{1});
+  EXPECT_EQ(sb.in_doubt[0].to, "10.0.0.2:7000");
+  EXPECT_EQ(sb.in_doubt[0].hold, "seqs");
   ASSERT_OK_AND_ASSIGN(
       ErrorMsg e,
       decode_error(encode(ErrorMsg{Status::not_found("x")}), limits()));
