@@ -10,7 +10,7 @@
 # median GB/s of each side with its range, and kvmig / reference as the
 # median of the per-repetition ratios with their range. --ucx runs only the
 # UCX issue's cases (llama3-8b page->page 256 MiB and 1 GiB, layer->layer
-# with 32 KiB writes) against the UCX references.
+# with 32 KiB writes at 64 and 256 MiB) against the UCX references.
 #
 # References, each moving the same bytes per iteration:
 #   ucx_put_ref          raw ucp_put_nbx in kvmig's average write size, UCX
@@ -156,7 +156,8 @@ def case(preset, nbytes, src="page", dst="page", order="contiguous"):
 # orders at one size on both shapes.
 if ucx_only:
     sweep = [case("llama3-8b", 256 * MiB), case("llama3-8b", 1024 * MiB)]
-    variants = [case("llama3-8b", 64 * MiB, "layer", "layer", "random")]
+    variants = [case("llama3-8b", 64 * MiB, "layer", "layer", "random"),
+                case("llama3-8b", 256 * MiB, "layer", "layer", "random")]
 elif quick:
     sweep = [case("tiny", 1 * MiB), case("llama3-8b", 16 * MiB), case("llama3-8b", 256 * MiB)]
     variants = [case("llama3-8b", 64 * MiB, "layer", "page"),
