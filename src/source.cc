@@ -699,10 +699,22 @@ void Agent::Impl::settle(const std::string& id, Outcome outcome) {
   const bool committed = outcome == Outcome::kCommitted;
   if (d.hold != "none") {
     // A move: committed, the requests live at the destination now; rolled
-    // back, they run here again.
-    Status s = committed
-                   ? pager.drop_logical_seqs(d.seqs)
-                   : (d.hold == "seqs" ? pager.unhold_seqs(d.seqs) : Status());
+    // back, they run here again. The engine may have ended some of them
+    // meanwhile (held requests can still be dropped): settle the rest.
+    std::vector<SeqId> live;
+    Status s;
+    if (auto now = pager.logical_seqs(); now.ok()) {
+      const std::set<SeqId> kept(d.seqs.begin(), d.seqs.end());
+      for (const LogicalSeq& seq : *now) {
+        if (kept.count(seq.seq_id)) live.push_back(seq.seq_id);
+      }
+    } else {
+      s = now.status().with_context("logical_seqs");
+    }
+    if (s.ok()) {
+      s = committed ? pager.drop_logical_seqs(live)
+                    : (d.hold == "seqs" ? pager.unhold_seqs(live) : Status());
+    }
     if (!s.ok()) {
       log->error("{} settling requests {}: {}", tag, join_ids(d.seqs),
                  s.to_string());

@@ -295,6 +295,54 @@ TEST(EmbedExample, EngineWithoutHoldStaysPausedWhileInDoubt) {
   (*dst)->stop();
 }
 
+// While a move is in doubt the engine ends one of the held requests (its
+// client went away). When the destination answers "committed" the source
+// drops the other one: nothing is left running in two places.
+TEST(EmbedExample, RequestEndedWhileInDoubtDoesNotBlockSettling) {
+  auto src_cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kPage, 64);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(3, 40, 4));
+  AgentOptions src_options;
+  src_options.peer_timeout = std::chrono::milliseconds(400);
+  AgentOptions dst_options;
+  dst_options.fault_hook = [](std::string_view point) {
+    if (point == "dst.before_done") {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+    }
+  };
+  auto src = Agent::create(*src_cache, src_options);
+  auto dst = Agent::create(*dst_cache, dst_options);
+  ASSERT_TRUE(src.ok() && dst.ok());
+  ASSERT_OK((*src)->start());
+  ASSERT_OK((*dst)->start());
+
+  MigrateRequest req;
+  req.to = (*dst)->address();
+  req.seqs = {1, 2};
+  auto moved = (*src)->migrate(req);
+  ASSERT_EQ(moved.status().code(), StatusCode::kUnavailable)
+      << moved.status().to_string();
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, (*src)->status());
+  ASSERT_EQ(st.in_doubt.size(), 1u);
+  EXPECT_EQ(st.in_doubt[0].hold, "seqs");
+  const SeqId ended[] = {2};
+  ASSERT_OK(src_cache->drop_logical_seqs(ended));
+
+  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!st.in_doubt.empty() && std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ASSERT_OK_AND_ASSIGN(st, (*src)->status());
+  }
+  ASSERT_TRUE(st.in_doubt.empty());
+  ASSERT_OK_AND_ASSIGN(auto left, src_cache->logical_seqs());
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].seq_id, 3u);
+  EXPECT_EQ(digests(**dst).size(), 2u);
+  (*src)->stop();
+  (*dst)->stop();
+}
+
 TEST(EmbedExample, AgentRefusesBadOptions) {
   auto cache = make_cache(PoolLayout::kPage, 8);
   ASSERT_TRUE(cache);
