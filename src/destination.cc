@@ -380,9 +380,13 @@ asio::awaitable<void> Agent::Impl::run_destination(FrameChannel& channel,
     co_return;
   }
 
-  // 6. Cut the source off, then install.
+  // 6. End the data path (the source flushed every write before COMMIT and
+  //    posts none after), then install: revoked, or kept for the source's
+  //    next migration where the transport can; a failed install below still
+  //    revokes it.
   co_await offload([&] {
-    target->revoke();
+    const bool kept = target->keep();
+    log->debug("{} data path {}", tag, kept ? "kept" : "revoked");
     return 0;
   });
   Status install = pager.install_logical_seqs(commit->seqs);

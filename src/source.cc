@@ -191,7 +191,7 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
   std::vector<PageIndex> new_slots;
   if (first) {
     init_ = nullptr;
-    auto initiator = transport_.create_initiator();
+    auto initiator = transport_.create_initiator_for(req_.to);
     if (!initiator.ok()) co_return initiator.status();
     init_ = std::move(*initiator);
     HelloMsg hello;
@@ -520,7 +520,9 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
                            : failure;
   }
 
-  // Committed: the requests belong to the destination now.
+  // Committed: the requests belong to the destination now, and the data
+  // path (flushed before COMMIT) may serve the next migration to it.
+  if (init_) init_->keep();
   if (req_.mode == MigrationMode::kMove) {
     Status dropped = a_.pager.drop_logical_seqs(ids);
     if (!dropped.ok()) {

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -15,6 +16,13 @@
 #include "kvmig/transport.h"
 
 namespace kvmig {
+
+// A random 64-bit value, for tokens a peer learns only over the
+// (authenticated) control connection.
+inline uint64_t random_token() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
 
 // Registered memory regions, each with a per-transport value (a memory
 // handle, or nothing). Regions are non-empty and never overlap. Not

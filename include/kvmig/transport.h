@@ -10,7 +10,10 @@
 //   init.connect(target address)
 //   init.write(...) ... init.flush()
 //                                    target.revoke()  (no write lands after)
-// tcp and ucx send an empty initiator address; verbs sends its QP numbers.
+//                                    or, committed: target.keep()
+//   committed: init.keep()
+// tcp sends an empty initiator address; verbs sends its QP numbers; ucx
+// sends a token when it kept a connection to this peer (see keep()).
 //
 // Every call that waits on the peer takes a deadline and returns
 // DeadlineExceeded past it; a peer that goes away gives Unavailable.
@@ -69,6 +72,12 @@ class TransportInitiator {
   // Counters for reports.
   virtual uint64_t bytes_written() const = 0;
   virtual uint64_t ops_posted() const = 0;
+
+  // The migration committed (every write was flushed before COMMIT): the
+  // transport may keep this connection for the next initiator made for the
+  // same peer (Transport::create_initiator_for) instead of closing it.
+  // Default: nothing kept; destruction closes the connection.
+  virtual void keep() {}
 };
 
 // The receiving end of one migration's data path. Thread-safe.
@@ -87,6 +96,16 @@ class TransportTarget {
 
   // Set once the initiator's connection failed or closed (for logs).
   virtual Status health() const = 0;
+
+  // Ends a committed migration's data path, whose initiator flushed every
+  // write before COMMIT and posts none after. Where the transport can, it
+  // keeps the connection for that initiator's next migration (true);
+  // otherwise it revokes (false). Either way no write of this migration
+  // lands after it returns, and revoke() later still cuts the connection.
+  virtual bool keep() {
+    revoke();
+    return false;
+  }
 };
 
 // A transport instance, one per agent and kind. Owns memory registrations.
@@ -109,6 +128,13 @@ class Transport {
 
   // Makes the sending end of a new data path.
   virtual Result<std::unique_ptr<TransportInitiator>> create_initiator() = 0;
+  // The same, towards the agent `peer` (its control address): may reuse a
+  // connection an earlier initiator to that peer kept.
+  virtual Result<std::unique_ptr<TransportInitiator>> create_initiator_for(
+      std::string_view peer) {
+    (void)peer;
+    return create_initiator();
+  }
 
   // Accepts writes from the initiator whose address() is given, into
   // regions (each registered; region i is dst_region i of WriteOp).

@@ -364,6 +364,82 @@ TEST_P(TransportConformanceTest, RevokeCutsTheInitiatorOff) {
   expect_dst_equals(after_revoke);
 }
 
+// A committed path kept by both sides serves the next path between the same
+// peers (ucx reuses its endpoint; the others start afresh), and revoke()
+// still cuts a path made from a kept connection off.
+TEST_P(TransportConformanceTest, KeptPathServesTheNextAndStillRevokes) {
+  const bool reuses = GetParam() == "ucx";
+  for (uint64_t round = 0; round < 3; ++round) {
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-a"));
+    if (reuses) {
+      EXPECT_EQ(init->address().empty(), round == 0) << round;
+    }
+    ASSERT_OK_AND_ASSIGN(
+        auto target,
+        dst_->open_target(regions_, init->address(), in(seconds(10))));
+    ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+    std::vector<WriteOp> ops = {
+        {src_at(round * 4096 + 1), 0, 100 + round, 40000},
+        {src_at(kMiB + round), 1, 7 * round, 2 * kMiB + 5}};
+    auto expected = dst_copy();
+    apply(ops, expected);
+    ASSERT_OK(init->write(ops, in(seconds(10))));
+    ASSERT_OK(init->flush(in(seconds(10))));
+    expect_dst_equals(expected);
+    if (round < 2) {
+      EXPECT_EQ(target->keep(), reuses);
+      init->keep();
+      continue;
+    }
+    // The third path, made from a kept connection, is revoked: nothing
+    // written after lands.
+    target->revoke();
+    const auto after_revoke = dst_copy();
+    std::vector<WriteOp> late = {{src_at(2 * kMiB), 0, 0, kMiB}};
+    const auto deadline = in(seconds(3));
+    Status ws = init->write(late, deadline);
+    Status fs = ws.ok() ? init->flush(deadline) : ws;
+    EXPECT_FALSE(fs.ok());
+    std::this_thread::sleep_for(milliseconds(200));
+    expect_dst_equals(after_revoke);
+  }
+  // After a revoke nothing is kept: the next path starts afresh.
+  ASSERT_OK_AND_ASSIGN(auto fresh, src_->create_initiator_for("peer-a"));
+  EXPECT_TRUE(fresh->address().empty());
+}
+
+// The target let its side of a kept connection go: whether the initiator
+// has noticed (its side failed, nothing to present) or not (it presents a
+// token the target no longer knows, and the target listens afresh), the
+// next path works, over a fresh connection.
+TEST_P(TransportConformanceTest, ForgottenKeptConnectionFallsBackToAFreshPath) {
+  if (GetParam() != "ucx") GTEST_SKIP() << "only ucx keeps connections";
+  {
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-b"));
+    ASSERT_OK_AND_ASSIGN(
+        auto target,
+        dst_->open_target(regions_, init->address(), in(seconds(10))));
+    ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+    init->keep();
+    target->revoke();  // the target side is gone, the initiator kept its own
+  }
+  std::this_thread::sleep_for(milliseconds(300));
+  ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-b"));
+  ASSERT_OK_AND_ASSIGN(auto target, dst_->open_target(regions_, init->address(),
+                                                      in(seconds(10))));
+  ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+  std::vector<WriteOp> ops = {{src_at(9), 1, 11, 100000}};
+  auto expected = dst_copy();
+  apply(ops, expected);
+  ASSERT_OK(init->write(ops, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  expect_dst_equals(expected);
+  // A malformed initiator address is a clear error.
+  const uint8_t junk[] = {7, 1, 2};
+  EXPECT_EQ(dst_->open_target(regions_, junk, in(seconds(1))).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
 TEST_P(TransportConformanceTest, TargetWithoutInitiatorRevokesCleanly) {
   ASSERT_OK_AND_ASSIGN(auto probe, src_->create_initiator());
   for (int i = 0; i < 3; ++i) {

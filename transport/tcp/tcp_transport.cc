@@ -9,7 +9,6 @@
 #include <boost/asio/write.hpp>
 #include <cstdint>
 #include <mutex>
-#include <random>
 #include <string>
 #include <thread>
 #include <variant>
@@ -96,11 +95,6 @@ std::string endpoint_string(const tcp::socket& s) {
   auto ep = s.remote_endpoint(ec);
   if (ec) return "?";
   return ep.address().to_string() + ":" + std::to_string(ep.port());
-}
-
-uint64_t random_token() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
 }
 
 // The receiving end. Thread-safe: revoke() and health() may be called from

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <ucp/api/ucp.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -71,6 +72,9 @@ constexpr auto kSpinAfterActivity = std::chrono::milliseconds(2);
 constexpr auto kMaxIdleSleep = std::chrono::milliseconds(1);
 // How long teardown waits for UCX to finish closing an endpoint.
 constexpr auto kCloseGrace = std::chrono::seconds(2);
+// An initiator address that presents a kept connection: this byte, then the
+// connection's token (u64).
+constexpr uint8_t kKeptConnection = 1;
 // Transports whose RMA a closed endpoint cannot stop (see above).
 constexpr const char* kDefaultTls = "^cma";
 
@@ -549,7 +553,13 @@ struct TargetState : std::enable_shared_from_this<TargetState> {
     ep_close.request(core, ep, shared_from_this(), std::move(done));
   }
 
+  bool healthy() {
+    std::lock_guard lock(mu);
+    return health.ok();
+  }
+
   UcxCore* const core;
+  uint64_t token = 0;  // names this connection to its initiator; set once
   // Progress thread only. The endpoint is closed before the listener goes.
   ListenerPtr listener;
   EpPtr ep;
@@ -561,6 +571,46 @@ struct TargetState : std::enable_shared_from_this<TargetState> {
   std::string peer;  // guarded by mu
 };
 
+struct InitState;
+
+// Connections kept after committed migrations for the next migration
+// between the same two agents (TransportTarget::keep(),
+// TransportInitiator::keep()). The initiator's side is found by the peer
+// agent's control address, the target's by the token the initiator then
+// presents in HELLO; a token travels only over the control connection.
+// At most kMaxKept of each; the oldest is closed to make room. A kept
+// endpoint that fails is closed by its error callback and skipped here.
+// Thread-safe.
+class Parking {
+ public:
+  explicit Parking(UcxCore* core) : core_(core) {}
+  Parking(const Parking&) = delete;
+  Parking& operator=(const Parking&) = delete;
+
+  void park_target(std::shared_ptr<TargetState> st);
+  // The healthy kept target with this token, taken out; null if none.
+  std::shared_ptr<TargetState> take_target(uint64_t token);
+  // Takes st out if it is still kept (not adopted meanwhile): true.
+  bool unpark_target(const TargetState* st);
+  void park_init(const std::string& peer, std::shared_ptr<InitState> st);
+  // The healthy kept initiator to peer, taken out; null if none.
+  std::shared_ptr<InitState> take_init(const std::string& peer);
+  // Closes everything kept and waits for UCX (bounded). Not on the
+  // progress thread.
+  void clear();
+
+ private:
+  static constexpr size_t kMaxKept = 16;
+  void close_async(std::shared_ptr<TargetState> st);
+  void close_async(std::shared_ptr<InitState> st);
+
+  UcxCore* const core_;
+  std::mutex mu_;
+  std::deque<std::shared_ptr<TargetState>> targets_;  // guarded by mu_
+  std::deque<std::pair<std::string, std::shared_ptr<InitState>>>
+      inits_;  // guarded by mu_
+};
+
 // The receiving end. Thread-safe.
 class UcxTarget final : public TransportTarget {
  public:
@@ -570,20 +620,54 @@ class UcxTarget final : public TransportTarget {
     ucp_mem_h memh = nullptr;  // null for an empty region
   };
 
+  // A target for the initiator that presented `token` (0: none): its kept
+  // connection when there is one, else a fresh listener.
   static Result<std::unique_ptr<TransportTarget>> open(
-      std::shared_ptr<UcxCore> core, const std::string& host,
-      std::vector<Region> regions) {
+      std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+      const std::string& host, std::vector<Region> regions, uint64_t token) {
+    if (token != 0) {
+      if (auto st = parking->take_target(token)) {
+        std::unique_ptr<UcxTarget> t(new UcxTarget(core, parking, st));
+        auto adopted = core->call([&]() -> Result<std::vector<uint8_t>> {
+          if (!st->ep || st->revoked) {
+            return Status::unavailable("kept connection is gone");
+          }
+          ByteWriter w;
+          w.put_string(host);
+          w.put<uint16_t>(0);  // no listener: reuse the kept endpoint
+          w.put<uint64_t>(st->token);
+          KVMIG_RETURN_IF_ERROR(pack_regions(st->core, w, regions));
+          return w.take();
+        });
+        if (adopted.ok()) {
+          t->address_ = std::move(*adopted);
+          ucx_log()->debug("target reuses the connection kept for {}",
+                           st->peer);
+          return std::unique_ptr<TransportTarget>(std::move(t));
+        }
+        ucx_log()->debug("target: {}; listening afresh",
+                         adopted.status().to_string());
+        // t's destructor revokes what is left of it.
+      }
+    }
     KVMIG_ASSIGN_OR_RETURN(sockaddr_storage ss, make_sockaddr(host, 0));
-    std::unique_ptr<UcxTarget> t(new UcxTarget(std::move(core)));
-    TargetState* st = t->state_.get();
+    auto st = std::make_shared<TargetState>(core.get());
+    st->token = random_token() | 1;  // never 0
+    std::unique_ptr<UcxTarget> t(new UcxTarget(core, parking, st));
     KVMIG_ASSIGN_OR_RETURN(
         t->address_, t->core_->call([&]() -> Result<std::vector<uint8_t>> {
-          return setup(st, host, ss, regions);
+          return setup(st.get(), host, ss, regions);
         }));
     return std::unique_ptr<TransportTarget>(std::move(t));
   }
 
-  ~UcxTarget() override { revoke(); }
+  ~UcxTarget() override {
+    {
+      std::lock_guard lock(revoke_mu_);
+      if (kept_) return;  // the connection is the parking's now
+    }
+    revoke();
+  }
 
   std::vector<uint8_t> address() const override { return address_; }
 
@@ -592,6 +676,9 @@ class UcxTarget final : public TransportTarget {
       std::lock_guard lock(revoke_mu_);
       if (revoked_) return;
       revoked_ = true;
+      // Kept, then revoked (the install failed): close it unless another
+      // migration has adopted it since.
+      if (kept_ && !parking_->unpark_target(state_.get())) return;
     }
     auto done = std::make_shared<std::promise<void>>();
     auto closed = done->get_future();
@@ -606,25 +693,42 @@ class UcxTarget final : public TransportTarget {
     }
   }
 
+  bool keep() override {
+    {
+      std::lock_guard lock(revoke_mu_);
+      if (revoked_ || kept_) return kept_;
+    }
+    const bool open = core_->call([st = state_.get()] {
+      st->listener.reset();  // one initiator per connection, as before
+      return st->ep != nullptr && !st->revoked;
+    });
+    if (!open || !state_->healthy()) {
+      revoke();
+      return false;
+    }
+    {
+      std::lock_guard lock(revoke_mu_);
+      kept_ = true;
+    }
+    parking_->park_target(state_);
+    return true;
+  }
+
   Status health() const override {
     std::lock_guard lock(state_->mu);
     return state_->health;
   }
 
  private:
-  explicit UcxTarget(std::shared_ptr<UcxCore> core)
+  UcxTarget(std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+            std::shared_ptr<TargetState> state)
       : core_(std::move(core)),
-        state_(std::make_shared<TargetState>(core_.get())) {}
+        parking_(std::move(parking)),
+        state_(std::move(state)) {}
 
-  // Progress thread: packs the rkeys, starts the listener, builds the
-  // address.
-  static Result<std::vector<uint8_t>> setup(
-      TargetState* st, const std::string& host, const sockaddr_storage& ss,
-      const std::vector<Region>& regions) {
-    ByteWriter w;
-    w.put_string(host);
-    const size_t port_at = w.size();
-    w.put<uint16_t>(0);  // the listener's port, patched below
+  // Progress thread: each region's base, length and packed remote key.
+  static Status pack_regions(UcxCore* core, ByteWriter& w,
+                             const std::vector<Region>& regions) {
     w.put<uint32_t>(static_cast<uint32_t>(regions.size()));
     for (const Region& r : regions) {
       w.put<uint64_t>(r.base);
@@ -636,11 +740,25 @@ class UcxTarget final : public TransportTarget {
       void* buf = nullptr;
       size_t size = 0;
       const ucs_status_t s =
-          ucp_rkey_pack(st->core->context(), r.memh, &buf, &size);
+          ucp_rkey_pack(core->context(), r.memh, &buf, &size);
       if (s != UCS_OK) return status_from_ucs(s, "ucp_rkey_pack");
       RkeyBufferPtr packed(buf);
       w.put_blob({static_cast<const uint8_t*>(buf), size});
     }
+    return Status();
+  }
+
+  // Progress thread: starts the listener and builds the address (host,
+  // port, token, regions).
+  static Result<std::vector<uint8_t>> setup(
+      TargetState* st, const std::string& host, const sockaddr_storage& ss,
+      const std::vector<Region>& regions) {
+    ByteWriter w;
+    w.put_string(host);
+    const size_t port_at = w.size();
+    w.put<uint16_t>(0);  // the listener's port, patched below
+    w.put<uint64_t>(st->token);
+    KVMIG_RETURN_IF_ERROR(pack_regions(st->core, w, regions));
 
     ucp_listener_params_t lp{};
     lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR |
@@ -672,10 +790,12 @@ class UcxTarget final : public TransportTarget {
   }
 
   const std::shared_ptr<UcxCore> core_;
+  const std::shared_ptr<Parking> parking_;
   const std::shared_ptr<TargetState> state_;
   std::vector<uint8_t> address_;
   std::mutex revoke_mu_;
   bool revoked_ = false;  // guarded by revoke_mu_
+  bool kept_ = false;     // guarded by revoke_mu_
 };
 
 // ------------------------------------------------------------- initiator
@@ -733,6 +853,34 @@ struct InitState : std::enable_shared_from_this<InitState> {
     if (s != UCS_OK) return fail(status_from_ucs(s, "connect to " + peer));
     ep.reset(raw);
     start_flush(on_connect_flushed);
+  }
+
+  // A kept connection serves a new migration. Caller's thread, before any
+  // task for it is posted: the counters the caller waits on start from zero
+  // (stale ones from the last migration would satisfy its waits at once).
+  void begin_reuse() {
+    std::lock_guard lock(mu);
+    batches_posted = 0;
+    flushes_done = 0;
+    connected = false;
+  }
+  // Progress thread, after begin_reuse(): the new regions' keys once a flush
+  // has shown the connection still works.
+  void reuse(std::vector<RemoteRegion> regions) {
+    if (!ep || closing) {
+      return fail(Status::unavailable("ucx: the connection kept to " + peer +
+                                      " is gone"));
+    }
+    rkeys.clear();
+    remote = std::move(regions);
+    batch.reset();
+    next = 0;
+    start_flush(on_connect_flushed);
+  }
+
+  bool usable() {
+    std::lock_guard lock(mu);
+    return connected && error.ok();
   }
 
   void finish_connect() {
@@ -845,7 +993,8 @@ struct InitState : std::enable_shared_from_this<InitState> {
   UcxCore* const core;
   const uint32_t max_in_flight;
   std::string peer;                  // set before the first task
-  std::vector<RemoteRegion> remote;  // set before the first task
+  uint64_t token = 0;                // the target's; set before the first task
+  std::vector<RemoteRegion> remote;  // set before the first task, or by reuse()
 
   // Progress thread only. Remote keys are destroyed before the endpoint.
   EpPtr ep;
@@ -867,19 +1016,38 @@ struct InitState : std::enable_shared_from_this<InitState> {
 // The sending end. Not thread-safe: one thread drives it.
 class UcxInitiator final : public TransportInitiator {
  public:
-  UcxInitiator(std::shared_ptr<UcxCore> core, uint32_t max_in_flight)
+  // peer: the destination agent's control address, under which a connection
+  // kept by an earlier initiator is found (empty: never reuse or keep).
+  UcxInitiator(std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+               uint32_t max_in_flight, std::string peer)
       : core_(std::move(core)),
-        state_(std::make_shared<InitState>(
-            core_.get(), std::max<uint32_t>(1, max_in_flight))) {}
+        parking_(std::move(parking)),
+        max_in_flight_(std::max<uint32_t>(1, max_in_flight)),
+        peer_key_(std::move(peer)) {
+    if (!peer_key_.empty()) state_ = parking_->take_init(peer_key_);
+    adopted_ = state_ != nullptr;
+    if (!state_)
+      state_ = std::make_shared<InitState>(core_.get(), max_in_flight_);
+  }
 
   ~UcxInitiator() override {
-    close_and_wait();
+    // A kept connection never used (the migration ended before OFFER) is
+    // still good: back to the parking.
+    if (adopted_ && !connect_called_) keep_unused();
+    if (!kept_) close_and_wait();
     ucx_log()->debug("initiator to {} closed: {} ops, {} bytes, {} flushes",
                      state_->peer.empty() ? "nobody" : state_->peer,
                      ops_posted_, bytes_written_, flushes_requested_);
   }
 
-  std::vector<uint8_t> address() const override { return {}; }
+  // Empty, or the token of the kept connection this initiator holds.
+  std::vector<uint8_t> address() const override {
+    if (!adopted_) return {};
+    ByteWriter w;
+    w.put<uint8_t>(kKeptConnection);
+    w.put<uint64_t>(state_->token);
+    return w.take();
+  }
 
   Status connect(std::span<const uint8_t> target_address,
                  Deadline deadline) override {
@@ -889,22 +1057,46 @@ class UcxInitiator final : public TransportInitiator {
     ByteReader r(target_address);
     std::string host;
     uint16_t port = 0;
-    auto parsed = parse(r, host, port);
+    uint64_t token = 0;
+    std::vector<RemoteRegion> regions;
+    auto parsed = parse(r, host, port, token, regions);
     if (!parsed.ok()) {
       return Status::invalid_argument("ucx: bad target address: " +
                                       parsed.message());
     }
     auto ss = make_sockaddr(host, port);
-    if (!ss.ok() || port == 0) {
+    if (!ss.ok()) {
       return Status::invalid_argument("ucx: bad target address: host '" + host +
                                       "' port " + std::to_string(port));
     }
+    if (port == 0 && (!adopted_ || token != state_->token)) {
+      return Status::invalid_argument(
+          "ucx: bad target address: it reuses a connection this initiator "
+          "does not hold");
+    }
     connect_called_ = true;
-    state_->peer = host + ":" + std::to_string(port);
-    for (const auto& region : state_->remote) {
+    for (const auto& region : regions) {
+      region_bases_.push_back(region.base);
       region_lengths_.push_back(region.length);
     }
-    core_->post([st = state_, addr = *ss] { st->start_connect(addr); });
+    if (port == 0) {
+      state_->begin_reuse();
+      core_->post([st = state_, regions = std::move(regions)]() mutable {
+        st->reuse(std::move(regions));
+      });
+    } else {
+      if (adopted_) {
+        // The target did not know our token (it restarted, or let its side
+        // go): the kept connection is useless.
+        close_and_wait();
+        state_ = std::make_shared<InitState>(core_.get(), max_in_flight_);
+        adopted_ = false;
+      }
+      state_->peer = host + ":" + std::to_string(port);
+      state_->token = token;
+      state_->remote = std::move(regions);
+      core_->post([st = state_, addr = *ss] { st->start_connect(addr); });
+    }
     std::unique_lock lock(state_->mu);
     if (!state_->cv.wait_until(lock, deadline, [&] {
           return state_->connected || !state_->error.ok();
@@ -933,8 +1125,8 @@ class UcxInitiator final : public TransportInitiator {
         if (op.length == 0) continue;
         const auto* e = table.find(op.src, op.length);
         puts->push_back(
-            Put{op.src, state_->remote[op.dst_region].base + op.dst_offset,
-                op.length, op.dst_region, e ? e->value.get() : nullptr});
+            Put{op.src, region_bases_[op.dst_region] + op.dst_offset, op.length,
+                op.dst_region, e ? e->value.get() : nullptr});
         bytes += op.length;
       }
     });
@@ -969,10 +1161,16 @@ class UcxInitiator final : public TransportInitiator {
   uint64_t bytes_written() const override { return bytes_written_; }
   uint64_t ops_posted() const override { return ops_posted_; }
 
+  void keep() override {
+    if (connect_called_) keep_unused();
+  }
+
  private:
-  Status parse(ByteReader& r, std::string& host, uint16_t& port) {
+  static Status parse(ByteReader& r, std::string& host, uint16_t& port,
+                      uint64_t& token, std::vector<RemoteRegion>& out) {
     KVMIG_ASSIGN_OR_RETURN(host, r.get_string(kMaxHostLen, "host"));
     KVMIG_ASSIGN_OR_RETURN(port, r.get<uint16_t>("port"));
+    KVMIG_ASSIGN_OR_RETURN(token, r.get<uint64_t>("token"));
     KVMIG_ASSIGN_OR_RETURN(uint32_t n, r.get<uint32_t>("region count"));
     if (n > kMaxRegions || n > r.remaining() / 20) {
       return Status::data_loss("region count " + std::to_string(n) +
@@ -992,8 +1190,14 @@ class UcxInitiator final : public TransportInitiator {
       region.rkey.assign(rkey.begin(), rkey.end());
     }
     KVMIG_RETURN_IF_ERROR(r.expect_end("target address"));
-    state_->remote = std::move(regions);
+    out = std::move(regions);
     return Status();
+  }
+
+  void keep_unused() {
+    if (kept_ || peer_key_.empty() || !state_->usable()) return;
+    kept_ = true;
+    parking_->park_init(peer_key_, state_);
   }
 
   Status usable() {
@@ -1040,14 +1244,141 @@ class UcxInitiator final : public TransportInitiator {
   }
 
   const std::shared_ptr<UcxCore> core_;
-  const std::shared_ptr<InitState> state_;
+  const std::shared_ptr<Parking> parking_;
+  const uint32_t max_in_flight_;
+  const std::string peer_key_;
+  std::shared_ptr<InitState> state_;
+  bool adopted_ = false;  // state_ is a connection kept by an earlier one
+  bool kept_ = false;     // state_ went back to the parking
   bool connect_called_ = false;
+  std::vector<uint64_t> region_bases_;
   std::vector<uint64_t> region_lengths_;
   uint64_t batches_submitted_ = 0;
   uint64_t flushes_requested_ = 0;
   uint64_t bytes_written_ = 0;
   uint64_t ops_posted_ = 0;
 };
+
+// --------------------------------------------------------------- parking
+
+void Parking::close_async(std::shared_ptr<TargetState> st) {
+  core_->post([st] {
+    st->revoked = true;
+    st->listener.reset();
+    st->close(nullptr);
+  });
+}
+
+void Parking::close_async(std::shared_ptr<InitState> st) {
+  core_->post([st] { st->close(nullptr); });
+}
+
+void Parking::park_target(std::shared_ptr<TargetState> st) {
+  std::shared_ptr<TargetState> evicted;
+  {
+    std::lock_guard lock(mu_);
+    targets_.push_back(std::move(st));
+    if (targets_.size() > kMaxKept) {
+      evicted = std::move(targets_.front());
+      targets_.pop_front();
+    }
+  }
+  if (evicted) close_async(std::move(evicted));
+}
+
+std::shared_ptr<TargetState> Parking::take_target(uint64_t token) {
+  std::lock_guard lock(mu_);
+  for (auto it = targets_.begin(); it != targets_.end(); ++it) {
+    if ((*it)->token != token) continue;
+    auto st = std::move(*it);
+    targets_.erase(it);
+    if (!st->healthy()) {
+      close_async(st);
+      return nullptr;
+    }
+    return st;
+  }
+  return nullptr;
+}
+
+bool Parking::unpark_target(const TargetState* st) {
+  std::lock_guard lock(mu_);
+  for (auto it = targets_.begin(); it != targets_.end(); ++it) {
+    if (it->get() == st) {
+      targets_.erase(it);
+      return true;
+    }
+  }
+  return false;
+}
+
+void Parking::park_init(const std::string& peer,
+                        std::shared_ptr<InitState> st) {
+  std::vector<std::shared_ptr<InitState>> evicted;
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = inits_.begin(); it != inits_.end();) {
+      if (it->first == peer) {
+        evicted.push_back(std::move(it->second));
+        it = inits_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    inits_.emplace_back(peer, std::move(st));
+    if (inits_.size() > kMaxKept) {
+      evicted.push_back(std::move(inits_.front().second));
+      inits_.pop_front();
+    }
+  }
+  for (auto& e : evicted) close_async(std::move(e));
+}
+
+std::shared_ptr<InitState> Parking::take_init(const std::string& peer) {
+  std::lock_guard lock(mu_);
+  for (auto it = inits_.begin(); it != inits_.end(); ++it) {
+    if (it->first != peer) continue;
+    auto st = std::move(it->second);
+    inits_.erase(it);
+    if (!st->usable()) {
+      close_async(st);
+      return nullptr;
+    }
+    return st;
+  }
+  return nullptr;
+}
+
+void Parking::clear() {
+  std::deque<std::shared_ptr<TargetState>> targets;
+  std::deque<std::pair<std::string, std::shared_ptr<InitState>>> inits;
+  {
+    std::lock_guard lock(mu_);
+    targets.swap(targets_);
+    inits.swap(inits_);
+  }
+  if (targets.empty() && inits.empty()) return;
+  auto left =
+      std::make_shared<std::atomic<size_t>>(targets.size() + inits.size());
+  auto done = std::make_shared<std::promise<void>>();
+  auto closed = done->get_future();
+  auto one_closed = [left, done] {
+    if (--*left == 0) done->set_value();
+  };
+  core_->post(
+      [targets = std::move(targets), inits = std::move(inits), one_closed] {
+        for (const auto& st : targets) {
+          st->revoked = true;
+          st->listener.reset();
+          st->close(one_closed);
+        }
+        for (const auto& [peer, st] : inits) st->close(one_closed);
+      });
+  if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
+    ucx_log()->warn("closing the kept connections took over {}s",
+                    kCloseGrace.count());
+  }
+}
 
 // ------------------------------------------------------------- transport
 
@@ -1056,9 +1387,14 @@ class UcxInitiator final : public TransportInitiator {
 class UcxTransport final : public Transport {
  public:
   UcxTransport(TransportOptions opts, std::shared_ptr<UcxCore> core)
-      : opts_(std::move(opts)), core_(std::move(core)) {}
+      : opts_(std::move(opts)),
+        core_(std::move(core)),
+        parking_(std::make_shared<Parking>(core_.get())) {}
 
-  ~UcxTransport() override { core_->clear_regions(); }
+  ~UcxTransport() override {
+    parking_->clear();
+    core_->clear_regions();
+  }
 
   std::string_view name() const override { return "ucx"; }
 
@@ -1071,14 +1407,32 @@ class UcxTransport final : public Transport {
   }
 
   Result<std::unique_ptr<TransportInitiator>> create_initiator() override {
-    return std::unique_ptr<TransportInitiator>(
-        new UcxInitiator(core_, opts_.max_in_flight));
+    return create_initiator_for("");
+  }
+
+  Result<std::unique_ptr<TransportInitiator>> create_initiator_for(
+      std::string_view peer) override {
+    return std::unique_ptr<TransportInitiator>(new UcxInitiator(
+        core_, parking_, opts_.max_in_flight, std::string(peer)));
   }
 
   Result<std::unique_ptr<TransportTarget>> open_target(
       std::span<const std::span<std::byte>> regions,
-      std::span<const uint8_t> /*initiator_address*/,
+      std::span<const uint8_t> initiator_address,
       Deadline /*deadline: nothing here waits on the peer*/) override {
+    uint64_t token = 0;
+    if (!initiator_address.empty()) {
+      ByteReader r(initiator_address);
+      auto kind = r.get<uint8_t>("kind");
+      auto t = r.get<uint64_t>("token");
+      if (!kind.ok() || *kind != kKeptConnection || !t.ok() ||
+          !r.expect_end("initiator address").ok()) {
+        return Status::invalid_argument(
+            "ucx: bad initiator address (" +
+            std::to_string(initiator_address.size()) + " bytes)");
+      }
+      token = *t;
+    }
     std::vector<UcxTarget::Region> exported;
     Status bad;
     core_->with_regions([&](const RegionTable<MemhPtr>& table) {
@@ -1101,12 +1455,14 @@ class UcxTransport final : public Transport {
       }
     });
     KVMIG_RETURN_IF_ERROR(bad);
-    return UcxTarget::open(core_, opts_.bind_host, std::move(exported));
+    return UcxTarget::open(core_, parking_, opts_.bind_host,
+                           std::move(exported), token);
   }
 
  private:
   const TransportOptions opts_;
   const std::shared_ptr<UcxCore> core_;
+  const std::shared_ptr<Parking> parking_;
 };
 
 }  // namespace
