@@ -404,16 +404,18 @@ TEST_P(TransportConformanceTest, KeptPathServesTheNextAndStillRevokes) {
     expect_dst_equals(after_revoke);
   }
   // After a revoke nothing is kept: the next path starts afresh.
-  ASSERT_OK_AND_ASSIGN(auto fresh, src_->create_initiator_for("peer-a"));
-  EXPECT_TRUE(fresh->address().empty());
+  if (reuses) {
+    ASSERT_OK_AND_ASSIGN(auto fresh, src_->create_initiator_for("peer-a"));
+    EXPECT_TRUE(fresh->address().empty());
+  }
 }
 
 // The target let its side of a kept connection go: whether the initiator
 // has noticed (its side failed, nothing to present) or not (it presents a
 // token the target no longer knows, and the target listens afresh), the
-// next path works, over a fresh connection.
+// next path works, over a fresh connection. (Transports that keep nothing
+// start afresh anyway.)
 TEST_P(TransportConformanceTest, ForgottenKeptConnectionFallsBackToAFreshPath) {
-  if (GetParam() != "ucx") GTEST_SKIP() << "only ucx keeps connections";
   {
     ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-b"));
     ASSERT_OK_AND_ASSIGN(
@@ -434,10 +436,12 @@ TEST_P(TransportConformanceTest, ForgottenKeptConnectionFallsBackToAFreshPath) {
   ASSERT_OK(init->write(ops, in(seconds(10))));
   ASSERT_OK(init->flush(in(seconds(10))));
   expect_dst_equals(expected);
-  // A malformed initiator address is a clear error.
-  const uint8_t junk[] = {7, 1, 2};
-  EXPECT_EQ(dst_->open_target(regions_, junk, in(seconds(1))).status().code(),
-            StatusCode::kInvalidArgument);
+  if (GetParam() == "ucx") {
+    // A malformed initiator address is a clear error.
+    const uint8_t junk[] = {7, 1, 2};
+    EXPECT_EQ(dst_->open_target(regions_, junk, in(seconds(1))).status().code(),
+              StatusCode::kInvalidArgument);
+  }
 }
 
 TEST_P(TransportConformanceTest, TargetWithoutInitiatorRevokesCleanly) {
