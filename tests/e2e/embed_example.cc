@@ -239,108 +239,97 @@ class NoHoldPager final : public testing::ForwardingPager {
   }
 };
 
-// The destination installs, then stops answering (its agent thread stuck
-// past the source's timeouts): the move is in doubt. An engine without
-// hold_seqs stays paused as a whole (request 3 too) until the destination
-// answers; then the source drops 1 and 2 by itself and the engine runs on.
-TEST(EmbedExample, EngineWithoutHoldStaysPausedWhileInDoubt) {
-  auto src_cache = make_cache(PoolLayout::kPage, 64);
-  auto dst_cache = make_cache(PoolLayout::kPage, 64);
-  ASSERT_TRUE(src_cache && dst_cache);
-  ASSERT_OK(src_cache->populate(3, 40, 4));
-  NoHoldPager src_pager(*src_cache);
-  AgentOptions src_options;
-  src_options.peer_timeout = std::chrono::milliseconds(400);
-  AgentOptions dst_options;
-  dst_options.fault_hook = [](std::string_view point) {
-    if (point == "dst.before_done") {
-      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-    }
-  };
-  auto src = Agent::create(src_pager, src_options);
-  auto dst = Agent::create(*dst_cache, dst_options);
-  ASSERT_TRUE(src.ok() && dst.ok());
-  ASSERT_OK((*src)->start());
-  ASSERT_OK((*dst)->start());
-  auto before = digests(**src);
+// A source (three requests of 40 tokens in `cache`, behind a NoHoldPager
+// when asked) and a destination that installs, then stops answering past the
+// source's timeouts (its agent thread stuck for 2.5 s): moving requests 1 and 2
+// is in doubt until it wakes, and then committed.
+struct InDoubtMove {
+  std::unique_ptr<SyntheticPager> cache = make_cache(PoolLayout::kPage, 64);
+  std::unique_ptr<SyntheticPager> dst_cache = make_cache(PoolLayout::kPage, 64);
+  std::unique_ptr<CachePager> no_hold;  // declared before the agents using it
+  std::unique_ptr<Agent> src, dst;
 
-  MigrateRequest req;
-  req.to = (*dst)->address();
-  req.seqs = {1, 2};
-  auto moved = (*src)->migrate(req);
-  ASSERT_EQ(moved.status().code(), StatusCode::kUnavailable)
-      << moved.status().to_string();
-  EXPECT_NE(moved.status().message().find("in doubt"), std::string::npos);
-  ASSERT_OK_AND_ASSIGN(AgentStatus st, (*src)->status());
-  ASSERT_EQ(st.in_doubt.size(), 1u);
-  EXPECT_EQ(st.in_doubt[0].hold, "engine");
-  EXPECT_EQ(st.in_doubt[0].seqs, (std::vector<SeqId>{1, 2}));
-  EXPECT_EQ(src_cache->decode_step(), 0u);  // the whole engine is paused
-
-  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!st.in_doubt.empty() && std::chrono::steady_clock::now() < end) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    ASSERT_OK_AND_ASSIGN(st, (*src)->status());
+  // Starts both agents and moves 1 and 2: in doubt, held as `hold` says
+  // ("engine": the source's pager cannot hold single requests).
+  void start(const std::string& hold) {
+    ASSERT_TRUE(cache && dst_cache);
+    if (hold == "engine") no_hold = std::make_unique<NoHoldPager>(*cache);
+    CachePager& pager = no_hold ? *no_hold : *cache;
+    ASSERT_OK(cache->populate(3, 40, 4));
+    AgentOptions src_options;
+    src_options.peer_timeout = std::chrono::milliseconds(400);
+    AgentOptions dst_options;
+    dst_options.fault_hook = [](std::string_view point) {
+      if (point == "dst.before_done") {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+      }
+    };
+    ASSERT_OK_AND_ASSIGN(src, Agent::create(pager, src_options));
+    ASSERT_OK_AND_ASSIGN(dst, Agent::create(*dst_cache, dst_options));
+    ASSERT_OK(src->start());
+    ASSERT_OK(dst->start());
+    before = digests(*src);
+    MigrateRequest req;
+    req.to = dst->address();
+    req.seqs = {1, 2};
+    auto moved = src->migrate(req);
+    ASSERT_EQ(moved.status().code(), StatusCode::kUnavailable)
+        << moved.status().to_string();
+    EXPECT_NE(moved.status().message().find("in doubt"), std::string::npos);
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, src->status());
+    ASSERT_EQ(st.in_doubt.size(), 1u);
+    EXPECT_EQ(st.in_doubt[0].hold, hold);
+    EXPECT_EQ(st.in_doubt[0].seqs, (std::vector<SeqId>{1, 2}));
   }
-  ASSERT_TRUE(st.in_doubt.empty());
-  EXPECT_EQ(src_cache->decode_step(), 1u);  // request 3 runs again
-  ASSERT_OK_AND_ASSIGN(auto left, src_cache->logical_seqs());
-  ASSERT_EQ(left.size(), 1u);
-  EXPECT_EQ(left[0].seq_id, 3u);
-  auto there = digests(**dst);
+
+  // Waits (20 s at most) until the source has settled by itself: request 3
+  // is all it has left.
+  void expect_settled_committed() {
+    auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    AgentStatus st;
+    do {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      ASSERT_OK_AND_ASSIGN(st, src->status());
+    } while (!st.in_doubt.empty() && std::chrono::steady_clock::now() < end);
+    ASSERT_TRUE(st.in_doubt.empty());
+    ASSERT_OK_AND_ASSIGN(auto left, cache->logical_seqs());
+    ASSERT_EQ(left.size(), 1u);
+    EXPECT_EQ(left[0].seq_id, 3u);
+  }
+
+  ~InDoubtMove() {
+    if (src) src->stop();
+    if (dst) dst->stop();
+  }
+
+  std::map<SeqId, std::string> before;
+};
+
+// An engine without hold_seqs stays paused as a whole (request 3 too) while
+// the move is in doubt; then the source drops 1 and 2 by itself and the
+// engine runs on.
+TEST(EmbedExample, EngineWithoutHoldStaysPausedWhileInDoubt) {
+  InDoubtMove m;
+  ASSERT_NO_FATAL_FAILURE(m.start("engine"));
+  EXPECT_EQ(m.cache->decode_step(), 0u);  // the whole engine is paused
+  ASSERT_NO_FATAL_FAILURE(m.expect_settled_committed());
+  EXPECT_EQ(m.cache->decode_step(), 1u);  // request 3 runs again
+  auto there = digests(*m.dst);
   EXPECT_EQ(there.size(), 2u);
-  EXPECT_EQ(there[1], before[1]);
-  EXPECT_EQ(there[2], before[2]);
-  (*src)->stop();
-  (*dst)->stop();
+  EXPECT_EQ(there[1], m.before[1]);
+  EXPECT_EQ(there[2], m.before[2]);
 }
 
 // While a move is in doubt the engine ends one of the held requests (its
 // client went away). When the destination answers "committed" the source
 // drops the other one: nothing is left running in two places.
 TEST(EmbedExample, RequestEndedWhileInDoubtDoesNotBlockSettling) {
-  auto src_cache = make_cache(PoolLayout::kPage, 64);
-  auto dst_cache = make_cache(PoolLayout::kPage, 64);
-  ASSERT_TRUE(src_cache && dst_cache);
-  ASSERT_OK(src_cache->populate(3, 40, 4));
-  AgentOptions src_options;
-  src_options.peer_timeout = std::chrono::milliseconds(400);
-  AgentOptions dst_options;
-  dst_options.fault_hook = [](std::string_view point) {
-    if (point == "dst.before_done") {
-      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-    }
-  };
-  auto src = Agent::create(*src_cache, src_options);
-  auto dst = Agent::create(*dst_cache, dst_options);
-  ASSERT_TRUE(src.ok() && dst.ok());
-  ASSERT_OK((*src)->start());
-  ASSERT_OK((*dst)->start());
-
-  MigrateRequest req;
-  req.to = (*dst)->address();
-  req.seqs = {1, 2};
-  auto moved = (*src)->migrate(req);
-  ASSERT_EQ(moved.status().code(), StatusCode::kUnavailable)
-      << moved.status().to_string();
-  ASSERT_OK_AND_ASSIGN(AgentStatus st, (*src)->status());
-  ASSERT_EQ(st.in_doubt.size(), 1u);
-  EXPECT_EQ(st.in_doubt[0].hold, "seqs");
+  InDoubtMove m;
+  ASSERT_NO_FATAL_FAILURE(m.start("seqs"));
   const SeqId ended[] = {2};
-  ASSERT_OK(src_cache->drop_logical_seqs(ended));
-
-  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!st.in_doubt.empty() && std::chrono::steady_clock::now() < end) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    ASSERT_OK_AND_ASSIGN(st, (*src)->status());
-  }
-  ASSERT_TRUE(st.in_doubt.empty());
-  ASSERT_OK_AND_ASSIGN(auto left, src_cache->logical_seqs());
-  ASSERT_EQ(left.size(), 1u);
-  EXPECT_EQ(left[0].seq_id, 3u);
-  EXPECT_EQ(digests(**dst).size(), 2u);
-  (*src)->stop();
-  (*dst)->stop();
+  ASSERT_OK(m.cache->drop_logical_seqs(ended));
+  ASSERT_NO_FATAL_FAILURE(m.expect_settled_committed());
+  EXPECT_EQ(digests(*m.dst).size(), 2u);
 }
 
 TEST(EmbedExample, AgentRefusesBadOptions) {
