@@ -34,6 +34,18 @@ std::unique_ptr<SyntheticPager> make_cache(PoolLayout layout, uint32_t pages) {
   return cache.ok() ? std::move(*cache) : nullptr;
 }
 
+// An agent over pager, serving on a thread of its own; null (and a test
+// failure) if it cannot be made or started.
+std::unique_ptr<Agent> start_agent(CachePager& pager,
+                                   const AgentOptions& options) {
+  auto agent = Agent::create(pager, options);
+  EXPECT_TRUE(agent.ok()) << agent.status().to_string();
+  if (!agent.ok()) return nullptr;
+  Status started = (*agent)->start();
+  EXPECT_OK(started);
+  return started.ok() ? std::move(*agent) : nullptr;
+}
+
 // One engine with its agent, serving on a thread of its own.
 struct Engine {
   std::unique_ptr<CachePager> pager;
@@ -48,11 +60,7 @@ Engine start_engine(std::unique_ptr<CachePager> pager, uint64_t staging_pages) {
   options.peer_timeout = std::chrono::seconds(5);
   Engine e;
   e.pager = std::move(pager);
-  auto agent = Agent::create(*e.pager, options);
-  EXPECT_TRUE(agent.ok()) << agent.status().to_string();
-  if (!agent.ok()) return e;
-  e.agent = std::move(*agent);
-  EXPECT_OK(e.agent->start());
+  e.agent = start_agent(*e.pager, options);
   return e;
 }
 
@@ -132,31 +140,29 @@ TEST(EmbedExample, RequestFinishingMidLiveMigrationIsLeftBehind) {
       EXPECT_OK(src_raw->drop_logical_seqs(done));  // request 2 completes
     }
   };
-  auto src = Agent::create(*src_cache, options);
+  auto src = start_agent(*src_cache, options);
   options.fault_hook = nullptr;
-  auto dst = Agent::create(*dst_cache, options);
-  ASSERT_TRUE(src.ok() && dst.ok());
-  ASSERT_OK((*src)->start());
-  ASSERT_OK((*dst)->start());
-  auto before = digests(**src);
+  auto dst = start_agent(*dst_cache, options);
+  ASSERT_TRUE(src && dst);
+  auto before = digests(*src);
 
   MigrateRequest req;
-  req.to = (*dst)->address();
+  req.to = dst->address();
   req.all = true;
   req.live = true;
-  ASSERT_OK_AND_ASSIGN(MigrationReport report, (*src)->migrate(req));
+  ASSERT_OK_AND_ASSIGN(MigrationReport report, src->migrate(req));
   EXPECT_TRUE(finished);
   EXPECT_EQ(report.left_behind, std::vector<SeqId>{2});
   EXPECT_EQ(report.seqs, (std::vector<SeqId>{1, 3}));
-  auto after = digests(**dst);
+  auto after = digests(*dst);
   EXPECT_EQ(after.size(), 2u);
   EXPECT_EQ(after[1], before[1]);
   EXPECT_EQ(after[3], before[3]);
   // Request 2's slots went back: only 1 and 3's pages are held.
-  ASSERT_OK_AND_ASSIGN(AgentStatus st, (*dst)->status());
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, dst->status());
   EXPECT_EQ(st.free_pages, 256u - 14u);
-  (*src)->stop();
-  (*dst)->stop();
+  src->stop();
+  dst->stop();
 }
 
 // A destination whose writes go wrong (one byte flipped per page): VERIFY
@@ -181,26 +187,24 @@ TEST(EmbedExample, CorruptedPagesAreCaughtAndRolledBack) {
   CorruptingPager bad_dst(*dst_cache);
   AgentOptions options;
   options.peer_timeout = std::chrono::seconds(5);
-  auto src = Agent::create(*src_cache, options);
-  auto dst = Agent::create(bad_dst, options);
-  ASSERT_TRUE(src.ok() && dst.ok());
-  ASSERT_OK((*src)->start());
-  ASSERT_OK((*dst)->start());
-  auto before = digests(**src);
+  auto src = start_agent(*src_cache, options);
+  auto dst = start_agent(bad_dst, options);
+  ASSERT_TRUE(src && dst);
+  auto before = digests(*src);
   MigrateRequest req;
-  req.to = (*dst)->address();
+  req.to = dst->address();
   req.all = true;
-  auto report = (*src)->migrate(req);
+  auto report = src->migrate(req);
   ASSERT_FALSE(report.ok());
   EXPECT_NE(report.status().message().find("checksum mismatch"),
             std::string::npos)
       << report.status().to_string();
-  EXPECT_EQ(digests(**src), before);
-  ASSERT_OK_AND_ASSIGN(AgentStatus st, (*dst)->status());
+  EXPECT_EQ(digests(*src), before);
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, dst->status());
   EXPECT_TRUE(st.seqs.empty());
   EXPECT_EQ(st.free_pages, 64u);
-  (*src)->stop();
-  (*dst)->stop();
+  src->stop();
+  dst->stop();
 }
 
 TEST(EmbedExample, LiveMigrationIntoAStagedEngine) {
@@ -264,10 +268,9 @@ struct InDoubtMove {
         std::this_thread::sleep_for(std::chrono::milliseconds(2500));
       }
     };
-    ASSERT_OK_AND_ASSIGN(src, Agent::create(pager, src_options));
-    ASSERT_OK_AND_ASSIGN(dst, Agent::create(*dst_cache, dst_options));
-    ASSERT_OK(src->start());
-    ASSERT_OK(dst->start());
+    src = start_agent(pager, src_options);
+    dst = start_agent(*dst_cache, dst_options);
+    ASSERT_TRUE(src && dst);
     before = digests(*src);
     MigrateRequest req;
     req.to = dst->address();
