@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "agent_cli.h"
 #include "kvmig/transport.h"
 #include "process.h"
 
@@ -301,27 +302,6 @@ class ControlProxy {
 
 // --- helpers ----------------------------------------------------------------
 
-json status_of(const std::string& agent) {
-  CliResult r = run_kvmig({"status", "--agent", agent, "--json"});
-  EXPECT_EQ(r.code, 0) << agent << ": " << r.out << r.err;
-  json j = json::parse(r.out, nullptr, false);
-  if (!j.is_object() || !j.contains("seqs")) {
-    j = {{"seqs", json::array()},
-         {"free_pages", -1},
-         {"in_doubt", json::array()},
-         {"error", r.out + r.err}};
-  }
-  return j;
-}
-
-std::map<uint64_t, std::string> digests(const json& status) {
-  std::map<uint64_t, std::string> out;
-  for (const auto& s : status["seqs"]) {
-    out[s["id"].get<uint64_t>()] = s["digest"].get<std::string>();
-  }
-  return out;
-}
-
 std::map<uint64_t, std::string> only(const std::map<uint64_t, std::string>& m,
                                      const std::set<uint64_t>& ids) {
   std::map<uint64_t, std::string> out;
@@ -344,20 +324,6 @@ json migrate(const std::string& src, const std::string& dst,
   *code = r.code;
   json j = json::parse(r.out, nullptr, false);
   return j.is_object() ? j : json{{"ok", false}, {"error", r.out + r.err}};
-}
-
-// Polls until the agent's free-page count is `expected` (or `limit` passes);
-// returns the last status.
-json wait_for_free_pages(const std::string& agent, int64_t expected,
-                         std::chrono::milliseconds limit) {
-  auto end = std::chrono::steady_clock::now() + limit;
-  json now = status_of(agent);
-  while (now["free_pages"] != expected &&
-         std::chrono::steady_clock::now() < end) {
-    std::this_thread::sleep_for(100ms);
-    now = status_of(agent);
-  }
-  return now;
 }
 
 // Prints the agents' logs when the test failed (or KVMIG_E2E_LOGS is set),
@@ -395,20 +361,10 @@ enum class Point {
 };
 enum class Expect { kRolledBack, kCommitted, kInDoubt };
 
-// The data transport of the migration: the faults hit the control
-// connection and the processes while the data moves over tcp, ucx, or
-// verbs (only inside the Soft-RoCE guest, where tools/rxe-tests.sh runs
-// the *_verbs cases).
+// The data transport of the migration (data_transports()): the faults hit
+// the control connection and the processes while the data moves over tcp,
+// ucx, or verbs where it can run.
 using FaultCase = std::tuple<Fault, Point, std::string>;
-
-std::vector<std::string> data_transports() {
-  const bool rdma = std::getenv("RXEVM_DEV") != nullptr;
-  std::vector<std::string> out;
-  for (const auto& t : built_transports()) {
-    if (t != "verbs" || rdma) out.push_back(t);
-  }
-  return out;
-}
 
 // Each migration's control frames, stop-and-copy with verification:
 // HELLO > , < OFFER, [data], VERIFY > , < VERIFY_ACK, COMMIT > , < DONE.

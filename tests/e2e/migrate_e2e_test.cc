@@ -16,6 +16,7 @@
 #include <string>
 #include <tuple>
 
+#include "agent_cli.h"
 #include "frame.h"
 #include "kvmig/transport.h"
 #include "process.h"
@@ -26,25 +27,6 @@ namespace {
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 
-json status_of(const std::string& agent) {
-  CliResult r = run_kvmig({"status", "--agent", agent, "--json"});
-  EXPECT_EQ(r.code, 0) << agent << ": " << r.out << r.err;
-  json j = json::parse(r.out, nullptr, false);
-  // Keep later lookups safe when the call failed (the failure is reported).
-  if (!j.is_object() || !j.contains("seqs")) {
-    j = {{"seqs", json::array()}, {"free_pages", -1}, {"error", r.out + r.err}};
-  }
-  return j;
-}
-
-std::map<uint64_t, std::string> digests(const json& status) {
-  std::map<uint64_t, std::string> out;
-  for (const auto& s : status["seqs"]) {
-    out[s["id"].get<uint64_t>()] = s["digest"].get<std::string>();
-  }
-  return out;
-}
-
 json migrate(const std::string& src, const std::string& dst,
              std::vector<std::string> extra, int* code = nullptr) {
   std::vector<std::string> args = {"migrate", "--agent", src,
@@ -53,20 +35,6 @@ json migrate(const std::string& src, const std::string& dst,
   CliResult r = run_kvmig(args);
   if (code) *code = r.code;
   return json::parse(r.out, nullptr, false);
-}
-
-bool in_rxe_guest() { return std::getenv("RXEVM_DEV") != nullptr; }
-
-// Empty when this build and machine can run verbs (built, and an RDMA device
-// with a GID for agent_host()); otherwise why not.
-const std::string& verbs_unavailable() {
-  static const std::string why = [] {
-    TransportOptions opts;
-    opts.bind_host = agent_host();
-    auto t = make_transport("verbs", opts);
-    return t.ok() ? std::string() : t.status().to_string();
-  }();
-  return why;
 }
 
 // Skips the test when verbs cannot run here, or fails it inside the guest.
@@ -80,29 +48,6 @@ const std::string& verbs_unavailable() {
       GTEST_SKIP() << "no RDMA device for verbs: " << verbs_unavailable(); \
     }                                                                      \
   } while (0)
-
-// Transports for the layout matrix: verbs only where a device is present.
-// Polls an agent's status until its free-page count is `expected` or
-// `limit` passes; returns the last status.
-json wait_for_free_pages(const std::string& agent, const json& expected,
-                         std::chrono::seconds limit) {
-  auto end = std::chrono::steady_clock::now() + limit;
-  json now;
-  do {
-    std::this_thread::sleep_for(100ms);
-    now = status_of(agent);
-  } while (now["free_pages"] != expected &&
-           std::chrono::steady_clock::now() < end);
-  return now;
-}
-
-std::vector<std::string> data_transports() {
-  std::vector<std::string> out;
-  for (const auto& t : built_transports()) {
-    if (t != "verbs" || verbs_unavailable().empty()) out.push_back(t);
-  }
-  return out;
-}
 
 // --- every layout pair, with and without shared prefixes, move and copy ----
 
