@@ -410,6 +410,37 @@ TEST_P(TransportConformanceTest, KeptPathServesTheNextAndStillRevokes) {
   }
 }
 
+// keep() and then revoke() (the destination's install failed after it kept
+// the path): the initiator is cut off all the same and nothing it writes
+// after lands.
+TEST_P(TransportConformanceTest, RevokeAfterKeepStillCutsTheInitiatorOff) {
+  ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-c"));
+  ASSERT_OK_AND_ASSIGN(auto target, dst_->open_target(regions_, init->address(),
+                                                      in(seconds(10))));
+  ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+  std::vector<WriteOp> first = {{src_at(0), 0, 0, kMiB}};
+  ASSERT_OK(init->write(first, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  EXPECT_EQ(target->keep(), GetParam() == "ucx");
+  target->revoke();
+  const auto after_revoke = dst_copy();
+  std::vector<WriteOp> late = {{src_at(2 * kMiB), 1, 0, kMiB}};
+  const auto deadline = in(seconds(3));
+  Status ws = init->write(late, deadline);
+  Status fs = ws.ok() ? init->flush(deadline) : ws;
+  EXPECT_FALSE(fs.ok());
+  std::this_thread::sleep_for(milliseconds(200));
+  expect_dst_equals(after_revoke);
+  // Nothing kept survives: the next path to that peer is a fresh one.
+  init.reset();
+  ASSERT_OK_AND_ASSIGN(auto next, src_->create_initiator_for("peer-c"));
+  ASSERT_OK_AND_ASSIGN(auto fresh, dst_->open_target(regions_, next->address(),
+                                                     in(seconds(10))));
+  ASSERT_OK(next->connect(fresh->address(), in(seconds(10))));
+  ASSERT_OK(next->write(late, in(seconds(10))));
+  ASSERT_OK(next->flush(in(seconds(10))));
+}
+
 // The target let its side of a kept connection go: whether the initiator
 // has noticed (its side failed, nothing to present) or not (it presents a
 // token the target no longer knows, and the target listens afresh), the
