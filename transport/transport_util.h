@@ -6,7 +6,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -14,15 +13,9 @@
 
 #include "kvmig/status.h"
 #include "kvmig/transport.h"
+#include "random.h"  // random_token(), for the transports' tokens
 
 namespace kvmig {
-
-// A random 64-bit value, for tokens a peer learns only over the
-// (authenticated) control connection.
-inline uint64_t random_token() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
 
 // Registered memory regions, each with a per-transport value (a memory
 // handle, or nothing). Regions are non-empty and never overlap. Not

@@ -171,9 +171,9 @@ class Agent {
   // This agent's status (digests computed on the spot).
   Result<AgentStatus> status();
 
-  struct Impl;
-
  private:
+  struct Impl;
+  friend struct AgentInternals;  // kvmig's own layers (src/agent)
   explicit Agent(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
@@ -194,13 +194,6 @@ Result<MigrationReport> request_migration(std::string_view agent,
 Status request_snapshot(std::string_view agent, bool load,
                         const std::string& path,
                         const ClientOptions& options = {});
-
-// Splits "HOST:PORT" (IPv4, a name, or [IPv6]). InvalidArgument otherwise.
-struct HostPort {
-  std::string host;
-  uint16_t port = 0;
-};
-Result<HostPort> parse_host_port(std::string_view text);
 
 }  // namespace kvmig
 

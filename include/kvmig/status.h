@@ -87,6 +87,10 @@ class [[nodiscard]] Status {
     return {StatusCode::kUnauthenticated, std::move(msg)};
   }
 
+  // A Status of any code with msg; kOk gives success (msg dropped). Codes
+  // outside the enum become Internal, so a decoded value is always valid.
+  static Status from_code(StatusCode code, std::string msg);
+
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
   const std::string& message() const { return message_; }

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "control_messages.h"
 #include "frame.h"
 #include "messages.h"
 

@@ -10,6 +10,7 @@
 #include <span>
 #include <vector>
 
+#include "control_messages.h"
 #include "messages.h"
 
 namespace kvmig {

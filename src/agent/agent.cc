@@ -1,0 +1,168 @@
+// Agent: creation, the serving lifecycle, and the in-process calls
+// (migrate, status) that run on the agent's io thread.
+#include <future>
+#include <string>
+
+#include "agent_impl.h"
+#include "source_run.h"
+
+namespace kvmig {
+
+Agent::Impl::~Impl() {
+  ctx.stopping = true;
+  ctx.io.stop();
+  if (serve_thread.joinable()) serve_thread.join();
+}
+
+Agent::Agent(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Agent::~Agent() { stop(); }
+
+Result<std::unique_ptr<Agent>> Agent::create(CachePager& pager,
+                                             AgentOptions options) {
+  KVMIG_RETURN_IF_ERROR(pager.meta().validate());
+  if (options.transports.empty()) {
+    return Status::invalid_argument("agent: no transports enabled");
+  }
+  if (options.peer_timeout.count() <= 0) {
+    return Status::invalid_argument("agent: peer timeout must be positive");
+  }
+  if (options.max_pages_per_migration == 0 ||
+      options.max_seqs_per_migration == 0 || options.max_connections == 0 ||
+      options.max_frame_bytes < 4096 || options.staging_bytes == 0) {
+    return Status::invalid_argument(
+        "agent: limits must be positive (max frame at least 4096 bytes)");
+  }
+  auto impl = std::make_unique<Impl>(pager, options);
+  KVMIG_RETURN_IF_ERROR(impl->ctx.init());
+
+  boost::system::error_code ec;
+  auto address = asio::ip::make_address(options.listen_host, ec);
+  if (ec) {
+    return Status::invalid_argument("agent: listen host '" +
+                                    options.listen_host +
+                                    "' is not an IP address");
+  }
+  if (options.secret.empty() && !options.insecure && !address.is_loopback()) {
+    return Status::invalid_argument(
+        "agent: refusing to listen on " + options.listen_host +
+        " without a shared secret: give --secret-file, or --insecure to "
+        "accept unauthenticated peers");
+  }
+  asio::ip::tcp::endpoint endpoint(address, options.listen_port);
+  auto& acceptor = impl->acceptor;
+  acceptor.open(endpoint.protocol(), ec);
+  if (!ec) acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) acceptor.bind(endpoint, ec);
+  if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) {
+    return Status::unavailable(
+        "agent: cannot listen on " + options.listen_host + ":" +
+        std::to_string(options.listen_port) + ": " + ec.message());
+  }
+  return std::unique_ptr<Agent>(new Agent(std::move(impl)));
+}
+
+std::string Agent::address() const {
+  boost::system::error_code ec;
+  auto ep = impl_->acceptor.local_endpoint(ec);
+  if (ec) return "?";
+  return ep.address().to_string() + ":" + std::to_string(ep.port());
+}
+
+uint16_t Agent::port() const {
+  boost::system::error_code ec;
+  auto ep = impl_->acceptor.local_endpoint(ec);
+  return ec ? 0 : ep.port();
+}
+
+Status Agent::run() {
+  auto& impl = *impl_;
+  MigrationContext& ctx = impl.ctx;
+  logger("engine")->info("agent serving on {} (meta {}, {}, transports {})",
+                         address(), ctx.pager.meta().to_string(),
+                         ctx.layout ? "zero-copy layout" : "staged pages",
+                         ctx.transport_names(" "));
+  impl.serving = true;
+  asio::co_spawn(ctx.io, impl.accept_loop(), asio::detached);
+  auto guard = asio::make_work_guard(ctx.io);
+  ctx.io.run();
+  impl.serving = false;
+  return Status();
+}
+
+Status Agent::start() {
+  if (impl_->serve_thread.joinable()) {
+    return Status::failed_precondition("agent: already started");
+  }
+  impl_->serving = true;  // now: a call right after start() must not fail
+  impl_->serve_thread = std::thread([this] { (void)run(); });
+  return Status();
+}
+
+void Agent::stop() {
+  if (!impl_) return;
+  impl_->ctx.stopping = true;
+  asio::post(impl_->ctx.io, [impl = impl_.get()] {
+    boost::system::error_code ignored;
+    impl->acceptor.close(ignored);
+    impl->ctx.io.stop();
+  });
+  if (impl_->serve_thread.joinable() &&
+      impl_->serve_thread.get_id() != std::this_thread::get_id()) {
+    impl_->serve_thread.join();
+  }
+}
+
+namespace {
+
+// Runs make() as a coroutine on the agent's io thread and waits for its
+// result. FailedPrecondition when nothing would ever run it (the agent is
+// not serving) or when called on that thread itself (it would wait for
+// itself). If the agent stops first and the coroutine is dropped, the
+// promise breaks: Aborted.
+template <typename T, typename Make>
+Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
+  asio::io_context& io = impl.ctx.io;
+  if (!impl.serving || impl.ctx.stopping) {
+    return Status::failed_precondition(
+        "agent: " + std::string(what) +
+        " needs a serving agent (call start() or run() first)");
+  }
+  if (io.get_executor().running_in_this_thread()) {
+    return Status::failed_precondition(
+        "agent: " + std::string(what) +
+        " called on the agent's own thread (from a pager method?) would "
+        "wait for itself");
+  }
+  auto promise = std::make_shared<std::promise<Result<T>>>();
+  auto future = promise->get_future();
+  asio::co_spawn(
+      io,
+      [promise, make = std::move(make)]() -> asio::awaitable<void> {
+        Result<T> result = co_await make();
+        promise->set_value(std::move(result));
+      },
+      asio::detached);
+  try {
+    return future.get();
+  } catch (const std::future_error&) {
+    return Status::aborted("agent stopped before the call finished");
+  }
+}
+
+}  // namespace
+
+Result<MigrationReport> Agent::migrate(const MigrateRequest& request) {
+  return run_on<MigrationReport>(
+      *impl_, "migrate",
+      [impl = impl_.get(), request] { return run_source(impl->ctx, request); });
+}
+
+Result<AgentStatus> Agent::status() {
+  return run_on<AgentStatus>(*impl_, "status", [impl = impl_.get()] {
+    return impl->compute_status();
+  });
+}
+
+}  // namespace kvmig

@@ -1,0 +1,54 @@
+// Agent internals shared by agent.cc (lifecycle), connection.cc (accept,
+// authentication, dispatch) and status.cc.
+//
+// Threading: the migration context's io thread runs the control plane (every
+// coroutine, and every member marked "io thread"); see context.h.
+#ifndef KVMIG_SRC_AGENT_AGENT_IMPL_H_
+#define KVMIG_SRC_AGENT_AGENT_IMPL_H_
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <thread>
+
+#include "asio.h"
+#include "channel.h"
+#include "context.h"
+#include "kvmig/agent.h"
+#include "session.h"
+
+namespace kvmig {
+
+struct Agent::Impl {
+  Impl(CachePager& pager, AgentOptions options)
+      : ctx(pager, std::move(options)) {}
+  ~Impl();
+
+  // connection.cc
+  asio::awaitable<void> accept_loop();
+  asio::awaitable<void> serve_connection(asio::ip::tcp::socket socket);
+  // status.cc
+  asio::awaitable<Result<AgentStatus>> compute_status();
+
+  // Declared first: destroyed last, after everything that uses it.
+  MigrationContext ctx;
+  asio::ip::tcp::acceptor acceptor{ctx.io};
+  std::thread serve_thread;
+  // Handlers for first frames the agent does not serve itself (perf), set
+  // before serving: read-only afterwards.
+  std::map<MsgType, SessionHandler> session_handlers;
+  uint32_t open_connections = 0;  // io thread
+  // From start() (or run()) until run() returns.
+  std::atomic<bool> serving{false};
+};
+
+// Reaches an Agent's internals (Agent befriends it).
+struct AgentInternals {
+  using Impl = Agent::Impl;
+  static Impl& impl(Agent& agent) { return *agent.impl_; }
+};
+using AgentImpl = AgentInternals::Impl;
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_AGENT_AGENT_IMPL_H_

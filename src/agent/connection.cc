@@ -1,0 +1,222 @@
+// Accepting control connections, the authentication gate, and dispatch of a
+// connection's first frame to what serves it.
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "agent_impl.h"
+#include "auth.h"
+#include "control_messages.h"
+#include "destination_run.h"
+#include "kvmig/snapshot.h"
+#include "scope_exit.h"
+#include "source_run.h"
+
+namespace kvmig {
+namespace {
+
+asio::awaitable<void> reply_error(MigrationContext& ctx, FrameChannel& channel,
+                                  const Status& s) {
+  const std::vector<uint8_t> payload = encode(ErrorMsg{s});
+  Status sent =
+      co_await channel.send(MsgType::kError, payload, ctx.peer_deadline());
+  if (!sent.ok()) ctx.log->warn("{}", sent.to_string());
+}
+
+// Sends a reply frame, logging a failure (the peer may be gone).
+asio::awaitable<void> reply(MigrationContext& ctx, FrameChannel& channel,
+                            MsgType type, std::vector<uint8_t> payload) {
+  Status sent = co_await channel.send(type, payload, ctx.peer_deadline());
+  if (!sent.ok()) ctx.log->warn("{}", sent.to_string());
+}
+
+// With a secret, nothing but the handshake comes before authentication.
+// Returns the connection's first request frame, or nothing when the
+// connection is to be closed (refused, failed: already logged and answered).
+asio::awaitable<std::optional<Frame>> admit(MigrationContext& ctx,
+                                            FrameChannel& channel) {
+  const std::string& secret = ctx.options.secret;
+  auto received = [&](const Result<Frame>& frame) {
+    if (!frame.ok()) {
+      ctx.log->warn("closing connection from {}: {}", channel.peer(),
+                    frame.status().to_string());
+    }
+    return frame.ok();
+  };
+  auto first = co_await channel.receive(ctx.peer_deadline());
+  if (!received(first)) co_return std::nullopt;
+  Status refused;
+  if (!secret.empty() && first->type != MsgType::kAuthHello) {
+    refused = Status::unauthenticated(
+        "this agent requires authentication (a shared secret: "
+        "--secret-file); got " +
+        msg_type_name(first->type));
+  } else if (!secret.empty()) {
+    const Frame hello = std::move(*first);
+    Status authed = co_await authenticate_client(channel, hello, secret,
+                                                 ctx.peer_deadline());
+    if (!authed.ok()) {
+      ctx.log->warn("authentication failed from {}: {}", channel.peer(),
+                    authed.to_string());
+      co_return std::nullopt;
+    }
+    first = co_await channel.receive(ctx.peer_deadline());
+    if (!received(first)) co_return std::nullopt;
+  } else if (first->type == MsgType::kAuthHello) {
+    refused = Status::unauthenticated(
+        "this agent has no secret and cannot authenticate (start it with "
+        "--secret-file)");
+  }
+  if (refused.ok()) co_return std::move(*first);
+  ctx.log->warn("refusing {}: {}", channel.peer(), refused.to_string());
+  co_await reply_error(ctx, channel, refused);
+  co_return std::nullopt;
+}
+
+asio::awaitable<void> serve_status(AgentImpl& impl, FrameChannel& channel) {
+  auto st = co_await impl.compute_status();
+  if (!st.ok()) {
+    Status error = st.status();
+    co_await reply_error(impl.ctx, channel, error);
+    co_return;
+  }
+  co_await reply(impl.ctx, channel, MsgType::kStatusResp, encode(*st));
+}
+
+asio::awaitable<void> serve_migrate(MigrationContext& ctx,
+                                    FrameChannel& channel, const Frame& req) {
+  auto request = decode_migrate_request(req.payload, ctx.limits);
+  if (!request.ok()) {
+    ctx.log->warn("bad MIGRATE_REQ from {}: {}", channel.peer(),
+                  request.status().to_string());
+    Status error = request.status();
+    co_await reply_error(ctx, channel, error);
+    co_return;
+  }
+  auto report = co_await run_source(ctx, std::move(*request));
+  if (!report.ok()) {
+    Status error = report.status();
+    co_await reply_error(ctx, channel, error);
+    co_return;
+  }
+  co_await reply(ctx, channel, MsgType::kMigrateResp, encode(*report));
+}
+
+asio::awaitable<void> serve_hello(MigrationContext& ctx, FrameChannel& channel,
+                                  const Frame& frame) {
+  auto hello = decode_hello(frame.payload, ctx.limits);
+  if (!hello.ok()) {
+    ctx.log->warn("bad HELLO from {}: {}", channel.peer(),
+                  hello.status().to_string());
+    const std::vector<uint8_t> payload =
+        encode(AbortMsg{hello.status().to_string()});
+    Status sent =
+        co_await channel.send(MsgType::kAbort, payload, ctx.peer_deadline());
+    (void)sent;
+    co_return;
+  }
+  DestinationRun run(ctx, channel, std::move(*hello));
+  co_await run.run();
+}
+
+asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
+                                          FrameChannel& channel,
+                                          const Frame& frame) {
+  auto req = decode_outcome_req(frame.payload, ctx.limits);
+  if (!req.ok()) {
+    ctx.log->warn("bad OUTCOME_REQ from {}: {}", channel.peer(),
+                  req.status().to_string());
+    co_return;
+  }
+  const OutcomeRespMsg resp =
+      ctx.dst_records.answer_query(req->migration_id, ctx.log);
+  co_await reply(ctx, channel, MsgType::kOutcomeResp, encode(resp));
+}
+
+asio::awaitable<void> serve_snapshot(MigrationContext& ctx,
+                                     FrameChannel& channel,
+                                     const Frame& frame) {
+  auto req = decode_snapshot_req(frame.payload, ctx.limits);
+  Status done = req.status();
+  if (done.ok()) {
+    const SnapshotReqMsg& r = *req;
+    done = co_await ctx.offload([&ctx, &r] {
+      return r.load ? restore(r.path, ctx.pager) : capture(ctx.pager, r.path);
+    });
+    ctx.log->info("snapshot {} {} for {}: {}", r.load ? "load from" : "save to",
+                  r.path, channel.peer(), done.to_string());
+  }
+  if (!done.ok()) {
+    co_await reply_error(ctx, channel, done);
+    co_return;
+  }
+  co_await reply(ctx, channel, MsgType::kSnapshotResp, {});
+}
+
+asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,
+                               Frame first) {
+  MigrationContext& ctx = impl.ctx;
+  switch (first.type) {
+    case MsgType::kStatusReq:
+      co_await serve_status(impl, channel);
+      co_return;
+    case MsgType::kMigrateReq:
+      co_await serve_migrate(ctx, channel, first);
+      co_return;
+    case MsgType::kHello:
+      co_await serve_hello(ctx, channel, first);
+      co_return;
+    case MsgType::kOutcomeReq:
+      co_await serve_outcome_query(ctx, channel, first);
+      co_return;
+    case MsgType::kSnapshotReq:
+      co_await serve_snapshot(ctx, channel, first);
+      co_return;
+    default:
+      break;
+  }
+  auto handler = impl.session_handlers.find(first.type);
+  if (handler != impl.session_handlers.end()) {
+    co_await handler->second(ctx, channel, std::move(first));
+    co_return;
+  }
+  ctx.log->warn("closing connection from {}: unexpected {} as first frame",
+                channel.peer(), msg_type_name(first.type));
+}
+
+}  // namespace
+
+asio::awaitable<void> Agent::Impl::accept_loop() {
+  while (!ctx.stopping) {
+    boost::system::error_code ec;
+    asio::ip::tcp::socket socket = co_await acceptor.async_accept(
+        asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) {
+      if (ec == asio::error::operation_aborted || ctx.stopping) co_return;
+      ctx.log->warn("accept failed: {}", ec.message());
+      continue;
+    }
+    if (open_connections >= ctx.options.max_connections) {
+      ctx.log->warn("refusing a connection: {} open, limit {}",
+                    open_connections, ctx.options.max_connections);
+      continue;  // the socket closes here
+    }
+    asio::co_spawn(ctx.io, serve_connection(std::move(socket)), asio::detached);
+  }
+}
+
+asio::awaitable<void> Agent::Impl::serve_connection(
+    asio::ip::tcp::socket socket) {
+  ++open_connections;
+  ScopeExit count([this] { --open_connections; });
+  FrameChannel channel(std::move(socket), ctx.options.max_frame_bytes);
+  std::optional<Frame> first = co_await admit(ctx, channel);
+  if (first) co_await dispatch(*this, channel, std::move(*first));
+  channel.close();
+}
+
+void add_session_handler(Agent& agent, MsgType type, SessionHandler handler) {
+  AgentInternals::impl(agent).session_handlers[type] = std::move(handler);
+}
+
+}  // namespace kvmig

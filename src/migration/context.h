@@ -1,0 +1,86 @@
+// MigrationContext: everything a migration run needs from the agent that
+// starts it, and nothing of the agent itself: the pager and its layout, the
+// options and limits, the transports, the control plane's io_context and
+// the data pool, the destination's outcome records and the source's
+// in-doubt set. The agent owns one and hands it to every run, so that
+// migration/ compiles without agent/.
+//
+// Threading: one io_context thread runs the control plane (every coroutine,
+// and every member marked "io thread"); blocking data-plane work (the
+// transport's writes and flushes, page copies, checksums) goes to
+// data_pool through offload(), whose result resumes the awaiting coroutine.
+#ifndef KVMIG_SRC_MIGRATION_CONTEXT_H_
+#define KVMIG_SRC_MIGRATION_CONTEXT_H_
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "asio.h"
+#include "in_doubt.h"
+#include "kvmig/agent.h"
+#include "kvmig/pager.h"
+#include "kvmig/transport.h"
+#include "log.h"
+#include "messages.h"
+#include "offload.h"
+#include "outcome_records.h"
+
+namespace kvmig {
+
+class MigrationContext {
+ public:
+  MigrationContext(CachePager& pager, AgentOptions options);
+  ~MigrationContext();
+  MigrationContext(const MigrationContext&) = delete;
+  MigrationContext& operator=(const MigrationContext&) = delete;
+
+  // Reads the pager's layout and builds and registers every transport the
+  // options name. Called once, before serving.
+  Status init();
+
+  // The transport called name, or a clear error if this agent lacks it.
+  Result<Transport*> transport_named(std::string_view name);
+  // The first of names this agent has, or null.
+  Transport* first_transport_of(const std::vector<std::string>& names);
+  // "tcp,ucx": the transports this agent has.
+  std::string transport_names(std::string_view separator) const;
+
+  // Calls the options' fault hook at a named protocol point.
+  void fault(std::string_view point) const;
+  Deadline peer_deadline() const { return Clock::now() + options.peer_timeout; }
+
+  // Runs f() on the data pool and resumes the caller with its result.
+  template <typename F>
+  auto offload(F f) -> asio::awaitable<decltype(f())> {
+    return kvmig::offload(data_pool, std::move(f));
+  }
+
+  CachePager& pager;
+  const AgentOptions options;
+  WireLimits limits;
+  std::shared_ptr<spdlog::logger> log;
+  std::optional<PagerLayout> layout;
+  std::vector<std::span<std::byte>> pager_regions;  // registered everywhere
+
+  // Declared before io and data_pool: destroyed after them, so coroutine
+  // frames and pool work never outlive what they use.
+  std::map<std::string, std::unique_ptr<Transport>, std::less<>> transports;
+  OutcomeRecords dst_records;  // io thread
+  InDoubtSet in_doubt;         // io thread
+  bool source_busy = false;    // io thread: a source run is under way
+  std::atomic<bool> stopping{false};
+  asio::io_context io{1};
+  // Declared last: destroyed (stopped and joined) first.
+  asio::thread_pool data_pool{2};
+};
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_MIGRATION_CONTEXT_H_

@@ -1,0 +1,393 @@
+#include "destination_run.h"
+
+#include <algorithm>
+#include <map>
+#include <string>
+
+namespace kvmig {
+namespace {
+
+// While waiting for COMMIT the destination allows the data phase at least
+// this rate on top of the peer timeout (a stalled source still times out; a
+// dead one is seen at once as a closed connection).
+constexpr double kMinDataBytesPerSecond = 20e6;
+
+// Protocol error unless every slot position is below n.
+Status check_positions(const std::vector<uint32_t>& positions, size_t n,
+                       const char* message) {
+  for (uint32_t pos : positions) {
+    if (pos >= n) {
+      return Status::protocol(std::string(message) + " names slot position " +
+                              std::to_string(pos) + " of " + std::to_string(n));
+    }
+  }
+  return Status();
+}
+
+}  // namespace
+
+void SlotLease::release() {
+  if (slots_.empty()) return;
+  Status released = pager_.release_pages(slots_);
+  if (!released.ok()) {
+    logger("control")->error("{} releasing {} slots: {}", tag_, slots_.size(),
+                             released.to_string());
+  }
+  slots_.clear();
+}
+
+DestinationRun::DestinationRun(MigrationContext& ctx, FrameChannel& channel,
+                               HelloMsg hello)
+    : ctx_(ctx),
+      channel_(channel),
+      hello_(std::move(hello)),
+      id_(hello_.migration_id),
+      tag_(migration_tag(id_, "<-", channel.peer())),
+      meta_(ctx.pager.meta()),
+      page_total_(2 * meta_.page_bytes()),
+      slots_(ctx.pager, tag_) {}
+
+asio::awaitable<void> DestinationRun::run() {
+  Status s = check_hello();
+  if (s.ok()) s = allocate_first_round();
+  if (s.ok()) s = co_await open_and_offer();
+  if (!s.ok()) {
+    co_await fail(s);
+    co_return;
+  }
+  auto commit_frame = co_await receive_until_commit();
+  Result<CommitMsg> commit = commit_frame.ok()
+                                 ? check_commit(*commit_frame)
+                                 : Result<CommitMsg>(commit_frame.status());
+  s = commit.status();
+  if (s.ok()) s = co_await install(*commit);
+  if (!s.ok()) {
+    co_await fail(s);
+    co_return;
+  }
+  ctx_.fault("dst.before_done");
+  Status sent =
+      co_await channel_.send(MsgType::kDone, {}, ctx_.peer_deadline());
+  if (!sent.ok()) {
+    // Committed all the same: the source learns it by asking.
+    ctx_.log->warn("{} DONE not delivered: {}", tag_, sent.to_string());
+  }
+}
+
+asio::awaitable<void> DestinationRun::fail(Status why) {
+  ctx_.log->warn("{} aborted: {}", tag_, why.to_string());
+  if (target_) {
+    co_await ctx_.offload([this] {
+      target_->revoke();
+      return 0;
+    });
+  }
+  staging_.reset();
+  slots_.release();
+  if (registered_) ctx_.dst_records.remember(id_, Outcome::kAborted);
+  const std::vector<uint8_t> payload = encode(AbortMsg{why.to_string()});
+  Status sent = co_await channel_.send(MsgType::kAbort, payload,
+                                       Clock::now() + std::chrono::seconds(1));
+  (void)sent;
+}
+
+Status DestinationRun::check_hello() {
+  const AgentOptions& options = ctx_.options;
+  if (ctx_.dst_records.contains(id_)) {
+    return Status::already_exists("migration id " + id_ + " seen before");
+  }
+  if (hello_.meta != meta_) {
+    return Status::invalid_argument("cache meta mismatch: source has " +
+                                    hello_.meta.to_string() +
+                                    ", destination has " + meta_.to_string());
+  }
+  // A live migration's first round may have no full page yet (short
+  // requests): its slots come with later rounds.
+  const uint32_t min_pages = hello_.live ? 0 : 1;
+  if (hello_.n_pages < min_pages ||
+      hello_.n_pages > options.max_pages_per_migration) {
+    return Status::resource_exhausted(
+        "HELLO asks for " + std::to_string(hello_.n_pages) +
+        " pages; this agent takes " + std::to_string(min_pages) + " to " +
+        std::to_string(options.max_pages_per_migration));
+  }
+  if (hello_.n_seqs == 0 || hello_.n_seqs > options.max_seqs_per_migration) {
+    return Status::resource_exhausted(
+        "HELLO moves " + std::to_string(hello_.n_seqs) +
+        " requests; this agent takes 1 to " +
+        std::to_string(options.max_seqs_per_migration));
+  }
+  transport_ = ctx_.first_transport_of(hello_.transports);
+  if (!transport_) {
+    std::string offered;
+    for (const auto& n : hello_.transports) offered += n + " ";
+    return Status::failed_precondition("no common transport: source offers [ " +
+                                       offered + "], destination accepts [ " +
+                                       ctx_.transport_names(" ") + " ]");
+  }
+  ctx_.dst_records.remember(id_, Outcome::kPending);
+  registered_ = true;
+  return Status();
+}
+
+Status DestinationRun::allocate_first_round() {
+  if (hello_.n_pages == 0) return Status();
+  auto allocated = ctx_.pager.allocate_pages(hello_.n_pages);
+  if (!allocated.ok()) {
+    auto cap = ctx_.pager.capacity();
+    return Status::resource_exhausted(
+        "destination full: need " + std::to_string(hello_.n_pages) + " pages" +
+        (cap ? ", " + std::to_string(cap->free_pages) + " free" : "") + " (" +
+        allocated.status().message() + ")");
+  }
+  slots_.add(*allocated);
+  landed_.assign(slots_.size(), false);
+  verified_.assign(slots_.size(), false);
+  if (allocated->size() != hello_.n_pages) {
+    return Status::internal("pager allocated " +
+                            std::to_string(allocated->size()) + " of " +
+                            std::to_string(hello_.n_pages) + " pages");
+  }
+  return Status();
+}
+
+asio::awaitable<Status> DestinationRun::open_and_offer() {
+  // Where the source writes: the pager's own memory, or a staging buffer.
+  OfferMsg offer;
+  offer.transport = std::string(transport_->name());
+  offer.slots = slots_.slots();
+  std::vector<std::span<std::byte>> regions;
+  if (ctx_.layout) {
+    regions = ctx_.pager_regions;
+    for (const StridedRegion& r : *ctx_.layout) {
+      offer.regions.push_back({r.stride, r.chunk, r.slots});
+    }
+  } else {
+    // Later live rounds batch through the same buffer: size it by the limit,
+    // not by the first round.
+    const uint64_t most = hello_.live ? ctx_.options.max_pages_per_migration
+                                      : std::max<uint32_t>(hello_.n_pages, 1);
+    const auto n_staging = static_cast<uint32_t>(std::clamp<uint64_t>(
+        ctx_.options.staging_bytes / page_total_, 1, most));
+    auto sb = StagingBuffer::create(*transport_, page_total_, n_staging);
+    if (!sb.ok()) co_return sb.status();
+    staging_ = std::move(*sb);
+    regions = {staging_->memory()};
+    offer.regions = {staging_->geometry()};
+    offer.staging_slots = n_staging;
+  }
+  auto opened = co_await ctx_.offload([&] {
+    return transport_->open_target(regions, hello_.initiator_address,
+                                   ctx_.peer_deadline());
+  });
+  if (!opened.ok()) {
+    co_return opened.status().with_context("opening the data path");
+  }
+  target_ = std::move(*opened);
+  offer.target_address = target_->address();
+  const std::vector<uint8_t> payload = encode(offer);
+  Status sent =
+      co_await channel_.send(MsgType::kOffer, payload, ctx_.peer_deadline());
+  if (!sent.ok()) co_return sent;
+  ctx_.log->info("{} offered {} slots over {}{}", tag_, slots_.size(),
+                 transport_->name(), staging_ ? " (staged)" : "");
+  ctx_.fault("dst.after_offer");
+  co_return Status();
+}
+
+Deadline DestinationRun::data_deadline() const {
+  // The data phase may take at least kMinDataBytesPerSecond for every slot
+  // allocated so far, on top of the peer timeout.
+  return ctx_.peer_deadline() +
+         std::chrono::duration_cast<Clock::duration>(
+             std::chrono::duration<double>(double(slots_.size()) * page_total_ /
+                                           kMinDataBytesPerSecond));
+}
+
+asio::awaitable<Result<Frame>> DestinationRun::receive_until_commit() {
+  for (;;) {
+    auto frame = co_await channel_.receive(data_deadline());
+    if (!frame.ok())
+      co_return frame.status().with_context("waiting for COMMIT");
+    if (frame->type == MsgType::kCommit) co_return frame;
+    Status ok;
+    if (frame->type == MsgType::kAbort) {
+      auto why = decode_abort(frame->payload, ctx_.limits);
+      ok = Status::aborted("source aborted: " +
+                           (why.ok() ? why->reason : why.status().to_string()));
+    } else if (frame->type == MsgType::kRound && hello_.live) {
+      ok = co_await on_round(*frame);
+    } else if (frame->type == MsgType::kVerify && hello_.verify) {
+      ok = co_await on_verify(*frame);
+    } else if (frame->type == MsgType::kBatch && staging_) {
+      ok = co_await on_batch(*frame);
+    } else {
+      ok = Status::protocol("unexpected " + msg_type_name(frame->type) +
+                            " during the data phase");
+    }
+    if (!ok.ok()) co_return ok;
+  }
+}
+
+asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
+  // A live round: more slots, appended to the positions.
+  auto round = decode_round(frame.payload);
+  if (!round.ok()) co_return round.status();
+  const uint32_t limit = ctx_.options.max_pages_per_migration;
+  if (round->n_pages == 0 || round->n_pages > limit - slots_.size()) {
+    co_return Status::resource_exhausted(
+        "ROUND asks for " + std::to_string(round->n_pages) +
+        " more pages; this agent takes at most " + std::to_string(limit) +
+        " per migration");
+  }
+  auto more = ctx_.pager.allocate_pages(round->n_pages);
+  if (!more.ok()) {
+    co_return Status::resource_exhausted(
+        "destination full: need " + std::to_string(round->n_pages) +
+        " more pages (" + more.status().message() + ")");
+  }
+  slots_.add(*more);
+  landed_.resize(slots_.size(), false);
+  verified_.resize(slots_.size(), false);
+  const std::vector<uint8_t> payload = encode(RoundOfferMsg{*more});
+  co_return co_await channel_.send(MsgType::kRoundOffer, payload,
+                                   ctx_.peer_deadline());
+}
+
+asio::awaitable<Status> DestinationRun::on_verify(const Frame& frame) {
+  // A round's data is flushed: check what landed in those slots.
+  auto v = decode_verify(frame.payload, ctx_.limits);
+  if (!v.ok()) co_return v.status();
+  KVMIG_CO_RETURN_IF_ERROR(
+      check_positions(v->positions, slots_.size(), "VERIFY"));
+  Status checked = co_await ctx_.offload([&]() -> Status {
+    for (size_t k = 0; k < v->positions.size(); ++k) {
+      const uint32_t pos = v->positions[k];
+      KVMIG_ASSIGN_OR_RETURN(
+          uint64_t c,
+          pager_page_checksum(ctx_.pager, ctx_.layout, slots_[pos]));
+      if (c != v->checksums[k]) {
+        return Status::data_loss("page at position " + std::to_string(pos) +
+                                 " (slot " + std::to_string(slots_[pos]) +
+                                 ") checksum mismatch");
+      }
+      verified_[pos] = true;
+    }
+    return Status();
+  });
+  if (!checked.ok()) co_return checked;
+  co_return co_await channel_.send(MsgType::kVerifyAck, {},
+                                   ctx_.peer_deadline());
+}
+
+asio::awaitable<Status> DestinationRun::on_batch(const Frame& frame) {
+  // Staged pages: staging slot k holds the page for positions[k].
+  auto batch = decode_batch(frame.payload, ctx_.limits);
+  if (!batch.ok()) co_return batch.status();
+  if (batch->positions.empty() || batch->positions.size() > staging_->slots()) {
+    co_return Status::protocol(
+        "BATCH of " + std::to_string(batch->positions.size()) +
+        " pages for a staging buffer of " + std::to_string(staging_->slots()));
+  }
+  KVMIG_CO_RETURN_IF_ERROR(
+      check_positions(batch->positions, slots_.size(), "BATCH"));
+  Status applied = co_await ctx_.offload([&]() -> Status {
+    for (size_t k = 0; k < batch->positions.size(); ++k) {
+      const uint32_t pos = batch->positions[k];
+      KVMIG_RETURN_IF_ERROR(ctx_.pager.write_page(
+          slots_[pos],
+          staging_->load(static_cast<uint32_t>(k), meta_.page_bytes())));
+      landed_[pos] = true;
+    }
+    return Status();
+  });
+  if (!applied.ok()) co_return applied;
+  co_return co_await channel_.send(MsgType::kBatchAck, {},
+                                   ctx_.peer_deadline());
+}
+
+Result<CommitMsg> DestinationRun::check_commit(const Frame& frame) {
+  if (!ctx_.dst_records.begin_commit(id_)) {
+    return Status::aborted(
+        "COMMIT arrived after an outcome query had decided abort");
+  }
+  // The page tables use only allocated slots; every slot is used (a live
+  // migration may leave some unused: requests left behind).
+  KVMIG_ASSIGN_OR_RETURN(CommitMsg commit,
+                         decode_commit(frame.payload, ctx_.limits));
+  if (commit.seqs.empty() || commit.seqs.size() > hello_.n_seqs ||
+      (!hello_.live && commit.seqs.size() != hello_.n_seqs)) {
+    return Status::protocol("COMMIT has " + std::to_string(commit.seqs.size()) +
+                            " requests, HELLO announced " +
+                            std::to_string(hello_.n_seqs));
+  }
+  KVMIG_RETURN_IF_ERROR(check_tables(commit));
+  if (!hello_.live && !unused_.empty()) {
+    return Status::protocol(std::to_string(unused_.size()) +
+                            " allocated slots are used by no request");
+  }
+  return commit;
+}
+
+Status DestinationRun::check_tables(const CommitMsg& commit) {
+  std::map<PageIndex, uint32_t> position_of;
+  for (uint32_t pos = 0; pos < slots_.size(); ++pos) {
+    position_of[slots_[pos]] = pos;
+  }
+  std::vector<bool> used(slots_.size(), false);
+  for (const LogicalSeq& s : commit.seqs) {
+    const std::string which = "request " + std::to_string(s.seq_id);
+    if (s.pages.size() != meta_.pages_for_tokens(s.n_tokens)) {
+      return Status::protocol(which + " has " + std::to_string(s.n_tokens) +
+                              " tokens in " + std::to_string(s.pages.size()) +
+                              " pages");
+    }
+    for (PageIndex p : s.pages) {
+      const std::string at = which + " points at slot " + std::to_string(p);
+      auto it = position_of.find(p);
+      if (it == position_of.end()) {
+        return Status::protocol(at + ", not one allocated for it");
+      }
+      if (hello_.verify && !verified_[it->second]) {
+        return Status::protocol(at + ", which no VERIFY covered");
+      }
+      if (staging_ && !landed_[it->second]) {
+        return Status::protocol(at + ", which no BATCH filled");
+      }
+      used[it->second] = true;
+    }
+  }
+  for (uint32_t pos = 0; pos < slots_.size(); ++pos) {
+    if (!used[pos]) unused_.push_back(slots_[pos]);
+  }
+  return Status();
+}
+
+asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
+  // End the data path (the source flushed every write before COMMIT and
+  // posts none after), then install: revoked, or kept for the source's next
+  // migration where the transport can; a failed install still revokes it.
+  co_await ctx_.offload([this] {
+    const bool kept = target_->keep();
+    ctx_.log->debug("{} data path {}", tag_, kept ? "kept" : "revoked");
+    return 0;
+  });
+  Status installed = ctx_.pager.install_logical_seqs(commit.seqs);
+  if (!installed.ok()) co_return installed.with_context("install");
+  ctx_.dst_records.remember(id_, Outcome::kCommitted);
+  const size_t used = slots_.size() - unused_.size();
+  slots_.taken();
+  if (!unused_.empty()) {
+    // Pages of requests the source left behind.
+    Status released = ctx_.pager.release_pages(unused_);
+    if (!released.ok()) {
+      ctx_.log->error("{} releasing {} unused slots: {}", tag_, unused_.size(),
+                      released.to_string());
+    }
+  }
+  ctx_.log->info("{} installed {} requests in {} slots", tag_,
+                 commit.seqs.size(), used);
+  co_return Status();
+}
+
+}  // namespace kvmig

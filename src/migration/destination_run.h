@@ -1,0 +1,101 @@
+// The destination side of one migration: check HELLO, allocate every slot
+// once, OFFER, receive the data (directly into the slots, or staged), check
+// COMMIT, cut the source off, install, DONE. Until install, any failure
+// releases the slots, after cutting the source off so that no late write
+// can land in a slot that is given back.
+#ifndef KVMIG_SRC_MIGRATION_DESTINATION_RUN_H_
+#define KVMIG_SRC_MIGRATION_DESTINATION_RUN_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "asio.h"
+#include "channel.h"
+#include "context.h"
+#include "messages.h"
+#include "staging.h"
+
+namespace kvmig {
+
+// Slots allocated for one migration: given back to the pager when the lease
+// ends, unless install took them. Not thread-safe (the io thread's).
+class SlotLease {
+ public:
+  // tag: the migration's log tag.
+  SlotLease(CachePager& pager, std::string tag)
+      : pager_(pager), tag_(std::move(tag)) {}
+  ~SlotLease() { release(); }
+  SlotLease(const SlotLease&) = delete;
+  SlotLease& operator=(const SlotLease&) = delete;
+
+  // Slot positions: OFFER order, then each ROUND_OFFER's.
+  void add(const std::vector<PageIndex>& slots) {
+    slots_.insert(slots_.end(), slots.begin(), slots.end());
+  }
+  const std::vector<PageIndex>& slots() const { return slots_; }
+  size_t size() const { return slots_.size(); }
+  PageIndex operator[](size_t position) const { return slots_[position]; }
+
+  // Gives every slot back now (logging a pager failure). Idempotent.
+  void release();
+  // Install took the slots: the lease ends owning nothing.
+  void taken() { slots_.clear(); }
+
+ private:
+  CachePager& pager_;
+  const std::string tag_;
+  std::vector<PageIndex> slots_;
+};
+
+// One incoming migration, run on the io thread from HELLO to DONE.
+class DestinationRun {
+ public:
+  DestinationRun(MigrationContext& ctx, FrameChannel& channel, HelloMsg hello);
+
+  asio::awaitable<void> run();
+
+ private:
+  // Each step: a failure is returned and run() rolls back through fail().
+  Status check_hello();
+  Status allocate_first_round();
+  asio::awaitable<Status> open_and_offer();
+  // Serves live rounds, VERIFY and staged batches until COMMIT arrives.
+  asio::awaitable<Result<Frame>> receive_until_commit();
+  asio::awaitable<Status> on_round(const Frame& frame);
+  asio::awaitable<Status> on_verify(const Frame& frame);
+  asio::awaitable<Status> on_batch(const Frame& frame);
+  // The slots of the page tables in COMMIT, checked; the unused ones go to
+  // unused_ (a live migration may leave some: requests left behind).
+  Result<CommitMsg> check_commit(const Frame& frame);
+  Status check_tables(const CommitMsg& commit);
+  asio::awaitable<Status> install(const CommitMsg& commit);
+
+  // Cuts the source off, gives the slots back, remembers the outcome and
+  // tells the source why (best effort).
+  asio::awaitable<void> fail(Status why);
+  Deadline data_deadline() const;
+
+  MigrationContext& ctx_;
+  FrameChannel& channel_;
+  const HelloMsg hello_;
+  const std::string& id_;
+  const std::string tag_;
+  const CacheMeta meta_;
+  const uint64_t page_total_;
+
+  Transport* transport_ = nullptr;
+  bool registered_ = false;  // this run owns ctx_.dst_records[id_]
+  SlotLease slots_;
+  std::vector<bool> landed_;    // staged positions written
+  std::vector<bool> verified_;  // checked against VERIFY
+  std::vector<PageIndex> unused_;
+  std::unique_ptr<StagingBuffer> staging_;
+  // Declared after the lease: the target (revoked by its destructor) goes
+  // before the slots are given back, however the run ends.
+  std::unique_ptr<TransportTarget> target_;
+};
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_MIGRATION_DESTINATION_RUN_H_

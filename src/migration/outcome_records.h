@@ -1,0 +1,51 @@
+// OutcomeRecords: the destination's memory of each migration it took part
+// in, by migration id, so a source that lost contact can ask how it ended.
+// Not thread-safe: the agent's io thread owns it.
+#ifndef KVMIG_SRC_MIGRATION_OUTCOME_RECORDS_H_
+#define KVMIG_SRC_MIGRATION_OUTCOME_RECORDS_H_
+
+#include <cstddef>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "log.h"
+#include "messages.h"
+
+namespace kvmig {
+
+class OutcomeRecords {
+ public:
+  // Outcomes kept for queries, oldest forgotten first.
+  static constexpr size_t kMaxRecords = 4096;
+
+  bool contains(const std::string& id) const { return records_.count(id); }
+
+  // Records (or updates) the outcome of id. A pending migration is never
+  // forgotten to make room.
+  void remember(const std::string& id, Outcome outcome);
+
+  // The answer to a source's OUTCOME_REQ. A migration still pending before
+  // its COMMIT was accepted is decided aborted now (fenced), so a COMMIT
+  // still in flight is refused.
+  OutcomeRespMsg answer_query(const std::string& id,
+                              const std::shared_ptr<spdlog::logger>& log);
+
+  // COMMIT is being applied (a query now answers pending, not aborted).
+  // False when a query fenced the migration first: it must abort.
+  bool begin_commit(const std::string& id);
+
+ private:
+  struct Record {
+    Outcome outcome = Outcome::kPending;
+    bool committing = false;  // COMMIT accepted, install under way
+    bool fenced = false;      // an outcome query decided "aborted" first
+  };
+  std::map<std::string, Record> records_;
+  std::deque<std::string> order_;  // oldest first, bounded
+};
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_MIGRATION_OUTCOME_RECORDS_H_

@@ -1,0 +1,590 @@
+#include "source_run.h"
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+#include <string>
+
+#include "auth.h"
+#include "ids.h"
+#include "in_doubt.h"
+#include "kvmig/digest.h"
+#include "random.h"
+#include "scope_exit.h"
+
+namespace kvmig {
+namespace {
+
+// Largest single write the planner emits; bounds how long one op holds the
+// transport and gives the fault points a middle.
+constexpr uint64_t kMaxWriteBytes = 4ull << 20;
+// Writes handed to the transport per call.
+constexpr size_t kOpsPerPost = 256;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+Status reply_status(const Frame& f, const WireLimits& limits,
+                    std::string_view context) {
+  if (f.type == MsgType::kAbort) {
+    auto why = decode_abort(f.payload, limits);
+    return Status::aborted(std::string(context) + ": destination aborted: " +
+                           (why.ok() ? why->reason : why.status().to_string()));
+  }
+  return Status::protocol(std::string(context) + ": unexpected " +
+                          msg_type_name(f.type));
+}
+
+}  // namespace
+
+Status EnginePause::release() {
+  if (!engaged_) return Status();
+  engaged_ = false;
+  Status s = pager_.resume();
+  if (!s.ok()) logger("engine")->error("resume failed: {}", s.to_string());
+  return s;
+}
+
+SourceRun::SourceRun(MigrationContext& ctx, const MigrateRequest& req,
+                     Transport& transport, std::string id)
+    : ctx_(ctx),
+      req_(req),
+      transport_(transport),
+      id_(std::move(id)),
+      tag_(migration_tag(id_, "->", req.to)),
+      meta_(ctx.pager.meta()),
+      page_total_(2 * meta_.page_bytes()),
+      precopy_(meta_.page_size_tokens),
+      pause_(ctx.pager) {}
+
+asio::awaitable<void> SourceRun::abort_peer(const Status& why) {
+  if (!channel_) co_return;
+  const std::vector<uint8_t> payload = encode(AbortMsg{why.to_string()});
+  Status sent = co_await channel_->send(MsgType::kAbort, payload,
+                                        Clock::now() + std::chrono::seconds(1));
+  (void)sent;
+  channel_->close();
+}
+
+asio::awaitable<Status> SourceRun::pause_engine() {
+  Status paused = co_await ctx_.offload([this] { return ctx_.pager.pause(); });
+  if (!paused.ok()) co_return paused.with_context("pause");
+  pause_.engage();
+  t_pause_ = Clock::now();
+  co_return Status();
+}
+
+asio::awaitable<Result<MigrationReport>> SourceRun::run(
+    std::vector<SeqId> ids) {
+  moving_ = std::move(ids);
+  auto connected = co_await connect_channel(
+      req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
+  if (!connected.ok()) co_return connected.status().with_context("destination");
+  channel_.emplace(std::move(*connected));
+
+  Status s;
+  if (!req_.live) {
+    // Stop-and-copy: one round, paused from the start.
+    s = co_await pause_engine();
+    if (s.ok()) s = co_await run_round(true);
+  } else {
+    s = co_await run_live_rounds();
+    ctx_.fault("src.live.final");
+    // The last round, paused.
+    if (s.ok()) s = co_await pause_engine();
+    if (s.ok()) s = co_await run_round(false);
+  }
+  if (!s.ok()) {
+    ctx_.log->warn("{} aborting: {}", tag_, s.to_string());
+    co_await abort_peer(s);
+    co_return s;
+  }
+  src_staging_.reset();
+  co_return co_await commit();
+}
+
+asio::awaitable<Status> SourceRun::run_live_rounds() {
+  // Pre-copy rounds while the engine runs, until the remainder is small.
+  for (;;) {
+    ctx_.fault("src.live.round");
+    KVMIG_CO_RETURN_IF_ERROR(co_await run_round(round_pages_.empty()));
+    auto current = ctx_.pager.logical_seqs();
+    if (!current.ok()) co_return current.status();
+    const size_t remainder = precopy_.plan(*current, moving_, false).pages();
+    const bool converged = remainder <= req_.live_converge_pages;
+    const bool shrinking = remainder < round_pages_.back();
+    const bool out_of_rounds = round_pages_.size() >= req_.live_max_rounds;
+    if (converged || !shrinking || out_of_rounds) {
+      if (!converged && out_of_rounds && req_.live_abort_if_not_converged) {
+        co_return Status::aborted("live migration did not converge in " +
+                                  std::to_string(req_.live_max_rounds) +
+                                  " rounds (" + std::to_string(remainder) +
+                                  " pages left)");
+      }
+      co_return Status();
+    }
+  }
+}
+
+Status SourceRun::leave_behind(const std::vector<SeqId>& dropped) {
+  if (!req_.live) {
+    return Status::aborted("requests finished before the pause: " +
+                           join_ids(dropped));
+  }
+  ctx_.log->warn("{} left behind (finished or changed shape): {}", tag_,
+                 join_ids(dropped));
+  left_behind_.insert(left_behind_.end(), dropped.begin(), dropped.end());
+  std::erase_if(moving_, [&](SeqId s) {
+    return std::find(dropped.begin(), dropped.end(), s) != dropped.end();
+  });
+  if (moving_.empty()) {
+    return Status::aborted(
+        "every request finished or changed shape during the migration");
+  }
+  return Status();
+}
+
+asio::awaitable<Status> SourceRun::run_round(bool first) {
+  auto current = ctx_.pager.logical_seqs();
+  if (!current.ok()) co_return current.status().with_context("logical_seqs");
+  PrecopyState::Round round =
+      precopy_.plan(*current, moving_, pause_.engaged());
+  if (!round.dropped.empty()) {
+    KVMIG_CO_RETURN_IF_ERROR(leave_behind(round.dropped));
+  }
+  const uint64_t total =
+      uint64_t{precopy_.positions()} + round.new_pages.size();
+  const uint32_t limit = ctx_.options.max_pages_per_migration;
+  if (total > limit) {
+    co_return Status::resource_exhausted(
+        std::to_string(total) + " pages exceed the limit of " +
+        std::to_string(limit) + " per migration");
+  }
+
+  // Slots for the new pages: OFFER on the first round, ROUND_OFFER later.
+  const auto n_new = static_cast<uint32_t>(round.new_pages.size());
+  Result<std::vector<PageIndex>> new_slots = std::vector<PageIndex>{};
+  if (first) {
+    new_slots = co_await hello_and_offer(n_new);
+  } else if (n_new > 0) {
+    new_slots = co_await ask_round_slots(n_new);
+  }
+  if (!new_slots.ok()) co_return new_slots.status();
+  if (new_slots->size() != n_new) {
+    co_return Status::protocol(
+        "destination offered " + std::to_string(new_slots->size()) +
+        " slots for " + std::to_string(n_new) + " pages");
+  }
+
+  const uint32_t first_new = precopy_.positions();
+  precopy_.commit_round(round, *current, moving_, *new_slots);
+  std::vector<uint32_t> positions = round.resend;
+  for (uint32_t k = 0; k < n_new; ++k) positions.push_back(first_new + k);
+  round_pages_.push_back(positions.size());
+  co_return co_await send_positions(positions);
+}
+
+asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
+    uint32_t n_pages) {
+  init_ = nullptr;
+  auto initiator = transport_.create_initiator_for(req_.to);
+  if (!initiator.ok()) co_return initiator.status();
+  init_ = std::move(*initiator);
+  HelloMsg hello;
+  hello.migration_id = id_;
+  hello.meta = meta_;
+  hello.live = req_.live;
+  hello.verify = req_.verify;
+  hello.n_pages = n_pages;
+  hello.n_seqs = static_cast<uint32_t>(moving_.size());
+  hello.transports = {std::string(transport_.name())};
+  hello.initiator_address = init_->address();
+  ctx_.log->info("{} {} {} requests{}, {} pages over {}", tag_,
+                 req_.mode == MigrationMode::kMove ? "moving" : "copying",
+                 moving_.size(), req_.live ? " live" : "", n_pages,
+                 transport_.name());
+  const std::vector<uint8_t> payload = encode(hello);
+  Status sent = co_await channel_->send(MsgType::kHello, payload, deadline());
+  if (!sent.ok()) co_return sent;
+  auto reply = co_await channel_->receive(deadline());
+  if (!reply.ok()) co_return reply.status().with_context("waiting for OFFER");
+  if (reply->type == MsgType::kAbort) {
+    // Refused before allocating anything: nothing to roll back there.
+    auto why = decode_abort(reply->payload, ctx_.limits);
+    co_return Status::aborted(
+        "destination refused: " +
+        (why.ok() ? why->reason : why.status().to_string()));
+  }
+  if (reply->type != MsgType::kOffer) {
+    co_return reply_status(*reply, ctx_.limits, "HELLO");
+  }
+  auto offer = decode_offer(reply->payload, ctx_.limits);
+  if (!offer.ok()) co_return offer.status();
+  if (offer->transport != transport_.name()) {
+    co_return Status::protocol("OFFER names transport '" + offer->transport +
+                               "', HELLO asked for '" +
+                               std::string(transport_.name()) + "'");
+  }
+  dst_regions_ = std::move(offer->regions);
+  dst_staging_slots_ = offer->staging_slots;
+  ctx_.fault("src.after_offer");
+  const std::vector<uint8_t> target = std::move(offer->target_address);
+  Status connected =
+      co_await ctx_.offload([&] { return init_->connect(target, deadline()); });
+  if (!connected.ok()) co_return connected.with_context("data path");
+  co_return std::move(offer->slots);
+}
+
+asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::ask_round_slots(
+    uint32_t n_pages) {
+  const std::vector<uint8_t> payload = encode(RoundMsg{n_pages});
+  Status sent = co_await channel_->send(MsgType::kRound, payload, deadline());
+  if (!sent.ok()) co_return sent;
+  auto reply = co_await channel_->receive(deadline());
+  if (!reply.ok()) {
+    co_return reply.status().with_context("waiting for ROUND_OFFER");
+  }
+  if (reply->type != MsgType::kRoundOffer) {
+    co_return reply_status(*reply, ctx_.limits, "ROUND");
+  }
+  auto offer = decode_round_offer(reply->payload, ctx_.limits);
+  if (!offer.ok()) co_return offer.status();
+  co_return std::move(offer->slots);
+}
+
+Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
+                              size_t first, size_t count, bool mid_fault,
+                              std::vector<uint64_t>& sums) {
+  std::vector<PagePair> pairs(count);
+  for (size_t i = 0; i < count; ++i) {
+    const uint32_t pos = positions[first + i];
+    const PageIndex page = precopy_.source_page_at(pos);
+    // Pages sent while the engine runs are full, so they hold still.
+    if (src_staging_) {
+      KVMIG_ASSIGN_OR_RETURN(PageBytes bytes, ctx_.pager.read_page(page));
+      src_staging_->store(static_cast<uint32_t>(i), bytes);
+      if (req_.verify) sums[first + i] = page_checksum(bytes);
+    } else if (req_.verify) {
+      KVMIG_ASSIGN_OR_RETURN(
+          sums[first + i], pager_page_checksum(ctx_.pager, ctx_.layout, page));
+    }
+    pairs[i].src = src_staging_ ? static_cast<uint32_t>(i) : page;
+    pairs[i].dst = dst_staging_slots_ > 0 ? static_cast<uint32_t>(i)
+                                          : precopy_.slot_at(pos);
+  }
+  KVMIG_ASSIGN_OR_RETURN(
+      auto planned, plan_writes(src_geometry_, dst_regions_, pairs, page_total_,
+                                kMaxWriteBytes));
+  std::vector<WriteOp> ops;
+  ops.reserve(kOpsPerPost);
+  for (size_t w = 0; w < planned.size(); ++w) {
+    const PlannedWrite& pw = planned[w];
+    ops.push_back({src_bases_[pw.src_region] + pw.src_offset, pw.dst_region,
+                   pw.dst_offset, pw.length});
+    if (ops.size() == kOpsPerPost || w + 1 == planned.size()) {
+      KVMIG_RETURN_IF_ERROR(init_->write(ops, deadline()));
+      ops.clear();
+    }
+    if (mid_fault && !mid_fault_done_ && w >= planned.size() / 2) {
+      mid_fault_done_ = true;
+      ctx_.fault("src.data.mid");
+    }
+  }
+  writes_ += planned.size();
+  bytes_ += uint64_t{count} * page_total_;
+  return init_->flush(deadline());
+}
+
+Status SourceRun::ensure_source_geometry() {
+  if (!src_geometry_.empty()) return Status();
+  if (ctx_.layout) {
+    src_geometry_ = geometry_of(*ctx_.layout);
+    for (const StridedRegion& r : *ctx_.layout) src_bases_.push_back(r.base);
+    return Status();
+  }
+  const auto slots = static_cast<uint32_t>(
+      std::clamp<uint64_t>(ctx_.options.staging_bytes / page_total_, 1,
+                           ctx_.options.max_pages_per_migration));
+  KVMIG_ASSIGN_OR_RETURN(src_staging_,
+                         StagingBuffer::create(transport_, page_total_, slots));
+  src_geometry_ = {src_staging_->geometry()};
+  src_bases_ = {src_staging_->slot(0)};
+  return Status();
+}
+
+asio::awaitable<Status> SourceRun::send_positions(
+    const std::vector<uint32_t>& positions) {
+  if (positions.empty()) co_return Status();
+  const auto t0 = Clock::now();
+  KVMIG_CO_RETURN_IF_ERROR(ensure_source_geometry());
+  std::vector<uint64_t> sums(req_.verify ? positions.size() : 0);
+  size_t batch = positions.size();
+  if (src_staging_) batch = std::min<size_t>(batch, src_staging_->slots());
+  if (dst_staging_slots_ > 0) {
+    batch = std::min<size_t>(batch, dst_staging_slots_);
+  }
+  for (size_t first = 0; first < positions.size(); first += batch) {
+    const size_t count = std::min(batch, positions.size() - first);
+    const bool mid_fault = first == 0;
+    Status wrote = co_await ctx_.offload(
+        [&] { return write_batch(positions, first, count, mid_fault, sums); });
+    if (!wrote.ok()) co_return wrote.with_context("data");
+    if (dst_staging_slots_ == 0) continue;
+    KVMIG_CO_RETURN_IF_ERROR(
+        co_await send_batch_and_wait(positions, first, count));
+  }
+  data_seconds_ += seconds_since(t0);
+  if (!req_.verify) co_return Status();
+  co_return co_await verify_round(positions, sums);
+}
+
+asio::awaitable<Status> SourceRun::send_batch_and_wait(
+    const std::vector<uint32_t>& positions, size_t first, size_t count) {
+  BatchMsg msg;
+  msg.positions.assign(positions.begin() + first,
+                       positions.begin() + first + count);
+  const std::vector<uint8_t> payload = encode(msg);
+  Status sent = co_await channel_->send(MsgType::kBatch, payload, deadline());
+  if (!sent.ok()) co_return sent;
+  auto ack = co_await channel_->receive(deadline());
+  if (!ack.ok()) co_return ack.status().with_context("waiting for BATCH_ACK");
+  if (ack->type != MsgType::kBatchAck) {
+    co_return reply_status(*ack, ctx_.limits, "BATCH");
+  }
+  co_return Status();
+}
+
+asio::awaitable<Status> SourceRun::verify_round(
+    const std::vector<uint32_t>& positions, const std::vector<uint64_t>& sums) {
+  const std::vector<uint8_t> payload = encode(VerifyMsg{positions, sums});
+  Status sent = co_await channel_->send(MsgType::kVerify, payload, deadline());
+  if (!sent.ok()) co_return sent;
+  const auto check_time =
+      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
+          double(positions.size()) * page_total_ / 1e9));
+  auto ack = co_await channel_->receive(deadline() + check_time);
+  if (!ack.ok()) co_return ack.status().with_context("waiting for VERIFY_ACK");
+  if (ack->type != MsgType::kVerifyAck) {
+    co_return reply_status(*ack, ctx_.limits, "VERIFY");
+  }
+  co_return Status();
+}
+
+CommitMsg SourceRun::commit_tables() const {
+  // Page tables in destination slots. Checksums went with each round.
+  CommitMsg msg;
+  for (const auto& [id, seq] : precopy_.tables()) {
+    LogicalSeq out{id, seq.n_tokens, {}};
+    out.pages.reserve(seq.pages.size());
+    for (PageIndex p : seq.pages) {
+      out.pages.push_back(
+          precopy_.slot_at(static_cast<uint32_t>(precopy_.position_of(p))));
+    }
+    msg.seqs.push_back(std::move(out));
+  }
+  return msg;
+}
+
+asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
+                                                Status& why) {
+  const std::vector<uint8_t> payload = encode(msg);
+  Status sent = co_await channel_->send(MsgType::kCommit, payload, deadline());
+  if (!sent.ok()) {
+    why = sent;
+    co_return Outcome::kUnknown;
+  }
+  auto done = co_await channel_->receive(deadline());
+  if (done.ok() && done->type == MsgType::kDone) co_return Outcome::kCommitted;
+  why = done.ok() ? reply_status(*done, ctx_.limits, "COMMIT") : done.status();
+  co_return done.ok() && done->type == MsgType::kAbort ? Outcome::kAborted
+                                                       : Outcome::kUnknown;
+}
+
+asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
+  const CommitMsg msg = commit_tables();
+  // Digests, if asked, read while paused.
+  std::vector<std::pair<SeqId, std::string>> digests;
+  Status read = co_await ctx_.offload([&]() -> Status {
+    if (!req_.record_digests) return Status();
+    for (const auto& [id, seq] : precopy_.tables()) {
+      KVMIG_ASSIGN_OR_RETURN(Digest d, seq_digest(ctx_.pager, seq));
+      digests.emplace_back(id, d.hex());
+    }
+    return Status();
+  });
+  if (!read.ok()) {
+    co_await abort_peer(read);
+    co_return read;
+  }
+  ctx_.fault("src.before_commit");
+  // A destination that has already closed its end can never read COMMIT:
+  // the migration is certainly not committed, so roll back now rather than
+  // leave the requests in doubt.
+  if (channel_->peer_closed()) {
+    Status gone = Status::unavailable("destination " + req_.to +
+                                      " closed the connection before COMMIT");
+    co_await abort_peer(gone);
+    co_return gone;
+  }
+  Status failure;
+  Outcome outcome = co_await send_commit(msg, failure);
+  channel_->close();
+  std::vector<SeqId> ids;
+  for (const auto& [id, seq] : precopy_.tables()) ids.push_back(id);
+  if (outcome == Outcome::kUnknown) {
+    // The decision is the destination's; ask it.
+    ctx_.log->warn("{} no DONE after COMMIT ({}); asking the destination", tag_,
+                   failure.to_string());
+    outcome = co_await resolve_outcome(ctx_, req_.to, id_);
+    if (outcome == Outcome::kUnknown) co_return enter_in_doubt(ids, failure);
+  }
+  if (outcome != Outcome::kCommitted) {
+    ctx_.log->warn("{} rolled back: {}", tag_, failure.to_string());
+    co_return failure.ok() ? Status::aborted("destination rolled back")
+                           : failure;
+  }
+  co_return finish(ids, std::move(digests));
+}
+
+Status SourceRun::enter_in_doubt(const std::vector<SeqId>& ids,
+                                 const Status& why) {
+  // The requests may already live at the destination: a move keeps them
+  // from running here until the destination answers (DESIGN.md).
+  std::string hold = "none";
+  if (req_.mode == MigrationMode::kMove) {
+    Status held = ctx_.pager.hold_seqs(ids);
+    hold = held.ok() ? "seqs" : "engine";
+    if (!held.ok()) {
+      ctx_.log->error(
+          "{} cannot hold requests one by one ({}): the engine stays "
+          "paused until the destination answers",
+          tag_, held.to_string());
+      pause_.hand_over();
+    }
+  }
+  ctx_.log->error(
+      "{} outcome in doubt: destination unreachable; requests {} kept "
+      "(held: {}), asking again in the background",
+      tag_, join_ids(ids), hold);
+  ctx_.in_doubt.enter(ctx_, {id_, ids, req_.to, hold});
+  return Status::unavailable(
+      "migration " + id_ + " is in doubt: no answer from " + req_.to +
+      " after COMMIT (" + why.to_string() + "); requests kept (held: " + hold +
+      "), marked in doubt until the destination answers");
+}
+
+Result<MigrationReport> SourceRun::finish(
+    const std::vector<SeqId>& ids,
+    std::vector<std::pair<SeqId, std::string>> digests) {
+  // Committed: the requests belong to the destination now, and the data
+  // path (flushed before COMMIT) may serve the next migration to it.
+  if (init_) init_->keep();
+  if (req_.mode == MigrationMode::kMove) {
+    Status dropped = ctx_.pager.drop_logical_seqs(ids);
+    if (!dropped.ok()) {
+      ctx_.log->error("{} committed but drop failed: {}", tag_,
+                      dropped.to_string());
+      return dropped.with_context("drop after commit");
+    }
+  }
+  Status resumed = pause_.release();
+  const double pause_ms = seconds_since(t_pause_) * 1e3;
+  if (!resumed.ok()) return resumed.with_context("resume");
+
+  MigrationReport report;
+  report.migration_id = id_;
+  report.seqs = ids;
+  report.pages = precopy_.positions();
+  report.bytes = bytes_;
+  report.writes = writes_;
+  report.seconds = seconds_since(t_start_);
+  report.gbps = data_seconds_ > 0 ? bytes_ / data_seconds_ / 1e9 : 0;
+  report.pause_ms = pause_ms;
+  report.rounds = static_cast<uint32_t>(round_pages_.size());
+  report.round_pages = round_pages_;
+  report.transport = std::string(transport_.name());
+  report.staged = !ctx_.layout || dst_staging_slots_ > 0;
+  report.left_behind = left_behind_;
+  report.digests = std::move(digests);
+  ctx_.log->info(
+      "{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, {} round(s), "
+      "pause {:.1f} ms",
+      tag_, report.pages, bytes_, writes_, report.gbps, report.rounds,
+      pause_ms);
+  return report;
+}
+
+namespace {
+
+// The requests a migration moves: every live one not in doubt (all), or
+// the ones asked for, each live and not in doubt. Unknown ids are an error
+// before anything moves.
+Result<std::vector<SeqId>> select_requests(MigrationContext& ctx,
+                                           const MigrateRequest& req) {
+  auto before = ctx.pager.logical_seqs();
+  if (!before.ok()) return before.status().with_context("logical_seqs");
+  const std::set<SeqId> doubtful = ctx.in_doubt.held_seqs();
+  std::vector<SeqId> ids;
+  if (req.all) {
+    for (const LogicalSeq& s : *before) {
+      if (!doubtful.count(s.seq_id)) ids.push_back(s.seq_id);
+    }
+    return ids;
+  }
+  std::set<SeqId> live;
+  for (const LogicalSeq& s : *before) live.insert(s.seq_id);
+  std::vector<SeqId> unknown, held;
+  std::set<SeqId> seen;
+  for (SeqId id : req.seqs) {
+    if (!seen.insert(id).second) continue;
+    if (!live.count(id)) {
+      unknown.push_back(id);
+    } else if (doubtful.count(id)) {
+      held.push_back(id);
+    } else {
+      ids.push_back(id);
+    }
+  }
+  if (!unknown.empty()) {
+    return Status::not_found("unknown request ids: " + join_ids(unknown));
+  }
+  if (!held.empty()) {
+    return Status::failed_precondition(
+        "requests in doubt from an earlier migration: " + join_ids(held));
+  }
+  return ids;
+}
+
+}  // namespace
+
+asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
+                                                    MigrateRequest req) {
+  if (ctx.source_busy) {
+    co_return Status::failed_precondition(
+        "a migration from this agent is already running");
+  }
+  ctx.source_busy = true;
+  ScopeExit not_busy([&ctx] { ctx.source_busy = false; });
+  if (req.live && (req.live_max_rounds == 0)) {
+    co_return Status::invalid_argument("live migration needs max rounds >= 1");
+  }
+  const std::string transport_name =
+      req.transport.empty() ? ctx.options.transports.front() : req.transport;
+  auto transport = ctx.transport_named(transport_name);
+  if (!transport.ok()) co_return transport.status();
+  auto ids = select_requests(ctx, req);
+  if (!ids.ok()) co_return ids.status();
+  if (ids->empty()) {
+    co_return Status::invalid_argument("no requests to migrate");
+  }
+  if (ids->size() > ctx.options.max_seqs_per_migration) {
+    co_return Status::resource_exhausted(
+        std::to_string(ids->size()) + " requests exceed the limit of " +
+        std::to_string(ctx.options.max_seqs_per_migration) + " per migration");
+  }
+  SourceRun run(ctx, req, **transport, new_migration_id());
+  co_return co_await run.run(std::move(*ids));
+}
+
+}  // namespace kvmig

@@ -1,0 +1,139 @@
+// The source side of a migration: select, (pause), HELLO, OFFER, data in one
+// or more rounds, COMMIT, DONE, then drop (move) or keep (copy) and resume.
+// Any failure before the destination decides rolls back: the destination
+// releases its slots and the source resumes with everything it had. A
+// COMMIT whose answer never comes leaves the move in doubt (in_doubt.h).
+//
+// Stop-and-copy pauses first and copies everything in one round. Live
+// migration copies in rounds while the engine runs (PrecopyState says what
+// each round sends), then pauses for a last round.
+#ifndef KVMIG_SRC_MIGRATION_SOURCE_RUN_H_
+#define KVMIG_SRC_MIGRATION_SOURCE_RUN_H_
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "asio.h"
+#include "channel.h"
+#include "context.h"
+#include "kvmig/agent.h"
+#include "planner.h"
+#include "precopy.h"
+#include "staging.h"
+
+namespace kvmig {
+
+// Runs the migration a scheduler (or Agent::migrate) asked for: checks the
+// request, picks the requests, runs a SourceRun. One at a time per agent
+// (FailedPrecondition for a second). Runs on ctx's io thread.
+asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
+                                                    MigrateRequest request);
+
+// One pause of the whole engine, owned by a migration: resumed when it ends,
+// however it ends, unless handed over to an in-doubt entry. Not thread-safe.
+class EnginePause {
+ public:
+  explicit EnginePause(CachePager& pager) : pager_(pager) {}
+  ~EnginePause() { (void)release(); }
+  EnginePause(const EnginePause&) = delete;
+  EnginePause& operator=(const EnginePause&) = delete;
+
+  void engage() { engaged_ = true; }
+  bool engaged() const { return engaged_; }
+  // The pause now belongs to someone else (an in-doubt entry): no resume.
+  void hand_over() { engaged_ = false; }
+  // Resumes now (logging a failure). Success when not engaged.
+  Status release();
+
+ private:
+  CachePager& pager_;
+  bool engaged_ = false;
+};
+
+// One outgoing migration. Its coroutines run on the io thread; its data
+// work runs on one pool thread at a time while the coroutine awaits it.
+class SourceRun {
+ public:
+  SourceRun(MigrationContext& ctx, const MigrateRequest& req,
+            Transport& transport, std::string id);
+
+  // Moves (or copies) ids, every one live and not in doubt.
+  asio::awaitable<Result<MigrationReport>> run(std::vector<SeqId> ids);
+
+ private:
+  Deadline deadline() const { return ctx_.peer_deadline(); }
+  asio::awaitable<void> abort_peer(const Status& why);
+  asio::awaitable<Status> pause_engine();
+  asio::awaitable<Status> run_live_rounds();
+  // Plans, allocates and sends one round from a fresh snapshot.
+  asio::awaitable<Status> run_round(bool first);
+  // Drops requests that no longer extend what was copied (live only).
+  Status leave_behind(const std::vector<SeqId>& dropped);
+  // The first round: HELLO, OFFER, connect the data path.
+  asio::awaitable<Result<std::vector<PageIndex>>> hello_and_offer(
+      uint32_t n_pages);
+  // A later round: ROUND, ROUND_OFFER.
+  asio::awaitable<Result<std::vector<PageIndex>>> ask_round_slots(
+      uint32_t n_pages);
+  // Copies the pages at `positions` into their destination slots.
+  asio::awaitable<Status> send_positions(
+      const std::vector<uint32_t>& positions);
+  Status ensure_source_geometry();
+  // Writes positions[first, first + count) and flushes; with verify, also
+  // fills sums[first, first + count) with the pages' checksums.
+  Status write_batch(const std::vector<uint32_t>& positions, size_t first,
+                     size_t count, bool mid_fault, std::vector<uint64_t>& sums);
+  asio::awaitable<Status> send_batch_and_wait(
+      const std::vector<uint32_t>& positions, size_t first, size_t count);
+  // Waits until the destination has checked a round, so its checking never
+  // lands inside the final pause.
+  asio::awaitable<Status> verify_round(const std::vector<uint32_t>& positions,
+                                       const std::vector<uint64_t>& sums);
+
+  asio::awaitable<Result<MigrationReport>> commit();
+  CommitMsg commit_tables() const;
+  // Sends COMMIT and reads the answer: kCommitted, kAborted (with why) or
+  // kUnknown (with why) when no answer came.
+  asio::awaitable<Outcome> send_commit(const CommitMsg& msg, Status& why);
+  // The requests stay here, held, until the destination answers.
+  Status enter_in_doubt(const std::vector<SeqId>& ids, const Status& why);
+  Result<MigrationReport> finish(
+      const std::vector<SeqId>& ids,
+      std::vector<std::pair<SeqId, std::string>> digests);
+
+  MigrationContext& ctx_;
+  const MigrateRequest& req_;
+  Transport& transport_;
+  const std::string id_;
+  const std::string tag_;
+  const CacheMeta meta_;
+  const uint64_t page_total_;
+
+  std::optional<FrameChannel> channel_;
+  std::unique_ptr<TransportInitiator> init_;
+  PrecopyState precopy_;
+  EnginePause pause_;
+  std::vector<SeqId> moving_;
+  std::vector<SeqId> left_behind_;
+  std::vector<uint64_t> round_pages_;
+
+  // Where writes go: the destination's geometry (or staging), from OFFER.
+  std::vector<RegionGeometry> dst_regions_;
+  uint32_t dst_staging_slots_ = 0;
+  // Where writes come from: the pager's layout or a staging buffer.
+  std::vector<RegionGeometry> src_geometry_;
+  std::vector<std::byte*> src_bases_;
+  std::unique_ptr<StagingBuffer> src_staging_;
+
+  Clock::time_point t_start_ = Clock::now();
+  Clock::time_point t_pause_;
+  double data_seconds_ = 0;
+  uint64_t bytes_ = 0, writes_ = 0;
+  bool mid_fault_done_ = false;
+};
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_MIGRATION_SOURCE_RUN_H_

@@ -1,0 +1,196 @@
+#include "control_messages.h"
+
+#include <string>
+
+namespace kvmig {
+
+std::vector<uint8_t> encode(const SnapshotReqMsg& m) {
+  ByteWriter w;
+  w.put(static_cast<uint8_t>(m.load));
+  w.put_string(m.path);
+  return w.take();
+}
+
+Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
+                                           const WireLimits& l) {
+  return decode_all<SnapshotReqMsg>(
+      p, "SNAPSHOT_REQ", [&](ByteReader& r) -> Result<SnapshotReqMsg> {
+        SnapshotReqMsg m;
+        KVMIG_ASSIGN_OR_RETURN(uint8_t load, r.get<uint8_t>("snapshot op"));
+        if (load > 1) return Status::data_loss("snapshot op out of range");
+        m.load = load != 0;
+        KVMIG_ASSIGN_OR_RETURN(m.path, r.get_string(l.max_string, "path"));
+        if (m.path.empty()) return Status::data_loss("empty snapshot path");
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const MigrateRequest& m) {
+  ByteWriter w;
+  w.put_string(m.to);
+  put_ids(w, m.seqs);
+  w.put(static_cast<uint8_t>(m.all));
+  w.put(static_cast<uint8_t>(m.mode));
+  w.put(static_cast<uint8_t>(m.live));
+  w.put_string(m.transport);
+  w.put(static_cast<uint8_t>(m.verify));
+  w.put(static_cast<uint8_t>(m.record_digests));
+  w.put(m.live_max_rounds);
+  w.put(m.live_converge_pages);
+  w.put(static_cast<uint8_t>(m.live_abort_if_not_converged));
+  return w.take();
+}
+
+Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
+                                              const WireLimits& l) {
+  return decode_all<MigrateRequest>(
+      p, "MIGRATE_REQ", [&](ByteReader& r) -> Result<MigrateRequest> {
+        MigrateRequest m;
+        KVMIG_ASSIGN_OR_RETURN(m.to, r.get_string(l.max_string, "to"));
+        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_ids(r, l));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t all, r.get<uint8_t>("all"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t mode, r.get<uint8_t>("mode"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t live, r.get<uint8_t>("live"));
+        KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t verify, r.get<uint8_t>("verify"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t digests, r.get<uint8_t>("digests"));
+        KVMIG_ASSIGN_OR_RETURN(m.live_max_rounds,
+                               r.get<uint32_t>("max rounds"));
+        KVMIG_ASSIGN_OR_RETURN(m.live_converge_pages,
+                               r.get<uint32_t>("converge pages"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t abort_nc, r.get<uint8_t>("abort flag"));
+        if (all > 1 || mode > 1 || live > 1 || verify > 1 || digests > 1 ||
+            abort_nc > 1) {
+          return Status::data_loss("flag out of range");
+        }
+        m.record_digests = digests;
+        m.live_abort_if_not_converged = abort_nc;
+        m.all = all;
+        m.mode = static_cast<MigrationMode>(mode);
+        m.live = live;
+        m.verify = verify;
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const MigrationReport& m) {
+  ByteWriter w;
+  w.put_string(m.migration_id);
+  put_ids(w, m.seqs);
+  w.put(m.pages);
+  w.put(m.bytes);
+  w.put(m.writes);
+  put_double(w, m.seconds);
+  put_double(w, m.gbps);
+  put_double(w, m.pause_ms);
+  w.put(m.rounds);
+  w.put(static_cast<uint32_t>(m.round_pages.size()));
+  for (uint64_t n : m.round_pages) w.put(n);
+  w.put_string(m.transport);
+  w.put(static_cast<uint8_t>(m.staged));
+  put_ids(w, m.left_behind);
+  w.put(static_cast<uint32_t>(m.digests.size()));
+  for (const auto& [id, hex] : m.digests) {
+    w.put(id);
+    w.put_string(hex);
+  }
+  return w.take();
+}
+
+Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
+                                                const WireLimits& l) {
+  return decode_all<MigrationReport>(
+      p, "MIGRATE_RESP", [&](ByteReader& r) -> Result<MigrationReport> {
+        MigrationReport m;
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(l.max_string, "migration id"));
+        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_ids(r, l));
+        KVMIG_ASSIGN_OR_RETURN(m.pages, r.get<uint64_t>("pages"));
+        KVMIG_ASSIGN_OR_RETURN(m.bytes, r.get<uint64_t>("bytes"));
+        KVMIG_ASSIGN_OR_RETURN(m.writes, r.get<uint64_t>("writes"));
+        KVMIG_ASSIGN_OR_RETURN(m.seconds, get_double(r, "seconds"));
+        KVMIG_ASSIGN_OR_RETURN(m.gbps, get_double(r, "gbps"));
+        KVMIG_ASSIGN_OR_RETURN(m.pause_ms, get_double(r, "pause_ms"));
+        KVMIG_ASSIGN_OR_RETURN(m.rounds, r.get<uint32_t>("rounds"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nr,
+                               get_count(r, 1u << 16, 8, "round count"));
+        m.round_pages.resize(nr);
+        for (uint64_t& n : m.round_pages) {
+          KVMIG_ASSIGN_OR_RETURN(n, r.get<uint64_t>("round pages"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t staged, r.get<uint8_t>("staged"));
+        m.staged = staged != 0;
+        KVMIG_ASSIGN_OR_RETURN(m.left_behind, get_ids(r, l));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nd,
+                               get_count(r, l.max_seqs, 12, "digest count"));
+        m.digests.resize(nd);
+        for (auto& [id, hex] : m.digests) {
+          KVMIG_ASSIGN_OR_RETURN(id, r.get<uint64_t>("digest id"));
+          KVMIG_ASSIGN_OR_RETURN(hex, r.get_string(64, "digest"));
+        }
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const AgentStatus& m) {
+  ByteWriter w;
+  put_meta(w, m.meta);
+  w.put(m.capacity_pages);
+  w.put(m.free_pages);
+  w.put(static_cast<uint32_t>(m.seqs.size()));
+  for (const SeqStatus& s : m.seqs) {
+    w.put(s.id);
+    w.put(s.tokens);
+    w.put(s.pages);
+    w.put_string(s.digest);
+  }
+  w.put(static_cast<uint32_t>(m.transports.size()));
+  for (const auto& t : m.transports) w.put_string(t);
+  w.put(static_cast<uint32_t>(m.in_doubt.size()));
+  for (const auto& d : m.in_doubt) {
+    w.put_string(d.migration_id);
+    put_ids(w, d.seqs);
+    w.put_string(d.to);
+    w.put_string(d.hold);
+  }
+  return w.take();
+}
+
+Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
+                                        const WireLimits& l) {
+  return decode_all<AgentStatus>(
+      p, "STATUS_RESP", [&](ByteReader& r) -> Result<AgentStatus> {
+        AgentStatus m;
+        KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
+        KVMIG_ASSIGN_OR_RETURN(m.capacity_pages, r.get<uint64_t>("capacity"));
+        KVMIG_ASSIGN_OR_RETURN(m.free_pages, r.get<uint64_t>("free pages"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t n,
+                               get_count(r, l.max_seqs, 24, "seq count"));
+        m.seqs.resize(n);
+        for (SeqStatus& s : m.seqs) {
+          KVMIG_ASSIGN_OR_RETURN(s.id, r.get<uint64_t>("seq id"));
+          KVMIG_ASSIGN_OR_RETURN(s.tokens, r.get<uint64_t>("seq tokens"));
+          KVMIG_ASSIGN_OR_RETURN(s.pages, r.get<uint32_t>("seq pages"));
+          KVMIG_ASSIGN_OR_RETURN(s.digest, r.get_string(64, "seq digest"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
+                               get_count(r, 8, 4, "transport count"));
+        m.transports.resize(nt);
+        for (auto& t : m.transports) {
+          KVMIG_ASSIGN_OR_RETURN(t, r.get_string(64, "transport"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nd,
+                               get_count(r, l.max_seqs, 8, "in-doubt count"));
+        m.in_doubt.resize(nd);
+        for (auto& d : m.in_doubt) {
+          KVMIG_ASSIGN_OR_RETURN(d.migration_id,
+                                 r.get_string(l.max_string, "migration id"));
+          KVMIG_ASSIGN_OR_RETURN(d.seqs, get_ids(r, l));
+          KVMIG_ASSIGN_OR_RETURN(d.to, r.get_string(l.max_string, "peer"));
+          KVMIG_ASSIGN_OR_RETURN(d.hold, r.get_string(16, "hold"));
+        }
+        return m;
+      });
+}
+}  // namespace kvmig

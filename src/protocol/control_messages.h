@@ -1,0 +1,40 @@
+// Scheduler messages: MIGRATE_REQ/RESP, STATUS_RESP and SNAPSHOT_REQ, the
+// public request and report types on the wire. Decoders validate like the
+// migration codecs (messages.h). Stateless; thread-safe.
+#ifndef KVMIG_SRC_PROTOCOL_CONTROL_MESSAGES_H_
+#define KVMIG_SRC_PROTOCOL_CONTROL_MESSAGES_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "codec.h"
+#include "kvmig/agent.h"
+#include "kvmig/status.h"
+
+namespace kvmig {
+
+// Asks an agent to capture its pager to, or restore it from, a file on the
+// agent's host.
+struct SnapshotReqMsg {
+  bool load = false;
+  std::string path;
+};
+
+std::vector<uint8_t> encode(const SnapshotReqMsg& m);
+std::vector<uint8_t> encode(const MigrateRequest& m);
+std::vector<uint8_t> encode(const MigrationReport& m);
+std::vector<uint8_t> encode(const AgentStatus& m);
+Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
+                                           const WireLimits& l);
+Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
+                                              const WireLimits& l);
+Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
+                                                const WireLimits& l);
+Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
+                                        const WireLimits& l);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_PROTOCOL_CONTROL_MESSAGES_H_

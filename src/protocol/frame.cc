@@ -1,0 +1,189 @@
+#include "frame.h"
+
+#include <fmt/format.h>
+
+#define XXH_STATIC_LINKING_ONLY  // XXH3_state_t on the stack
+#include <xxhash.h>
+
+#include <cstdio>
+#include <string>
+
+#include "bytes.h"
+
+namespace kvmig {
+namespace {
+
+bool known_type(uint16_t t) {
+  switch (static_cast<MsgType>(t)) {
+    case MsgType::kHello:
+    case MsgType::kOffer:
+    case MsgType::kCommit:
+    case MsgType::kDone:
+    case MsgType::kAbort:
+    case MsgType::kBatch:
+    case MsgType::kBatchAck:
+    case MsgType::kRound:
+    case MsgType::kRoundOffer:
+    case MsgType::kVerify:
+    case MsgType::kVerifyAck:
+    case MsgType::kStatusReq:
+    case MsgType::kStatusResp:
+    case MsgType::kMigrateReq:
+    case MsgType::kMigrateResp:
+    case MsgType::kOutcomeReq:
+    case MsgType::kOutcomeResp:
+    case MsgType::kSnapshotReq:
+    case MsgType::kSnapshotResp:
+    case MsgType::kPerfSetup:
+    case MsgType::kPerfReady:
+    case MsgType::kPerfReset:
+    case MsgType::kAuthHello:
+    case MsgType::kAuthChallenge:
+    case MsgType::kAuthProof:
+    case MsgType::kAuthOk:
+    case MsgType::kError:
+      return true;
+  }
+  return false;
+}
+
+uint64_t frame_checksum(std::span<const uint8_t> prefix,
+                        std::span<const uint8_t> payload) {
+  XXH3_state_t state;
+  XXH3_64bits_reset(&state);
+  XXH3_64bits_update(&state, prefix.data(), prefix.size());
+  XXH3_64bits_update(&state, payload.data(), payload.size());
+  return XXH3_64bits_digest(&state);
+}
+
+}  // namespace
+
+std::string msg_type_name(MsgType type) {
+  switch (type) {
+    case MsgType::kHello:
+      return "HELLO";
+    case MsgType::kOffer:
+      return "OFFER";
+    case MsgType::kCommit:
+      return "COMMIT";
+    case MsgType::kDone:
+      return "DONE";
+    case MsgType::kAbort:
+      return "ABORT";
+    case MsgType::kBatch:
+      return "BATCH";
+    case MsgType::kBatchAck:
+      return "BATCH_ACK";
+    case MsgType::kRound:
+      return "ROUND";
+    case MsgType::kRoundOffer:
+      return "ROUND_OFFER";
+    case MsgType::kVerify:
+      return "VERIFY";
+    case MsgType::kVerifyAck:
+      return "VERIFY_ACK";
+    case MsgType::kStatusReq:
+      return "STATUS_REQ";
+    case MsgType::kStatusResp:
+      return "STATUS_RESP";
+    case MsgType::kMigrateReq:
+      return "MIGRATE_REQ";
+    case MsgType::kMigrateResp:
+      return "MIGRATE_RESP";
+    case MsgType::kOutcomeReq:
+      return "OUTCOME_REQ";
+    case MsgType::kOutcomeResp:
+      return "OUTCOME_RESP";
+    case MsgType::kSnapshotReq:
+      return "SNAPSHOT_REQ";
+    case MsgType::kSnapshotResp:
+      return "SNAPSHOT_RESP";
+    case MsgType::kPerfSetup:
+      return "PERF_SETUP";
+    case MsgType::kPerfReady:
+      return "PERF_READY";
+    case MsgType::kPerfReset:
+      return "PERF_RESET";
+    case MsgType::kAuthHello:
+      return "AUTH_HELLO";
+    case MsgType::kAuthChallenge:
+      return "AUTH_CHALLENGE";
+    case MsgType::kAuthProof:
+      return "AUTH_PROOF";
+    case MsgType::kAuthOk:
+      return "AUTH_OK";
+    case MsgType::kError:
+      return "ERROR";
+  }
+  return "UNKNOWN(" + std::to_string(static_cast<uint16_t>(type)) + ")";
+}
+
+std::vector<uint8_t> encode_frame(MsgType type,
+                                  std::span<const uint8_t> payload) {
+  ByteWriter w;
+  w.put(kFrameMagic);
+  w.put(kProtocolVersion);
+  w.put(static_cast<uint16_t>(type));
+  w.put(static_cast<uint32_t>(payload.size()));
+  w.put(uint32_t{0});
+  w.put(frame_checksum(w.buffer(), payload));
+  w.put_bytes(payload);
+  return w.take();
+}
+
+Result<FrameHeader> decode_frame_header(
+    std::span<const uint8_t, kFrameHeaderBytes> bytes, uint32_t max_payload) {
+  ByteReader r(bytes);
+  KVMIG_ASSIGN_OR_RETURN(uint32_t magic, r.get<uint32_t>("frame magic"));
+  KVMIG_ASSIGN_OR_RETURN(uint16_t version, r.get<uint16_t>("frame version"));
+  KVMIG_ASSIGN_OR_RETURN(uint16_t type, r.get<uint16_t>("frame type"));
+  KVMIG_ASSIGN_OR_RETURN(uint32_t length, r.get<uint32_t>("frame length"));
+  KVMIG_ASSIGN_OR_RETURN(uint32_t reserved, r.get<uint32_t>("frame reserved"));
+  KVMIG_ASSIGN_OR_RETURN(uint64_t checksum, r.get<uint64_t>("frame checksum"));
+  if (magic != kFrameMagic) {
+    return Status::protocol(
+        fmt::format("frame: bad magic 0x{:08x} (not a kvmig peer?)", magic));
+  }
+  if (version != kProtocolVersion) {
+    return Status::protocol("frame: protocol version " +
+                            std::to_string(version) + ", this agent speaks " +
+                            std::to_string(kProtocolVersion));
+  }
+  if (!known_type(type)) {
+    return Status::protocol("frame: unknown message type " +
+                            std::to_string(type));
+  }
+  if (reserved != 0) {
+    return Status::protocol("frame: reserved field is " +
+                            std::to_string(reserved) + ", must be 0");
+  }
+  if (length > max_payload) {
+    return Status::resource_exhausted(
+        "frame: " + msg_type_name(static_cast<MsgType>(type)) + " of " +
+        std::to_string(length) + " bytes exceeds the limit of " +
+        std::to_string(max_payload));
+  }
+  FrameHeader h;
+  h.type = static_cast<MsgType>(type);
+  h.length = length;
+  h.checksum = checksum;
+  std::copy(bytes.begin(), bytes.begin() + 16, h.prefix.begin());
+  return h;
+}
+
+Status check_frame_payload(const FrameHeader& header,
+                           std::span<const uint8_t> payload) {
+  if (payload.size() != header.length) {
+    return Status::data_loss("frame: " + msg_type_name(header.type) +
+                             " payload is " + std::to_string(payload.size()) +
+                             " bytes, header says " +
+                             std::to_string(header.length));
+  }
+  if (frame_checksum(header.prefix, payload) != header.checksum) {
+    return Status::data_loss("frame: " + msg_type_name(header.type) +
+                             " checksum mismatch");
+  }
+  return Status();
+}
+
+}  // namespace kvmig

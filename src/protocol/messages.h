@@ -1,0 +1,118 @@
+// Migration messages (HELLO .. DONE, ROUND, VERIFY, BATCH, ABORT, ERROR and
+// the outcome query): plain structs and their payload codecs. Decoders
+// validate every count, length and enum against WireLimits before
+// allocating, and fail with DataLoss (malformed) or ResourceExhausted (over
+// a limit). Stateless; thread-safe.
+#ifndef KVMIG_SRC_PROTOCOL_MESSAGES_H_
+#define KVMIG_SRC_PROTOCOL_MESSAGES_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "codec.h"
+#include "kvmig/status.h"
+#include "kvmig/types.h"
+#include "region_geometry.h"
+
+namespace kvmig {
+
+struct HelloMsg {
+  std::string migration_id;
+  CacheMeta meta;
+  bool live = false;     // pre-copy: ROUND messages may follow OFFER
+  bool verify = false;   // VERIFY covers every page before COMMIT
+  uint32_t n_pages = 0;  // slots needed for the first round
+  uint32_t n_seqs = 0;   // requests to move (at most, when live)
+  std::vector<std::string> transports;  // acceptable, preferred first
+  std::vector<uint8_t> initiator_address;
+};
+
+// Slot positions: every slot the destination allocates for a migration gets
+// the next position (0, 1, ...), in OFFER order then ROUND_OFFER order.
+struct OfferMsg {
+  std::string transport;
+  std::vector<PageIndex> slots;  // positions 0 .. n_pages - 1
+  // Where the source writes: the destination's layout geometry (region i is
+  // the target's region i). With staging_slots > 0 the geometry is a staging
+  // buffer of that many page slots, filled in batches (BATCH / BATCH_ACK).
+  std::vector<RegionGeometry> regions;
+  uint32_t staging_slots = 0;
+  std::vector<uint8_t> target_address;
+};
+
+// A live round asks for n more slots.
+struct RoundMsg {
+  uint32_t n_pages = 0;
+};
+struct RoundOfferMsg {
+  std::vector<PageIndex> slots;  // the next positions, in order
+};
+
+// After a round's data is flushed: XXH3-64 of each page it sent, in
+// canonical order, by slot position. The destination checks them at once, so
+// the final pause only covers the last round's pages.
+struct VerifyMsg {
+  std::vector<uint32_t> positions;
+  std::vector<uint64_t> checksums;
+};
+
+struct CommitMsg {
+  std::vector<LogicalSeq> seqs;  // page tables in destination slots
+};
+
+// A staged batch: staging slot k holds the page for slot position
+// positions[k].
+struct BatchMsg {
+  std::vector<uint32_t> positions;
+};
+
+struct AbortMsg {
+  std::string reason;
+};
+
+enum class Outcome : uint8_t {
+  kUnknown = 0,    // never heard of it (or forgotten)
+  kPending = 1,    // commit being applied; ask again
+  kCommitted = 2,  // installed at the destination
+  kAborted = 3,    // rolled back; will never be installed
+};
+
+struct OutcomeReqMsg {
+  std::string migration_id;
+};
+struct OutcomeRespMsg {
+  Outcome outcome = Outcome::kUnknown;
+};
+
+std::vector<uint8_t> encode(const HelloMsg& m);
+std::vector<uint8_t> encode(const OfferMsg& m);
+std::vector<uint8_t> encode(const CommitMsg& m);
+std::vector<uint8_t> encode(const BatchMsg& m);
+std::vector<uint8_t> encode(const RoundMsg& m);
+std::vector<uint8_t> encode(const VerifyMsg& m);
+std::vector<uint8_t> encode(const RoundOfferMsg& m);
+std::vector<uint8_t> encode(const AbortMsg& m);
+std::vector<uint8_t> encode(const ErrorMsg& m);
+std::vector<uint8_t> encode(const OutcomeReqMsg& m);
+std::vector<uint8_t> encode(const OutcomeRespMsg& m);
+Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l);
+Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l);
+Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
+                                const WireLimits& l);
+Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l);
+Result<RoundMsg> decode_round(std::span<const uint8_t> p);
+Result<VerifyMsg> decode_verify(std::span<const uint8_t> p,
+                                const WireLimits& l);
+Result<RoundOfferMsg> decode_round_offer(std::span<const uint8_t> p,
+                                         const WireLimits& l);
+Result<AbortMsg> decode_abort(std::span<const uint8_t> p, const WireLimits& l);
+Result<ErrorMsg> decode_error(std::span<const uint8_t> p, const WireLimits& l);
+Result<OutcomeReqMsg> decode_outcome_req(std::span<const uint8_t> p,
+                                         const WireLimits& l);
+Result<OutcomeRespMsg> decode_outcome_resp(std::span<const uint8_t> p);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_SRC_PROTOCOL_MESSAGES_H_

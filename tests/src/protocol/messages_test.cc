@@ -1,0 +1,138 @@
+#include "messages.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "bytes.h"
+#include "control_messages.h"
+#include "testutil.h"
+
+namespace kvmig {
+namespace {
+
+WireLimits limits() { return WireLimits{}; }
+
+TEST(MessagesTest, HelloRoundTrip) {
+  HelloMsg m;
+  m.migration_id = "abc";
+  m.meta = {16, 32, 8, 128, Dtype::kBf16};
+  m.n_pages = 63;
+  m.n_seqs = 2;
+  m.transports = {"ucx", "tcp"};
+  m.initiator_address = {1, 2, 3};
+  ASSERT_OK_AND_ASSIGN(HelloMsg back, decode_hello(encode(m), limits()));
+  EXPECT_EQ(back.migration_id, m.migration_id);
+  EXPECT_EQ(back.meta, m.meta);
+  EXPECT_EQ(back.n_pages, 63u);
+  EXPECT_EQ(back.transports, m.transports);
+  EXPECT_EQ(back.initiator_address, m.initiator_address);
+}
+
+TEST(MessagesTest, OfferAndCommitRoundTrip) {
+  OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}}, 0, {7, 7}};
+  ASSERT_OK_AND_ASSIGN(OfferMsg ob, decode_offer(encode(o), limits()));
+  EXPECT_EQ(ob.slots, o.slots);
+  EXPECT_EQ(ob.regions, o.regions);
+  EXPECT_EQ(ob.target_address, o.target_address);
+  CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}};
+  ASSERT_OK_AND_ASSIGN(CommitMsg cb, decode_commit(encode(c), limits()));
+  EXPECT_EQ(cb.seqs, c.seqs);
+  VerifyMsg v{{0, 7}, {11, 22}};
+  ASSERT_OK_AND_ASSIGN(VerifyMsg vb, decode_verify(encode(v), limits()));
+  EXPECT_EQ(vb.positions, v.positions);
+  EXPECT_EQ(vb.checksums, v.checksums);
+  v.checksums.pop_back();
+  EXPECT_EQ(decode_verify(encode(v), limits()).status().code(),
+            StatusCode::kDataLoss);
+}
+
+TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
+  MigrationReport r;
+  r.migration_id = "id";
+  r.seqs = {1, 2};
+  r.pages = 9;
+  r.bytes = 1 << 20;
+  r.gbps = 1.5;
+  r.transport = "tcp";
+  ASSERT_OK_AND_ASSIGN(MigrationReport rb,
+                       decode_migration_report(encode(r), limits()));
+  EXPECT_EQ(rb.seqs, r.seqs);
+  EXPECT_DOUBLE_EQ(rb.gbps, 1.5);
+  AgentStatus st;
+  st.meta = {16, 2, 2, 64, Dtype::kF16};
+  st.capacity_pages = 10;
+  st.free_pages = 4;
+  st.seqs = {{1, 17, 2, "ff"}};
+  st.transports = {"tcp"};
+  st.in_doubt = {{"m", {1}, "10.0.0.2:7000", "seqs"}};
+  ASSERT_OK_AND_ASSIGN(AgentStatus sb,
+                       decode_agent_status(encode(st), limits()));
+  EXPECT_EQ(sb.seqs[0].digest, "ff");
+  EXPECT_EQ(sb.in_doubt[0].seqs, std::vector<SeqId>{1});
+  EXPECT_EQ(sb.in_doubt[0].to, "10.0.0.2:7000");
+  EXPECT_EQ(sb.in_doubt[0].hold, "seqs");
+  ASSERT_OK_AND_ASSIGN(
+      ErrorMsg e,
+      decode_error(encode(ErrorMsg{Status::not_found("x")}), limits()));
+  EXPECT_EQ(e.status, Status::not_found("x"));
+}
+
+TEST(MessagesTest, HostileCountsAreRefusedBeforeAllocating) {
+  // A COMMIT claiming 2^32-1 requests in a 10-byte payload.
+  ByteWriter w;
+  w.put(uint32_t{0xffffffff});
+  w.put(uint32_t{0});
+  auto r = decode_commit(w.take(), limits());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kResourceExhausted);
+  // Within the limit but larger than the bytes present.
+  ByteWriter w2;
+  w2.put(uint32_t{1000});
+  auto r2 = decode_commit(w2.take(), limits());
+  ASSERT_FALSE(r2.ok());
+  EXPECT_EQ(r2.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(r2.status().message().find("COMMIT"), std::string::npos);
+}
+
+TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
+  auto payload = encode(BatchMsg{{1, 2}});
+  payload.push_back(0);
+  EXPECT_EQ(decode_batch(payload, limits()).status().code(),
+            StatusCode::kDataLoss);
+  auto hello = encode(HelloMsg{
+      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}});
+  for (size_t cut = 0; cut < hello.size(); ++cut) {
+    std::span<const uint8_t> part(hello.data(), cut);
+    EXPECT_FALSE(decode_hello(part, limits()).ok()) << "cut at " << cut;
+  }
+}
+
+TEST(MessagesTest, BadEnumsAreErrors) {
+  auto hello = encode(HelloMsg{
+      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}});
+  hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
+  EXPECT_EQ(decode_hello(hello, limits()).status().code(),
+            StatusCode::kDataLoss);
+  std::vector<uint8_t> outcome = {9};
+  EXPECT_FALSE(decode_outcome_resp(outcome).ok());
+}
+
+TEST(MessagesTest, RandomBytesNeverCrashDecoders) {
+  std::mt19937 rng(42);
+  for (int i = 0; i < 2000; ++i) {
+    std::vector<uint8_t> junk(rng() % 64);
+    for (auto& b : junk) b = static_cast<uint8_t>(rng());
+    (void)decode_hello(junk, limits());
+    (void)decode_offer(junk, limits());
+    (void)decode_commit(junk, limits());
+    (void)decode_agent_status(junk, limits());
+    (void)decode_migrate_request(junk, limits());
+    (void)decode_migration_report(junk, limits());
+    (void)decode_error(junk, limits());
+  }
+  SUCCEED() << "decoders survived 2000 random payloads (ASan/UBSan in CI)";
+}
+
+}  // namespace
+}  // namespace kvmig
