@@ -1,0 +1,330 @@
+#include "ucx_core.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <cstdlib>
+
+#include "bytes.h"
+#include "ucx_error.h"
+
+namespace kvmig::ucx {
+namespace {
+
+constexpr size_t kMaxHostLen = 255;
+constexpr uint32_t kMaxRegions = 1u << 20;
+constexpr uint32_t kMaxRkeyLen = 64 * 1024;
+constexpr auto kSpinAfterActivity = std::chrono::milliseconds(2);
+constexpr auto kMaxIdleSleep = std::chrono::milliseconds(1);
+// An initiator address that presents a kept connection: this byte, then the
+// connection's token (u64).
+constexpr uint8_t kKeptConnection = 1;
+// Transports whose RMA a closed endpoint cannot stop (see ucx_core.h).
+constexpr const char* kDefaultTls = "^cma";
+
+}  // namespace
+
+std::shared_ptr<spdlog::logger> ucx_log() {
+  static const auto log = logger("ucx");
+  return log;
+}
+
+// ------------------------------------------------------------- sockaddrs
+
+Result<sockaddr_storage> make_sockaddr(const std::string& host, uint16_t port) {
+  sockaddr_storage ss{};
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&ss);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&ss);
+  if (inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    v4->sin_port = htons(port);
+  } else if (inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    v6->sin6_port = htons(port);
+  } else {
+    return Status::invalid_argument("ucx: '" + host + "' is not an IP address");
+  }
+  return ss;
+}
+
+socklen_t sockaddr_len(const sockaddr_storage& ss) {
+  return ss.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+}
+
+std::string sockaddr_string(const sockaddr_storage& ss) {
+  char buf[INET6_ADDRSTRLEN] = {};
+  uint16_t port = 0;
+  if (ss.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &a->sin_addr, buf, sizeof(buf));
+    port = ntohs(a->sin_port);
+  } else if (ss.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
+    inet_ntop(AF_INET6, &a->sin6_addr, buf, sizeof(buf));
+    port = ntohs(a->sin6_port);
+  } else {
+    return "?";
+  }
+  return std::string(buf) + ":" + std::to_string(port);
+}
+
+// ------------------------------------------------------------------ core
+
+Result<std::shared_ptr<UcxCore>> UcxCore::start() {
+  std::shared_ptr<UcxCore> core(new UcxCore());
+  std::promise<Status> started;
+  auto result = started.get_future();
+  core->thread_ =
+      std::thread([raw = core.get(), &started] { raw->run(started); });
+  Status s = result.get();
+  if (!s.ok()) {
+    core->thread_.join();
+    return s;
+  }
+  return core;
+}
+
+UcxCore::~UcxCore() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+    stop_by_ = Clock::now() + kCloseGrace;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void UcxCore::post(std::function<void()> fn) {
+  {
+    std::lock_guard lock(mu_);
+    tasks_.push_back(std::move(fn));
+  }
+  cv_.notify_one();
+}
+
+void UcxCore::close_ep(ucp_ep_h ep,
+                       std::function<void(ucs_status_t)> on_closed) {
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
+  auto finish = [on_closed = std::move(on_closed)](ucs_status_t s) {
+    if (s != UCS_OK) {
+      ucx_log()->debug("endpoint closed: {}", ucs_status_string(s));
+    }
+    if (on_closed) on_closed(s);
+  };
+  if (!UCS_PTR_IS_PTR(r)) return finish(UCS_PTR_STATUS(r));
+  add_poller([r, finish] {
+    const ucs_status_t s = ucp_request_check_status(r);
+    if (s == UCS_INPROGRESS) return false;
+    ucp_request_free(r);
+    finish(s);
+    return true;
+  });
+}
+
+Status UcxCore::register_region(std::span<std::byte> region) {
+  return call([&]() -> Status {
+    std::lock_guard lock(regions_mu_);
+    KVMIG_RETURN_IF_ERROR(regions_.check_new(region, "ucx"));
+    ucp_mem_map_params_t mp{};
+    mp.field_mask =
+        UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    mp.address = region.data();
+    mp.length = region.size();
+    ucp_mem_h memh = nullptr;
+    const ucs_status_t s = ucp_mem_map(context(), &mp, &memh);
+    if (s != UCS_OK) {
+      return status_from_ucs(
+          s, "ucp_mem_map of " + std::to_string(region.size()) + " bytes");
+    }
+    regions_.add(region, MemhPtr(memh, MemhDeleter{context()}));
+    return Status();
+  });
+}
+
+Status UcxCore::deregister_region(std::span<std::byte> region) {
+  return call([&]() -> Status {
+    std::lock_guard lock(regions_mu_);
+    return regions_.remove(region, "ucx").status();  // unmaps here
+  });
+}
+
+void UcxCore::clear_regions() {
+  call([&] {
+    std::lock_guard lock(regions_mu_);
+    regions_.clear([](auto& e) { e.value.reset(); });
+  });
+}
+
+ucp_mem_h UcxCore::find_memh(const void* p, size_t len) const {
+  std::lock_guard lock(regions_mu_);
+  const auto* e = regions_.find(p, len);
+  return e ? e->value.get() : nullptr;
+}
+
+Result<ConfigPtr> UcxCore::read_config() {
+  ucp_config_t* raw = nullptr;
+  ucs_status_t s = ucp_config_read(nullptr, nullptr, &raw);
+  if (s != UCS_OK) return status_from_ucs(s, "ucp_config_read");
+  ConfigPtr config(raw);
+  if (std::getenv("UCX_TLS") == nullptr) {
+    s = ucp_config_modify(config.get(), "TLS", kDefaultTls);
+    if (s != UCS_OK) return status_from_ucs(s, "set UCX_TLS");
+  }
+  if (std::getenv("UCX_MM_ERROR_HANDLING") == nullptr) {
+    s = ucp_config_modify(config.get(), "MM_ERROR_HANDLING", "y");
+    if (s != UCS_OK) return status_from_ucs(s, "set UCX_MM_ERROR_HANDLING");
+  }
+  return config;
+}
+
+Status UcxCore::init() {
+  KVMIG_ASSIGN_OR_RETURN(ConfigPtr config, read_config());
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
+  params.features = UCP_FEATURE_RMA;
+  params.name = "kvmig";
+  ucp_context_h context = nullptr;
+  ucs_status_t s = ucp_init(&params, config.get(), &context);
+  config.reset();
+  if (s != UCS_OK) return status_from_ucs(s, "ucp_init");
+  context_.reset(context);
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  ucp_worker_h worker = nullptr;
+  s = ucp_worker_create(context_.get(), &wp, &worker);
+  if (s != UCS_OK) return status_from_ucs(s, "ucp_worker_create");
+  worker_.reset(worker);
+  return Status();
+}
+
+void UcxCore::run(std::promise<Status>& started) {
+  thread_id_ = std::this_thread::get_id();
+  Status s = init();
+  const bool ok = s.ok();
+  started.set_value(std::move(s));  // `started` is gone after this
+  if (!ok) {
+    worker_.reset();
+    context_.reset();
+    return;
+  }
+  auto last_activity = Clock::now();
+  std::deque<std::function<void()>> batch;
+  for (;;) {
+    {
+      std::unique_lock lock(mu_);
+      if (tasks_.empty() && !stopping_ && pollers_.empty() &&
+          Clock::now() - last_activity > kSpinAfterActivity) {
+        cv_.wait_for(lock, kMaxIdleSleep);
+      }
+      batch.swap(tasks_);
+      if (stopping_ && batch.empty() &&
+          (pollers_.empty() || Clock::now() > stop_by_)) {
+        break;
+      }
+    }
+    bool active = !batch.empty();
+    for (auto& task : batch) task();
+    batch.clear();
+    while (ucp_worker_progress(worker_.get()) != 0) active = true;
+    if (!pollers_.empty()) {
+      active = true;
+      run_pollers();
+    }
+    if (active) last_activity = Clock::now();
+  }
+  if (!pollers_.empty()) {
+    ucx_log()->warn("{} endpoint closes did not finish before shutdown",
+                    pollers_.size());
+  }
+  pollers_.clear();
+  {
+    std::lock_guard lock(regions_mu_);
+    regions_.clear([](auto& e) { e.value.reset(); });
+  }
+  // Destroyed on the thread that created them, worker before context.
+  worker_.reset();
+  context_.reset();
+}
+
+void UcxCore::run_pollers() {
+  auto current = std::move(pollers_);
+  pollers_.clear();
+  std::vector<std::function<bool()>> keep;
+  for (auto& p : current) {
+    if (!p()) keep.push_back(std::move(p));
+  }
+  for (auto& p : pollers_) keep.push_back(std::move(p));  // added meanwhile
+  pollers_ = std::move(keep);
+}
+
+// ------------------------------------------------------------- addresses
+
+std::vector<uint8_t> encode_target_address(const TargetAddress& a) {
+  ByteWriter w;
+  w.put_string(a.host);
+  w.put<uint16_t>(a.port);
+  w.put<uint64_t>(a.token);
+  w.put<uint32_t>(static_cast<uint32_t>(a.regions.size()));
+  for (const RemoteRegion& r : a.regions) {
+    w.put<uint64_t>(r.base);
+    w.put<uint64_t>(r.length);
+    w.put_blob(r.rkey);
+  }
+  return w.take();
+}
+
+Result<TargetAddress> decode_target_address(std::span<const uint8_t> bytes) {
+  ByteReader r(bytes);
+  TargetAddress a;
+  KVMIG_ASSIGN_OR_RETURN(a.host, r.get_string(kMaxHostLen, "host"));
+  KVMIG_ASSIGN_OR_RETURN(a.port, r.get<uint16_t>("port"));
+  KVMIG_ASSIGN_OR_RETURN(a.token, r.get<uint64_t>("token"));
+  KVMIG_ASSIGN_OR_RETURN(uint32_t n, r.get<uint32_t>("region count"));
+  // Each region takes at least 20 bytes: base, length, key length.
+  if (n > kMaxRegions || n > r.remaining() / 20) {
+    return Status::data_loss("region count " + std::to_string(n) +
+                             " does not fit the address");
+  }
+  a.regions.resize(n);
+  for (RemoteRegion& region : a.regions) {
+    KVMIG_ASSIGN_OR_RETURN(region.base, r.get<uint64_t>("region base"));
+    KVMIG_ASSIGN_OR_RETURN(region.length, r.get<uint64_t>("region length"));
+    if (region.base + region.length < region.base) {
+      return Status::data_loss("region wraps the address space");
+    }
+    KVMIG_ASSIGN_OR_RETURN(auto rkey, r.get_blob(kMaxRkeyLen, "remote key"));
+    if (rkey.empty() && region.length != 0) {
+      return Status::data_loss("non-empty region without a remote key");
+    }
+    region.rkey.assign(rkey.begin(), rkey.end());
+  }
+  KVMIG_RETURN_IF_ERROR(r.expect_end("target address"));
+  return a;
+}
+
+std::vector<uint8_t> encode_initiator_address(uint64_t token) {
+  ByteWriter w;
+  w.put<uint8_t>(kKeptConnection);
+  w.put<uint64_t>(token);
+  return w.take();
+}
+
+Result<uint64_t> decode_initiator_address(std::span<const uint8_t> bytes) {
+  if (bytes.empty()) return uint64_t{0};
+  ByteReader r(bytes);
+  auto kind = r.get<uint8_t>("kind");
+  auto t = r.get<uint64_t>("token");
+  if (!kind.ok() || *kind != kKeptConnection || !t.ok() ||
+      !r.expect_end("initiator address").ok()) {
+    return Status::invalid_argument("ucx: bad initiator address (" +
+                                    std::to_string(bytes.size()) + " bytes)");
+  }
+  return *t;
+}
+
+}  // namespace kvmig::ucx

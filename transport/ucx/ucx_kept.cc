@@ -1,0 +1,127 @@
+#include "ucx_kept.h"
+
+#include <atomic>
+#include <future>
+
+namespace kvmig::ucx {
+
+void Parking::close_async(std::shared_ptr<TargetState> st) {
+  core_->post([st] {
+    st->revoked = true;
+    st->listener.reset();
+    st->close(nullptr);
+  });
+}
+
+void Parking::close_async(std::shared_ptr<InitState> st) {
+  core_->post([st] { st->close(nullptr); });
+}
+
+void Parking::park_target(std::shared_ptr<TargetState> st) {
+  std::shared_ptr<TargetState> evicted;
+  {
+    std::lock_guard lock(mu_);
+    targets_.push_back(std::move(st));
+    if (targets_.size() > kMaxKept) {
+      evicted = std::move(targets_.front());
+      targets_.pop_front();
+    }
+  }
+  if (evicted) close_async(std::move(evicted));
+}
+
+std::shared_ptr<TargetState> Parking::take_target(uint64_t token) {
+  std::lock_guard lock(mu_);
+  for (auto it = targets_.begin(); it != targets_.end(); ++it) {
+    if ((*it)->token != token) continue;
+    auto st = std::move(*it);
+    targets_.erase(it);
+    if (!st->healthy()) {
+      close_async(st);
+      return nullptr;
+    }
+    return st;
+  }
+  return nullptr;
+}
+
+bool Parking::unpark_target(const TargetState* st) {
+  std::lock_guard lock(mu_);
+  for (auto it = targets_.begin(); it != targets_.end(); ++it) {
+    if (it->get() == st) {
+      targets_.erase(it);
+      return true;
+    }
+  }
+  return false;
+}
+
+void Parking::park_init(const std::string& peer,
+                        std::shared_ptr<InitState> st) {
+  std::vector<std::shared_ptr<InitState>> evicted;
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = inits_.begin(); it != inits_.end();) {
+      if (it->first == peer) {
+        evicted.push_back(std::move(it->second));
+        it = inits_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    inits_.emplace_back(peer, std::move(st));
+    if (inits_.size() > kMaxKept) {
+      evicted.push_back(std::move(inits_.front().second));
+      inits_.pop_front();
+    }
+  }
+  for (auto& e : evicted) close_async(std::move(e));
+}
+
+std::shared_ptr<InitState> Parking::take_init(const std::string& peer) {
+  std::lock_guard lock(mu_);
+  for (auto it = inits_.begin(); it != inits_.end(); ++it) {
+    if (it->first != peer) continue;
+    auto st = std::move(it->second);
+    inits_.erase(it);
+    if (!st->usable()) {
+      close_async(st);
+      return nullptr;
+    }
+    return st;
+  }
+  return nullptr;
+}
+
+void Parking::clear() {
+  std::deque<std::shared_ptr<TargetState>> targets;
+  std::deque<std::pair<std::string, std::shared_ptr<InitState>>> inits;
+  {
+    std::lock_guard lock(mu_);
+    targets.swap(targets_);
+    inits.swap(inits_);
+  }
+  if (targets.empty() && inits.empty()) return;
+  auto left =
+      std::make_shared<std::atomic<size_t>>(targets.size() + inits.size());
+  auto done = std::make_shared<std::promise<void>>();
+  auto closed = done->get_future();
+  auto one_closed = [left, done] {
+    if (--*left == 0) done->set_value();
+  };
+  core_->post(
+      [targets = std::move(targets), inits = std::move(inits), one_closed] {
+        for (const auto& st : targets) {
+          st->revoked = true;
+          st->listener.reset();
+          st->close(one_closed);
+        }
+        for (const auto& [peer, st] : inits) st->close(one_closed);
+      });
+  if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
+    ucx_log()->warn("closing the kept connections took over {}s",
+                    kCloseGrace.count());
+  }
+}
+
+}  // namespace kvmig::ucx

@@ -1,0 +1,274 @@
+// The receiving end of the ucx transport: a listener the initiator connects
+// to, the exported regions' packed remote keys, revoke() and keep().
+#include <netinet/in.h>
+
+#include <future>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "random.h"
+#include "ucx_core.h"
+#include "ucx_error.h"
+#include "ucx_kept.h"
+
+namespace kvmig::ucx {
+
+// ------------------------------------------------------------ TargetState
+
+void TargetState::set_health(Status s) {
+  std::lock_guard lock(mu);
+  if (health.ok()) health = std::move(s);
+}
+
+void TargetState::on_conn_request(ucp_conn_request_h req, void* arg) {
+  auto* st = static_cast<TargetState*>(arg);
+  ucp_conn_request_attr_t attr{};
+  attr.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
+  std::string from = "?";
+  if (ucp_conn_request_query(req, &attr) == UCS_OK) {
+    from = sockaddr_string(attr.client_address);
+  }
+  if (st->revoked || st->ep) {
+    ucx_log()->warn("target: rejected a second connection from {}", from);
+    const ucs_status_t s = ucp_listener_reject(st->listener.get(), req);
+    if (s != UCS_OK) {
+      ucx_log()->warn("ucp_listener_reject: {}", ucs_status_string(s));
+    }
+    return;
+  }
+  ucp_ep_params_t p{};
+  p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST |
+                 UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                 UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  p.conn_request = req;
+  p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  p.err_handler.cb = on_ep_error;
+  p.err_handler.arg = st;
+  ucp_ep_h ep = nullptr;
+  const ucs_status_t s = ucp_ep_create(st->core->worker(), &p, &ep);
+  if (s != UCS_OK) {
+    st->set_health(status_from_ucs(s, "accept initiator " + from));
+    return;
+  }
+  st->ep.reset(ep);
+  std::lock_guard lock(st->mu);
+  st->peer = from;
+}
+
+void TargetState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
+  auto* st = static_cast<TargetState*>(arg);
+  std::string peer;
+  {
+    std::lock_guard lock(st->mu);
+    peer = st->peer;
+  }
+  Status status = status_from_ucs(s, "connection from initiator " + peer);
+  ucx_log()->info("target: {}", status.to_string());
+  st->set_health(std::move(status));
+  // A failed endpoint is only good for closing; close it at once.
+  // Known UCX 1.13 limit (seen under TSan with UCX_TLS=tcp, about one run
+  // in five): when the initiator vanishes mid-transfer, software-RMA puts
+  // already received are acknowledged on the failed endpoint and UCX
+  // aborts the process (ucp_request.inl "unexpected error: Endpoint
+  // timeout" from ucp_put_handler). Closing here narrows the window; it
+  // does not close it.
+  st->close(nullptr);
+}
+
+void TargetState::close(std::function<void()> done) {
+  ep_close.request(core, ep, shared_from_this(), std::move(done));
+}
+
+bool TargetState::healthy() {
+  std::lock_guard lock(mu);
+  return health.ok();
+}
+
+// -------------------------------------------------------------- UcxTarget
+
+namespace {
+
+// The receiving end. Thread-safe.
+class UcxTarget final : public TransportTarget {
+ public:
+  static Result<std::unique_ptr<TransportTarget>> open(
+      std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+      const std::string& host, std::vector<ExportedRegion> regions,
+      uint64_t token) {
+    if (token != 0) {
+      if (auto st = parking->take_target(token)) {
+        std::unique_ptr<UcxTarget> t(new UcxTarget(core, parking, st));
+        auto adopted = core->call([&]() -> Result<std::vector<uint8_t>> {
+          if (!st->ep || st->revoked) {
+            return Status::unavailable("kept connection is gone");
+          }
+          // No listener (port 0): reuse the kept endpoint.
+          TargetAddress a{host, 0, st->token, {}};
+          KVMIG_ASSIGN_OR_RETURN(a.regions, pack_regions(st->core, regions));
+          return encode_target_address(a);
+        });
+        if (adopted.ok()) {
+          t->address_ = std::move(*adopted);
+          ucx_log()->debug("target reuses the connection kept for {}",
+                           st->peer);
+          return std::unique_ptr<TransportTarget>(std::move(t));
+        }
+        ucx_log()->debug("target: {}; listening afresh",
+                         adopted.status().to_string());
+        // t's destructor revokes what is left of it.
+      }
+    }
+    KVMIG_ASSIGN_OR_RETURN(sockaddr_storage ss, make_sockaddr(host, 0));
+    auto st = std::make_shared<TargetState>(core.get());
+    st->token = random_token() | 1;  // never 0
+    std::unique_ptr<UcxTarget> t(new UcxTarget(core, parking, st));
+    KVMIG_ASSIGN_OR_RETURN(
+        t->address_, t->core_->call([&]() -> Result<std::vector<uint8_t>> {
+          return setup(st.get(), host, ss, regions);
+        }));
+    return std::unique_ptr<TransportTarget>(std::move(t));
+  }
+
+  ~UcxTarget() override {
+    {
+      std::lock_guard lock(revoke_mu_);
+      if (kept_) return;  // the connection is the parking's now
+    }
+    revoke();
+  }
+
+  std::vector<uint8_t> address() const override { return address_; }
+
+  void revoke() override {
+    {
+      std::lock_guard lock(revoke_mu_);
+      if (revoked_) return;
+      revoked_ = true;
+      // Kept, then revoked (the install failed): close it unless another
+      // migration has adopted it since.
+      if (kept_ && !parking_->unpark_target(state_.get())) return;
+    }
+    auto done = std::make_shared<std::promise<void>>();
+    auto closed = done->get_future();
+    core_->post([st = state_, done] {
+      st->revoked = true;
+      st->listener.reset();
+      st->close([done] { done->set_value(); });
+    });
+    if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
+      ucx_log()->warn("target: closing the initiator's endpoint took over {}s",
+                      kCloseGrace.count());
+    }
+  }
+
+  bool keep() override {
+    {
+      std::lock_guard lock(revoke_mu_);
+      if (revoked_ || kept_) return kept_;
+    }
+    const bool open = core_->call([st = state_.get()] {
+      st->listener.reset();  // one initiator per connection, as before
+      return st->ep != nullptr && !st->revoked;
+    });
+    if (!open || !state_->healthy()) {
+      revoke();
+      return false;
+    }
+    {
+      std::lock_guard lock(revoke_mu_);
+      kept_ = true;
+    }
+    parking_->park_target(state_);
+    return true;
+  }
+
+  Status health() const override {
+    std::lock_guard lock(state_->mu);
+    return state_->health;
+  }
+
+ private:
+  UcxTarget(std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+            std::shared_ptr<TargetState> state)
+      : core_(std::move(core)),
+        parking_(std::move(parking)),
+        state_(std::move(state)) {}
+
+  // Progress thread: each region's base, length and packed remote key.
+  static Result<std::vector<RemoteRegion>> pack_regions(
+      UcxCore* core, const std::vector<ExportedRegion>& regions) {
+    std::vector<RemoteRegion> out;
+    out.reserve(regions.size());
+    for (const ExportedRegion& r : regions) {
+      RemoteRegion& packed = out.emplace_back();
+      packed.base = r.base;
+      packed.length = r.length;
+      if (r.memh == nullptr) continue;
+      void* buf = nullptr;
+      size_t size = 0;
+      const ucs_status_t s =
+          ucp_rkey_pack(core->context(), r.memh, &buf, &size);
+      if (s != UCS_OK) return status_from_ucs(s, "ucp_rkey_pack");
+      RkeyBufferPtr owned(buf);
+      const auto* bytes = static_cast<const uint8_t*>(buf);
+      packed.rkey.assign(bytes, bytes + size);
+    }
+    return out;
+  }
+
+  // Progress thread: starts the listener and builds the address (host,
+  // port, token, regions).
+  static Result<std::vector<uint8_t>> setup(
+      TargetState* st, const std::string& host, const sockaddr_storage& ss,
+      const std::vector<ExportedRegion>& regions) {
+    TargetAddress a{host, 0, st->token, {}};  // the port is the listener's
+    KVMIG_ASSIGN_OR_RETURN(a.regions, pack_regions(st->core, regions));
+
+    ucp_listener_params_t lp{};
+    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR |
+                    UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&ss);
+    lp.sockaddr.addrlen = sockaddr_len(ss);
+    lp.conn_handler.cb = TargetState::on_conn_request;
+    lp.conn_handler.arg = st;
+    ucp_listener_h listener = nullptr;
+    ucs_status_t s = ucp_listener_create(st->core->worker(), &lp, &listener);
+    if (s != UCS_OK) return status_from_ucs(s, "listen on " + host);
+    st->listener.reset(listener);
+    ucp_listener_attr_t attr{};
+    attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    s = ucp_listener_query(listener, &attr);
+    if (s != UCS_OK) return status_from_ucs(s, "ucp_listener_query");
+    a.port = attr.sockaddr.ss_family == AF_INET6
+                 ? ntohs(reinterpret_cast<const sockaddr_in6*>(&attr.sockaddr)
+                             ->sin6_port)
+                 : ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)
+                             ->sin_port);
+    ucx_log()->debug("target listening on {}:{} for {} regions", host, a.port,
+                     regions.size());
+    return encode_target_address(a);
+  }
+
+  const std::shared_ptr<UcxCore> core_;
+  const std::shared_ptr<Parking> parking_;
+  const std::shared_ptr<TargetState> state_;
+  std::vector<uint8_t> address_;
+  std::mutex revoke_mu_;
+  bool revoked_ = false;  // guarded by revoke_mu_
+  bool kept_ = false;     // guarded by revoke_mu_
+};
+
+}  // namespace
+
+Result<std::unique_ptr<TransportTarget>> open_ucx_target(
+    std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+    const std::string& host, std::vector<ExportedRegion> regions,
+    uint64_t token) {
+  return UcxTarget::open(std::move(core), std::move(parking), host,
+                         std::move(regions), token);
+}
+
+}  // namespace kvmig::ucx
