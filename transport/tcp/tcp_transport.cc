@@ -16,6 +16,7 @@
 
 #include "../transport_util.h"
 #include "bytes.h"
+#include "errors.h"
 #include "log.h"
 
 namespace kvmig {
@@ -40,45 +41,9 @@ constexpr size_t kMaxTransferPerCall = size_t{16} << 20;
 using Header = std::array<uint8_t, kHeaderBytes>;
 using Word = std::array<uint8_t, 8>;
 
-void put_u32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-void put_u64(uint8_t* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-uint32_t get_u32(const uint8_t* p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
-  return v;
-}
-uint64_t get_u64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
-
 // Lets one read or write call move up to kMaxTransferPerCall bytes.
 size_t large_transfers(const error_code& ec, size_t /*transferred*/) {
   return ec ? 0 : kMaxTransferPerCall;
-}
-
-// The one mapper from Asio errors to Status: a peer that went away or cannot
-// be reached is Unavailable, a timeout DeadlineExceeded, anything else
-// Internal. The message carries `what` and Asio's text.
-Status status_from_asio(const error_code& ec, std::string_view what) {
-  namespace e = asio::error;
-  std::string msg = "tcp: " + std::string(what) + ": " + ec.message();
-  if (ec == e::timed_out) return Status::deadline_exceeded(std::move(msg));
-  if (ec == e::eof || ec == e::connection_reset ||
-      ec == e::connection_refused || ec == e::connection_aborted ||
-      ec == e::broken_pipe || ec == e::not_connected || ec == e::shut_down ||
-      ec == e::host_unreachable || ec == e::network_unreachable ||
-      ec == e::network_down || ec == e::network_reset ||
-      ec == e::host_not_found || ec == e::operation_aborted ||
-      ec == e::bad_descriptor) {
-    return Status::unavailable(std::move(msg));
-  }
-  return Status::internal(std::move(msg));
 }
 
 // Closes a socket or acceptor, logging a failure.
@@ -158,13 +123,13 @@ class TcpTarget final : public TransportTarget {
     }
     const tcp::endpoint ep(ip, 0);
     acceptor_.open(ep.protocol(), ec);
-    if (ec) return status_from_asio(ec, "open acceptor");
+    if (ec) return status_from_error(ec, "tcp: open acceptor");
     acceptor_.bind(ep, ec);
-    if (ec) return status_from_asio(ec, "bind " + host + ":0");
+    if (ec) return status_from_error(ec, "tcp: bind " + host + ":0");
     acceptor_.listen(asio::socket_base::max_listen_connections, ec);
-    if (ec) return status_from_asio(ec, "listen on " + host);
+    if (ec) return status_from_error(ec, "tcp: listen on " + host);
     const auto local = acceptor_.local_endpoint(ec);
-    if (ec) return status_from_asio(ec, "query listening port");
+    if (ec) return status_from_error(ec, "tcp: query listening port");
 
     ByteWriter w;
     w.put_string(host);
@@ -179,7 +144,7 @@ class TcpTarget final : public TransportTarget {
   void start_accept() {
     acceptor_.async_accept(pending_, [this](const error_code& ec) {
       if (ec == asio::error::operation_aborted) return;
-      if (ec) return fail(status_from_asio(ec, "accept"));
+      if (ec) return fail(status_from_error(ec, "tcp: accept"));
       token_timer_.expires_after(kTokenTimeout);
       token_timer_.async_wait([this](const error_code& tec) {
         if (!tec) close_logged(pending_, "tcp connection without token");
@@ -193,7 +158,7 @@ class TcpTarget final : public TransportTarget {
   void on_token(const error_code& ec) {
     token_timer_.cancel();
     const std::string from = endpoint_string(pending_);
-    if (ec || get_u64(token_buf_.data()) != token_) {
+    if (ec || load_le<uint64_t>(token_buf_.data()) != token_) {
       log_->warn("target: rejected a connection from {}: {}", from,
                  ec ? ec.message() : "wrong token");
       close_logged(pending_, "rejected tcp connection");
@@ -204,12 +169,12 @@ class TcpTarget final : public TransportTarget {
     close_logged(acceptor_, "tcp target acceptor");  // one initiator only
     error_code opt_ec;
     socket_.set_option(tcp::no_delay(true), opt_ec);
-    asio::async_write(socket_, asio::buffer(token_buf_),
-                      [this](const error_code& wec, size_t) {
-                        if (wec)
-                          return fail(status_from_asio(wec, "answer " + peer_));
-                        read_header();
-                      });
+    asio::async_write(
+        socket_, asio::buffer(token_buf_),
+        [this](const error_code& wec, size_t) {
+          if (wec) return fail(status_from_error(wec, "tcp: answer " + peer_));
+          read_header();
+        });
   }
 
   void read_header() {
@@ -222,10 +187,12 @@ class TcpTarget final : public TransportTarget {
       return fail(Status::unavailable("tcp target: initiator " + peer_ +
                                       " closed the connection"));
     }
-    if (ec) return fail(status_from_asio(ec, "read from initiator " + peer_));
-    const uint32_t region = get_u32(header_.data());
-    const uint64_t offset = get_u64(header_.data() + 4);
-    const uint64_t length = get_u64(header_.data() + 12);
+    if (ec) {
+      return fail(status_from_error(ec, "tcp: read from initiator " + peer_));
+    }
+    const uint32_t region = load_le<uint32_t>(header_.data());
+    const uint64_t offset = load_le<uint64_t>(header_.data() + 4);
+    const uint64_t length = load_le<uint64_t>(header_.data() + 12);
     if (region == kFlushRegion) {
       if (length != 0) {
         return fail(Status::protocol("tcp target: flush record from " + peer_ +
@@ -233,11 +200,11 @@ class TcpTarget final : public TransportTarget {
       }
       // Records are applied in order, so every earlier write has landed.
       ++flushes_;
-      put_u64(ack_.data(), offset);
+      store_le<uint64_t>(ack_.data(), offset);
       asio::async_write(
           socket_, asio::buffer(ack_), [this](const error_code& wec, size_t) {
             if (wec) {
-              return fail(status_from_asio(wec, "ack to " + peer_));
+              return fail(status_from_error(wec, "tcp: ack to " + peer_));
             }
             read_header();
           });
@@ -257,16 +224,17 @@ class TcpTarget final : public TransportTarget {
           std::to_string(dst.size()) + " bytes"));
     }
     if (length == 0) return read_header();
-    asio::async_read(
-        socket_, asio::buffer(dst.data() + offset, length), large_transfers,
-        [this, length](const error_code& rec, size_t) {
-          if (rec) {
-            return fail(status_from_asio(rec, "read payload from " + peer_));
-          }
-          bytes_applied_ += length;
-          ++writes_applied_;
-          read_header();
-        });
+    asio::async_read(socket_, asio::buffer(dst.data() + offset, length),
+                     large_transfers,
+                     [this, length](const error_code& rec, size_t) {
+                       if (rec) {
+                         return fail(status_from_error(
+                             rec, "tcp: read payload from " + peer_));
+                       }
+                       bytes_applied_ += length;
+                       ++writes_applied_;
+                       read_header();
+                     });
   }
 
   // Records the first failure and drops the connection.
@@ -343,7 +311,7 @@ class TcpInitiator final : public TransportInitiator {
                                       std::to_string(parsed->port));
     }
     peer_ = parsed->host + ":" + std::to_string(parsed->port);
-    put_u64(word_.data(), parsed->token);
+    store_le<uint64_t>(word_.data(), parsed->token);
 
     bool done = false;
     error_code result;
@@ -381,9 +349,9 @@ class TcpInitiator final : public TransportInitiator {
     for (const WriteOp& op : ops) {
       if (op.length == 0) continue;
       Header& h = headers_.emplace_back();
-      put_u32(h.data(), op.dst_region);
-      put_u64(h.data() + 4, op.dst_offset);
-      put_u64(h.data() + 12, op.length);
+      store_le<uint32_t>(h.data(), op.dst_region);
+      store_le<uint64_t>(h.data() + 4, op.dst_offset);
+      store_le<uint64_t>(h.data() + 12, op.length);
       buffers_.push_back(asio::buffer(h));
       buffers_.push_back(asio::buffer(op.src, op.length));
       bytes += op.length;
@@ -407,17 +375,17 @@ class TcpInitiator final : public TransportInitiator {
     KVMIG_RETURN_IF_ERROR(usable());
     const uint64_t seq = ++flush_seq_;
     Header h{};
-    put_u32(h.data(), kFlushRegion);
-    put_u64(h.data() + 4, seq);
+    store_le<uint32_t>(h.data(), kFlushRegion);
+    store_le<uint64_t>(h.data() + 4, seq);
     bool done = false;
     error_code result;
     send_then_read_reply(asio::buffer(h), done, result);
     KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "flush"));
-    if (get_u64(reply_.data()) != seq) {
-      return fail(Status::protocol("tcp: target " + peer_ +
-                                   " acknowledged flush " +
-                                   std::to_string(get_u64(reply_.data())) +
-                                   ", expected " + std::to_string(seq)));
+    if (load_le<uint64_t>(reply_.data()) != seq) {
+      return fail(
+          Status::protocol("tcp: target " + peer_ + " acknowledged flush " +
+                           std::to_string(load_le<uint64_t>(reply_.data())) +
+                           ", expected " + std::to_string(seq)));
     }
     return Status();
   }
@@ -482,8 +450,10 @@ class TcpInitiator final : public TransportInitiator {
           "tcp: " + std::string(what) + " to " + peer_ +
           " did not finish before the deadline"));
     }
-    if (result)
-      return fail(status_from_asio(result, std::string(what) + " to " + peer_));
+    if (result) {
+      return fail(status_from_error(
+          result, "tcp: " + std::string(what) + " to " + peer_));
+    }
     return Status();
   }
 

@@ -12,14 +12,15 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "../transport_util.h"
 #include "bytes.h"
+#include "errors.h"
 #include "log.h"
+#include "verbs_error.h"
 
 // Threading. A VerbsTransport may be used from any thread: the device and
 // protection domain are immutable after creation and the registrations are
@@ -64,46 +65,6 @@ std::shared_ptr<spdlog::logger> verbs_log() {
 }
 
 std::string errno_text(int err) { return std::strerror(err); }
-
-// The one mapper from an errno value returned by an ibv_* call to Status.
-Status status_from_errno(int err, std::string_view what) {
-  std::string msg = "verbs: " + std::string(what) + ": " + errno_text(err);
-  switch (err) {
-    case ENOMEM:
-    case ENOSPC:
-    case EAGAIN:
-      return Status::resource_exhausted(std::move(msg));
-    case ENODEV:
-    case ENXIO:
-    case ENETDOWN:
-      return Status::unavailable(std::move(msg));
-    case ETIMEDOUT:
-      return Status::deadline_exceeded(std::move(msg));
-    default:
-      return Status::internal(std::move(msg));
-  }
-}
-
-// The one mapper from a work completion's status to Status: the peer or the
-// path failing is Unavailable, anything else (a bad key, a local protection
-// error: a bug) Internal.
-Status status_from_wc(const ibv_wc& wc, std::string_view what) {
-  std::string msg = "verbs: " + std::string(what) + ": " +
-                    ibv_wc_status_str(wc.status) + " (QP " +
-                    std::to_string(wc.qp_num) + ", vendor error " +
-                    std::to_string(wc.vendor_err) + ")";
-  switch (wc.status) {
-    case IBV_WC_RETRY_EXC_ERR:
-    case IBV_WC_RNR_RETRY_EXC_ERR:
-    case IBV_WC_RESP_TIMEOUT_ERR:
-    case IBV_WC_REM_ABORT_ERR:
-    case IBV_WC_WR_FLUSH_ERR:
-    case IBV_WC_FATAL_ERR:
-      return Status::unavailable(std::move(msg));
-    default:
-      return Status::internal(std::move(msg));
-  }
-}
 
 // --- RAII for ibv_* handles: each deleter checks and logs the return code.
 
@@ -166,9 +127,9 @@ std::string gid_string(const ibv_gid& gid) {
   return buf;
 }
 
+// A first packet sequence number: 24 random bits.
 uint32_t random_psn() {
-  static thread_local std::mt19937 rng(std::random_device{}());
-  return rng() & 0xFFFFFF;
+  return static_cast<uint32_t>(random_token() & 0xFFFFFF);
 }
 
 int mtu_bytes(ibv_mtu mtu) { return 128 << static_cast<int>(mtu); }
@@ -268,7 +229,7 @@ class VerbsCore {
     KVMIG_RETURN_IF_ERROR(core->open_device(opts.device));
     KVMIG_RETURN_IF_ERROR(core->find_gid(opts.bind_host));
     ibv_pd* pd = ibv_alloc_pd(core->context_.get());
-    if (pd == nullptr) return status_from_errno(errno, "ibv_alloc_pd");
+    if (pd == nullptr) return status_from_errno(errno, "verbs: ibv_alloc_pd");
     core->pd_.reset(pd);
     verbs_log()->info(
         "device {} port {}: {}, active MTU {}, {} (GID index {}), max {} WRs "
@@ -302,7 +263,8 @@ class VerbsCore {
                             IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
     if (mr == nullptr) {
       return status_from_errno(
-          errno, "ibv_reg_mr of " + std::to_string(region.size()) + " bytes");
+          errno,
+          "verbs: ibv_reg_mr of " + std::to_string(region.size()) + " bytes");
     }
     regions_.add(region, MrPtr(mr));
     return Status();
@@ -384,7 +346,7 @@ class VerbsCore {
     if (local_.link_layer == IBV_LINK_LAYER_INFINIBAND) {
       gid_index_ = 0;
       if (int rc = ibv_query_gid(context_.get(), port_, 0, &local_.gid)) {
-        return status_from_errno(rc, "ibv_query_gid");
+        return status_from_errno(rc, "verbs: ibv_query_gid");
       }
       return Status();
     }
@@ -453,7 +415,7 @@ class VerbsCore {
 Result<CqPtr> create_cq(VerbsCore& core, int entries, ibv_comp_channel* ch) {
   entries = std::min<int>(entries, static_cast<int>(core.max_cqe()));
   ibv_cq* cq = ibv_create_cq(core.context(), entries, nullptr, ch, 0);
-  if (cq == nullptr) return status_from_errno(errno, "ibv_create_cq");
+  if (cq == nullptr) return status_from_errno(errno, "verbs: ibv_create_cq");
   return CqPtr(cq);
 }
 
@@ -468,7 +430,7 @@ Result<QpPtr> create_qp(VerbsCore& core, ibv_cq* cq, uint32_t send_depth) {
   init.cap.max_send_sge = 1;
   init.cap.max_recv_sge = 1;
   ibv_qp* qp = ibv_create_qp(core.pd(), &init);
-  if (qp == nullptr) return status_from_errno(errno, "ibv_create_qp");
+  if (qp == nullptr) return status_from_errno(errno, "verbs: ibv_create_qp");
   return QpPtr(qp);
 }
 
@@ -489,7 +451,7 @@ Status bring_up(const VerbsCore& core, ibv_qp* qp, uint32_t psn,
   if (int rc = ibv_modify_qp(qp, &a,
                              IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT |
                                  IBV_QP_ACCESS_FLAGS)) {
-    return status_from_errno(rc, "modify " + qp_name + " to INIT");
+    return status_from_errno(rc, "verbs: modify " + qp_name + " to INIT");
   }
 
   a = {};
@@ -512,9 +474,9 @@ Status bring_up(const VerbsCore& core, ibv_qp* qp, uint32_t psn,
                         IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU |
                             IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
                             IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER)) {
-    return status_from_errno(rc, "modify " + qp_name + " to RTR (peer QP " +
-                                     std::to_string(peer_qpn) + " at " +
-                                     peer.describe() + ")");
+    return status_from_errno(
+        rc, "verbs: modify " + qp_name + " to RTR (peer QP " +
+                std::to_string(peer_qpn) + " at " + peer.describe() + ")");
   }
 
   a = {};
@@ -528,7 +490,7 @@ Status bring_up(const VerbsCore& core, ibv_qp* qp, uint32_t psn,
                              IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
                                  IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
                                  IBV_QP_MAX_QP_RD_ATOMIC)) {
-    return status_from_errno(rc, "modify " + qp_name + " to RTS");
+    return status_from_errno(rc, "verbs: modify " + qp_name + " to RTS");
   }
   return Status();
 }
@@ -603,7 +565,7 @@ class VerbsTarget final : public TransportTarget {
       ibv_qp_attr a{};
       ibv_qp_init_attr init{};
       if (int rc = ibv_query_qp(qp.get(), &a, IBV_QP_STATE, &init)) {
-        return status_from_errno(rc, "ibv_query_qp");
+        return status_from_errno(rc, "verbs: ibv_query_qp");
       }
       if (a.qp_state == IBV_QPS_ERR) {
         return Status::unavailable(
@@ -657,13 +619,13 @@ class VerbsInitiator final : public TransportInitiator {
                              std::max<uint32_t>(limit, 2 * kSignalEvery));
     ibv_comp_channel* ch = ibv_create_comp_channel(t->core_->context());
     if (ch == nullptr) {
-      return status_from_errno(errno, "ibv_create_comp_channel");
+      return status_from_errno(errno, "verbs: ibv_create_comp_channel");
     }
     t->channel_.reset(ch);
     const int flags = fcntl(ch->fd, F_GETFL);
     if (flags < 0 || fcntl(ch->fd, F_SETFL, flags | O_NONBLOCK) < 0) {
-      return status_from_errno(errno,
-                               "make the completion channel non-blocking");
+      return status_from_errno(
+          errno, "verbs: make the completion channel non-blocking");
     }
     KVMIG_ASSIGN_OR_RETURN(
         t->cq_,
@@ -886,7 +848,7 @@ class VerbsInitiator final : public TransportInitiator {
       // Work requests before `bad` were posted and count as in flight.
       qp.posted += static_cast<uint64_t>(bad ? bad - chain.data() : 0);
       return fail(status_from_errno(
-          rc, "ibv_post_send on QP " + std::to_string(qp.qp->qp_num)));
+          rc, "verbs: ibv_post_send on QP " + std::to_string(qp.qp->qp_num)));
     }
     qp.posted += n;
     wrs_posted_ += n;
@@ -935,7 +897,7 @@ class VerbsInitiator final : public TransportInitiator {
             " did not complete before the deadline"));
       }
       if (int rc = ibv_req_notify_cq(cq_.get(), 0)) {
-        return fail(status_from_errno(rc, "ibv_req_notify_cq"));
+        return fail(status_from_errno(rc, "verbs: ibv_req_notify_cq"));
       }
       // A completion that arrived before arming raises no event.
       const int n = poll_once();
