@@ -15,9 +15,11 @@
 #include <vector>
 
 #include "auth.h"
+#include "host_port.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf.h"
+#include "perf_server.h"
 #include "signals.h"
 #include "synthetic_pager.h"
 #include "text.h"
@@ -158,29 +160,119 @@ struct LimitFlags {
   uint32_t max_connections = 64;
 };
 
-int cmd_serve(const std::string& listen, const PoolFlags& pool,
-              double decode_rate, const std::string& transports,
-              int peer_timeout_ms, uint64_t staging_mib,
-              const std::vector<std::string>& fault_specs,
-              const std::string& secret, bool insecure,
-              const LimitFlags& limits) {
-  auto hp = parse_host_port(listen);
-  if (!hp.ok()) return fail(hp.status(), false);
-  auto pager = make_pool(pool);
-  if (!pager.ok()) return fail(pager.status(), false);
+// Reads --secret-file (when given) into copts.secret.
+Status load_secret(const std::string& secret_file, ClientOptions& copts) {
+  if (secret_file.empty()) return Status();
+  KVMIG_ASSIGN_OR_RETURN(copts.secret, read_secret_file(secret_file));
+  return Status();
+}
+
+void add_secret_flag(CLI::App* cmd, std::string& secret_file) {
+  cmd->add_option("--secret-file", secret_file,
+                  "shared secret (16+ bytes) for mutual HMAC-SHA256 "
+                  "authentication of every control connection");
+}
+
+// ---- serve ----
+
+struct ServeFlags {
+  std::string listen = "127.0.0.1:7470";
+  PoolFlags pool;
+  double decode_rate = 0;
+  std::string transports = "tcp";
+  int peer_timeout_ms = 10'000;
+  uint64_t staging_mib = 64;
+  std::vector<std::string> faults;
+  LimitFlags limits;
+  std::string secret_file;
+  bool insecure = false;
+  bool allow_perf = false;
+};
+
+void add_limit_flags(CLI::App* serve, LimitFlags& limits) {
+  serve
+      ->add_option("--max-frame-mib", limits.max_frame_mib,
+                   "largest control frame accepted")
+      ->check(CLI::Range(1u, 1024u));
+  serve
+      ->add_option("--max-pages", limits.max_pages,
+                   "most pages one migration may move (in or out)")
+      ->check(CLI::Range(1u, 1u << 26));
+  serve
+      ->add_option("--max-seqs", limits.max_seqs,
+                   "most requests one migration may move")
+      ->check(CLI::Range(1u, 1u << 24));
+  serve
+      ->add_option("--max-connections", limits.max_connections,
+                   "control connections served at once; more are closed")
+      ->check(CLI::Range(1u, 1u << 16));
+}
+
+CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
+  auto* serve =
+      app.add_subcommand("serve", "run an agent over a synthetic cache");
+  serve->add_option("--listen", f.listen,
+                    "HOST:PORT to listen on (port 0: any)");
+  add_pool_flags(serve, f.pool);
+  serve
+      ->add_option("--decode-rate", f.decode_rate,
+                   "tokens per second appended to every request while "
+                   "running (0: none)")
+      ->check(CLI::Range(0.0, 1e6));
+  serve->add_option("--transports", f.transports,
+                    "data planes accepted, preferred first: tcp,ucx,verbs");
+  serve
+      ->add_option("--peer-timeout-ms", f.peer_timeout_ms,
+                   "deadline for every wait on a peer")
+      ->check(CLI::Range(1, 3'600'000));
+  serve
+      ->add_option("--staging-mib", f.staging_mib,
+                   "staging buffer per migration for pagers without a layout")
+      ->check(CLI::Range(1, 1 << 16));
+  serve
+      ->add_option("--fault", f.faults,
+                   "testing: POINT=stall:MS or POINT=exit at a protocol point")
+      ->group("");
+  add_limit_flags(serve, f.limits);
+  add_secret_flag(serve, f.secret_file);
+  serve->add_flag("--insecure", f.insecure,
+                  "without --secret-file, listen on a non-loopback address "
+                  "anyway (unauthenticated peers)");
+  serve->add_flag("--allow-perf", f.allow_perf,
+                  "also serve kvmig perf clients (each session builds a "
+                  "cache of the client's shape; off unless asked)");
+  return serve;
+}
+
+// The agent's options from serve's flags (listen address, secret and fault
+// hook aside).
+AgentOptions serve_options(const ServeFlags& f) {
   AgentOptions options;
+  options.transports = split_commas(f.transports);
+  options.peer_timeout = std::chrono::milliseconds(f.peer_timeout_ms);
+  options.staging_bytes = f.staging_mib << 20;
+  options.insecure = f.insecure;
+  options.max_frame_bytes = f.limits.max_frame_mib << 20;
+  options.max_pages_per_migration = f.limits.max_pages;
+  options.max_seqs_per_migration = f.limits.max_seqs;
+  options.max_connections = f.limits.max_connections;
+  return options;
+}
+
+int run_serve(const ServeFlags& f) {
+  ClientOptions copts;
+  if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
+    return fail(s, false);
+  }
+  auto hp = parse_host_port(f.listen);
+  if (!hp.ok()) return fail(hp.status(), false);
+  auto pager = make_pool(f.pool);
+  if (!pager.ok()) return fail(pager.status(), false);
+  AgentOptions options = serve_options(f);
   options.listen_host = hp->host;
   options.listen_port = hp->port;
-  options.transports = split_commas(transports);
-  options.peer_timeout = std::chrono::milliseconds(peer_timeout_ms);
-  options.staging_bytes = staging_mib << 20;
-  options.secret = secret;
-  options.insecure = insecure;
-  options.max_frame_bytes = limits.max_frame_mib << 20;
-  options.max_pages_per_migration = limits.max_pages;
-  options.max_seqs_per_migration = limits.max_seqs;
-  options.max_connections = limits.max_connections;
-  auto hook = parse_faults(fault_specs);
+  options.secret = copts.secret;
+  auto hook = parse_faults(f.faults);
   if (!hook.ok()) return fail(hook.status(), false);
   options.fault_hook = *hook;
 
@@ -188,7 +280,8 @@ int cmd_serve(const std::string& listen, const PoolFlags& pool,
 
   auto agent = Agent::create(**pager, options);
   if (!agent.ok()) return fail(agent.status(), false);
-  if (decode_rate > 0) (*pager)->start_decoding(decode_rate);
+  if (f.allow_perf) enable_perf_sessions(**agent);
+  if (f.decode_rate > 0) (*pager)->start_decoding(f.decode_rate);
   std::cout << "kvmig agent listening on " << (*agent)->address() << std::endl;
 
   Status ran = run_until_signal(**agent);
@@ -197,6 +290,8 @@ int cmd_serve(const std::string& listen, const PoolFlags& pool,
   if (!ran.ok()) return fail(ran, false);
   return 0;
 }
+
+// ---- status ----
 
 int cmd_status(const std::string& agent, bool as_json,
                const ClientOptions& copts) {
@@ -240,49 +335,54 @@ int cmd_status(const std::string& agent, bool as_json,
   return 0;
 }
 
-int cmd_migrate(const std::string& agent, MigrateRequest req,
-                const std::string& seqs_text, const std::string& mode,
-                bool as_json, ClientOptions copts) {
-  req.mode = mode == "copy" ? MigrationMode::kCopy : MigrationMode::kMove;
-  if (!req.all) {
-    for (const std::string& item : split_commas(seqs_text)) {
-      try {
-        size_t used = 0;
-        req.seqs.push_back(std::stoull(item, &used));
-        if (used != item.size()) throw std::invalid_argument(item);
-      } catch (const std::exception&) {
-        return fail(Status::invalid_argument("--seqs: '" + item +
-                                             "' is not a request id"),
-                    as_json);
-      }
-    }
+struct StatusFlags {
+  std::string agent;
+  bool as_json = false;
+  std::string secret_file;
+};
+
+CLI::App* add_status_command(CLI::App& app, StatusFlags& f) {
+  auto* status = app.add_subcommand("status", "print an agent's requests");
+  status->add_option("--agent", f.agent, "HOST:PORT")->required();
+  status->add_flag("--json", f.as_json, "print JSON");
+  add_secret_flag(status, f.secret_file);
+  return status;
+}
+
+int run_status(const StatusFlags& f) {
+  ClientOptions copts;
+  if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
+    return fail(s, f.as_json);
   }
-  auto report = request_migration(agent, req, copts);
-  if (!report.ok()) return fail(report.status(), as_json);
-  const MigrationReport& r = *report;
-  if (as_json) {
-    json out = {{"ok", true},
-                {"migration_id", r.migration_id},
-                {"seqs", r.seqs},
-                {"pages", r.pages},
-                {"bytes", r.bytes},
-                {"writes", r.writes},
-                {"seconds", r.seconds},
-                {"gbps", r.gbps},
-                {"pause_ms", r.pause_ms},
-                {"rounds", r.rounds},
-                {"round_pages", r.round_pages},
-                {"transport", r.transport},
-                {"staged", r.staged},
-                {"left_behind", r.left_behind}};
-    if (!r.digests.empty()) {
-      json digests = json::object();
-      for (const auto& [id, hex] : r.digests) digests[std::to_string(id)] = hex;
-      out["digests"] = digests;
-    }
-    std::cout << out.dump() << "\n";
-    return 0;
+  return cmd_status(f.agent, f.as_json, copts);
+}
+
+// ---- migrate ----
+
+json migration_json(const MigrationReport& r) {
+  json out = {{"ok", true},
+              {"migration_id", r.migration_id},
+              {"seqs", r.seqs},
+              {"pages", r.pages},
+              {"bytes", r.bytes},
+              {"writes", r.writes},
+              {"seconds", r.seconds},
+              {"gbps", r.gbps},
+              {"pause_ms", r.pause_ms},
+              {"rounds", r.rounds},
+              {"round_pages", r.round_pages},
+              {"transport", r.transport},
+              {"staged", r.staged},
+              {"left_behind", r.left_behind}};
+  if (!r.digests.empty()) {
+    json digests = json::object();
+    for (const auto& [id, hex] : r.digests) digests[std::to_string(id)] = hex;
+    out["digests"] = digests;
   }
+  return out;
+}
+
+void print_migration(const MigrateRequest& req, const MigrationReport& r) {
   std::printf(
       "%s %zu requests (%llu pages, %.1f MiB in %llu writes) to %s "
       "over %s in %.3f s: %.3f GB/s, pause %.1f ms\nmigration %s\n",
@@ -305,8 +405,110 @@ int cmd_migrate(const std::string& agent, MigrateRequest req,
     }
     std::printf("\n");
   }
+}
+
+int cmd_migrate(const std::string& agent, MigrateRequest req,
+                const std::string& seqs_text, const std::string& mode,
+                bool as_json, ClientOptions copts) {
+  req.mode = mode == "copy" ? MigrationMode::kCopy : MigrationMode::kMove;
+  if (!req.all) {
+    for (const std::string& item : split_commas(seqs_text)) {
+      try {
+        size_t used = 0;
+        req.seqs.push_back(std::stoull(item, &used));
+        if (used != item.size()) throw std::invalid_argument(item);
+      } catch (const std::exception&) {
+        return fail(Status::invalid_argument("--seqs: '" + item +
+                                             "' is not a request id"),
+                    as_json);
+      }
+    }
+  }
+  auto report = request_migration(agent, req, copts);
+  if (!report.ok()) return fail(report.status(), as_json);
+  if (as_json) {
+    std::cout << migration_json(*report).dump() << "\n";
+    return 0;
+  }
+  print_migration(req, *report);
   return 0;
 }
+
+struct MigrateFlags {
+  std::string agent;
+  MigrateRequest req;
+  std::string seqs_text;
+  std::string mode = "move";
+  bool no_verify = false;
+  int timeout_ms = 600'000;
+  std::string no_converge = "finish";
+  bool as_json = false;
+  std::string secret_file;
+};
+
+void add_live_flags(CLI::App* migrate, MigrateFlags& f) {
+  migrate->add_flag("--live", f.req.live,
+                    "pre-copy in rounds while the engine runs, then pause "
+                    "for the last round");
+  migrate
+      ->add_option("--max-rounds", f.req.live_max_rounds,
+                   "live: most rounds before the paused one")
+      ->check(CLI::Range(1u, 1000u));
+  migrate
+      ->add_option("--converge-pages", f.req.live_converge_pages,
+                   "live: pause once a round would send at most this "
+                   "many pages")
+      ->check(CLI::Range(0u, 1u << 24));
+  migrate
+      ->add_option("--no-converge", f.no_converge,
+                   "live, still above --converge-pages after "
+                   "--max-rounds: finish (stop-and-copy the rest) or "
+                   "abort")
+      ->check(CLI::IsMember({"finish", "abort"}));
+}
+
+CLI::App* add_migrate_command(CLI::App& app, MigrateFlags& f) {
+  auto* migrate = app.add_subcommand("migrate", "move or copy requests");
+  migrate->add_option("--agent", f.agent, "source agent HOST:PORT")->required();
+  migrate->add_option("--to", f.req.to, "destination agent HOST:PORT")
+      ->required();
+  auto* seqs_opt =
+      migrate->add_option("--seqs", f.seqs_text, "request ids: ID,ID,...");
+  auto* all_opt = migrate->add_flag("--all", f.req.all, "every request");
+  seqs_opt->excludes(all_opt);
+  migrate->add_option("--mode", f.mode, "move (default) or copy")
+      ->check(CLI::IsMember({"move", "copy"}));
+  add_live_flags(migrate, f);
+  migrate->add_flag("--digests", f.req.record_digests,
+                    "report each request's digest at the final pause");
+  migrate->add_option("--transport", f.req.transport, "tcp|ucx|verbs")
+      ->check(CLI::IsMember({"tcp", "ucx", "verbs"}));
+  migrate->add_flag("--no-verify", f.no_verify,
+                    "skip the destination's per-page checksum check");
+  migrate->add_option("--timeout-ms", f.timeout_ms, "give up after this long")
+      ->check(CLI::Range(1, 86'400'000));
+  migrate->add_flag("--json", f.as_json, "print JSON");
+  add_secret_flag(migrate, f.secret_file);
+  return migrate;
+}
+
+int run_migrate(const MigrateFlags& f) {
+  ClientOptions copts;
+  if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
+    return fail(s, f.as_json);
+  }
+  if (!f.req.all && f.seqs_text.empty()) {
+    return fail(Status::invalid_argument("migrate: give --seqs or --all"),
+                f.as_json);
+  }
+  MigrateRequest req = f.req;
+  req.verify = !f.no_verify;
+  req.live_abort_if_not_converged = f.no_converge == "abort";
+  copts.timeout = std::chrono::milliseconds(f.timeout_ms);
+  return cmd_migrate(f.agent, req, f.seqs_text, f.mode, f.as_json, copts);
+}
+
+// ---- snapshot: save, load, inspect, verify ----
 
 // The agent runs elsewhere: hand it an absolute path.
 std::string absolute_path(const std::string& path) {
@@ -334,6 +536,75 @@ int print_snapshot(const std::string& file, bool verbose) {
   return 0;
 }
 
+struct SnapshotFlags {
+  PoolFlags pool;
+  std::string out_file;
+  std::string in_file;
+  std::string agent;
+  std::string secret_file;
+  CLI::App* save = nullptr;
+  CLI::App* load = nullptr;
+  CLI::App* inspect = nullptr;
+  CLI::App* verify = nullptr;
+};
+
+CLI::App* add_snapshot_command(CLI::App& app, SnapshotFlags& f) {
+  auto* snapshot = app.add_subcommand("snapshot", "save, inspect, verify");
+  snapshot->require_subcommand(1);
+  f.save = snapshot->add_subcommand(
+      "save",
+      "write an agent's cache (--agent) or a synthetic one (--preset ... "
+      "--populate ...) to FILE");
+  add_pool_flags(f.save, f.pool);
+  f.save->add_option("--agent", f.agent,
+                     "agent HOST:PORT (FILE is on the agent's host)");
+  f.save->add_option("--out", f.out_file, "snapshot file")->required();
+  add_secret_flag(f.save, f.secret_file);
+  f.load = snapshot->add_subcommand("load",
+                                    "restore FILE into an agent's empty cache");
+  f.load->add_option("--agent", f.agent, "agent HOST:PORT")->required();
+  f.load->add_option("--in", f.in_file, "snapshot file (on the agent's host)")
+      ->required();
+  add_secret_flag(f.load, f.secret_file);
+  f.inspect = snapshot->add_subcommand("inspect", "print a snapshot");
+  f.inspect->add_option("file", f.in_file, "snapshot file")->required();
+  f.verify = snapshot->add_subcommand("verify", "check every checksum");
+  f.verify->add_option("file", f.in_file, "snapshot file")->required();
+  return snapshot;
+}
+
+// snapshot save: from an agent (--agent) or from a synthetic pool.
+int run_snapshot_save(const SnapshotFlags& f, const ClientOptions& copts) {
+  if (!f.agent.empty()) {
+    Status s =
+        request_snapshot(f.agent, false, absolute_path(f.out_file), copts);
+    if (!s.ok()) return fail(s, false);
+    return print_snapshot(f.out_file, false);
+  }
+  auto pager = make_pool(f.pool);
+  if (!pager.ok()) return fail(pager.status(), false);
+  Status s = capture(**pager, f.out_file);
+  if (!s.ok()) return fail(s, false);
+  return print_snapshot(f.out_file, false);
+}
+
+int run_snapshot(const SnapshotFlags& f) {
+  ClientOptions copts;
+  if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
+    return fail(s, false);
+  }
+  if (*f.load) {
+    Status s = request_snapshot(f.agent, true, absolute_path(f.in_file), copts);
+    if (!s.ok()) return fail(s, false);
+    std::cout << "loaded " << f.in_file << " into " << f.agent << "\n";
+    return 0;
+  }
+  if (*f.save) return run_snapshot_save(f, copts);
+  if (*f.inspect) return print_snapshot(f.in_file, true);
+  if (*f.verify) return print_snapshot(f.in_file, false);
+  return 2;
+}
+
 }  // namespace
 
 int run_cli(int argc, char** argv) {
@@ -343,146 +614,14 @@ int run_cli(int argc, char** argv) {
   app.add_option("--log-level", log_level,
                  "trace|debug|info|warn|error|off (default info, or "
                  "KVMIG_LOG_LEVEL)");
-
-  // serve
-  auto* serve =
-      app.add_subcommand("serve", "run an agent over a synthetic cache");
-  std::string listen = "127.0.0.1:7470";
-  PoolFlags pool;
-  double decode_rate = 0;
-  std::string transports = "tcp";
-  int peer_timeout_ms = 10'000;
-  uint64_t staging_mib = 64;
-  std::vector<std::string> faults;
-  serve->add_option("--listen", listen, "HOST:PORT to listen on (port 0: any)");
-  add_pool_flags(serve, pool);
-  serve
-      ->add_option("--decode-rate", decode_rate,
-                   "tokens per second appended to every request while "
-                   "running (0: none)")
-      ->check(CLI::Range(0.0, 1e6));
-  serve->add_option("--transports", transports,
-                    "data planes accepted, preferred first: tcp,ucx,verbs");
-  serve
-      ->add_option("--peer-timeout-ms", peer_timeout_ms,
-                   "deadline for every wait on a peer")
-      ->check(CLI::Range(1, 3'600'000));
-  serve
-      ->add_option("--staging-mib", staging_mib,
-                   "staging buffer per migration for pagers without a layout")
-      ->check(CLI::Range(1, 1 << 16));
-  serve
-      ->add_option("--fault", faults,
-                   "testing: POINT=stall:MS or POINT=exit at a protocol point")
-      ->group("");
-  LimitFlags limits;
-  serve
-      ->add_option("--max-frame-mib", limits.max_frame_mib,
-                   "largest control frame accepted")
-      ->check(CLI::Range(1u, 1024u));
-  serve
-      ->add_option("--max-pages", limits.max_pages,
-                   "most pages one migration may move (in or out)")
-      ->check(CLI::Range(1u, 1u << 26));
-  serve
-      ->add_option("--max-seqs", limits.max_seqs,
-                   "most requests one migration may move")
-      ->check(CLI::Range(1u, 1u << 24));
-  serve
-      ->add_option("--max-connections", limits.max_connections,
-                   "control connections served at once; more are closed")
-      ->check(CLI::Range(1u, 1u << 16));
-  std::string secret_file;
-  bool insecure = false;
-  auto add_secret = [&](CLI::App* cmd) {
-    cmd->add_option("--secret-file", secret_file,
-                    "shared secret (16+ bytes) for mutual HMAC-SHA256 "
-                    "authentication of every control connection");
-  };
-  add_secret(serve);
-  serve->add_flag("--insecure", insecure,
-                  "without --secret-file, listen on a non-loopback address "
-                  "anyway (unauthenticated peers)");
-
-  // status
-  auto* status = app.add_subcommand("status", "print an agent's requests");
-  std::string agent;
-  bool as_json = false;
-  status->add_option("--agent", agent, "HOST:PORT")->required();
-  status->add_flag("--json", as_json, "print JSON");
-  add_secret(status);
-
-  // migrate
-  auto* migrate = app.add_subcommand("migrate", "move or copy requests");
-  MigrateRequest req;
-  std::string seqs_text, mode = "move";
-  bool no_verify = false;
-  int timeout_ms = 600'000;
-  migrate->add_option("--agent", agent, "source agent HOST:PORT")->required();
-  migrate->add_option("--to", req.to, "destination agent HOST:PORT")
-      ->required();
-  auto* seqs_opt =
-      migrate->add_option("--seqs", seqs_text, "request ids: ID,ID,...");
-  auto* all_opt = migrate->add_flag("--all", req.all, "every request");
-  seqs_opt->excludes(all_opt);
-  migrate->add_option("--mode", mode, "move (default) or copy")
-      ->check(CLI::IsMember({"move", "copy"}));
-  migrate->add_flag("--live", req.live,
-                    "pre-copy in rounds while the engine runs, then pause "
-                    "for the last round");
-  migrate
-      ->add_option("--max-rounds", req.live_max_rounds,
-                   "live: most rounds before the paused one")
-      ->check(CLI::Range(1u, 1000u));
-  migrate
-      ->add_option("--converge-pages", req.live_converge_pages,
-                   "live: pause once a round would send at most this "
-                   "many pages")
-      ->check(CLI::Range(0u, 1u << 24));
-  std::string no_converge = "finish";
-  migrate
-      ->add_option("--no-converge", no_converge,
-                   "live, still above --converge-pages after "
-                   "--max-rounds: finish (stop-and-copy the rest) or "
-                   "abort")
-      ->check(CLI::IsMember({"finish", "abort"}));
-  migrate->add_flag("--digests", req.record_digests,
-                    "report each request's digest at the final pause");
-  migrate->add_option("--transport", req.transport, "tcp|ucx|verbs")
-      ->check(CLI::IsMember({"tcp", "ucx", "verbs"}));
-  migrate->add_flag("--no-verify", no_verify,
-                    "skip the destination's per-page checksum check");
-  migrate->add_option("--timeout-ms", timeout_ms, "give up after this long")
-      ->check(CLI::Range(1, 86'400'000));
-  migrate->add_flag("--json", as_json, "print JSON");
-  add_secret(migrate);
-
-  // snapshot
-  auto* snapshot = app.add_subcommand("snapshot", "save, inspect, verify");
-  snapshot->require_subcommand(1);
-  auto* save = snapshot->add_subcommand(
-      "save",
-      "write an agent's cache (--agent) or a synthetic one (--preset ... "
-      "--populate ...) to FILE");
-  std::string out_file, in_file;
-  std::string snap_agent;
-  add_pool_flags(save, pool);
-  save->add_option("--agent", snap_agent,
-                   "agent HOST:PORT (FILE is on the agent's host)");
-  save->add_option("--out", out_file, "snapshot file")->required();
-  add_secret(save);
-  auto* load = snapshot->add_subcommand(
-      "load", "restore FILE into an agent's empty cache");
-  load->add_option("--agent", snap_agent, "agent HOST:PORT")->required();
-  load->add_option("--in", in_file, "snapshot file (on the agent's host)")
-      ->required();
-  add_secret(load);
-  auto* inspect = snapshot->add_subcommand("inspect", "print a snapshot");
-  inspect->add_option("file", in_file, "snapshot file")->required();
-  auto* verify = snapshot->add_subcommand("verify", "check every checksum");
-  verify->add_option("file", in_file, "snapshot file")->required();
-
-  // perf
+  ServeFlags serve_flags;
+  CLI::App* serve = add_serve_command(app, serve_flags);
+  StatusFlags status_flags;
+  CLI::App* status = add_status_command(app, status_flags);
+  MigrateFlags migrate_flags;
+  CLI::App* migrate = add_migrate_command(app, migrate_flags);
+  SnapshotFlags snapshot_flags;
+  CLI::App* snapshot = add_snapshot_command(app, snapshot_flags);
   auto* perf = app.add_subcommand(
       "perf", "point-to-point benchmark: --server, or a client of HOST:PORT");
   PerfFlags perf_flags;
@@ -494,51 +633,11 @@ int run_cli(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   if (!log_level.empty()) set_log_level(log_level);
-  ClientOptions copts;
-  if (!secret_file.empty()) {
-    auto secret = read_secret_file(secret_file);
-    if (!secret.ok()) return fail(secret.status(), as_json);
-    copts.secret = *secret;
-  }
-
-  if (*serve) {
-    return cmd_serve(listen, pool, decode_rate, transports, peer_timeout_ms,
-                     staging_mib, faults, copts.secret, insecure, limits);
-  }
+  if (*serve) return run_serve(serve_flags);
   if (*perf) return run_perf(perf_flags, !log_level.empty());
-  if (*status) return cmd_status(agent, as_json, copts);
-  if (*migrate) {
-    if (!req.all && seqs_text.empty()) {
-      return fail(Status::invalid_argument("migrate: give --seqs or --all"),
-                  as_json);
-    }
-    req.verify = !no_verify;
-    req.live_abort_if_not_converged = no_converge == "abort";
-    copts.timeout = std::chrono::milliseconds(timeout_ms);
-    return cmd_migrate(agent, req, seqs_text, mode, as_json, copts);
-  }
-  if (*load) {
-    Status s =
-        request_snapshot(snap_agent, true, absolute_path(in_file), copts);
-    if (!s.ok()) return fail(s, false);
-    std::cout << "loaded " << in_file << " into " << snap_agent << "\n";
-    return 0;
-  }
-  if (*save && !snap_agent.empty()) {
-    Status s =
-        request_snapshot(snap_agent, false, absolute_path(out_file), copts);
-    if (!s.ok()) return fail(s, false);
-    return print_snapshot(out_file, false);
-  }
-  if (*save) {
-    auto pager = make_pool(pool);
-    if (!pager.ok()) return fail(pager.status(), false);
-    Status s = capture(**pager, out_file);
-    if (!s.ok()) return fail(s, false);
-    return print_snapshot(out_file, false);
-  }
-  if (*inspect) return print_snapshot(in_file, true);
-  if (*verify) return print_snapshot(in_file, false);
+  if (*status) return run_status(status_flags);
+  if (*migrate) return run_migrate(migrate_flags);
+  if (*snapshot) return run_snapshot(snapshot_flags);
   return 2;
 }
 

@@ -1,5 +1,6 @@
 #include "perf.h"
 
+#include <fmt/format.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
@@ -11,14 +12,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "auth.h"
+#include "host_port.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf_server.h"
@@ -88,6 +92,7 @@ int run_server(const PerfFlags& f) {
   if (!pager.ok()) return fail(pager.status(), false);
   auto agent = Agent::create(**pager, options);
   if (!agent.ok()) return fail(agent.status(), false);
+  enable_perf_sessions(**agent);
   std::string offered;
   for (const std::string& t : options.transports) {
     offered += (offered.empty() ? "" : ",") + t;
@@ -155,43 +160,70 @@ Result<CacheMeta> client_meta(const PerfFlags& f, std::string* name) {
 }
 
 std::string mib(uint64_t bytes) {
-  char buf[32];
-  if (bytes < (1u << 20)) {
-    std::snprintf(buf, sizeof buf, "%.1f KiB", bytes / 1024.0);
-  } else {
-    std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / 1048576.0);
-  }
-  return buf;
+  if (bytes < (1u << 20)) return fmt::format("{:.1f} KiB", bytes / 1024.0);
+  return fmt::format("{:.1f} MiB", bytes / 1048576.0);
 }
 
-int run_client(const PerfFlags& f) {
-  std::string preset;
-  auto meta = client_meta(f, &preset);
+// What the client derives from its flags before it starts anything.
+struct ClientPlan {
+  std::string preset;  // the preset's name, or "custom" (--page-kib)
+  CacheMeta meta;
+  PoolLayout src_layout = PoolLayout::kPage;
+  PoolLayout dst_layout = PoolLayout::kPage;
+  AllocationOrder dst_order = AllocationOrder::kContiguous;
+  uint32_t capacity = 0;  // page slots of either pool
+};
+
+// The running client: the source cache and agent, and the perf session
+// holding the server's target. Destroyed session first, pager last.
+struct Client {
+  std::unique_ptr<SyntheticPager> pager;
+  std::unique_ptr<Agent> agent;
+  std::unique_ptr<PerfSession> session;
+  MigrateRequest req;
+};
+
+// A client's exit status when it cannot go on; nullopt when it can.
+using Exit = std::optional<int>;
+
+// Checks the client's flags (usage errors) and sizes the pools.
+Exit plan_client(const PerfFlags& f, ClientPlan& plan) {
+  auto meta = client_meta(f, &plan.preset);
   if (!meta.ok()) return usage_error(meta.status().message());
+  plan.meta = *meta;
   auto src_layout = parse_pool_layout(f.src_layout);
   auto dst_layout = parse_pool_layout(f.dst_layout);
   auto order = parse_allocation_order(f.dst_order);
   if (!src_layout.ok() || !dst_layout.ok() || !order.ok()) {
     return usage_error("bad --src-layout, --dst-layout or --dst-order");
   }
-  const uint64_t page_total = 2 * meta->page_bytes();
+  plan.src_layout = *src_layout;
+  plan.dst_layout = *dst_layout;
+  plan.dst_order = *order;
+  const uint64_t page_total = 2 * plan.meta.page_bytes();
   // Room for live decoding to grow the request; the destination gets the
   // same so whatever the source holds always fits.
   const uint32_t slack = f.live ? std::max<uint32_t>(16, f.pages) : 0;
-  const uint32_t capacity = f.pages + slack;
-  if (page_total * capacity > kMaxPerfPoolBytes) {
+  plan.capacity = f.pages + slack;
+  if (page_total * plan.capacity > kMaxPerfPoolBytes) {
     return usage_error("--pages " + std::to_string(f.pages) + ": " +
-                       mib(page_total * capacity) + " exceeds the limit of " +
-                       mib(kMaxPerfPoolBytes));
+                       mib(page_total * plan.capacity) +
+                       " exceeds the limit of " + mib(kMaxPerfPoolBytes));
   }
+  return std::nullopt;
+}
 
-  // The source: one request of exactly --pages full pages.
-  auto pager = SyntheticPager::create(*meta, *src_layout, capacity);
+// The source: one request of exactly --pages full pages, served by an
+// in-process agent. options gets the agent's options (the secret included).
+Exit start_source(const PerfFlags& f, const ClientPlan& plan, Client& c,
+                  AgentOptions& options) {
+  auto pager =
+      SyntheticPager::create(plan.meta, plan.src_layout, plan.capacity);
   if (!pager.ok()) return fail(pager.status(), f.json);
-  Status populated =
-      (*pager)->populate(1, uint64_t{f.pages} * meta->page_size_tokens, f.seed);
+  c.pager = std::move(*pager);
+  Status populated = c.pager->populate(
+      1, uint64_t{f.pages} * plan.meta.page_size_tokens, f.seed);
   if (!populated.ok()) return fail(populated, f.json);
-  AgentOptions options;
   options.transports = {f.transport};
   options.peer_timeout = std::chrono::milliseconds(f.timeout_ms);
   if (!f.secret_file.empty()) {
@@ -199,16 +231,25 @@ int run_client(const PerfFlags& f) {
     if (!secret.ok()) return fail(secret.status(), f.json);
     options.secret = *secret;
   }
-  auto agent = Agent::create(**pager, options);
+  auto agent = Agent::create(*c.pager, options);
   if (!agent.ok()) return fail(agent.status(), f.json);
-  Status started = (*agent)->start();
+  c.agent = std::move(*agent);
+  Status started = c.agent->start();
   if (!started.ok()) return fail(started, f.json);
+  return std::nullopt;
+}
+
+// Starts the source, opens the perf session (the server builds the target)
+// and prepares the migration request.
+Exit start_client(const PerfFlags& f, const ClientPlan& plan, Client& c) {
+  AgentOptions options;
+  if (Exit e = start_source(f, plan, c, options)) return e;
 
   PerfSetupMsg setup;
-  setup.meta = *meta;
-  setup.layout = *dst_layout;
-  setup.capacity_pages = capacity;
-  setup.order = *order;
+  setup.meta = plan.meta;
+  setup.layout = plan.dst_layout;
+  setup.capacity_pages = plan.capacity;
+  setup.order = plan.dst_order;
   setup.seed = f.seed;
   // Building the target faults its whole pool in: allow for that.
   auto session = PerfSession::open(
@@ -216,130 +257,176 @@ int run_client(const PerfFlags& f) {
       std::chrono::milliseconds(f.timeout_ms) + std::chrono::seconds(60),
       options.secret);
   if (!session.ok()) return fail(session.status(), f.json);
+  c.session = std::move(*session);
 
-  MigrateRequest req;
-  req.to = (*session)->target();
-  req.all = true;
-  req.mode = MigrationMode::kCopy;
-  req.live = f.live;
-  req.transport = f.transport;
-  req.verify = f.verify;
-  if (f.live && f.decode_rate > 0) (*pager)->start_decoding(f.decode_rate);
+  c.req.to = c.session->target();
+  c.req.all = true;
+  c.req.mode = MigrationMode::kCopy;
+  c.req.live = f.live;
+  c.req.transport = f.transport;
+  c.req.verify = f.verify;
+  if (f.live && f.decode_rate > 0) c.pager->start_decoding(f.decode_rate);
+  return std::nullopt;
+}
 
+// Runs migration i of total and resets the target: the sample, or on a
+// failure (reported after clearing progress) the exit status.
+Exit run_iteration(const PerfFlags& f, Client& c, uint32_t i, uint32_t total,
+                   Progress& progress, Sample& sample) {
+  const auto t0 = SteadyClock::now();
+  auto report = c.agent->migrate(c.req);
+  const double wall =
+      std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  if (!report.ok()) {
+    progress.clear();
+    if (f.live && report.status().code() == StatusCode::kUnimplemented) {
+      return fail(report.status(), f.json,
+                  "--live: live (pre-copy) migration is not available in "
+                  "this build (the source answered Unimplemented: " +
+                      report.status().message() + ")");
+    }
+    return fail(report.status(), f.json,
+                "migration " + std::to_string(i + 1) + " of " +
+                    std::to_string(total) + " to " + c.req.to +
+                    " failed: " + report.status().to_string());
+  }
+  sample = {wall, *report};
+  Status reset = c.session->reset();
+  if (!reset.ok()) {
+    progress.clear();
+    return fail(
+        reset, f.json,
+        "after migration " + std::to_string(i + 1) + ": " + reset.to_string());
+  }
+  return std::nullopt;
+}
+
+// --warmup then --iters migrations; samples gets the measured ones.
+Exit run_iterations(const PerfFlags& f, Client& c,
+                    std::vector<Sample>& samples) {
   const uint32_t total = f.warmup + f.iters;
-  std::vector<Sample> samples;
   Progress progress(total);
   for (uint32_t i = 0; i < total; ++i) {
     const bool warmup = i < f.warmup;
-    const auto t0 = SteadyClock::now();
-    auto report = (*agent)->migrate(req);
-    const double wall =
-        std::chrono::duration<double>(SteadyClock::now() - t0).count();
-    if (!report.ok()) {
-      progress.clear();
-      if (f.live && report.status().code() == StatusCode::kUnimplemented) {
-        return fail(report.status(), f.json,
-                    "--live: live (pre-copy) migration is not available in "
-                    "this build (the source answered Unimplemented: " +
-                        report.status().message() + ")");
-      }
-      return fail(report.status(), f.json,
-                  "migration " + std::to_string(i + 1) + " of " +
-                      std::to_string(total) + " to " + req.to +
-                      " failed: " + report.status().to_string());
-    }
-    if (!warmup) samples.push_back({wall, *report});
-    Status reset = (*session)->reset();
-    if (!reset.ok()) {
-      progress.clear();
-      return fail(reset, f.json,
-                  "after migration " + std::to_string(i + 1) + ": " +
-                      reset.to_string());
-    }
+    Sample sample;
+    if (Exit e = run_iteration(f, c, i, total, progress, sample)) return e;
+    if (!warmup) samples.push_back(sample);
     progress.update(warmup ? i + 1 : i + 1 - f.warmup, warmup,
-                    report->bytes / wall / 1e9);
+                    sample.report.bytes / sample.wall_s / 1e9);
   }
   progress.clear();
-  (*pager)->stop_decoding();
+  c.pager->stop_decoding();
+  return std::nullopt;
+}
 
+// The measured migrations, each column sorted.
+struct Summary {
   std::vector<double> lat, pause, data_gbps, writes, bytes, pages;
-  double seconds = 0, total_bytes = 0, total_pages = 0;
+  double seconds = 0;
+  double gbps = 0;
+  double pages_per_s = 0;
   bool staged = false;
-  for (const Sample& s : samples) {
-    lat.push_back(s.wall_s * 1e3);
-    pause.push_back(s.report.pause_ms);
-    data_gbps.push_back(s.report.gbps);
-    writes.push_back(static_cast<double>(s.report.writes));
-    bytes.push_back(static_cast<double>(s.report.bytes));
-    pages.push_back(static_cast<double>(s.report.pages));
-    seconds += s.wall_s;
-    total_bytes += static_cast<double>(s.report.bytes);
-    total_pages += static_cast<double>(s.report.pages);
-    staged = staged || s.report.staged;
+  std::string transport;
+};
+
+double p50(const std::vector<double>& v) { return percentile(v, 50); }
+
+Summary summarize(const std::vector<Sample>& samples) {
+  Summary s;
+  double total_bytes = 0, total_pages = 0;
+  for (const Sample& x : samples) {
+    s.lat.push_back(x.wall_s * 1e3);
+    s.pause.push_back(x.report.pause_ms);
+    s.data_gbps.push_back(x.report.gbps);
+    s.writes.push_back(static_cast<double>(x.report.writes));
+    s.bytes.push_back(static_cast<double>(x.report.bytes));
+    s.pages.push_back(static_cast<double>(x.report.pages));
+    s.seconds += x.wall_s;
+    total_bytes += static_cast<double>(x.report.bytes);
+    total_pages += static_cast<double>(x.report.pages);
+    s.staged = s.staged || x.report.staged;
   }
-  for (auto* v : {&lat, &pause, &data_gbps, &writes, &bytes, &pages}) {
+  for (auto* v :
+       {&s.lat, &s.pause, &s.data_gbps, &s.writes, &s.bytes, &s.pages}) {
     std::sort(v->begin(), v->end());
   }
-  const double gbps = total_bytes / seconds / 1e9;
-  const double pages_per_s = total_pages / seconds;
-  const auto p50 = [](const std::vector<double>& v) {
-    return percentile(v, 50);
-  };
+  s.gbps = total_bytes / s.seconds / 1e9;
+  s.pages_per_s = total_pages / s.seconds;
+  s.transport = samples.front().report.transport;
+  return s;
+}
 
-  if (f.json) {
-    json out = {
-        {"ok", true},
-        {"server", f.connect},
-        {"target", req.to},
-        {"transport", samples.front().report.transport},
-        {"preset", preset},
-        {"page_bytes", meta->page_bytes()},
-        {"src_layout", f.src_layout},
-        {"dst_layout", f.dst_layout},
-        {"dst_order", f.dst_order},
-        {"mode", "copy"},
-        {"verify", f.verify},
-        {"live", f.live},
-        {"staged", staged},
-        {"pages", static_cast<uint64_t>(p50(pages))},
-        {"bytes", static_cast<uint64_t>(p50(bytes))},
-        {"writes", static_cast<uint64_t>(p50(writes))},
-        {"iters", f.iters},
-        {"warmup", f.warmup},
-        {"seconds", seconds},
-        {"gbps", gbps},
-        {"pages_per_s", pages_per_s},
-        {"data_gbps_p50", p50(data_gbps)},
-        {"latency_ms",
-         {{"p50", p50(lat)},
-          {"p99", percentile(lat, 99)},
-          {"max", lat.back()},
-          {"min", lat.front()}}},
-        {"pause_ms", {{"p50", p50(pause)}, {"max", pause.back()}}},
-    };
-    std::cout << out.dump() << "\n";
-    return 0;
-  }
+json report_json(const PerfFlags& f, const ClientPlan& plan,
+                 const std::string& target, const Summary& s) {
+  return {
+      {"ok", true},
+      {"server", f.connect},
+      {"target", target},
+      {"transport", s.transport},
+      {"preset", plan.preset},
+      {"page_bytes", plan.meta.page_bytes()},
+      {"src_layout", f.src_layout},
+      {"dst_layout", f.dst_layout},
+      {"dst_order", f.dst_order},
+      {"mode", "copy"},
+      {"verify", f.verify},
+      {"live", f.live},
+      {"staged", s.staged},
+      {"pages", static_cast<uint64_t>(p50(s.pages))},
+      {"bytes", static_cast<uint64_t>(p50(s.bytes))},
+      {"writes", static_cast<uint64_t>(p50(s.writes))},
+      {"iters", f.iters},
+      {"warmup", f.warmup},
+      {"seconds", s.seconds},
+      {"gbps", s.gbps},
+      {"pages_per_s", s.pages_per_s},
+      {"data_gbps_p50", p50(s.data_gbps)},
+      {"latency_ms",
+       {{"p50", p50(s.lat)},
+        {"p99", percentile(s.lat, 99)},
+        {"max", s.lat.back()},
+        {"min", s.lat.front()}}},
+      {"pause_ms", {{"p50", p50(s.pause)}, {"max", s.pause.back()}}},
+  };
+}
+
+void print_report(const PerfFlags& f, const ClientPlan& plan,
+                  const Summary& s) {
   std::printf(
       "kvmig perf to %s over %s: %s (%s K + %s V per page), %s -> %s "
       "layout, %s destination slots, copy, verify %s\n",
-      f.connect.c_str(), samples.front().report.transport.c_str(),
-      preset.c_str(), mib(meta->page_bytes()).c_str(),
-      mib(meta->page_bytes()).c_str(), f.src_layout.c_str(),
-      f.dst_layout.c_str(), f.dst_order.c_str(), f.verify ? "on" : "off");
+      f.connect.c_str(), s.transport.c_str(), plan.preset.c_str(),
+      mib(plan.meta.page_bytes()).c_str(), mib(plan.meta.page_bytes()).c_str(),
+      f.src_layout.c_str(), f.dst_layout.c_str(), f.dst_order.c_str(),
+      f.verify ? "on" : "off");
   std::printf("%12s %8s %6s %8s %10s %7s %9s %8s %8s %9s %8s\n", "bytes",
               "pages", "iters", "GB/s", "pages/s", "writes", "lat p50", "p99",
               "max", "pause p50", "max");
   std::printf(
       "%12llu %8llu %6u %8.3f %10.1f %7llu %9.2f %8.2f %8.2f %9.2f %8.2f\n",
-      static_cast<unsigned long long>(p50(bytes)),
-      static_cast<unsigned long long>(p50(pages)), f.iters, gbps, pages_per_s,
-      static_cast<unsigned long long>(p50(writes)), p50(lat),
-      percentile(lat, 99), lat.back(), p50(pause), pause.back());
+      static_cast<unsigned long long>(p50(s.bytes)),
+      static_cast<unsigned long long>(p50(s.pages)), f.iters, s.gbps,
+      s.pages_per_s, static_cast<unsigned long long>(p50(s.writes)), p50(s.lat),
+      percentile(s.lat, 99), s.lat.back(), p50(s.pause), s.pause.back());
   std::printf(
       "(latencies and pauses in ms per migration; GB/s = 10^9 bytes/s "
       "over the migrations' wall time%s)\n",
-      staged ? "; some side staged its pages" : "");
+      s.staged ? "; some side staged its pages" : "");
+}
+
+int run_client(const PerfFlags& f) {
+  ClientPlan plan;
+  if (Exit e = plan_client(f, plan)) return *e;
+  Client c;
+  if (Exit e = start_client(f, plan, c)) return *e;
+  std::vector<Sample> samples;
+  if (Exit e = run_iterations(f, c, samples)) return *e;
+  const Summary summary = summarize(samples);
+  if (f.json) {
+    std::cout << report_json(f, plan, c.req.to, summary).dump() << "\n";
+    return 0;
+  }
+  print_report(f, plan, summary);
   return 0;
 }
 

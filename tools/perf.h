@@ -7,7 +7,7 @@
 //              --decode-rate R] [--verify] [--json]
 //
 // The server is an agent that builds a target cache per client session (see
-// src/perf_server.h). The client runs a source agent in-process over a
+// src/perf/perf_server.h). The client runs a source agent in-process over a
 // synthetic cache holding one request of --pages pages and copies it to the
 // server's target --warmup + --iters times through Agent::migrate (the code
 // `kvmig migrate` runs), resetting the target between iterations.
