@@ -59,16 +59,18 @@ start_agent() {
 demo() {
   deps
   build
-  local k=$BUILD_DIR/tools/kvmig tmp
-  tmp=$(mktemp -d)
-  local pids=()
-  trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
+  local k=$BUILD_DIR/tools/kvmig
+  # Globals, not locals: the EXIT trap runs after demo() has returned.
+  DEMO_TMP=$(mktemp -d)
+  DEMO_PIDS=()
+  trap 'kill "${DEMO_PIDS[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$DEMO_TMP"' EXIT
+  local tmp=$DEMO_TMP
   read -r p1 src < <(start_agent "$tmp/src" --preset llama3-8b --layout layer \
     --capacity-pages 512 --populate 8:1000 --share-prefix 512 --seed 7)
-  pids+=("$p1")
+  DEMO_PIDS+=("$p1")
   read -r p2 dst < <(start_agent "$tmp/dst" --preset llama3-8b --layout page \
     --capacity-pages 512)
-  pids+=("$p2")
+  DEMO_PIDS+=("$p2")
   echo "== source agent $src (llama3-8b, layer layout), destination $dst (page layout)"
   "$k" status --agent "$src"
   "$k" status --agent "$src" --json >"$tmp/before.json"
