@@ -4,6 +4,7 @@
 // read_page/write_page and a bounded staging buffer on each side.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <thread>
@@ -333,6 +334,69 @@ TEST(EmbedExample, RequestEndedWhileInDoubtDoesNotBlockSettling) {
   ASSERT_OK(m.cache->drop_logical_seqs(ended));
   ASSERT_NO_FATAL_FAILURE(m.expect_settled_committed());
   EXPECT_EQ(digests(*m.dst).size(), 2u);
+}
+
+TEST(EmbedExample, CallsOnANonServingAgentFailAtOnce) {
+  auto cache = make_cache(PoolLayout::kPage, 16);
+  ASSERT_TRUE(cache);
+  ASSERT_OK(cache->populate(1, 20, 1));
+  auto agent = Agent::create(*cache, AgentOptions{});
+  ASSERT_OK(agent.status());
+  MigrateRequest req;
+  req.to = "127.0.0.1:1";
+  req.all = true;
+  // Never started: nothing would run the call, so it must not wait.
+  EXPECT_EQ((*agent)->migrate(req).status().code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*agent)->status().status().code(),
+            StatusCode::kFailedPrecondition);
+  ASSERT_OK((*agent)->start());
+  ASSERT_OK((*agent)->status().status());
+  (*agent)->stop();
+  EXPECT_EQ((*agent)->status().status().code(),
+            StatusCode::kFailedPrecondition);
+}
+
+// A pager whose logical_seqs() calls back into its own agent once armed, as
+// an engine might from inside a pager method.
+class ReentrantPager final : public testing::ForwardingPager {
+ public:
+  using ForwardingPager::ForwardingPager;
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    if (agent && armed.exchange(false)) {
+      inner_status = agent->status().status();
+    }
+    return ForwardingPager::logical_seqs();
+  }
+  Agent* agent = nullptr;
+  std::atomic<bool> armed{false};
+  Status inner_status;
+};
+
+TEST(EmbedExample, CallFromThePagerOnTheAgentThreadFailsInsteadOfHanging) {
+  auto src_cache = make_cache(PoolLayout::kPage, 16);
+  auto dst_cache = make_cache(PoolLayout::kPage, 16);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(1, 20, 1));
+  ReentrantPager pager(*src_cache);
+  AgentOptions options;
+  options.peer_timeout = std::chrono::seconds(5);
+  auto src = start_agent(pager, options);
+  auto dst = start_agent(*dst_cache, options);
+  ASSERT_TRUE(src && dst);
+  pager.agent = src.get();
+  pager.armed = true;
+  MigrateRequest req;
+  req.to = dst->address();
+  req.all = true;
+  ASSERT_OK(src->migrate(req).status());
+  EXPECT_FALSE(pager.armed);
+  EXPECT_EQ(pager.inner_status.code(), StatusCode::kFailedPrecondition)
+      << pager.inner_status.to_string();
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, dst->status());
+  EXPECT_EQ(st.seqs.size(), 1u);
+  src->stop();
+  dst->stop();
 }
 
 TEST(EmbedExample, AgentRefusesBadOptions) {

@@ -18,10 +18,14 @@ using namespace std::chrono_literals;
 // `kvmig perf --server` on an ephemeral loopback port.
 class PerfServer {
  public:
-  static std::unique_ptr<PerfServer> start() {
+  // The default: `kvmig perf --server`; or any other command line that
+  // starts an agent printing "listening on HOST:PORT".
+  static std::unique_ptr<PerfServer> start(std::vector<std::string> argv = {
+                                               "perf", "--server", "--listen",
+                                               "127.0.0.1:0"}) {
     auto s = std::unique_ptr<PerfServer>(new PerfServer());
-    s->child_ = Child::spawn(
-        {kvmig_bin(), "perf", "--server", "--listen", "127.0.0.1:0"});
+    argv.insert(argv.begin(), kvmig_bin());
+    s->child_ = Child::spawn(argv);
     if (!s->child_) return nullptr;
     const std::string marker = "listening on ";
     if (!s->child_->wait_for(marker, 30s)) {
@@ -30,7 +34,7 @@ class PerfServer {
     }
     std::string out = s->child_->out();
     size_t at = out.find(marker) + marker.size();
-    s->address_ = out.substr(at, out.find(' ', at) - at);
+    s->address_ = out.substr(at, out.find_first_of(" \n", at) - at);
     return s;
   }
   const std::string& address() const { return address_; }
@@ -184,6 +188,28 @@ TEST(PerfE2E, LiveRunsWhileTheSourceDecodes) {
   EXPECT_TRUE(j["live"].get<bool>());
   EXPECT_GT(j["pause_ms"]["max"].get<double>(), 0.0);
   EXPECT_EQ(j["iters"], 2);
+}
+
+// Perf sessions build caches of the client's size: an ordinary agent serves
+// them only when asked (serve --allow-perf).
+TEST(PerfE2E, ServeRefusesPerfSessionsUnlessAllowed) {
+  auto plain = PerfServer::start({"serve", "--listen", "127.0.0.1:0"});
+  ASSERT_TRUE(plain);
+  CliResult refused = run_kvmig({"perf", plain->address(), "--preset", "tiny",
+                                 "--iters", "1", "--pages", "4", "--json"});
+  EXPECT_NE(refused.code, 0) << refused.out;
+  EXPECT_NE(plain->child().err().find("unexpected PERF_SETUP"),
+            std::string::npos)
+      << plain->child().err();
+  auto allowed =
+      PerfServer::start({"serve", "--listen", "127.0.0.1:0", "--allow-perf"});
+  ASSERT_TRUE(allowed);
+  CliResult r = run_kvmig({"perf", allowed->address(), "--preset", "tiny",
+                           "--iters", "1", "--pages", "4", "--json"});
+  ASSERT_EQ(r.code, 0) << r.out << r.err << allowed->child().err();
+  json j = json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_TRUE(j["ok"].get<bool>());
 }
 
 }  // namespace
