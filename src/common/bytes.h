@@ -46,9 +46,13 @@ class ByteWriter {
   template <typename T>
   requires std::is_integral_v<T>
   void put(T value) {
-    const size_t at = buf_.size();
-    buf_.resize(at + sizeof(T));
-    store_le(buf_.data() + at, value);
+    // Byte by byte: GCC 12 at -O3 misreads a resize-then-store_le as out
+    // of bounds (-Warray-bounds).
+    using U = std::make_unsigned_t<T>;
+    auto u = static_cast<U>(value);
+    for (size_t i = 0; i < sizeof(T); ++i) {
+      buf_.push_back(static_cast<uint8_t>(u >> (8 * i)));
+    }
   }
   void put_bytes(std::span<const uint8_t> bytes) {
     buf_.insert(buf_.end(), bytes.begin(), bytes.end());
