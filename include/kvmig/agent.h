@@ -141,6 +141,10 @@ struct AgentStatus {
   std::vector<InDoubt> in_doubt;
 };
 
+struct StatusOptions {
+  bool digests = true;
+};
+
 // A running agent. Thread-safe: every method may be called from any thread.
 // The pager must outlive the agent.
 class Agent {
@@ -168,8 +172,10 @@ class Agent {
   // Blocks until the migration ends. Needs the agent to be serving.
   Result<MigrationReport> migrate(const MigrateRequest& request);
 
-  // This agent's status (digests computed on the spot).
-  Result<AgentStatus> status();
+  // This agent's status. With options.digests, each request's digest is
+  // computed on the spot, with the engine paused for the read; without, no
+  // page is read and the engine is not paused (SeqStatus::digest empty).
+  Result<AgentStatus> status(const StatusOptions& options = {});
 
  private:
   struct Impl;

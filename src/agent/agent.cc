@@ -159,9 +159,9 @@ Result<MigrationReport> Agent::migrate(const MigrateRequest& request) {
       [impl = impl_.get(), request] { return run_source(impl->ctx, request); });
 }
 
-Result<AgentStatus> Agent::status() {
-  return run_on<AgentStatus>(*impl_, "status", [impl = impl_.get()] {
-    return impl->compute_status();
+Result<AgentStatus> Agent::status(const StatusOptions& options) {
+  return run_on<AgentStatus>(*impl_, "status", [impl = impl_.get(), options] {
+    return impl->compute_status(options.digests);
   });
 }
 

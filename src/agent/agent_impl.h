@@ -28,7 +28,8 @@ struct Agent::Impl {
   asio::awaitable<void> accept_loop();
   asio::awaitable<void> serve_connection(asio::ip::tcp::socket socket);
   // status.cc
-  asio::awaitable<Result<AgentStatus>> compute_status();
+  // digests: read every request's pages (engine paused) for its digest.
+  asio::awaitable<Result<AgentStatus>> compute_status(bool digests = true);
 
   // Declared first: destroyed last, after everything that uses it.
   MigrationContext ctx;

@@ -5,15 +5,24 @@
 
 namespace kvmig {
 
-asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status() {
+asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
   AgentStatus st;
   st.meta = ctx.pager.meta();
   for (const auto& [name, t] : ctx.transports) st.transports.push_back(name);
   st.in_doubt = ctx.in_doubt.entries();
   // Digests are computed with the engine paused, so no request is seen torn.
   CachePager& pager = ctx.pager;
-  auto seqs =
-      co_await ctx.offload([&pager]() -> Result<std::vector<SeqStatus>> {
+  auto seqs = co_await ctx.offload(
+      [&pager, digests]() -> Result<std::vector<SeqStatus>> {
+        if (!digests) {
+          KVMIG_ASSIGN_OR_RETURN(auto all, pager.logical_seqs());
+          std::vector<SeqStatus> out;
+          for (const LogicalSeq& seq : all) {
+            out.push_back({seq.seq_id, seq.n_tokens,
+                           static_cast<uint32_t>(seq.pages.size()), ""});
+          }
+          return out;
+        }
         KVMIG_RETURN_IF_ERROR(pager.pause());
         std::vector<SeqStatus> out;
         Status status;

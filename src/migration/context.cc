@@ -1,5 +1,6 @@
 #include "context.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace kvmig {
@@ -22,6 +23,33 @@ MigrationContext::~MigrationContext() {
   }
 }
 
+namespace {
+
+// The memory to register for a layout: its regions' spans, with overlapping
+// and touching ones merged. Regions interleave when K and V of a layer share
+// a tensor (FlashInfer's (num_blocks, 2, ...), per-layer views of a
+// page-major pool); a transport registers each byte once and finds a
+// region's registration as the span containing it.
+std::vector<std::span<std::byte>> registered_spans(
+    std::vector<std::span<std::byte>> regions) {
+  std::sort(regions.begin(), regions.end(),
+            [](auto a, auto b) { return a.data() < b.data(); });
+  std::vector<std::span<std::byte>> out;
+  for (auto r : regions) {
+    if (!out.empty() && r.data() <= out.back().data() + out.back().size()) {
+      std::byte* begin = out.back().data();
+      std::byte* end =
+          std::max(out.back().data() + out.back().size(), r.data() + r.size());
+      out.back() = {begin, static_cast<size_t>(end - begin)};
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 Status MigrationContext::init() {
   layout = pager.layout();
   if (layout) {
@@ -36,7 +64,7 @@ Status MigrationContext::init() {
   for (const std::string& name : options.transports) {
     if (transports.count(name)) continue;
     KVMIG_ASSIGN_OR_RETURN(auto transport, make_transport(name, topts));
-    for (auto region : pager_regions) {
+    for (auto region : registered_spans(pager_regions)) {
       KVMIG_RETURN_IF_ERROR(transport->register_memory(region).with_context(
           "agent: registering pager memory with " + name));
     }

@@ -67,7 +67,9 @@ class MigrationContext {
   WireLimits limits;
   std::shared_ptr<spdlog::logger> log;
   std::optional<PagerLayout> layout;
-  std::vector<std::span<std::byte>> pager_regions;  // registered everywhere
+  // Each layout region's span, in layout order: the regions a target offers.
+  // Registered with every transport, merged where they interleave.
+  std::vector<std::span<std::byte>> pager_regions;
 
   // Declared before io and data_pool: destroyed after them, so coroutine
   // frames and pool work never outlive what they use.

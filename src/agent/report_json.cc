@@ -1,0 +1,65 @@
+#include "report_json.h"
+
+#include <string>
+
+namespace kvmig {
+
+using json = nlohmann::ordered_json;
+
+json meta_json(const CacheMeta& m) {
+  return {{"page_size_tokens", m.page_size_tokens},
+          {"n_layers", m.n_layers},
+          {"n_heads", m.n_heads},
+          {"head_dim", m.head_dim},
+          {"dtype", std::string(dtype_name(m.dtype))},
+          {"page_bytes", m.page_bytes()}};
+}
+
+json status_json(const AgentStatus& st) {
+  json seqs = json::array();
+  for (const SeqStatus& s : st.seqs) {
+    seqs.push_back({{"id", s.id},
+                    {"tokens", s.tokens},
+                    {"pages", s.pages},
+                    {"digest", s.digest}});
+  }
+  json in_doubt = json::array();
+  for (const auto& d : st.in_doubt) {
+    in_doubt.push_back({{"migration_id", d.migration_id},
+                        {"seqs", d.seqs},
+                        {"to", d.to},
+                        {"hold", d.hold}});
+  }
+  return {{"meta", meta_json(st.meta)},  {"capacity_pages", st.capacity_pages},
+          {"free_pages", st.free_pages}, {"seqs", seqs},
+          {"transports", st.transports}, {"in_doubt", in_doubt}};
+}
+
+json migration_json(const MigrationReport& r) {
+  json out = {{"ok", true},
+              {"migration_id", r.migration_id},
+              {"seqs", r.seqs},
+              {"pages", r.pages},
+              {"bytes", r.bytes},
+              {"writes", r.writes},
+              {"seconds", r.seconds},
+              {"gbps", r.gbps},
+              {"pause_ms", r.pause_ms},
+              {"rounds", r.rounds},
+              {"round_pages", r.round_pages},
+              {"transport", r.transport},
+              {"staged", r.staged},
+              {"left_behind", r.left_behind}};
+  if (!r.digests.empty()) {
+    json digests = json::object();
+    for (const auto& [id, hex] : r.digests) digests[std::to_string(id)] = hex;
+    out["digests"] = digests;
+  }
+  return out;
+}
+
+json error_json(const Status& s) {
+  return {{"ok", false}, {"error", s.to_string()}};
+}
+
+}  // namespace kvmig

@@ -1,0 +1,29 @@
+// The JSON forms of what agents report: the fields of `kvmig status --json`
+// and `kvmig migrate --json`, which scripts and the Python binding
+// (agent.status(), agent.migrate()) depend on. A contract: add fields, never
+// rename or drop one.
+#ifndef KVMIG_AGENT_REPORT_JSON_H_
+#define KVMIG_AGENT_REPORT_JSON_H_
+
+#include <nlohmann/json.hpp>
+
+#include "kvmig/agent.h"
+#include "kvmig/status.h"
+#include "kvmig/types.h"
+
+namespace kvmig {
+
+// {page_size_tokens, n_layers, n_heads, head_dim, dtype, page_bytes}.
+nlohmann::ordered_json meta_json(const CacheMeta& meta);
+// {meta, capacity_pages, free_pages, seqs: [{id, tokens, pages, digest}],
+//  transports, in_doubt: [{migration_id, seqs, to, hold}]}.
+nlohmann::ordered_json status_json(const AgentStatus& status);
+// {ok: true, migration_id, seqs, pages, bytes, writes, seconds, gbps,
+//  pause_ms, rounds, round_pages, transport, staged, left_behind[, digests]}.
+nlohmann::ordered_json migration_json(const MigrationReport& report);
+// {ok: false, error}.
+nlohmann::ordered_json error_json(const Status& status);
+
+}  // namespace kvmig
+
+#endif  // KVMIG_AGENT_REPORT_JSON_H_
