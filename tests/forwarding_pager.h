@@ -7,9 +7,11 @@
 
 #include <optional>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kvmig/pager.h"
+#include "kvmig/status.h"
 
 namespace kvmig::testing {
 
@@ -58,6 +60,24 @@ class ForwardingPager : public CachePager {
 
  private:
   CachePager& inner_;
+};
+
+// Reports the inner pager's requests plus `extra`, whatever its table (its
+// pages need not fit its tokens): what a snapshot captured through it, or a
+// migration from it, carries.
+class ExtraSeqPager final : public ForwardingPager {
+ public:
+  ExtraSeqPager(CachePager& inner, LogicalSeq extra)
+      : ForwardingPager(inner), extra_(std::move(extra)) {}
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    KVMIG_ASSIGN_OR_RETURN(std::vector<LogicalSeq> seqs,
+                           ForwardingPager::logical_seqs());
+    seqs.push_back(extra_);
+    return seqs;
+  }
+
+ private:
+  const LogicalSeq extra_;
 };
 
 }  // namespace kvmig::testing

@@ -197,6 +197,34 @@ TEST_P(PagerConformanceTest, InstallRejectsMalformedSeqs) {
   EXPECT_OK(pager_->release_pages(p));
 }
 
+// A token count whose page count a naive ceil(n / page) wraps to zero (or
+// to any other wrong count) is refused, naming the request and its tokens,
+// and the whole batch with it.
+TEST_P(PagerConformanceTest, InstallRejectsTokensThatDoNotFitThePages) {
+  std::vector<PageIndex> p = allocate_written(2, 70);
+  const uint64_t free_before = free_pages();
+  LogicalSeq good{1, tokens_for_pages(2), {p[0], p[1]}};
+  const std::vector<LogicalSeq> bad = {
+      {4242, UINT64_MAX, {}},
+      {4242, UINT64_MAX - meta_.page_size_tokens + 2, {}},
+      {4242, UINT64_MAX, {p[0]}},
+      {4242, tokens_for_pages(2) + meta_.page_size_tokens, {p[0], p[1]}},
+  };
+  for (const LogicalSeq& seq : bad) {
+    SCOPED_TRACE(std::to_string(seq.n_tokens) + " tokens in " +
+                 std::to_string(seq.pages.size()) + " pages");
+    Status s = pager_->install_logical_seqs({good, seq});
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+    EXPECT_NE(s.message().find("4242"), std::string::npos) << s.to_string();
+    EXPECT_NE(s.message().find(std::to_string(seq.n_tokens)), std::string::npos)
+        << s.to_string();
+    EXPECT_TRUE(seqs().empty());
+    EXPECT_EQ(free_pages(), free_before);
+  }
+  // Nothing became owned: the slots can still be released.
+  EXPECT_OK(pager_->release_pages(p));
+}
+
 TEST_P(PagerConformanceTest, WrongSizeWriteFailsAndKeepsPage) {
   std::vector<PageIndex> p = allocate_written(1, 5);
   PageBytes bad = pattern_page(meta_, 6);

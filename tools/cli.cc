@@ -8,18 +8,19 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "auth.h"
+#include "flags.h"
 #include "host_port.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf.h"
 #include "perf_server.h"
+#include "report_json.h"
 #include "signals.h"
 #include "synthetic_pager.h"
 #include "text.h"
@@ -27,44 +28,54 @@
 namespace kvmig {
 namespace {
 
-using json = nlohmann::ordered_json;
-
+// A failed operation: exit status 1.
 int fail(const Status& s, bool as_json) {
   if (as_json) {
-    std::cout << json{{"ok", false}, {"error", s.to_string()}}.dump() << "\n";
+    std::cout << json_text(error_json(s)) << "\n";
   } else {
     std::cerr << "kvmig: " << s.to_string() << "\n";
   }
   return 1;
 }
 
-json meta_json(const CacheMeta& m) {
-  return {{"page_size_tokens", m.page_size_tokens},
-          {"n_layers", m.n_layers},
-          {"n_heads", m.n_heads},
-          {"head_dim", m.head_dim},
-          {"dtype", std::string(dtype_name(m.dtype))},
-          {"page_bytes", m.page_bytes()}};
+// A usage error found after parsing (CLI11 reports its own): exit status 2,
+// reported as fail() does.
+int usage_error(const Status& s, bool as_json) {
+  if (as_json) {
+    std::cout << json_text(error_json(s)) << "\n";
+  } else {
+    std::cerr << "kvmig: " << s.to_string()
+              << "\nRun with --help for more information.\n";
+  }
+  return 2;
 }
 
-// "SEQS:TOKENS", e.g. "8:1000".
+// "SEQS:TOKENS", e.g. "8:1000": decimal digits only, 0 <= SEQS <= 10^6,
+// TOKENS >= 1. InvalidArgument "'TEXT': expected ..." otherwise.
 Result<std::pair<uint32_t, uint64_t>> parse_populate(const std::string& text) {
-  size_t colon = text.find(':');
-  try {
-    if (colon == std::string::npos) throw std::invalid_argument("no colon");
-    size_t used = 0;
-    unsigned long seqs = std::stoul(text.substr(0, colon), &used);
-    if (used != colon) throw std::invalid_argument("seqs");
-    std::string tok = text.substr(colon + 1);
-    unsigned long long tokens = std::stoull(tok, &used);
-    if (used != tok.size() || seqs > 1'000'000 || tokens == 0) {
-      throw std::invalid_argument("range");
+  const size_t colon = text.find(':');
+  if (colon != std::string::npos) {
+    auto seqs = parse_u64(std::string_view(text).substr(0, colon));
+    auto tokens = parse_u64(std::string_view(text).substr(colon + 1));
+    if (seqs && tokens && *seqs <= 1'000'000 && *tokens > 0) {
+      return std::pair<uint32_t, uint64_t>{static_cast<uint32_t>(*seqs),
+                                           *tokens};
     }
-    return std::pair<uint32_t, uint64_t>{static_cast<uint32_t>(seqs), tokens};
-  } catch (const std::exception&) {
-    return Status::invalid_argument("--populate '" + text +
-                                    "': expected SEQS:TOKENS, e.g. 8:1000");
   }
+  return Status::invalid_argument(
+      "'" + text +
+      "': expected SEQS:TOKENS, e.g. 8:1000 (SEQS 0 to 1000000, TOKENS 1 or "
+      "more)");
+}
+
+// parse_populate as a CLI11 check: a bad --populate is a usage error.
+CLI::Validator populate_spec() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        auto parsed = parse_populate(text);
+        return parsed.ok() ? std::string() : parsed.status().message();
+      },
+      "", "SEQS:TOKENS");
 }
 
 // A synthetic cache from the serve/snapshot flags.
@@ -88,10 +99,13 @@ void add_pool_flags(CLI::App* app, PoolFlags& f) {
                   "page slots in the pool")
       ->check(CLI::Range(1u, 1u << 24));
   app->add_option("--populate", f.populate,
-                  "SEQS:TOKENS requests to create, e.g. 8:1000");
-  app->add_option("--seed", f.seed, "content seed");
+                  "SEQS:TOKENS requests to create, e.g. 8:1000")
+      ->check(populate_spec());
+  app->add_option("--seed", f.seed, "content seed")
+      ->transform(unsigned_integer());
   app->add_option("--share-prefix", f.share_prefix,
-                  "tokens of shared prefix pages across populated requests");
+                  "tokens of shared prefix pages across populated requests")
+      ->transform(unsigned_integer());
 }
 
 Result<std::unique_ptr<SyntheticPager>> make_pool(const PoolFlags& f) {
@@ -100,9 +114,10 @@ Result<std::unique_ptr<SyntheticPager>> make_pool(const PoolFlags& f) {
   KVMIG_ASSIGN_OR_RETURN(
       auto pager, SyntheticPager::create(meta, layout, f.capacity_pages));
   if (!f.populate.empty()) {
-    KVMIG_ASSIGN_OR_RETURN(auto pop, parse_populate(f.populate));
+    auto pop = parse_populate(f.populate);
+    if (!pop.ok()) return pop.status().with_context("--populate");
     KVMIG_RETURN_IF_ERROR(
-        pager->populate(pop.first, pop.second, f.seed, f.share_prefix)
+        pager->populate(pop->first, pop->second, f.seed, f.share_prefix)
             .with_context("--populate"));
   }
   return pager;
@@ -129,11 +144,12 @@ Result<std::function<void(std::string_view)>> parse_faults(
     if (action == "exit") {
       f.exit = true;
     } else if (action.rfind("stall:", 0) == 0) {
-      try {
-        f.stall_ms = std::stoi(action.substr(6));
-      } catch (const std::exception&) {
-        return Status::invalid_argument("--fault '" + spec + "': bad MS");
+      auto ms = parse_u64(std::string_view(action).substr(6));
+      if (!ms || *ms > 3'600'000) {
+        return Status::invalid_argument("--fault '" + spec +
+                                        "': MS must be 0 to 3600000");
       }
+      f.stall_ms = static_cast<int>(*ms);
     } else {
       return Status::invalid_argument("--fault '" + spec + "': unknown action");
     }
@@ -160,7 +176,8 @@ struct LimitFlags {
   uint32_t max_connections = 64;
 };
 
-// Reads --secret-file (when given) into copts.secret.
+// Reads --secret-file (when given) into copts.secret. The flag cannot be
+// given empty (add_secret_flag refuses it), so empty means not given.
 Status load_secret(const std::string& secret_file, ClientOptions& copts) {
   if (secret_file.empty()) return Status();
   KVMIG_ASSIGN_OR_RETURN(copts.secret, read_secret_file(secret_file));
@@ -170,7 +187,8 @@ Status load_secret(const std::string& secret_file, ClientOptions& copts) {
 void add_secret_flag(CLI::App* cmd, std::string& secret_file) {
   cmd->add_option("--secret-file", secret_file,
                   "shared secret (16+ bytes) for mutual HMAC-SHA256 "
-                  "authentication of every control connection");
+                  "authentication of every control connection")
+      ->check(non_empty());
 }
 
 // ---- serve ----
@@ -218,6 +236,7 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
       ->add_option("--decode-rate", f.decode_rate,
                    "tokens per second appended to every request while "
                    "running (0: none)")
+      ->check(finite_number())
       ->check(CLI::Range(0.0, 1e6));
   serve->add_option("--transports", f.transports,
                     "data planes accepted, preferred first: tcp,ucx,verbs");
@@ -260,6 +279,8 @@ AgentOptions serve_options(const ServeFlags& f) {
 }
 
 int run_serve(const ServeFlags& f) {
+  auto hook = parse_faults(f.faults);
+  if (!hook.ok()) return usage_error(hook.status(), false);
   ClientOptions copts;
   if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
     return fail(s, false);
@@ -272,8 +293,6 @@ int run_serve(const ServeFlags& f) {
   options.listen_host = hp->host;
   options.listen_port = hp->port;
   options.secret = copts.secret;
-  auto hook = parse_faults(f.faults);
-  if (!hook.ok()) return fail(hook.status(), false);
   options.fault_hook = *hook;
 
   block_stop_signals();
@@ -298,25 +317,7 @@ int cmd_status(const std::string& agent, bool as_json,
   auto st = query_status(agent, copts);
   if (!st.ok()) return fail(st.status(), as_json);
   if (as_json) {
-    json seqs = json::array();
-    for (const SeqStatus& s : st->seqs) {
-      seqs.push_back({{"id", s.id},
-                      {"tokens", s.tokens},
-                      {"pages", s.pages},
-                      {"digest", s.digest}});
-    }
-    json in_doubt = json::array();
-    for (const auto& d : st->in_doubt) {
-      in_doubt.push_back({{"migration_id", d.migration_id},
-                          {"seqs", d.seqs},
-                          {"to", d.to},
-                          {"hold", d.hold}});
-    }
-    json out = {
-        {"meta", meta_json(st->meta)},  {"capacity_pages", st->capacity_pages},
-        {"free_pages", st->free_pages}, {"seqs", seqs},
-        {"transports", st->transports}, {"in_doubt", in_doubt}};
-    std::cout << out.dump() << "\n";
+    std::cout << json_text(status_json(*st)) << "\n";
     return 0;
   }
   std::cout << "meta " << st->meta.to_string() << ", " << st->free_pages
@@ -359,29 +360,6 @@ int run_status(const StatusFlags& f) {
 
 // ---- migrate ----
 
-json migration_json(const MigrationReport& r) {
-  json out = {{"ok", true},
-              {"migration_id", r.migration_id},
-              {"seqs", r.seqs},
-              {"pages", r.pages},
-              {"bytes", r.bytes},
-              {"writes", r.writes},
-              {"seconds", r.seconds},
-              {"gbps", r.gbps},
-              {"pause_ms", r.pause_ms},
-              {"rounds", r.rounds},
-              {"round_pages", r.round_pages},
-              {"transport", r.transport},
-              {"staged", r.staged},
-              {"left_behind", r.left_behind}};
-  if (!r.digests.empty()) {
-    json digests = json::object();
-    for (const auto& [id, hex] : r.digests) digests[std::to_string(id)] = hex;
-    out["digests"] = digests;
-  }
-  return out;
-}
-
 void print_migration(const MigrateRequest& req, const MigrationReport& r) {
   std::printf(
       "%s %zu requests (%llu pages, %.1f MiB in %llu writes) to %s "
@@ -407,27 +385,30 @@ void print_migration(const MigrateRequest& req, const MigrationReport& r) {
   }
 }
 
-int cmd_migrate(const std::string& agent, MigrateRequest req,
-                const std::string& seqs_text, const std::string& mode,
-                bool as_json, ClientOptions copts) {
-  req.mode = mode == "copy" ? MigrationMode::kCopy : MigrationMode::kMove;
-  if (!req.all) {
-    for (const std::string& item : split_commas(seqs_text)) {
-      try {
-        size_t used = 0;
-        req.seqs.push_back(std::stoull(item, &used));
-        if (used != item.size()) throw std::invalid_argument(item);
-      } catch (const std::exception&) {
-        return fail(Status::invalid_argument("--seqs: '" + item +
-                                             "' is not a request id"),
-                    as_json);
-      }
+// "ID,ID,...": request ids, decimal digits only (std::stoull would take
+// "-1" for 2^64 - 1), at least one. InvalidArgument naming the bad item.
+Result<std::vector<SeqId>> parse_seq_ids(const std::string& text) {
+  std::vector<SeqId> ids;
+  for (const std::string& item : split_commas(text)) {
+    auto id = parse_u64(item);
+    if (!id) {
+      return Status::invalid_argument("--seqs: '" + item +
+                                      "' is not a request id");
     }
+    ids.push_back(*id);
   }
+  if (ids.empty()) {
+    return Status::invalid_argument("--seqs '" + text + "': no request ids");
+  }
+  return ids;
+}
+
+int cmd_migrate(const std::string& agent, const MigrateRequest& req,
+                bool as_json, ClientOptions copts) {
   auto report = request_migration(agent, req, copts);
   if (!report.ok()) return fail(report.status(), as_json);
   if (as_json) {
-    std::cout << migration_json(*report).dump() << "\n";
+    std::cout << json_text(migration_json(*report)) << "\n";
     return 0;
   }
   print_migration(req, *report);
@@ -493,19 +474,26 @@ CLI::App* add_migrate_command(CLI::App& app, MigrateFlags& f) {
 }
 
 int run_migrate(const MigrateFlags& f) {
+  // Usage first (exit 2), then the secret and the migration (exit 1).
+  MigrateRequest req = f.req;
+  if (!req.all) {
+    if (f.seqs_text.empty()) {
+      return usage_error(
+          Status::invalid_argument("migrate: give --seqs or --all"), f.as_json);
+    }
+    auto ids = parse_seq_ids(f.seqs_text);
+    if (!ids.ok()) return usage_error(ids.status(), f.as_json);
+    req.seqs = std::move(*ids);
+  }
+  req.mode = f.mode == "copy" ? MigrationMode::kCopy : MigrationMode::kMove;
+  req.verify = !f.no_verify;
+  req.live_abort_if_not_converged = f.no_converge == "abort";
   ClientOptions copts;
   if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
     return fail(s, f.as_json);
   }
-  if (!f.req.all && f.seqs_text.empty()) {
-    return fail(Status::invalid_argument("migrate: give --seqs or --all"),
-                f.as_json);
-  }
-  MigrateRequest req = f.req;
-  req.verify = !f.no_verify;
-  req.live_abort_if_not_converged = f.no_converge == "abort";
   copts.timeout = std::chrono::milliseconds(f.timeout_ms);
-  return cmd_migrate(f.agent, req, f.seqs_text, f.mode, f.as_json, copts);
+  return cmd_migrate(f.agent, req, f.as_json, copts);
 }
 
 // ---- snapshot: save, load, inspect, verify ----

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "auth.h"
+#include "flags.h"
 #include "host_port.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
@@ -44,7 +45,7 @@ int usage_error(const std::string& what) {
 int fail(const Status& s, bool as_json, const std::string& what = "") {
   const std::string text = what.empty() ? s.to_string() : what;
   if (as_json) {
-    std::cout << json{{"ok", false}, {"error", text}}.dump() << "\n";
+    std::cout << json_text(json{{"ok", false}, {"error", text}}) << "\n";
   } else {
     std::cerr << "kvmig perf: " << text << "\n";
   }
@@ -423,7 +424,7 @@ int run_client(const PerfFlags& f) {
   if (Exit e = run_iterations(f, c, samples)) return *e;
   const Summary summary = summarize(samples);
   if (f.json) {
-    std::cout << report_json(f, plan, c.req.to, summary).dump() << "\n";
+    std::cout << json_text(report_json(f, plan, c.req.to, summary)) << "\n";
     return 0;
   }
   print_report(f, plan, summary);
@@ -446,7 +447,8 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
                   "that this host can run)")
       ->excludes(connect);
   app->add_option("--secret-file", f.secret_file,
-                  "shared secret for mutual authentication (both sides)");
+                  "shared secret for mutual authentication (both sides)")
+      ->check(non_empty());
   app->add_flag("--insecure", f.insecure,
                 "server: listen off loopback without a secret")
       ->excludes(connect);
@@ -472,12 +474,14 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
   app->add_option("--dst-order", f.dst_order,
                   "client: destination slot allocation, contiguous|random")
       ->check(CLI::IsMember({"contiguous", "random"}));
-  app->add_option("--seed", f.seed, "client: content and --dst-order seed");
+  app->add_option("--seed", f.seed, "client: content and --dst-order seed")
+      ->transform(unsigned_integer());
   auto* live =
       app->add_flag("--live", f.live, "client: pre-copy while decoding");
   app->add_option("--decode-rate", f.decode_rate,
                   "client, with --live: tokens per second appended to the "
                   "request while it migrates")
+      ->check(finite_number())
       ->check(CLI::Range(0.0, 1e6))
       ->needs(live);
   app->add_flag("--verify", f.verify,

@@ -2,8 +2,13 @@
 #ifndef KVMIG_TOOLS_TEXT_H_
 #define KVMIG_TOOLS_TEXT_H_
 
+#include <charconv>
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace kvmig {
@@ -17,6 +22,23 @@ inline std::vector<std::string> split_commas(const std::string& text) {
     if (!item.empty()) out.push_back(item);
   }
   return out;
+}
+
+// A decimal integer from 0 to 2^64 - 1, digits only: no sign (std::stoull
+// takes "-1" for 2^64 - 1), space, or base prefix. nullopt otherwise.
+inline std::optional<uint64_t> parse_u64(std::string_view text) {
+  uint64_t value = 0;
+  const char* end = text.data() + text.size();
+  auto [at, ec] = std::from_chars(text.data(), end, value);
+  if (text.empty() || ec != std::errc() || at != end) return std::nullopt;
+  return value;
+}
+
+// The one-line text of a JSON value for stdout. Never throws: bytes that are
+// not valid UTF-8 (from a flag echoed in an error, say) become U+FFFD.
+inline std::string json_text(const nlohmann::ordered_json& j) {
+  return j.dump(-1, ' ', false,
+                nlohmann::ordered_json::error_handler_t::replace);
 }
 
 }  // namespace kvmig

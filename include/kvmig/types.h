@@ -58,11 +58,12 @@ struct CacheMeta {
   uint64_t token_bytes_per_layer() const {
     return uint64_t{n_heads} * head_dim * dtype_size(dtype);
   }
-  // Pages needed to hold n_tokens tokens.
+  // Pages needed to hold n_tokens tokens: ceil(n_tokens / page_size_tokens),
+  // exact for every n_tokens (no wrap near 2^64).
   uint64_t pages_for_tokens(uint64_t n_tokens) const {
-    return page_size_tokens == 0
-               ? 0
-               : (n_tokens + page_size_tokens - 1) / page_size_tokens;
+    return page_size_tokens == 0 ? 0
+                                 : n_tokens / page_size_tokens +
+                                       (n_tokens % page_size_tokens != 0);
   }
 
   // InvalidArgument unless every dimension is non-zero, the dtype is known

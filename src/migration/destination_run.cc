@@ -337,10 +337,17 @@ Status DestinationRun::check_tables(const CommitMsg& commit) {
   std::vector<bool> used(slots_.size(), false);
   for (const LogicalSeq& s : commit.seqs) {
     const std::string which = "request " + std::to_string(s.seq_id);
+    // Refused before anything is installed (the slots go back on ABORT).
+    if (s.n_tokens == 0) {
+      return Status::invalid_argument(which + " has no tokens");
+    }
     if (s.pages.size() != meta_.pages_for_tokens(s.n_tokens)) {
-      return Status::protocol(which + " has " + std::to_string(s.n_tokens) +
-                              " tokens in " + std::to_string(s.pages.size()) +
-                              " pages");
+      return Status::invalid_argument(
+          which + " has " + std::to_string(s.n_tokens) + " tokens in " +
+          std::to_string(s.pages.size()) + " pages; " +
+          std::to_string(s.n_tokens) + " tokens need " +
+          std::to_string(meta_.pages_for_tokens(s.n_tokens)) + " pages of " +
+          std::to_string(meta_.page_size_tokens) + " tokens");
     }
     for (PageIndex p : s.pages) {
       const std::string at = which + " points at slot " + std::to_string(p);

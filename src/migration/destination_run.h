@@ -66,7 +66,11 @@ class DestinationRun {
   asio::awaitable<Status> on_verify(const Frame& frame);
   asio::awaitable<Status> on_batch(const Frame& frame);
   // The slots of the page tables in COMMIT, checked; the unused ones go to
-  // unused_ (a live migration may leave some: requests left behind).
+  // unused_ (a live migration may leave some: requests left behind). A
+  // request with no tokens, or whose page count is not
+  // meta.pages_for_tokens(n_tokens), is InvalidArgument naming its id, tokens
+  // and pages (HELLO and ROUND carry no tables: this is the first point the
+  // destination can see them).
   Result<CommitMsg> check_commit(const Frame& frame);
   Status check_tables(const CommitMsg& commit);
   asio::awaitable<Status> install(const CommitMsg& commit);

@@ -1,17 +1,20 @@
 #include "auth.h"
 
+#include <fcntl.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <array>
+#include <cctype>
 #include <cerrno>
-#include <cstring>
-#include <fstream>
-#include <sstream>
 
+#include "errors.h"
 #include "messages.h"
+#include "scope_exit.h"
 
 namespace kvmig {
 namespace {
@@ -19,6 +22,7 @@ namespace {
 constexpr size_t kNonceBytes = 32;
 constexpr size_t kMacBytes = 32;  // SHA-256
 constexpr size_t kMinSecretBytes = 16;
+constexpr size_t kMaxSecretFileBytes = 4096;
 using Nonce = std::array<uint8_t, kNonceBytes>;
 using Mac = std::array<uint8_t, kMacBytes>;
 
@@ -154,14 +158,43 @@ asio::awaitable<Result<FrameChannel>> connect_channel(std::string_view agent,
 }
 
 Result<std::string> read_secret_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return Status::not_found("secret file " + path + ": " +
-                             std::strerror(errno));
+  if (path.empty()) {
+    return Status::invalid_argument("secret file: the path is empty");
   }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  std::string secret = ss.str();
+  const std::string what = "secret file " + path;
+  // O_NONBLOCK: opening a FIFO with no writer returns at once (it is refused
+  // below with everything else that is not a regular file).
+  const int fd =
+      ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0) return status_from_errno(errno, what);
+  ScopeExit close_fd([fd] { ::close(fd); });
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return status_from_errno(errno, what);
+  if (!S_ISREG(st.st_mode)) {
+    const char* kind = S_ISDIR(st.st_mode)    ? "a directory"
+                       : S_ISCHR(st.st_mode)  ? "a character device"
+                       : S_ISBLK(st.st_mode)  ? "a block device"
+                       : S_ISFIFO(st.st_mode) ? "a FIFO"
+                                              : "a special file";
+    return Status::invalid_argument(what + ": not a regular file (" + kind +
+                                    ")");
+  }
+  // One byte past the bound tells a file that is too large.
+  std::string secret(kMaxSecretFileBytes + 1, '\0');
+  size_t got = 0;
+  while (got < secret.size()) {
+    const ssize_t n = ::read(fd, secret.data() + got, secret.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return status_from_errno(errno, what);
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  if (got > kMaxSecretFileBytes) {
+    return Status::invalid_argument(what + ": larger than the limit of " +
+                                    std::to_string(kMaxSecretFileBytes) +
+                                    " bytes");
+  }
+  secret.resize(got);
   while (!secret.empty() &&
          std::isspace(static_cast<unsigned char>(secret.back()))) {
     secret.pop_back();

@@ -43,8 +43,12 @@ asio::awaitable<Result<FrameChannel>> connect_channel(std::string_view agent,
                                                       const std::string& secret,
                                                       Deadline deadline);
 
-// Reads a secret file: its content without trailing white space. At least
-// 16 bytes; InvalidArgument otherwise, NotFound for a missing file.
+// Reads a secret file: its content without trailing white space, at least
+// 16 bytes. The path must name a regular file of at most 4096 bytes (so
+// /dev/zero, a FIFO or a directory is refused, and a read never runs
+// unbounded). InvalidArgument for an empty path, a file that is not regular,
+// too large or too short; NotFound for a missing file; errno's mapping for
+// any other failure to open or read.
 Result<std::string> read_secret_file(const std::string& path);
 
 }  // namespace kvmig

@@ -160,10 +160,14 @@ Result<std::vector<LogicalSeq>> read_seq_table(
 // referenced. where names the sequence in errors.
 Status check_seq(const CacheMeta& meta, uint64_t n_pages, const LogicalSeq& seq,
                  const std::string& where, std::vector<bool>& referenced) {
-  if (seq.n_tokens == 0 ||
-      seq.pages.size() != meta.pages_for_tokens(seq.n_tokens)) {
+  if (seq.n_tokens == 0) {
+    return Status::data_loss(where + " has no tokens");
+  }
+  if (seq.pages.size() != meta.pages_for_tokens(seq.n_tokens)) {
     return Status::data_loss(where + ": " + num(seq.pages.size()) +
-                             " pages for " + num(seq.n_tokens) + " tokens");
+                             " pages for " + num(seq.n_tokens) +
+                             " tokens, which need " +
+                             num(meta.pages_for_tokens(seq.n_tokens)));
   }
   std::set<PageIndex> seen;
   for (PageIndex ref : seq.pages) {

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "process.h"
 
@@ -134,6 +135,57 @@ TEST_F(AuthE2E, ShortOrMissingSecretFilesAreClearErrors) {
   EXPECT_EQ(missing.code, 1);
   EXPECT_NE((missing.out + missing.err).find("/nonexistent"),
             std::string::npos);
+}
+
+// /dev/zero used to be read forever, "" silently meant no secret, and a
+// directory read as "0 bytes": each is now a clear error, at once.
+TEST_F(AuthE2E, SecretFilesThatAreNotSmallRegularFilesAreRefused) {
+  const std::string big = write("big", std::string(5000, 'x'));
+  std::filesystem::create_directory(dir_ / "dir");
+  const std::string dir = (dir_ / "dir").string();
+  struct Case {
+    std::string file;
+    std::vector<std::string> words;
+  };
+  const std::vector<Case> cases = {
+      {"/dev/zero", {"/dev/zero", "not a regular file"}},
+      {dir, {dir, "not a regular file", "directory"}},
+      {big, {big, "larger than the limit of 4096 bytes"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.file);
+    for (const std::vector<std::string>& args :
+         {std::vector<std::string>{"status", "--agent", "127.0.0.1:1"},
+          std::vector<std::string>{"serve", "--listen", "127.0.0.1:0"}}) {
+      std::vector<std::string> with_secret = args;
+      with_secret.push_back("--secret-file");
+      with_secret.push_back(c.file);
+      CliResult r = run_kvmig(with_secret, 10s);
+      EXPECT_EQ(r.code, 1) << args[0] << ": " << r.out << r.err;
+      for (const std::string& w : c.words) {
+        EXPECT_NE(r.err.find(w), std::string::npos) << args[0] << ": " << r.err;
+      }
+    }
+  }
+  // Given but empty: a usage error, never "no secret" (an agent that would
+  // serve unauthenticated, a client that would not authenticate).
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"status", "--agent", "127.0.0.1:1"},
+        std::vector<std::string>{"serve", "--listen", "127.0.0.1:0"},
+        std::vector<std::string>{"migrate", "--agent", "127.0.0.1:1", "--to",
+                                 "127.0.0.1:1", "--all"},
+        std::vector<std::string>{"snapshot", "load", "--agent", "127.0.0.1:1",
+                                 "--in", "x"},
+        std::vector<std::string>{"perf", "127.0.0.1:1"}}) {
+    std::vector<std::string> with_secret = args;
+    with_secret.push_back("--secret-file");
+    with_secret.push_back("");
+    CliResult r = run_kvmig(with_secret, 20s);
+    EXPECT_EQ(r.code, 2) << args[0] << ": " << r.out << r.err;
+    EXPECT_NE(r.err.find("--secret-file: must not be empty"), std::string::npos)
+        << args[0] << ": " << r.err;
+    EXPECT_EQ(r.out.find("listening on"), std::string::npos) << r.out;
+  }
 }
 
 }  // namespace

@@ -6,8 +6,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
+#include <map>
 #include <memory>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "forwarding_pager.h"
 #include "kvmig/kvmig.h"
@@ -207,6 +211,107 @@ TEST(EmbedExample, CorruptedPagesAreCaughtAndRolledBack) {
   src->stop();
   dst->stop();
 }
+
+// A source engine that misreports one request: its token count says more
+// pages than its table has (or, for 2^64 - 1 tokens in no pages, a count a
+// naive ceil(n / page) wraps to zero). The table travels in COMMIT.
+class MisreportingPager final : public testing::ForwardingPager {
+ public:
+  MisreportingPager(CachePager& inner, SeqId id, uint64_t tokens, bool no_pages)
+      : ForwardingPager(inner), id_(id), tokens_(tokens), no_pages_(no_pages) {}
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    KVMIG_ASSIGN_OR_RETURN(std::vector<LogicalSeq> seqs,
+                           ForwardingPager::logical_seqs());
+    for (LogicalSeq& seq : seqs) {
+      if (seq.seq_id != id_) continue;
+      seq.n_tokens = tokens_;
+      if (no_pages_) seq.pages.clear();
+    }
+    return seqs;
+  }
+
+ private:
+  const SeqId id_;
+  const uint64_t tokens_;
+  const bool no_pages_;
+};
+
+struct MisreportCase {
+  std::string name;
+  bool live;
+  uint64_t tokens;  // request 2's reported tokens (it holds 40 in 3 pages)
+  bool no_pages;
+  uint64_t pages;  // the pages its reported table has
+};
+
+class EmbedMisreport : public ::testing::TestWithParam<MisreportCase> {};
+
+std::vector<LogicalSeq> seqs_of(SyntheticPager& cache) {
+  auto seqs = cache.logical_seqs();
+  EXPECT_TRUE(seqs.ok()) << seqs.status().to_string();
+  return seqs.ok() ? *seqs : std::vector<LogicalSeq>{};
+}
+
+std::map<SeqId, std::string> cache_digests(SyntheticPager& cache) {
+  std::map<SeqId, std::string> out;
+  for (const LogicalSeq& seq : seqs_of(cache)) {
+    auto d = seq_digest(cache, seq);
+    EXPECT_TRUE(d.ok()) << d.status().to_string();
+    if (d.ok()) out[seq.seq_id] = d->hex();
+  }
+  return out;
+}
+
+TEST_P(EmbedMisreport, DestinationRefusesTablesThatDoNotFitTheTokens) {
+  const MisreportCase c = GetParam();
+  auto src_cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kLayer, 64);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(2, 40, 6));  // 3 pages each
+  MisreportingPager lying(*src_cache, 2, c.tokens, c.no_pages);
+  AgentOptions options;
+  options.peer_timeout = std::chrono::seconds(5);
+  auto src = start_agent(lying, options);
+  auto dst = start_agent(*dst_cache, options);
+  ASSERT_TRUE(src && dst);
+  const std::vector<LogicalSeq> seqs_before = seqs_of(*src_cache);
+  const auto digests_before = cache_digests(*src_cache);
+
+  MigrateRequest req;
+  req.to = dst->address();
+  req.all = true;
+  req.live = c.live;
+  auto report = src->migrate(req);
+  ASSERT_FALSE(report.ok()) << "the destination installed request 2 with "
+                            << c.tokens << " tokens in " << c.pages << " pages";
+  const std::string err = report.status().to_string();
+  for (const std::string& word :
+       {std::string("destination aborted: InvalidArgument"),
+        std::string("request 2 has ") + std::to_string(c.tokens) +
+            " tokens in " + std::to_string(c.pages) + " pages"}) {
+    EXPECT_NE(err.find(word), std::string::npos) << err;
+  }
+  // Both sides as before: the source keeps (and serves) its requests, the
+  // destination gave every slot back and installed nothing.
+  EXPECT_EQ(seqs_of(*src_cache), seqs_before);
+  EXPECT_EQ(cache_digests(*src_cache), digests_before);
+  EXPECT_EQ(src_cache->capacity()->free_pages, 64u - 6u);
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, dst->status());
+  EXPECT_TRUE(st.seqs.empty());
+  EXPECT_EQ(st.free_pages, 64u);
+  EXPECT_TRUE(seqs_of(*dst_cache).empty());
+  src->stop();
+  dst->stop();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Tables, EmbedMisreport,
+    ::testing::Values(
+        MisreportCase{"wrapping_stop_and_copy", false, UINT64_MAX, true, 0},
+        MisreportCase{"wrapping_live", true, UINT64_MAX, true, 0},
+        MisreportCase{"one_page_short_stop_and_copy", false, 40 + 16, false, 3},
+        MisreportCase{"one_page_short_live", true, 40 + 16, false, 3}),
+    [](const auto& info) { return info.param.name; });
 
 TEST(EmbedExample, LiveMigrationIntoAStagedEngine) {
   auto src_cache = make_cache(PoolLayout::kLayer, 256);

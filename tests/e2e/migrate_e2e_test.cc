@@ -9,7 +9,9 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -17,9 +19,12 @@
 #include <tuple>
 
 #include "agent_cli.h"
+#include "forwarding_pager.h"
 #include "frame.h"
+#include "kvmig/snapshot.h"
 #include "kvmig/transport.h"
 #include "process.h"
+#include "synthetic_pager.h"
 
 namespace kvmig::testing {
 namespace {
@@ -611,9 +616,46 @@ TEST(MigrateE2E, SnapshotThroughAgentsRoundTrips) {
   std::filesystem::remove_all(std::filesystem::path(file).parent_path());
 }
 
+// A snapshot whose table has a request of 2^64 - 1 tokens in no pages (a
+// naive ceil(n / 16) wraps to zero), every checksum right: `snapshot verify`
+// and `snapshot load` refuse it, and the agent stays empty.
+TEST(MigrateE2E, SnapshotWithTokensThatDoNotFitThePagesIsRefused) {
+  char dir_tmpl[] = "/tmp/kvmig-snap-XXXXXX";
+  const std::string dir = mkdtemp(dir_tmpl);
+  const std::string file = dir + "/crafted.snap";
+  {
+    auto cache =
+        SyntheticPager::create(*preset_meta("tiny"), PoolLayout::kPage, 16);
+    ASSERT_TRUE(cache.ok()) << cache.status().to_string();
+    Status populated = (*cache)->populate(1, 40, 3);
+    ASSERT_TRUE(populated.ok()) << populated.to_string();
+    ExtraSeqPager crafting(**cache, LogicalSeq{777, UINT64_MAX, {}});
+    Status captured = capture(crafting, file);
+    ASSERT_TRUE(captured.ok()) << captured.to_string();
+  }
+  const std::string why = "seq 777";
+  const std::string tokens = "0 pages for 18446744073709551615 tokens";
+  CliResult verify = run_kvmig({"snapshot", "verify", file});
+  EXPECT_EQ(verify.code, 1) << verify.out << verify.err;
+  EXPECT_NE(verify.err.find(why), std::string::npos) << verify.err;
+  EXPECT_NE(verify.err.find(tokens), std::string::npos) << verify.err;
+  auto dst = AgentProcess::start({});
+  ASSERT_TRUE(dst);
+  json before = status_of(dst->address());
+  CliResult load =
+      run_kvmig({"snapshot", "load", "--agent", dst->address(), "--in", file});
+  EXPECT_EQ(load.code, 1) << load.out << load.err;
+  EXPECT_NE(load.err.find(why), std::string::npos) << load.err;
+  EXPECT_NE(load.err.find(tokens), std::string::npos) << load.err;
+  json after = status_of(dst->address());
+  EXPECT_TRUE(after["seqs"].empty()) << after.dump();
+  EXPECT_EQ(after["free_pages"], before["free_pages"]);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(MigrateE2E, UsageErrorsAreClear) {
   CliResult r = run_kvmig({"migrate", "--agent", "127.0.0.1:1", "--to", "x:1"});
-  EXPECT_NE(r.code, 0);
+  EXPECT_EQ(r.code, 2);
   EXPECT_NE((r.out + r.err).find("--seqs or --all"), std::string::npos)
       << r.err;
   r = run_kvmig({"serve", "--preset", "gpt5"});
@@ -622,6 +664,154 @@ TEST(MigrateE2E, UsageErrorsAreClear) {
       {"serve", "--listen", "127.0.0.1:0", "--transports", "carrier-pigeon"});
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("carrier-pigeon"), std::string::npos) << r.err;
+}
+
+// Usage errors exit 2 (README), failed operations 1; with --json a usage
+// error found after parsing is still {"ok":false,"error":...}.
+TEST(MigrateE2E, UsageErrorsExitTwoAndFailuresOne) {
+  const std::vector<std::string> migrate = {"migrate", "--agent", "127.0.0.1:1",
+                                            "--to", "127.0.0.1:1"};
+  struct Case {
+    std::vector<std::string> extra;
+    std::string words;
+  };
+  const std::vector<Case> cases = {
+      {{}, "give --seqs or --all"},
+      {{"--seqs", "abc"}, "--seqs: 'abc' is not a request id"},
+      {{"--seqs", "1,2x"}, "--seqs: '2x' is not a request id"},
+      {{"--seqs", ",,"}, "no request ids"},
+  };
+  for (const Case& c : cases) {
+    for (bool as_json : {false, true}) {
+      std::vector<std::string> args = migrate;
+      args.insert(args.end(), c.extra.begin(), c.extra.end());
+      if (as_json) args.push_back("--json");
+      CliResult r = run_kvmig(args, 30s);
+      SCOPED_TRACE(c.words + (as_json ? " --json" : ""));
+      EXPECT_EQ(r.code, 2) << r.out << r.err;
+      if (as_json) {
+        json j = json::parse(r.out, nullptr, false);
+        ASSERT_TRUE(j.is_object()) << r.out;
+        EXPECT_FALSE(j["ok"].get<bool>());
+        EXPECT_NE(j["error"].get<std::string>().find(c.words),
+                  std::string::npos)
+            << r.out;
+      } else {
+        EXPECT_NE(r.err.find(c.words), std::string::npos) << r.err;
+      }
+    }
+  }
+  char dir_tmpl[] = "/tmp/kvmig-usage-XXXXXX";
+  const std::string dir = mkdtemp(dir_tmpl);
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"serve", "--listen", "127.0.0.1:0",
+                                 "--populate", "bogus"},
+        std::vector<std::string>{"serve", "--listen", "127.0.0.1:0",
+                                 "--populate", "8:"},
+        std::vector<std::string>{"snapshot", "save", "--populate", "bogus",
+                                 "--out", dir + "/a.snap"}}) {
+    CliResult r = run_kvmig(args, 30s);
+    EXPECT_EQ(r.code, 2) << args[0] << ": " << r.out << r.err;
+    EXPECT_NE(r.err.find("--populate"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("expected SEQS:TOKENS"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("listening on"), std::string::npos) << r.out;
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir + "/a.snap"));
+  // Well-formed but impossible: a failed operation, not a usage error.
+  CliResult full = run_kvmig({"serve", "--listen", "127.0.0.1:0",
+                              "--capacity-pages", "4", "--populate", "8:1000"},
+                             30s);
+  EXPECT_EQ(full.code, 1) << full.out << full.err;
+  EXPECT_NE(full.err.find("--populate"), std::string::npos) << full.err;
+  std::filesystem::remove_all(dir);
+}
+
+// std::stoull and CLI11 take "-1" for 2^64 - 1, and "nan" passes every
+// range: `serve --populate 1:-1 --decode-rate 100` made a request of 2^64 - 1
+// tokens in no pages, and decoding it crashed. Every such value is a usage
+// error before anything starts.
+TEST(MigrateE2E, NegativeAndNonFiniteNumbersAreUsageErrors) {
+  const std::vector<std::string> serve = {"serve", "--listen", "127.0.0.1:0",
+                                          "--preset", "tiny"};
+  const std::vector<std::string> migrate = {"migrate", "--agent", "127.0.0.1:1",
+                                            "--to", "127.0.0.1:1"};
+  struct Case {
+    std::vector<std::string> base;
+    std::vector<std::string> extra;
+    std::string flag;  // named in the error
+  };
+  const std::vector<Case> cases = {
+      {serve, {"--populate", "1:-1", "--decode-rate", "100"}, "--populate"},
+      {serve, {"--populate", "-1:16"}, "--populate"},
+      {serve, {"--populate", "1:18446744073709551616"}, "--populate"},
+      {serve, {"--populate", " 1:16"}, "--populate"},
+      {serve, {"--populate", "1:+16"}, "--populate"},
+      {serve, {"--seed", "-1"}, "--seed"},
+      {serve, {"--seed=-1"}, "--seed"},
+      {serve, {"--share-prefix", "-1"}, "--share-prefix"},
+      {serve, {"--decode-rate", "nan"}, "--decode-rate"},
+      {serve, {"--decode-rate", "inf"}, "--decode-rate"},
+      {serve, {"--decode-rate", "-1"}, "--decode-rate"},
+      {serve, {"--capacity-pages", "-1"}, "--capacity-pages"},
+      {serve, {"--staging-mib", "-1"}, "--staging-mib"},
+      {serve, {"--peer-timeout-ms", "-1"}, "--peer-timeout-ms"},
+      {serve, {"--max-pages", "-1"}, "--max-pages"},
+      {serve, {"--fault", "dst.after_offer=stall:-5"}, "--fault"},
+      {{"snapshot", "save", "--preset", "tiny", "--out", "/nonexistent/x"},
+       {"--populate", "1:-1"},
+       "--populate"},
+      {{"snapshot", "save", "--preset", "tiny", "--out", "/nonexistent/x"},
+       {"--populate", "1:16", "--seed", "-1"},
+       "--seed"},
+      {migrate, {"--seqs", "-1"}, "--seqs"},
+      {migrate, {"--seqs", "1,-2"}, "--seqs"},
+      {migrate, {"--all", "--live", "--max-rounds", "-1"}, "--max-rounds"},
+      {migrate,
+       {"--all", "--live", "--converge-pages", "-1"},
+       "--converge-pages"},
+      {migrate, {"--all", "--timeout-ms", "-1"}, "--timeout-ms"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> args = c.base;
+    args.insert(args.end(), c.extra.begin(), c.extra.end());
+    std::string joined;
+    for (const auto& a : c.extra) joined += a + " ";
+    SCOPED_TRACE(c.base[0] + " " + joined);
+    CliResult r = run_kvmig(args, 30s);
+    EXPECT_EQ(r.code, 2) << r.out << r.err;
+    EXPECT_NE(r.err.find(c.flag), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("listening on"), std::string::npos) << r.out;
+  }
+}
+
+// Error messages echo flags; bytes that are not UTF-8 used to abort the
+// JSON dump (nlohmann type_error 316, exit 134). They come out as U+FFFD.
+TEST(MigrateE2E, JsonOutputSurvivesInvalidUtf8) {
+  const std::string bad = "\xff\xfe";
+  const std::string replacement = "\xEF\xBF\xBD";
+  struct Case {
+    std::vector<std::string> args;
+    int code;
+  };
+  const std::vector<Case> cases = {
+      {{"status", "--agent", bad, "--json"}, 1},
+      {{"migrate", "--agent", bad, "--to", "127.0.0.1:1", "--all", "--json"},
+       1},
+      {{"migrate", "--agent", "127.0.0.1:1", "--to", "127.0.0.1:1", "--seqs",
+        "1," + bad, "--json"},
+       2},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.args[0] + " " + c.args[1]);
+    CliResult r = run_kvmig(c.args, 30s);
+    EXPECT_EQ(r.code, c.code) << r.out << r.err;
+    json j = json::parse(r.out, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << r.out << r.err;
+    EXPECT_FALSE(j["ok"].get<bool>());
+    EXPECT_NE(j["error"].get<std::string>().find(replacement),
+              std::string::npos)
+        << r.out;
+  }
 }
 
 }  // namespace

@@ -151,6 +151,14 @@ TEST(PerfE2E, BadFlagsAreUsageErrors) {
       {"perf", "127.0.0.1:1", "--listen", "127.0.0.1:0"},
       {"perf", "no-port-here"},
       {"perf", "127.0.0.1:1", "--iters", "many"},
+      // Negative and non-finite numbers (CLI11 takes "-1" for 2^64 - 1 in
+      // a uint64_t, and "nan" passes any range).
+      {"perf", "127.0.0.1:1", "--seed", "-1"},
+      {"perf", "127.0.0.1:1", "--pages", "-1"},
+      {"perf", "127.0.0.1:1", "--live", "--decode-rate", "nan"},
+      {"perf", "127.0.0.1:1", "--live", "--decode-rate", "inf"},
+      {"perf", "127.0.0.1:1", "--live", "--decode-rate", "-1"},
+      {"perf", "127.0.0.1:1", "--secret-file", ""},
   };
   for (const auto& args : bad) {
     CliResult r = run_kvmig(args, 20s);

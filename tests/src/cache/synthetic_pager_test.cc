@@ -197,6 +197,21 @@ TEST(SyntheticPagerTest, PopulateIsAllOrNothing) {
   EXPECT_EQ(free_of(*pager), 0u);
 }
 
+// `kvmig serve --populate 1:-1` asked for 2^64 - 1 tokens: a page count that
+// wraps to zero made a request with no pages, and decoding it crashed.
+TEST(SyntheticPagerTest, PopulateRefusesTokenCountsThatWrap) {
+  auto pager = make(PoolLayout::kPage, 64);
+  for (uint64_t tokens : {UINT64_MAX, UINT64_MAX - 14}) {
+    Status s = pager->populate(1, tokens, 1, UINT64_MAX);
+    EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.to_string();
+    EXPECT_NE(s.message().find(std::to_string(tokens)), std::string::npos)
+        << s.to_string();
+  }
+  EXPECT_TRUE(seqs_of(*pager).empty());
+  EXPECT_EQ(free_of(*pager), 64u);
+  EXPECT_EQ(pager->decode_step(), 0u);
+}
+
 TEST(SyntheticPagerTest, SharedPrefixPagesAreShared) {
   auto pager = make(PoolLayout::kLayer, 64);
   ASSERT_OK(pager->populate(3, 100, 5, 70));  // 4 shared pages of 7

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
+
 #include "testutil.h"
 
 namespace kvmig {
@@ -16,6 +18,21 @@ TEST(TypesTest, Presets) {
   EXPECT_EQ(llama.layer_chunk_bytes(), 32u << 10);
   EXPECT_EQ(llama.pages_for_tokens(1000), 63u);
   EXPECT_FALSE(preset_meta("gpt5").ok());
+}
+
+// A token count near 2^64 must not wrap to zero pages: every door that
+// checks pages.size() == pages_for_tokens(n_tokens) relies on it.
+TEST(TypesTest, PagesForTokensDoesNotWrap) {
+  ASSERT_OK_AND_ASSIGN(CacheMeta tiny, preset_meta("tiny"));
+  EXPECT_EQ(tiny.pages_for_tokens(0), 0u);
+  EXPECT_EQ(tiny.pages_for_tokens(1), 1u);
+  EXPECT_EQ(tiny.pages_for_tokens(16), 1u);
+  EXPECT_EQ(tiny.pages_for_tokens(17), 2u);
+  EXPECT_EQ(tiny.pages_for_tokens(UINT64_MAX), uint64_t{1} << 60);
+  EXPECT_EQ(tiny.pages_for_tokens(UINT64_MAX - 15), (uint64_t{1} << 60) - 1);
+  EXPECT_EQ(tiny.pages_for_tokens(UINT64_MAX - 14), uint64_t{1} << 60);
+  CacheMeta odd{7, 1, 1, 1, Dtype::kF16};
+  EXPECT_EQ(odd.pages_for_tokens(UINT64_MAX), UINT64_MAX / 7 + 1);
 }
 
 TEST(TypesTest, MetaValidation) {

@@ -307,6 +307,36 @@ TEST_F(SnapshotTest, TooSmallTargetAllocatesNothing) {
   EXPECT_EQ(small->capacity()->free_pages, 7u);
 }
 
+TEST_F(SnapshotTest, TokensThatDoNotFitThePagesAreDataLoss) {
+  auto source = make(PoolLayout::kPage, 32);
+  ASSERT_OK(source->populate(2, 40, 5));  // 3 pages each
+  ASSERT_OK_AND_ASSIGN(std::vector<LogicalSeq> live, source->logical_seqs());
+  // 2^64 - 1 (and 2^64 - 15) tokens in no pages: a naive ceil(n / 16) wraps
+  // to zero. 49 tokens in request 1's 3 pages: one page short.
+  const std::vector<LogicalSeq> extras = {
+      {777, UINT64_MAX, {}},
+      {777, UINT64_MAX - 14, {}},
+      {777, 49, live[0].pages},
+  };
+  for (const LogicalSeq& extra : extras) {
+    const std::string tokens = std::to_string(extra.n_tokens);
+    SCOPED_TRACE(tokens + " tokens in " + std::to_string(extra.pages.size()) +
+                 " pages");
+    testing::ExtraSeqPager crafting(*source, extra);
+    ASSERT_OK(capture(crafting, path("crafted.snp")));
+    // Restore (snapshot load) and inspect (snapshot verify) both refuse it,
+    // naming the request, its pages and its tokens.
+    expect_rejected(read_file(path("crafted.snp")), StatusCode::kDataLoss,
+                    "seq 777");
+    auto info = inspect_snapshot(path("crafted.snp"));
+    ASSERT_FALSE(info.ok());
+    EXPECT_NE(info.status().message().find(std::to_string(extra.pages.size()) +
+                                           " pages for " + tokens + " tokens"),
+              std::string::npos)
+        << info.status().to_string();
+  }
+}
+
 // Delegates to a SyntheticPager but fails install_logical_seqs.
 class FailingInstallPager final : public testing::ForwardingPager {
  public:
