@@ -15,7 +15,9 @@ BUILD_DIR=${BUILD_DIR:-build}
 
 PACKAGES="meson ninja-build g++ pkg-config python3 libboost-dev libspdlog-dev
   libfmt-dev libxxhash-dev libssl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev
-  libcli11-dev nlohmann-json3-dev clang-format libibverbs-dev ibverbs-providers"
+  libcli11-dev nlohmann-json3-dev clang-format libibverbs-dev ibverbs-providers
+  python3-dev pybind11-dev python3-numpy python3-torch python3-pytest
+  python3-mesonpy python3-build python3-venv"
 
 deps() {
   local missing=()
@@ -89,22 +91,42 @@ sys.exit(0 if before and same == len(before) == len(after) else 1)
 PY
 }
 
-# Runs the suites; prints the meson summary, then "N passed, N failed" over
-# every GoogleTest case (skips counted apart).
+# Runs the suites (GoogleTest through meson, then pytest under tests/python
+# with Debian's interpreter); prints the meson summary, then "N passed, N
+# failed" over every test case of both (skips counted apart).
+# PYTEST_ENV: extra environment for pytest (the ASan run's LD_PRELOAD).
 run_tests() {
   local dir=$1 rc=0
   meson test -C "$dir" --print-errorlogs --num-processes 1 >&2 || rc=$?
-  python3 - "$dir/meson-logs/testlog.junit.xml" <<'PY' || rc=1
+  local xmls=("$dir/meson-logs/testlog.junit.xml")
+  local pyxml=$dir/meson-logs/pytest.junit.xml
+  rm -f "$pyxml"
+  if [[ -d $dir/src/python/kvmig ]]; then
+    # shellcheck disable=SC2086
+    env ${PYTEST_ENV:-} KVMIG_BUILD_DIR="$dir" /usr/bin/python3 -m pytest \
+      -p no:cacheprovider -q -rs tests/python --junitxml="$pyxml" >&2 || rc=$?
+    xmls+=("$pyxml")
+  else
+    echo "the Python package was not built (meson -Dpython): its tests fail" >&2
+    rc=1
+  fi
+  /usr/bin/python3 - "${xmls[@]}" <<'PY' || rc=1
 import sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
 passed = failed = skipped = 0
-for case in root.iter("testcase"):
-    if case.find("failure") is not None or case.find("error") is not None:
+for path in sys.argv[1:]:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as e:
+        print(f"{path}: {e}", file=sys.stderr)
         failed += 1
-    elif case.find("skipped") is not None:
-        skipped += 1
-    else:
-        passed += 1
+        continue
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed += 1
+        elif case.find("skipped") is not None:
+            skipped += 1
+        else:
+            passed += 1
 print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
 sys.exit(1 if failed or passed == 0 else 0)
 PY

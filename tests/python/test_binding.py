@@ -1,0 +1,366 @@
+"""The binding against real agents: a Python pager and a C++ `kvmig serve`
+process exchange requests over real sockets, and every misbehaving pager
+method gives a clear error that leaves both sides as they were."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import kvmig
+from pagers import NumpyPager
+
+TINY = kvmig.preset_meta("tiny")  # 16 tokens x 2 layers x 2 heads x 64, f16
+
+
+def digests(status):
+    return {s["id"]: s["digest"] for s in status["seqs"]}
+
+
+# ---- types ----
+
+def test_meta_and_presets():
+    meta = kvmig.CacheMeta(page_size_tokens=16, n_layers=32, n_heads=8,
+                           head_dim=128, dtype="bf16")
+    assert meta == kvmig.preset_meta("llama3-8b")
+    assert meta.page_bytes() == 1 << 20
+    assert meta.layer_chunk_bytes() == 32 << 10
+    assert meta.pages_for_tokens(17) == 2
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.CacheMeta(page_size_tokens=16, n_layers=1, n_heads=1,
+                        head_dim=1, dtype="f64")
+    assert e.value.code == "InvalidArgument" and "f64" in str(e.value)
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.preset_meta("gpt-5")
+    assert e.value.code == "NotFound" or e.value.code == "InvalidArgument"
+
+
+def test_error_keeps_its_code():
+    e = kvmig.Error("no such request", code="NotFound")
+    assert e.code == "NotFound" and e.message == "no such request"
+    assert str(e) == "NotFound: no such request"
+    assert isinstance(e, RuntimeError)
+
+
+# ---- regions ----
+
+META = kvmig.CacheMeta(page_size_tokens=16, n_layers=3, n_heads=2,
+                       head_dim=64, dtype="f32")
+
+
+def test_regions_flash_attention():
+    layers = [torch.zeros(2, 10, 16, 2, 64) for _ in range(3)]
+    regs = kvmig.regions([t[0] for t in layers], [t[1] for t in layers],
+                         meta=META)
+    assert len(regs) == 6
+    chunk = META.layer_chunk_bytes()
+    for i, r in enumerate(regs):
+        t = layers[i % 3]
+        assert r.base == t[i // 3].data_ptr()
+        assert (r.stride, r.chunk, r.slots, r.kind) == (chunk, chunk, 10, "host")
+    kvmig.validate_layout(META, regs)
+
+
+def test_regions_flash_infer_and_sglang():
+    layers = [torch.zeros(10, 2, 16, 2, 64) for _ in range(3)]
+    regs = kvmig.regions([t[:, 0] for t in layers], [t[:, 1] for t in layers],
+                         meta=META)
+    chunk = META.layer_chunk_bytes()
+    assert [r.stride for r in regs] == [2 * chunk] * 6
+    assert regs[3].base == layers[0].data_ptr() + chunk
+    # SGLang: per-layer token buffers (tokens, heads, dim) viewed as pages.
+    k_buffer = [np.zeros((160, 2, 64), np.float32) for _ in range(3)]
+    v_buffer = [np.zeros((160, 2, 64), np.float32) for _ in range(3)]
+    regs = kvmig.regions([b.reshape(10, 16, 2, 64) for b in k_buffer],
+                         [b.reshape(10, 16, 2, 64) for b in v_buffer],
+                         meta=META)
+    assert regs[0].base == k_buffer[0].ctypes.data
+    assert regs[5].base == v_buffer[2].ctypes.data
+    kvmig.validate_layout(META, regs)
+
+
+def refused(k, v, *needles, meta=META):
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.regions(k, v, meta=meta)
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
+    return e.value
+
+
+def test_regions_refuse_what_kvmig_cannot_use():
+    good = [torch.zeros(10, 16, 2, 64) for _ in range(3)]
+    # A page that is not contiguous: heads and tokens swapped.
+    swapped = [t.transpose(1, 2) for t in good]
+    refused(swapped, good, "k_views[0]", "not contiguous")
+    # dtype and page size that disagree with the meta.
+    refused([t.half() for t in good], good, "dtype f16", "f32")
+    refused([torch.zeros(10, 8, 2, 64) for _ in range(3)], good,
+            "k_views[0]", "4096 bytes", "8192")
+    refused(good[:2], good[:2], "2 layers", "has 3")
+    refused(good, good[:2], "3 K views but 2 V views")
+    refused(good, [torch.zeros(9, 16, 2, 64) for _ in range(3)],
+            "disagree on the number of pages")
+    ro = np.zeros((10, 16, 2, 64), np.float32)
+    ro.flags.writeable = False
+    refused([ro] * 3, good, "read-only")
+    refused([[1, 2, 3]] * 3, good, "list", "neither a torch tensor")
+
+
+def test_regions_refuse_device_memory():
+    class FakeCuda:  # what kvmig reads of a tensor, on a GPU
+        device = torch.device("cuda", 0)
+        data_ptr = element_size = None
+    e = refused([FakeCuda()] * 3, [FakeCuda()] * 3, "cuda:0", "host memory")
+    assert e.code == "Unimplemented"
+
+
+# ---- agents: Python and C++ exchange requests ----
+
+def python_agent(pager, **kw):
+    agent = kvmig.Agent(pager, listen="127.0.0.1:0", **kw)
+    agent.start()
+    return agent
+
+
+@pytest.mark.parametrize("layout", [True, False], ids=["zero-copy", "staged"])
+def test_python_to_cpp_and_back(cpp_agent, layout):
+    pager = NumpyPager(TINY, 64, layout=layout)
+    pager.populate(1, 100, seed=1)
+    pager.populate(2, 33, seed=2)
+    pager.populate(3, 5, seed=3)
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "64")
+    client = kvmig.Client(dst.address)
+    with kvmig.Agent(pager) as agent:
+        before = digests(agent.status())
+        report = agent.migrate(to=dst.address, seqs=[1, 2])
+        assert report["ok"] and sorted(report["seqs"]) == [1, 2]
+        assert report["pages"] == 7 + 3 and report["staged"] == (not layout)
+        assert sorted(pager.seqs) == [3]
+        assert digests(client.status()) == {1: before[1], 2: before[2]}
+        # And back: the C++ agent moves them into the Python pager.
+        back = client.migrate(to=agent.address, all=True)
+        assert sorted(back["seqs"]) == [1, 2]
+        assert digests(agent.status()) == before
+        assert client.status()["seqs"] == []
+        if not layout:
+            assert pager.calls.get("write_page", 0) == 10
+        else:  # zero-copy: the pages went straight into the pool
+            assert "write_page" not in pager.calls
+
+
+def test_report_fields_match_the_cli(cpp_agent):
+    # agent.migrate() returns the fields of `kvmig migrate --json`.
+    import json
+    import subprocess
+    from conftest import KVMIG_BIN
+    src = cpp_agent("--preset", "tiny", "--capacity-pages", "16",
+                    "--populate", "2:40")
+    pager = NumpyPager(TINY, 16)
+    with kvmig.Agent(pager) as agent:
+        out = subprocess.run(
+            [str(KVMIG_BIN), "migrate", "--agent", src.address, "--to",
+             agent.address, "--seqs", "1", "--json"],
+            check=True, capture_output=True, text=True).stdout
+        cli = json.loads(out)
+        py = kvmig.Client(src.address).migrate(to=agent.address, seqs=[2])
+        assert list(py) == list(cli)
+        status = agent.status()
+        assert list(status) == ["meta", "capacity_pages", "free_pages", "seqs",
+                                "transports", "in_doubt"]
+        assert status["free_pages"] == 16 - 2 * 3
+        light = agent.status(digests=False)
+        assert [s["digest"] for s in light["seqs"]] == ["", ""]
+
+
+def test_status_without_digests_never_pauses():
+    pager = NumpyPager(TINY, 8)
+    pager.populate(1, 20, seed=1)
+    with kvmig.Agent(pager) as agent:
+        agent.status(digests=False)
+        assert "pause" not in pager.calls and "read_page" not in pager.calls
+        agent.status()
+        assert pager.calls["pause"] == 1
+
+
+# ---- bad pagers: a clear error, both sides unchanged, still serving ----
+
+def assert_unchanged(pager, before_seqs, agent):
+    assert sorted(pager.seqs) == before_seqs
+    assert not pager.allocated and pager.paused == 0
+    agent.status(digests=False)  # still serving
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (lambda ix: (b"x" * 10, b"y" * 10), "is 10 bytes; a page half is 8192"),
+    (lambda ix: 42, "must return (k, v), not int"),
+    (lambda ix: (b"x" * 8192,), "must return (k, v), not 1 items"),
+    (lambda ix: ("k" * 8192, b"v" * 8192), "not a contiguous bytes-like"),
+], ids=["short", "int", "one-item", "str"])
+def test_bad_read_page(cpp_agent, bad, needle):
+    pager = NumpyPager(TINY, 16, layout=False)
+    pager.populate(1, 40, seed=1)
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "16")
+    with kvmig.Agent(pager) as agent:
+        pager.read_page_result = bad
+        with pytest.raises(kvmig.Error) as e:
+            agent.migrate(to=dst.address, seqs=[1])
+        assert needle in str(e.value) and "read_page" in str(e.value)
+        assert_unchanged(pager, [1], agent)
+        dst_status = kvmig.Client(dst.address).status()
+        assert dst_status["seqs"] == [] and dst_status["free_pages"] == 16
+        pager.read_page_result = None  # fixed: the same request moves
+        assert agent.migrate(to=dst.address, seqs=[1])["ok"]
+
+
+def test_raising_pager_methods(cpp_agent):
+    src = cpp_agent("--preset", "tiny", "--capacity-pages", "16",
+                    "--populate", "1:40", "--seed", "4")
+    client = kvmig.Client(src.address)
+    before = client.status()
+    pager = NumpyPager(TINY, 16)
+    with kvmig.Agent(pager) as agent:
+        pager.faults["allocate_pages"] = ValueError("the pool is on fire")
+        with pytest.raises(kvmig.Error) as e:
+            client.migrate(to=agent.address, seqs=[1])
+        assert "pager.allocate_pages() raised ValueError: the pool is on fire" \
+            in str(e.value)
+        assert "pagers.py:" in str(e.value)  # where it was raised
+        assert client.status() == before
+        assert_unchanged(pager, [], agent)
+
+        pager.faults.clear()
+        pager.faults["install_logical_seqs"] = kvmig.Error(
+            "no room in the scheduler", code="ResourceExhausted")
+        with pytest.raises(kvmig.Error) as e:
+            client.migrate(to=agent.address, seqs=[1])
+        assert "no room in the scheduler" in str(e.value)
+        assert client.status() == before
+        assert_unchanged(pager, [], agent)
+        assert pager.calls.get("release_pages", 0) >= 1
+
+        pager.faults.clear()
+        assert client.migrate(to=agent.address, seqs=[1])["ok"]
+        assert sorted(pager.seqs) == [1]
+
+
+def test_raising_pause_on_the_source(cpp_agent):
+    pager = NumpyPager(TINY, 16)
+    pager.populate(7, 40, seed=1)
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "16")
+    with kvmig.Agent(pager) as agent:
+        pager.faults["pause"] = kvmig.Error("engine busy", code="Unavailable")
+        with pytest.raises(kvmig.Error) as e:
+            agent.migrate(to=dst.address, seqs=[7])
+        assert e.value.code == "Unavailable" and "engine busy" in str(e.value)
+        pager.faults.clear()
+        assert_unchanged(pager, [7], agent)
+        assert kvmig.Client(dst.address).status()["seqs"] == []
+
+
+def test_bad_layouts_are_refused_at_creation():
+    class Wrong(NumpyPager):
+        def __init__(self, regions):
+            super().__init__(TINY, 8)
+            self._regions = regions
+
+        def layout(self):
+            return self._regions
+
+    pool = np.zeros((8, 2 * TINY.page_bytes()), np.uint8)
+    half = kvmig.StridedRegion(base=pool.ctypes.data, stride=pool.strides[0],
+                               chunk=TINY.page_bytes(), slots=8)
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(Wrong([half]))
+    assert e.value.code == "InvalidArgument" and "pager.layout()" in str(e.value)
+    cuda = kvmig.StridedRegion(base=1 << 40, stride=2 * TINY.page_bytes(),
+                               chunk=2 * TINY.page_bytes(), slots=8,
+                               kind="cuda", device=1)
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(Wrong([cuda]))
+    assert e.value.code == "Unimplemented" and "device 1" in str(e.value)
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(Wrong(42))
+    assert "must return a list of kvmig.StridedRegion" in str(e.value)
+
+    class BadMeta(NumpyPager):
+        def meta(self):
+            return "tiny"
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(BadMeta(TINY, 8))
+    assert "must return a kvmig.CacheMeta, not str" in str(e.value)
+    with pytest.raises(kvmig.Error):
+        kvmig.Agent(object())
+
+
+def test_missing_methods_and_super_init():
+    class Nothing(kvmig.CachePager):
+        def meta(self):
+            return TINY
+    with kvmig.Agent(Nothing()) as agent:
+        with pytest.raises(kvmig.Error) as e:
+            agent.status()
+        assert "does not support" in str(e.value)
+
+    class NoInit(kvmig.CachePager):
+        def __init__(self):
+            pass
+    with pytest.raises(TypeError):
+        NoInit()
+
+
+# ---- the GIL ----
+
+def test_busy_python_thread_and_migrate_from_the_engine_thread(cpp_agent):
+    """A pure-Python thread that never blocks (it holds the GIL whenever it
+    runs) does not stop a migration that this, the engine's own thread,
+    started; both keep running."""
+    pager = NumpyPager(TINY, 64, layout=False)
+    for i in range(4):
+        pager.populate(i, 160, seed=i)
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "64")
+    stop = threading.Event()
+    spins = [0]
+
+    def spin():
+        while not stop.is_set():
+            spins[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        with kvmig.Agent(pager) as agent:
+            start = spins[0]
+            report = agent.migrate(to=dst.address, all=True)
+            assert sorted(report["seqs"]) == [0, 1, 2, 3]
+            assert spins[0] > start  # the spinning thread ran meanwhile
+    finally:
+        stop.set()
+        t.join()
+    assert len(kvmig.Client(dst.address).status()["seqs"]) == 4
+
+
+def test_agent_lifecycle():
+    pager = NumpyPager(TINY, 8)
+    agent = kvmig.Agent(pager)
+    with pytest.raises(kvmig.Error) as e:
+        agent.status()
+    assert e.value.code == "FailedPrecondition"
+    agent.start()
+    with pytest.raises(kvmig.Error):
+        agent.start()
+    host, port = agent.address.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) == agent.port > 0
+    agent.stop()
+    agent.stop()
+    with pytest.raises(kvmig.Error) as e:
+        agent.status()
+    assert "stopped" in str(e.value)
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(pager, listen="nowhere")
+    assert e.value.code == "InvalidArgument"
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(pager, transports=["carrier-pigeon"])
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(pager, secret_file="/nonexistent/secret")
+    assert "secret file" in str(e.value)
