@@ -2,6 +2,8 @@
 # Developer entry points; the README's two commands and .ci/run call these.
 #
 #   tools/dev.sh demo   install, build, migrate requests between two agents
+#   tools/dev.sh demo-engine  install, build, two PyTorch Llama engines; two
+#                       requests move live mid-generation and go on (examples/)
 #   tools/dev.sh test   install, build, run every test (last line: N passed, N failed)
 #   tools/dev.sh rxe-test  build, then run the verbs tests (and UCX over
 #                       rc_verbs) in the Soft-RoCE guest (tools/rxe-tests.sh)
@@ -146,8 +148,13 @@ case "${1:-}" in
   deps) deps ;;
   build) deps; build ;;
   demo) demo ;;
+  demo-engine)
+    deps
+    build
+    PYTHONPATH=$BUILD_DIR/src/python:examples /usr/bin/python3 examples/demo_engine.py "${@:2}"
+    ;;
   test) deps; build; run_tests "$BUILD_DIR" ;;
   run-tests) run_tests "$BUILD_DIR" ;;
   rxe-test) deps; build; rxe_test ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac
