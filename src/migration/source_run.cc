@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 
@@ -68,7 +70,47 @@ asio::awaitable<void> SourceRun::abort_peer(const Status& why) {
 }
 
 asio::awaitable<Status> SourceRun::pause_engine() {
-  Status paused = co_await ctx_.offload([this] { return ctx_.pager.pause(); });
+  // pause() waits for the engine's step in progress. One that never ends
+  // (an engine thread that never yields) fails the migration at the peer
+  // deadline instead of hanging it, and the pause, when it does return, is
+  // undone on the spot: nothing else would ever resume it.
+  struct Race {
+    explicit Race(asio::io_context& io) : timer(io) {}
+    asio::steady_timer timer;
+    std::mutex mu;
+    bool done = false;       // guarded by mu
+    bool abandoned = false;  // guarded by mu
+    Status result;           // guarded by mu
+  };
+  auto race = std::make_shared<Race>(ctx_.io);
+  race->timer.expires_at(deadline());
+  CachePager& pager = ctx_.pager;
+  asio::post(ctx_.data_pool, [race, &pager] {
+    Status s = pager.pause();
+    std::lock_guard lock(race->mu);
+    if (race->abandoned) {
+      if (s.ok()) (void)pager.resume();
+      return;
+    }
+    race->result = std::move(s);
+    race->done = true;
+    asio::post(race->timer.get_executor(), [race] { race->timer.cancel(); });
+  });
+  boost::system::error_code ec;
+  co_await race->timer.async_wait(
+      asio::redirect_error(asio::use_awaitable, ec));
+  Status paused;
+  {
+    std::lock_guard lock(race->mu);
+    if (!race->done) {
+      race->abandoned = true;
+      co_return Status::deadline_exceeded(
+          "pause: the engine did not pause within the peer timeout (" +
+          std::to_string(ctx_.options.peer_timeout.count()) +
+          " ms); it is resumed as soon as its pause() returns");
+    }
+    paused = race->result;
+  }
   if (!paused.ok()) co_return paused.with_context("pause");
   pause_.engage();
   t_pause_ = Clock::now();

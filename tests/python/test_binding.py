@@ -3,6 +3,7 @@ process exchange requests over real sockets, and every misbehaving pager
 method gives a clear error that leaves both sides as they were."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,21 @@ import kvmig
 from pagers import NumpyPager
 
 TINY = kvmig.preset_meta("tiny")  # 16 tokens x 2 layers x 2 heads x 64, f16
+
+
+def poll(condition, what, timeout=20.0):
+    """Waits for condition() to hold: the destination gives its slots back
+    when the source's ABORT reaches it, which may be just after the source's
+    migrate() has returned its error."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def dst_is_empty(address, capacity):
+    status = kvmig.Client(address).status()
+    return status["seqs"] == [] and status["free_pages"] == capacity
 
 
 def digests(status):
@@ -207,8 +223,7 @@ def test_bad_read_page(cpp_agent, bad, needle):
             agent.migrate(to=dst.address, seqs=[1])
         assert needle in str(e.value) and "read_page" in str(e.value)
         assert_unchanged(pager, [1], agent)
-        dst_status = kvmig.Client(dst.address).status()
-        assert dst_status["seqs"] == [] and dst_status["free_pages"] == 16
+        poll(lambda: dst_is_empty(dst.address, 16), "the destination's slots")
         pager.read_page_result = None  # fixed: the same request moves
         assert agent.migrate(to=dst.address, seqs=[1])["ok"]
 
@@ -255,7 +270,7 @@ def test_raising_pause_on_the_source(cpp_agent):
         assert e.value.code == "Unavailable" and "engine busy" in str(e.value)
         pager.faults.clear()
         assert_unchanged(pager, [7], agent)
-        assert kvmig.Client(dst.address).status()["seqs"] == []
+        poll(lambda: dst_is_empty(dst.address, 16), "the destination's slots")
 
 
 def test_bad_layouts_are_refused_at_creation():
@@ -364,3 +379,32 @@ def test_agent_lifecycle():
     with pytest.raises(kvmig.Error) as e:
         kvmig.Agent(pager, secret_file="/nonexistent/secret")
     assert "secret file" in str(e.value)
+
+
+def test_an_engine_that_never_pauses(cpp_agent):
+    """pause() waits for a step that does not end (an engine thread that
+    never yields): the migration fails at the peer timeout instead of
+    hanging, and the pause, once it returns, is undone by kvmig."""
+    release = threading.Event()
+
+    class Stuck(NumpyPager):
+        def pause(self):
+            if not release.wait(60):
+                raise AssertionError("the test never released the pause")
+            super().pause()
+
+    pager = Stuck(TINY, 16)
+    pager.populate(1, 40, seed=1)
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "16")
+    with kvmig.Agent(pager, peer_timeout_ms=500) as agent:
+        with pytest.raises(kvmig.Error) as e:
+            agent.migrate(to=dst.address, seqs=[1])
+        assert e.value.code == "DeadlineExceeded"
+        assert "did not pause within the peer timeout" in str(e.value)
+        poll(lambda: dst_is_empty(dst.address, 16), "the destination's slots")
+        release.set()
+        # kvmig undoes the late pause: its resume() runs.
+        poll(lambda: pager.calls.get("resume", 0) == 1 and pager.paused == 0,
+             "the late pause to be undone")
+        assert_unchanged(pager, [1], agent)
+        assert agent.migrate(to=dst.address, seqs=[1])["ok"]
