@@ -1302,6 +1302,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layout", choices=LAYOUTS, default="flash-attn")
     p.add_argument("--num-blocks", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="model weights")
+    p.add_argument("--max-positions", type=int,
+                   default=LlamaConfig.max_positions,
+                   help="longest request (prompt and generation), tokens")
     p.add_argument("--decode-rate", type=float, default=0.0,
                    help="decode steps per second once decoding (0: as fast "
                         "as possible)")
@@ -1327,7 +1330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     import kvmig
 
-    config = LlamaConfig()
+    config = LlamaConfig(max_positions=args.max_positions)
     engine = Engine(LlamaModel(config, args.seed),
                     PagedKVCache(config, args.num_blocks, args.layout),
                     decode_rate=args.decode_rate)
