@@ -11,7 +11,8 @@
 3. The cost of agent.status() and of a migrate() that fails at once, from
    Python, against a loopback TCP round trip between two processes.
 
-    /usr/bin/python3 tools/bench-python.py [--reps 5] [--build build] [--skip-engine]
+    /usr/bin/python3 tools/bench-python.py [--reps 5] [--build build]
+        [--skip-engine | --engine-only] [--engine-tokens 1024,8192]
 """
 import argparse
 import os
@@ -169,8 +170,11 @@ def bench_engine_pause(args):
     import llama_engine as le
     import random
     rng = random.Random(7)
-    for tokens in (1024, 8192):
-        common = ["--seed", "0", "--decode-rate", "20", "--num-blocks", "700",
+    for tokens in args.engine_tokens:
+        # A keeps the prefill chunks' pages while the request is away and
+        # back: room for it twice.
+        blocks = 2 * (tokens // 16) + 200
+        common = ["--seed", "0", "--decode-rate", "20", "--num-blocks", str(blocks),
                   "--max-positions", str(tokens + 200)]
         a = le.EngineClient(["--layout", "flash-attn", *common], "A")
         b = le.EngineClient(["--layout", "flash-infer", *common], "B")
@@ -214,6 +218,9 @@ def main():
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--build", default=str(ROOT / "build"))
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--engine-only", action="store_true")
+    p.add_argument("--engine-tokens", default="1024,8192",
+                   type=lambda t: [int(x) for x in t.split(",")])
     args = p.parse_args()
     build = pathlib.Path(args.build).resolve()
     for path in (build / "src" / "python", ROOT / "examples",
@@ -222,8 +229,9 @@ def main():
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(build / "src" / "python"), str(ROOT / "examples")])
     import kvmig
-    bench_call_costs(kvmig, args)
-    bench_throughput(kvmig, build / "tools" / "kvmig", args)
+    if not args.engine_only:
+        bench_call_costs(kvmig, args)
+        bench_throughput(kvmig, build / "tools" / "kvmig", args)
     if not args.skip_engine:
         bench_engine_pause(args)
 

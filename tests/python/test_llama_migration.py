@@ -299,18 +299,38 @@ THREE = [(1, prompt_of(21, 1), NEW_TOKENS), (2, prompt_of(30, 2), NEW_TOKENS),
          (3, prompt_of(40, 3), NEW_TOKENS)]
 
 
-# --- The tests ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_live_move_while_the_source_decodes(engine_pair, transport):
+def three_decoding(engine_pair, transport, generated):
+    """A pair of engines, the three requests prefilled on A, both decoding,
+    each request `generated` tokens in; and the reference outputs."""
     need_transport(transport)
     refs = reference(THREE)
     a, b = engine_pair()
     prefill_all(a, THREE)
     a.ok("start_decoding")
     b.ok("start_decoding")
-    wait_generated(a, [1, 2, 3], 4)
+    wait_generated(a, [1, 2, 3], generated)
+    return refs, a, b
+
+
+def finish_and_check(refs, handed, arrived, moved, stayed_at, stayed, *pair):
+    """Both engines run their requests to the end: every output equals the
+    reference, the first logits `arrived` computed for the handed-over
+    requests too, and both engines end empty."""
+    arrived.ok("wait_finished", seqs=moved, timeout=30)
+    stayed_at.ok("wait_finished", seqs=stayed, timeout=30)
+    assert_tokens_match(arrived, moved, refs)
+    assert_tokens_match(stayed_at, stayed, refs)
+    assert_first_logits_match(arrived, handed, refs)
+    for engine in pair:
+        assert_empty(engine)
+
+
+# --- The tests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_live_move_while_the_source_decodes(engine_pair, transport):
+    refs, a, b = three_decoding(engine_pair, transport, 4)
 
     def source_keeps_decoding():
         # The first round is under way: A must go on decoding the very
@@ -329,24 +349,12 @@ def test_live_move_while_the_source_decodes(engine_pair, transport):
     assert {r["state"] for r in b.requests([1, 2]).values()} == {"unadopted"}
 
     handed = hand_over(a, b, [1, 2])
-    b.ok("wait_finished", seqs=[1, 2], timeout=30)
-    a.ok("wait_finished", seqs=[3], timeout=30)
-    assert_tokens_match(b, [1, 2], refs)
-    assert_tokens_match(a, [3], refs)
-    assert_first_logits_match(b, handed, refs)
-    assert_empty(a)
-    assert_empty(b)
+    finish_and_check(refs, handed, b, [1, 2], a, [3], a, b)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_stop_and_copy_move(engine_pair, transport):
-    need_transport(transport)
-    refs = reference(THREE)
-    a, b = engine_pair()
-    prefill_all(a, THREE)
-    a.ok("start_decoding")
-    b.ok("start_decoding")
-    wait_generated(a, [1, 2, 3], 3)
+    refs, a, b = three_decoding(engine_pair, transport, 3)
 
     def source_is_paused():
         # Stop-and-copy pauses the source before the destination allocates.
@@ -359,22 +367,11 @@ def test_stop_and_copy_move(engine_pair, transport):
     assert a.ok("stats")["paused"] == 0
 
     handed = hand_over(a, b, [1, 3])
-    b.ok("wait_finished", seqs=[1, 3], timeout=30)
-    a.ok("wait_finished", seqs=[2], timeout=30)
-    assert_tokens_match(b, [1, 3], refs)
-    assert_tokens_match(a, [2], refs)
-    assert_first_logits_match(b, handed, refs)
-    assert_empty(a)
-    assert_empty(b)
+    finish_and_check(refs, handed, b, [1, 3], a, [2], a, b)
 
 
 def test_move_there_and_back(engine_pair):
-    refs = reference(THREE)
-    a, b = engine_pair()
-    prefill_all(a, THREE)
-    a.ok("start_decoding")
-    b.ok("start_decoding")
-    wait_generated(a, [1, 2], 3)
+    refs, a, b = three_decoding(engine_pair, "tcp", 3)
     report = a.ok("migrate", to=b.address, seqs=[1, 2], live=True)
     assert report["seqs"] == [1, 2]
     hand_over(a, b, [1, 2])
@@ -387,13 +384,7 @@ def test_move_there_and_back(engine_pair):
     assert report["seqs"] == [1] and report["left_behind"] == []
     handed_back = hand_over(b, a, [1])
 
-    a.ok("wait_finished", seqs=[1, 3], timeout=30)
-    b.ok("wait_finished", seqs=[2], timeout=30)
-    assert_tokens_match(a, [1, 3], refs)
-    assert_tokens_match(b, [2], refs)
-    assert_first_logits_match(a, handed_back, refs)
-    assert_empty(a)
-    assert_empty(b)
+    finish_and_check(refs, handed_back, a, [1, 3], b, [2], a, b)
 
 
 def test_shared_prefix_pages_are_sent_once(engine_pair):
@@ -421,13 +412,7 @@ def test_shared_prefix_pages_are_sent_once(engine_pair):
     assert status["capacity_pages"] - status["free_pages"] == report["pages"]
 
     handed = hand_over(a, b, [1, 2])
-    b.ok("wait_finished", seqs=[1, 2], timeout=30)
-    a.ok("wait_finished", seqs=[3], timeout=30)
-    assert_tokens_match(b, [1, 2], refs)
-    assert_tokens_match(a, [3], refs)
-    assert_first_logits_match(b, handed, refs)
-    assert_empty(a)
-    assert_empty(b)
+    finish_and_check(refs, handed, b, [1, 2], a, [3], a, b)
 
 
 def test_request_finishing_during_a_live_move_is_left_behind(engine_pair):
