@@ -744,14 +744,32 @@ class Engine:
                     lambda: self._stop.is_set() or self._can_step())
                 if self._stop.is_set():
                     return
-                self._step_locked()
+                batch = [r.seq_id for r in self._runnable()]
                 rate = self._rate
+            # One request at a time under the lock, so that a pause() or a
+            # kvmig call waits for one request's forward, not the batch's
+            # (with long requests on one CPU thread, a batch took ~1 s).
+            advanced = 0
+            for seq_id in batch:
+                with self._cond:
+                    if self._pause_depth or self._stop.is_set():
+                        break
+                    req = self._requests.get(seq_id)
+                    if (req is not None and req.state == "decoding"
+                            and not req.held):
+                        advanced += self._step_one_locked(req)
+            if advanced:
+                with self._cond:
+                    self._steps += 1
+                    self._cond.notify_all()
             # A gap between steps, however far behind its cadence the loop
             # is: Python's locks are not fair, and a loop that re-takes the
             # lock at once starves a waiting kvmig call (allocate_pages,
-            # install_logical_seqs) for seconds. Measured with
-            # tools/bench-python.py, 8k tokens into a busy engine: without
-            # it, a live move's pause was 3.6-4.9 s in 2 of 5 runs.
+            # install_logical_seqs). Measured with tools/bench-python.py,
+            # an 8k-token request moved into a busy engine: the source's
+            # pause was 3.6-4.9 s without the gap and without taking the
+            # lock per request below, 0.4-1.3 s with both (one forward of
+            # a long request), 4 ms into an idle engine.
             gap = self.STEP_GAP_S
             if rate > 0:
                 # A fixed cadence that does not burst to catch up.
@@ -772,19 +790,23 @@ class Engine:
         return (req.n_tokens % self.config.page_size != 0
                 or self.cache.free_count() > 0)
 
+    def _step_one_locked(self, req: Request) -> int:
+        """Decodes one token of req; 0 when it waits for a free page."""
+        if not self._has_room(req):
+            return 0
+        pos = req.n_tokens
+        if pos % self.config.page_size == 0:
+            req.pages.append(self.cache.allocate(1)[0])
+        logits = self.model.forward([req.tokens[-1]], pos,
+                                    self.cache.view(req.pages))
+        req.n_tokens += 1
+        self._take_token(req, logits[-1], pos)
+        return 1
+
     def _step_locked(self) -> int:
         advanced = 0
         for req in self._runnable():
-            if not self._has_room(req):
-                continue  # waits for a free page
-            pos = req.n_tokens
-            if pos % self.config.page_size == 0:
-                req.pages.append(self.cache.allocate(1)[0])
-            logits = self.model.forward([req.tokens[-1]], pos,
-                                        self.cache.view(req.pages))
-            req.n_tokens += 1
-            self._take_token(req, logits[-1], pos)
-            advanced += 1
+            advanced += self._step_one_locked(req)
         if advanced:
             self._steps += 1
             self._cond.notify_all()
@@ -813,8 +835,8 @@ class Engine:
     # --- Pager side (what kvmig calls) ---------------------------------------
 
     def pause(self) -> None:
-        """Returns once no step or prefill is in progress; none starts until
-        the matching resume(). Nests."""
+        """Returns once no forward (a request's decode, a prefill) is in
+        progress; none starts until the matching resume(). Nests."""
         with self._cond:
             self._pause_depth += 1
 
