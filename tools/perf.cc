@@ -27,6 +27,7 @@
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "perf_server.h"
+#include "report_json.h"
 #include "signals.h"
 #include "synthetic_pager.h"
 #include "text.h"

@@ -4,7 +4,6 @@
 
 #include <charconv>
 #include <cstdint>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -32,13 +31,6 @@ inline std::optional<uint64_t> parse_u64(std::string_view text) {
   auto [at, ec] = std::from_chars(text.data(), end, value);
   if (text.empty() || ec != std::errc() || at != end) return std::nullopt;
   return value;
-}
-
-// The one-line text of a JSON value for stdout. Never throws: bytes that are
-// not valid UTF-8 (from a flag echoed in an error, say) become U+FFFD.
-inline std::string json_text(const nlohmann::ordered_json& j) {
-  return j.dump(-1, ' ', false,
-                nlohmann::ordered_json::error_handler_t::replace);
 }
 
 }  // namespace kvmig

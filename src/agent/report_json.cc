@@ -62,4 +62,8 @@ json error_json(const Status& s) {
   return {{"ok", false}, {"error", s.to_string()}};
 }
 
+std::string json_text(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 }  // namespace kvmig

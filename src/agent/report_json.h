@@ -6,6 +6,7 @@
 #define KVMIG_AGENT_REPORT_JSON_H_
 
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "kvmig/agent.h"
 #include "kvmig/status.h"
@@ -23,6 +24,10 @@ nlohmann::ordered_json status_json(const AgentStatus& status);
 nlohmann::ordered_json migration_json(const MigrationReport& report);
 // {ok: false, error}.
 nlohmann::ordered_json error_json(const Status& status);
+
+// The one-line text of a JSON value. Never throws: bytes that are not valid
+// UTF-8 (from a flag echoed in an error, say) become U+FFFD.
+std::string json_text(const nlohmann::ordered_json& j);
 
 }  // namespace kvmig
 

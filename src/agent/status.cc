@@ -10,20 +10,12 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
   st.meta = ctx.pager.meta();
   for (const auto& [name, t] : ctx.transports) st.transports.push_back(name);
   st.in_doubt = ctx.in_doubt.entries();
-  // Digests are computed with the engine paused, so no request is seen torn.
+  // Digests are computed with the engine paused, so no request is seen torn;
+  // without them nothing is read and the engine is not paused.
   CachePager& pager = ctx.pager;
   auto seqs = co_await ctx.offload(
       [&pager, digests]() -> Result<std::vector<SeqStatus>> {
-        if (!digests) {
-          KVMIG_ASSIGN_OR_RETURN(auto all, pager.logical_seqs());
-          std::vector<SeqStatus> out;
-          for (const LogicalSeq& seq : all) {
-            out.push_back({seq.seq_id, seq.n_tokens,
-                           static_cast<uint32_t>(seq.pages.size()), ""});
-          }
-          return out;
-        }
-        KVMIG_RETURN_IF_ERROR(pager.pause());
+        if (digests) KVMIG_RETURN_IF_ERROR(pager.pause());
         std::vector<SeqStatus> out;
         Status status;
         auto all = pager.logical_seqs();
@@ -31,16 +23,21 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
           status = all.status();
         } else {
           for (const LogicalSeq& seq : *all) {
-            auto d = seq_digest(pager, seq);
-            if (!d.ok()) {
-              status = d.status();
-              break;
+            std::string hex;
+            if (digests) {
+              auto d = seq_digest(pager, seq);
+              if (!d.ok()) {
+                status = d.status();
+                break;
+              }
+              hex = d->hex();
             }
             out.push_back({seq.seq_id, seq.n_tokens,
-                           static_cast<uint32_t>(seq.pages.size()), d->hex()});
+                           static_cast<uint32_t>(seq.pages.size()),
+                           std::move(hex)});
           }
         }
-        Status resumed = pager.resume();
+        Status resumed = digests ? pager.resume() : Status();
         KVMIG_RETURN_IF_ERROR(status);
         KVMIG_RETURN_IF_ERROR(resumed);
         return out;

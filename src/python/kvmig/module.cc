@@ -29,8 +29,7 @@ namespace {
 py::object to_python(const nlohmann::ordered_json& j) {
   static auto* loads =
       new py::object(py::module_::import("json").attr("loads"));
-  return (*loads)(
-      j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace));
+  return (*loads)(json_text(j));
 }
 
 std::string secret_from(const std::optional<std::string>& secret_file) {
@@ -89,6 +88,19 @@ struct MigrateArgs {
       py::arg("record_digests") = false, py::arg("live_max_rounds") = 8, \
       py::arg("live_converge_pages") = 0,                                \
       py::arg("live_abort_if_not_converged") = false
+
+// migrate(**KVMIG_MIGRATE_KWARGS) for a class with migrate(MigrateArgs).
+template <class T>
+auto migrate_method() {
+  return [](T& self, std::string to, std::optional<std::vector<SeqId>> seqs,
+            bool all, std::string mode, std::string transport, bool live,
+            bool verify, bool record_digests, uint32_t rounds,
+            uint32_t converge, bool abort_if_not) {
+    return self.migrate({std::move(to), std::move(seqs), all, std::move(mode),
+                         std::move(transport), live, verify, record_digests,
+                         rounds, converge, abort_if_not});
+  };
+}
 
 // kvmig.Agent: an Agent serving a Python (or C++) pager. It keeps the pager
 // object alive for as long as the agent may call it.
@@ -421,18 +433,7 @@ PYBIND11_MODULE(_kvmig, m) {
            "stop serving (open migrations roll back); idempotent")
       .def_property_readonly("address", &PyAgent::address)
       .def_property_readonly("port", &PyAgent::port)
-      .def(
-          "migrate",
-          [](PyAgent& a, std::string to, std::optional<std::vector<SeqId>> seqs,
-             bool all, std::string mode, std::string transport, bool live,
-             bool verify, bool record_digests, uint32_t rounds,
-             uint32_t converge, bool abort_if_not) {
-            return a.migrate({std::move(to), std::move(seqs), all,
-                              std::move(mode), std::move(transport), live,
-                              verify, record_digests, rounds, converge,
-                              abort_if_not});
-          },
-          KVMIG_MIGRATE_KWARGS)
+      .def("migrate", migrate_method<PyAgent>(), KVMIG_MIGRATE_KWARGS)
       .def("status", &PyAgent::status, py::kw_only(), py::arg("digests") = true)
       .def("__enter__",
            [](PyAgent& a) -> PyAgent& {
@@ -447,18 +448,7 @@ PYBIND11_MODULE(_kvmig, m) {
            py::arg("secret_file") = py::none(), py::arg("timeout_ms") = 60'000)
       .def_property_readonly("address", &PyClient::address)
       .def("status", &PyClient::status)
-      .def(
-          "migrate",
-          [](PyClient& c, std::string to,
-             std::optional<std::vector<SeqId>> seqs, bool all, std::string mode,
-             std::string transport, bool live, bool verify, bool record_digests,
-             uint32_t rounds, uint32_t converge, bool abort_if_not) {
-            return c.migrate({std::move(to), std::move(seqs), all,
-                              std::move(mode), std::move(transport), live,
-                              verify, record_digests, rounds, converge,
-                              abort_if_not});
-          },
-          KVMIG_MIGRATE_KWARGS)
+      .def("migrate", migrate_method<PyClient>(), KVMIG_MIGRATE_KWARGS)
       .def("snapshot", &PyClient::snapshot, py::arg("path"), py::kw_only(),
            py::arg("load") = false,
            "the agent captures its cache to path (load: restores it), a "
