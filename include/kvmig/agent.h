@@ -22,6 +22,20 @@
 
 namespace kvmig {
 
+// How one migration ended, as this agent saw it (for metrics).
+struct MigrationEvent {
+  enum class Role : uint8_t { kSource, kDestination };
+  Role role = Role::kSource;
+  std::string transport;  // empty when it ended before one was chosen
+  // "committed", "aborted" (rolled back, refused or failed before the
+  // decision) or "in_doubt" (source only: the destination's answer to
+  // COMMIT never came).
+  std::string outcome;
+  uint64_t bytes = 0;        // payload bytes sent (source) or received
+  double seconds = 0;        // from HELLO to the end
+  double pause_seconds = 0;  // source: engine or requests held; else 0
+};
+
 // Plain options; every limit is enforced with a clear error.
 struct AgentOptions {
   // Where to listen. Port 0 picks a free port (see Agent::port()).
@@ -55,6 +69,10 @@ struct AgentOptions {
   // "dst.before_done", ...) on the thread that reaches them; may sleep or
   // exit the process to cause a fault at that point. Empty: nothing.
   std::function<void(std::string_view point)> fault_hook;
+  // Called once for every migration this agent takes part in (either
+  // role), when it ends, on the agent's io thread: must not block or call
+  // back into the agent. Empty: nothing.
+  std::function<void(const MigrationEvent&)> on_migration_end;
 };
 
 enum class MigrationMode : uint8_t { kMove = 0, kCopy = 1 };
@@ -117,6 +135,9 @@ struct SeqStatus {
   uint64_t tokens = 0;
   uint32_t pages = 0;
   std::string digest;  // Digest::hex() of seq_digest()
+  // Milliseconds since it arrived here by migration; -1 when it did not
+  // (or arrived so long ago that the agent forgot).
+  int64_t arrived_ms_ago = -1;
 };
 
 struct AgentStatus {
@@ -139,6 +160,16 @@ struct AgentStatus {
     std::string hold;
   };
   std::vector<InDoubt> in_doubt;
+  // Requests that share pages (a common prefix), transitively: each group
+  // with its distinct pages, which a destination must have room for to take
+  // the group in one migration. Requests sharing nothing are in no group.
+  struct SharedGroup {
+    std::vector<SeqId> seqs;  // ascending
+    uint64_t pages = 0;       // distinct pages of the group
+  };
+  std::vector<SharedGroup> shared_groups;
+  // Control connections open now (schedulers, peers, queries).
+  uint32_t control_connections = 0;
 };
 
 struct StatusOptions {
@@ -189,8 +220,10 @@ struct ClientOptions {
   std::chrono::milliseconds timeout{60'000};
   std::string secret;  // the agent's shared secret, if it has one
 };
+// what.digests: as Agent::status (without: no page is read, no pause).
 Result<AgentStatus> query_status(std::string_view agent,
-                                 const ClientOptions& options = {});
+                                 const ClientOptions& options = {},
+                                 const StatusOptions& what = {});
 Result<MigrationReport> request_migration(std::string_view agent,
                                           const MigrateRequest& request,
                                           const ClientOptions& options = {});

@@ -88,7 +88,31 @@ Status Agent::run() {
   auto guard = asio::make_work_guard(ctx.io);
   ctx.io.run();
   impl.serving = false;
+  impl.abort_pending();
   return Status();
+}
+
+bool AgentImpl::add_pending(uint64_t& key, std::function<void()> abort) {
+  std::lock_guard lock(pending_mu);
+  if (pending_closed) return false;
+  key = next_pending++;
+  pending.emplace(key, std::move(abort));
+  return true;
+}
+
+void AgentImpl::remove_pending(uint64_t key) {
+  std::lock_guard lock(pending_mu);
+  pending.erase(key);
+}
+
+void AgentImpl::abort_pending() {
+  std::map<uint64_t, std::function<void()>> left;
+  {
+    std::lock_guard lock(pending_mu);
+    pending_closed = true;
+    left.swap(pending);
+  }
+  for (auto& [key, abort] : left) abort();
 }
 
 Status Agent::start() {
@@ -119,8 +143,17 @@ namespace {
 // Runs make() as a coroutine on the agent's io thread and waits for its
 // result. FailedPrecondition when nothing would ever run it (the agent is
 // not serving) or when called on that thread itself (it would wait for
-// itself). If the agent stops first and the coroutine is dropped, the
-// promise breaks: Aborted.
+// itself). If the agent stops first, the call returns Aborted as soon as
+// the io thread has stopped.
+template <typename T>
+struct PendingCall {
+  std::promise<Result<T>> promise;
+  std::atomic<bool> done{false};
+  void finish(Result<T> result) {
+    if (!done.exchange(true)) promise.set_value(std::move(result));
+  }
+};
+
 template <typename T, typename Make>
 Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
   asio::io_context& io = impl.ctx.io;
@@ -135,20 +168,24 @@ Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
         " called on the agent's own thread (from a pager method?) would "
         "wait for itself");
   }
-  auto promise = std::make_shared<std::promise<Result<T>>>();
-  auto future = promise->get_future();
+  auto call = std::make_shared<PendingCall<T>>();
+  auto future = call->promise.get_future();
+  const Status stopped =
+      Status::aborted("agent stopped before the call finished");
+  uint64_t key = 0;
+  if (!impl.add_pending(key, [call, stopped] { call->finish(stopped); })) {
+    return stopped;
+  }
   asio::co_spawn(
       io,
-      [promise, make = std::move(make)]() -> asio::awaitable<void> {
+      [call, make = std::move(make)]() -> asio::awaitable<void> {
         Result<T> result = co_await make();
-        promise->set_value(std::move(result));
+        call->finish(std::move(result));
       },
       asio::detached);
-  try {
-    return future.get();
-  } catch (const std::future_error&) {
-    return Status::aborted("agent stopped before the call finished");
-  }
+  Result<T> result = future.get();
+  impl.remove_pending(key);
+  return result;
 }
 
 }  // namespace

@@ -8,7 +8,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <mutex>
 #include <thread>
 
 #include "asio.h"
@@ -41,6 +43,18 @@ struct Agent::Impl {
   uint32_t open_connections = 0;  // io thread
   // From start() (or run()) until run() returns.
   std::atomic<bool> serving{false};
+
+  // In-process calls (migrate, status) waiting for the io thread: each
+  // registers how to abort it, and run() aborts what is left when it
+  // returns (a stopped io thread never finishes them). Thread-safe.
+  // False when the agent already stopped: the caller aborts at once.
+  bool add_pending(uint64_t& key, std::function<void()> abort);
+  void remove_pending(uint64_t key);
+  void abort_pending();  // and refuse new ones
+  std::mutex pending_mu;
+  std::map<uint64_t, std::function<void()>> pending;  // pending_mu
+  uint64_t next_pending = 0;                          // pending_mu
+  bool pending_closed = false;                        // pending_mu
 };
 
 // Reaches an Agent's internals (Agent befriends it).

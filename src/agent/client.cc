@@ -63,8 +63,10 @@ Result<T> call_agent(std::string_view agent, MsgType type,
 }  // namespace
 
 Result<AgentStatus> query_status(std::string_view agent,
-                                 const ClientOptions& options) {
-  return call_agent<AgentStatus>(agent, MsgType::kStatusReq, {},
+                                 const ClientOptions& options,
+                                 const StatusOptions& what) {
+  std::vector<uint8_t> payload{static_cast<uint8_t>(what.digests ? 1 : 0)};
+  return call_agent<AgentStatus>(agent, MsgType::kStatusReq, std::move(payload),
                                  MsgType::kStatusResp, decode_agent_status,
                                  options);
 }

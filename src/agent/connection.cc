@@ -73,8 +73,18 @@ asio::awaitable<std::optional<Frame>> admit(MigrationContext& ctx,
   co_return std::nullopt;
 }
 
-asio::awaitable<void> serve_status(AgentImpl& impl, FrameChannel& channel) {
-  auto st = co_await impl.compute_status();
+// STATUS_REQ's payload: empty (digests, as before digests were optional) or
+// one byte, 1 for digests and 0 for none.
+asio::awaitable<void> serve_status(AgentImpl& impl, FrameChannel& channel,
+                                   const Frame& req) {
+  if (req.payload.size() > 1 ||
+      (req.payload.size() == 1 && req.payload[0] > 1)) {
+    Status error = Status::protocol("STATUS_REQ: expected 0 or 1 byte, 0 or 1");
+    co_await reply_error(impl.ctx, channel, error);
+    co_return;
+  }
+  const bool digests = req.payload.empty() || req.payload[0] == 1;
+  auto st = co_await impl.compute_status(digests);
   if (!st.ok()) {
     Status error = st.status();
     co_await reply_error(impl.ctx, channel, error);
@@ -158,7 +168,7 @@ asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,
   MigrationContext& ctx = impl.ctx;
   switch (first.type) {
     case MsgType::kStatusReq:
-      co_await serve_status(impl, channel);
+      co_await serve_status(impl, channel, first);
       co_return;
     case MsgType::kMigrateReq:
       co_await serve_migrate(ctx, channel, first);

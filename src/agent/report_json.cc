@@ -18,10 +18,10 @@ json meta_json(const CacheMeta& m) {
 json status_json(const AgentStatus& st) {
   json seqs = json::array();
   for (const SeqStatus& s : st.seqs) {
-    seqs.push_back({{"id", s.id},
-                    {"tokens", s.tokens},
-                    {"pages", s.pages},
-                    {"digest", s.digest}});
+    json seq = {{"id", s.id}, {"tokens", s.tokens}, {"pages", s.pages}};
+    if (!s.digest.empty()) seq["digest"] = s.digest;
+    if (s.arrived_ms_ago >= 0) seq["arrived_ms_ago"] = s.arrived_ms_ago;
+    seqs.push_back(std::move(seq));
   }
   json in_doubt = json::array();
   for (const auto& d : st.in_doubt) {
@@ -30,9 +30,18 @@ json status_json(const AgentStatus& st) {
                         {"to", d.to},
                         {"hold", d.hold}});
   }
-  return {{"meta", meta_json(st.meta)},  {"capacity_pages", st.capacity_pages},
-          {"free_pages", st.free_pages}, {"seqs", seqs},
-          {"transports", st.transports}, {"in_doubt", in_doubt}};
+  json groups = json::array();
+  for (const auto& g : st.shared_groups) {
+    groups.push_back({{"seqs", g.seqs}, {"pages", g.pages}});
+  }
+  return {{"meta", meta_json(st.meta)},
+          {"capacity_pages", st.capacity_pages},
+          {"free_pages", st.free_pages},
+          {"seqs", seqs},
+          {"transports", st.transports},
+          {"in_doubt", in_doubt},
+          {"shared_groups", groups},
+          {"control_connections", st.control_connections}};
 }
 
 json migration_json(const MigrationReport& r) {

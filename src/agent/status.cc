@@ -1,9 +1,55 @@
 // An agent's status: its meta, capacity, requests (with digests) and the
 // migrations in doubt.
+#include <algorithm>
+#include <numeric>
+#include <unordered_map>
+
 #include "agent_impl.h"
 #include "kvmig/digest.h"
 
 namespace kvmig {
+namespace {
+
+// Requests that share a page, transitively (union-find over page slots),
+// with each group's distinct pages. O(total pages).
+std::vector<AgentStatus::SharedGroup> shared_groups(
+    const std::vector<LogicalSeq>& seqs) {
+  std::vector<size_t> parent(seqs.size());
+  std::iota(parent.begin(), parent.end(), size_t{0});
+  auto root = [&parent](size_t i) {
+    while (parent[i] != i) i = parent[i] = parent[parent[i]];
+    return i;
+  };
+  std::unordered_map<PageIndex, size_t> owner;  // slot -> first request
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    for (PageIndex slot : seqs[i].pages) {
+      auto [it, fresh] = owner.try_emplace(slot, i);
+      if (!fresh) parent[root(i)] = root(it->second);
+    }
+  }
+  std::unordered_map<size_t, size_t> group_of_root;
+  std::vector<AgentStatus::SharedGroup> groups;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    auto [it, fresh] = group_of_root.try_emplace(root(i), groups.size());
+    if (fresh) groups.emplace_back();
+    groups[it->second].seqs.push_back(seqs[i].seq_id);
+  }
+  for (const auto& [slot, first] : owner) {
+    groups[group_of_root[root(first)]].pages += 1;
+  }
+  std::erase_if(groups, [](const auto& g) { return g.seqs.size() < 2; });
+  for (auto& g : groups) std::sort(g.seqs.begin(), g.seqs.end());
+  std::sort(groups.begin(), groups.end(),
+            [](const auto& a, const auto& b) { return a.seqs[0] < b.seqs[0]; });
+  return groups;
+}
+
+struct SeqsAndGroups {
+  std::vector<SeqStatus> seqs;
+  std::vector<AgentStatus::SharedGroup> groups;
+};
+
+}  // namespace
 
 asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
   AgentStatus st;
@@ -13,10 +59,10 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
   // Digests are computed with the engine paused, so no request is seen torn;
   // without them nothing is read and the engine is not paused.
   CachePager& pager = ctx.pager;
-  auto seqs = co_await ctx.offload(
-      [&pager, digests]() -> Result<std::vector<SeqStatus>> {
+  auto seqs =
+      co_await ctx.offload([&pager, digests]() -> Result<SeqsAndGroups> {
         if (digests) KVMIG_RETURN_IF_ERROR(pager.pause());
-        std::vector<SeqStatus> out;
+        SeqsAndGroups out;
         Status status;
         auto all = pager.logical_seqs();
         if (!all.ok()) {
@@ -32,10 +78,11 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
               }
               hex = d->hex();
             }
-            out.push_back({seq.seq_id, seq.n_tokens,
-                           static_cast<uint32_t>(seq.pages.size()),
-                           std::move(hex)});
+            out.seqs.push_back({seq.seq_id, seq.n_tokens,
+                                static_cast<uint32_t>(seq.pages.size()),
+                                std::move(hex)});
           }
+          if (status.ok()) out.groups = shared_groups(*all);
         }
         Status resumed = digests ? pager.resume() : Status();
         KVMIG_RETURN_IF_ERROR(status);
@@ -43,7 +90,21 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
         return out;
       });
   if (!seqs.ok()) co_return seqs.status().with_context("status");
-  st.seqs = std::move(*seqs);
+  st.seqs = std::move(seqs->seqs);
+  st.shared_groups = std::move(seqs->groups);
+  st.control_connections = open_connections;
+  // When each request arrived (if it did by migration); forget the rest.
+  std::unordered_map<SeqId, Clock::time_point> still_here;
+  const auto now = Clock::now();
+  for (SeqStatus& s : st.seqs) {
+    auto it = ctx.arrivals.find(s.id);
+    if (it == ctx.arrivals.end()) continue;
+    s.arrived_ms_ago =
+        std::chrono::duration_cast<std::chrono::milliseconds>(now - it->second)
+            .count();
+    still_here.insert(*it);
+  }
+  ctx.arrivals = std::move(still_here);
   if (auto cap = ctx.pager.capacity()) {
     st.capacity_pages = cap->capacity_pages;
     st.free_pages = cap->free_pages;

@@ -20,6 +20,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "asio.h"
@@ -77,6 +78,12 @@ class MigrationContext {
   OutcomeRecords dst_records;  // io thread
   InDoubtSet in_doubt;         // io thread
   bool source_busy = false;    // io thread: a source run is under way
+  // When each request that arrived by migration was installed (io thread):
+  // status reports it, so a rebalancer leaves requests that just moved
+  // alone. Entries of requests no longer here are dropped by status; at
+  // most kMaxArrivals are kept (the oldest go first).
+  static constexpr size_t kMaxArrivals = 1u << 16;
+  std::unordered_map<SeqId, Clock::time_point> arrivals;
   std::atomic<bool> stopping{false};
   asio::io_context io{1};
   // Declared last: destroyed (stopped and joined) first.

@@ -1,6 +1,7 @@
 #include "destination_run.h"
 
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <string>
 
@@ -65,6 +66,7 @@ asio::awaitable<void> DestinationRun::run() {
     co_await fail(s);
     co_return;
   }
+  report_end("committed");
   ctx_.fault("dst.before_done");
   Status sent =
       co_await channel_.send(MsgType::kDone, {}, ctx_.peer_deadline());
@@ -85,10 +87,23 @@ asio::awaitable<void> DestinationRun::fail(Status why) {
   staging_.reset();
   slots_.release();
   if (registered_) ctx_.dst_records.remember(id_, Outcome::kAborted);
+  report_end("aborted");
   const std::vector<uint8_t> payload = encode(AbortMsg{why.to_string()});
   Status sent = co_await channel_.send(MsgType::kAbort, payload,
                                        Clock::now() + std::chrono::seconds(1));
   (void)sent;
+}
+
+void DestinationRun::report_end(const char* outcome) const {
+  if (!ctx_.options.on_migration_end) return;
+  MigrationEvent e;
+  e.role = MigrationEvent::Role::kDestination;
+  if (transport_) e.transport = std::string(transport_->name());
+  e.outcome = outcome;
+  e.bytes = std::max({verified_pages_, batched_pages_, installed_pages_}) *
+            page_total_;
+  e.seconds = std::chrono::duration<double>(Clock::now() - t_start_).count();
+  ctx_.options.on_migration_end(e);
 }
 
 Status DestinationRun::check_hello() {
@@ -275,6 +290,7 @@ asio::awaitable<Status> DestinationRun::on_verify(const Frame& frame) {
     }
     return Status();
   });
+  verified_pages_ += v->positions.size();
   if (!checked.ok()) co_return checked;
   co_return co_await channel_.send(MsgType::kVerifyAck, {},
                                    ctx_.peer_deadline());
@@ -301,6 +317,7 @@ asio::awaitable<Status> DestinationRun::on_batch(const Frame& frame) {
     }
     return Status();
   });
+  batched_pages_ += batch->positions.size();
   if (!applied.ok()) co_return applied;
   co_return co_await channel_.send(MsgType::kBatchAck, {},
                                    ctx_.peer_deadline());
@@ -370,6 +387,19 @@ Status DestinationRun::check_tables(const CommitMsg& commit) {
   return Status();
 }
 
+void DestinationRun::note_arrivals(const CommitMsg& commit) {
+  auto& arrivals = ctx_.arrivals;
+  const auto now = Clock::now();
+  for (const LogicalSeq& seq : commit.seqs) arrivals[seq.seq_id] = now;
+  while (arrivals.size() > MigrationContext::kMaxArrivals) {
+    auto oldest = arrivals.begin();
+    for (auto it = arrivals.begin(); it != arrivals.end(); ++it) {
+      if (it->second < oldest->second) oldest = it;
+    }
+    arrivals.erase(oldest);
+  }
+}
+
 asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
   // End the data path (the source flushed every write before COMMIT and
   // posts none after), then install: revoked, or kept for the source's next
@@ -382,6 +412,8 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
   Status installed = ctx_.pager.install_logical_seqs(commit.seqs);
   if (!installed.ok()) co_return installed.with_context("install");
   ctx_.dst_records.remember(id_, Outcome::kCommitted);
+  note_arrivals(commit);
+  installed_pages_ = slots_.size();
   const size_t used = slots_.size() - unused_.size();
   slots_.taken();
   if (!unused_.empty()) {

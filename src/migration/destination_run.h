@@ -74,10 +74,15 @@ class DestinationRun {
   Result<CommitMsg> check_commit(const Frame& frame);
   Status check_tables(const CommitMsg& commit);
   asio::awaitable<Status> install(const CommitMsg& commit);
+  // Records when commit's requests arrived (MigrationContext::arrivals).
+  void note_arrivals(const CommitMsg& commit);
 
-  // Cuts the source off, gives the slots back, remembers the outcome and
-  // tells the source why (best effort).
+  // Cuts the source off, gives the slots back, remembers the outcome,
+  // reports the end and tells the source why (best effort).
   asio::awaitable<void> fail(Status why);
+  // Calls AgentOptions::on_migration_end, before the source learns the
+  // outcome (DONE or ABORT), so an observer sees it first.
+  void report_end(const char* outcome) const;
   Deadline data_deadline() const;
 
   MigrationContext& ctx_;
@@ -95,6 +100,12 @@ class DestinationRun {
   std::vector<bool> verified_;  // checked against VERIFY
   std::vector<PageIndex> unused_;
   std::unique_ptr<StagingBuffer> staging_;
+  // Pages known to have arrived: checked (VERIFY), written from staging
+  // (BATCH), or every slot once committed. Bytes received, for metrics.
+  uint64_t verified_pages_ = 0;
+  uint64_t batched_pages_ = 0;
+  uint64_t installed_pages_ = 0;
+  const Clock::time_point t_start_ = Clock::now();
   // Declared after the lease: the target (revoked by its destructor) goes
   // before the slots are given back, however the run ends.
   std::unique_ptr<TransportTarget> target_;

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -510,6 +511,7 @@ Status SourceRun::enter_in_doubt(const std::vector<SeqId>& ids,
       "(held: {}), asking again in the background",
       tag_, join_ids(ids), hold);
   ctx_.in_doubt.enter(ctx_, {id_, ids, req_.to, hold});
+  outcome_ = "in_doubt";
   return Status::unavailable(
       "migration " + id_ + " is in doubt: no answer from " + req_.to +
       " after COMMIT (" + why.to_string() + "); requests kept (held: " + hold +
@@ -521,6 +523,7 @@ Result<MigrationReport> SourceRun::finish(
     std::vector<std::pair<SeqId, std::string>> digests) {
   // Committed: the requests belong to the destination now, and the data
   // path (flushed before COMMIT) may serve the next migration to it.
+  outcome_ = "committed";
   if (init_) init_->keep();
   if (req_.mode == MigrationMode::kMove) {
     Status dropped = ctx_.pager.drop_logical_seqs(ids);
@@ -531,7 +534,8 @@ Result<MigrationReport> SourceRun::finish(
     }
   }
   Status resumed = pause_.release();
-  const double pause_ms = seconds_since(t_pause_) * 1e3;
+  pause_seconds_ = seconds_since(t_pause_);
+  const double pause_ms = pause_seconds_ * 1e3;
   if (!resumed.ok()) return resumed.with_context("resume");
 
   MigrationReport report;
@@ -555,6 +559,22 @@ Result<MigrationReport> SourceRun::finish(
       tag_, report.pages, bytes_, writes_, report.gbps, report.rounds,
       pause_ms);
   return report;
+}
+
+MigrationEvent SourceRun::ended() const {
+  MigrationEvent e;
+  e.role = MigrationEvent::Role::kSource;
+  e.transport = std::string(transport_.name());
+  e.outcome = outcome_;
+  e.bytes = bytes_;
+  e.seconds = seconds_since(t_start_);
+  // Committed: paused to resumed. Otherwise the pause (if any) ends now, or
+  // lasts on as an in-doubt hold.
+  const bool paused = t_pause_ != Clock::time_point{};
+  e.pause_seconds = pause_seconds_ > 0 ? pause_seconds_
+                    : paused           ? seconds_since(t_pause_)
+                                       : 0;
+  return e;
 }
 
 namespace {
@@ -598,16 +618,11 @@ Result<std::vector<SeqId>> select_requests(MigrationContext& ctx,
   return ids;
 }
 
-}  // namespace
-
-asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
-                                                    MigrateRequest req) {
-  if (ctx.source_busy) {
-    co_return Status::failed_precondition(
-        "a migration from this agent is already running");
-  }
-  ctx.source_busy = true;
-  ScopeExit not_busy([&ctx] { ctx.source_busy = false; });
+// run_source's checks, then the run. transport: the one chosen, once it
+// is known; ended: how the run ended, if one started.
+asio::awaitable<Result<MigrationReport>> checked_run(
+    MigrationContext& ctx, const MigrateRequest& req,
+    std::string& transport_out, std::optional<MigrationEvent>& ended) {
   if (req.live && (req.live_max_rounds == 0)) {
     co_return Status::invalid_argument("live migration needs max rounds >= 1");
   }
@@ -615,6 +630,7 @@ asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
       req.transport.empty() ? ctx.options.transports.front() : req.transport;
   auto transport = ctx.transport_named(transport_name);
   if (!transport.ok()) co_return transport.status();
+  transport_out = transport_name;
   auto ids = select_requests(ctx, req);
   if (!ids.ok()) co_return ids.status();
   if (ids->empty()) {
@@ -626,7 +642,35 @@ asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
         std::to_string(ctx.options.max_seqs_per_migration) + " per migration");
   }
   SourceRun run(ctx, req, **transport, new_migration_id());
-  co_return co_await run.run(std::move(*ids));
+  auto report = co_await run.run(std::move(*ids));
+  ended = run.ended();
+  co_return report;
+}
+
+}  // namespace
+
+asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
+                                                    MigrateRequest req) {
+  const Clock::time_point t0 = Clock::now();
+  std::string transport;
+  std::optional<MigrationEvent> ended;
+  Result<MigrationReport> result = Status::failed_precondition(
+      "a migration from this agent is already running");
+  if (!ctx.source_busy) {
+    ctx.source_busy = true;
+    ScopeExit not_busy([&ctx] { ctx.source_busy = false; });
+    result = co_await checked_run(ctx, req, transport, ended);
+  }
+  // Exactly once per migration asked for, refusals included.
+  if (ctx.options.on_migration_end) {
+    MigrationEvent refused;
+    refused.role = MigrationEvent::Role::kSource;
+    refused.transport = transport;
+    refused.outcome = "aborted";
+    refused.seconds = seconds_since(t0);
+    ctx.options.on_migration_end(ended ? *ended : refused);
+  }
+  co_return result;
 }
 
 }  // namespace kvmig

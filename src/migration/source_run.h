@@ -61,6 +61,9 @@ class SourceRun {
 
   // Moves (or copies) ids, every one live and not in doubt.
   asio::awaitable<Result<MigrationReport>> run(std::vector<SeqId> ids);
+  // How the run ended, for AgentOptions::on_migration_end: "committed",
+  // "in_doubt", or else "aborted". Call after run().
+  MigrationEvent ended() const;
 
  private:
   Deadline deadline() const { return ctx_.peer_deadline(); }
@@ -128,7 +131,9 @@ class SourceRun {
   std::unique_ptr<StagingBuffer> src_staging_;
 
   Clock::time_point t_start_ = Clock::now();
-  Clock::time_point t_pause_;
+  Clock::time_point t_pause_;  // the epoch until the engine pauses
+  double pause_seconds_ = 0;   // once resumed after a commit
+  const char* outcome_ = "aborted";
   double data_seconds_ = 0;
   uint64_t bytes_ = 0, writes_ = 0;
   bool mid_fault_done_ = false;

@@ -144,6 +144,7 @@ std::vector<uint8_t> encode(const AgentStatus& m) {
     w.put(s.tokens);
     w.put(s.pages);
     w.put_string(s.digest);
+    w.put(s.arrived_ms_ago);
   }
   w.put(static_cast<uint32_t>(m.transports.size()));
   for (const auto& t : m.transports) w.put_string(t);
@@ -154,6 +155,12 @@ std::vector<uint8_t> encode(const AgentStatus& m) {
     w.put_string(d.to);
     w.put_string(d.hold);
   }
+  w.put(static_cast<uint32_t>(m.shared_groups.size()));
+  for (const auto& g : m.shared_groups) {
+    put_ids(w, g.seqs);
+    w.put(g.pages);
+  }
+  w.put(m.control_connections);
   return w.take();
 }
 
@@ -166,13 +173,15 @@ Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
         KVMIG_ASSIGN_OR_RETURN(m.capacity_pages, r.get<uint64_t>("capacity"));
         KVMIG_ASSIGN_OR_RETURN(m.free_pages, r.get<uint64_t>("free pages"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t n,
-                               get_count(r, l.max_seqs, 24, "seq count"));
+                               get_count(r, l.max_seqs, 32, "seq count"));
         m.seqs.resize(n);
         for (SeqStatus& s : m.seqs) {
           KVMIG_ASSIGN_OR_RETURN(s.id, r.get<uint64_t>("seq id"));
           KVMIG_ASSIGN_OR_RETURN(s.tokens, r.get<uint64_t>("seq tokens"));
           KVMIG_ASSIGN_OR_RETURN(s.pages, r.get<uint32_t>("seq pages"));
           KVMIG_ASSIGN_OR_RETURN(s.digest, r.get_string(64, "seq digest"));
+          KVMIG_ASSIGN_OR_RETURN(s.arrived_ms_ago,
+                                 r.get<int64_t>("seq arrival"));
         }
         KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
                                get_count(r, 8, 4, "transport count"));
@@ -190,6 +199,15 @@ Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
           KVMIG_ASSIGN_OR_RETURN(d.to, r.get_string(l.max_string, "peer"));
           KVMIG_ASSIGN_OR_RETURN(d.hold, r.get_string(16, "hold"));
         }
+        KVMIG_ASSIGN_OR_RETURN(
+            uint32_t ng, get_count(r, l.max_seqs, 12, "shared group count"));
+        m.shared_groups.resize(ng);
+        for (auto& g : m.shared_groups) {
+          KVMIG_ASSIGN_OR_RETURN(g.seqs, get_ids(r, l));
+          KVMIG_ASSIGN_OR_RETURN(g.pages, r.get<uint64_t>("group pages"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(m.control_connections,
+                               r.get<uint32_t>("control connections"));
         return m;
       });
 }

@@ -6,9 +6,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -460,6 +462,57 @@ TEST(EmbedExample, CallsOnANonServingAgentFailAtOnce) {
   (*agent)->stop();
   EXPECT_EQ((*agent)->status().status().code(),
             StatusCode::kFailedPrecondition);
+}
+
+// A pager whose logical_seqs() blocks, once armed, until released: a slow
+// engine.
+class BlockingPager final : public testing::ForwardingPager {
+ public:
+  using ForwardingPager::ForwardingPager;
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    if (armed) {
+      std::unique_lock lock(mu);
+      entered = true;
+      cv.notify_all();
+      cv.wait(lock, [this] { return released; });
+    }
+    return ForwardingPager::logical_seqs();
+  }
+  void release() {
+    std::lock_guard lock(mu);
+    released = true;
+    cv.notify_all();
+  }
+  std::atomic<bool> armed{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  bool entered = false;   // mu
+  bool released = false;  // mu
+};
+
+TEST(EmbedExample, StopEndsACallThatIsWaitingOnTheAgent) {
+  auto cache = make_cache(PoolLayout::kPage, 16);
+  ASSERT_TRUE(cache);
+  ASSERT_OK(cache->populate(1, 20, 1));
+  BlockingPager pager(*cache);
+  auto agent = start_agent(pager, AgentOptions{});
+  ASSERT_TRUE(agent);
+  pager.armed = true;
+  Status seen;
+  std::thread caller(
+      [&] { seen = agent->status({.digests = false}).status(); });
+  {
+    std::unique_lock lock(pager.mu);
+    ASSERT_TRUE(pager.cv.wait_for(lock, std::chrono::seconds(10),
+                                  [&] { return pager.entered; }));
+  }
+  // The call is inside the pager; stop() must end it, not leave it waiting
+  // until the agent is destroyed.
+  agent->stop();
+  caller.join();
+  EXPECT_EQ(seen.code(), StatusCode::kAborted) << seen.to_string();
+  EXPECT_EQ(agent->status().status().code(), StatusCode::kFailedPrecondition);
+  pager.release();
 }
 
 // A pager whose logical_seqs() calls back into its own agent once armed, as
