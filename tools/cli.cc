@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -14,41 +15,23 @@
 #include <vector>
 
 #include "auth.h"
+#include "cli_errors.h"
+#include "cluster_cli.h"
 #include "flags.h"
 #include "host_port.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
+#include "metrics.h"
 #include "perf.h"
 #include "perf_server.h"
 #include "report_json.h"
+#include "scope_exit.h"
 #include "signals.h"
 #include "synthetic_pager.h"
 #include "text.h"
 
 namespace kvmig {
 namespace {
-
-// A failed operation: exit status 1.
-int fail(const Status& s, bool as_json) {
-  if (as_json) {
-    std::cout << json_text(error_json(s)) << "\n";
-  } else {
-    std::cerr << "kvmig: " << s.to_string() << "\n";
-  }
-  return 1;
-}
-
-// A usage error found after parsing (CLI11 reports its own): exit status 2,
-// reported as fail() does.
-int usage_error(const Status& s, bool as_json) {
-  if (as_json) {
-    std::cout << json_text(error_json(s)) << "\n";
-  } else {
-    std::cerr << "kvmig: " << s.to_string()
-              << "\nRun with --help for more information.\n";
-  }
-  return 2;
-}
 
 // "SEQS:TOKENS", e.g. "8:1000": decimal digits only, 0 <= SEQS <= 10^6,
 // TOKENS >= 1. InvalidArgument "'TEXT': expected ..." otherwise.
@@ -205,6 +188,8 @@ struct ServeFlags {
   std::string secret_file;
   bool insecure = false;
   bool allow_perf = false;
+  std::string metrics_listen;  // empty: no metrics
+  ServeEtcdFlags etcd;
 };
 
 void add_limit_flags(CLI::App* serve, LimitFlags& limits) {
@@ -260,6 +245,16 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
   serve->add_flag("--allow-perf", f.allow_perf,
                   "also serve kvmig perf clients (each session builds a "
                   "cache of the client's shape; off unless asked)");
+  serve
+      ->add_option("--metrics-listen", f.metrics_listen,
+                   "HOST:PORT serving Prometheus text at /metrics (port 0: "
+                   "any); off unless given; loopback unless --insecure")
+      ->check(CLI::Validator(
+          [](std::string& text) {
+            return check_metrics_listen(text).message();
+          },
+          "HOST:PORT"));
+  add_serve_etcd_flags(serve, f.etcd);
   return serve;
 }
 
@@ -294,6 +289,8 @@ int run_serve(const ServeFlags& f) {
   options.listen_port = hp->port;
   options.secret = copts.secret;
   options.fault_hook = *hook;
+  auto metrics = AgentMetrics::create();
+  if (!f.metrics_listen.empty()) metrics->observe(options);
 
   block_stop_signals();
 
@@ -301,20 +298,54 @@ int run_serve(const ServeFlags& f) {
   if (!agent.ok()) return fail(agent.status(), false);
   if (f.allow_perf) enable_perf_sessions(**agent);
   if (f.decode_rate > 0) (*pager)->start_decoding(f.decode_rate);
+  // Serving before registering: the registration reads the agent's status.
+  if (Status s = (*agent)->start(); !s.ok()) return fail(s, false);
+  // kvmig_etcd_registered reads the registration, once there is one; the
+  // registration outlives every scrape (metrics stop first).
+  std::atomic<Registration*> registered{nullptr};
+  // Stopped before the agent goes, however run_serve ends.
+  ScopeExit stop_metrics([&metrics] { metrics->stop(); });
+  if (!f.metrics_listen.empty()) {
+    Status s =
+        metrics->serve(**agent, f.metrics_listen, f.insecure, [&registered] {
+          Registration* r = registered.load();
+          return r != nullptr && r->registered();
+        });
+    if (!s.ok()) {
+      (*agent)->stop();
+      return fail(s, false);
+    }
+  }
   std::cout << "kvmig agent listening on " << (*agent)->address() << std::endl;
+  if (!f.metrics_listen.empty()) {
+    std::cout << "kvmig metrics on http://" << metrics->address() << "/metrics"
+              << std::endl;
+  }
+  auto registration = start_registration(**agent, f.etcd);
+  if (!registration.ok()) {
+    (*agent)->stop();
+    return registration.status().code() == StatusCode::kInvalidArgument
+               ? usage_error(registration.status(), false)
+               : fail(registration.status(), false);
+  }
+  registered = registration->get();
 
-  Status ran = run_until_signal(**agent);
+  while (!wait_for_stop_signal(std::chrono::hours(24))) {
+  }
+  logger("engine")->info("stopping");
+  if (*registration) (*registration)->stop();
+  metrics->stop();  // first: no scrape waits on a stopping agent
+  (*agent)->stop();
   (*pager)->stop_decoding();
   agent->reset();
-  if (!ran.ok()) return fail(ran, false);
   return 0;
 }
 
 // ---- status ----
 
-int cmd_status(const std::string& agent, bool as_json,
+int cmd_status(const std::string& agent, bool as_json, bool digests,
                const ClientOptions& copts) {
-  auto st = query_status(agent, copts);
+  auto st = query_status(agent, copts, {.digests = digests});
   if (!st.ok()) return fail(st.status(), as_json);
   if (as_json) {
     std::cout << json_text(status_json(*st)) << "\n";
@@ -325,7 +356,9 @@ int cmd_status(const std::string& agent, bool as_json,
             << st->seqs.size() << " requests\n";
   for (const SeqStatus& s : st->seqs) {
     std::cout << "  seq " << s.id << ": " << s.tokens << " tokens, " << s.pages
-              << " pages, digest " << s.digest << "\n";
+              << " pages";
+    if (digests) std::cout << ", digest " << s.digest;
+    std::cout << "\n";
   }
   for (const auto& d : st->in_doubt) {
     std::cout << "  in doubt: migration " << d.migration_id << " to " << d.to
@@ -339,6 +372,7 @@ int cmd_status(const std::string& agent, bool as_json,
 struct StatusFlags {
   std::string agent;
   bool as_json = false;
+  bool digests = false;
   std::string secret_file;
 };
 
@@ -346,6 +380,9 @@ CLI::App* add_status_command(CLI::App& app, StatusFlags& f) {
   auto* status = app.add_subcommand("status", "print an agent's requests");
   status->add_option("--agent", f.agent, "HOST:PORT")->required();
   status->add_flag("--json", f.as_json, "print JSON");
+  status->add_flag("--digests", f.digests,
+                   "each request's digest (reads every page: pauses the "
+                   "engine for the read)");
   add_secret_flag(status, f.secret_file);
   return status;
 }
@@ -355,7 +392,7 @@ int run_status(const StatusFlags& f) {
   if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
     return fail(s, f.as_json);
   }
-  return cmd_status(f.agent, f.as_json, copts);
+  return cmd_status(f.agent, f.as_json, f.digests, copts);
 }
 
 // ---- migrate ----
@@ -614,6 +651,8 @@ int run_cli(int argc, char** argv) {
       "perf", "point-to-point benchmark: --server, or a client of HOST:PORT");
   PerfFlags perf_flags;
   add_perf_flags(perf, perf_flags);
+  ClusterFlags cluster_flags;
+  add_cluster_commands(app, cluster_flags);
 
   try {
     app.parse(argc, argv);
@@ -626,6 +665,7 @@ int run_cli(int argc, char** argv) {
   if (*status) return run_status(status_flags);
   if (*migrate) return run_migrate(migrate_flags);
   if (*snapshot) return run_snapshot(snapshot_flags);
+  if (auto status = run_cluster_command(cluster_flags)) return *status;
   return 2;
 }
 

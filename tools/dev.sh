@@ -19,7 +19,8 @@ PACKAGES="meson ninja-build g++ pkg-config python3 libboost-dev libspdlog-dev
   libfmt-dev libxxhash-dev libssl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev clang-format libibverbs-dev ibverbs-providers
   python3-dev pybind11-dev python3-numpy python3-torch python3-pytest
-  python3-mesonpy python3-build python3-venv"
+  python3-mesonpy python3-build python3-venv etcd-server etcd-client
+  prometheus-cpp-dev prometheus"
 
 deps() {
   local missing=()
@@ -77,10 +78,10 @@ demo() {
   DEMO_PIDS+=("$p2")
   echo "== source agent $src (llama3-8b, layer layout), destination $dst (page layout)"
   "$k" status --agent "$src"
-  "$k" status --agent "$src" --json >"$tmp/before.json"
+  "$k" status --agent "$src" --json --digests >"$tmp/before.json"
   echo "== kvmig migrate --agent $src --to $dst --all"
   "$k" migrate --agent "$src" --to "$dst" --all
-  "$k" status --agent "$dst" --json >"$tmp/after.json"
+  "$k" status --agent "$dst" --json --digests >"$tmp/after.json"
   echo "== destination now"
   "$k" status --agent "$dst"
   python3 - "$tmp/before.json" "$tmp/after.json" <<'PY'

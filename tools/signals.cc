@@ -3,6 +3,8 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <cerrno>
+#include <ctime>
 #include <thread>
 
 #include "log.h"
@@ -38,6 +40,18 @@ Status run_until_signal(Agent& agent) {
   pthread_kill(waiter.native_handle(), SIGTERM);
   waiter.join();
   return ran;
+}
+
+bool wait_for_stop_signal(std::chrono::milliseconds timeout) {
+  sigset_t set = stop_signals();
+  const auto s = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+  timespec ts{static_cast<time_t>(s.count()),
+              static_cast<long>((timeout - s).count() * 1'000'000)};
+  for (;;) {
+    const int sig = sigtimedwait(&set, nullptr, &ts);
+    if (sig > 0) return true;
+    if (errno != EINTR) return false;  // EAGAIN: the timeout passed
+  }
 }
 
 }  // namespace kvmig

@@ -2,6 +2,8 @@
 #ifndef KVMIG_TOOLS_SIGNALS_H_
 #define KVMIG_TOOLS_SIGNALS_H_
 
+#include <chrono>
+
 #include "kvmig/agent.h"
 #include "kvmig/status.h"
 
@@ -15,6 +17,9 @@ void block_stop_signals();
 // Serves `agent` on the calling thread until SIGINT or SIGTERM arrives (then
 // stops it cleanly) or something else calls agent.stop().
 Status run_until_signal(Agent& agent);
+// After block_stop_signals(): waits up to `timeout` for SIGINT or SIGTERM;
+// true when one arrived.
+bool wait_for_stop_signal(std::chrono::milliseconds timeout);
 
 }  // namespace kvmig
 

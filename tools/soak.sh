@@ -80,7 +80,7 @@ def cli(*args, ok=True):
     return r
 
 def status(a):
-    return json.loads(cli("status", "--agent", a["addr"], "--json").stdout)
+    return json.loads(cli("status", "--agent", a["addr"], "--json", "--digests").stdout)
 
 def migrate(src, dst, ids, *extra):
     r = cli("migrate", "--agent", src["addr"], "--to", dst["addr"], "--seqs",

@@ -3,6 +3,7 @@
 #define KVMIG_KVMIG_H_
 
 #include "kvmig/agent.h"
+#include "kvmig/cluster.h"
 #include "kvmig/digest.h"
 #include "kvmig/pager.h"
 #include "kvmig/snapshot.h"

@@ -20,11 +20,11 @@
 
 namespace kvmig::testing {
 
-// `kvmig status --json` of agent. A failed call is reported and gives an
-// object with no requests, free_pages -1 and nothing in doubt, so later
+// `kvmig status --json --digests` of agent. A failed call is reported and gives
+// an object with no requests, free_pages -1 and nothing in doubt, so later
 // lookups stay safe.
 inline nlohmann::json status_of(const std::string& agent) {
-  CliResult r = run_kvmig({"status", "--agent", agent, "--json"});
+  CliResult r = run_kvmig({"status", "--agent", agent, "--json", "--digests"});
   EXPECT_EQ(r.code, 0) << agent << ": " << r.out << r.err;
   nlohmann::json j = nlohmann::json::parse(r.out, nullptr, false);
   if (!j.is_object() || !j.contains("seqs")) {

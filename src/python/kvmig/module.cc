@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "auth.h"
+#include "cluster_json.h"
 #include "host_port.h"
+#include "kvmig/cluster.h"
 #include "kvmig/kvmig.h"
 #include "py_pager.h"
 #include "report_json.h"
@@ -237,10 +239,10 @@ class PyClient {
     options_.timeout = std::chrono::milliseconds(timeout_ms);
   }
 
-  py::object status() {
+  py::object status(bool digests) {
     Result<AgentStatus> st = [&] {
       py::gil_scoped_release release;
-      return query_status(address_, options_);
+      return query_status(address_, options_, {.digests = digests});
     }();
     return to_python(status_json(value_or_raise(std::move(st))));
   }
@@ -267,6 +269,67 @@ class PyClient {
  private:
   std::string address_;
   ClientOptions options_;
+};
+
+// f() with the GIL released.
+template <typename F>
+auto release_gil(F f) {
+  py::gil_scoped_release release;
+  return f();
+}
+
+// kvmig.Cluster: the agents registered in etcd, drain and rebalance
+// (include/kvmig/cluster.h); reports are the dicts of `kvmig agents|drain|
+// rebalance --json`.
+class PyCluster {
+ public:
+  PyCluster(std::vector<std::string> etcd, std::string prefix,
+            const std::optional<std::string>& secret_file,
+            int64_t etcd_timeout_ms, int64_t timeout_ms) {
+    ClusterOptions options;
+    options.etcd.endpoints = std::move(etcd);
+    options.etcd.prefix = std::move(prefix);
+    options.etcd.timeout = std::chrono::milliseconds(etcd_timeout_ms);
+    options.agent_client.secret = secret_from(secret_file);
+    options.agent_client.timeout = std::chrono::milliseconds(timeout_ms);
+    cluster_ = value_or_raise(Cluster::connect(std::move(options)));
+  }
+
+  py::object agents() {
+    auto list = release_gil([&] { return cluster_->agents(); });
+    return to_python(agents_json(value_or_raise(std::move(list))));
+  }
+
+  void set_draining(const std::string& name, bool draining) {
+    ok_or_raise(
+        release_gil([&] { return cluster_->set_draining(name, draining); }));
+  }
+
+  py::object drain(const std::string& name, bool live,
+                   const std::string& transport) {
+    DrainOptions options;
+    options.live = live;
+    options.transport = transport;
+    auto report = release_gil([&] { return cluster_->drain(name, options); });
+    return to_python(drain_json(value_or_raise(std::move(report))));
+  }
+
+  py::object rebalance_once(double threshold, bool live,
+                            const std::string& transport, uint32_t max_moves,
+                            int64_t settle_ms) {
+    RebalanceOptions options;
+    options.settle = std::chrono::milliseconds(settle_ms);
+    options.threshold = threshold;
+    options.live = live;
+    options.transport = transport;
+    options.max_moves = max_moves;
+    auto report =
+        release_gil([&] { return cluster_->rebalance_once(options); });
+    return to_python(rebalance_json(value_or_raise(std::move(report))));
+  }
+
+ private:
+  std::unique_ptr<Cluster> cluster_;
 };
 
 Dtype dtype_or_raise(const std::string& name) {
@@ -447,12 +510,33 @@ PYBIND11_MODULE(_kvmig, m) {
            py::arg("address"), py::kw_only(),
            py::arg("secret_file") = py::none(), py::arg("timeout_ms") = 60'000)
       .def_property_readonly("address", &PyClient::address)
-      .def("status", &PyClient::status)
+      .def("status", &PyClient::status, py::kw_only(),
+           py::arg("digests") = true)
       .def("migrate", migrate_method<PyClient>(), KVMIG_MIGRATE_KWARGS)
       .def("snapshot", &PyClient::snapshot, py::arg("path"), py::kw_only(),
            py::arg("load") = false,
            "the agent captures its cache to path (load: restores it), a "
            "file on the agent's host");
+
+  py::class_<PyCluster>(m, "Cluster")
+      .def(py::init<std::vector<std::string>, std::string,
+                    const std::optional<std::string>&, int64_t, int64_t>(),
+           py::kw_only(), py::arg("etcd"), py::arg("prefix") = "/kvmig",
+           py::arg("secret_file") = py::none(),
+           py::arg("etcd_timeout_ms") = 2'000, py::arg("timeout_ms") = 600'000)
+      .def("agents", &PyCluster::agents,
+           "every registered agent: the dict of `kvmig agents --json`")
+      .def("set_draining", &PyCluster::set_draining, py::arg("name"),
+           py::arg("draining") = true)
+      .def("drain", &PyCluster::drain, py::arg("name"), py::kw_only(),
+           py::arg("live") = false, py::arg("transport") = "",
+           "moves every request off the agent: the dict of `kvmig drain "
+           "--json`")
+      .def("rebalance_once", &PyCluster::rebalance_once, py::kw_only(),
+           py::arg("threshold") = 0.2, py::arg("live") = true,
+           py::arg("transport") = "", py::arg("max_moves") = 16,
+           py::arg("settle_ms") = 30'000,
+           "one pass: the dict of `kvmig rebalance --once --json`");
 
   py::module_::import("atexit").attr("register")(
       py::cpp_function([] { PyAgent::close_all(); }));
