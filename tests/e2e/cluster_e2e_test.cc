@@ -82,8 +82,19 @@ class ClusterE2E : public ::testing::Test {
     return out;
   }
 
+  // For the rebalance cases: 80 of 100 pages used at "hot" (16 requests of
+  // 5 pages), two idle agents of 100.
+  void start_hot_and_idle() {
+    hot_ = agent("hot", {"--capacity-pages", "100", "--populate", "16:80"});
+    c1_ = agent("c1", {"--capacity-pages", "100"});
+    c2_ = agent("c2", {"--capacity-pages", "100"});
+    ASSERT_TRUE(hot_ && c1_ && c2_);
+    ASSERT_TRUE(eventually([&] { return agents().size() == 3; }, seconds(10)));
+  }
+
   std::unique_ptr<EtcdServer> etcd_;
   std::string prefix_;
+  std::unique_ptr<AgentProcess> hot_, c1_, c2_;
 };
 
 // Every request id -> (agent, digest) over the given agents, failing on a
@@ -342,13 +353,8 @@ TEST_F(ClusterE2E, DrainSkipsADestinationThatDiesMidMove) {
 }
 
 TEST_F(ClusterE2E, TwoRebalancersAtOnceNeverMoveARequestTwice) {
-  // 80 of 100 pages used at "hot"; two idle agents.
-  auto hot = agent("hot", {"--capacity-pages", "100", "--populate", "16:80"});
-  auto c1 = agent("c1", {"--capacity-pages", "100"});
-  auto c2 = agent("c2", {"--capacity-pages", "100"});
-  ASSERT_TRUE(hot && c1 && c2);
-  ASSERT_TRUE(eventually([&] { return agents().size() == 3; }, seconds(10)));
-  const auto before = where({hot.get(), c1.get(), c2.get()});
+  ASSERT_NO_FATAL_FAILURE(start_hot_and_idle());
+  const auto before = where({hot_.get(), c1_.get(), c2_.get()});
   ASSERT_EQ(before.size(), 16u);
 
   auto rebalancer = [&] {
@@ -387,7 +393,7 @@ TEST_F(ClusterE2E, TwoRebalancersAtOnceNeverMoveARequestTwice) {
   // The two passes together moved each request at most once.
   EXPECT_GE(moved, 1u);
   EXPECT_EQ(moved, path.size());
-  const auto after = where({hot.get(), c1.get(), c2.get()});
+  const auto after = where({hot_.get(), c1_.get(), c2_.get()});
   EXPECT_EQ(digests_only(after), digests_only(before));
 
   // Until balanced; then passes move nothing.
@@ -402,25 +408,21 @@ TEST_F(ClusterE2E, TwoRebalancersAtOnceNeverMoveARequestTwice) {
     follow(report);
   }
   EXPECT_EQ(last_moves, 0u) << "a pass that moves nothing";
-  EXPECT_EQ(digests_only(where({hot.get(), c1.get(), c2.get()})),
+  EXPECT_EQ(digests_only(where({hot_.get(), c1_.get(), c2_.get()})),
             digests_only(before));
   // Every request moved at most once in all passes (hysteresis: what just
   // arrived stays), the hot agent is no longer the hot one, and no page
   // was lost or duplicated.
   for (const auto& [id, p] : path) EXPECT_EQ(p.size(), 2u) << id;
-  const json hot_now = status_of(hot->address());
-  const json c2_now = status_of(c2->address());
+  const json hot_now = status_of(hot_->address());
+  const json c2_now = status_of(c2_->address());
   EXPECT_GE(hot_now["free_pages"].get<int>(), 60) << "load at most 0.4";
   EXPECT_GT(c2_now["seqs"].size(), 0u) << "both idle agents took some";
 }
 
 TEST_F(ClusterE2E, RebalanceWithSettleZeroKeepsBalancingAndConverges) {
-  auto hot = agent("hot", {"--capacity-pages", "100", "--populate", "16:80"});
-  auto c1 = agent("c1", {"--capacity-pages", "100"});
-  auto c2 = agent("c2", {"--capacity-pages", "100"});
-  ASSERT_TRUE(hot && c1 && c2);
-  ASSERT_TRUE(eventually([&] { return agents().size() == 3; }, seconds(10)));
-  const auto before = where({hot.get(), c1.get(), c2.get()});
+  ASSERT_NO_FATAL_FAILURE(start_hot_and_idle());
+  const auto before = where({hot_.get(), c1_.get(), c2_.get()});
   size_t last_moves = 1;
   int passes = 0;
   for (; passes < 8 && last_moves > 0; ++passes) {
@@ -432,10 +434,10 @@ TEST_F(ClusterE2E, RebalanceWithSettleZeroKeepsBalancingAndConverges) {
     last_moves = report["moves"].size();
   }
   EXPECT_EQ(last_moves, 0u) << "converged in " << passes << " passes";
-  EXPECT_EQ(digests_only(where({hot.get(), c1.get(), c2.get()})),
+  EXPECT_EQ(digests_only(where({hot_.get(), c1_.get(), c2_.get()})),
             digests_only(before));
   double lo = 1, hi = 0;
-  for (AgentProcess* a : {hot.get(), c1.get(), c2.get()}) {
+  for (AgentProcess* a : {hot_.get(), c1_.get(), c2_.get()}) {
     json st = status_of(a->address());
     const double load = 1.0 - st["free_pages"].get<double>() / 100.0;
     lo = std::min(lo, load);
