@@ -360,6 +360,12 @@ int cmd_status(const std::string& agent, bool as_json, bool digests,
     if (digests) std::cout << ", digest " << s.digest;
     std::cout << "\n";
   }
+  for (const auto& m : st->migrations) {
+    std::cout << "  migrating (" << m.role << "): " << m.migration_id
+              << (m.role == "source" ? " to " : " from ") << m.peer << ", "
+              << m.phase << " (round " << m.round << "), " << m.bytes
+              << " bytes in " << m.seconds << " s\n";
+  }
   for (const auto& d : st->in_doubt) {
     std::cout << "  in doubt: migration " << d.migration_id << " to " << d.to
               << ", requests";

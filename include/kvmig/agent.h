@@ -170,6 +170,21 @@ struct AgentStatus {
   std::vector<SharedGroup> shared_groups;
   // Control connections open now (schedulers, peers, queries).
   uint32_t control_connections = 0;
+  // Migrations under way here, either role.
+  struct Migration {
+    std::string migration_id;
+    std::string role;  // "source" or "destination"
+    std::string peer;  // source: the destination asked; else the source
+    // "connect", "offer", "data", "verify", "commit" (source: COMMIT sent,
+    // waiting for DONE), "install" (destination).
+    std::string phase;
+    uint32_t round = 0;       // live rounds started (1: the first)
+    std::vector<SeqId> seqs;  // source: the requests; destination: empty
+    std::string transport;
+    uint64_t bytes = 0;  // source: payload bytes posted to the transport so far
+    double seconds = 0;  // since it started
+  };
+  std::vector<Migration> migrations;
 };
 
 struct StatusOptions {

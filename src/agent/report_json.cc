@@ -34,10 +34,23 @@ json status_json(const AgentStatus& st) {
   for (const auto& g : st.shared_groups) {
     groups.push_back({{"seqs", g.seqs}, {"pages", g.pages}});
   }
+  json migrations = json::array();
+  for (const auto& m : st.migrations) {
+    migrations.push_back({{"migration_id", m.migration_id},
+                          {"role", m.role},
+                          {"peer", m.peer},
+                          {"phase", m.phase},
+                          {"round", m.round},
+                          {"seqs", m.seqs},
+                          {"transport", m.transport},
+                          {"bytes", m.bytes},
+                          {"seconds", m.seconds}});
+  }
   return {{"meta", meta_json(st.meta)},
           {"capacity_pages", st.capacity_pages},
           {"free_pages", st.free_pages},
           {"seqs", seqs},
+          {"migrations", migrations},
           {"transports", st.transports},
           {"in_doubt", in_doubt},
           {"shared_groups", groups},

@@ -105,6 +105,19 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
     still_here.insert(*it);
   }
   ctx.arrivals = std::move(still_here);
+  for (const auto& [key, m] : ctx.active) {
+    AgentStatus::Migration out;
+    out.migration_id = m->id;
+    out.role = m->source ? "source" : "destination";
+    out.peer = m->peer;
+    out.phase = m->phase;
+    out.round = m->round;
+    out.seqs = m->seqs;
+    out.transport = m->transport;
+    out.bytes = m->bytes.load(std::memory_order_relaxed);
+    out.seconds = std::chrono::duration<double>(now - m->started).count();
+    st.migrations.push_back(std::move(out));
+  }
   if (auto cap = ctx.pager.capacity()) {
     st.capacity_pages = cap->capacity_pages;
     st.free_pages = cap->free_pages;

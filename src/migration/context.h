@@ -35,6 +35,22 @@
 
 namespace kvmig {
 
+// A migration under way, as status lists it (AgentStatus::migrations):
+// owned by its run, listed in MigrationContext::active while an
+// ActiveListing of it lives. Members are the io thread's, but bytes, which
+// the data pool adds to.
+struct ActiveMigration {
+  std::string id;
+  bool source = true;
+  std::string peer;
+  std::vector<SeqId> seqs;  // source: the requests; destination: none
+  std::string transport;
+  const char* phase = "connect";
+  uint32_t round = 0;
+  std::atomic<uint64_t> bytes{0};  // source: payload bytes posted so far
+  Clock::time_point started = Clock::now();
+};
+
 class MigrationContext {
  public:
   MigrationContext(CachePager& pager, AgentOptions options);
@@ -84,10 +100,28 @@ class MigrationContext {
   // most kMaxArrivals are kept (the oldest go first).
   static constexpr size_t kMaxArrivals = 1u << 16;
   std::unordered_map<SeqId, Clock::time_point> arrivals;
+  // Migrations under way, by id and role (io thread).
+  std::map<std::pair<std::string, bool>, const ActiveMigration*> active;
   std::atomic<bool> stopping{false};
   asio::io_context io{1};
   // Declared last: destroyed (stopped and joined) first.
   asio::thread_pool data_pool{2};
+};
+
+// Lists an ActiveMigration in ctx.active for its own lifetime (io thread).
+class ActiveListing {
+ public:
+  ActiveListing(MigrationContext& ctx, const ActiveMigration& m)
+      : ctx_(ctx), key_(m.id, m.source) {
+    ctx_.active[key_] = &m;
+  }
+  ~ActiveListing() { ctx_.active.erase(key_); }
+  ActiveListing(const ActiveListing&) = delete;
+  ActiveListing& operator=(const ActiveListing&) = delete;
+
+ private:
+  MigrationContext& ctx_;
+  const std::pair<std::string, bool> key_;
 };
 
 }  // namespace kvmig

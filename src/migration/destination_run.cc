@@ -46,7 +46,14 @@ DestinationRun::DestinationRun(MigrationContext& ctx, FrameChannel& channel,
       tag_(migration_tag(id_, "<-", channel.peer())),
       meta_(ctx.pager.meta()),
       page_total_(2 * meta_.page_bytes()),
-      slots_(ctx.pager, tag_) {}
+      slots_(ctx.pager, tag_) {
+  progress_.id = id_;
+  progress_.source = false;
+  progress_.peer = channel.peer();
+  progress_.phase = "offer";
+  progress_.round = 1;
+  listing_.emplace(ctx_, progress_);
+}
 
 asio::awaitable<void> DestinationRun::run() {
   Status s = check_hello();
@@ -56,7 +63,9 @@ asio::awaitable<void> DestinationRun::run() {
     co_await fail(s);
     co_return;
   }
+  progress_.phase = "data";
   auto commit_frame = co_await receive_until_commit();
+  progress_.phase = "install";
   Result<CommitMsg> commit = commit_frame.ok()
                                  ? check_commit(*commit_frame)
                                  : Result<CommitMsg>(commit_frame.status());
@@ -170,6 +179,7 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
   // Where the source writes: the pager's own memory, or a staging buffer.
   OfferMsg offer;
   offer.transport = std::string(transport_->name());
+  progress_.transport = offer.transport;
   offer.slots = slots_.slots();
   std::vector<std::span<std::byte>> regions;
   if (ctx_.layout) {
@@ -248,6 +258,7 @@ asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
   // A live round: more slots, appended to the positions.
   auto round = decode_round(frame.payload);
   if (!round.ok()) co_return round.status();
+  progress_.round++;
   const uint32_t limit = ctx_.options.max_pages_per_migration;
   if (round->n_pages == 0 || round->n_pages > limit - slots_.size()) {
     co_return Status::resource_exhausted(

@@ -7,6 +7,7 @@
 #define KVMIG_SRC_MIGRATION_DESTINATION_RUN_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,9 @@ class DestinationRun {
   // Declared after the lease: the target (revoked by its destructor) goes
   // before the slots are given back, however the run ends.
   std::unique_ptr<TransportTarget> target_;
+  // What status lists while the run lives.
+  ActiveMigration progress_;
+  std::optional<ActiveListing> listing_;
 };
 
 }  // namespace kvmig

@@ -59,7 +59,12 @@ SourceRun::SourceRun(MigrationContext& ctx, const MigrateRequest& req,
       meta_(ctx.pager.meta()),
       page_total_(2 * meta_.page_bytes()),
       precopy_(meta_.page_size_tokens),
-      pause_(ctx.pager) {}
+      pause_(ctx.pager) {
+  progress_.id = id_;
+  progress_.peer = req.to;
+  progress_.transport = std::string(transport.name());
+  listing_.emplace(ctx_, progress_);
+}
 
 asio::awaitable<void> SourceRun::abort_peer(const Status& why) {
   if (!channel_) co_return;
@@ -121,6 +126,7 @@ asio::awaitable<Status> SourceRun::pause_engine() {
 asio::awaitable<Result<MigrationReport>> SourceRun::run(
     std::vector<SeqId> ids) {
   moving_ = std::move(ids);
+  progress_.seqs = moving_;
   auto connected = co_await connect_channel(
       req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
   if (!connected.ok()) co_return connected.status().with_context("destination");
@@ -207,6 +213,7 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
 
   // Slots for the new pages: OFFER on the first round, ROUND_OFFER later.
   const auto n_new = static_cast<uint32_t>(round.new_pages.size());
+  progress_.round++;
   Result<std::vector<PageIndex>> new_slots = std::vector<PageIndex>{};
   if (first) {
     new_slots = co_await hello_and_offer(n_new);
@@ -230,6 +237,7 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
 
 asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
     uint32_t n_pages) {
+  progress_.phase = "offer";
   init_ = nullptr;
   auto initiator = transport_.create_initiator_for(req_.to);
   if (!initiator.ok()) co_return initiator.status();
@@ -321,13 +329,17 @@ Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
                                 kMaxWriteBytes));
   std::vector<WriteOp> ops;
   ops.reserve(kOpsPerPost);
+  uint64_t posted = 0;  // bytes in ops
   for (size_t w = 0; w < planned.size(); ++w) {
     const PlannedWrite& pw = planned[w];
     ops.push_back({src_bases_[pw.src_region] + pw.src_offset, pw.dst_region,
                    pw.dst_offset, pw.length});
+    posted += pw.length;
     if (ops.size() == kOpsPerPost || w + 1 == planned.size()) {
       KVMIG_RETURN_IF_ERROR(init_->write(ops, deadline()));
       ops.clear();
+      progress_.bytes.fetch_add(posted, std::memory_order_relaxed);
+      posted = 0;
     }
     if (mid_fault && !mid_fault_done_ && w >= planned.size() / 2) {
       mid_fault_done_ = true;
@@ -359,6 +371,7 @@ Status SourceRun::ensure_source_geometry() {
 asio::awaitable<Status> SourceRun::send_positions(
     const std::vector<uint32_t>& positions) {
   if (positions.empty()) co_return Status();
+  progress_.phase = "data";
   const auto t0 = Clock::now();
   KVMIG_CO_RETURN_IF_ERROR(ensure_source_geometry());
   std::vector<uint64_t> sums(req_.verify ? positions.size() : 0);
@@ -400,6 +413,7 @@ asio::awaitable<Status> SourceRun::send_batch_and_wait(
 
 asio::awaitable<Status> SourceRun::verify_round(
     const std::vector<uint32_t>& positions, const std::vector<uint64_t>& sums) {
+  progress_.phase = "verify";
   const std::vector<uint8_t> payload = encode(VerifyMsg{positions, sums});
   Status sent = co_await channel_->send(MsgType::kVerify, payload, deadline());
   if (!sent.ok()) co_return sent;
@@ -445,6 +459,7 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
 }
 
 asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
+  progress_.phase = "commit";
   const CommitMsg msg = commit_tables();
   // Digests, if asked, read while paused.
   std::vector<std::pair<SeqId, std::string>> digests;

@@ -137,6 +137,9 @@ class SourceRun {
   double data_seconds_ = 0;
   uint64_t bytes_ = 0, writes_ = 0;
   bool mid_fault_done_ = false;
+  // What status lists while the run lives.
+  ActiveMigration progress_;
+  std::optional<ActiveListing> listing_;
 };
 
 }  // namespace kvmig

@@ -161,6 +161,18 @@ std::vector<uint8_t> encode(const AgentStatus& m) {
     w.put(g.pages);
   }
   w.put(m.control_connections);
+  w.put(static_cast<uint32_t>(m.migrations.size()));
+  for (const auto& g : m.migrations) {
+    w.put_string(g.migration_id);
+    w.put_string(g.role);
+    w.put_string(g.peer);
+    w.put_string(g.phase);
+    w.put(g.round);
+    put_ids(w, g.seqs);
+    w.put_string(g.transport);
+    w.put(g.bytes);
+    put_double(w, g.seconds);
+  }
   return w.take();
 }
 
@@ -208,6 +220,21 @@ Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
         }
         KVMIG_ASSIGN_OR_RETURN(m.control_connections,
                                r.get<uint32_t>("control connections"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t nm,
+                               get_count(r, 1u << 16, 40, "migration count"));
+        m.migrations.resize(nm);
+        for (auto& g : m.migrations) {
+          KVMIG_ASSIGN_OR_RETURN(g.migration_id,
+                                 r.get_string(l.max_string, "migration id"));
+          KVMIG_ASSIGN_OR_RETURN(g.role, r.get_string(16, "role"));
+          KVMIG_ASSIGN_OR_RETURN(g.peer, r.get_string(l.max_string, "peer"));
+          KVMIG_ASSIGN_OR_RETURN(g.phase, r.get_string(16, "phase"));
+          KVMIG_ASSIGN_OR_RETURN(g.round, r.get<uint32_t>("round"));
+          KVMIG_ASSIGN_OR_RETURN(g.seqs, get_ids(r, l));
+          KVMIG_ASSIGN_OR_RETURN(g.transport, r.get_string(16, "transport"));
+          KVMIG_ASSIGN_OR_RETURN(g.bytes, r.get<uint64_t>("bytes"));
+          KVMIG_ASSIGN_OR_RETURN(g.seconds, get_double(r, "seconds"));
+        }
         return m;
       });
 }

@@ -331,6 +331,49 @@ TEST(MigrateE2E, UnreachableDestinationIsAnError) {
   expect_unchanged(src->address(), sb);
 }
 
+// --- migrations in progress -------------------------------------------------
+
+TEST(MigrateE2E, StatusListsMigrationsInProgressOnBothSides) {
+  // Layer to page layout: 32 KiB writes, so many posts come before the
+  // middle of the data, where the source stalls.
+  auto src = AgentProcess::start(
+      {"--preset", "llama3-8b", "--layout", "layer", "--capacity-pages", "64",
+       "--populate", "2:400", "--fault", "src.data.mid=stall:2000"});
+  auto dst =
+      AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "64"});
+  ASSERT_TRUE(src && dst);
+  EXPECT_TRUE(status_of(src->address())["migrations"].empty());
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst->address(), "--all", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true));
+  // Stalled half-way through the data: both sides list it.
+  const json at_src = status_of(src->address())["migrations"];
+  const json at_dst = status_of(dst->address())["migrations"];
+  ASSERT_EQ(at_src.size(), 1u) << at_src;
+  ASSERT_EQ(at_dst.size(), 1u) << at_dst;
+  EXPECT_EQ(at_src[0]["role"], "source");
+  EXPECT_EQ(at_src[0]["phase"], "data");
+  EXPECT_EQ(at_src[0]["peer"], dst->address());
+  EXPECT_EQ(at_src[0]["seqs"], json::array({1, 2}));
+  EXPECT_EQ(at_src[0]["transport"], "tcp");
+  EXPECT_EQ(at_src[0]["round"], 1);
+  EXPECT_GT(at_src[0]["bytes"].get<uint64_t>(), 0u);
+  EXPECT_LT(at_src[0]["bytes"].get<uint64_t>(), 2u * 25 * 2 * (1u << 20));
+  EXPECT_EQ(at_dst[0]["role"], "destination");
+  EXPECT_EQ(at_dst[0]["phase"], "data");
+  EXPECT_EQ(at_dst[0]["migration_id"], at_src[0]["migration_id"]);
+  CliResult text = run_kvmig({"status", "--agent", src->address()});
+  EXPECT_NE(text.out.find("migrating (source): "), std::string::npos)
+      << text.out;
+
+  ASSERT_TRUE(cli->wait_exit(60s));
+  EXPECT_EQ(cli->exit_code(), 0) << cli->out();
+  // Done: listed nowhere.
+  EXPECT_TRUE(status_of(src->address())["migrations"].empty());
+  EXPECT_TRUE(status_of(dst->address())["migrations"].empty());
+}
+
 // --- peers that die mid-transfer ------------------------------------------
 
 TEST(MigrateE2E, DestinationKilledMidDataRollsBackAndRetrySucceeds) {

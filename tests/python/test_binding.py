@@ -183,8 +183,9 @@ def test_report_fields_match_the_cli(cpp_agent):
         assert list(py) == list(cli)
         status = agent.status()
         assert list(status) == ["meta", "capacity_pages", "free_pages", "seqs",
-                                "transports", "in_doubt", "shared_groups",
-                                "control_connections"]
+                                "migrations", "transports", "in_doubt",
+                                "shared_groups", "control_connections"]
+        assert status["migrations"] == []
         assert status["free_pages"] == 16 - 2 * 3
         light = agent.status(digests=False)
         assert all("digest" not in s for s in light["seqs"])
