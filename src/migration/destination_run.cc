@@ -4,6 +4,7 @@
 #include <chrono>
 #include <map>
 #include <string>
+#include <unordered_set>
 
 namespace kvmig {
 namespace {
@@ -120,6 +121,10 @@ Status DestinationRun::check_hello() {
   if (ctx_.dst_records.contains(id_)) {
     return Status::already_exists("migration id " + id_ + " seen before");
   }
+  if (ctx_.active.count({id_, true})) {
+    return Status::invalid_argument(
+        "migration to itself: the destination is the source agent");
+  }
   if (hello_.meta != meta_) {
     return Status::invalid_argument("cache meta mismatch: source has " +
                                     hello_.meta.to_string() +
@@ -149,8 +154,23 @@ Status DestinationRun::check_hello() {
                                        offered + "], destination accepts [ " +
                                        ctx_.transport_names(" ") + " ]");
   }
+  KVMIG_RETURN_IF_ERROR(check_ids_not_live());
   ctx_.dst_records.remember(id_, Outcome::kPending);
   registered_ = true;
+  return Status();
+}
+
+Status DestinationRun::check_ids_not_live() {
+  auto live = ctx_.pager.logical_seqs();
+  if (!live.ok()) return live.status().with_context("logical_seqs");
+  std::unordered_set<SeqId> here;
+  for (const LogicalSeq& s : *live) here.insert(s.seq_id);
+  for (SeqId id : hello_.seqs) {
+    if (here.count(id)) {
+      return Status::already_exists("request " + std::to_string(id) +
+                                    " is already live at the destination");
+    }
+  }
   return Status();
 }
 

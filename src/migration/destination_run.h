@@ -58,7 +58,11 @@ class DestinationRun {
 
  private:
   // Each step: a failure is returned and run() rolls back through fail().
+  // Refuses (before any slot is allocated): a migration id seen before, the
+  // agent itself as source, a meta mismatch, limits, no common transport,
+  // a request already live here.
   Status check_hello();
+  Status check_ids_not_live();
   Status allocate_first_round();
   asio::awaitable<Status> open_and_offer();
   // Serves live rounds, VERIFY and staged batches until COMMIT arrives.

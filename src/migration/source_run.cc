@@ -249,6 +249,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
   hello.verify = req_.verify;
   hello.n_pages = n_pages;
   hello.n_seqs = static_cast<uint32_t>(moving_.size());
+  hello.seqs = moving_;
   hello.transports = {std::string(transport_.name())};
   hello.initiator_address = init_->address();
   ctx_.log->info("{} {} {} requests{}, {} pages over {}", tag_,

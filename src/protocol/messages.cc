@@ -14,6 +14,7 @@ std::vector<uint8_t> encode(const HelloMsg& m) {
   w.put(static_cast<uint32_t>(m.transports.size()));
   for (const auto& t : m.transports) w.put_string(t);
   w.put_blob(m.initiator_address);
+  put_ids(w, m.seqs);
   return w.take();
 }
 
@@ -39,6 +40,12 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
         KVMIG_ASSIGN_OR_RETURN(
             m.initiator_address,
             get_blob_copy(r, l.max_blob, "initiator address"));
+        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_ids(r, l));
+        if (m.seqs.size() != m.n_seqs) {
+          return Status::data_loss(
+              "HELLO lists " + std::to_string(m.seqs.size()) +
+              " request ids for a seq count of " + std::to_string(m.n_seqs));
+        }
         return m;
       });
 }

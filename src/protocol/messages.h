@@ -27,6 +27,9 @@ struct HelloMsg {
   uint32_t n_seqs = 0;   // requests to move (at most, when live)
   std::vector<std::string> transports;  // acceptable, preferred first
   std::vector<uint8_t> initiator_address;
+  // The requests' ids (n_seqs of them), so the destination refuses, before
+  // any byte moves, a request that is already live there.
+  std::vector<SeqId> seqs;
 };
 
 // Slot positions: every slot the destination allocates for a migration gets

@@ -331,6 +331,44 @@ TEST(MigrateE2E, UnreachableDestinationIsAnError) {
   expect_unchanged(src->address(), sb);
 }
 
+// --- refused at HELLO, before any slot or byte ----------------------------
+
+TEST(MigrateE2E, MigratingToItselfIsRefusedBeforeAnyByteMoves) {
+  auto a = AgentProcess::start({"--populate", "2:40"});
+  ASSERT_TRUE(a);
+  json before = status_of(a->address());
+  int code = -1;
+  json r = migrate(a->address(), a->address(), {"--all"}, &code);
+  EXPECT_EQ(code, 1) << r.dump();
+  EXPECT_NE(r["error"].get<std::string>().find("migration to itself"),
+            std::string::npos)
+      << r.dump();
+  // Nothing was allocated, so nothing needs giving back: equal at once.
+  EXPECT_EQ(status_of(a->address()), before);
+  EXPECT_EQ(a->child().err().find("offered"), std::string::npos);
+}
+
+TEST(MigrateE2E, ARequestAlreadyLiveAtTheDestinationIsRefusedAtHello) {
+  auto src = AgentProcess::start({"--populate", "2:40", "--seed", "3"});
+  auto dst = AgentProcess::start({"--populate", "1:40", "--seed", "4"});
+  ASSERT_TRUE(src && dst);
+  json sb = status_of(src->address());
+  json db = status_of(dst->address());
+  int code = -1;
+  json r = migrate(src->address(), dst->address(), {"--seqs", "1"}, &code);
+  EXPECT_EQ(code, 1) << r.dump();
+  EXPECT_NE(r["error"].get<std::string>().find(
+                "request 1 is already live at the destination"),
+            std::string::npos)
+      << r.dump();
+  EXPECT_EQ(status_of(dst->address()), db);
+  EXPECT_EQ(dst->child().err().find("offered"), std::string::npos);
+  expect_unchanged(src->address(), sb);
+  // Request 2 is not there: it moves.
+  json ok = migrate(src->address(), dst->address(), {"--seqs", "2"}, &code);
+  EXPECT_EQ(code, 0) << ok.dump();
+}
+
 // --- migrations in progress -------------------------------------------------
 
 TEST(MigrateE2E, StatusListsMigrationsInProgressOnBothSides) {

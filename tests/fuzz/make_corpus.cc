@@ -55,6 +55,7 @@ int run(const fs::path& root) {
   hello.meta = tiny;
   hello.n_pages = 7;
   hello.n_seqs = 2;
+  hello.seqs = {1, 2};
   hello.transports = {"tcp"};
   hello.initiator_address = {127, 0, 0, 1, 0x1f, 0x90};
   s.add(1, MsgType::kHello, encode(hello));
@@ -110,10 +111,21 @@ int run(const fs::path& root) {
   st.meta = tiny;
   st.capacity_pages = 64;
   st.free_pages = 57;
-  st.seqs = {{1, 40, 3, "00112233445566778899aabbccddeeff"},
-             {2, 33, 3, "ffeeddccbbaa99887766554433221100"}};
+  st.seqs = {{1, 40, 3, "00112233445566778899aabbccddeeff", -1},
+             {2, 33, 3, "ffeeddccbbaa99887766554433221100", 1500}};
   st.transports = {"tcp", "ucx"};
-  st.in_doubt = {{hello.migration_id, {2}}};
+  st.in_doubt = {{hello.migration_id, {2}, "127.0.0.1:7471", "seqs"}};
+  st.shared_groups = {{{1, 2}, 4}};
+  st.control_connections = 2;
+  st.migrations = {{hello.migration_id,
+                    "source",
+                    "127.0.0.1:7471",
+                    "data",
+                    1,
+                    {1},
+                    "tcp",
+                    65536,
+                    0.5}};
   s.add(14, MsgType::kStatusResp, encode(st));
   s.add(0, MsgType::kStatusReq, {});
   s.add(0, MsgType::kDone, {});

@@ -28,7 +28,7 @@ bool same(const HelloMsg& a, const HelloMsg& b) {
   return a.migration_id == b.migration_id && a.meta == b.meta &&
          a.live == b.live && a.verify == b.verify && a.n_pages == b.n_pages &&
          a.n_seqs == b.n_seqs && a.transports == b.transports &&
-         a.initiator_address == b.initiator_address;
+         a.initiator_address == b.initiator_address && a.seqs == b.seqs;
 }
 bool same(const OfferMsg& a, const OfferMsg& b) {
   return a.transport == b.transport && a.slots == b.slots &&

@@ -21,12 +21,18 @@ TEST(MessagesTest, HelloRoundTrip) {
   m.n_seqs = 2;
   m.transports = {"ucx", "tcp"};
   m.initiator_address = {1, 2, 3};
+  m.seqs = {7, 9};
   ASSERT_OK_AND_ASSIGN(HelloMsg back, decode_hello(encode(m), limits()));
   EXPECT_EQ(back.migration_id, m.migration_id);
   EXPECT_EQ(back.meta, m.meta);
   EXPECT_EQ(back.n_pages, 63u);
   EXPECT_EQ(back.transports, m.transports);
   EXPECT_EQ(back.initiator_address, m.initiator_address);
+  EXPECT_EQ(back.seqs, m.seqs);
+  // The ids must be as many as the count.
+  m.seqs = {7};
+  EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
+            StatusCode::kDataLoss);
 }
 
 TEST(MessagesTest, OfferAndCommitRoundTrip) {
@@ -101,7 +107,7 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
   EXPECT_EQ(decode_batch(payload, limits()).status().code(),
             StatusCode::kDataLoss);
   auto hello = encode(HelloMsg{
-      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}});
+      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}, {1}});
   for (size_t cut = 0; cut < hello.size(); ++cut) {
     std::span<const uint8_t> part(hello.data(), cut);
     EXPECT_FALSE(decode_hello(part, limits()).ok()) << "cut at " << cut;
@@ -110,7 +116,7 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
 
 TEST(MessagesTest, BadEnumsAreErrors) {
   auto hello = encode(HelloMsg{
-      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}});
+      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}, {1}});
   hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
   EXPECT_EQ(decode_hello(hello, limits()).status().code(),
             StatusCode::kDataLoss);
