@@ -80,10 +80,31 @@ class TransportInitiator {
   virtual void keep() {}
 };
 
+// A byte range of one of a target's regions: [offset, offset + length) of
+// region `region` (its index in the list given to open_target()).
+struct WriteWindow {
+  uint32_t region = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
 // The receiving end of one migration's data path. Thread-safe.
 class TransportTarget {
  public:
   virtual ~TransportTarget() = default;
+
+  // Restricts the initiator's writes to the ranges allowed so far (a
+  // migration's slots; a live round adds its own before the source learns
+  // them). Once called, a write that is not inside one allowed range
+  // changes nothing and cuts the initiator off (health() says where it
+  // aimed). Before any call every byte of the regions is allowed.
+  // Returns false when this transport cannot check writes one by one: tcp
+  // checks each write record; ucx and verbs (one-sided RDMA into memory
+  // registered once) do not, and there only revoke() cuts a source off.
+  virtual bool allow(std::span<const WriteWindow> ranges) {
+    (void)ranges;
+    return false;
+  }
 
   // What the initiator needs to reach and write this target (goes into
   // OFFER): connection details and the regions' remote keys.

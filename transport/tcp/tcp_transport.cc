@@ -1,5 +1,6 @@
 #include "tcp_transport.h"
 
+#include <algorithm>
 #include <array>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/io_context.hpp>
@@ -8,6 +9,8 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <cstdint>
+#include <iterator>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -81,6 +84,9 @@ class TcpTarget final : public TransportTarget {
   std::vector<uint8_t> address() const override { return address_; }
 
   void revoke() override {
+    // Held for the whole teardown: a second caller returns only once the
+    // first has cut the initiator off.
+    std::lock_guard teardown(teardown_mu_);
     {
       std::lock_guard lock(mu_);
       if (revoked_) return;
@@ -104,7 +110,40 @@ class TcpTarget final : public TransportTarget {
     return health_;
   }
 
+  bool allow(std::span<const WriteWindow> ranges) override {
+    std::lock_guard lock(mu_);
+    if (windows_.empty()) windows_.resize(regions_.size());
+    for (const WriteWindow& w : ranges) {
+      if (w.region >= windows_.size() || w.length == 0) continue;
+      auto& spans = windows_[w.region];
+      uint64_t begin = w.offset, end = w.offset + w.length;
+      // Merge with the ranges it touches, so a write spanning adjacent
+      // slots is one range.
+      auto it = spans.upper_bound(begin);
+      if (it != spans.begin() && std::prev(it)->second >= begin) --it;
+      while (it != spans.end() && it->first <= end) {
+        begin = std::min(begin, it->first);
+        end = std::max(end, it->second);
+        it = spans.erase(it);
+      }
+      spans.emplace(begin, end);
+    }
+    return true;
+  }
+
  private:
+  // True when [offset, +length) of region is inside one allowed range (or
+  // no window was set). Target thread.
+  bool allowed(uint32_t region, uint64_t offset, uint64_t length) const {
+    std::lock_guard lock(mu_);
+    if (windows_.empty()) return true;
+    const auto& spans = windows_[region];
+    auto it = spans.upper_bound(offset);
+    if (it == spans.begin()) return false;
+    --it;
+    return offset >= it->first && offset + length <= it->second;
+  }
+
   explicit TcpTarget(std::span<const std::span<std::byte>> regions)
       : log_(logger("tcp")),
         regions_(regions.begin(), regions.end()),
@@ -224,6 +263,13 @@ class TcpTarget final : public TransportTarget {
           std::to_string(dst.size()) + " bytes"));
     }
     if (length == 0) return read_header();
+    if (!allowed(region, offset, length)) {
+      return fail(Status::protocol(
+          "tcp target: write record from " + peer_ + " for [" +
+          std::to_string(offset) + ", +" + std::to_string(length) +
+          ") of region " + std::to_string(region) +
+          " lies outside the slots offered to this migration"));
+    }
     asio::async_read(socket_, asio::buffer(dst.data() + offset, length),
                      large_transfers,
                      [this, length](const error_code& rec, size_t) {
@@ -270,9 +316,13 @@ class TcpTarget final : public TransportTarget {
   uint64_t writes_applied_ = 0;
   uint64_t flushes_ = 0;
 
+  std::mutex teardown_mu_;  // held by revoke() throughout (never by io_)
   mutable std::mutex mu_;
   Status health_;         // guarded by mu_
   bool revoked_ = false;  // guarded by mu_
+  // Per region, allowed [begin, end) ranges by begin, disjoint and merged;
+  // empty: no window (guarded by mu_).
+  std::vector<std::map<uint64_t, uint64_t>> windows_;
 
   std::thread thread_;  // runs io_; joined by revoke()
 };

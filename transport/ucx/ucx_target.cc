@@ -143,6 +143,9 @@ class UcxTarget final : public TransportTarget {
   std::vector<uint8_t> address() const override { return address_; }
 
   void revoke() override {
+    // Held for the whole teardown: a second caller returns only once the
+    // first has closed the endpoint.
+    std::lock_guard teardown(teardown_mu_);
     {
       std::lock_guard lock(revoke_mu_);
       if (revoked_) return;
@@ -256,6 +259,7 @@ class UcxTarget final : public TransportTarget {
   const std::shared_ptr<Parking> parking_;
   const std::shared_ptr<TargetState> state_;
   std::vector<uint8_t> address_;
+  std::mutex teardown_mu_;  // held by revoke() throughout
   std::mutex revoke_mu_;
   bool revoked_ = false;  // guarded by revoke_mu_
   bool kept_ = false;     // guarded by revoke_mu_
