@@ -22,6 +22,8 @@
 // clang-format on
 #include <nlohmann/json.hpp>
 
+#include "log.h"
+
 namespace kvmig {
 namespace {
 
@@ -512,7 +514,8 @@ class WatchImpl final : public EtcdWatch {
   Status start() {
     std::future<Status> established = established_.get_future();
     thread_ = std::thread([this] {
-      asio::co_spawn(io_, run(), asio::detached);
+      asio::co_spawn(io_, run(),
+                     log_exceptions(logger("cluster"), "etcd watch"));
       io_.run();
     });
     return established.get();
@@ -841,7 +844,12 @@ struct EtcdClient::Impl {
       asio::co_spawn(io,
                      exchange(idx, where, target, payload, connect_deadline,
                               deadline, out),
-                     asio::detached);
+                     [&out, &where](std::exception_ptr e) {
+                       if (!e) return;
+                       out.kind = Outcome::Kind::kBroken;
+                       out.error =
+                           Status::internal(where + ": " + exception_text(e));
+                     });
       io.run();
       if (out.kind == Outcome::Kind::kBroken) return std::move(out.error);
       if (out.kind == Outcome::Kind::kAnswer) {

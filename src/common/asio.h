@@ -11,9 +11,34 @@
 #include <utility>  // before Asio, see above
 #include <boost/asio.hpp>
 // clang-format on
+#include <exception>
+#include <string>
 
 namespace kvmig {
 namespace asio = boost::asio;
+
+// What an exception_ptr holds, as text ("" for none).
+inline std::string exception_text(const std::exception_ptr& e) {
+  if (!e) return "";
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    return ex.what();
+  } catch (...) {
+    return "unknown exception";
+  }
+}
+
+// A co_spawn completion handler for coroutines nobody waits for: instead
+// of asio::detached, which drops an exception silently, it logs it on
+// `log` (a spdlog::logger pointer) naming `what`.
+template <typename Logger>
+auto log_exceptions(Logger log, std::string what) {
+  return [log = std::move(log), what = std::move(what)](std::exception_ptr e) {
+    if (e) log->error("{}: uncaught exception: {}", what, exception_text(e));
+  };
+}
+
 }  // namespace kvmig
 
 // KVMIG_RETURN_IF_ERROR for coroutines: co_returns the Status of `expr`

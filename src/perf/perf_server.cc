@@ -147,7 +147,9 @@ Result<T> run_blocking(asio::io_context& io, Make make) {
         Result<T> r = co_await make();
         out = std::move(r);
       },
-      asio::detached);
+      [&out](std::exception_ptr e) {
+        if (e) out = Status::internal("perf session: " + exception_text(e));
+      });
   io.run();
   return out;
 }

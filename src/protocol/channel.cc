@@ -5,6 +5,7 @@
 #include <array>
 #include <cerrno>
 #include <memory>
+#include <vector>
 
 #include "errors.h"
 #include "host_port.h"
@@ -14,19 +15,27 @@ namespace {
 
 using boost::system::error_code;
 
-// Arms a timer that cancels `socket`'s operations at `deadline`. The
-// operation's coroutine calls disarm() when it resumes; a timer that fires
-// after that leaves the socket alone (it may be gone).
+// Cancels an object's pending operations without throwing.
+void cancel_quietly(asio::ip::tcp::socket& socket) {
+  error_code ignored;
+  socket.cancel(ignored);
+}
+void cancel_quietly(asio::ip::tcp::resolver& resolver) { resolver.cancel(); }
+
+// Arms a timer that cancels `io_object`'s operations (a socket's, a
+// resolver's) at `deadline`. The operation's coroutine calls disarm() when
+// it resumes; a timer that fires after that leaves the object alone (it may
+// be gone).
 class Watchdog {
  public:
-  Watchdog(asio::ip::tcp::socket& socket, Deadline deadline)
-      : state_(std::make_shared<State>()), timer_(socket.get_executor()) {
+  template <typename IoObject>
+  Watchdog(IoObject& io_object, Deadline deadline)
+      : state_(std::make_shared<State>()), timer_(io_object.get_executor()) {
     timer_.expires_at(deadline);
-    timer_.async_wait([state = state_, &socket](const error_code& ec) {
+    timer_.async_wait([state = state_, &io_object](const error_code& ec) {
       if (ec || state->disarmed) return;
       state->fired = true;
-      error_code ignored;
-      socket.cancel(ignored);
+      cancel_quietly(io_object);
     });
   }
   ~Watchdog() { disarm(); }
@@ -134,12 +143,24 @@ asio::awaitable<Result<asio::ip::tcp::socket>> connect_to(
   auto hp = parse_host_port(host_port);
   if (!hp.ok()) co_return hp.status();
   auto executor = co_await asio::this_coro::executor;
-  asio::ip::tcp::resolver resolver(executor);
   error_code ec;
-  auto endpoints = co_await resolver.async_resolve(
-      hp->host, std::to_string(hp->port),
-      asio::redirect_error(asio::use_awaitable, ec));
-  if (ec) co_return status_from_error(ec, "resolving " + hp->host);
+  std::vector<asio::ip::tcp::endpoint> endpoints;
+  const asio::ip::address ip = asio::ip::make_address(hp->host, ec);
+  if (!ec) {
+    endpoints.emplace_back(ip, hp->port);  // no resolver thread for an IP
+  } else {
+    asio::ip::tcp::resolver resolver(executor);
+    Watchdog dog(resolver, deadline);
+    auto found = co_await resolver.async_resolve(
+        hp->host, std::to_string(hp->port),
+        asio::redirect_error(asio::use_awaitable, ec));
+    if (dog.disarm()) {
+      co_return Status::deadline_exceeded("resolving " + hp->host +
+                                          ": deadline passed");
+    }
+    if (ec) co_return status_from_error(ec, "resolving " + hp->host);
+    for (const auto& entry : found) endpoints.push_back(entry.endpoint());
+  }
   asio::ip::tcp::socket socket(executor);
   Watchdog dog(socket, deadline);
   co_await asio::async_connect(socket, endpoints,
