@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <future>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -19,11 +20,13 @@
 #include "cluster_cli.h"
 #include "flags.h"
 #include "host_port.h"
+#include "ids.h"
 #include "kvmig/kvmig.h"
 #include "log.h"
 #include "metrics.h"
 #include "perf.h"
 #include "perf_server.h"
+#include "random.h"
 #include "report_json.h"
 #include "scope_exit.h"
 #include "signals.h"
@@ -446,16 +449,126 @@ Result<std::vector<SeqId>> parse_seq_ids(const std::string& text) {
   return ids;
 }
 
+// Prints a migration that did not end well: the error, the migration id to
+// ask about, and how it ended if a cancel learned it.
+int fail_migration(const Status& s, const std::string& id,
+                   const CancelReport* ended, bool as_json, int code = 1) {
+  if (as_json) {
+    auto j = error_json(s);
+    j["migration_id"] = id;
+    if (ended) {
+      j["outcome"] = ended->outcome;
+      if (!ended->detail.empty()) j["detail"] = ended->detail;
+    }
+    std::cout << json_text(j) << "\n";
+  } else {
+    std::cerr << "kvmig: " << s.to_string() << "\nmigration " << id;
+    if (ended) {
+      std::cerr << ": " << ended->outcome
+                << (ended->detail.empty() ? "" : " (" + ended->detail + ")");
+    }
+    std::cerr << "\n";
+  }
+  return code;
+}
+
+// The migration asked of `agent` under req.migration_id, as it ended. The
+// agent cancels it at req.timeout; the client waits a grace on top of that
+// and then cancels it itself, as it does on SIGINT or SIGTERM, and reports
+// what the cancel learned: nothing is left running unseen.
 int cmd_migrate(const std::string& agent, const MigrateRequest& req,
                 bool as_json, ClientOptions copts) {
-  auto report = request_migration(agent, req, copts);
-  if (!report.ok()) return fail(report.status(), as_json);
-  if (as_json) {
-    std::cout << json_text(migration_json(*report)) << "\n";
+  struct Call {
+    std::promise<Result<MigrationReport>> result;
+  };
+  auto call = std::make_shared<Call>();
+  auto answer = call->result.get_future();
+  // The worker inherits the blocked stop signals: only this thread sees
+  // them, in wait_for_stop_signal.
+  block_stop_signals();
+  std::thread worker([call, agent, req, copts] {
+    call->result.set_value(request_migration(agent, req, copts));
+  });
+  bool interrupted = false;
+  while (answer.wait_for(std::chrono::seconds(0)) !=
+         std::future_status::ready) {
+    if (wait_for_stop_signal(std::chrono::milliseconds(50))) {
+      interrupted = true;
+      break;
+    }
+  }
+  if (!interrupted) {
+    worker.join();
+    Result<MigrationReport> report = answer.get();
+    if (!report.ok()) {
+      Status s = report.status();
+      if (s.code() != StatusCode::kDeadlineExceeded) {
+        return fail_migration(s, req.migration_id, nullptr, as_json);
+      }
+      // The agent's timeout cancelled it, or the client's own deadline
+      // passed without an answer: a cancel says which, and how it ended.
+      ClientOptions short_copts = copts;
+      short_copts.timeout = std::chrono::seconds(30);
+      auto ended = cancel_migration(agent, req.migration_id, short_copts);
+      if (!ended.ok()) {
+        return fail_migration(
+            Status::deadline_exceeded(
+                s.message() + "; cancelling it failed too (" +
+                ended.status().to_string() +
+                "): its outcome is not known; ask with kvmig cancel --agent " +
+                agent + " --migration " + req.migration_id),
+            req.migration_id, nullptr, as_json);
+      }
+      return fail_migration(s, req.migration_id, &*ended, as_json);
+    }
+    if (as_json) {
+      std::cout << json_text(migration_json(*report)) << "\n";
+    } else {
+      print_migration(req, *report);
+    }
     return 0;
   }
-  print_migration(req, *report);
-  return 0;
+  // Interrupted: cancel, and report how the migration ended.
+  ClientOptions short_copts = copts;
+  short_copts.timeout = std::chrono::seconds(30);
+  auto ended = cancel_migration(agent, req.migration_id, short_copts);
+  const Status why = Status::aborted("interrupted");
+  if (!ended.ok()) {
+    // NotFound: the request had not reached the agent, which now refuses it.
+    const bool never = ended.status().code() == StatusCode::kNotFound;
+    CancelReport none{req.migration_id, "cancelled",
+                      "it had not started; the agent refuses it from now on"};
+    const int code = fail_migration(
+        never ? why
+              : Status::aborted("interrupted; cancelling failed (" +
+                                ended.status().to_string() +
+                                "): its outcome is not known; ask with kvmig "
+                                "cancel --agent " +
+                                agent + " --migration " + req.migration_id),
+        req.migration_id, never ? &none : nullptr, as_json, 130);
+    std::cout.flush();
+    std::_Exit(code);  // the worker may still wait on the agent
+  }
+  if (answer.wait_for(std::chrono::seconds(5)) == std::future_status::ready) {
+    worker.join();
+    Result<MigrationReport> report = answer.get();
+    if (report.ok()) {
+      // Too late to cancel: it committed, and the report says so.
+      std::cerr << "kvmig: interrupted after the decision point: the "
+                   "migration committed\n";
+      if (as_json) {
+        std::cout << json_text(migration_json(*report)) << "\n";
+      } else {
+        print_migration(req, *report);
+      }
+      return 0;
+    }
+    return fail_migration(why, req.migration_id, &*ended, as_json, 130);
+  }
+  const int code = fail_migration(why, req.migration_id, &*ended, as_json,
+                                  ended->outcome == "committed" ? 0 : 130);
+  std::cout.flush();
+  std::_Exit(code);
 }
 
 struct MigrateFlags {
@@ -509,8 +622,19 @@ CLI::App* add_migrate_command(CLI::App& app, MigrateFlags& f) {
       ->check(CLI::IsMember({"tcp", "ucx", "verbs"}));
   migrate->add_flag("--no-verify", f.no_verify,
                     "skip the destination's per-page checksum check");
-  migrate->add_option("--timeout-ms", f.timeout_ms, "give up after this long")
+  migrate
+      ->add_option("--timeout-ms", f.timeout_ms,
+                   "cancel the migration if it has not committed by then "
+                   "(it rolls back); default 600000")
       ->check(CLI::Range(1, 86'400'000));
+  migrate
+      ->add_option("--id", f.req.migration_id,
+                   "the migration's id (default: a new random one), for "
+                   "kvmig cancel")
+      ->check([](const std::string& id) {
+        Status s = check_migration_id(id);
+        return s.ok() ? std::string() : s.message();
+      });
   migrate->add_flag("--json", f.as_json, "print JSON");
   add_secret_flag(migrate, f.secret_file);
   return migrate;
@@ -535,8 +659,53 @@ int run_migrate(const MigrateFlags& f) {
   if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
     return fail(s, f.as_json);
   }
-  copts.timeout = std::chrono::milliseconds(f.timeout_ms);
+  if (req.migration_id.empty()) req.migration_id = new_migration_id();
+  // The agent cancels at the timeout; the client waits for its answer a
+  // while longer (the agent may be finishing the commit).
+  req.timeout = std::chrono::milliseconds(f.timeout_ms);
+  copts.timeout = req.timeout + std::chrono::seconds(30);
   return cmd_migrate(f.agent, req, f.as_json, copts);
+}
+
+// ---- cancel ----
+
+struct CancelFlags {
+  std::string agent;
+  std::string migration_id;
+  bool as_json = false;
+  std::string secret_file;
+};
+
+CLI::App* add_cancel_command(CLI::App& app, CancelFlags& f) {
+  auto* cancel = app.add_subcommand(
+      "cancel",
+      "cancel a migration at its source agent (it rolls back unless it "
+      "already reached the decision point), and say how it ended");
+  cancel->add_option("--agent", f.agent, "source agent HOST:PORT")->required();
+  cancel->add_option("--migration", f.migration_id, "migration id")->required();
+  cancel->add_flag("--json", f.as_json, "print JSON");
+  add_secret_flag(cancel, f.secret_file);
+  return cancel;
+}
+
+int run_cancel(const CancelFlags& f) {
+  if (Status s = check_migration_id(f.migration_id); !s.ok()) {
+    return usage_error(s, f.as_json);
+  }
+  ClientOptions copts;
+  if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
+    return fail(s, f.as_json);
+  }
+  auto ended = cancel_migration(f.agent, f.migration_id, copts);
+  if (!ended.ok()) return fail(ended.status(), f.as_json);
+  if (f.as_json) {
+    std::cout << json_text(cancel_json(*ended)) << "\n";
+  } else {
+    std::cout << "migration " << ended->migration_id << ": " << ended->outcome
+              << (ended->detail.empty() ? "" : " (" + ended->detail + ")")
+              << "\n";
+  }
+  return 0;
 }
 
 // ---- snapshot: save, load, inspect, verify ----
@@ -651,6 +820,8 @@ int run_cli(int argc, char** argv) {
   CLI::App* status = add_status_command(app, status_flags);
   MigrateFlags migrate_flags;
   CLI::App* migrate = add_migrate_command(app, migrate_flags);
+  CancelFlags cancel_flags;
+  CLI::App* cancel = add_cancel_command(app, cancel_flags);
   SnapshotFlags snapshot_flags;
   CLI::App* snapshot = add_snapshot_command(app, snapshot_flags);
   auto* perf = app.add_subcommand(
@@ -670,6 +841,7 @@ int run_cli(int argc, char** argv) {
   if (*perf) return run_perf(perf_flags, !log_level.empty());
   if (*status) return run_status(status_flags);
   if (*migrate) return run_migrate(migrate_flags);
+  if (*cancel) return run_cancel(cancel_flags);
   if (*snapshot) return run_snapshot(snapshot_flags);
   if (auto status = run_cluster_command(cluster_flags)) return *status;
   return 2;

@@ -105,6 +105,34 @@ struct MigrateRequest {
   // When the remainder is still above live_converge_pages after
   // live_max_rounds: finish with a stop-and-copy of it (false) or abort.
   bool live_abort_if_not_converged = false;
+
+  // The migration's id. Empty: the source agent makes one. A scheduler
+  // that picks it (1 to 64 characters of [0-9A-Za-z._:-], unique) can
+  // cancel the migration, or learn how it ended, by that id while it waits
+  // for the answer (cancel_migration). An id the source agent already
+  // knows is refused (AlreadyExists).
+  std::string migration_id;
+  // The source cancels the migration itself if it has not reached the
+  // decision point (sending COMMIT) this long after it started: rolled
+  // back, DeadlineExceeded, the requests run at the source again. After the
+  // decision point the migration ends as the destination decides. Zero: no
+  // limit.
+  std::chrono::milliseconds timeout{0};
+};
+
+// What became of a migration that a cancel asked about.
+struct CancelReport {
+  std::string migration_id;
+  // "cancelled": stopped by this cancel before the decision point and
+  //   rolled back: the requests run at the source again.
+  // "aborted": it had already failed (or was refused) and rolled back.
+  // "committed": it passed the decision point first: the requests belong
+  //   to the destination (a move) or are at both (a copy).
+  // "in_doubt": COMMIT went out and the destination has not answered: the
+  //   source keeps the requests held and lists the migration in
+  //   AgentStatus::in_doubt until it learns the outcome.
+  std::string outcome;
+  std::string detail;  // how it ended when it did not commit (its error)
 };
 
 // The outcome of a successful migration.
@@ -176,7 +204,8 @@ struct AgentStatus {
     std::string role;  // "source" or "destination"
     std::string peer;  // source: the destination asked; else the source
     // "connect", "offer", "data", "verify", "commit" (source: COMMIT sent,
-    // waiting for DONE), "install" (destination).
+    // waiting for DONE), "install" (destination), "cancelling" (a cancel,
+    // its timeout or the agent's stop ended it: rolling back).
     std::string phase;
     uint32_t round = 0;       // live rounds started (1: the first)
     std::vector<SeqId> seqs;  // source: the requests; destination: empty
@@ -223,6 +252,14 @@ class Agent {
   // page is read and the engine is not paused (SeqStatus::digest empty).
   Result<AgentStatus> status(const StatusOptions& options = {});
 
+  // Cancels the migration this agent runs as the source under
+  // migration_id, if it has not reached the decision point yet, and waits
+  // until it has ended: see CancelReport. A migration that already ended
+  // here (recently) is reported as it ended. NotFound for an id this agent
+  // never ran as a source; FailedPrecondition when it is the destination of
+  // that migration (cancel at the source).
+  Result<CancelReport> cancel(std::string_view migration_id);
+
  private:
   struct Impl;
   friend struct AgentInternals;  // kvmig's own layers (src/agent)
@@ -242,6 +279,11 @@ Result<AgentStatus> query_status(std::string_view agent,
 Result<MigrationReport> request_migration(std::string_view agent,
                                           const MigrateRequest& request,
                                           const ClientOptions& options = {});
+
+// Agent::cancel, over the agent's control port.
+Result<CancelReport> cancel_migration(std::string_view agent,
+                                      std::string_view migration_id,
+                                      const ClientOptions& options = {});
 
 // Asks the agent to capture its cache to `path` (load: restore it from
 // `path`), a file on the agent's host. Restoring needs an empty cache.

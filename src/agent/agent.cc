@@ -84,7 +84,8 @@ Status Agent::run() {
                          ctx.layout ? "zero-copy layout" : "staged pages",
                          ctx.transport_names(" "));
   impl.serving = true;
-  asio::co_spawn(ctx.io, impl.accept_loop(), asio::detached);
+  asio::co_spawn(ctx.io, impl.accept_loop(),
+                 log_exceptions(ctx.log, "accept loop"));
   auto guard = asio::make_work_guard(ctx.io);
   ctx.io.run();
   impl.serving = false;
@@ -124,14 +125,47 @@ Status Agent::start() {
   return Status();
 }
 
+void AgentImpl::begin_stop() {
+  if (stop_begun) return;
+  stop_begun = true;
+  boost::system::error_code ignored;
+  acceptor.close(ignored);
+  const Status why = Status::aborted("the agent is stopping");
+  for (auto& [key, migration] : ctx.active) {
+    if (migration->cancel) migration->cancel(why);
+  }
+  const Deadline until =
+      Clock::now() + 2 * ctx.options.peer_timeout + std::chrono::seconds(1);
+  asio::co_spawn(ctx.io, drain(until), [this](std::exception_ptr e) {
+    if (e) ctx.log->error("stop: draining failed; stopping at once");
+    ctx.io.stop();
+  });
+}
+
+asio::awaitable<void> AgentImpl::drain(Deadline until) {
+  // Polls: stopping is rare, and the runs end in milliseconds once cut off.
+  asio::steady_timer tick(ctx.io);
+  auto wait = [&]() -> asio::awaitable<void> {
+    tick.expires_after(std::chrono::milliseconds(5));
+    boost::system::error_code ec;
+    co_await tick.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+  };
+  while (!ctx.active.empty() && Clock::now() < until) co_await wait();
+  if (!ctx.active.empty()) {
+    ctx.log->error("stop: {} migrations still running after {} ms; stopping",
+                   ctx.active.size(),
+                   2 * ctx.options.peer_timeout.count() + 1000);
+    co_return;
+  }
+  // No migration left: end every other connection (status, queries, perf).
+  for (FrameChannel* channel : channels) channel->close();
+  while (open_connections > 0 && Clock::now() < until) co_await wait();
+}
+
 void Agent::stop() {
   if (!impl_) return;
   impl_->ctx.stopping = true;
-  asio::post(impl_->ctx.io, [impl = impl_.get()] {
-    boost::system::error_code ignored;
-    impl->acceptor.close(ignored);
-    impl->ctx.io.stop();
-  });
+  asio::post(impl_->ctx.io, [impl = impl_.get()] { impl->begin_stop(); });
   if (impl_->serve_thread.joinable() &&
       impl_->serve_thread.get_id() != std::this_thread::get_id()) {
     impl_->serve_thread.join();
@@ -182,7 +216,13 @@ Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
         Result<T> result = co_await make();
         call->finish(std::move(result));
       },
-      asio::detached);
+      [call, log = impl.ctx.log,
+       what = std::string(what)](std::exception_ptr e) {
+        if (!e) return;
+        const std::string text = exception_text(e);
+        log->error("{}: uncaught exception: {}", what, text);
+        call->finish(Status::internal(what + " failed: " + text));
+      });
   Result<T> result = future.get();
   impl.remove_pending(key);
   return result;
@@ -194,6 +234,13 @@ Result<MigrationReport> Agent::migrate(const MigrateRequest& request) {
   return run_on<MigrationReport>(
       *impl_, "migrate",
       [impl = impl_.get(), request] { return run_source(impl->ctx, request); });
+}
+
+Result<CancelReport> Agent::cancel(std::string_view migration_id) {
+  return run_on<CancelReport>(
+      *impl_, "cancel", [impl = impl_.get(), id = std::string(migration_id)] {
+        return cancel_source(impl->ctx, id);
+      });
 }
 
 Result<AgentStatus> Agent::status(const StatusOptions& options) {

@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "asio.h"
@@ -32,6 +33,12 @@ struct Agent::Impl {
   // status.cc
   // digests: read every request's pages (engine paused) for its digest.
   asio::awaitable<Result<AgentStatus>> compute_status(bool digests = true);
+  // agent.cc. Io thread: stops accepting, cancels every migration that has
+  // not reached its decision point (they roll back: slots released, the
+  // engine resumed), lets the rest end as decided, closes the other
+  // connections, then stops the io_context; at most two peer timeouts.
+  void begin_stop();
+  asio::awaitable<void> drain(Deadline until);
 
   // Declared first: destroyed last, after everything that uses it.
   MigrationContext ctx;
@@ -41,6 +48,9 @@ struct Agent::Impl {
   // before serving: read-only afterwards.
   std::map<MsgType, SessionHandler> session_handlers;
   uint32_t open_connections = 0;  // io thread
+  // Every served connection's channel, to cut off at stop (io thread).
+  std::set<FrameChannel*> channels;
+  bool stop_begun = false;  // io thread
   // From start() (or run()) until run() returns.
   std::atomic<bool> serving{false};
 

@@ -55,7 +55,9 @@ Result<T> call_agent(std::string_view agent, MsgType type,
         }
         channel.close();
       },
-      asio::detached);
+      [&out](std::exception_ptr e) {
+        if (e) out = Status::internal("client call: " + exception_text(e));
+      });
   io.run();
   return out;
 }
@@ -77,6 +79,16 @@ Result<MigrationReport> request_migration(std::string_view agent,
   return call_agent<MigrationReport>(agent, MsgType::kMigrateReq,
                                      encode(request), MsgType::kMigrateResp,
                                      decode_migration_report, options);
+}
+
+Result<CancelReport> cancel_migration(std::string_view agent,
+                                      std::string_view migration_id,
+                                      const ClientOptions& options) {
+  CancelReqMsg req;
+  req.migration_id = std::string(migration_id);
+  return call_agent<CancelReport>(agent, MsgType::kCancelReq, encode(req),
+                                  MsgType::kCancelResp, decode_cancel_report,
+                                  options);
 }
 
 Status request_snapshot(std::string_view agent, bool load,

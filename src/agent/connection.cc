@@ -112,6 +112,25 @@ asio::awaitable<void> serve_migrate(MigrationContext& ctx,
   co_await reply(ctx, channel, MsgType::kMigrateResp, encode(*report));
 }
 
+asio::awaitable<void> serve_cancel(MigrationContext& ctx, FrameChannel& channel,
+                                   const Frame& req) {
+  auto cancel = decode_cancel_req(req.payload, ctx.limits);
+  if (!cancel.ok()) {
+    Status error = cancel.status();
+    co_await reply_error(ctx, channel, error);
+    co_return;
+  }
+  ctx.log->info("cancel of migration {} asked by {}", cancel->migration_id,
+                channel.peer());
+  auto report = co_await cancel_source(ctx, cancel->migration_id);
+  if (!report.ok()) {
+    Status error = report.status();
+    co_await reply_error(ctx, channel, error);
+    co_return;
+  }
+  co_await reply(ctx, channel, MsgType::kCancelResp, encode(*report));
+}
+
 asio::awaitable<void> serve_hello(MigrationContext& ctx, FrameChannel& channel,
                                   const Frame& frame) {
   auto hello = decode_hello(frame.payload, ctx.limits);
@@ -173,6 +192,9 @@ asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,
     case MsgType::kMigrateReq:
       co_await serve_migrate(ctx, channel, first);
       co_return;
+    case MsgType::kCancelReq:
+      co_await serve_cancel(ctx, channel, first);
+      co_return;
     case MsgType::kHello:
       co_await serve_hello(ctx, channel, first);
       co_return;
@@ -211,7 +233,8 @@ asio::awaitable<void> Agent::Impl::accept_loop() {
                     open_connections, ctx.options.max_connections);
       continue;  // the socket closes here
     }
-    asio::co_spawn(ctx.io, serve_connection(std::move(socket)), asio::detached);
+    asio::co_spawn(ctx.io, serve_connection(std::move(socket)),
+                   log_exceptions(ctx.log, "serving a connection"));
   }
 }
 
@@ -220,6 +243,8 @@ asio::awaitable<void> Agent::Impl::serve_connection(
   ++open_connections;
   ScopeExit count([this] { --open_connections; });
   FrameChannel channel(std::move(socket), ctx.options.max_frame_bytes);
+  channels.insert(&channel);
+  ScopeExit unlist([this, &channel] { channels.erase(&channel); });
   std::optional<Frame> first = co_await admit(ctx, channel);
   if (first) co_await dispatch(*this, channel, std::move(*first));
   channel.close();

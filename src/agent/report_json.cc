@@ -80,6 +80,13 @@ json migration_json(const MigrationReport& r) {
   return out;
 }
 
+json cancel_json(const CancelReport& r) {
+  return {{"ok", true},
+          {"migration_id", r.migration_id},
+          {"outcome", r.outcome},
+          {"detail", r.detail}};
+}
+
 json error_json(const Status& s) {
   return {{"ok", false}, {"error", s.to_string()}};
 }

@@ -22,6 +22,8 @@ nlohmann::ordered_json status_json(const AgentStatus& status);
 // {ok: true, migration_id, seqs, pages, bytes, writes, seconds, gbps,
 //  pause_ms, rounds, round_pages, transport, staged, left_behind[, digests]}.
 nlohmann::ordered_json migration_json(const MigrationReport& report);
+// {ok: true, migration_id, outcome, detail}.
+nlohmann::ordered_json cancel_json(const CancelReport& report);
 // {ok: false, error}.
 nlohmann::ordered_json error_json(const Status& status);
 

@@ -23,6 +23,24 @@ MigrationContext::~MigrationContext() {
   }
 }
 
+asio::awaitable<bool> MigrationContext::wait_source_end(const std::string& id,
+                                                        Deadline deadline) {
+  auto timer = std::make_shared<asio::steady_timer>(io);
+  timer->expires_at(deadline);
+  auto it = end_waiters.emplace(id, timer);
+  while (active.count({id, true}) && Clock::now() < deadline) {
+    boost::system::error_code ec;
+    co_await timer->async_wait(asio::redirect_error(asio::use_awaitable, ec));
+  }
+  end_waiters.erase(it);
+  co_return !active.count({id, true});
+}
+
+void MigrationContext::source_ended(const std::string& id) {
+  auto [first, last] = end_waiters.equal_range(id);
+  for (auto it = first; it != last; ++it) it->second->cancel();
+}
+
 namespace {
 
 // The memory to register for a layout: its regions' spans, with overlapping

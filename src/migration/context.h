@@ -49,6 +49,11 @@ struct ActiveMigration {
   uint32_t round = 0;
   std::atomic<uint64_t> bytes{0};  // source: payload bytes posted so far
   Clock::time_point started = Clock::now();
+  // Ends the run early with `why` if it has not reached the decision point
+  // (source: sending COMMIT; destination: accepting it), by cancelling
+  // what it waits on; a run past that point ends as decided. Set by the
+  // run; io thread.
+  std::function<void(const Status& why)> cancel;
 };
 
 class MigrationContext {
@@ -91,9 +96,10 @@ class MigrationContext {
   // Declared before io and data_pool: destroyed after them, so coroutine
   // frames and pool work never outlive what they use.
   std::map<std::string, std::unique_ptr<Transport>, std::less<>> transports;
-  OutcomeRecords dst_records;  // io thread
-  InDoubtSet in_doubt;         // io thread
-  bool source_busy = false;    // io thread: a source run is under way
+  OutcomeRecords dst_records;   // io thread
+  InDoubtSet in_doubt;          // io thread
+  bool source_busy = false;     // io thread: a source run is under way
+  SourceOutcomes src_outcomes;  // io thread
   // When each request that arrived by migration was installed (io thread):
   // status reports it, so a rebalancer leaves requests that just moved
   // alone. Entries of requests no longer here are dropped by status; at
@@ -101,9 +107,18 @@ class MigrationContext {
   static constexpr size_t kMaxArrivals = 1u << 16;
   std::unordered_map<SeqId, Clock::time_point> arrivals;
   // Migrations under way, by id and role (io thread).
-  std::map<std::pair<std::string, bool>, const ActiveMigration*> active;
+  std::map<std::pair<std::string, bool>, ActiveMigration*> active;
+  // Waits (on the io thread) until the source migration `id` is no longer
+  // in `active`, or until `deadline`; true if it ended.
+  asio::awaitable<bool> wait_source_end(const std::string& id,
+                                        Deadline deadline);
+  // Wakes the waiters of wait_source_end(id) (io thread).
+  void source_ended(const std::string& id);
   std::atomic<bool> stopping{false};
   asio::io_context io{1};
+  // wait_source_end's timers, by migration id (io thread). Declared after
+  // io: destroyed before it.
+  std::multimap<std::string, std::shared_ptr<asio::steady_timer>> end_waiters;
   // Declared last: destroyed (stopped and joined) first.
   asio::thread_pool data_pool{2};
 };
@@ -111,7 +126,7 @@ class MigrationContext {
 // Lists an ActiveMigration in ctx.active for its own lifetime (io thread).
 class ActiveListing {
  public:
-  ActiveListing(MigrationContext& ctx, const ActiveMigration& m)
+  ActiveListing(MigrationContext& ctx, ActiveMigration& m)
       : ctx_(ctx), key_(m.id, m.source) {
     ctx_.active[key_] = &m;
   }

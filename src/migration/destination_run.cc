@@ -9,11 +9,6 @@
 namespace kvmig {
 namespace {
 
-// While waiting for COMMIT the destination allows the data phase at least
-// this rate on top of the peer timeout (a stalled source still times out; a
-// dead one is seen at once as a closed connection).
-constexpr double kMinDataBytesPerSecond = 20e6;
-
 // Protocol error unless every slot position is below n.
 Status check_positions(const std::vector<uint32_t>& positions, size_t n,
                        const char* message) {
@@ -24,6 +19,20 @@ Status check_positions(const std::vector<uint32_t>& positions, size_t n,
     }
   }
   return Status();
+}
+
+// Where `slots` lie in each region of the layout: the only bytes a source
+// may write (TransportTarget::allow).
+std::vector<WriteWindow> windows_for(const PagerLayout& layout,
+                                     std::span<const PageIndex> slots) {
+  std::vector<WriteWindow> out;
+  out.reserve(layout.size() * slots.size());
+  for (uint32_t r = 0; r < layout.size(); ++r) {
+    for (PageIndex s : slots) {
+      out.push_back({r, uint64_t{s} * layout[r].stride, layout[r].chunk});
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -53,20 +62,32 @@ DestinationRun::DestinationRun(MigrationContext& ctx, FrameChannel& channel,
   progress_.peer = channel.peer();
   progress_.phase = "offer";
   progress_.round = 1;
+  progress_.cancel = [this](const Status& why) { cancel(why); };
   listing_.emplace(ctx_, progress_);
+}
+
+void DestinationRun::cancel(const Status& why) {
+  if (deciding_ || cancelled_) return;
+  cancelled_ = why;
+  progress_.phase = "cancelling";
+  boost::system::error_code ignored;
+  channel_.socket().cancel(ignored);
 }
 
 asio::awaitable<void> DestinationRun::run() {
   Status s = check_hello();
   if (s.ok()) s = allocate_first_round();
   if (s.ok()) s = co_await open_and_offer();
+  if (cancelled_) s = *cancelled_;
   if (!s.ok()) {
     co_await fail(s);
     co_return;
   }
-  progress_.phase = "data";
+  if (!cancelled_) progress_.phase = "data";
   auto commit_frame = co_await receive_until_commit();
   progress_.phase = "install";
+  if (cancelled_) commit_frame = *cancelled_;
+  deciding_ = true;
   Result<CommitMsg> commit = commit_frame.ok()
                                  ? check_commit(*commit_frame)
                                  : Result<CommitMsg>(commit_frame.status());
@@ -229,6 +250,9 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
     co_return opened.status().with_context("opening the data path");
   }
   target_ = std::move(*opened);
+  // Zero-copy into the pool: the source may write its own slots only (a
+  // staging buffer is this migration's alone).
+  if (ctx_.layout) target_->allow(windows_for(*ctx_.layout, slots_.slots()));
   offer.target_address = target_->address();
   const std::vector<uint8_t> payload = encode(offer);
   Status sent =
@@ -240,21 +264,37 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
   co_return Status();
 }
 
-Deadline DestinationRun::data_deadline() const {
-  // The data phase may take at least kMinDataBytesPerSecond for every slot
-  // allocated so far, on top of the peer timeout.
-  return ctx_.peer_deadline() +
-         std::chrono::duration_cast<Clock::duration>(
-             std::chrono::duration<double>(double(slots_.size()) * page_total_ /
-                                           kMinDataBytesPerSecond));
-}
-
 asio::awaitable<Result<Frame>> DestinationRun::receive_until_commit() {
+  // The deadline is on progress, not on size: every frame but a PROGRESS
+  // that reports no new bytes restarts it, so a source that writes on
+  // keeps its slots and one that stalls (no frame, no byte) loses them
+  // after the peer timeout.
+  Clock::time_point last_progress = Clock::now();
+  uint64_t bytes_seen = 0;
   for (;;) {
-    auto frame = co_await channel_.receive(data_deadline());
-    if (!frame.ok())
+    if (cancelled_) co_return *cancelled_;
+    auto frame =
+        co_await channel_.receive(last_progress + ctx_.options.peer_timeout);
+    if (!frame.ok()) {
+      if (frame.status().code() == StatusCode::kDeadlineExceeded) {
+        co_return Status::deadline_exceeded(
+            "source " + channel_.peer() + " made no progress for " +
+            std::to_string(ctx_.options.peer_timeout.count()) + " ms (" +
+            std::to_string(bytes_seen) + " bytes reported posted)");
+      }
       co_return frame.status().with_context("waiting for COMMIT");
+    }
     if (frame->type == MsgType::kCommit) co_return frame;
+    if (frame->type == MsgType::kProgress) {
+      auto p = decode_progress(frame->payload);
+      if (!p.ok()) co_return p.status();
+      ++progress_frames_;
+      if (p->bytes > bytes_seen) {
+        bytes_seen = p->bytes;
+        last_progress = Clock::now();
+      }
+      continue;
+    }
     Status ok;
     if (frame->type == MsgType::kAbort) {
       auto why = decode_abort(frame->payload, ctx_.limits);
@@ -271,6 +311,7 @@ asio::awaitable<Result<Frame>> DestinationRun::receive_until_commit() {
                             " during the data phase");
     }
     if (!ok.ok()) co_return ok;
+    last_progress = Clock::now();
   }
 }
 
@@ -293,6 +334,9 @@ asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
         " more pages (" + more.status().message() + ")");
   }
   slots_.add(*more);
+  if (ctx_.layout && target_) {
+    target_->allow(windows_for(*ctx_.layout, *more));
+  }
   landed_.resize(slots_.size(), false);
   verified_.resize(slots_.size(), false);
   const std::vector<uint8_t> payload = encode(RoundOfferMsg{*more});
@@ -455,8 +499,8 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
                       released.to_string());
     }
   }
-  ctx_.log->info("{} installed {} requests in {} slots", tag_,
-                 commit.seqs.size(), used);
+  ctx_.log->info("{} installed {} requests in {} slots ({} PROGRESS frames)",
+                 tag_, commit.seqs.size(), used, progress_frames_);
   co_return Status();
 }
 

@@ -88,7 +88,9 @@ class DestinationRun {
   // Calls AgentOptions::on_migration_end, before the source learns the
   // outcome (DONE or ABORT), so an observer sees it first.
   void report_end(const char* outcome) const;
-  Deadline data_deadline() const;
+  // Ends the run with `why` before it accepts COMMIT (ActiveMigration::
+  // cancel: the agent is stopping).
+  void cancel(const Status& why);
 
   MigrationContext& ctx_;
   FrameChannel& channel_;
@@ -110,7 +112,10 @@ class DestinationRun {
   uint64_t verified_pages_ = 0;
   uint64_t batched_pages_ = 0;
   uint64_t installed_pages_ = 0;
+  uint64_t progress_frames_ = 0;  // PROGRESS frames received
   const Clock::time_point t_start_ = Clock::now();
+  std::optional<Status> cancelled_;  // cancel()'s reason
+  bool deciding_ = false;            // COMMIT accepted: too late to cancel
   // Declared after the lease: the target (revoked by its destructor) goes
   // before the slots are given back, however the run ends.
   std::unique_ptr<TransportTarget> target_;

@@ -55,7 +55,9 @@ asio::awaitable<Outcome> resolve_outcome(MigrationContext& ctx,
 void InDoubtSet::enter(MigrationContext& ctx, AgentStatus::InDoubt entry) {
   std::string id = entry.migration_id;
   entries_.push_back(std::move(entry));
-  asio::co_spawn(ctx.io, keep_asking(ctx, std::move(id)), asio::detached);
+  const std::string what = "asking about in-doubt migration " + id;
+  asio::co_spawn(ctx.io, keep_asking(ctx, std::move(id)),
+                 log_exceptions(ctx.log, what));
 }
 
 asio::awaitable<void> InDoubtSet::keep_asking(MigrationContext& ctx,
@@ -140,6 +142,11 @@ void InDoubtSet::settle(MigrationContext& ctx, const std::string& id,
                 join_ids(d.seqs),
                 committed ? (d.hold == "none" ? "copied" : "dropped here")
                           : "run here again");
+  ctx.src_outcomes.remember(
+      id, {committed ? "committed" : "aborted",
+           committed ? ""
+                     : "rolled back at the destination (settled after "
+                       "being in doubt)"});
 }
 
 }  // namespace kvmig

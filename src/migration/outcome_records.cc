@@ -39,4 +39,20 @@ bool OutcomeRecords::begin_commit(const std::string& id) {
   return true;
 }
 
+void SourceOutcomes::remember(const std::string& id, Entry entry) {
+  auto [it, inserted] = records_.insert_or_assign(id, std::move(entry));
+  (void)it;
+  if (!inserted) return;
+  order_.push_back(id);
+  if (order_.size() > kMaxRecords) {
+    records_.erase(order_.front());
+    order_.pop_front();
+  }
+}
+
+const SourceOutcomes::Entry* SourceOutcomes::find(const std::string& id) const {
+  auto it = records_.find(id);
+  return it == records_.end() ? nullptr : &it->second;
+}
+
 }  // namespace kvmig

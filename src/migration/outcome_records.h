@@ -46,6 +46,27 @@ class OutcomeRecords {
   std::deque<std::string> order_;  // oldest first, bounded
 };
 
+// The source's memory of how its recent migrations ended, by id: what a
+// CANCEL that comes late is answered, and which ids a scheduler may not
+// reuse. Not thread-safe: the agent's io thread owns it.
+class SourceOutcomes {
+ public:
+  static constexpr size_t kMaxRecords = 4096;
+
+  struct Entry {
+    std::string outcome;  // CancelReport::outcome: aborted, committed, ...
+    std::string detail;
+  };
+  // Records how id ended, forgetting the oldest past kMaxRecords.
+  void remember(const std::string& id, Entry entry);
+  // How id ended, or null when unknown (or forgotten).
+  const Entry* find(const std::string& id) const;
+
+ private:
+  std::map<std::string, Entry> records_;
+  std::deque<std::string> order_;  // oldest first
+};
+
 }  // namespace kvmig
 
 #endif  // KVMIG_SRC_MIGRATION_OUTCOME_RECORDS_H_

@@ -59,11 +59,89 @@ SourceRun::SourceRun(MigrationContext& ctx, const MigrateRequest& req,
       meta_(ctx.pager.meta()),
       page_total_(2 * meta_.page_bytes()),
       precopy_(meta_.page_size_tokens),
-      pause_(ctx.pager) {
+      pause_(ctx.pager),
+      timeout_timer_(ctx.io) {
   progress_.id = id_;
   progress_.peer = req.to;
   progress_.transport = std::string(transport.name());
+  progress_.cancel = [this](const Status& why) { cancel(why); };
   listing_.emplace(ctx_, progress_);
+}
+
+void SourceRun::cancel(const Status& why) {
+  if (committing_ || cancelled_) return;
+  ctx_.log->warn("{} cancelling: {}", tag_, why.to_string());
+  cancelled_ = why;
+  progress_.phase = "cancelling";
+  cancel_flag_.store(true, std::memory_order_relaxed);
+  boost::system::error_code ignored;
+  if (channel_) channel_->socket().cancel(ignored);
+  if (pause_timer_) pause_timer_->cancel();
+}
+
+void SourceRun::arm_timeout() {
+  if (req_.timeout.count() <= 0) return;
+  timeout_timer_.expires_after(req_.timeout);
+  // The timer dies with the run, and then this handler sees an error.
+  timeout_timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;
+    cancel(Status::deadline_exceeded(
+        "migration " + id_ +
+        " cancelled: not committed within its timeout "
+        "of " +
+        std::to_string(req_.timeout.count()) +
+        " ms; rolled back, the requests run at the source again"));
+  });
+}
+
+template <typename F>
+asio::awaitable<Status> SourceRun::offload_with_progress(F f) {
+  // The job reports back through the io thread, which cancels the timer
+  // this coroutine waits on between PROGRESS frames.
+  struct Job {
+    explicit Job(asio::io_context& io) : timer(io) {}
+    asio::steady_timer timer;
+    bool done = false;  // io thread
+    Status result;      // io thread
+  };
+  auto job = std::make_shared<Job>(ctx_.io);
+  asio::post(ctx_.data_pool, [job, f = std::move(f)]() mutable {
+    Status s = f();
+    asio::post(job->timer.get_executor(), [job, s = std::move(s)]() mutable {
+      job->result = std::move(s);
+      job->done = true;
+      job->timer.cancel();
+    });
+  });
+  // At most a second apart, and well inside the peer timeout.
+  const auto every = std::min<Clock::duration>(std::chrono::seconds(1),
+                                               ctx_.options.peer_timeout / 4);
+  Status link;  // the control connection failed: the destination is gone
+  while (!job->done) {
+    job->timer.expires_after(every);
+    boost::system::error_code ec;
+    co_await job->timer.async_wait(
+        asio::redirect_error(asio::use_awaitable, ec));
+    // Cancelled or cut off: the job ends soon (its write loop sees the flag).
+    if (job->done || cancelled_ || !link.ok()) continue;
+    ProgressMsg progress;
+    progress.bytes = progress_.bytes.load(std::memory_order_relaxed);
+    const std::vector<uint8_t> payload = encode(progress);
+    link = co_await channel_->send(MsgType::kProgress, payload, deadline());
+    if (!link.ok()) cancel_flag_.store(true, std::memory_order_relaxed);
+  }
+  if (job->result.ok() || link.ok() || cancelled_) {
+    co_return std::move(job->result);
+  }
+  // The destination gave up on this migration: its ABORT says why.
+  auto why =
+      co_await channel_->receive(Clock::now() + std::chrono::milliseconds(200));
+  if (why.ok() && why->type == MsgType::kAbort) {
+    auto abort = decode_abort(why->payload, ctx_.limits);
+    if (abort.ok())
+      co_return Status::aborted("destination aborted: " + abort->reason);
+  }
+  co_return link;
 }
 
 asio::awaitable<void> SourceRun::abort_peer(const Status& why) {
@@ -90,6 +168,8 @@ asio::awaitable<Status> SourceRun::pause_engine() {
   };
   auto race = std::make_shared<Race>(ctx_.io);
   race->timer.expires_at(deadline());
+  pause_timer_ = &race->timer;
+  ScopeExit unset([this] { pause_timer_ = nullptr; });
   CachePager& pager = ctx_.pager;
   asio::post(ctx_.data_pool, [race, &pager] {
     Status s = pager.pause();
@@ -110,6 +190,7 @@ asio::awaitable<Status> SourceRun::pause_engine() {
     std::lock_guard lock(race->mu);
     if (!race->done) {
       race->abandoned = true;
+      if (cancelled_) co_return *cancelled_;
       co_return Status::deadline_exceeded(
           "pause: the engine did not pause within the peer timeout (" +
           std::to_string(ctx_.options.peer_timeout.count()) +
@@ -127,8 +208,10 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
     std::vector<SeqId> ids) {
   moving_ = std::move(ids);
   progress_.seqs = moving_;
+  arm_timeout();
   auto connected = co_await connect_channel(
       req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
+  if (cancelled_) co_return *cancelled_;
   if (!connected.ok()) co_return connected.status().with_context("destination");
   channel_.emplace(std::move(*connected));
 
@@ -144,6 +227,8 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
     if (s.ok()) s = co_await pause_engine();
     if (s.ok()) s = co_await run_round(false);
   }
+  // A cancelled run fails at whatever it waited on: say why it really ended.
+  if (cancelled_) s = *cancelled_;
   if (!s.ok()) {
     ctx_.log->warn("{} aborting: {}", tag_, s.to_string());
     co_await abort_peer(s);
@@ -195,6 +280,7 @@ Status SourceRun::leave_behind(const std::vector<SeqId>& dropped) {
 }
 
 asio::awaitable<Status> SourceRun::run_round(bool first) {
+  KVMIG_CO_RETURN_IF_ERROR(cancel_status());
   auto current = ctx_.pager.logical_seqs();
   if (!current.ok()) co_return current.status().with_context("logical_seqs");
   PrecopyState::Round round =
@@ -237,7 +323,7 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
 
 asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
     uint32_t n_pages) {
-  progress_.phase = "offer";
+  enter_phase("offer");
   init_ = nullptr;
   auto initiator = transport_.create_initiator_for(req_.to);
   if (!initiator.ok()) co_return initiator.status();
@@ -337,6 +423,9 @@ Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
                    pw.dst_offset, pw.length});
     posted += pw.length;
     if (ops.size() == kOpsPerPost || w + 1 == planned.size()) {
+      if (cancel_flag_.load(std::memory_order_relaxed)) {
+        return Status::aborted("cancelled while writing");
+      }
       KVMIG_RETURN_IF_ERROR(init_->write(ops, deadline()));
       ops.clear();
       progress_.bytes.fetch_add(posted, std::memory_order_relaxed);
@@ -372,7 +461,7 @@ Status SourceRun::ensure_source_geometry() {
 asio::awaitable<Status> SourceRun::send_positions(
     const std::vector<uint32_t>& positions) {
   if (positions.empty()) co_return Status();
-  progress_.phase = "data";
+  enter_phase("data");
   const auto t0 = Clock::now();
   KVMIG_CO_RETURN_IF_ERROR(ensure_source_geometry());
   std::vector<uint64_t> sums(req_.verify ? positions.size() : 0);
@@ -384,7 +473,8 @@ asio::awaitable<Status> SourceRun::send_positions(
   for (size_t first = 0; first < positions.size(); first += batch) {
     const size_t count = std::min(batch, positions.size() - first);
     const bool mid_fault = first == 0;
-    Status wrote = co_await ctx_.offload(
+    KVMIG_CO_RETURN_IF_ERROR(cancel_status());
+    Status wrote = co_await offload_with_progress(
         [&] { return write_batch(positions, first, count, mid_fault, sums); });
     if (!wrote.ok()) co_return wrote.with_context("data");
     if (dst_staging_slots_ == 0) continue;
@@ -414,7 +504,8 @@ asio::awaitable<Status> SourceRun::send_batch_and_wait(
 
 asio::awaitable<Status> SourceRun::verify_round(
     const std::vector<uint32_t>& positions, const std::vector<uint64_t>& sums) {
-  progress_.phase = "verify";
+  enter_phase("verify");
+  KVMIG_CO_RETURN_IF_ERROR(cancel_status());
   const std::vector<uint8_t> payload = encode(VerifyMsg{positions, sums});
   Status sent = co_await channel_->send(MsgType::kVerify, payload, deadline());
   if (!sent.ok()) co_return sent;
@@ -460,7 +551,7 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
 }
 
 asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
-  progress_.phase = "commit";
+  enter_phase("commit");
   const CommitMsg msg = commit_tables();
   // Digests, if asked, read while paused.
   std::vector<std::pair<SeqId, std::string>> digests;
@@ -472,6 +563,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     }
     return Status();
   });
+  if (cancelled_) read = *cancelled_;
   if (!read.ok()) {
     co_await abort_peer(read);
     co_return read;
@@ -486,6 +578,14 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     co_await abort_peer(gone);
     co_return gone;
   }
+  // The decision point: from here on the destination decides, and a
+  // cancel is answered with how it decided.
+  if (cancelled_) {
+    co_await abort_peer(*cancelled_);
+    co_return *cancelled_;
+  }
+  committing_ = true;
+  timeout_timer_.cancel();
   Status failure;
   Outcome outcome = co_await send_commit(msg, failure);
   channel_->close();
@@ -635,12 +735,18 @@ Result<std::vector<SeqId>> select_requests(MigrationContext& ctx,
 }
 
 // run_source's checks, then the run. transport: the one chosen, once it
-// is known; ended: how the run ended, if one started.
+// is known; ended: how the run ended, if one started; cancelled: whether
+// a cancel (or the timeout) ended it.
 asio::awaitable<Result<MigrationReport>> checked_run(
-    MigrationContext& ctx, const MigrateRequest& req,
-    std::string& transport_out, std::optional<MigrationEvent>& ended) {
+    MigrationContext& ctx, const MigrateRequest& req, const std::string& id,
+    std::string& transport_out, std::optional<MigrationEvent>& ended,
+    bool& cancelled) {
   if (req.live && (req.live_max_rounds == 0)) {
     co_return Status::invalid_argument("live migration needs max rounds >= 1");
+  }
+  if (req.timeout.count() < 0) {
+    co_return Status::invalid_argument(
+        "migration timeout must not be negative");
   }
   const std::string transport_name =
       req.transport.empty() ? ctx.options.transports.front() : req.transport;
@@ -657,25 +763,94 @@ asio::awaitable<Result<MigrationReport>> checked_run(
         std::to_string(ids->size()) + " requests exceed the limit of " +
         std::to_string(ctx.options.max_seqs_per_migration) + " per migration");
   }
-  SourceRun run(ctx, req, **transport, new_migration_id());
+  SourceRun run(ctx, req, **transport, id);
   auto report = co_await run.run(std::move(*ids));
   ended = run.ended();
+  cancelled = run.cancelled();
   co_return report;
 }
 
+// The id the run goes by: the scheduler's, if it is well-formed and new
+// here, or a fresh one.
+Result<std::string> migration_id_for(MigrationContext& ctx,
+                                     const MigrateRequest& req) {
+  if (req.migration_id.empty()) return new_migration_id();
+  KVMIG_RETURN_IF_ERROR(check_migration_id(req.migration_id));
+  if (ctx.active.count({req.migration_id, true}) ||
+      ctx.active.count({req.migration_id, false}) ||
+      ctx.src_outcomes.find(req.migration_id) != nullptr ||
+      ctx.dst_records.contains(req.migration_id)) {
+    return Status::already_exists("migration id " + req.migration_id +
+                                  " is already known to this agent");
+  }
+  return req.migration_id;
+}
+
 }  // namespace
+
+asio::awaitable<Result<CancelReport>> cancel_source(MigrationContext& ctx,
+                                                    std::string id) {
+  KVMIG_CO_RETURN_IF_ERROR(check_migration_id(id));
+  if (auto dst = ctx.active.find({id, false}); dst != ctx.active.end()) {
+    co_return Status::failed_precondition(
+        "this agent is the destination of migration " + id +
+        ": cancel it at its source, " + dst->second->peer);
+  }
+  if (auto src = ctx.active.find({id, true}); src != ctx.active.end()) {
+    if (src->second->cancel) {
+      src->second->cancel(
+          Status::aborted("migration " + id + " cancelled by request"));
+    }
+    // Past the decision point it ends as the destination decides: DONE,
+    // or outcome queries, within two peer timeouts.
+    const Deadline until =
+        Clock::now() + 2 * ctx.options.peer_timeout + std::chrono::seconds(1);
+    if (!co_await ctx.wait_source_end(id, until)) {
+      co_return Status::unavailable("migration " + id +
+                                    " is still ending; ask again");
+    }
+  }
+  const SourceOutcomes::Entry* ended = ctx.src_outcomes.find(id);
+  if (ended == nullptr) {
+    ctx.src_outcomes.remember(
+        id, {"cancelled", "cancelled before it reached this agent"});
+    co_return Status::not_found("no migration " + id +
+                                " from this agent (a request with this id "
+                                "that arrives from now on is refused)");
+  }
+  CancelReport report;
+  report.migration_id = id;
+  report.outcome = ended->outcome;
+  report.detail = ended->detail;
+  co_return report;
+}
 
 asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
                                                     MigrateRequest req) {
   const Clock::time_point t0 = Clock::now();
   std::string transport;
   std::optional<MigrationEvent> ended;
+  bool cancelled = false;
+  auto id = migration_id_for(ctx, req);
   Result<MigrationReport> result = Status::failed_precondition(
       "a migration from this agent is already running");
-  if (!ctx.source_busy) {
+  if (!id.ok()) {
+    result = id.status();
+  } else if (!ctx.source_busy) {
     ctx.source_busy = true;
     ScopeExit not_busy([&ctx] { ctx.source_busy = false; });
-    result = co_await checked_run(ctx, req, transport, ended);
+    result = co_await checked_run(ctx, req, *id, transport, ended, cancelled);
+  }
+  if (id.ok()) {
+    // What a cancel that comes now is told; wakes the ones waiting.
+    SourceOutcomes::Entry entry;
+    entry.outcome = result.ok()                             ? "committed"
+                    : cancelled                             ? "cancelled"
+                    : ended && ended->outcome == "in_doubt" ? "in_doubt"
+                                                            : "aborted";
+    if (!result.ok()) entry.detail = result.status().to_string();
+    ctx.src_outcomes.remember(*id, std::move(entry));
+    ctx.source_ended(*id);
   }
   // Exactly once per migration asked for, refusals included.
   if (ctx.options.on_migration_end) {

@@ -10,6 +10,7 @@
 #ifndef KVMIG_SRC_MIGRATION_SOURCE_RUN_H_
 #define KVMIG_SRC_MIGRATION_SOURCE_RUN_H_
 
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -30,6 +31,16 @@ namespace kvmig {
 // (FailedPrecondition for a second). Runs on ctx's io thread.
 asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
                                                     MigrateRequest request);
+
+// Cancels the source migration `id` (SourceRun::cancel) and waits until it
+// has ended, then says how it ended (CancelReport); one that ended already
+// is reported as it ended. NotFound for an id this agent has not seen,
+// which it remembers as cancelled all the same, so that a MIGRATE_REQ with
+// that id arriving later is refused (a scheduler's cancel may overtake its
+// own request). FailedPrecondition when this agent is the destination of
+// `id`. Io thread.
+asio::awaitable<Result<CancelReport>> cancel_source(MigrationContext& ctx,
+                                                    std::string id);
 
 // One pause of the whole engine, owned by a migration: resumed when it ends,
 // however it ends, unless handed over to an in-doubt entry. Not thread-safe.
@@ -64,9 +75,30 @@ class SourceRun {
   // How the run ended, for AgentOptions::on_migration_end: "committed",
   // "in_doubt", or else "aborted". Call after run().
   MigrationEvent ended() const;
+  // Whether cancel() stopped the run (it then ended with cancel's status).
+  bool cancelled() const { return cancelled_.has_value(); }
+
+  // Ends the run with `why` unless it has reached the decision point
+  // (COMMIT about to be sent): what it waits on (a frame, the data pool's
+  // writes, the pause) is cut short, and it rolls back as for any failure.
+  // Io thread. Also ActiveMigration::cancel.
+  void cancel(const Status& why);
 
  private:
   Deadline deadline() const { return ctx_.peer_deadline(); }
+  // Status shows the run in phase p, unless it is cancelling.
+  void enter_phase(const char* p) {
+    if (!cancelled_) progress_.phase = p;
+  }
+  // The status cancel() set, or OK.
+  Status cancel_status() const { return cancelled_ ? *cancelled_ : Status(); }
+  // Arms the request's timeout (MigrateRequest::timeout), if any.
+  void arm_timeout();
+  // Runs f (returning Status) on the data pool; while it runs, tells the
+  // destination every heartbeat period how many bytes went out (PROGRESS),
+  // so that its progress deadline sees a source that is alive and moving.
+  template <typename F>
+  asio::awaitable<Status> offload_with_progress(F f);
   asio::awaitable<void> abort_peer(const Status& why);
   asio::awaitable<Status> pause_engine();
   asio::awaitable<Status> run_live_rounds();
@@ -137,6 +169,13 @@ class SourceRun {
   double data_seconds_ = 0;
   uint64_t bytes_ = 0, writes_ = 0;
   bool mid_fault_done_ = false;
+  // Cancellation (cancel()): the reason, and the flag the data pool's
+  // write loop reads. committing_: COMMIT is going out, too late to cancel.
+  std::optional<Status> cancelled_;
+  std::atomic<bool> cancel_flag_{false};
+  bool committing_ = false;
+  asio::steady_timer* pause_timer_ = nullptr;  // while pause_engine waits
+  asio::steady_timer timeout_timer_;
   // What status lists while the run lives.
   ActiveMigration progress_;
   std::optional<ActiveListing> listing_;

@@ -1,8 +1,67 @@
 #include "control_messages.h"
 
+#include <iterator>
 #include <string>
 
+#include "ids.h"
+
 namespace kvmig {
+namespace {
+
+// CancelReport::outcome on the wire.
+constexpr const char* kCancelOutcomes[] = {"cancelled", "aborted", "committed",
+                                           "in_doubt"};
+
+}  // namespace
+
+std::vector<uint8_t> encode(const CancelReqMsg& m) {
+  ByteWriter w;
+  w.put_string(m.migration_id);
+  return w.take();
+}
+
+Result<CancelReqMsg> decode_cancel_req(std::span<const uint8_t> p,
+                                       const WireLimits& l) {
+  return decode_all<CancelReqMsg>(
+      p, "CANCEL_REQ", [&](ByteReader& r) -> Result<CancelReqMsg> {
+        CancelReqMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(l.max_string, "migration id"));
+        KVMIG_RETURN_IF_ERROR(check_migration_id(m.migration_id));
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const CancelReport& m) {
+  ByteWriter w;
+  w.put_string(m.migration_id);
+  uint8_t code = 0;
+  for (uint8_t k = 0; k < std::size(kCancelOutcomes); ++k) {
+    if (m.outcome == kCancelOutcomes[k]) code = k;
+  }
+  w.put(code);
+  w.put_string(m.detail);
+  return w.take();
+}
+
+Result<CancelReport> decode_cancel_report(std::span<const uint8_t> p,
+                                          const WireLimits& l) {
+  return decode_all<CancelReport>(
+      p, "CANCEL_RESP", [&](ByteReader& r) -> Result<CancelReport> {
+        CancelReport m;
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(l.max_string, "migration id"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t code, r.get<uint8_t>("outcome"));
+        if (code >= std::size(kCancelOutcomes)) {
+          return Status::data_loss("cancel outcome " + std::to_string(code) +
+                                   " out of range");
+        }
+        m.outcome = kCancelOutcomes[code];
+        KVMIG_ASSIGN_OR_RETURN(m.detail,
+                               r.get_string(l.max_string * 16, "detail"));
+        return m;
+      });
+}
 
 std::vector<uint8_t> encode(const SnapshotReqMsg& m) {
   ByteWriter w;
@@ -38,6 +97,8 @@ std::vector<uint8_t> encode(const MigrateRequest& m) {
   w.put(m.live_max_rounds);
   w.put(m.live_converge_pages);
   w.put(static_cast<uint8_t>(m.live_abort_if_not_converged));
+  w.put_string(m.migration_id);
+  w.put(static_cast<uint64_t>(m.timeout.count()));
   return w.take();
 }
 
@@ -59,6 +120,16 @@ Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
         KVMIG_ASSIGN_OR_RETURN(m.live_converge_pages,
                                r.get<uint32_t>("converge pages"));
         KVMIG_ASSIGN_OR_RETURN(uint8_t abort_nc, r.get<uint8_t>("abort flag"));
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(kMaxMigrationIdBytes, "id"));
+        if (!m.migration_id.empty()) {
+          KVMIG_RETURN_IF_ERROR(check_migration_id(m.migration_id));
+        }
+        KVMIG_ASSIGN_OR_RETURN(uint64_t timeout_ms, r.get<uint64_t>("timeout"));
+        if (timeout_ms > uint64_t{1} << 40) {
+          return Status::data_loss("timeout out of range");
+        }
+        m.timeout = std::chrono::milliseconds(timeout_ms);
         if (all > 1 || mode > 1 || live > 1 || verify > 1 || digests > 1 ||
             abort_nc > 1) {
           return Status::data_loss("flag out of range");

@@ -1,4 +1,5 @@
-// Scheduler messages: MIGRATE_REQ/RESP, STATUS_RESP and SNAPSHOT_REQ, the
+// Scheduler messages: MIGRATE_REQ/RESP, CANCEL_REQ/RESP, STATUS_RESP and
+// SNAPSHOT_REQ, the
 // public request and report types on the wire. Decoders validate like the
 // migration codecs (messages.h). Stateless; thread-safe.
 #ifndef KVMIG_SRC_PROTOCOL_CONTROL_MESSAGES_H_
@@ -22,12 +23,23 @@ struct SnapshotReqMsg {
   std::string path;
 };
 
+// Asks a source agent to cancel a migration (CancelReport answers).
+struct CancelReqMsg {
+  std::string migration_id;
+};
+
 std::vector<uint8_t> encode(const SnapshotReqMsg& m);
+std::vector<uint8_t> encode(const CancelReqMsg& m);
+std::vector<uint8_t> encode(const CancelReport& m);
 std::vector<uint8_t> encode(const MigrateRequest& m);
 std::vector<uint8_t> encode(const MigrationReport& m);
 std::vector<uint8_t> encode(const AgentStatus& m);
 Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
                                            const WireLimits& l);
+Result<CancelReqMsg> decode_cancel_req(std::span<const uint8_t> p,
+                                       const WireLimits& l);
+Result<CancelReport> decode_cancel_report(std::span<const uint8_t> p,
+                                          const WireLimits& l);
 Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
                                               const WireLimits& l);
 Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,

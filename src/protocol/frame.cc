@@ -26,6 +26,7 @@ bool known_type(uint16_t t) {
     case MsgType::kRoundOffer:
     case MsgType::kVerify:
     case MsgType::kVerifyAck:
+    case MsgType::kProgress:
     case MsgType::kStatusReq:
     case MsgType::kStatusResp:
     case MsgType::kMigrateReq:
@@ -42,6 +43,8 @@ bool known_type(uint16_t t) {
     case MsgType::kAuthProof:
     case MsgType::kAuthOk:
     case MsgType::kError:
+    case MsgType::kCancelReq:
+    case MsgType::kCancelResp:
       return true;
   }
   return false;
@@ -82,6 +85,8 @@ std::string msg_type_name(MsgType type) {
       return "VERIFY";
     case MsgType::kVerifyAck:
       return "VERIFY_ACK";
+    case MsgType::kProgress:
+      return "PROGRESS";
     case MsgType::kStatusReq:
       return "STATUS_REQ";
     case MsgType::kStatusResp:
@@ -114,6 +119,10 @@ std::string msg_type_name(MsgType type) {
       return "AUTH_OK";
     case MsgType::kError:
       return "ERROR";
+    case MsgType::kCancelReq:
+      return "CANCEL_REQ";
+    case MsgType::kCancelResp:
+      return "CANCEL_RESP";
   }
   return "UNKNOWN(" + std::to_string(static_cast<uint16_t>(type)) + ")";
 }

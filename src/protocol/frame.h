@@ -20,7 +20,8 @@
 namespace kvmig {
 
 inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
-inline constexpr uint16_t kProtocolVersion = 1;
+// 2: PROGRESS, CANCEL_REQ/RESP; MIGRATE_REQ carries an id and a timeout.
+inline constexpr uint16_t kProtocolVersion = 2;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {
@@ -35,6 +36,7 @@ enum class MsgType : uint16_t {
   kRoundOffer = 9,      // dst -> src: the slots for that round
   kVerify = 10,         // src -> dst: checksums of the pages a round sent
   kVerifyAck = 11,      // dst -> src: those pages check out
+  kProgress = 12,       // src -> dst: still writing, bytes posted so far
   kStatusReq = 16,      // scheduler -> agent
   kStatusResp = 17,     // agent -> scheduler
   kMigrateReq = 18,     // scheduler -> source agent
@@ -51,6 +53,8 @@ enum class MsgType : uint16_t {
   kAuthProof = 29,      // client -> agent: the client's MAC
   kAuthOk = 30,         // agent -> client: authenticated
   kError = 31,          // agent -> client: request refused
+  kCancelReq = 32,      // client -> source agent: cancel migration id
+  kCancelResp = 33,     // source agent -> client: how it ended
 };
 
 // "HELLO", "OFFER", ...; "UNKNOWN(n)" for other values.

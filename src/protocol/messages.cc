@@ -170,6 +170,21 @@ Result<RoundMsg> decode_round(std::span<const uint8_t> p) {
       });
 }
 
+std::vector<uint8_t> encode(const ProgressMsg& m) {
+  ByteWriter w;
+  w.put(m.bytes);
+  return w.take();
+}
+
+Result<ProgressMsg> decode_progress(std::span<const uint8_t> p) {
+  return decode_all<ProgressMsg>(
+      p, "PROGRESS", [&](ByteReader& r) -> Result<ProgressMsg> {
+        ProgressMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.bytes, r.get<uint64_t>("bytes posted"));
+        return m;
+      });
+}
+
 std::vector<uint8_t> encode(const RoundOfferMsg& m) {
   ByteWriter w;
   put_u32s(w, m.slots);

@@ -71,6 +71,13 @@ struct BatchMsg {
   std::vector<uint32_t> positions;
 };
 
+// During a long data phase, every so often: the source is alive and has
+// posted this many payload bytes so far (over the whole migration). The
+// destination's deadline runs from the last frame that showed progress.
+struct ProgressMsg {
+  uint64_t bytes = 0;
+};
+
 struct AbortMsg {
   std::string reason;
 };
@@ -96,6 +103,7 @@ std::vector<uint8_t> encode(const BatchMsg& m);
 std::vector<uint8_t> encode(const RoundMsg& m);
 std::vector<uint8_t> encode(const VerifyMsg& m);
 std::vector<uint8_t> encode(const RoundOfferMsg& m);
+std::vector<uint8_t> encode(const ProgressMsg& m);
 std::vector<uint8_t> encode(const AbortMsg& m);
 std::vector<uint8_t> encode(const ErrorMsg& m);
 std::vector<uint8_t> encode(const OutcomeReqMsg& m);
@@ -110,6 +118,7 @@ Result<VerifyMsg> decode_verify(std::span<const uint8_t> p,
                                 const WireLimits& l);
 Result<RoundOfferMsg> decode_round_offer(std::span<const uint8_t> p,
                                          const WireLimits& l);
+Result<ProgressMsg> decode_progress(std::span<const uint8_t> p);
 Result<AbortMsg> decode_abort(std::span<const uint8_t> p, const WireLimits& l);
 Result<ErrorMsg> decode_error(std::span<const uint8_t> p, const WireLimits& l);
 Result<OutcomeReqMsg> decode_outcome_req(std::span<const uint8_t> p,

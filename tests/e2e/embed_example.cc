@@ -531,6 +531,229 @@ class ReentrantPager final : public testing::ForwardingPager {
   Status inner_status;
 };
 
+// A gate a fault hook waits at until the test opens it (bounded, so a
+// broken test fails instead of hanging).
+class Gate {
+ public:
+  void reach() {
+    std::unique_lock lock(mu_);
+    reached_ = true;
+    cv_.notify_all();
+    cv_.wait_for(lock, std::chrono::seconds(30), [&] { return open_; });
+  }
+  bool wait_reached() {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(30),
+                        [&] { return reached_; });
+  }
+  void open() {
+    std::lock_guard lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool reached_ = false;
+  bool open_ = false;
+};
+
+// Each live request's digest, read from the pager itself (works on a pager
+// whose agent has stopped).
+std::map<SeqId, std::string> pager_digests(CachePager& pager) {
+  std::map<SeqId, std::string> out;
+  auto seqs = pager.logical_seqs();
+  EXPECT_TRUE(seqs.ok()) << seqs.status().to_string();
+  if (!seqs.ok()) return out;
+  for (const LogicalSeq& seq : *seqs) {
+    auto d = seq_digest(pager, seq);
+    EXPECT_TRUE(d.ok()) << d.status().to_string();
+    if (d.ok()) out[seq.seq_id] = d->hex();
+  }
+  return out;
+}
+
+uint64_t free_pages(const CachePager& pager) {
+  auto cap = pager.capacity();
+  return cap ? cap->free_pages : 0;
+}
+
+// stop() on the destination mid-migration gives every slot back before it
+// returns, and the source rolls back: nothing is lost or installed.
+TEST(EmbedExample, StoppingTheDestinationMidMigrationReleasesItsSlots) {
+  auto src_cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kLayer, 64);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(2, 100, 9));  // 7 pages each
+  Gate mid;
+  AgentOptions options;
+  options.peer_timeout = std::chrono::seconds(5);
+  options.fault_hook = [&](std::string_view point) {
+    if (point == "src.data.mid") mid.reach();
+  };
+  auto src = start_agent(*src_cache, options);
+  options.fault_hook = nullptr;
+  auto dst = start_agent(*dst_cache, options);
+  ASSERT_TRUE(src && dst);
+  const auto before = pager_digests(*src_cache);
+
+  Result<MigrationReport> result = Status::internal("not run");
+  std::thread scheduler([&] {
+    MigrateRequest req;
+    req.to = dst->address();
+    req.all = true;
+    result = src->migrate(req);
+  });
+  ASSERT_TRUE(mid.wait_reached());
+  EXPECT_EQ(free_pages(*dst_cache), 64u - 14u);  // slots offered
+  dst->stop();
+  // Given back by the time stop() returns, and nothing installed.
+  EXPECT_EQ(free_pages(*dst_cache), 64u);
+  EXPECT_TRUE(pager_digests(*dst_cache).empty());
+  mid.open();
+  scheduler.join();
+  EXPECT_FALSE(result.ok());
+  // The source rolled back: every request intact and decoding again.
+  EXPECT_EQ(pager_digests(*src_cache), before);
+  EXPECT_GT(src_cache->decode_step(), 0u);
+  src->stop();
+}
+
+// stop() on the source mid-migration cancels it: the engine is resumed
+// with every request by the time stop() returns, the scheduler's call
+// fails, and the destination gives its slots back.
+TEST(EmbedExample, StoppingTheSourceMidMigrationRollsBack) {
+  auto src_cache = make_cache(PoolLayout::kLayer, 64);
+  auto dst_cache = make_cache(PoolLayout::kPage, 64);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(2, 100, 11));
+  Gate mid;
+  AgentOptions options;
+  options.peer_timeout = std::chrono::seconds(5);
+  options.fault_hook = [&](std::string_view point) {
+    if (point == "src.data.mid") mid.reach();
+  };
+  auto src = start_agent(*src_cache, options);
+  options.fault_hook = nullptr;
+  auto dst = start_agent(*dst_cache, options);
+  ASSERT_TRUE(src && dst);
+  const auto before = pager_digests(*src_cache);
+
+  Result<MigrationReport> result = Status::internal("not run");
+  std::thread scheduler([&] {
+    MigrateRequest req;
+    req.to = dst->address();
+    req.all = true;
+    result = src->migrate(req);
+  });
+  ASSERT_TRUE(mid.wait_reached());
+  // The data thread waits at the gate; stop() cancels the run from the io
+  // thread, then the gate opens and the write loop sees the cancel.
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    mid.open();
+  });
+  src->stop();
+  opener.join();
+  scheduler.join();
+  ASSERT_FALSE(result.ok());
+  EXPECT_NE(result.status().message().find("stopping"), std::string::npos)
+      << result.status().to_string();
+  EXPECT_EQ(pager_digests(*src_cache), before);
+  EXPECT_GT(src_cache->decode_step(), 0u);  // resumed
+  // The destination heard ABORT and gives its slots back.
+  const auto until =
+      std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (free_pages(*dst_cache) != 64u &&
+         std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(free_pages(*dst_cache), 64u);
+  EXPECT_TRUE(pager_digests(*dst_cache).empty());
+  dst->stop();
+}
+
+// Agent::cancel: before the decision point the migration rolls back; an id
+// it ran already is reported as it ended; an unknown id is NotFound and
+// refused from then on.
+TEST(EmbedExample, CancelRollsBackBeforeTheDecisionPoint) {
+  auto src_cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kPage, 64);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(2, 100, 13));
+  Gate mid;
+  std::atomic<bool> gate_armed{true};
+  AgentOptions options;
+  options.peer_timeout = std::chrono::seconds(5);
+  options.fault_hook = [&](std::string_view point) {
+    if (point == "src.data.mid" && gate_armed) mid.reach();
+  };
+  auto src = start_agent(*src_cache, options);
+  options.fault_hook = nullptr;
+  auto dst = start_agent(*dst_cache, options);
+  ASSERT_TRUE(src && dst);
+  const auto before = pager_digests(*src_cache);
+
+  MigrateRequest req;
+  req.to = dst->address();
+  req.all = true;
+  req.migration_id = "sched-1";
+  Result<MigrationReport> result = Status::internal("not run");
+  std::thread scheduler([&] { result = src->migrate(req); });
+  ASSERT_TRUE(mid.wait_reached());
+  // Asked at the destination: refused, naming where to ask.
+  auto at_dst = dst->cancel("sched-1");
+  ASSERT_FALSE(at_dst.ok());
+  EXPECT_EQ(at_dst.status().code(), StatusCode::kFailedPrecondition);
+  Result<CancelReport> cancelled = Status::internal("not run");
+  std::thread canceller([&] { cancelled = src->cancel("sched-1"); });
+  // The cancel waits for the run to end, which waits at the gate: open it
+  // once status shows the run cancelling.
+  for (bool cancelling = false; !cancelling;) {
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, src->status({.digests = false}));
+    ASSERT_EQ(st.migrations.size(), 1u);
+    cancelling = st.migrations[0].phase == "cancelling";
+  }
+  mid.open();
+  canceller.join();
+  scheduler.join();
+  ASSERT_OK(cancelled.status());
+  EXPECT_EQ(cancelled->outcome, "cancelled");
+  ASSERT_FALSE(result.ok());
+  EXPECT_NE(result.status().message().find("cancelled"), std::string::npos)
+      << result.status().to_string();
+  EXPECT_EQ(pager_digests(*src_cache), before);
+  ASSERT_OK_AND_ASSIGN(AgentStatus dst_status, dst->status());
+  EXPECT_TRUE(dst_status.seqs.empty());
+
+  // Asked again: as it ended. The same id is not run twice.
+  ASSERT_OK_AND_ASSIGN(CancelReport again, src->cancel("sched-1"));
+  EXPECT_EQ(again.outcome, "cancelled");
+  auto reused = src->migrate(req);
+  ASSERT_FALSE(reused.ok());
+  EXPECT_EQ(reused.status().code(), StatusCode::kAlreadyExists);
+
+  // Committed first: a cancel is too late and says so.
+  gate_armed = false;
+  req.migration_id = "sched-2";
+  ASSERT_OK_AND_ASSIGN(MigrationReport moved, src->migrate(req));
+  EXPECT_EQ(moved.migration_id, "sched-2");
+  ASSERT_OK_AND_ASSIGN(CancelReport late, src->cancel("sched-2"));
+  EXPECT_EQ(late.outcome, "committed");
+  EXPECT_EQ(digests(*dst), before);
+
+  // Never seen: NotFound, and the id is refused from then on.
+  auto unknown = src->cancel("sched-3");
+  EXPECT_EQ(unknown.status().code(), StatusCode::kNotFound);
+  req.migration_id = "sched-3";
+  EXPECT_EQ(src->migrate(req).status().code(), StatusCode::kAlreadyExists);
+  req.migration_id = "bad id!";
+  EXPECT_EQ(src->migrate(req).status().code(), StatusCode::kInvalidArgument);
+  src->stop();
+  dst->stop();
+}
+
 TEST(EmbedExample, CallFromThePagerOnTheAgentThreadFailsInsteadOfHanging) {
   auto src_cache = make_cache(PoolLayout::kPage, 16);
   auto dst_cache = make_cache(PoolLayout::kPage, 16);

@@ -412,6 +412,193 @@ TEST(MigrateE2E, StatusListsMigrationsInProgressOnBothSides) {
   EXPECT_TRUE(status_of(dst->address())["migrations"].empty());
 }
 
+// --- cancel, timeouts, interrupts --------------------------------------------
+
+// Source and destination for the cancel cases: the source stalls half-way
+// through the data (100 MB in 32 KiB writes), so a cancel lands before the
+// decision point.
+struct StalledPair {
+  std::unique_ptr<AgentProcess> src, dst;
+  json src_before, dst_before;
+};
+
+StalledPair start_stalled_pair(int stall_ms) {
+  StalledPair p;
+  p.src = AgentProcess::start(
+      {"--preset", "llama3-8b", "--layout", "layer", "--capacity-pages", "64",
+       "--populate", "2:400", "--fault",
+       "src.data.mid=stall:" + std::to_string(stall_ms)});
+  p.dst =
+      AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages", "64"});
+  if (p.src && p.dst) {
+    p.src_before = status_of(p.src->address());
+    p.dst_before = status_of(p.dst->address());
+  }
+  return p;
+}
+
+// Both agents hold what they held before, and neither lists a migration:
+// nothing is left that could still move a request later.
+void expect_rolled_back(StalledPair& p) {
+  expect_unchanged(p.src->address(), p.src_before);
+  json dst =
+      wait_for_free_pages(p.dst->address(), p.dst_before["free_pages"], 10s);
+  EXPECT_TRUE(dst["seqs"].empty());
+  EXPECT_EQ(dst["free_pages"], p.dst_before["free_pages"]);
+  EXPECT_TRUE(status_of(p.src->address())["migrations"].empty());
+  EXPECT_TRUE(dst["migrations"].empty());
+}
+
+TEST(CancelE2E, TimeoutCancelsBeforeTheDecisionPoint) {
+  auto p = start_stalled_pair(1500);
+  ASSERT_TRUE(p.src && p.dst);
+  int code = -1;
+  json r = migrate(p.src->address(), p.dst->address(),
+                   {"--all", "--timeout-ms", "200"}, &code);
+  EXPECT_EQ(code, 1) << r.dump();
+  EXPECT_FALSE(r["ok"].get<bool>());
+  EXPECT_NE(r["error"].get<std::string>().find("DeadlineExceeded"),
+            std::string::npos)
+      << r.dump();
+  EXPECT_EQ(r["outcome"], "cancelled") << r.dump();
+  EXPECT_EQ(r["migration_id"].get<std::string>().size(), 32u);
+  expect_rolled_back(p);
+}
+
+TEST(CancelE2E, CancelFromAnotherProcessRollsBack) {
+  auto p = start_stalled_pair(1500);
+  ASSERT_TRUE(p.src && p.dst);
+  auto cli =
+      Child::spawn({kvmig_bin(), "migrate", "--agent", p.src->address(), "--to",
+                    p.dst->address(), "--all", "--json", "--id", "drain-7"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(p.src->child().wait_for("reached src.data.mid", 30s, true));
+  // Asked at the destination: refused, naming the source.
+  CliResult at_dst = run_kvmig({"cancel", "--agent", p.dst->address(),
+                                "--migration", "drain-7", "--json"});
+  EXPECT_EQ(at_dst.code, 1);
+  EXPECT_NE(at_dst.out.find("FailedPrecondition"), std::string::npos)
+      << at_dst.out;
+  CliResult c = run_kvmig({"cancel", "--agent", p.src->address(), "--migration",
+                           "drain-7", "--json"});
+  ASSERT_EQ(c.code, 0) << c.out << c.err;
+  json cj = json::parse(c.out, nullptr, false);
+  EXPECT_EQ(cj["outcome"], "cancelled") << c.out;
+  EXPECT_EQ(cj["migration_id"], "drain-7");
+  // The cancel answered once the run had ended: the migrate call fails.
+  ASSERT_TRUE(cli->wait_exit(30s));
+  EXPECT_EQ(cli->exit_code(), 1) << cli->out();
+  json r = json::parse(cli->out(), nullptr, false);
+  EXPECT_NE(r["error"].get<std::string>().find("cancelled"), std::string::npos)
+      << cli->out();
+  expect_rolled_back(p);
+  // The id is spent: asked again, the same answer; reused, refused.
+  CliResult again = run_kvmig(
+      {"cancel", "--agent", p.src->address(), "--migration", "drain-7"});
+  EXPECT_EQ(again.code, 0);
+  EXPECT_NE(again.out.find("drain-7: cancelled"), std::string::npos)
+      << again.out;
+  int code = -1;
+  json reused = migrate(p.src->address(), p.dst->address(),
+                        {"--all", "--id", "drain-7"}, &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(reused["error"].get<std::string>().find("AlreadyExists"),
+            std::string::npos)
+      << reused.dump();
+}
+
+TEST(CancelE2E, CancelAfterCommitSaysCommittedAndUnknownIdsAreRefused) {
+  auto src = AgentProcess::start({"--populate", "2:40"});
+  auto dst = AgentProcess::start({});
+  ASSERT_TRUE(src && dst);
+  int code = -1;
+  json r =
+      migrate(src->address(), dst->address(), {"--all", "--id", "m1"}, &code);
+  ASSERT_EQ(code, 0) << r.dump();
+  EXPECT_EQ(r["migration_id"], "m1");
+  CliResult c = run_kvmig(
+      {"cancel", "--agent", src->address(), "--migration", "m1", "--json"});
+  ASSERT_EQ(c.code, 0) << c.out;
+  EXPECT_EQ(json::parse(c.out, nullptr, false)["outcome"], "committed");
+  CliResult unknown = run_kvmig(
+      {"cancel", "--agent", src->address(), "--migration", "nope", "--json"});
+  EXPECT_EQ(unknown.code, 1);
+  EXPECT_NE(unknown.out.find("NotFound"), std::string::npos) << unknown.out;
+  CliResult bad = run_kvmig(
+      {"cancel", "--agent", src->address(), "--migration", "a b", "--json"});
+  EXPECT_EQ(bad.code, 2) << bad.out;
+}
+
+TEST(CancelE2E, InterruptedMigrateCancelsAndSaysSo) {
+  auto p = start_stalled_pair(1500);
+  ASSERT_TRUE(p.src && p.dst);
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", p.src->address(),
+                           "--to", p.dst->address(), "--all", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(p.src->child().wait_for("reached src.data.mid", 30s, true));
+  cli->kill(SIGINT);
+  ASSERT_TRUE(cli->wait_exit(30s));
+  EXPECT_EQ(cli->exit_code(), 130) << cli->out() << cli->err();
+  json r = json::parse(cli->out(), nullptr, false);
+  EXPECT_FALSE(r["ok"].get<bool>()) << cli->out();
+  EXPECT_EQ(r["outcome"], "cancelled") << cli->out();
+  expect_rolled_back(p);
+}
+
+// --- the destination's deadline is on progress, not on size ---------------
+
+TEST(ProgressDeadline, AStalledSourceLosesItsSlotsAtThePeerTimeout) {
+  // 100 MB: the old size-based allowance (20 MB/s on top of the timeout)
+  // gave this source 6.5 s; a source that posts nothing for the peer
+  // timeout (1.5 s) now loses its slots while it is still stalled.
+  auto src = AgentProcess::start(
+      {"--preset", "llama3-8b", "--layout", "layer", "--capacity-pages", "64",
+       "--populate", "2:400", "--fault", "src.data.mid=stall:6000"});
+  auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages",
+                                  "64", "--peer-timeout-ms", "1500"});
+  ASSERT_TRUE(src && dst);
+  json sb = status_of(src->address());
+  json db = status_of(dst->address());
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst->address(), "--all", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true));
+  const auto stalled_at = std::chrono::steady_clock::now();
+  json now = wait_for_free_pages(dst->address(), db["free_pages"], 5s);
+  EXPECT_EQ(now["free_pages"], db["free_pages"]);
+  // Released while the source was still stalled.
+  EXPECT_LT(std::chrono::steady_clock::now() - stalled_at, 6s);
+  EXPECT_TRUE(dst->child().wait_for("made no progress", 1s, true))
+      << dst->child().err();
+  ASSERT_TRUE(cli->wait_exit(30s));
+  EXPECT_EQ(cli->exit_code(), 1) << cli->out();
+  expect_unchanged(src->address(), sb);
+}
+
+TEST(ProgressDeadline, ASourceThatPausesLessThanTheTimeoutCompletes) {
+  // Stalls 700 ms mid-data against a 1 s timeout: PROGRESS frames (every
+  // 250 ms) keep the destination waiting, and the migration commits.
+  auto src = AgentProcess::start({"--preset", "llama3-8b", "--layout", "layer",
+                                  "--capacity-pages", "64", "--populate",
+                                  "2:400", "--peer-timeout-ms", "1000",
+                                  "--fault", "src.data.mid=stall:700"});
+  auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages",
+                                  "64", "--peer-timeout-ms", "1000"});
+  ASSERT_TRUE(src && dst);
+  json sb = status_of(src->address());
+  int code = -1;
+  json r = migrate(src->address(), dst->address(), {"--all"}, &code);
+  ASSERT_EQ(code, 0) << r.dump() << dst->child().err();
+  EXPECT_EQ(digests(status_of(dst->address())), digests(sb));
+  // The destination saw the source's PROGRESS frames.
+  ASSERT_TRUE(dst->child().wait_for("PROGRESS frames", 5s, true));
+  const std::string log = dst->child().err();
+  const size_t at = log.find(" PROGRESS frames");
+  const size_t open = log.rfind('(', at);
+  ASSERT_NE(open, std::string::npos);
+  EXPECT_GE(std::stoi(log.substr(open + 1, at - open - 1)), 1) << log;
+}
+
 // --- peers that die mid-transfer ------------------------------------------
 
 TEST(MigrateE2E, DestinationKilledMidDataRollsBackAndRetrySucceeds) {

@@ -92,6 +92,8 @@ int run(const fs::path& root) {
   req.live = true;
   req.mode = MigrationMode::kCopy;
   req.record_digests = true;
+  req.migration_id = "sched-42";
+  req.timeout = std::chrono::milliseconds(2500);
   s.add(12, MsgType::kMigrateReq, encode(req));
   MigrationReport report;
   report.migration_id = hello.migration_id;
@@ -127,6 +129,11 @@ int run(const fs::path& root) {
                     65536,
                     0.5}};
   s.add(14, MsgType::kStatusResp, encode(st));
+  s.add(15, MsgType::kProgress, encode(ProgressMsg{1u << 20}));
+  s.add(16, MsgType::kCancelReq, encode(CancelReqMsg{hello.migration_id}));
+  s.add(
+      17, MsgType::kCancelResp,
+      encode(CancelReport{hello.migration_id, "aborted", "destination full"}));
   s.add(0, MsgType::kStatusReq, {});
   s.add(0, MsgType::kDone, {});
   std::printf("wrote %d seeds per target under %s\n", s.n,

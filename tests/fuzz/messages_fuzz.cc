@@ -62,7 +62,18 @@ bool same(const MigrateRequest& a, const MigrateRequest& b) {
          a.verify == b.verify && a.record_digests == b.record_digests &&
          a.live == b.live && a.live_max_rounds == b.live_max_rounds &&
          a.live_converge_pages == b.live_converge_pages &&
-         a.live_abort_if_not_converged == b.live_abort_if_not_converged;
+         a.live_abort_if_not_converged == b.live_abort_if_not_converged &&
+         a.migration_id == b.migration_id && a.timeout == b.timeout;
+}
+bool same(const ProgressMsg& a, const ProgressMsg& b) {
+  return a.bytes == b.bytes;
+}
+bool same(const CancelReqMsg& a, const CancelReqMsg& b) {
+  return a.migration_id == b.migration_id;
+}
+bool same(const CancelReport& a, const CancelReport& b) {
+  return a.migration_id == b.migration_id && a.outcome == b.outcome &&
+         a.detail == b.detail;
 }
 bool same(const MigrationReport& a, const MigrationReport& b) {
   return a.migration_id == b.migration_id && a.seqs == b.seqs &&
@@ -117,7 +128,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const WireLimits l;
   std::span<const uint8_t> p(data + 1, size - 1);
   // The decoders, numbered in messages.h order; first byte modulo the count.
-  switch (data[0] % 15) {
+  switch (data[0] % 18) {
     case 0:
       check(p, [&](auto b) { return decode_snapshot_req(b, l); });
       break;
@@ -162,6 +173,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 14:
       check(p, [&](auto b) { return decode_agent_status(b, l); });
+      break;
+    case 15:
+      check(p, [&](auto b) { return decode_progress(b); });
+      break;
+    case 16:
+      check(p, [&](auto b) { return decode_cancel_req(b, l); });
+      break;
+    case 17:
+      check(p, [&](auto b) { return decode_cancel_report(b, l); });
       break;
   }
   return 0;

@@ -412,3 +412,70 @@ def test_an_engine_that_never_pauses(cpp_agent):
              "the late pause to be undone")
         assert_unchanged(pager, [1], agent)
         assert agent.migrate(to=dst.address, seqs=[1])["ok"]
+
+
+# ---- cancel and timeout ----
+
+class GatedPager(NumpyPager):
+    """Staged pages whose read_page waits at a gate: the migration stays in
+    its data phase, before the decision point, until the test opens it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, layout=False, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.reading = threading.Event()
+
+    def read_page(self, ix):
+        self.reading.set()
+        assert self.gate.wait(30), "gate never opened"
+        return super().read_page(ix)
+
+
+def phase_of_the_migration(agent):
+    migrations = agent.status(digests=False)["migrations"]
+    return migrations[0]["phase"] if migrations else None
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_cancel_and_timeout_roll_back(cpp_agent, how):
+    pager = GatedPager(TINY, 32)
+    pager.populate(1, 40, seed=1)
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "32")
+    with kvmig.Agent(pager) as agent:
+        before = digests(agent.status())
+        pager.gate.clear()
+        pager.reading.clear()
+        outcome = {}
+
+        def move():
+            try:
+                agent.migrate(to=dst.address, all=True, migration_id="py-1",
+                              timeout_ms=100 if how == "timeout" else 0)
+            except kvmig.Error as e:
+                outcome["error"] = e
+
+        mover = threading.Thread(target=move)
+        mover.start()
+        assert pager.reading.wait(30)
+        cancel = {}
+        if how == "cancel":
+            canceller = threading.Thread(
+                target=lambda: cancel.update(
+                    kvmig.Client(agent.address).cancel("py-1")))
+            canceller.start()
+        # The cancel (or the timeout) has reached the run: let it go on.
+        poll(lambda: phase_of_the_migration(agent) == "cancelling",
+             "the migration to be cancelling")
+        pager.gate.set()
+        mover.join()
+        if how == "cancel":
+            canceller.join()
+            assert cancel["outcome"] == "cancelled", cancel
+        error = outcome["error"]
+        assert error.code == ("Aborted" if how == "cancel"
+                              else "DeadlineExceeded"), error
+        assert "cancelled" in str(error)
+        assert agent.cancel("py-1")["outcome"] == "cancelled"
+        assert digests(agent.status()) == before
+        poll(lambda: dst_is_empty(dst.address, 32), "the destination to empty")

@@ -59,6 +59,8 @@ struct MigrateArgs {
   uint32_t live_max_rounds = 8;
   uint32_t live_converge_pages = 0;
   bool live_abort_if_not_converged = false;
+  std::string migration_id;
+  int64_t timeout_ms = 0;
 
   MigrateRequest request() const {
     if (to.empty()) raise_status(Status::invalid_argument("migrate: give to="));
@@ -78,6 +80,11 @@ struct MigrateArgs {
     r.live_max_rounds = live_max_rounds;
     r.live_converge_pages = live_converge_pages;
     r.live_abort_if_not_converged = live_abort_if_not_converged;
+    r.migration_id = migration_id;
+    if (timeout_ms < 0) {
+      raise_status(Status::invalid_argument("migrate: timeout_ms < 0"));
+    }
+    r.timeout = std::chrono::milliseconds(timeout_ms);
     return r;
   }
 };
@@ -89,7 +96,8 @@ struct MigrateArgs {
       py::arg("live") = false, py::arg("verify") = true,                 \
       py::arg("record_digests") = false, py::arg("live_max_rounds") = 8, \
       py::arg("live_converge_pages") = 0,                                \
-      py::arg("live_abort_if_not_converged") = false
+      py::arg("live_abort_if_not_converged") = false,                    \
+      py::arg("migration_id") = "", py::arg("timeout_ms") = 0
 
 // migrate(**KVMIG_MIGRATE_KWARGS) for a class with migrate(MigrateArgs).
 template <class T>
@@ -97,10 +105,12 @@ auto migrate_method() {
   return [](T& self, std::string to, std::optional<std::vector<SeqId>> seqs,
             bool all, std::string mode, std::string transport, bool live,
             bool verify, bool record_digests, uint32_t rounds,
-            uint32_t converge, bool abort_if_not) {
+            uint32_t converge, bool abort_if_not, std::string migration_id,
+            int64_t timeout_ms) {
     return self.migrate({std::move(to), std::move(seqs), all, std::move(mode),
                          std::move(transport), live, verify, record_digests,
-                         rounds, converge, abort_if_not});
+                         rounds, converge, abort_if_not,
+                         std::move(migration_id), timeout_ms});
   };
 }
 
@@ -182,6 +192,15 @@ class PyAgent {
     return to_python(migration_json(value_or_raise(std::move(report))));
   }
 
+  py::object cancel(const std::string& migration_id) {
+    Agent& a = agent();
+    Result<CancelReport> ended = [&] {
+      py::gil_scoped_release release;
+      return a.cancel(migration_id);
+    }();
+    return to_python(cancel_json(value_or_raise(std::move(ended))));
+  }
+
   py::object status(bool digests) {
     Agent& a = agent();
     Result<AgentStatus> st = [&] {
@@ -254,6 +273,14 @@ class PyClient {
       return request_migration(address_, request, options_);
     }();
     return to_python(migration_json(value_or_raise(std::move(report))));
+  }
+
+  py::object cancel(const std::string& migration_id) {
+    Result<CancelReport> ended = [&] {
+      py::gil_scoped_release release;
+      return cancel_migration(address_, migration_id, options_);
+    }();
+    return to_python(cancel_json(value_or_raise(std::move(ended))));
   }
 
   void snapshot(const std::string& path, bool load) {
@@ -497,6 +524,7 @@ PYBIND11_MODULE(_kvmig, m) {
       .def_property_readonly("address", &PyAgent::address)
       .def_property_readonly("port", &PyAgent::port)
       .def("migrate", migrate_method<PyAgent>(), KVMIG_MIGRATE_KWARGS)
+      .def("cancel", &PyAgent::cancel, py::arg("migration_id"))
       .def("status", &PyAgent::status, py::kw_only(), py::arg("digests") = true)
       .def("__enter__",
            [](PyAgent& a) -> PyAgent& {
@@ -513,6 +541,7 @@ PYBIND11_MODULE(_kvmig, m) {
       .def("status", &PyClient::status, py::kw_only(),
            py::arg("digests") = true)
       .def("migrate", migrate_method<PyClient>(), KVMIG_MIGRATE_KWARGS)
+      .def("cancel", &PyClient::cancel, py::arg("migration_id"))
       .def("snapshot", &PyClient::snapshot, py::arg("path"), py::kw_only(),
            py::arg("load") = false,
            "the agent captures its cache to path (load: restores it), a "
