@@ -667,6 +667,55 @@ int run_migrate(const MigrateFlags& f) {
   return cmd_migrate(f.agent, req, f.as_json, copts);
 }
 
+// ---- settle ----
+
+struct SettleFlags {
+  std::string agent;
+  std::string migration_id;
+  std::string outcome;
+  bool as_json = false;
+  std::string secret_file;
+};
+
+CLI::App* add_settle_command(CLI::App& app, SettleFlags& f) {
+  auto* settle = app.add_subcommand(
+      "settle",
+      "decide a migration the source holds in doubt, when its destination "
+      "can never say: committed drops the requests at the source, aborted "
+      "lets them run there again");
+  settle->add_option("--agent", f.agent, "source agent HOST:PORT")->required();
+  settle->add_option("--migration", f.migration_id, "migration id")->required();
+  settle->add_option("--outcome", f.outcome, "committed or aborted")
+      ->required()
+      ->check(CLI::IsMember({"committed", "aborted"}));
+  settle->add_flag("--json", f.as_json, "print JSON");
+  add_secret_flag(settle, f.secret_file);
+  return settle;
+}
+
+int run_settle(const SettleFlags& f) {
+  if (Status s = check_migration_id(f.migration_id); !s.ok()) {
+    return usage_error(s, f.as_json);
+  }
+  ClientOptions copts;
+  if (Status s = load_secret(f.secret_file, copts); !s.ok()) {
+    return fail(s, f.as_json);
+  }
+  Status s = settle_migration(f.agent, f.migration_id, f.outcome == "committed",
+                              copts);
+  if (!s.ok()) return fail(s, f.as_json);
+  if (f.as_json) {
+    std::cout << json_text({{"ok", true},
+                            {"migration_id", f.migration_id},
+                            {"outcome", f.outcome}})
+              << "\n";
+  } else {
+    std::cout << "migration " << f.migration_id << " settled: " << f.outcome
+              << "\n";
+  }
+  return 0;
+}
+
 // ---- cancel ----
 
 struct CancelFlags {
@@ -822,6 +871,8 @@ int run_cli(int argc, char** argv) {
   CLI::App* migrate = add_migrate_command(app, migrate_flags);
   CancelFlags cancel_flags;
   CLI::App* cancel = add_cancel_command(app, cancel_flags);
+  SettleFlags settle_flags;
+  CLI::App* settle = add_settle_command(app, settle_flags);
   SnapshotFlags snapshot_flags;
   CLI::App* snapshot = add_snapshot_command(app, snapshot_flags);
   auto* perf = app.add_subcommand(
@@ -842,6 +893,7 @@ int run_cli(int argc, char** argv) {
   if (*status) return run_status(status_flags);
   if (*migrate) return run_migrate(migrate_flags);
   if (*cancel) return run_cancel(cancel_flags);
+  if (*settle) return run_settle(settle_flags);
   if (*snapshot) return run_snapshot(snapshot_flags);
   if (auto status = run_cluster_command(cluster_flags)) return *status;
   return 2;

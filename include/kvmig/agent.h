@@ -260,6 +260,15 @@ class Agent {
   // that migration (cancel at the source).
   Result<CancelReport> cancel(std::string_view migration_id);
 
+  // Decides a migration this agent holds in doubt (AgentStatus::in_doubt)
+  // by hand, for when its destination can never say: it is gone for good,
+  // or it answers that it cannot tell (it forgot, or it was recreated over
+  // a pager that kept its requests). committed: the requests live at the
+  // destination and are dropped here (a move); aborted: they run here
+  // again. The operator must know which is true: kvmig cannot. NotFound
+  // when migration_id is not in doubt here.
+  Status settle(std::string_view migration_id, bool committed);
+
  private:
   struct Impl;
   friend struct AgentInternals;  // kvmig's own layers (src/agent)
@@ -284,6 +293,10 @@ Result<MigrationReport> request_migration(std::string_view agent,
 Result<CancelReport> cancel_migration(std::string_view agent,
                                       std::string_view migration_id,
                                       const ClientOptions& options = {});
+
+// Agent::settle, over the agent's control port.
+Status settle_migration(std::string_view agent, std::string_view migration_id,
+                        bool committed, const ClientOptions& options = {});
 
 // Asks the agent to capture its cache to `path` (load: restore it from
 // `path`), a file on the agent's host. Restoring needs an empty cache.

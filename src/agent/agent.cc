@@ -4,6 +4,7 @@
 #include <string>
 
 #include "agent_impl.h"
+#include "ids.h"
 #include "source_run.h"
 
 namespace kvmig {
@@ -241,6 +242,20 @@ Result<CancelReport> Agent::cancel(std::string_view migration_id) {
       *impl_, "cancel", [impl = impl_.get(), id = std::string(migration_id)] {
         return cancel_source(impl->ctx, id);
       });
+}
+
+Status Agent::settle(std::string_view migration_id, bool committed) {
+  struct Empty {};
+  auto done = run_on<Empty>(
+      *impl_, "settle",
+      [impl = impl_.get(), id = std::string(migration_id),
+       committed]() -> asio::awaitable<Result<Empty>> {
+        KVMIG_CO_RETURN_IF_ERROR(check_migration_id(id));
+        KVMIG_CO_RETURN_IF_ERROR(
+            impl->ctx.in_doubt.settle_by_hand(impl->ctx, id, committed));
+        co_return Empty{};
+      });
+  return done.status();
 }
 
 Result<AgentStatus> Agent::status(const StatusOptions& options) {

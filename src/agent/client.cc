@@ -91,6 +91,22 @@ Result<CancelReport> cancel_migration(std::string_view agent,
                                   options);
 }
 
+Status settle_migration(std::string_view agent, std::string_view migration_id,
+                        bool committed, const ClientOptions& options) {
+  struct Empty {};
+  SettleReqMsg req;
+  req.migration_id = std::string(migration_id);
+  req.committed = committed;
+  auto r = call_agent<Empty>(
+      agent, MsgType::kSettleReq, encode(req), MsgType::kSettleResp,
+      [](std::span<const uint8_t> p, const WireLimits&) -> Result<Empty> {
+        if (!p.empty()) return Status::protocol("SETTLE_RESP not empty");
+        return Empty{};
+      },
+      options);
+  return r.status();
+}
+
 Status request_snapshot(std::string_view agent, bool load,
                         const std::string& path, const ClientOptions& options) {
   struct Empty {};

@@ -131,6 +131,24 @@ asio::awaitable<void> serve_cancel(MigrationContext& ctx, FrameChannel& channel,
   co_await reply(ctx, channel, MsgType::kCancelResp, encode(*report));
 }
 
+asio::awaitable<void> serve_settle(MigrationContext& ctx, FrameChannel& channel,
+                                   const Frame& req) {
+  auto settle = decode_settle_req(req.payload, ctx.limits);
+  Status done = settle.status();
+  if (done.ok()) {
+    ctx.log->warn("settling migration {} as {} by the word of {}",
+                  settle->migration_id,
+                  settle->committed ? "committed" : "aborted", channel.peer());
+    done = ctx.in_doubt.settle_by_hand(ctx, settle->migration_id,
+                                       settle->committed);
+  }
+  if (!done.ok()) {
+    co_await reply_error(ctx, channel, done);
+    co_return;
+  }
+  co_await reply(ctx, channel, MsgType::kSettleResp, {});
+}
+
 asio::awaitable<void> serve_hello(MigrationContext& ctx, FrameChannel& channel,
                                   const Frame& frame) {
   auto hello = decode_hello(frame.payload, ctx.limits);
@@ -157,6 +175,7 @@ asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
                   req.status().to_string());
     co_return;
   }
+  ctx.fault("dst.outcome_query");
   const OutcomeRespMsg resp =
       ctx.dst_records.answer_query(req->migration_id, ctx.log);
   co_await reply(ctx, channel, MsgType::kOutcomeResp, encode(resp));
@@ -194,6 +213,9 @@ asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,
       co_return;
     case MsgType::kCancelReq:
       co_await serve_cancel(ctx, channel, first);
+      co_return;
+    case MsgType::kSettleReq:
+      co_await serve_settle(ctx, channel, first);
       co_return;
     case MsgType::kHello:
       co_await serve_hello(ctx, channel, first);

@@ -69,6 +69,10 @@ std::vector<std::span<std::byte>> registered_spans(
 }  // namespace
 
 Status MigrationContext::init() {
+  // Over a pager that already holds requests, an outcome this agent does
+  // not remember may still have been installed (by an earlier agent).
+  auto held = pager.logical_seqs();
+  dst_records.set_started_with_requests(!held.ok() || !held->empty());
   layout = pager.layout();
   if (layout) {
     KVMIG_RETURN_IF_ERROR(validate_layout(pager.meta(), *layout)

@@ -104,6 +104,17 @@ asio::awaitable<void> DestinationRun::run() {
   if (!sent.ok()) {
     // Committed all the same: the source learns it by asking.
     ctx_.log->warn("{} DONE not delivered: {}", tag_, sent.to_string());
+    co_return;
+  }
+  // The source knows the outcome once it says so; until then the record
+  // is kept for its queries.
+  auto ack = co_await channel_.receive(ctx_.peer_deadline());
+  if (ack.ok() && ack->type == MsgType::kDoneAck) {
+    ctx_.dst_records.acknowledge(id_);
+  } else {
+    ctx_.log->info(
+        "{} no DONE_ACK ({}): keeping the outcome for queries", tag_,
+        ack.ok() ? msg_type_name(ack->type) : ack.status().message());
   }
 }
 

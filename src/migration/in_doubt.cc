@@ -31,8 +31,17 @@ asio::awaitable<Outcome> ask_outcome(MigrationContext& ctx,
   }
   auto o = decode_outcome_resp(resp->payload);
   if (!o.ok() || o->outcome == Outcome::kPending) co_return Outcome::kUnknown;
-  // Unknown: the destination holds nothing of it (never got the COMMIT, or
-  // restarted with its pager): the requests belong here.
+  if (o->outcome == Outcome::kForgotten) {
+    ctx.log->error(
+        "[{}] {} cannot tell how migration {} ended (it forgot, or it "
+        "restarted over a pager that kept its requests): staying in doubt; "
+        "decide with kvmig settle --agent THIS --migration {} --outcome "
+        "committed|aborted",
+        id.substr(0, 12), to, id, id);
+    co_return Outcome::kUnknown;
+  }
+  // Unknown: never installed there (it restarted over an empty pager, or
+  // never got the COMMIT): the requests belong here.
   co_return o->outcome == Outcome::kCommitted ? Outcome::kCommitted
                                               : Outcome::kAborted;
 }
@@ -106,6 +115,19 @@ Result<std::vector<SeqId>> still_live(CachePager& pager,
 }
 
 }  // namespace
+
+Status InDoubtSet::settle_by_hand(MigrationContext& ctx, const std::string& id,
+                                  bool committed) {
+  auto it = std::find_if(entries_.begin(), entries_.end(),
+                         [&](const auto& d) { return d.migration_id == id; });
+  if (it == entries_.end()) {
+    return Status::not_found("migration " + id + " is not in doubt here");
+  }
+  ctx.log->warn("[{}] settled by hand: {}", id.substr(0, 12),
+                committed ? "committed" : "aborted");
+  settle(ctx, id, committed ? Outcome::kCommitted : Outcome::kAborted);
+  return Status();
+}
 
 void InDoubtSet::settle(MigrationContext& ctx, const std::string& id,
                         Outcome outcome) {

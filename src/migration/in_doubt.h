@@ -35,6 +35,10 @@ class InDoubtSet {
   // (a committed move) or lets them run again, and forgets the entry.
   void settle(MigrationContext& ctx, const std::string& migration_id,
               Outcome outcome);
+  // settle() by an operator's word (Agent::settle): NotFound when
+  // migration_id is not in doubt here.
+  Status settle_by_hand(MigrationContext& ctx, const std::string& migration_id,
+                        bool committed);
 
  private:
   // Asks the destination of in-doubt migration_id with backoff until it

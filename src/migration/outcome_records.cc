@@ -4,25 +4,68 @@ namespace kvmig {
 
 void OutcomeRecords::remember(const std::string& id, Outcome outcome) {
   auto [it, inserted] = records_.try_emplace(id);
-  it->second.outcome = outcome;
-  if (!inserted) return;
-  order_.push_back(id);
-  while (order_.size() > kMaxRecords) {
-    const std::string& oldest = order_.front();
-    auto old = records_.find(oldest);
-    // Never forget a migration that is still under way.
-    if (old != records_.end() && old->second.outcome == Outcome::kPending) {
-      break;
-    }
-    records_.erase(oldest);
-    order_.pop_front();
+  Record& rec = it->second;
+  if (!inserted) {
+    unacknowledged_ -= kept_for_source(rec);
+    pending_ -= rec.outcome == Outcome::kPending;
   }
+  rec.outcome = outcome;
+  unacknowledged_ += kept_for_source(rec);
+  pending_ += rec.outcome == Outcome::kPending;
+  if (inserted) order_.push_back(id);
+  evict();
+}
+
+void OutcomeRecords::acknowledge(const std::string& id) {
+  auto it = records_.find(id);
+  if (it == records_.end()) return;
+  unacknowledged_ -= kept_for_source(it->second);
+  it->second.acknowledged = true;
+}
+
+void OutcomeRecords::evict() {
+  // Oldest first; a record that must stay goes to the back of the line, so
+  // each one is passed over at most once per kMaxRecords insertions.
+  auto drop_front = [&](bool commits_too) {
+    for (size_t n = order_.size(); n > 0; --n) {
+      std::string id = std::move(order_.front());
+      order_.pop_front();
+      auto rec = records_.find(id);
+      if (rec == records_.end()) continue;
+      const Record& r = rec->second;
+      const bool kept = r.outcome == Outcome::kPending ||
+                        (kept_for_source(r) && !commits_too);
+      if (kept || (commits_too && !kept_for_source(r))) {
+        order_.push_back(std::move(id));
+        continue;
+      }
+      if (kept_for_source(r)) {
+        --unacknowledged_;
+        forgot_committed_ = true;
+        logger("control")->error(
+            "[{}] forgetting a commit its source never acknowledged ({} "
+            "kept): queries about forgotten migrations now answer "
+            "\"forgotten\"",
+            id, kMaxUnacknowledged);
+      }
+      records_.erase(rec);
+      return;
+    }
+  };
+  while (records_.size() - unacknowledged_ - pending_ > kMaxRecords) {
+    drop_front(false);
+  }
+  while (unacknowledged_ > kMaxUnacknowledged) drop_front(true);
 }
 
 OutcomeRespMsg OutcomeRecords::answer_query(
     const std::string& id, const std::shared_ptr<spdlog::logger>& log) {
   auto it = records_.find(id);
-  if (it == records_.end()) return {Outcome::kUnknown};
+  if (it == records_.end()) {
+    // Never installed here, unless it could have been and was forgotten.
+    const bool unsure = started_with_requests_ || forgot_committed_;
+    return {unsure ? Outcome::kForgotten : Outcome::kUnknown};
+  }
   Record& rec = it->second;
   if (rec.outcome == Outcome::kPending && !rec.committing) {
     rec.fenced = true;

@@ -17,14 +17,23 @@ namespace kvmig {
 
 class OutcomeRecords {
  public:
-  // Outcomes kept for queries, oldest forgotten first.
+  // Outcomes kept for queries, oldest forgotten first; a committed one the
+  // source has not acknowledged (DONE_ACK) is kept past that, up to
+  // kMaxUnacknowledged, and never a pending one.
   static constexpr size_t kMaxRecords = 4096;
+  static constexpr size_t kMaxUnacknowledged = 1u << 16;
 
   bool contains(const std::string& id) const { return records_.count(id); }
 
-  // Records (or updates) the outcome of id. A pending migration is never
-  // forgotten to make room.
+  // The agent started over a pager that already held requests: what it does
+  // not remember may have been installed by an earlier agent over it.
+  void set_started_with_requests(bool v) { started_with_requests_ = v; }
+
+  // Records (or updates) the outcome of id, forgetting the oldest records
+  // that may go.
   void remember(const std::string& id, Outcome outcome);
+  // The source learned the outcome of id (DONE_ACK): its record may go.
+  void acknowledge(const std::string& id);
 
   // The answer to a source's OUTCOME_REQ. A migration still pending before
   // its COMMIT was accepted is decided aborted now (fenced), so a COMMIT
@@ -41,9 +50,22 @@ class OutcomeRecords {
     Outcome outcome = Outcome::kPending;
     bool committing = false;  // COMMIT accepted, install under way
     bool fenced = false;      // an outcome query decided "aborted" first
+    bool acknowledged = false;
   };
+  // A commit whose source may still ask about it.
+  static bool kept_for_source(const Record& r) {
+    return r.outcome == Outcome::kCommitted && !r.acknowledged;
+  }
+  // Drops the oldest records that may go: beyond kMaxRecords of them, and
+  // unacknowledged commits beyond kMaxUnacknowledged.
+  void evict();
+
   std::map<std::string, Record> records_;
   std::deque<std::string> order_;  // oldest first, bounded
+  bool started_with_requests_ = false;
+  bool forgot_committed_ = false;  // evicted an unacknowledged commit
+  size_t unacknowledged_ = 0;      // records kept_for_source()
+  size_t pending_ = 0;             // records still pending
 };
 
 // The source's memory of how its recent migrations ended, by id: what a

@@ -544,7 +544,12 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
     co_return Outcome::kUnknown;
   }
   auto done = co_await channel_->receive(deadline());
-  if (done.ok() && done->type == MsgType::kDone) co_return Outcome::kCommitted;
+  if (done.ok() && done->type == MsgType::kDone) {
+    // Lets the destination forget the record: nobody will ask about it.
+    Status acked = co_await channel_->send(MsgType::kDoneAck, {}, deadline());
+    if (!acked.ok()) ctx_.log->info("{} DONE_ACK: {}", tag_, acked.message());
+    co_return Outcome::kCommitted;
+  }
   why = done.ok() ? reply_status(*done, ctx_.limits, "COMMIT") : done.status();
   co_return done.ok() && done->type == MsgType::kAbort ? Outcome::kAborted
                                                        : Outcome::kUnknown;

@@ -14,6 +14,28 @@ constexpr const char* kCancelOutcomes[] = {"cancelled", "aborted", "committed",
 
 }  // namespace
 
+std::vector<uint8_t> encode(const SettleReqMsg& m) {
+  ByteWriter w;
+  w.put_string(m.migration_id);
+  w.put(static_cast<uint8_t>(m.committed));
+  return w.take();
+}
+
+Result<SettleReqMsg> decode_settle_req(std::span<const uint8_t> p,
+                                       const WireLimits& l) {
+  return decode_all<SettleReqMsg>(
+      p, "SETTLE_REQ", [&](ByteReader& r) -> Result<SettleReqMsg> {
+        SettleReqMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.migration_id,
+                               r.get_string(l.max_string, "migration id"));
+        KVMIG_RETURN_IF_ERROR(check_migration_id(m.migration_id));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t committed, r.get<uint8_t>("outcome"));
+        if (committed > 1) return Status::data_loss("outcome out of range");
+        m.committed = committed != 0;
+        return m;
+      });
+}
+
 std::vector<uint8_t> encode(const CancelReqMsg& m) {
   ByteWriter w;
   w.put_string(m.migration_id);

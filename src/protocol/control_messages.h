@@ -28,7 +28,14 @@ struct CancelReqMsg {
   std::string migration_id;
 };
 
+// Decides an in-doubt migration at its source (Agent::settle).
+struct SettleReqMsg {
+  std::string migration_id;
+  bool committed = false;
+};
+
 std::vector<uint8_t> encode(const SnapshotReqMsg& m);
+std::vector<uint8_t> encode(const SettleReqMsg& m);
 std::vector<uint8_t> encode(const CancelReqMsg& m);
 std::vector<uint8_t> encode(const CancelReport& m);
 std::vector<uint8_t> encode(const MigrateRequest& m);
@@ -36,6 +43,8 @@ std::vector<uint8_t> encode(const MigrationReport& m);
 std::vector<uint8_t> encode(const AgentStatus& m);
 Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
                                            const WireLimits& l);
+Result<SettleReqMsg> decode_settle_req(std::span<const uint8_t> p,
+                                       const WireLimits& l);
 Result<CancelReqMsg> decode_cancel_req(std::span<const uint8_t> p,
                                        const WireLimits& l);
 Result<CancelReport> decode_cancel_report(std::span<const uint8_t> p,

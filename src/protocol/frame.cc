@@ -27,6 +27,7 @@ bool known_type(uint16_t t) {
     case MsgType::kVerify:
     case MsgType::kVerifyAck:
     case MsgType::kProgress:
+    case MsgType::kDoneAck:
     case MsgType::kStatusReq:
     case MsgType::kStatusResp:
     case MsgType::kMigrateReq:
@@ -45,6 +46,8 @@ bool known_type(uint16_t t) {
     case MsgType::kError:
     case MsgType::kCancelReq:
     case MsgType::kCancelResp:
+    case MsgType::kSettleReq:
+    case MsgType::kSettleResp:
       return true;
   }
   return false;
@@ -87,6 +90,8 @@ std::string msg_type_name(MsgType type) {
       return "VERIFY_ACK";
     case MsgType::kProgress:
       return "PROGRESS";
+    case MsgType::kDoneAck:
+      return "DONE_ACK";
     case MsgType::kStatusReq:
       return "STATUS_REQ";
     case MsgType::kStatusResp:
@@ -123,6 +128,10 @@ std::string msg_type_name(MsgType type) {
       return "CANCEL_REQ";
     case MsgType::kCancelResp:
       return "CANCEL_RESP";
+    case MsgType::kSettleReq:
+      return "SETTLE_REQ";
+    case MsgType::kSettleResp:
+      return "SETTLE_RESP";
   }
   return "UNKNOWN(" + std::to_string(static_cast<uint16_t>(type)) + ")";
 }

@@ -20,7 +20,8 @@
 namespace kvmig {
 
 inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
-// 2: PROGRESS, CANCEL_REQ/RESP; MIGRATE_REQ carries an id and a timeout.
+// 2: PROGRESS, DONE_ACK, CANCEL_REQ/RESP, SETTLE_REQ/RESP; MIGRATE_REQ
+// carries an id and a timeout; OUTCOME_RESP may say "forgotten".
 inline constexpr uint16_t kProtocolVersion = 2;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
@@ -37,6 +38,7 @@ enum class MsgType : uint16_t {
   kVerify = 10,         // src -> dst: checksums of the pages a round sent
   kVerifyAck = 11,      // dst -> src: those pages check out
   kProgress = 12,       // src -> dst: still writing, bytes posted so far
+  kDoneAck = 13,        // src -> dst: DONE arrived (the record may go)
   kStatusReq = 16,      // scheduler -> agent
   kStatusResp = 17,     // agent -> scheduler
   kMigrateReq = 18,     // scheduler -> source agent
@@ -55,6 +57,8 @@ enum class MsgType : uint16_t {
   kError = 31,          // agent -> client: request refused
   kCancelReq = 32,      // client -> source agent: cancel migration id
   kCancelResp = 33,     // source agent -> client: how it ended
+  kSettleReq = 34,      // operator -> source agent: decide an in-doubt move
+  kSettleResp = 35,     // source agent -> operator: settled
 };
 
 // "HELLO", "OFFER", ...; "UNKNOWN(n)" for other values.

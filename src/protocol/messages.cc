@@ -256,7 +256,7 @@ Result<OutcomeRespMsg> decode_outcome_resp(std::span<const uint8_t> p) {
   return decode_all<OutcomeRespMsg>(
       p, "OUTCOME_RESP", [&](ByteReader& r) -> Result<OutcomeRespMsg> {
         KVMIG_ASSIGN_OR_RETURN(uint8_t o, r.get<uint8_t>("outcome"));
-        if (o > static_cast<uint8_t>(Outcome::kAborted)) {
+        if (o > static_cast<uint8_t>(Outcome::kForgotten)) {
           return Status::data_loss("outcome " + std::to_string(o) +
                                    " out of range");
         }

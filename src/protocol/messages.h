@@ -83,10 +83,17 @@ struct AbortMsg {
 };
 
 enum class Outcome : uint8_t {
-  kUnknown = 0,    // never heard of it (or forgotten)
+  // Never installed here: this agent never heard of it, and nothing it could
+  // have installed before (it started over an empty pager) is in its pager.
+  kUnknown = 0,
   kPending = 1,    // commit being applied; ask again
   kCommitted = 2,  // installed at the destination
   kAborted = 3,    // rolled back; will never be installed
+  // This agent cannot tell: it forgot the record (evicted unacknowledged),
+  // or it started over a pager that already held requests (an embedder
+  // recreated it), which a migration it does not remember may have
+  // installed. The source stays in doubt (kvmig settle decides by hand).
+  kForgotten = 4,
 };
 
 struct OutcomeReqMsg {

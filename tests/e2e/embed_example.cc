@@ -443,6 +443,79 @@ TEST(EmbedExample, RequestEndedWhileInDoubtDoesNotBlockSettling) {
   EXPECT_EQ(digests(*m.dst).size(), 2u);
 }
 
+// The destination installs, then its agent is recreated over the same
+// pager before the source learns the outcome: the new agent cannot tell
+// (it was not there), says so, and the source stays in doubt with the
+// requests held, rather than run them again beside the installed copies.
+// An operator settles it by hand.
+TEST(EmbedExample, RecreatedDestinationLeavesTheSourceInDoubtUntilSettled) {
+  auto cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kPage, 64);
+  ASSERT_TRUE(cache && dst_cache);
+  ASSERT_OK(cache->populate(3, 40, 4));
+  AgentOptions src_options;
+  src_options.peer_timeout = std::chrono::milliseconds(200);
+  auto src = start_agent(*cache, src_options);
+  std::atomic<bool> stalled{false};
+  AgentOptions dst_options;
+  dst_options.fault_hook = [&](std::string_view point) {
+    if (point == "dst.before_done") {  // installed; DONE comes too late
+      std::this_thread::sleep_for(std::chrono::milliseconds(600));
+      stalled = true;
+    }
+  };
+  auto dst = start_agent(*dst_cache, dst_options);
+  ASSERT_TRUE(src && dst);
+  const uint16_t port = dst->port();
+  const auto before = digests(*src);
+  MigrateRequest req;
+  req.to = dst->address();
+  req.seqs = {1, 2};
+  auto moved = src->migrate(req);
+  ASSERT_EQ(moved.status().code(), StatusCode::kUnavailable)
+      << moved.status().to_string();
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, src->status());
+  ASSERT_EQ(st.in_doubt.size(), 1u);
+  const std::string id = st.in_doubt[0].migration_id;
+  while (!stalled) std::this_thread::yield();
+  dst.reset();  // the embedder recreates its agent over the same pager
+  std::atomic<int> queries{0};
+  dst_options.listen_port = port;
+  dst_options.fault_hook = [&](std::string_view point) {
+    if (point == "dst.outcome_query") ++queries;
+  };
+  dst = start_agent(*dst_cache, dst_options);
+  ASSERT_TRUE(dst);
+  // Two queries answered: the first answer was read before the second
+  // query went out.
+  const auto until =
+      std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (queries < 2 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_GE(queries.load(), 2);
+  ASSERT_OK_AND_ASSIGN(st, src->status());
+  ASSERT_EQ(st.in_doubt.size(), 1u);
+  EXPECT_EQ(cache->decode_step(), 1u);  // 1 and 2 held: only 3 decodes
+  // Both copies exist, one held: the operator knows the destination has
+  // them, and settles.
+  EXPECT_EQ(digests(*dst).size(), 2u);
+  EXPECT_EQ(src->settle("nope", true).code(), StatusCode::kNotFound);
+  ASSERT_OK(src->settle(id, true));
+  ASSERT_OK_AND_ASSIGN(st, src->status());
+  EXPECT_TRUE(st.in_doubt.empty());
+  ASSERT_OK_AND_ASSIGN(auto left, cache->logical_seqs());
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].seq_id, 3u);
+  auto there = digests(*dst);
+  EXPECT_EQ(there[1], before.at(1));
+  EXPECT_EQ(there[2], before.at(2));
+  ASSERT_OK_AND_ASSIGN(CancelReport ended, src->cancel(id));
+  EXPECT_EQ(ended.outcome, "committed");
+  src->stop();
+  dst->stop();
+}
+
 TEST(EmbedExample, CallsOnANonServingAgentFailAtOnce) {
   auto cache = make_cache(PoolLayout::kPage, 16);
   ASSERT_TRUE(cache);

@@ -545,6 +545,47 @@ TEST(CancelE2E, InterruptedMigrateCancelsAndSaysSo) {
   expect_rolled_back(p);
 }
 
+TEST(SettleE2E, AnOperatorSettlesAMoveWhoseDestinationIsGone) {
+  auto src =
+      AgentProcess::start({"--populate", "2:40", "--peer-timeout-ms", "300"});
+  auto dst = AgentProcess::start({"--fault", "dst.before_done=stall:5000"});
+  ASSERT_TRUE(src && dst);
+  json before = status_of(src->address());
+  int code = -1;
+  json r = migrate(src->address(), dst->address(), {"--all", "--id", "lost-1"},
+                   &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(r["error"].get<std::string>().find("in doubt"), std::string::npos)
+      << r.dump();
+  dst->child().kill(SIGKILL);  // gone for good: it will never answer
+  json s = status_of(src->address());
+  ASSERT_EQ(s["in_doubt"].size(), 1u) << s.dump();
+  EXPECT_EQ(s["in_doubt"][0]["migration_id"], "lost-1");
+  CliResult bad = run_kvmig({"settle", "--agent", src->address(), "--migration",
+                             "lost-1", "--outcome", "maybe"});
+  EXPECT_EQ(bad.code, 2) << bad.out << bad.err;
+  // The operator knows the destination died with its cache: roll back.
+  CliResult settled =
+      run_kvmig({"settle", "--agent", src->address(), "--migration", "lost-1",
+                 "--outcome", "aborted", "--json"});
+  ASSERT_EQ(settled.code, 0) << settled.out << settled.err;
+  EXPECT_EQ(json::parse(settled.out, nullptr, false)["outcome"], "aborted");
+  s = status_of(src->address());
+  EXPECT_TRUE(s["in_doubt"].empty()) << s.dump();
+  EXPECT_EQ(digests(s), digests(before));
+  // The requests run and move again.
+  auto third = AgentProcess::start({});
+  ASSERT_TRUE(third);
+  json again = migrate(src->address(), third->address(), {"--all"}, &code);
+  EXPECT_EQ(code, 0) << again.dump();
+  EXPECT_EQ(digests(status_of(third->address())), digests(before));
+  CliResult twice =
+      run_kvmig({"settle", "--agent", src->address(), "--migration", "lost-1",
+                 "--outcome", "aborted"});
+  EXPECT_EQ(twice.code, 1);
+  EXPECT_NE(twice.err.find("NotFound"), std::string::npos) << twice.err;
+}
+
 // --- the destination's deadline is on progress, not on size ---------------
 
 TEST(ProgressDeadline, AStalledSourceLosesItsSlotsAtThePeerTimeout) {

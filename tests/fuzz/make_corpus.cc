@@ -134,6 +134,9 @@ int run(const fs::path& root) {
   s.add(
       17, MsgType::kCancelResp,
       encode(CancelReport{hello.migration_id, "aborted", "destination full"}));
+  s.add(18, MsgType::kSettleReq,
+        encode(SettleReqMsg{hello.migration_id, true}));
+  s.add(11, MsgType::kOutcomeResp, encode(OutcomeRespMsg{Outcome::kForgotten}));
   s.add(0, MsgType::kStatusReq, {});
   s.add(0, MsgType::kDone, {});
   std::printf("wrote %d seeds per target under %s\n", s.n,

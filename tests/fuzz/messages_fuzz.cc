@@ -68,6 +68,9 @@ bool same(const MigrateRequest& a, const MigrateRequest& b) {
 bool same(const ProgressMsg& a, const ProgressMsg& b) {
   return a.bytes == b.bytes;
 }
+bool same(const SettleReqMsg& a, const SettleReqMsg& b) {
+  return a.migration_id == b.migration_id && a.committed == b.committed;
+}
 bool same(const CancelReqMsg& a, const CancelReqMsg& b) {
   return a.migration_id == b.migration_id;
 }
@@ -128,7 +131,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const WireLimits l;
   std::span<const uint8_t> p(data + 1, size - 1);
   // The decoders, numbered in messages.h order; first byte modulo the count.
-  switch (data[0] % 18) {
+  switch (data[0] % 19) {
     case 0:
       check(p, [&](auto b) { return decode_snapshot_req(b, l); });
       break;
@@ -182,6 +185,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 17:
       check(p, [&](auto b) { return decode_cancel_report(b, l); });
+      break;
+    case 18:
+      check(p, [&](auto b) { return decode_settle_req(b, l); });
       break;
   }
   return 0;

@@ -479,3 +479,14 @@ def test_cancel_and_timeout_roll_back(cpp_agent, how):
         assert agent.cancel("py-1")["outcome"] == "cancelled"
         assert digests(agent.status()) == before
         poll(lambda: dst_is_empty(dst.address, 32), "the destination to empty")
+
+
+def test_settle_needs_a_migration_in_doubt(cpp_agent):
+    src = cpp_agent("--preset", "tiny", "--capacity-pages", "8")
+    client = kvmig.Client(src.address)
+    with pytest.raises(kvmig.Error) as e:
+        client.settle("never-in-doubt", outcome="aborted")
+    assert e.value.code == "NotFound"
+    with pytest.raises(kvmig.Error) as e:
+        client.settle("never-in-doubt", outcome="maybe")
+    assert e.value.code == "InvalidArgument"

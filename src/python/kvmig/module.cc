@@ -46,6 +46,14 @@ MigrationMode parse_mode(const std::string& mode) {
       "mode must be \"move\" or \"copy\", not \"" + mode + "\""));
 }
 
+// settle()'s outcome: true for "committed".
+bool parse_outcome(const std::string& outcome) {
+  if (outcome == "committed") return true;
+  if (outcome == "aborted") return false;
+  raise_status(Status::invalid_argument(
+      "outcome must be \"committed\" or \"aborted\", not \"" + outcome + "\""));
+}
+
 // The keyword arguments of migrate() (agent and client alike).
 struct MigrateArgs {
   std::string to;
@@ -201,6 +209,16 @@ class PyAgent {
     return to_python(cancel_json(value_or_raise(std::move(ended))));
   }
 
+  void settle(const std::string& migration_id, const std::string& outcome) {
+    const bool committed = parse_outcome(outcome);
+    Agent& a = agent();
+    Status s = [&] {
+      py::gil_scoped_release release;
+      return a.settle(migration_id, committed);
+    }();
+    ok_or_raise(s);
+  }
+
   py::object status(bool digests) {
     Agent& a = agent();
     Result<AgentStatus> st = [&] {
@@ -281,6 +299,15 @@ class PyClient {
       return cancel_migration(address_, migration_id, options_);
     }();
     return to_python(cancel_json(value_or_raise(std::move(ended))));
+  }
+
+  void settle(const std::string& migration_id, const std::string& outcome) {
+    const bool committed = parse_outcome(outcome);
+    Status s = [&] {
+      py::gil_scoped_release release;
+      return settle_migration(address_, migration_id, committed, options_);
+    }();
+    ok_or_raise(s);
   }
 
   void snapshot(const std::string& path, bool load) {
@@ -525,6 +552,8 @@ PYBIND11_MODULE(_kvmig, m) {
       .def_property_readonly("port", &PyAgent::port)
       .def("migrate", migrate_method<PyAgent>(), KVMIG_MIGRATE_KWARGS)
       .def("cancel", &PyAgent::cancel, py::arg("migration_id"))
+      .def("settle", &PyAgent::settle, py::arg("migration_id"), py::kw_only(),
+           py::arg("outcome"))
       .def("status", &PyAgent::status, py::kw_only(), py::arg("digests") = true)
       .def("__enter__",
            [](PyAgent& a) -> PyAgent& {
@@ -542,6 +571,8 @@ PYBIND11_MODULE(_kvmig, m) {
            py::arg("digests") = true)
       .def("migrate", migrate_method<PyClient>(), KVMIG_MIGRATE_KWARGS)
       .def("cancel", &PyClient::cancel, py::arg("migration_id"))
+      .def("settle", &PyClient::settle, py::arg("migration_id"), py::kw_only(),
+           py::arg("outcome"))
       .def("snapshot", &PyClient::snapshot, py::arg("path"), py::kw_only(),
            py::arg("load") = false,
            "the agent captures its cache to path (load: restores it), a "

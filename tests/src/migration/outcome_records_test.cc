@@ -1,0 +1,72 @@
+// The destination's outcome records: what a source that lost contact is
+// told, as records come, are acknowledged and are forgotten.
+#include "outcome_records.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace kvmig {
+namespace {
+
+Outcome ask(OutcomeRecords& records, const std::string& id) {
+  return records.answer_query(id, logger("control")).outcome;
+}
+
+TEST(OutcomeRecords, AnUnknownIdWasNeverInstalledOverAFreshPager) {
+  OutcomeRecords records;
+  EXPECT_EQ(ask(records, "never"), Outcome::kUnknown);
+  OutcomeRecords recreated;  // an agent recreated over a pager with requests
+  recreated.set_started_with_requests(true);
+  EXPECT_EQ(ask(recreated, "never"), Outcome::kForgotten);
+}
+
+TEST(OutcomeRecords, AQueryBeforeCommitFencesTheMigration) {
+  OutcomeRecords records;
+  records.remember("m", Outcome::kPending);
+  EXPECT_EQ(ask(records, "m"), Outcome::kAborted);
+  EXPECT_FALSE(records.begin_commit("m"));
+  records.remember("n", Outcome::kPending);
+  EXPECT_TRUE(records.begin_commit("n"));
+  EXPECT_EQ(ask(records, "n"), Outcome::kPending);
+  records.remember("n", Outcome::kCommitted);
+  EXPECT_EQ(ask(records, "n"), Outcome::kCommitted);
+}
+
+TEST(OutcomeRecords, UnacknowledgedCommitsOutliveTheBound) {
+  OutcomeRecords records;
+  records.remember("committed-unacked", Outcome::kCommitted);
+  records.remember("committed-acked", Outcome::kCommitted);
+  records.acknowledge("committed-acked");
+  records.remember("aborted", Outcome::kAborted);
+  for (size_t i = 0; i < OutcomeRecords::kMaxRecords + 10; ++i) {
+    records.remember("filler-" + std::to_string(i), Outcome::kAborted);
+  }
+  // The source never learned this one: still answered.
+  EXPECT_EQ(ask(records, "committed-unacked"), Outcome::kCommitted);
+  // These went: an aborted migration was never installed, and nobody asks
+  // about an acknowledged one.
+  EXPECT_FALSE(records.contains("aborted"));
+  EXPECT_FALSE(records.contains("committed-acked"));
+  EXPECT_EQ(ask(records, "aborted"), Outcome::kUnknown);
+}
+
+TEST(OutcomeRecords, ForgettingAnUnacknowledgedCommitMakesUnknownIdsForgotten) {
+  OutcomeRecords records;
+  const size_t n = OutcomeRecords::kMaxUnacknowledged + 1;
+  for (size_t i = 0; i < n; ++i) {
+    records.remember("c-" + std::to_string(i), Outcome::kCommitted);
+  }
+  for (size_t i = 0; i < OutcomeRecords::kMaxRecords; ++i) {
+    records.remember("a-" + std::to_string(i), Outcome::kAborted);
+  }
+  // The oldest commit went: asked about, it is "forgotten", never
+  // "never installed", and so is every id the agent does not hold now.
+  EXPECT_FALSE(records.contains("c-0"));
+  EXPECT_EQ(ask(records, "c-0"), Outcome::kForgotten);
+  EXPECT_EQ(ask(records, "never"), Outcome::kForgotten);
+  EXPECT_EQ(ask(records, "c-1"), Outcome::kCommitted);
+}
+
+}  // namespace
+}  // namespace kvmig
