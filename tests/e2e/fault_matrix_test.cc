@@ -714,8 +714,15 @@ TEST(InDoubt, HeldRequestsDoNotRunUntilSettled) {
   const json held = status_of(src->address());
   ASSERT_EQ(held["in_doubt"].size(), 1u) << held.dump();
   EXPECT_EQ(held["in_doubt"][0]["hold"], "seqs");
-  std::this_thread::sleep_for(400ms);
-  const json later = status_of(src->address());
+  // Proof that time passed with the engine decoding: request 3 grows by 5
+  // tokens (polled), while the held ones do not grow at all.
+  json later = status_of(src->address());
+  const auto grown_until = std::chrono::steady_clock::now() + 20s;
+  while (tokens(later)[3] < tokens(held)[3] + 5 &&
+         std::chrono::steady_clock::now() < grown_until) {
+    std::this_thread::sleep_for(20ms);
+    later = status_of(src->address());
+  }
   EXPECT_EQ(tokens(later)[1], tokens(held)[1]);
   EXPECT_EQ(tokens(later)[2], tokens(held)[2]);
   EXPECT_GT(tokens(later)[3], tokens(held)[3]);  // the engine runs
