@@ -23,8 +23,14 @@ struct PagerCapacity {
 // A paged KV cache as kvmig sees it.
 //
 // Thread safety: implementations must be thread-safe. kvmig calls a pager
-// from its control thread and its data threads, possibly concurrently, while
-// the engine runs its own work (decode) on the same pager.
+// from its data threads (two per agent), possibly concurrently, while the
+// engine runs its own work (decode) on the same pager; never from the
+// agent's control thread, so a method that blocks (waiting for the engine's
+// step, say) delays only the migration or status call that made it, not
+// the agent's other connections and timers. Exceptions: meta() and
+// layout(), which must not block, are also called on the control thread
+// and when the Agent is created. A pager method must not call back into
+// its own Agent: such a call fails with FailedPrecondition.
 //
 // Between a successful pause() and the matching resume(), the bytes of every
 // page that belongs to a sequence must not change: kvmig reads them directly

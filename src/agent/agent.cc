@@ -177,9 +177,9 @@ namespace {
 
 // Runs make() as a coroutine on the agent's io thread and waits for its
 // result. FailedPrecondition when nothing would ever run it (the agent is
-// not serving) or when called on that thread itself (it would wait for
-// itself). If the agent stops first, the call returns Aborted as soon as
-// the io thread has stopped.
+// not serving) or when called on one of the agent's threads (from a pager
+// method: it would wait for itself). If the agent stops first, the call returns
+// Aborted as soon as the io thread has stopped.
 template <typename T>
 struct PendingCall {
   std::promise<Result<T>> promise;
@@ -197,11 +197,12 @@ Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
         "agent: " + std::string(what) +
         " needs a serving agent (call start() or run() first)");
   }
-  if (io.get_executor().running_in_this_thread()) {
+  if (io.get_executor().running_in_this_thread() ||
+      impl.ctx.data_pool.get_executor().running_in_this_thread()) {
     return Status::failed_precondition(
         "agent: " + std::string(what) +
-        " called on the agent's own thread (from a pager method?) would "
-        "wait for itself");
+        " called on one of the agent's own threads (from a pager method?) "
+        "would wait for itself");
   }
   auto call = std::make_shared<PendingCall<T>>();
   auto future = call->promise.get_future();
@@ -251,8 +252,8 @@ Status Agent::settle(std::string_view migration_id, bool committed) {
       [impl = impl_.get(), id = std::string(migration_id),
        committed]() -> asio::awaitable<Result<Empty>> {
         KVMIG_CO_RETURN_IF_ERROR(check_migration_id(id));
-        KVMIG_CO_RETURN_IF_ERROR(
-            impl->ctx.in_doubt.settle_by_hand(impl->ctx, id, committed));
+        KVMIG_CO_RETURN_IF_ERROR(co_await impl->ctx.in_doubt.settle_by_hand(
+            impl->ctx, id, committed));
         co_return Empty{};
       });
   return done.status();

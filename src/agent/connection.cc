@@ -139,8 +139,8 @@ asio::awaitable<void> serve_settle(MigrationContext& ctx, FrameChannel& channel,
     ctx.log->warn("settling migration {} as {} by the word of {}",
                   settle->migration_id,
                   settle->committed ? "committed" : "aborted", channel.peer());
-    done = ctx.in_doubt.settle_by_hand(ctx, settle->migration_id,
-                                       settle->committed);
+    done = co_await ctx.in_doubt.settle_by_hand(ctx, settle->migration_id,
+                                                settle->committed);
   }
   if (!done.ok()) {
     co_await reply_error(ctx, channel, done);

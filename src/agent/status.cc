@@ -59,8 +59,10 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
   // Digests are computed with the engine paused, so no request is seen torn;
   // without them nothing is read and the engine is not paused.
   CachePager& pager = ctx.pager;
-  auto seqs =
-      co_await ctx.offload([&pager, digests]() -> Result<SeqsAndGroups> {
+  std::optional<PagerCapacity> capacity;
+  auto seqs = co_await ctx.offload(
+      [&pager, &capacity, digests]() -> Result<SeqsAndGroups> {
+        capacity = pager.capacity();
         if (digests) KVMIG_RETURN_IF_ERROR(pager.pause());
         SeqsAndGroups out;
         Status status;
@@ -118,9 +120,9 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
     out.seconds = std::chrono::duration<double>(now - m->started).count();
     st.migrations.push_back(std::move(out));
   }
-  if (auto cap = ctx.pager.capacity()) {
-    st.capacity_pages = cap->capacity_pages;
-    st.free_pages = cap->free_pages;
+  if (capacity) {
+    st.capacity_pages = capacity->capacity_pages;
+    st.free_pages = capacity->free_pages;
   }
   co_return st;
 }

@@ -75,8 +75,15 @@ void DestinationRun::cancel(const Status& why) {
 }
 
 asio::awaitable<void> DestinationRun::run() {
+  // Pager calls go to the data pool: a slow engine delays this migration,
+  // not the agent's other connections and timers.
   Status s = check_hello();
-  if (s.ok()) s = allocate_first_round();
+  if (s.ok())
+    s = co_await ctx_.offload([this] { return check_ids_not_live(); });
+  if (s.ok()) s = register_id();
+  if (s.ok()) {
+    s = co_await ctx_.offload([this] { return allocate_first_round(); });
+  }
   if (s.ok()) s = co_await open_and_offer();
   if (cancelled_) s = *cancelled_;
   if (!s.ok()) {
@@ -127,7 +134,10 @@ asio::awaitable<void> DestinationRun::fail(Status why) {
     });
   }
   staging_.reset();
-  slots_.release();
+  co_await ctx_.offload([this] {
+    slots_.release();
+    return 0;
+  });
   if (registered_) ctx_.dst_records.remember(id_, Outcome::kAborted);
   report_end("aborted");
   const std::vector<uint8_t> payload = encode(AbortMsg{why.to_string()});
@@ -186,7 +196,14 @@ Status DestinationRun::check_hello() {
                                        offered + "], destination accepts [ " +
                                        ctx_.transport_names(" ") + " ]");
   }
-  KVMIG_RETURN_IF_ERROR(check_ids_not_live());
+  return Status();
+}
+
+Status DestinationRun::register_id() {
+  // Checked again: another HELLO with this id may have come meanwhile.
+  if (ctx_.dst_records.contains(id_)) {
+    return Status::already_exists("migration id " + id_ + " seen before");
+  }
   ctx_.dst_records.remember(id_, Outcome::kPending);
   registered_ = true;
   return Status();
@@ -338,7 +355,8 @@ asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
         " more pages; this agent takes at most " + std::to_string(limit) +
         " per migration");
   }
-  auto more = ctx_.pager.allocate_pages(round->n_pages);
+  auto more = co_await ctx_.offload(
+      [&] { return ctx_.pager.allocate_pages(round->n_pages); });
   if (!more.ok()) {
     co_return Status::resource_exhausted(
         "destination full: need " + std::to_string(round->n_pages) +
@@ -495,7 +513,8 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
     ctx_.log->debug("{} data path {}", tag_, kept ? "kept" : "revoked");
     return 0;
   });
-  Status installed = ctx_.pager.install_logical_seqs(commit.seqs);
+  Status installed = co_await ctx_.offload(
+      [&] { return ctx_.pager.install_logical_seqs(commit.seqs); });
   if (!installed.ok()) co_return installed.with_context("install");
   ctx_.dst_records.remember(id_, Outcome::kCommitted);
   note_arrivals(commit);
@@ -504,7 +523,8 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
   slots_.taken();
   if (!unused_.empty()) {
     // Pages of requests the source left behind.
-    Status released = ctx_.pager.release_pages(unused_);
+    Status released = co_await ctx_.offload(
+        [this] { return ctx_.pager.release_pages(unused_); });
     if (!released.ok()) {
       ctx_.log->error("{} releasing {} unused slots: {}", tag_, unused_.size(),
                       released.to_string());

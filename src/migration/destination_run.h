@@ -61,8 +61,12 @@ class DestinationRun {
   // Refuses (before any slot is allocated): a migration id seen before, the
   // agent itself as source, a meta mismatch, limits, no common transport,
   // a request already live here.
+  // Io thread.
   Status check_hello();
+  // Data pool (pager calls).
   Status check_ids_not_live();
+  // Io thread: records id_ as pending (refused if seen meanwhile).
+  Status register_id();
   Status allocate_first_round();
   asio::awaitable<Status> open_and_offer();
   // Serves live rounds, VERIFY and staged batches until COMMIT arrives.

@@ -91,7 +91,7 @@ asio::awaitable<void> InDoubtSet::keep_asking(MigrationContext& ctx,
     Outcome o = co_await ask_outcome(ctx, to, id, ctx.peer_deadline());
     if (ctx.stopping) co_return;
     if (o != Outcome::kUnknown) {
-      settle(ctx, id, o);
+      co_await settle(ctx, id, o);
       co_return;
     }
     delay = std::min<std::chrono::milliseconds>(2 * delay, kMaxRetry);
@@ -116,48 +116,56 @@ Result<std::vector<SeqId>> still_live(CachePager& pager,
 
 }  // namespace
 
-Status InDoubtSet::settle_by_hand(MigrationContext& ctx, const std::string& id,
-                                  bool committed) {
+asio::awaitable<Status> InDoubtSet::settle_by_hand(MigrationContext& ctx,
+                                                   const std::string& id,
+                                                   bool committed) {
   auto it = std::find_if(entries_.begin(), entries_.end(),
                          [&](const auto& d) { return d.migration_id == id; });
   if (it == entries_.end()) {
-    return Status::not_found("migration " + id + " is not in doubt here");
+    co_return Status::not_found("migration " + id + " is not in doubt here");
   }
   ctx.log->warn("[{}] settled by hand: {}", id.substr(0, 12),
                 committed ? "committed" : "aborted");
-  settle(ctx, id, committed ? Outcome::kCommitted : Outcome::kAborted);
-  return Status();
+  co_await settle(ctx, id, committed ? Outcome::kCommitted : Outcome::kAborted);
+  co_return Status();
 }
 
-void InDoubtSet::settle(MigrationContext& ctx, const std::string& id,
-                        Outcome outcome) {
+asio::awaitable<void> InDoubtSet::settle(MigrationContext& ctx,
+                                         const std::string& id,
+                                         Outcome outcome) {
   auto it = std::find_if(entries_.begin(), entries_.end(),
                          [&](const auto& d) { return d.migration_id == id; });
-  if (it == entries_.end()) return;
+  if (it == entries_.end()) co_return;
+  // Out of the set before any wait: nothing settles it twice.
   const AgentStatus::InDoubt d = std::move(*it);
   entries_.erase(it);
   const std::string tag = migration_tag(id, "->", d.to);
   const bool committed = outcome == Outcome::kCommitted;
   if (d.hold != "none") {
     // A move: committed, the requests live at the destination now; rolled
-    // back, they run here again.
-    auto live = still_live(ctx.pager, d.seqs);
-    Status s = live.status();
-    if (s.ok()) {
-      s = committed
-              ? ctx.pager.drop_logical_seqs(*live)
-              : (d.hold == "seqs" ? ctx.pager.unhold_seqs(*live) : Status());
-    }
-    if (!s.ok()) {
-      ctx.log->error("{} settling requests {}: {}", tag, join_ids(d.seqs),
-                     s.to_string());
-    }
-    if (d.hold == "engine") {
-      Status resumed = ctx.pager.resume();
-      if (!resumed.ok()) {
-        ctx.log->error("{} resume: {}", tag, resumed.to_string());
+    // back, they run here again. The pager is called from the data pool.
+    CachePager& pager = ctx.pager;
+    spdlog::logger& log = *ctx.log;
+    co_await ctx.offload([&pager, &d, &tag, &log, committed] {
+      auto live = still_live(pager, d.seqs);
+      Status s = live.status();
+      if (s.ok()) {
+        s = committed
+                ? pager.drop_logical_seqs(*live)
+                : (d.hold == "seqs" ? pager.unhold_seqs(*live) : Status());
       }
-    }
+      if (!s.ok()) {
+        log.error("{} settling requests {}: {}", tag, join_ids(d.seqs),
+                  s.to_string());
+      }
+      if (d.hold == "engine") {
+        Status resumed = pager.resume();
+        if (!resumed.ok()) {
+          log.error("{} resume: {}", tag, resumed.to_string());
+        }
+      }
+      return 0;
+    });
   }
   ctx.log->warn("{} in doubt settled: {}; requests {} {}", tag,
                 committed ? "committed at the destination" : "rolled back",

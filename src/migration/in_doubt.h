@@ -33,12 +33,14 @@ class InDoubtSet {
 
   // Applies a learned outcome to an in-doubt migration: drops its requests
   // (a committed move) or lets them run again, and forgets the entry.
-  void settle(MigrationContext& ctx, const std::string& migration_id,
-              Outcome outcome);
+  asio::awaitable<void> settle(MigrationContext& ctx,
+                               const std::string& migration_id,
+                               Outcome outcome);
   // settle() by an operator's word (Agent::settle): NotFound when
   // migration_id is not in doubt here.
-  Status settle_by_hand(MigrationContext& ctx, const std::string& migration_id,
-                        bool committed);
+  asio::awaitable<Status> settle_by_hand(MigrationContext& ctx,
+                                         const std::string& migration_id,
+                                         bool committed);
 
  private:
   // Asks the destination of in-doubt migration_id with backoff until it

@@ -232,6 +232,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
   if (!s.ok()) {
     ctx_.log->warn("{} aborting: {}", tag_, s.to_string());
     co_await abort_peer(s);
+    co_await resume_engine();
     co_return s;
   }
   src_staging_.reset();
@@ -243,7 +244,8 @@ asio::awaitable<Status> SourceRun::run_live_rounds() {
   for (;;) {
     ctx_.fault("src.live.round");
     KVMIG_CO_RETURN_IF_ERROR(co_await run_round(round_pages_.empty()));
-    auto current = ctx_.pager.logical_seqs();
+    auto current =
+        co_await ctx_.offload([this] { return ctx_.pager.logical_seqs(); });
     if (!current.ok()) co_return current.status();
     const size_t remainder = precopy_.plan(*current, moving_, false).pages();
     const bool converged = remainder <= req_.live_converge_pages;
@@ -281,7 +283,8 @@ Status SourceRun::leave_behind(const std::vector<SeqId>& dropped) {
 
 asio::awaitable<Status> SourceRun::run_round(bool first) {
   KVMIG_CO_RETURN_IF_ERROR(cancel_status());
-  auto current = ctx_.pager.logical_seqs();
+  auto current =
+      co_await ctx_.offload([this] { return ctx_.pager.logical_seqs(); });
   if (!current.ok()) co_return current.status().with_context("logical_seqs");
   PrecopyState::Round round =
       precopy_.plan(*current, moving_, pause_.engaged());
@@ -571,6 +574,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   if (cancelled_) read = *cancelled_;
   if (!read.ok()) {
     co_await abort_peer(read);
+    co_await resume_engine();
     co_return read;
   }
   ctx_.fault("src.before_commit");
@@ -581,12 +585,14 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     Status gone = Status::unavailable("destination " + req_.to +
                                       " closed the connection before COMMIT");
     co_await abort_peer(gone);
+    co_await resume_engine();
     co_return gone;
   }
   // The decision point: from here on the destination decides, and a
   // cancel is answered with how it decided.
   if (cancelled_) {
     co_await abort_peer(*cancelled_);
+    co_await resume_engine();
     co_return *cancelled_;
   }
   committing_ = true;
@@ -601,23 +607,41 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     ctx_.log->warn("{} no DONE after COMMIT ({}); asking the destination", tag_,
                    failure.to_string());
     outcome = co_await resolve_outcome(ctx_, req_.to, id_);
-    if (outcome == Outcome::kUnknown) co_return enter_in_doubt(ids, failure);
+    if (outcome == Outcome::kUnknown) {
+      // The requests may already live at the destination: a move keeps
+      // them from running here until the destination answers (DESIGN.md).
+      Status held;
+      if (req_.mode == MigrationMode::kMove) {
+        held = co_await ctx_.offload([&] { return ctx_.pager.hold_seqs(ids); });
+      }
+      co_return enter_in_doubt(ids, failure, held);
+    }
   }
   if (outcome != Outcome::kCommitted) {
     ctx_.log->warn("{} rolled back: {}", tag_, failure.to_string());
+    co_await resume_engine();
     co_return failure.ok() ? Status::aborted("destination rolled back")
                            : failure;
   }
-  co_return finish(ids, std::move(digests));
+  // Committed: the requests belong to the destination now.
+  Status dropped;
+  if (req_.mode == MigrationMode::kMove) {
+    dropped = co_await ctx_.offload(
+        [&] { return ctx_.pager.drop_logical_seqs(ids); });
+  }
+  Status resumed = co_await ctx_.offload([this] { return pause_.release(); });
+  co_return finish(ids, std::move(digests), dropped, resumed);
+}
+
+asio::awaitable<void> SourceRun::resume_engine() {
+  if (!pause_.engaged()) co_return;
+  co_await ctx_.offload([this] { return pause_.release(); });
 }
 
 Status SourceRun::enter_in_doubt(const std::vector<SeqId>& ids,
-                                 const Status& why) {
-  // The requests may already live at the destination: a move keeps them
-  // from running here until the destination answers (DESIGN.md).
+                                 const Status& why, const Status& held) {
   std::string hold = "none";
   if (req_.mode == MigrationMode::kMove) {
-    Status held = ctx_.pager.hold_seqs(ids);
     hold = held.ok() ? "seqs" : "engine";
     if (!held.ok()) {
       ctx_.log->error(
@@ -641,20 +665,17 @@ Status SourceRun::enter_in_doubt(const std::vector<SeqId>& ids,
 
 Result<MigrationReport> SourceRun::finish(
     const std::vector<SeqId>& ids,
-    std::vector<std::pair<SeqId, std::string>> digests) {
+    std::vector<std::pair<SeqId, std::string>> digests, const Status& dropped,
+    const Status& resumed) {
   // Committed: the requests belong to the destination now, and the data
   // path (flushed before COMMIT) may serve the next migration to it.
   outcome_ = "committed";
   if (init_) init_->keep();
-  if (req_.mode == MigrationMode::kMove) {
-    Status dropped = ctx_.pager.drop_logical_seqs(ids);
-    if (!dropped.ok()) {
-      ctx_.log->error("{} committed but drop failed: {}", tag_,
-                      dropped.to_string());
-      return dropped.with_context("drop after commit");
-    }
+  if (!dropped.ok()) {
+    ctx_.log->error("{} committed but drop failed: {}", tag_,
+                    dropped.to_string());
+    return dropped.with_context("drop after commit");
   }
-  Status resumed = pause_.release();
   pause_seconds_ = seconds_since(t_pause_);
   const double pause_ms = pause_seconds_ * 1e3;
   if (!resumed.ok()) return resumed.with_context("resume");
@@ -703,9 +724,9 @@ namespace {
 // The requests a migration moves: every live one not in doubt (all), or
 // the ones asked for, each live and not in doubt. Unknown ids are an error
 // before anything moves.
-Result<std::vector<SeqId>> select_requests(MigrationContext& ctx,
-                                           const MigrateRequest& req) {
-  auto before = ctx.pager.logical_seqs();
+Result<std::vector<SeqId>> select_requests(
+    MigrationContext& ctx, const MigrateRequest& req,
+    const Result<std::vector<LogicalSeq>>& before) {
   if (!before.ok()) return before.status().with_context("logical_seqs");
   const std::set<SeqId> doubtful = ctx.in_doubt.held_seqs();
   std::vector<SeqId> ids;
@@ -758,7 +779,8 @@ asio::awaitable<Result<MigrationReport>> checked_run(
   auto transport = ctx.transport_named(transport_name);
   if (!transport.ok()) co_return transport.status();
   transport_out = transport_name;
-  auto ids = select_requests(ctx, req);
+  auto live = co_await ctx.offload([&ctx] { return ctx.pager.logical_seqs(); });
+  auto ids = select_requests(ctx, req, live);
   if (!ids.ok()) co_return ids.status();
   if (ids->empty()) {
     co_return Status::invalid_argument("no requests to migrate");

@@ -132,11 +132,18 @@ class SourceRun {
   // Sends COMMIT and reads the answer: kCommitted, kAborted (with why) or
   // kUnknown (with why) when no answer came.
   asio::awaitable<Outcome> send_commit(const CommitMsg& msg, Status& why);
-  // The requests stay here, held, until the destination answers.
-  Status enter_in_doubt(const std::vector<SeqId>& ids, const Status& why);
+  // The requests stay here, held (`held`: hold_seqs' result for a move),
+  // until the destination answers.
+  Status enter_in_doubt(const std::vector<SeqId>& ids, const Status& why,
+                        const Status& held);
+  // The report of a committed migration whose requests were dropped here
+  // (a move) and whose engine was resumed, with those calls' results.
   Result<MigrationReport> finish(
       const std::vector<SeqId>& ids,
-      std::vector<std::pair<SeqId, std::string>> digests);
+      std::vector<std::pair<SeqId, std::string>> digests, const Status& dropped,
+      const Status& resumed);
+  // Resumes the engine if this run paused it (data pool).
+  asio::awaitable<void> resume_engine();
 
   MigrationContext& ctx_;
   const MigrateRequest& req_;

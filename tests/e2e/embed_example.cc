@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -744,6 +745,61 @@ TEST(EmbedExample, StoppingTheSourceMidMigrationRollsBack) {
   }
   EXPECT_EQ(free_pages(*dst_cache), 64u);
   EXPECT_TRUE(pager_digests(*dst_cache).empty());
+  dst->stop();
+}
+
+// A destination engine whose allocate_pages() blocks (it waits for its own
+// step to end) delays only the migration that asked: the agent answers
+// status meanwhile, and the migration completes once the engine does.
+class SlowAllocatingPager final : public testing::ForwardingPager {
+ public:
+  SlowAllocatingPager(CachePager& inner, Gate& gate)
+      : ForwardingPager(inner), gate_(gate) {}
+  Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override {
+    gate_.reach();
+    return ForwardingPager::allocate_pages(n);
+  }
+
+ private:
+  Gate& gate_;
+};
+
+TEST(EmbedExample, ASlowPagerDoesNotStallTheAgent) {
+  auto src_cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kPage, 64);
+  ASSERT_TRUE(src_cache && dst_cache);
+  ASSERT_OK(src_cache->populate(2, 100, 17));
+  Gate allocating;
+  SlowAllocatingPager slow(*dst_cache, allocating);
+  AgentOptions options;
+  options.peer_timeout = std::chrono::seconds(10);
+  auto src = start_agent(*src_cache, options);
+  auto dst = start_agent(slow, options);
+  ASSERT_TRUE(src && dst);
+  const auto before = digests(*src);
+  Result<MigrationReport> result = Status::internal("not run");
+  std::thread scheduler([&] {
+    MigrateRequest req;
+    req.to = dst->address();
+    req.all = true;
+    result = src->migrate(req);
+  });
+  ASSERT_TRUE(allocating.wait_reached());
+  // The engine is inside allocate_pages(): the agent still answers.
+  auto answered = std::async(std::launch::async,
+                             [&] { return dst->status({.digests = false}); });
+  const bool in_time =
+      answered.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  allocating.open();
+  scheduler.join();
+  ASSERT_TRUE(in_time) << "status waited for the engine's allocate_pages()";
+  auto st = answered.get();
+  ASSERT_OK(st.status());
+  ASSERT_EQ(st->migrations.size(), 1u);
+  EXPECT_EQ(st->migrations[0].role, "destination");
+  ASSERT_OK(result.status());
+  EXPECT_EQ(digests(*dst), before);
+  src->stop();
   dst->stop();
 }
 
