@@ -30,7 +30,9 @@ namespace kvmig {
 
 // Pauses pager, writes every sequence and the pages they own to path, and
 // resumes it (also when reading or writing fails). Overwrites path
-// atomically.
+// atomically: the temporary file has a name of its own (O_EXCL), so
+// captures to one path at once (threads or processes) all succeed and path
+// ends up as one of them, whole.
 Status capture(CachePager& pager, const std::string& path);
 
 // Loads path into pager. Refuses (leaving the pager untouched) a file that is
