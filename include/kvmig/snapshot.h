@@ -42,6 +42,19 @@ Status capture(CachePager& pager, const std::string& path);
 // failure after allocating it releases the slots.
 Status restore(const std::string& path, CachePager& pager);
 
+// What one capture wrote, or one restore loaded.
+struct SnapshotTotals {
+  uint64_t seqs = 0;
+  uint64_t pages = 0;  // distinct pages stored
+  uint64_t file_bytes = 0;
+};
+
+// capture() and restore(), saying what the file holds (no second read).
+Result<SnapshotTotals> capture_with_totals(CachePager& pager,
+                                           const std::string& path);
+Result<SnapshotTotals> restore_with_totals(const std::string& path,
+                                           CachePager& pager);
+
 // What a snapshot holds, read without a pager.
 struct SnapshotSeqInfo {
   SeqId seq_id = 0;

@@ -127,6 +127,7 @@ HashingWriter::HashingWriter(int fd, std::string what)
 Status HashingWriter::write(const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
   XXH3_64bits_update(hash_.get(), p, n);
+  bytes_ += n;
   if (buf_.size() + n > kIoChunk) KVMIG_RETURN_IF_ERROR(flush());
   if (n >= kIoChunk) return write_all(fd_, p, n, what_);
   buf_.insert(buf_.end(), p, p + n);

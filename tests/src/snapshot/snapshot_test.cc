@@ -233,6 +233,21 @@ TEST_F(SnapshotTest, TwoCapturesToOnePathAtOnceBothSucceed) {
   }
 }
 
+TEST_F(SnapshotTest, TotalsSayWhatTheFileHolds) {
+  capture_base();
+  ASSERT_OK_AND_ASSIGN(SnapshotTotals saved,
+                       capture_with_totals(*source_, path("t.snp")));
+  EXPECT_EQ(saved.seqs, 3u);
+  EXPECT_EQ(saved.pages, 8u);
+  EXPECT_EQ(saved.file_bytes, fs::file_size(path("t.snp")));
+  auto dst = make(PoolLayout::kLayer, 32);
+  ASSERT_OK_AND_ASSIGN(SnapshotTotals loaded,
+                       restore_with_totals(path("t.snp"), *dst));
+  EXPECT_EQ(loaded.seqs, saved.seqs);
+  EXPECT_EQ(loaded.pages, saved.pages);
+  EXPECT_EQ(loaded.file_bytes, saved.file_bytes);
+}
+
 TEST_F(SnapshotTest, CaptureWhileDecodingIsConsistent) {
   auto src = make(PoolLayout::kLayer, 256);
   ASSERT_OK(src->populate(4, 20, 1));
