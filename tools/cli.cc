@@ -604,13 +604,29 @@ CLI::App* add_snapshot_command(CLI::App& app, SnapshotFlags& f) {
   return snapshot;
 }
 
+// What an agent says it saved or loaded: "saved PATH on AGENT (N requests,
+// P pages, B bytes)". The file is on the agent's host: never opened here.
+int print_agent_snapshot(const std::string& agent, const SnapshotRequest& req,
+                         const Result<SnapshotReport>& report) {
+  if (!report.ok()) return fail(report.status(), false);
+  const char* verb = req.load ? "loaded" : "saved";
+  if (!report->summarized) {
+    std::cout << verb << " " << req.path << " on " << agent
+              << " (the agent sent no summary)\n";
+    return 0;
+  }
+  std::cout << verb << " " << report->path << " on " << agent << " ("
+            << report->requests << " requests, " << report->pages << " pages, "
+            << report->bytes << " bytes)\n";
+  return 0;
+}
+
 // snapshot save: from an agent (--agent) or from a synthetic pool.
 int run_snapshot_save(const SnapshotFlags& f, const ClientOptions& copts) {
   if (!f.agent.empty()) {
-    Status s =
-        request_snapshot(f.agent, false, absolute_path(f.out_file), copts);
-    if (!s.ok()) return fail(s, false);
-    return print_snapshot(f.out_file, false);
+    const SnapshotRequest req{false, absolute_path(f.out_file)};
+    return print_agent_snapshot(f.agent, req,
+                                request_snapshot(f.agent, req, copts));
   }
   auto pager = make_pool(f.pool);
   if (!pager.ok()) return fail(pager.status(), false);
@@ -625,10 +641,9 @@ int run_snapshot(const SnapshotFlags& f) {
     return fail(s, false);
   }
   if (*f.load) {
-    Status s = request_snapshot(f.agent, true, absolute_path(f.in_file), copts);
-    if (!s.ok()) return fail(s, false);
-    std::cout << "loaded " << f.in_file << " into " << f.agent << "\n";
-    return 0;
+    const SnapshotRequest req{true, absolute_path(f.in_file)};
+    return print_agent_snapshot(f.agent, req,
+                                request_snapshot(f.agent, req, copts));
   }
   if (*f.save) return run_snapshot_save(f, copts);
   if (*f.inspect) return print_snapshot(f.in_file, true);

@@ -243,8 +243,30 @@ Result<MigrationReport> request_migration(std::string_view agent,
                                           const MigrateRequest& request,
                                           const ClientOptions& options = {});
 
-// Asks the agent to capture its cache to `path` (load: restore it from
-// `path`), a file on the agent's host. Restoring needs an empty cache.
+// A snapshot an agent is asked to take (capture its cache to a file) or to
+// load (restore its empty cache from one).
+struct SnapshotRequest {
+  bool load = false;
+  std::string path;  // the file, on the agent's host
+};
+
+// What the agent saved or loaded.
+struct SnapshotReport {
+  std::string path;       // the file, absolute, on the agent's host
+  uint64_t requests = 0;  // requests in the file
+  uint64_t pages = 0;     // distinct pages in the file
+  uint64_t bytes = 0;     // the file's size
+  // False when the agent answered without a summary (one older than the
+  // summary): it succeeded, and the other fields are empty.
+  bool summarized = true;
+};
+
+// Asks the agent to save or load a snapshot and says what it holds.
+// Restoring needs an empty cache.
+Result<SnapshotReport> request_snapshot(std::string_view agent,
+                                        const SnapshotRequest& request,
+                                        const ClientOptions& options = {});
+// The same, for callers that need only the outcome.
 Status request_snapshot(std::string_view agent, bool load,
                         const std::string& path,
                         const ClientOptions& options = {});

@@ -1,5 +1,6 @@
 // Accepting control connections, the authentication gate, and dispatch of a
 // connection's first frame to what serves it.
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -143,24 +144,44 @@ asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
   co_await reply(ctx, channel, MsgType::kOutcomeResp, encode(resp));
 }
 
+// Saves or loads the snapshot a SNAPSHOT_REQ asks for and says what the
+// file holds.
+asio::awaitable<Result<SnapshotReport>> take_snapshot(MigrationContext& ctx,
+                                                      const Frame& frame,
+                                                      const std::string& peer) {
+  auto req = decode_snapshot_req(frame.payload, ctx.limits);
+  if (!req.ok()) co_return req.status();
+  const bool load = req->load;
+  const std::string& path = req->path;
+  auto totals = co_await ctx.offload([&ctx, load, &path] {
+    return load ? restore_with_totals(path, ctx.pager)
+                : capture_with_totals(ctx.pager, path);
+  });
+  if (!totals.ok()) co_return totals.status();
+  ctx.log->info("snapshot {} {} for {}: {} requests, {} pages, {} bytes",
+                load ? "load from" : "save to", path, peer, totals->seqs,
+                totals->pages, totals->file_bytes);
+  SnapshotReport report;
+  std::error_code ec;
+  report.path = std::filesystem::absolute(path, ec).string();
+  if (ec) report.path = path;
+  report.requests = totals->seqs;
+  report.pages = totals->pages;
+  report.bytes = totals->file_bytes;
+  co_return report;
+}
+
 asio::awaitable<void> serve_snapshot(MigrationContext& ctx,
                                      FrameChannel& channel,
                                      const Frame& frame) {
-  auto req = decode_snapshot_req(frame.payload, ctx.limits);
-  Status done = req.status();
-  if (done.ok()) {
-    const SnapshotReqMsg& r = *req;
-    done = co_await ctx.offload([&ctx, &r] {
-      return r.load ? restore(r.path, ctx.pager) : capture(ctx.pager, r.path);
-    });
-    ctx.log->info("snapshot {} {} for {}: {}", r.load ? "load from" : "save to",
-                  r.path, channel.peer(), done.to_string());
-  }
-  if (!done.ok()) {
-    co_await reply_error(ctx, channel, done);
+  auto report = co_await take_snapshot(ctx, frame, channel.peer());
+  if (!report.ok()) {
+    Status error = report.status();
+    ctx.log->warn("snapshot for {}: {}", channel.peer(), error.to_string());
+    co_await reply_error(ctx, channel, error);
     co_return;
   }
-  co_await reply(ctx, channel, MsgType::kSnapshotResp, {});
+  co_await reply(ctx, channel, MsgType::kSnapshotResp, encode(*report));
 }
 
 asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,

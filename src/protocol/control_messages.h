@@ -1,4 +1,4 @@
-// Scheduler messages: MIGRATE_REQ/RESP, STATUS_RESP and SNAPSHOT_REQ, the
+// Scheduler messages: MIGRATE_REQ/RESP, STATUS_RESP and SNAPSHOT_REQ/RESP, the
 // public request and report types on the wire. Decoders validate like the
 // migration codecs (messages.h). Stateless; thread-safe.
 #ifndef KVMIG_SRC_PROTOCOL_CONTROL_MESSAGES_H_
@@ -22,12 +22,18 @@ struct SnapshotReqMsg {
   std::string path;
 };
 
+// SNAPSHOT_RESP is a SnapshotReport: string path | u64 requests | u64 pages |
+// u64 bytes, or empty (an agent older than the summary; also what a report
+// with summarized false encodes to).
 std::vector<uint8_t> encode(const SnapshotReqMsg& m);
+std::vector<uint8_t> encode(const SnapshotReport& m);
 std::vector<uint8_t> encode(const MigrateRequest& m);
 std::vector<uint8_t> encode(const MigrationReport& m);
 std::vector<uint8_t> encode(const AgentStatus& m);
 Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
                                            const WireLimits& l);
+Result<SnapshotReport> decode_snapshot_resp(std::span<const uint8_t> p,
+                                            const WireLimits& l);
 Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
                                               const WireLimits& l);
 Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,

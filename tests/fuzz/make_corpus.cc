@@ -129,6 +129,9 @@ int run(const fs::path& root) {
   s.add(14, MsgType::kStatusResp, encode(st));
   s.add(0, MsgType::kStatusReq, {});
   s.add(0, MsgType::kDone, {});
+  s.add(15, MsgType::kSnapshotResp,
+        encode(SnapshotReport{"/var/kvmig/a.snap", 3, 8, 131276, true}));
+  s.add(15, MsgType::kSnapshotResp, {});
   std::printf("wrote %d seeds per target under %s\n", s.n,
               root.string().c_str());
   return 0;

@@ -24,6 +24,10 @@ bool same_double(double a, double b) {
 bool same(const SnapshotReqMsg& a, const SnapshotReqMsg& b) {
   return a.load == b.load && a.path == b.path;
 }
+bool same(const SnapshotReport& a, const SnapshotReport& b) {
+  return a.path == b.path && a.requests == b.requests && a.pages == b.pages &&
+         a.bytes == b.bytes && a.summarized == b.summarized;
+}
 bool same(const HelloMsg& a, const HelloMsg& b) {
   return a.migration_id == b.migration_id && a.meta == b.meta &&
          a.live == b.live && a.verify == b.verify && a.n_pages == b.n_pages &&
@@ -117,7 +121,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const WireLimits l;
   std::span<const uint8_t> p(data + 1, size - 1);
   // The decoders, numbered in messages.h order; first byte modulo the count.
-  switch (data[0] % 15) {
+  switch (data[0] % 16) {
     case 0:
       check(p, [&](auto b) { return decode_snapshot_req(b, l); });
       break;
@@ -162,6 +166,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 14:
       check(p, [&](auto b) { return decode_agent_status(b, l); });
+      break;
+    case 15:
+      check(p, [&](auto b) { return decode_snapshot_resp(b, l); });
       break;
   }
   return 0;

@@ -256,12 +256,20 @@ class PyClient {
     return to_python(migration_json(value_or_raise(std::move(report))));
   }
 
-  void snapshot(const std::string& path, bool load) {
-    Status s = [&] {
+  py::dict snapshot(const std::string& path, bool load) {
+    Result<SnapshotReport> report = [&] {
       py::gil_scoped_release release;
-      return request_snapshot(address_, load, path, options_);
+      return request_snapshot(address_, SnapshotRequest{load, path}, options_);
     }();
-    ok_or_raise(s);
+    const SnapshotReport r = value_or_raise(std::move(report));
+    py::dict out;
+    out["path"] = r.summarized ? r.path : path;
+    if (r.summarized) {
+      out["requests"] = r.requests;
+      out["pages"] = r.pages;
+      out["bytes"] = r.bytes;
+    }
+    return out;
   }
 
   const std::string& address() const { return address_; }
@@ -516,7 +524,8 @@ PYBIND11_MODULE(_kvmig, m) {
       .def("snapshot", &PyClient::snapshot, py::arg("path"), py::kw_only(),
            py::arg("load") = false,
            "the agent captures its cache to path (load: restores it), a "
-           "file on the agent's host");
+           "file on the agent's host; returns {path, requests, pages, "
+           "bytes}");
 
   py::class_<PyCluster>(m, "Cluster")
       .def(py::init<std::vector<std::string>, std::string,
