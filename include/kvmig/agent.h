@@ -69,6 +69,13 @@ struct AgentOptions {
   // "dst.before_done", ...) on the thread that reaches them; may sleep or
   // exit the process to cause a fault at that point. Empty: nothing.
   std::function<void(std::string_view point)> fault_hook;
+  // The directory snapshot requests (request_snapshot, `kvmig snapshot
+  // save|load --agent`) may write and read: a request's path is taken
+  // relative to it, or must lie in it once symlinks are resolved (".."
+  // refused); it must exist when the agent is created. Empty (the default):
+  // every snapshot request is refused, so that no client can make the agent
+  // write or read an arbitrary file.
+  std::string snapshot_dir;
   // Called once for every migration this agent takes part in (either
   // role), when it ends, on the agent's io thread: must not block or call
   // back into the agent. Empty: nothing.
@@ -247,7 +254,9 @@ Result<MigrationReport> request_migration(std::string_view agent,
 // load (restore its empty cache from one).
 struct SnapshotRequest {
   bool load = false;
-  std::string path;  // the file, on the agent's host
+  // The file, on the agent's host: relative to the agent's snapshot
+  // directory (AgentOptions::snapshot_dir), or an absolute path inside it.
+  std::string path;
 };
 
 // What the agent saved or loaded.
@@ -262,7 +271,8 @@ struct SnapshotReport {
 };
 
 // Asks the agent to save or load a snapshot and says what it holds.
-// Restoring needs an empty cache.
+// Refused with FailedPrecondition when the agent has no snapshot directory,
+// InvalidArgument for a path outside it. Restoring needs an empty cache.
 Result<SnapshotReport> request_snapshot(std::string_view agent,
                                         const SnapshotRequest& request,
                                         const ClientOptions& options = {});

@@ -1,6 +1,5 @@
 // Accepting control connections, the authentication gate, and dispatch of a
 // connection's first frame to what serves it.
-#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -11,6 +10,7 @@
 #include "destination_run.h"
 #include "kvmig/snapshot.h"
 #include "scope_exit.h"
+#include "snapshot_dir.h"
 #include "source_run.h"
 
 namespace kvmig {
@@ -144,27 +144,32 @@ asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
   co_await reply(ctx, channel, MsgType::kOutcomeResp, encode(resp));
 }
 
-// Saves or loads the snapshot a SNAPSHOT_REQ asks for and says what the
-// file holds.
+// Saves or loads the snapshot a SNAPSHOT_REQ asks for, in the agent's
+// snapshot directory, and says what the file holds.
 asio::awaitable<Result<SnapshotReport>> take_snapshot(MigrationContext& ctx,
                                                       const Frame& frame,
                                                       const std::string& peer) {
   auto req = decode_snapshot_req(frame.payload, ctx.limits);
   if (!req.ok()) co_return req.status();
+  if (ctx.options.snapshot_dir.empty()) {
+    co_return Status::failed_precondition(
+        "snapshots are disabled on this agent: start it with --snapshot-dir");
+  }
   const bool load = req->load;
-  const std::string& path = req->path;
-  auto totals = co_await ctx.offload([&ctx, load, &path] {
-    return load ? restore_with_totals(path, ctx.pager)
-                : capture_with_totals(ctx.pager, path);
+  auto path = co_await ctx.offload([&ctx, &requested = req->path] {
+    return resolve_snapshot_path(ctx.options.snapshot_dir, requested);
+  });
+  if (!path.ok()) co_return path.status();
+  auto totals = co_await ctx.offload([&ctx, load, &file = *path] {
+    return load ? restore_with_totals(file, ctx.pager)
+                : capture_with_totals(ctx.pager, file);
   });
   if (!totals.ok()) co_return totals.status();
   ctx.log->info("snapshot {} {} for {}: {} requests, {} pages, {} bytes",
-                load ? "load from" : "save to", path, peer, totals->seqs,
+                load ? "load from" : "save to", *path, peer, totals->seqs,
                 totals->pages, totals->file_bytes);
   SnapshotReport report;
-  std::error_code ec;
-  report.path = std::filesystem::absolute(path, ec).string();
-  if (ec) report.path = path;
+  report.path = *path;
   report.requests = totals->seqs;
   report.pages = totals->pages;
   report.bytes = totals->file_bytes;
