@@ -272,7 +272,9 @@ struct SnapshotReport {
 
 // Asks the agent to save or load a snapshot and says what it holds.
 // Refused with FailedPrecondition when the agent has no snapshot directory,
-// InvalidArgument for a path outside it. Restoring needs an empty cache.
+// or while a migration from or into it is under way (and a migration is
+// refused while a snapshot is under way); InvalidArgument for a path outside
+// its snapshot directory. Restoring needs an empty cache.
 Result<SnapshotReport> request_snapshot(std::string_view agent,
                                         const SnapshotRequest& request,
                                         const ClientOptions& options = {});

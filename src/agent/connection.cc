@@ -144,8 +144,33 @@ asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
   co_await reply(ctx, channel, MsgType::kOutcomeResp, encode(resp));
 }
 
+// FailedPrecondition naming what is under way here that a snapshot must
+// not overlap: a migration (either role) or another snapshot. OK when
+// nothing is (io thread).
+Status refuse_snapshot_while_busy(const MigrationContext& ctx) {
+  const std::string later = ": snapshots are refused until it ends";
+  if (!ctx.snapshot.empty()) {
+    return Status::failed_precondition("another snapshot is under way (" +
+                                       ctx.snapshot + ")" + later);
+  }
+  if (!ctx.active.empty()) {
+    const ActiveMigration& m = *ctx.active.begin()->second;
+    return Status::failed_precondition(
+        "a migration is under way here (" + m.id +
+        (m.source ? ", source, to " : ", destination, from ") + m.peer + ")" +
+        later);
+  }
+  if (ctx.source_busy) {
+    return Status::failed_precondition(
+        "a migration from this agent is under way" + later);
+  }
+  return Status();
+}
+
 // Saves or loads the snapshot a SNAPSHOT_REQ asks for, in the agent's
-// snapshot directory, and says what the file holds.
+// snapshot directory, and says what the file holds. Nothing else moves
+// requests here meanwhile: ctx.snapshot is set around the capture or
+// restore.
 asio::awaitable<Result<SnapshotReport>> take_snapshot(MigrationContext& ctx,
                                                       const Frame& frame,
                                                       const std::string& peer) {
@@ -160,14 +185,22 @@ asio::awaitable<Result<SnapshotReport>> take_snapshot(MigrationContext& ctx,
     return resolve_snapshot_path(ctx.options.snapshot_dir, requested);
   });
   if (!path.ok()) co_return path.status();
+  // No await from this check to setting ctx.snapshot: no migration starts
+  // in between.
+  if (Status busy = refuse_snapshot_while_busy(ctx); !busy.ok()) {
+    co_return busy;
+  }
+  ctx.snapshot = (load ? "load from " : "save to ") + *path;
+  ScopeExit done([&ctx] { ctx.snapshot.clear(); });
   auto totals = co_await ctx.offload([&ctx, load, &file = *path] {
+    ctx.fault("agent.snapshot");
     return load ? restore_with_totals(file, ctx.pager)
                 : capture_with_totals(ctx.pager, file);
   });
   if (!totals.ok()) co_return totals.status();
-  ctx.log->info("snapshot {} {} for {}: {} requests, {} pages, {} bytes",
-                load ? "load from" : "save to", *path, peer, totals->seqs,
-                totals->pages, totals->file_bytes);
+  ctx.log->info("snapshot {} for {}: {} requests, {} pages, {} bytes",
+                ctx.snapshot, peer, totals->seqs, totals->pages,
+                totals->file_bytes);
   SnapshotReport report;
   report.path = *path;
   report.requests = totals->seqs;

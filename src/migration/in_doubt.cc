@@ -79,6 +79,12 @@ asio::awaitable<void> InDoubtSet::keep_asking(MigrationContext& ctx,
     // `entry` may move while this waits; settle() looks it up again.
     Outcome o = co_await ask_outcome(ctx, to, id, ctx.peer_deadline());
     if (ctx.stopping) co_return;
+    if (o != Outcome::kUnknown && !ctx.snapshot.empty()) {
+      // Settling drops or resumes requests: not in the middle of a
+      // snapshot. Ask again soon.
+      delay = kFirstRetry;
+      continue;
+    }
     if (o != Outcome::kUnknown) {
       settle(ctx, id, o);
       co_return;

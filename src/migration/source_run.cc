@@ -672,7 +672,9 @@ asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
   std::optional<MigrationEvent> ended;
   Result<MigrationReport> result = Status::failed_precondition(
       "a migration from this agent is already running");
-  if (!ctx.source_busy) {
+  if (Status s = ctx.refuse_during_snapshot("from"); !s.ok()) {
+    result = s;
+  } else if (!ctx.source_busy) {
     ctx.source_busy = true;
     ScopeExit not_busy([&ctx] { ctx.source_busy = false; });
     result = co_await checked_run(ctx, req, transport, ended);

@@ -1,6 +1,8 @@
 // Snapshots through agents (`kvmig snapshot save|load --agent`), with real
 // `kvmig serve` processes: the snapshot directory an agent is confined to,
-// and the summary the agent answers with.
+// the summary the agent answers with, and a snapshot as one point in time
+// (no migration from or into an agent while it reads or writes one, and no
+// snapshot while a migration is under way there).
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
@@ -48,6 +50,33 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// `kvmig args...` started, not waited for.
+std::unique_ptr<Child> start_kvmig(std::vector<std::string> args) {
+  args.insert(args.begin(), kvmig_bin());
+  return Child::spawn(args);
+}
+
+// Waits for a child started by start_kvmig and gives its outcome.
+CliResult finish(Child& c, std::chrono::seconds limit = 120s) {
+  CliResult r;
+  if (!c.wait_exit(limit)) {
+    c.kill(SIGKILL);
+    c.wait_exit(5s);
+    r.err = "timed out";
+    return r;
+  }
+  r.code = c.exit_code();
+  r.out = c.out();
+  r.err = c.err();
+  return r;
+}
+
+std::vector<std::string> migrate_args(const std::string& src,
+                                      const std::string& dst, SeqId id) {
+  return {"migrate", "--agent",          src,     "--to", dst,
+          "--seqs",  std::to_string(id), "--json"};
+}
 
 std::vector<std::string> save_args(const std::string& agent,
                                    const std::string& path) {
@@ -214,6 +243,260 @@ TEST(SnapshotE2E, RemoteSaveAndLoadPrintTheAgentsSummary) {
                             " (3 requests, 10 pages, " +
                             std::to_string(info->file_bytes) + " bytes)\n");
   EXPECT_EQ(digests(status_of(dst->address())), digests(before));
+}
+
+// ---- a snapshot is one point in time ---------------------------------------
+
+// While an agent writes a snapshot (held at the agent.snapshot fault point),
+// migrations from it and into it, and another snapshot of it, are refused
+// naming the snapshot; then the snapshot completes with what it had.
+TEST(SnapshotE2E, MigrationsAreRefusedWhileASnapshotIsSaved) {
+  TempDir snaps;
+  auto a = AgentProcess::start({"--populate", "3:40", "--seed", "3",
+                                "--snapshot-dir", snaps.path(), "--fault",
+                                "agent.snapshot=stall:6000"});
+  auto b = AgentProcess::start({"--snapshot-dir", snaps.path()});
+  ASSERT_TRUE(a && b);
+  // B gets request 3, which could move back into A but for the snapshot.
+  CliResult moved = run_kvmig(migrate_args(a->address(), b->address(), 3));
+  ASSERT_EQ(moved.code, 0) << moved.out;
+  const json a_before = status_of(a->address());
+  const json b_before = status_of(b->address());
+  ASSERT_EQ(a_before["seqs"].size(), 2u);
+
+  auto save = start_kvmig(save_args(a->address(), "a.snap"));
+  ASSERT_TRUE(save);
+  ASSERT_TRUE(a->child().wait_for("reached agent.snapshot", 30s, true))
+      << a->child().err();
+  const std::string under_way =
+      "a snapshot of this agent is under way (save to " + snaps / "a.snap" +
+      ")";
+  CliResult from = run_kvmig(migrate_args(a->address(), b->address(), 1));
+  EXPECT_EQ(from.code, 1) << from.out;
+  EXPECT_TRUE(contains(from.out, "FailedPrecondition")) << from.out;
+  EXPECT_TRUE(contains(from.out, under_way + ": migrations from it are "
+                                             "refused until it ends"))
+      << from.out;
+  CliResult into = run_kvmig(migrate_args(b->address(), a->address(), 3));
+  EXPECT_EQ(into.code, 1) << into.out;
+  EXPECT_TRUE(contains(into.out, "destination refused")) << into.out;
+  EXPECT_TRUE(contains(into.out, under_way + ": migrations into it are "
+                                             "refused until it ends"))
+      << into.out;
+  CliResult again = run_kvmig(save_args(a->address(), "b.snap"));
+  EXPECT_EQ(again.code, 1) << again.err;
+  EXPECT_TRUE(contains(again.err, "another snapshot is under way (save to " +
+                                      snaps / "a.snap" + ")"))
+      << again.err;
+  // Still held: the refusals came while the snapshot was under way.
+  EXPECT_FALSE(save->wait_exit(0ms));
+
+  CliResult saved = finish(*save);
+  ASSERT_EQ(saved.code, 0) << saved.out << saved.err;
+  EXPECT_EQ(file_digests(snaps / "a.snap"), digests(a_before));
+  EXPECT_FALSE(fs::exists(snaps / "b.snap"));
+  EXPECT_EQ(digests(status_of(a->address())), digests(a_before));
+  EXPECT_EQ(digests(status_of(b->address())), digests(b_before));
+  // And migrations go again once it is over.
+  CliResult back = run_kvmig(migrate_args(b->address(), a->address(), 3));
+  EXPECT_EQ(back.code, 0) << back.out;
+}
+
+// The same while an agent loads a snapshot: nothing moves into it (or out).
+TEST(SnapshotE2E, MigrationsAreRefusedWhileASnapshotIsLoaded) {
+  TempDir snaps;
+  CliResult made =
+      run_kvmig({"snapshot", "save", "--preset", "tiny", "--populate", "2:40",
+                 "--out", snaps / "in.snap"});
+  ASSERT_EQ(made.code, 0) << made.err;
+  auto a = AgentProcess::start(
+      {"--snapshot-dir", snaps.path(), "--fault", "agent.snapshot=stall:6000"});
+  auto c = AgentProcess::start({"--populate", "1:40", "--seed", "9"});
+  ASSERT_TRUE(a && c);
+  const json c_before = status_of(c->address());
+
+  auto load = start_kvmig(load_args(a->address(), "in.snap"));
+  ASSERT_TRUE(load);
+  ASSERT_TRUE(a->child().wait_for("reached agent.snapshot", 30s, true))
+      << a->child().err();
+  const std::string under_way =
+      "a snapshot of this agent is under way (load from " + snaps / "in.snap" +
+      ")";
+  CliResult into = run_kvmig(migrate_args(c->address(), a->address(), 1));
+  EXPECT_EQ(into.code, 1) << into.out;
+  EXPECT_TRUE(contains(into.out, under_way)) << into.out;
+  CliResult from = run_kvmig({"migrate", "--agent", a->address(), "--to",
+                              c->address(), "--all", "--json"});
+  EXPECT_EQ(from.code, 1) << from.out;
+  EXPECT_TRUE(contains(from.out, under_way)) << from.out;
+  EXPECT_FALSE(load->wait_exit(0ms));
+
+  CliResult loaded = finish(*load);
+  ASSERT_EQ(loaded.code, 0) << loaded.out << loaded.err;
+  EXPECT_EQ(digests(status_of(a->address())), file_digests(snaps / "in.snap"));
+  EXPECT_EQ(digests(status_of(c->address())), digests(c_before));
+}
+
+// While a migration is under way (the source held mid-data), a snapshot of
+// either side is refused naming the migration; the migration completes.
+TEST(SnapshotE2E, SnapshotsAreRefusedWhileAMigrationIsUnderWay) {
+  TempDir snaps;
+  auto a = AgentProcess::start({"--layout", "layer", "--populate", "3:40",
+                                "--snapshot-dir", snaps.path(), "--fault",
+                                "src.data.mid=stall:5000"});
+  auto b = AgentProcess::start({"--snapshot-dir", snaps.path()});
+  ASSERT_TRUE(a && b);
+  const json a_before = status_of(a->address());
+
+  auto migration = start_kvmig({"migrate", "--agent", a->address(), "--to",
+                                b->address(), "--all", "--json"});
+  ASSERT_TRUE(migration);
+  ASSERT_TRUE(a->child().wait_for("reached src.data.mid", 30s, true))
+      << a->child().err();
+  const json a_during = status_of(a->address());
+  ASSERT_EQ(a_during["migrations"].size(), 1u) << a_during.dump();
+  const std::string id =
+      a_during["migrations"][0]["migration_id"].get<std::string>();
+  const std::string later = ": snapshots are refused until it ends";
+
+  CliResult src_save = run_kvmig(save_args(a->address(), "a.snap"));
+  EXPECT_EQ(src_save.code, 1) << src_save.err;
+  EXPECT_TRUE(contains(src_save.err, "FailedPrecondition")) << src_save.err;
+  EXPECT_TRUE(contains(src_save.err, "a migration is under way here (" + id +
+                                         ", source, to " + b->address() + ")" +
+                                         later))
+      << src_save.err;
+  CliResult dst_save = run_kvmig(save_args(b->address(), "b.snap"));
+  EXPECT_EQ(dst_save.code, 1) << dst_save.err;
+  EXPECT_TRUE(contains(dst_save.err, "a migration is under way here (" + id +
+                                         ", destination, from "))
+      << dst_save.err;
+  CliResult dst_load = run_kvmig(load_args(b->address(), "b.snap"));
+  EXPECT_EQ(dst_load.code, 1) << dst_load.err;
+  EXPECT_TRUE(contains(dst_load.err, "a migration is under way here (" + id))
+      << dst_load.err;
+  EXPECT_FALSE(migration->wait_exit(0ms));
+
+  CliResult moved = finish(*migration);
+  ASSERT_EQ(moved.code, 0) << moved.out << moved.err;
+  EXPECT_TRUE(names_in(snaps.path()).empty());
+  EXPECT_EQ(digests(status_of(b->address())), digests(a_before));
+  EXPECT_TRUE(status_of(a->address())["seqs"].empty());
+}
+
+// Request id -> digest at an agent, and the same with one request gone or
+// set.
+using Digests = std::map<uint64_t, std::string>;
+Digests without(Digests d, uint64_t id) {
+  d.erase(id);
+  return d;
+}
+Digests with(Digests d, uint64_t id, const std::string& digest) {
+  d[id] = digest;
+  return d;
+}
+
+// A save of A started together with A->B then C->A of one request id (C has
+// its own request under each of A's ids), in 12 timings: each step either
+// succeeds or is refused cleanly, a saved file verifies and holds exactly
+// what A had at one point (before, between or after the two migrations),
+// and every request keeps its digest, in one place. A save used to fail
+// ("reading slot 7000: read_page: slot 7000 is free"), or hold C's request
+// under the id of A's that had left. The moved request is A's last, whose
+// pages a capture reads last.
+TEST(SnapshotE2E, SaveAndMigrationsAtOnceStayConsistent) {
+  TempDir snaps;
+  const std::vector<std::string> big = {"--capacity-pages", "16384",
+                                        "--snapshot-dir", snaps.path()};
+  auto start = [&](std::vector<std::string> flags) {
+    flags.insert(flags.end(), big.begin(), big.end());
+    return AgentProcess::start(flags);
+  };
+  auto a = start({"--populate", "12:8000", "--seed", "5"});
+  auto b = start({});
+  auto c = start({"--populate", "12:8000", "--seed", "6"});
+  ASSERT_TRUE(a && b && c);
+  Digests at_a = digests(status_of(a->address()));
+  Digests at_b;
+  Digests at_c = digests(status_of(c->address()));
+  ASSERT_EQ(at_a.size(), 12u);
+  const std::string refused_snapshot = "a snapshot of this agent is under way";
+  const std::string refused_migration = "a migration is under way here";
+  int saved = 0;
+  int moved_out = 0;
+  int moved_in = 0;
+  for (int run = 0; run < 12; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    // The highest id that A has and C has too.
+    uint64_t id = 0;
+    for (const auto& [i, d] : at_a) {
+      if (at_c.count(i)) id = i;
+    }
+    ASSERT_NE(id, 0u);
+    const std::string file = "run" + std::to_string(run) + ".snap";
+    std::unique_ptr<Child> save;
+    CliResult out;
+    CliResult in;
+    // Which starts first, and how far apart, varies with the run.
+    const auto apart = (run / 2) * 10ms;
+    if (run % 2 == 0) {
+      save = start_kvmig(save_args(a->address(), file));
+      std::this_thread::sleep_for(apart);
+      out = run_kvmig(migrate_args(a->address(), b->address(), id));
+    } else {
+      auto first = start_kvmig(migrate_args(a->address(), b->address(), id));
+      std::this_thread::sleep_for(apart);
+      save = start_kvmig(save_args(a->address(), file));
+      ASSERT_TRUE(first);
+      out = finish(*first);
+    }
+    if (out.code == 0) {
+      in = run_kvmig(migrate_args(c->address(), a->address(), id));
+    }
+    ASSERT_TRUE(save);
+    CliResult s = finish(*save);
+
+    const Digests before = at_a;
+    const Digests between = without(at_a, id);
+    const Digests after = with(between, id, at_c[id]);
+    if (out.code == 0) {
+      ++moved_out;
+      at_b[id] = at_a[id];
+      at_a.erase(id);
+      if (in.code == 0) {
+        ++moved_in;
+        at_a[id] = at_c[id];
+        at_c.erase(id);
+      } else {
+        EXPECT_EQ(in.code, 1) << in.out << in.err;
+        EXPECT_TRUE(contains(in.out, "destination refused")) << in.out;
+        EXPECT_TRUE(contains(in.out, refused_snapshot)) << in.out;
+      }
+    } else {
+      EXPECT_EQ(out.code, 1) << out.out << out.err;
+      EXPECT_TRUE(contains(out.out, refused_snapshot)) << out.out;
+    }
+    if (s.code == 0) {
+      ++saved;
+      const Digests held = file_digests(snaps / file);
+      EXPECT_TRUE(held == before || held == between || held == after)
+          << "the file holds " << held.size() << " requests; " << s.out;
+    } else {
+      EXPECT_EQ(s.code, 1) << s.out << s.err;
+      EXPECT_TRUE(contains(s.err, refused_migration)) << s.err;
+      EXPECT_FALSE(fs::exists(snaps / file));
+    }
+    EXPECT_TRUE(s.code == 0 || out.code == 0) << "both refused";
+    // Every request once, intact, where the migrations said it went.
+    EXPECT_EQ(digests(status_of(a->address())), at_a);
+    EXPECT_EQ(digests(status_of(b->address())), at_b);
+    EXPECT_EQ(digests(status_of(c->address())), at_c);
+    fs::remove(snaps / file);
+  }
+  std::cout << "12 runs: " << saved << " saves, " << moved_out
+            << " moves out of A and " << moved_in
+            << " moves into A succeeded; the rest were refused\n";
+  EXPECT_TRUE(names_in(snaps.path()).empty());
 }
 
 }  // namespace
