@@ -191,6 +191,7 @@ struct ServeFlags {
   std::string secret_file;
   bool insecure = false;
   bool allow_perf = false;
+  std::string snapshot_dir;    // empty: snapshot requests refused
   std::string metrics_listen;  // empty: no metrics
   ServeEtcdFlags etcd;
 };
@@ -249,6 +250,12 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
                   "also serve kvmig perf clients (each session builds a "
                   "cache of the client's shape; off unless asked)");
   serve
+      ->add_option("--snapshot-dir", f.snapshot_dir,
+                   "directory `snapshot save|load --agent` may write and "
+                   "read (paths relative to it, or inside it); without it "
+                   "snapshot requests are refused")
+      ->check(non_empty());
+  serve
       ->add_option("--metrics-listen", f.metrics_listen,
                    "HOST:PORT serving Prometheus text at /metrics (port 0: "
                    "any); off unless given; loopback unless --insecure")
@@ -273,6 +280,7 @@ AgentOptions serve_options(const ServeFlags& f) {
   options.max_pages_per_migration = f.limits.max_pages;
   options.max_seqs_per_migration = f.limits.max_seqs;
   options.max_connections = f.limits.max_connections;
+  options.snapshot_dir = f.snapshot_dir;
   return options;
 }
 
@@ -759,13 +767,6 @@ int run_cancel(const CancelFlags& f) {
 
 // ---- snapshot: save, load, inspect, verify ----
 
-// The agent runs elsewhere: hand it an absolute path.
-std::string absolute_path(const std::string& path) {
-  std::error_code ec;
-  auto abs = std::filesystem::absolute(path, ec);
-  return ec ? path : abs.string();
-}
-
 int print_snapshot(const std::string& file, bool verbose) {
   auto info = inspect_snapshot(file);
   if (!info.ok()) return fail(info.status(), false);
@@ -806,13 +807,17 @@ CLI::App* add_snapshot_command(CLI::App& app, SnapshotFlags& f) {
       "--populate ...) to FILE");
   add_pool_flags(f.save, f.pool);
   f.save->add_option("--agent", f.agent,
-                     "agent HOST:PORT (FILE is on the agent's host)");
+                     "agent HOST:PORT (FILE is on the agent's host, in its "
+                     "--snapshot-dir)");
   f.save->add_option("--out", f.out_file, "snapshot file")->required();
   add_secret_flag(f.save, f.secret_file);
   f.load = snapshot->add_subcommand("load",
                                     "restore FILE into an agent's empty cache");
   f.load->add_option("--agent", f.agent, "agent HOST:PORT")->required();
-  f.load->add_option("--in", f.in_file, "snapshot file (on the agent's host)")
+  f.load
+      ->add_option("--in", f.in_file,
+                   "snapshot file (on the agent's host, in its "
+                   "--snapshot-dir)")
       ->required();
   add_secret_flag(f.load, f.secret_file);
   f.inspect = snapshot->add_subcommand("inspect", "print a snapshot");
@@ -822,13 +827,30 @@ CLI::App* add_snapshot_command(CLI::App& app, SnapshotFlags& f) {
   return snapshot;
 }
 
+// What an agent says it saved or loaded: "saved PATH on AGENT (N requests,
+// P pages, B bytes)". The file is on the agent's host: never opened here.
+int print_agent_snapshot(const std::string& agent, const SnapshotRequest& req,
+                         const Result<SnapshotReport>& report) {
+  if (!report.ok()) return fail(report.status(), false);
+  const char* verb = req.load ? "loaded" : "saved";
+  if (!report->summarized) {
+    std::cout << verb << " " << req.path << " on " << agent
+              << " (the agent sent no summary)\n";
+    return 0;
+  }
+  std::cout << verb << " " << report->path << " on " << agent << " ("
+            << report->requests << " requests, " << report->pages << " pages, "
+            << report->bytes << " bytes)\n";
+  return 0;
+}
+
 // snapshot save: from an agent (--agent) or from a synthetic pool.
 int run_snapshot_save(const SnapshotFlags& f, const ClientOptions& copts) {
   if (!f.agent.empty()) {
-    Status s =
-        request_snapshot(f.agent, false, absolute_path(f.out_file), copts);
-    if (!s.ok()) return fail(s, false);
-    return print_snapshot(f.out_file, false);
+    // The path as given: the agent resolves it in its snapshot directory.
+    const SnapshotRequest req{false, f.out_file};
+    return print_agent_snapshot(f.agent, req,
+                                request_snapshot(f.agent, req, copts));
   }
   auto pager = make_pool(f.pool);
   if (!pager.ok()) return fail(pager.status(), false);
@@ -843,10 +865,9 @@ int run_snapshot(const SnapshotFlags& f) {
     return fail(s, false);
   }
   if (*f.load) {
-    Status s = request_snapshot(f.agent, true, absolute_path(f.in_file), copts);
-    if (!s.ok()) return fail(s, false);
-    std::cout << "loaded " << f.in_file << " into " << f.agent << "\n";
-    return 0;
+    const SnapshotRequest req{true, f.in_file};
+    return print_agent_snapshot(f.agent, req,
+                                request_snapshot(f.agent, req, copts));
   }
   if (*f.save) return run_snapshot_save(f, copts);
   if (*f.inspect) return print_snapshot(f.in_file, true);

@@ -158,7 +158,7 @@ tsan_test() {
   if [[ ! -f $dir/build.ninja ]]; then
     # GCC 12 warns that TSan does not model Asio's standalone fences
     # (-Wtsan); they order nothing TSan needs: Asio's queues take locks.
-    meson setup "$dir" -Db_sanitize=thread -Dpython=disabled \
+    meson setup "$dir" -Db_sanitize=thread -Dbuildtype=debug -Dpython=disabled \
       -Dmetrics=disabled -Dcpp_args=-Wno-tsan >&2
   fi
   ninja -C "$dir" tests/unit_tests tests/transport_tests \

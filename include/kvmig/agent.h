@@ -69,6 +69,13 @@ struct AgentOptions {
   // "dst.before_done", ...) on the thread that reaches them; may sleep or
   // exit the process to cause a fault at that point. Empty: nothing.
   std::function<void(std::string_view point)> fault_hook;
+  // The directory snapshot requests (request_snapshot, `kvmig snapshot
+  // save|load --agent`) may write and read: a request's path is taken
+  // relative to it, or must lie in it once symlinks are resolved (".."
+  // refused); it must exist when the agent is created. Empty (the default):
+  // every snapshot request is refused, so that no client can make the agent
+  // write or read an arbitrary file.
+  std::string snapshot_dir;
   // Called once for every migration this agent takes part in (either
   // role), when it ends, on the agent's io thread: must not block or call
   // back into the agent. Empty: nothing.
@@ -298,8 +305,35 @@ Result<CancelReport> cancel_migration(std::string_view agent,
 Status settle_migration(std::string_view agent, std::string_view migration_id,
                         bool committed, const ClientOptions& options = {});
 
-// Asks the agent to capture its cache to `path` (load: restore it from
-// `path`), a file on the agent's host. Restoring needs an empty cache.
+// A snapshot an agent is asked to take (capture its cache to a file) or to
+// load (restore its empty cache from one).
+struct SnapshotRequest {
+  bool load = false;
+  // The file, on the agent's host: relative to the agent's snapshot
+  // directory (AgentOptions::snapshot_dir), or an absolute path inside it.
+  std::string path;
+};
+
+// What the agent saved or loaded.
+struct SnapshotReport {
+  std::string path;       // the file, absolute, on the agent's host
+  uint64_t requests = 0;  // requests in the file
+  uint64_t pages = 0;     // distinct pages in the file
+  uint64_t bytes = 0;     // the file's size
+  // False when the agent answered without a summary (one older than the
+  // summary): it succeeded, and the other fields are empty.
+  bool summarized = true;
+};
+
+// Asks the agent to save or load a snapshot and says what it holds.
+// Refused with FailedPrecondition when the agent has no snapshot directory,
+// or while a migration from or into it is under way (and a migration is
+// refused while a snapshot is under way); InvalidArgument for a path outside
+// its snapshot directory. Restoring needs an empty cache.
+Result<SnapshotReport> request_snapshot(std::string_view agent,
+                                        const SnapshotRequest& request,
+                                        const ClientOptions& options = {});
+// The same, for callers that need only the outcome.
 Status request_snapshot(std::string_view agent, bool load,
                         const std::string& path,
                         const ClientOptions& options = {});

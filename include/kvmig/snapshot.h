@@ -30,7 +30,9 @@ namespace kvmig {
 
 // Pauses pager, writes every sequence and the pages they own to path, and
 // resumes it (also when reading or writing fails). Overwrites path
-// atomically.
+// atomically: the temporary file has a name of its own (O_EXCL), so
+// captures to one path at once (threads or processes) all succeed and path
+// ends up as one of them, whole.
 Status capture(CachePager& pager, const std::string& path);
 
 // Loads path into pager. Refuses (leaving the pager untouched) a file that is
@@ -39,6 +41,19 @@ Status capture(CachePager& pager, const std::string& path);
 // not empty (FailedPrecondition). Allocates, writes and installs; on a
 // failure after allocating it releases the slots.
 Status restore(const std::string& path, CachePager& pager);
+
+// What one capture wrote, or one restore loaded.
+struct SnapshotTotals {
+  uint64_t seqs = 0;
+  uint64_t pages = 0;  // distinct pages stored
+  uint64_t file_bytes = 0;
+};
+
+// capture() and restore(), saying what the file holds (no second read).
+Result<SnapshotTotals> capture_with_totals(CachePager& pager,
+                                           const std::string& path);
+Result<SnapshotTotals> restore_with_totals(const std::string& path,
+                                           CachePager& pager);
 
 // What a snapshot holds, read without a pager.
 struct SnapshotSeqInfo {

@@ -5,6 +5,7 @@
 
 #include "agent_impl.h"
 #include "ids.h"
+#include "snapshot_dir.h"
 #include "source_run.h"
 
 namespace kvmig {
@@ -33,6 +34,11 @@ Result<std::unique_ptr<Agent>> Agent::create(CachePager& pager,
       options.max_frame_bytes < 4096 || options.staging_bytes == 0) {
     return Status::invalid_argument(
         "agent: limits must be positive (max frame at least 4096 bytes)");
+  }
+  if (!options.snapshot_dir.empty()) {
+    KVMIG_RETURN_IF_ERROR(check_snapshot_dir(options.snapshot_dir)
+                              .status()
+                              .with_context("agent"));
   }
   auto impl = std::make_unique<Impl>(pager, options);
   KVMIG_RETURN_IF_ERROR(impl->ctx.init());

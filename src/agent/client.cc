@@ -107,18 +107,18 @@ Status settle_migration(std::string_view agent, std::string_view migration_id,
   return r.status();
 }
 
+Result<SnapshotReport> request_snapshot(std::string_view agent,
+                                        const SnapshotRequest& request,
+                                        const ClientOptions& options) {
+  return call_agent<SnapshotReport>(
+      agent, MsgType::kSnapshotReq,
+      encode(SnapshotReqMsg{request.load, request.path}),
+      MsgType::kSnapshotResp, decode_snapshot_resp, options);
+}
+
 Status request_snapshot(std::string_view agent, bool load,
                         const std::string& path, const ClientOptions& options) {
-  struct Empty {};
-  auto r = call_agent<Empty>(
-      agent, MsgType::kSnapshotReq, encode(SnapshotReqMsg{load, path}),
-      MsgType::kSnapshotResp,
-      [](std::span<const uint8_t> p, const WireLimits&) -> Result<Empty> {
-        if (!p.empty()) return Status::protocol("SNAPSHOT_RESP not empty");
-        return Empty{};
-      },
-      options);
-  return r.status();
+  return request_snapshot(agent, SnapshotRequest{load, path}, options).status();
 }
 
 }  // namespace kvmig

@@ -10,6 +10,7 @@
 #include "destination_run.h"
 #include "kvmig/snapshot.h"
 #include "scope_exit.h"
+#include "snapshot_dir.h"
 #include "source_run.h"
 
 namespace kvmig {
@@ -181,24 +182,82 @@ asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
   co_await reply(ctx, channel, MsgType::kOutcomeResp, encode(resp));
 }
 
+// FailedPrecondition naming what is under way here that a snapshot must
+// not overlap: a migration (either role) or another snapshot. OK when
+// nothing is (io thread).
+Status refuse_snapshot_while_busy(const MigrationContext& ctx) {
+  const std::string later = ": snapshots are refused until it ends";
+  if (!ctx.snapshot.empty()) {
+    return Status::failed_precondition("another snapshot is under way (" +
+                                       ctx.snapshot + ")" + later);
+  }
+  if (!ctx.active.empty()) {
+    const ActiveMigration& m = *ctx.active.begin()->second;
+    return Status::failed_precondition(
+        "a migration is under way here (" + m.id +
+        (m.source ? ", source, to " : ", destination, from ") + m.peer + ")" +
+        later);
+  }
+  if (ctx.source_busy) {
+    return Status::failed_precondition(
+        "a migration from this agent is under way" + later);
+  }
+  return Status();
+}
+
+// Saves or loads the snapshot a SNAPSHOT_REQ asks for, in the agent's
+// snapshot directory, and says what the file holds. Nothing else moves
+// requests here meanwhile: ctx.snapshot is set around the capture or
+// restore.
+asio::awaitable<Result<SnapshotReport>> take_snapshot(MigrationContext& ctx,
+                                                      const Frame& frame,
+                                                      const std::string& peer) {
+  auto req = decode_snapshot_req(frame.payload, ctx.limits);
+  if (!req.ok()) co_return req.status();
+  if (ctx.options.snapshot_dir.empty()) {
+    co_return Status::failed_precondition(
+        "snapshots are disabled on this agent: start it with --snapshot-dir");
+  }
+  const bool load = req->load;
+  auto path = co_await ctx.offload([&ctx, &requested = req->path] {
+    return resolve_snapshot_path(ctx.options.snapshot_dir, requested);
+  });
+  if (!path.ok()) co_return path.status();
+  // No await from this check to setting ctx.snapshot: no migration starts
+  // in between.
+  if (Status busy = refuse_snapshot_while_busy(ctx); !busy.ok()) {
+    co_return busy;
+  }
+  ctx.snapshot = (load ? "load from " : "save to ") + *path;
+  ScopeExit done([&ctx] { ctx.snapshot.clear(); });
+  auto totals = co_await ctx.offload([&ctx, load, &file = *path] {
+    ctx.fault("agent.snapshot");
+    return load ? restore_with_totals(file, ctx.pager)
+                : capture_with_totals(ctx.pager, file);
+  });
+  if (!totals.ok()) co_return totals.status();
+  ctx.log->info("snapshot {} for {}: {} requests, {} pages, {} bytes",
+                ctx.snapshot, peer, totals->seqs, totals->pages,
+                totals->file_bytes);
+  SnapshotReport report;
+  report.path = *path;
+  report.requests = totals->seqs;
+  report.pages = totals->pages;
+  report.bytes = totals->file_bytes;
+  co_return report;
+}
+
 asio::awaitable<void> serve_snapshot(MigrationContext& ctx,
                                      FrameChannel& channel,
                                      const Frame& frame) {
-  auto req = decode_snapshot_req(frame.payload, ctx.limits);
-  Status done = req.status();
-  if (done.ok()) {
-    const SnapshotReqMsg& r = *req;
-    done = co_await ctx.offload([&ctx, &r] {
-      return r.load ? restore(r.path, ctx.pager) : capture(ctx.pager, r.path);
-    });
-    ctx.log->info("snapshot {} {} for {}: {}", r.load ? "load from" : "save to",
-                  r.path, channel.peer(), done.to_string());
-  }
-  if (!done.ok()) {
-    co_await reply_error(ctx, channel, done);
+  auto report = co_await take_snapshot(ctx, frame, channel.peer());
+  if (!report.ok()) {
+    Status error = report.status();
+    ctx.log->warn("snapshot for {}: {}", channel.peer(), error.to_string());
+    co_await reply_error(ctx, channel, error);
     co_return;
   }
-  co_await reply(ctx, channel, MsgType::kSnapshotResp, {});
+  co_await reply(ctx, channel, MsgType::kSnapshotResp, encode(*report));
 }
 
 asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,

@@ -95,6 +95,14 @@ Status MigrationContext::init() {
   return Status();
 }
 
+Status MigrationContext::refuse_during_snapshot(
+    std::string_view direction) const {
+  if (snapshot.empty()) return Status();
+  return Status::failed_precondition(
+      "a snapshot of this agent is under way (" + snapshot + "): migrations " +
+      std::string(direction) + " it are refused until it ends");
+}
+
 void MigrationContext::fault(std::string_view point) const {
   if (options.fault_hook) options.fault_hook(point);
 }

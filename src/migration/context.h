@@ -74,6 +74,10 @@ class MigrationContext {
   // "tcp,ucx": the transports this agent has.
   std::string transport_names(std::string_view separator) const;
 
+  // FailedPrecondition naming the snapshot under way, for a migration
+  // `direction` ("from" or "into") this agent; OK when none is.
+  Status refuse_during_snapshot(std::string_view direction) const;
+
   // Calls the options' fault hook at a named protocol point.
   void fault(std::string_view point) const;
   Deadline peer_deadline() const { return Clock::now() + options.peer_timeout; }
@@ -100,6 +104,11 @@ class MigrationContext {
   InDoubtSet in_doubt;          // io thread
   bool source_busy = false;     // io thread: a source run is under way
   SourceOutcomes src_outcomes;  // io thread
+  // The snapshot under way here, "save to PATH" or "load from PATH"; empty
+  // when none (io thread). Set by the agent around a capture or restore:
+  // while it is, migrations from and into this agent are refused (a
+  // snapshot is one point in time), and in-doubt migrations wait to settle.
+  std::string snapshot;
   // When each request that arrived by migration was installed (io thread):
   // status reports it, so a rebalancer leaves requests that just moved
   // alone. Entries of requests no longer here are dropped by status; at

@@ -167,6 +167,7 @@ Status DestinationRun::check_hello() {
     return Status::invalid_argument(
         "migration to itself: the destination is the source agent");
   }
+  KVMIG_RETURN_IF_ERROR(ctx_.refuse_during_snapshot("into"));
   if (hello_.meta != meta_) {
     return Status::invalid_argument("cache meta mismatch: source has " +
                                     hello_.meta.to_string() +

@@ -90,6 +90,12 @@ asio::awaitable<void> InDoubtSet::keep_asking(MigrationContext& ctx,
     // `entry` may move while this waits; settle() looks it up again.
     Outcome o = co_await ask_outcome(ctx, to, id, ctx.peer_deadline());
     if (ctx.stopping) co_return;
+    if (o != Outcome::kUnknown && !ctx.snapshot.empty()) {
+      // Settling drops or resumes requests: not in the middle of a
+      // snapshot. Ask again soon.
+      delay = kFirstRetry;
+      continue;
+    }
     if (o != Outcome::kUnknown) {
       co_await settle(ctx, id, o);
       co_return;
@@ -123,6 +129,11 @@ asio::awaitable<Status> InDoubtSet::settle_by_hand(MigrationContext& ctx,
                          [&](const auto& d) { return d.migration_id == id; });
   if (it == entries_.end()) {
     co_return Status::not_found("migration " + id + " is not in doubt here");
+  }
+  if (!ctx.snapshot.empty()) {
+    co_return Status::failed_precondition(
+        "a snapshot of this agent is under way (" + ctx.snapshot +
+        "): settle again when it ends");
   }
   ctx.log->warn("[{}] settled by hand: {}", id.substr(0, 12),
                 committed ? "committed" : "aborted");

@@ -863,6 +863,8 @@ asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
       "a migration from this agent is already running");
   if (!id.ok()) {
     result = id.status();
+  } else if (Status s = ctx.refuse_during_snapshot("from"); !s.ok()) {
+    result = s;
   } else if (!ctx.source_busy) {
     ctx.source_busy = true;
     ScopeExit not_busy([&ctx] { ctx.source_busy = false; });

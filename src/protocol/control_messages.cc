@@ -106,6 +106,42 @@ Result<SnapshotReqMsg> decode_snapshot_req(std::span<const uint8_t> p,
       });
 }
 
+std::vector<uint8_t> encode(const SnapshotReport& m) {
+  if (!m.summarized) return {};
+  ByteWriter w;
+  w.put_string(m.path);
+  w.put(m.requests);
+  w.put(m.pages);
+  w.put(m.bytes);
+  return w.take();
+}
+
+Result<SnapshotReport> decode_snapshot_resp(std::span<const uint8_t> p,
+                                            const WireLimits& l) {
+  if (p.empty()) {
+    SnapshotReport older;
+    older.summarized = false;
+    return older;
+  }
+  return decode_all<SnapshotReport>(
+      p, "SNAPSHOT_RESP", [&](ByteReader& r) -> Result<SnapshotReport> {
+        SnapshotReport m;
+        KVMIG_ASSIGN_OR_RETURN(m.path, r.get_string(l.max_string, "path"));
+        KVMIG_ASSIGN_OR_RETURN(m.requests, r.get<uint64_t>("requests"));
+        KVMIG_ASSIGN_OR_RETURN(m.pages, r.get<uint64_t>("pages"));
+        KVMIG_ASSIGN_OR_RETURN(m.bytes, r.get<uint64_t>("bytes"));
+        if (m.path.empty() || m.path.front() != '/') {
+          return Status::data_loss("snapshot path not absolute");
+        }
+        // Every stored page belongs to a request, and each takes more than
+        // a byte of the file.
+        if ((m.requests == 0 && m.pages != 0) || m.pages >= m.bytes) {
+          return Status::data_loss("snapshot counts inconsistent");
+        }
+        return m;
+      });
+}
+
 std::vector<uint8_t> encode(const MigrateRequest& m) {
   ByteWriter w;
   w.put_string(m.to);

@@ -1,5 +1,5 @@
-// Scheduler messages: MIGRATE_REQ/RESP, CANCEL_REQ/RESP, STATUS_RESP and
-// SNAPSHOT_REQ, the
+// Scheduler messages: MIGRATE_REQ/RESP, CANCEL_REQ/RESP, SETTLE_REQ,
+// STATUS_RESP and SNAPSHOT_REQ/RESP, the
 // public request and report types on the wire. Decoders validate like the
 // migration codecs (messages.h). Stateless; thread-safe.
 #ifndef KVMIG_SRC_PROTOCOL_CONTROL_MESSAGES_H_
@@ -38,6 +38,11 @@ std::vector<uint8_t> encode(const SnapshotReqMsg& m);
 std::vector<uint8_t> encode(const SettleReqMsg& m);
 std::vector<uint8_t> encode(const CancelReqMsg& m);
 std::vector<uint8_t> encode(const CancelReport& m);
+// SNAPSHOT_RESP is a SnapshotReport: string path | u64 requests | u64 pages |
+// u64 bytes, or empty (an agent older than the summary; also what a report
+// with summarized false encodes to).
+std::vector<uint8_t> encode(const SnapshotReqMsg& m);
+std::vector<uint8_t> encode(const SnapshotReport& m);
 std::vector<uint8_t> encode(const MigrateRequest& m);
 std::vector<uint8_t> encode(const MigrationReport& m);
 std::vector<uint8_t> encode(const AgentStatus& m);
@@ -49,6 +54,8 @@ Result<CancelReqMsg> decode_cancel_req(std::span<const uint8_t> p,
                                        const WireLimits& l);
 Result<CancelReport> decode_cancel_report(std::span<const uint8_t> p,
                                           const WireLimits& l);
+Result<SnapshotReport> decode_snapshot_resp(std::span<const uint8_t> p,
+                                            const WireLimits& l);
 Result<MigrateRequest> decode_migrate_request(std::span<const uint8_t> p,
                                               const WireLimits& l);
 Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,

@@ -13,6 +13,7 @@
 
 #include "bytes.h"
 #include "errors.h"
+#include "random.h"
 #include "scope_exit.h"
 
 namespace kvmig::snapshot_internal {
@@ -31,6 +32,37 @@ Status fsync_directory(const std::string& path) {
                              "snapshot: fsync directory " + dir.string());
   }
   return fd.close("close directory " + dir.string());
+}
+
+// A temporary file: its descriptor and its name.
+struct TempFile {
+  Fd fd;
+  std::string name;
+};
+
+// Creates a new file next to path, "PATH.tmp.PID.RANDOM", exclusively
+// (O_EXCL: never a file another writer has open, in this process or
+// another), mode 0644 less the umask.
+Result<TempFile> create_temp_beside(const std::string& path) {
+  constexpr int kAttempts = 16;
+  for (int attempt = 0;; ++attempt) {
+    std::array<uint8_t, 8> noise{};
+    random_bytes(noise);
+    static constexpr char kHex[] = "0123456789abcdef";
+    std::string suffix;
+    for (uint8_t b : noise) {
+      suffix += kHex[b >> 4];
+      suffix += kHex[b & 15];
+    }
+    std::string temp =
+        path + ".tmp." + num(static_cast<uint64_t>(::getpid())) + "." + suffix;
+    int fd =
+        ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) return TempFile{Fd(fd), std::move(temp)};
+    if (errno != EEXIST || attempt + 1 == kAttempts) {
+      return status_from_errno(errno, "snapshot: create " + temp);
+    }
+  }
 }
 
 }  // namespace
@@ -95,6 +127,7 @@ HashingWriter::HashingWriter(int fd, std::string what)
 Status HashingWriter::write(const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
   XXH3_64bits_update(hash_.get(), p, n);
+  bytes_ += n;
   if (buf_.size() + n > kIoChunk) KVMIG_RETURN_IF_ERROR(flush());
   if (n >= kIoChunk) return write_all(fd_, p, n, what_);
   buf_.insert(buf_.end(), p, p + n);
@@ -158,10 +191,9 @@ Status HashingReader::refill() {
 Status write_file_atomically(
     const std::string& path,
     const std::function<Status(int fd, const std::string& what)>& write) {
-  const std::string temp =
-      path + ".tmp." + num(static_cast<uint64_t>(::getpid()));
-  Fd fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (fd.get() < 0) return status_from_errno(errno, "snapshot: create " + temp);
+  KVMIG_ASSIGN_OR_RETURN(TempFile file, create_temp_beside(path));
+  Fd& fd = file.fd;
+  const std::string& temp = file.name;
   ScopeExit remove_temp([&] { ::unlink(temp.c_str()); });
   KVMIG_RETURN_IF_ERROR(write(fd.get(), "write " + temp));
   if (::fsync(fd.get()) != 0)

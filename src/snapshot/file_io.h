@@ -62,10 +62,13 @@ class HashingWriter {
   Status flush();
   // XXH3-64 of every byte written so far.
   uint64_t hash() const;
+  // Bytes written so far (buffered ones included).
+  uint64_t bytes() const { return bytes_; }
 
  private:
   int fd_;
   std::string what_;
+  uint64_t bytes_ = 0;
   internal::Xxh3State hash_;
   std::vector<uint8_t> buf_;
 };

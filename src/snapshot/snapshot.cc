@@ -360,8 +360,10 @@ Status write_page_record(CachePager& pager, const CacheMeta& meta, PageIndex ix,
   return out.write_u64(page_checksum(*page));
 }
 
-// Writes the snapshot of a paused pager to fd (what names the file in errors).
-Status write_snapshot(CachePager& pager, int fd, const std::string& what) {
+// Writes the snapshot of a paused pager to fd (what names the file in
+// errors); totals gets what it holds.
+Status write_snapshot(CachePager& pager, int fd, const std::string& what,
+                      SnapshotTotals& totals) {
   const CacheMeta meta = pager.meta();
   KVMIG_ASSIGN_OR_RETURN(std::vector<LogicalSeq> seqs, pager.logical_seqs());
   for (const LogicalSeq& seq : seqs) {
@@ -382,6 +384,7 @@ Status write_snapshot(CachePager& pager, int fd, const std::string& what) {
   }
   KVMIG_RETURN_IF_ERROR(
       out.write(snapshot_internal::encode_trailer(out.hash())));
+  totals = {uint64_t{seqs.size()}, uint64_t{t.pages.size()}, out.bytes()};
   return out.flush();
 }
 
@@ -432,16 +435,22 @@ Status load_into(int fd, VerifiedSnapshot& snap,
 }  // namespace
 
 Status capture(CachePager& pager, const std::string& path) {
+  return capture_with_totals(pager, path).status();
+}
+
+Result<SnapshotTotals> capture_with_totals(CachePager& pager,
+                                           const std::string& path) {
   if (Status s = pager.pause(); !s.ok()) {
     return s.with_context("snapshot: pause");
   }
   Status resumed;
   Status written;
+  SnapshotTotals totals;
   {
     ScopeExit resume([&] { resumed = pager.resume(); });
     written = snapshot_internal::write_file_atomically(
         path, [&](int fd, const std::string& what) {
-          return write_snapshot(pager, fd, what);
+          return write_snapshot(pager, fd, what, totals);
         });
   }
   if (!written.ok()) {
@@ -451,10 +460,16 @@ Status capture(CachePager& pager, const std::string& path) {
     }
     return written;
   }
-  return resumed.with_context("snapshot: resume");
+  KVMIG_RETURN_IF_ERROR(resumed.with_context("snapshot: resume"));
+  return totals;
 }
 
 Status restore(const std::string& path, CachePager& pager) {
+  return restore_with_totals(path, pager).status();
+}
+
+Result<SnapshotTotals> restore_with_totals(const std::string& path,
+                                           CachePager& pager) {
   KVMIG_ASSIGN_OR_RETURN(Fd fd, open_for_reading(path));
   KVMIG_ASSIGN_OR_RETURN(VerifiedSnapshot snap, verify_file(fd.get()));
   KVMIG_RETURN_IF_ERROR(check_restorable(snap, pager));
@@ -465,6 +480,8 @@ Status restore(const std::string& path, CachePager& pager) {
     return Status::internal("snapshot: pager allocated " + num(slots->size()) +
                             " slots, asked for " + num(snap.n_pages));
   }
+  const SnapshotTotals totals{uint64_t{snap.seqs.size()}, snap.n_pages,
+                              snap.file_bytes};
   Status s = load_into(fd.get(), snap, *slots, pager);
   if (!s.ok()) {
     if (Status r = pager.release_pages(*slots); !r.ok()) {
@@ -473,8 +490,9 @@ Status restore(const std::string& path, CachePager& pager) {
           "restore: {}",
           slots->size(), r.to_string());
     }
+    return s;
   }
-  return s;
+  return totals;
 }
 
 Result<SnapshotInfo> inspect_snapshot(const std::string& path) {

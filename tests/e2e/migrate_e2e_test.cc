@@ -901,13 +901,14 @@ TEST(MigrateE2E, MalformedFramesAreRefusedAndTheAgentKeepsServing) {
 }
 
 TEST(MigrateE2E, SnapshotThroughAgentsRoundTrips) {
-  auto src =
-      AgentProcess::start({"--populate", "3:50", "--share-prefix", "16"});
-  auto dst = AgentProcess::start({"--layout", "layer"});
+  char dir_tmpl[] = "/tmp/kvmig-snap-XXXXXX";
+  const std::string dir = mkdtemp(dir_tmpl);
+  std::string file = dir + "/a.snap";
+  auto src = AgentProcess::start(
+      {"--populate", "3:50", "--share-prefix", "16", "--snapshot-dir", dir});
+  auto dst = AgentProcess::start({"--layout", "layer", "--snapshot-dir", dir});
   ASSERT_TRUE(src && dst);
   json before = status_of(src->address());
-  char dir_tmpl[] = "/tmp/kvmig-snap-XXXXXX";
-  std::string file = std::string(mkdtemp(dir_tmpl)) + "/a.snap";
   CliResult saved =
       run_kvmig({"snapshot", "save", "--agent", src->address(), "--out", file});
   ASSERT_EQ(saved.code, 0) << saved.err;
@@ -928,7 +929,7 @@ TEST(MigrateE2E, SnapshotThroughAgentsRoundTrips) {
   EXPECT_EQ(again.code, 1);
   EXPECT_NE(again.err.find("empty"), std::string::npos) << again.err;
   expect_unchanged(dst->address(), after);
-  std::filesystem::remove_all(std::filesystem::path(file).parent_path());
+  std::filesystem::remove_all(dir);
 }
 
 // A snapshot whose table has a request of 2^64 - 1 tokens in no pages (a
@@ -954,7 +955,7 @@ TEST(MigrateE2E, SnapshotWithTokensThatDoNotFitThePagesIsRefused) {
   EXPECT_EQ(verify.code, 1) << verify.out << verify.err;
   EXPECT_NE(verify.err.find(why), std::string::npos) << verify.err;
   EXPECT_NE(verify.err.find(tokens), std::string::npos) << verify.err;
-  auto dst = AgentProcess::start({});
+  auto dst = AgentProcess::start({"--snapshot-dir", dir});
   ASSERT_TRUE(dst);
   json before = status_of(dst->address());
   CliResult load =

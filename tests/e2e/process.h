@@ -42,7 +42,9 @@ inline std::string read_file(const std::filesystem::path& p) {
 // A child process with stdout/stderr captured in files under a temp dir.
 class Child {
  public:
-  static std::unique_ptr<Child> spawn(const std::vector<std::string>& args) {
+  // Runs args in the working directory cwd (empty: this process's).
+  static std::unique_ptr<Child> spawn(const std::vector<std::string>& args,
+                                      const std::string& cwd = "") {
     auto c = std::unique_ptr<Child>(new Child());
     char tmpl[] = "/tmp/kvmig-e2e-XXXXXX";
     c->dir_ = mkdtemp(tmpl);
@@ -53,6 +55,7 @@ class Child {
                                      O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_addopen(&fa, 2, (c->dir_ / "err").c_str(),
                                      O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (!cwd.empty()) posix_spawn_file_actions_addchdir_np(&fa, cwd.c_str());
     std::vector<char*> argv;
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
@@ -184,12 +187,14 @@ struct CliResult {
   std::string err;
 };
 
-// Runs `kvmig args...` to completion.
+// Runs `kvmig args...` to completion, in the working directory cwd (empty:
+// this process's).
 inline CliResult run_kvmig(
     std::vector<std::string> args,
-    std::chrono::seconds limit = std::chrono::seconds(120)) {
+    std::chrono::seconds limit = std::chrono::seconds(120),
+    const std::string& cwd = "") {
   args.insert(args.begin(), kvmig_bin());
-  auto c = Child::spawn(args);
+  auto c = Child::spawn(args, cwd);
   CliResult r;
   if (!c) return r;
   if (!c->wait_exit(limit)) {

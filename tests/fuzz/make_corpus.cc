@@ -129,16 +129,19 @@ int run(const fs::path& root) {
                     65536,
                     0.5}};
   s.add(14, MsgType::kStatusResp, encode(st));
-  s.add(15, MsgType::kProgress, encode(ProgressMsg{1u << 20}));
-  s.add(16, MsgType::kCancelReq, encode(CancelReqMsg{hello.migration_id}));
+  s.add(16, MsgType::kProgress, encode(ProgressMsg{1u << 20}));
+  s.add(17, MsgType::kCancelReq, encode(CancelReqMsg{hello.migration_id}));
   s.add(
-      17, MsgType::kCancelResp,
+      18, MsgType::kCancelResp,
       encode(CancelReport{hello.migration_id, "aborted", "destination full"}));
-  s.add(18, MsgType::kSettleReq,
+  s.add(19, MsgType::kSettleReq,
         encode(SettleReqMsg{hello.migration_id, true}));
   s.add(11, MsgType::kOutcomeResp, encode(OutcomeRespMsg{Outcome::kForgotten}));
   s.add(0, MsgType::kStatusReq, {});
   s.add(0, MsgType::kDone, {});
+  s.add(15, MsgType::kSnapshotResp,
+        encode(SnapshotReport{"/var/kvmig/a.snap", 3, 8, 131276, true}));
+  s.add(15, MsgType::kSnapshotResp, {});
   std::printf("wrote %d seeds per target under %s\n", s.n,
               root.string().c_str());
   return 0;

@@ -24,6 +24,10 @@ bool same_double(double a, double b) {
 bool same(const SnapshotReqMsg& a, const SnapshotReqMsg& b) {
   return a.load == b.load && a.path == b.path;
 }
+bool same(const SnapshotReport& a, const SnapshotReport& b) {
+  return a.path == b.path && a.requests == b.requests && a.pages == b.pages &&
+         a.bytes == b.bytes && a.summarized == b.summarized;
+}
 bool same(const HelloMsg& a, const HelloMsg& b) {
   return a.migration_id == b.migration_id && a.meta == b.meta &&
          a.live == b.live && a.verify == b.verify && a.n_pages == b.n_pages &&
@@ -131,7 +135,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const WireLimits l;
   std::span<const uint8_t> p(data + 1, size - 1);
   // The decoders, numbered in messages.h order; first byte modulo the count.
-  switch (data[0] % 19) {
+  switch (data[0] % 20) {
     case 0:
       check(p, [&](auto b) { return decode_snapshot_req(b, l); });
       break;
@@ -178,15 +182,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       check(p, [&](auto b) { return decode_agent_status(b, l); });
       break;
     case 15:
-      check(p, [&](auto b) { return decode_progress(b); });
+      check(p, [&](auto b) { return decode_snapshot_resp(b, l); });
       break;
     case 16:
-      check(p, [&](auto b) { return decode_cancel_req(b, l); });
+      check(p, [&](auto b) { return decode_progress(b); });
       break;
     case 17:
-      check(p, [&](auto b) { return decode_cancel_report(b, l); });
+      check(p, [&](auto b) { return decode_cancel_req(b, l); });
       break;
     case 18:
+      check(p, [&](auto b) { return decode_cancel_report(b, l); });
+      break;
+    case 19:
       check(p, [&](auto b) { return decode_settle_req(b, l); });
       break;
   }

@@ -203,6 +203,32 @@ def test_status_without_digests_never_pauses():
         assert pager.calls["pause"] == 1
 
 
+def test_snapshots_only_in_the_snapshot_dir(tmp_path):
+    pager = NumpyPager(TINY, 16)
+    pager.populate(1, 40, seed=1)
+    pager.populate(2, 20, seed=2)
+    with kvmig.Agent(pager) as agent:
+        with pytest.raises(kvmig.Error) as e:
+            kvmig.Client(agent.address).snapshot(str(tmp_path / "a.snap"))
+        assert e.value.code == "FailedPrecondition"
+        assert "--snapshot-dir" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    with kvmig.Agent(pager, snapshot_dir=str(tmp_path)) as agent:
+        before = digests(agent.status())
+        saved = kvmig.Client(agent.address).snapshot("a.snap")
+        file = tmp_path.resolve() / "a.snap"
+        assert saved == {"path": str(file), "requests": 2, "pages": 5,
+                         "bytes": file.stat().st_size}
+        with pytest.raises(kvmig.Error) as e:
+            kvmig.Client(agent.address).snapshot("../b.snap")
+        assert e.value.code == "InvalidArgument" and "'..'" in str(e.value)
+    target = NumpyPager(TINY, 16)
+    with kvmig.Agent(target, snapshot_dir=str(tmp_path)) as agent:
+        loaded = kvmig.Client(agent.address).snapshot("a.snap", load=True)
+        assert loaded == saved
+        assert digests(agent.status()) == before
+
+
 # ---- bad pagers: a clear error, both sides unchanged, still serving ----
 
 def assert_unchanged(pager, before_seqs, agent):

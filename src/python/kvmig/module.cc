@@ -130,7 +130,8 @@ class PyAgent {
           std::vector<std::string> transports,
           const std::optional<std::string>& secret_file, bool insecure,
           int64_t peer_timeout_ms, uint64_t staging_bytes,
-          const std::string& bind_host)
+          const std::string& bind_host,
+          const std::optional<std::string>& snapshot_dir)
       : pager_obj_(std::move(pager)) {
     if (!py::isinstance<CachePager>(pager_obj_)) {
       raise_status(Status::invalid_argument(
@@ -150,6 +151,7 @@ class PyAgent {
     options.peer_timeout = std::chrono::milliseconds(peer_timeout_ms);
     options.staging_bytes = staging_bytes;
     options.transport_options.bind_host = bind_host;
+    options.snapshot_dir = snapshot_dir.value_or("");
     Result<std::unique_ptr<Agent>> agent = [&] {
       py::gil_scoped_release release;
       return Agent::create(*pager_ptr, std::move(options));
@@ -310,12 +312,20 @@ class PyClient {
     ok_or_raise(s);
   }
 
-  void snapshot(const std::string& path, bool load) {
-    Status s = [&] {
+  py::dict snapshot(const std::string& path, bool load) {
+    Result<SnapshotReport> report = [&] {
       py::gil_scoped_release release;
-      return request_snapshot(address_, load, path, options_);
+      return request_snapshot(address_, SnapshotRequest{load, path}, options_);
     }();
-    ok_or_raise(s);
+    const SnapshotReport r = value_or_raise(std::move(report));
+    py::dict out;
+    out["path"] = r.summarized ? r.path : path;
+    if (r.summarized) {
+      out["requests"] = r.requests;
+      out["pages"] = r.pages;
+      out["bytes"] = r.bytes;
+    }
+    return out;
   }
 
   const std::string& address() const { return address_; }
@@ -538,13 +548,13 @@ PYBIND11_MODULE(_kvmig, m) {
   py::class_<PyAgent>(m, "Agent")
       .def(py::init<py::object, const std::string&, std::vector<std::string>,
                     const std::optional<std::string>&, bool, int64_t, uint64_t,
-                    const std::string&>(),
+                    const std::string&, const std::optional<std::string>&>(),
            py::arg("pager"), py::kw_only(), py::arg("listen") = "127.0.0.1:0",
            py::arg("transports") = std::vector<std::string>{"tcp"},
            py::arg("secret_file") = py::none(), py::arg("insecure") = false,
            py::arg("peer_timeout_ms") = 10'000,
            py::arg("staging_bytes") = uint64_t{64} << 20,
-           py::arg("bind_host") = "")
+           py::arg("bind_host") = "", py::arg("snapshot_dir") = py::none())
       .def("start", &PyAgent::start, "serve on a thread of the agent's own")
       .def("stop", &PyAgent::close,
            "stop serving (open migrations roll back); idempotent")
@@ -576,7 +586,8 @@ PYBIND11_MODULE(_kvmig, m) {
       .def("snapshot", &PyClient::snapshot, py::arg("path"), py::kw_only(),
            py::arg("load") = false,
            "the agent captures its cache to path (load: restores it), a "
-           "file on the agent's host");
+           "file in the agent's snapshot directory (relative to it, or "
+           "inside it); returns {path, requests, pages, bytes}");
 
   py::class_<PyCluster>(m, "Cluster")
       .def(py::init<std::vector<std::string>, std::string,

@@ -84,6 +84,61 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   EXPECT_EQ(e.status, Status::not_found("x"));
 }
 
+TEST(MessagesTest, SnapshotRespCarriesTheSummary) {
+  SnapshotReport r;
+  r.path = "/var/kvmig/snaps/a.snap";
+  r.requests = 3;
+  r.pages = 8;
+  r.bytes = 131276;
+  ASSERT_OK_AND_ASSIGN(SnapshotReport rb,
+                       decode_snapshot_resp(encode(r), limits()));
+  EXPECT_TRUE(rb.summarized);
+  EXPECT_EQ(rb.path, r.path);
+  EXPECT_EQ(rb.requests, 3u);
+  EXPECT_EQ(rb.pages, 8u);
+  EXPECT_EQ(rb.bytes, 131276u);
+  // An empty cache's snapshot: no request, no page.
+  r.requests = r.pages = 0;
+  r.bytes = 84;
+  EXPECT_TRUE(decode_snapshot_resp(encode(r), limits()).ok());
+  // An agent older than the summary answers with nothing: success, no
+  // numbers. A report without a summary encodes to the same.
+  ASSERT_OK_AND_ASSIGN(SnapshotReport older,
+                       decode_snapshot_resp({}, limits()));
+  EXPECT_FALSE(older.summarized);
+  EXPECT_TRUE(older.path.empty());
+  EXPECT_TRUE(encode(older).empty());
+}
+
+TEST(MessagesTest, SnapshotRespIsValidated) {
+  auto bad = [](std::string path, uint64_t requests, uint64_t pages,
+                uint64_t bytes) {
+    SnapshotReport r;
+    r.path = std::move(path);
+    r.requests = requests;
+    r.pages = pages;
+    r.bytes = bytes;
+    return decode_snapshot_resp(encode(r), limits()).status();
+  };
+  EXPECT_EQ(bad("a.snap", 1, 1, 1000).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(bad("", 1, 1, 1000).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(bad("/a.snap", 0, 5, 1000).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(bad("/a.snap", 1, 1000, 1000).code(), StatusCode::kDataLoss);
+  Status s = bad("/a.snap", 0, 5, 1000);
+  EXPECT_NE(s.message().find("SNAPSHOT_RESP"), std::string::npos)
+      << s.to_string();
+  SnapshotReport r{"/a.snap", 1, 1, 1000, true};
+  std::vector<uint8_t> payload = encode(r);
+  payload.push_back(0);
+  EXPECT_EQ(decode_snapshot_resp(payload, limits()).status().code(),
+            StatusCode::kDataLoss);
+  payload.pop_back();
+  for (size_t cut = 1; cut < payload.size(); ++cut) {
+    std::span<const uint8_t> part(payload.data(), cut);
+    EXPECT_FALSE(decode_snapshot_resp(part, limits()).ok()) << "cut " << cut;
+  }
+}
+
 TEST(MessagesTest, HostileCountsAreRefusedBeforeAllocating) {
   // A COMMIT claiming 2^32-1 requests in a 10-byte payload.
   ByteWriter w;
@@ -136,6 +191,7 @@ TEST(MessagesTest, RandomBytesNeverCrashDecoders) {
     (void)decode_migrate_request(junk, limits());
     (void)decode_migration_report(junk, limits());
     (void)decode_error(junk, limits());
+    (void)decode_snapshot_resp(junk, limits());
   }
   SUCCEED() << "decoders survived 2000 random payloads (ASan/UBSan in CI)";
 }

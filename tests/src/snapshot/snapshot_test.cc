@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <xxhash.h>
 
+#include <barrier>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -11,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "forwarding_pager.h"
@@ -174,6 +176,76 @@ TEST_F(SnapshotTest, CaptureOverwritesAtomicallyAndLeavesNoTempFile) {
   EXPECT_EQ(names, std::vector<std::string>{"base.snp"});
   // The pager was resumed.
   EXPECT_EQ(source_->resume().code(), StatusCode::kFailedPrecondition);
+}
+
+// Meets the other captures of its group in logical_seqs(), which capture
+// calls once its temporary file is open: every capture of the group has its
+// temporary file open at once.
+class MeetingPager final : public testing::ForwardingPager {
+ public:
+  MeetingPager(CachePager& inner, std::barrier<>& meeting)
+      : ForwardingPager(inner), meeting_(meeting) {}
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    if (!met_) {
+      met_ = true;
+      meeting_.arrive_and_wait();
+    }
+    return ForwardingPager::logical_seqs();
+  }
+
+ private:
+  std::barrier<>& meeting_;
+  bool met_ = false;
+};
+
+// Two captures to one path at once (a temporary name from the pid alone
+// made them share one temporary file: one rename failed, or the file mixed
+// both): both succeed, and the file is one of the two snapshots, whole.
+TEST_F(SnapshotTest, TwoCapturesToOnePathAtOnceBothSucceed) {
+  auto a = make(PoolLayout::kPage, 32);
+  ASSERT_OK(a->populate(2, 40, 3));
+  auto b = make(PoolLayout::kLayer, 64);
+  ASSERT_OK(b->populate(3, 70, 9));
+  const auto want_a = digests(*a);
+  const auto want_b = digests(*b);
+  const std::string p = path("same.snp");
+  for (int round = 0; round < 5; ++round) {
+    std::barrier<> meeting(2);
+    MeetingPager meet_a(*a, meeting);
+    MeetingPager meet_b(*b, meeting);
+    Status saved_a;
+    Status saved_b;
+    std::thread ta([&] { saved_a = capture(meet_a, p); });
+    std::thread tb([&] { saved_b = capture(meet_b, p); });
+    ta.join();
+    tb.join();
+    ASSERT_OK(saved_a);
+    ASSERT_OK(saved_b);
+    ASSERT_OK_AND_ASSIGN(SnapshotInfo info, inspect_snapshot(p));
+    std::map<SeqId, Digest> got;
+    for (const SnapshotSeqInfo& s : info.seqs) got[s.seq_id] = s.digest;
+    EXPECT_TRUE(got == want_a || got == want_b) << "round " << round;
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(dir_)) {
+      names.push_back(e.path().filename().string());
+    }
+    EXPECT_EQ(names, std::vector<std::string>{"same.snp"});
+  }
+}
+
+TEST_F(SnapshotTest, TotalsSayWhatTheFileHolds) {
+  capture_base();
+  ASSERT_OK_AND_ASSIGN(SnapshotTotals saved,
+                       capture_with_totals(*source_, path("t.snp")));
+  EXPECT_EQ(saved.seqs, 3u);
+  EXPECT_EQ(saved.pages, 8u);
+  EXPECT_EQ(saved.file_bytes, fs::file_size(path("t.snp")));
+  auto dst = make(PoolLayout::kLayer, 32);
+  ASSERT_OK_AND_ASSIGN(SnapshotTotals loaded,
+                       restore_with_totals(path("t.snp"), *dst));
+  EXPECT_EQ(loaded.seqs, saved.seqs);
+  EXPECT_EQ(loaded.pages, saved.pages);
+  EXPECT_EQ(loaded.file_bytes, saved.file_bytes);
 }
 
 TEST_F(SnapshotTest, CaptureWhileDecodingIsConsistent) {
