@@ -96,26 +96,10 @@ sys.exit(0 if before and same == len(before) == len(after) else 1)
 PY
 }
 
-# Runs the suites (GoogleTest through meson, then pytest under tests/python
-# with Debian's interpreter); prints the meson summary, then "N passed, N
-# failed" over every test case of both (skips counted apart).
-# PYTEST_ENV: extra environment for pytest (the ASan run's LD_PRELOAD).
-run_tests() {
-  local dir=$1 rc=0
-  meson test -C "$dir" --print-errorlogs --num-processes 1 >&2 || rc=$?
-  local xmls=("$dir/meson-logs/testlog.junit.xml")
-  local pyxml=$dir/meson-logs/pytest.junit.xml
-  rm -f "$pyxml"
-  if [[ -d $dir/src/python/kvmig ]]; then
-    # shellcheck disable=SC2086
-    env ${PYTEST_ENV:-} KVMIG_BUILD_DIR="$dir" /usr/bin/python3 -m pytest \
-      -p no:cacheprovider -q -rs tests/python --junitxml="$pyxml" >&2 || rc=$?
-    xmls+=("$pyxml")
-  else
-    echo "the Python package was not built (meson -Dpython): its tests fail" >&2
-    rc=1
-  fi
-  /usr/bin/python3 - "${xmls[@]}" <<'PY' || rc=1
+# "N passed, N failed[, N skipped]" over JUnit XML files (GoogleTest's and
+# pytest's); fails if any case failed, a file is missing, or none passed.
+junit_summary() {
+  /usr/bin/python3 - "$@" <<'PY'
 import sys, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
 for path in sys.argv[1:]:
@@ -135,6 +119,28 @@ for path in sys.argv[1:]:
 print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
 sys.exit(1 if failed or passed == 0 else 0)
 PY
+}
+
+# Runs the suites (GoogleTest through meson, then pytest under tests/python
+# with Debian's interpreter); prints the meson summary, then "N passed, N
+# failed" over every test case of both (skips counted apart).
+# PYTEST_ENV: extra environment for pytest (the ASan run's LD_PRELOAD).
+run_tests() {
+  local dir=$1 rc=0
+  meson test -C "$dir" --print-errorlogs --num-processes 1 >&2 || rc=$?
+  local xmls=("$dir/meson-logs/testlog.junit.xml")
+  local pyxml=$dir/meson-logs/pytest.junit.xml
+  rm -f "$pyxml"
+  if [[ -d $dir/src/python/kvmig ]]; then
+    # shellcheck disable=SC2086
+    env ${PYTEST_ENV:-} KVMIG_BUILD_DIR="$dir" /usr/bin/python3 -m pytest \
+      -p no:cacheprovider -q -rs tests/python --junitxml="$pyxml" >&2 || rc=$?
+    xmls+=("$pyxml")
+  else
+    echo "the Python package was not built (meson -Dpython): its tests fail" >&2
+    rc=1
+  fi
+  junit_summary "${xmls[@]}" || rc=1
   return $rc
 }
 
@@ -182,24 +188,7 @@ tsan_test() {
     }
     xmls+=("$dir/tsan-$t.xml")
   done
-  /usr/bin/python3 - "${xmls[@]}" <<'PY' || rc=1
-import os, sys, xml.etree.ElementTree as ET
-passed = failed = skipped = 0
-for path in sys.argv[1:]:
-    if not os.path.exists(path):
-        print(f"tsan: {path} missing (the suite crashed?)", file=sys.stderr)
-        failed += 1
-        continue
-    for case in ET.parse(path).getroot().iter("testcase"):
-        if case.find("failure") is not None:
-            failed += 1
-        elif case.get("result") == "skipped" or case.find("skipped") is not None:
-            skipped += 1
-        else:
-            passed += 1
-print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
-sys.exit(1 if failed or passed == 0 else 0)
-PY
+  junit_summary "${xmls[@]}" || rc=1
   return $rc
 }
 

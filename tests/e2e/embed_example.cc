@@ -653,99 +653,95 @@ uint64_t free_pages(const CachePager& pager) {
   return cap ? cap->free_pages : 0;
 }
 
+// Two in-process engines and a move of two requests (7 pages each) from
+// src to dst on a scheduler's thread, held half-way through the data at a
+// gate (the source's data thread waits there) until the test opens it.
+struct GatedMove {
+  void start(PoolLayout src_layout, PoolLayout dst_layout) {
+    src_cache = make_cache(src_layout, 64);
+    dst_cache = make_cache(dst_layout, 64);
+    ASSERT_TRUE(src_cache && dst_cache);
+    ASSERT_OK(src_cache->populate(2, 100, 9));
+    AgentOptions options;
+    options.peer_timeout = std::chrono::seconds(5);
+    options.fault_hook = [this](std::string_view point) {
+      if (point == "src.data.mid") mid.reach();
+    };
+    src = start_agent(*src_cache, options);
+    options.fault_hook = nullptr;
+    dst = start_agent(*dst_cache, options);
+    ASSERT_TRUE(src && dst);
+    before = pager_digests(*src_cache);
+    scheduler = std::thread([this] {
+      MigrateRequest req;
+      req.to = dst->address();
+      req.all = true;
+      result = src->migrate(req);
+    });
+    ASSERT_TRUE(mid.wait_reached());
+  }
+  ~GatedMove() {
+    mid.open();
+    if (scheduler.joinable()) scheduler.join();
+    if (src) src->stop();
+    if (dst) dst->stop();
+  }
+
+  std::unique_ptr<SyntheticPager> src_cache, dst_cache;
+  Gate mid;
+  std::unique_ptr<Agent> src, dst;  // after the caches: stopped first
+  std::map<SeqId, std::string> before;
+  std::thread scheduler;
+  Result<MigrationReport> result = Status::internal("not run");
+};
+
 // stop() on the destination mid-migration gives every slot back before it
 // returns, and the source rolls back: nothing is lost or installed.
 TEST(EmbedExample, StoppingTheDestinationMidMigrationReleasesItsSlots) {
-  auto src_cache = make_cache(PoolLayout::kPage, 64);
-  auto dst_cache = make_cache(PoolLayout::kLayer, 64);
-  ASSERT_TRUE(src_cache && dst_cache);
-  ASSERT_OK(src_cache->populate(2, 100, 9));  // 7 pages each
-  Gate mid;
-  AgentOptions options;
-  options.peer_timeout = std::chrono::seconds(5);
-  options.fault_hook = [&](std::string_view point) {
-    if (point == "src.data.mid") mid.reach();
-  };
-  auto src = start_agent(*src_cache, options);
-  options.fault_hook = nullptr;
-  auto dst = start_agent(*dst_cache, options);
-  ASSERT_TRUE(src && dst);
-  const auto before = pager_digests(*src_cache);
-
-  Result<MigrationReport> result = Status::internal("not run");
-  std::thread scheduler([&] {
-    MigrateRequest req;
-    req.to = dst->address();
-    req.all = true;
-    result = src->migrate(req);
-  });
-  ASSERT_TRUE(mid.wait_reached());
-  EXPECT_EQ(free_pages(*dst_cache), 64u - 14u);  // slots offered
-  dst->stop();
+  GatedMove m;
+  ASSERT_NO_FATAL_FAILURE(m.start(PoolLayout::kPage, PoolLayout::kLayer));
+  EXPECT_EQ(free_pages(*m.dst_cache), 64u - 14u);  // slots offered
+  m.dst->stop();
   // Given back by the time stop() returns, and nothing installed.
-  EXPECT_EQ(free_pages(*dst_cache), 64u);
-  EXPECT_TRUE(pager_digests(*dst_cache).empty());
-  mid.open();
-  scheduler.join();
-  EXPECT_FALSE(result.ok());
+  EXPECT_EQ(free_pages(*m.dst_cache), 64u);
+  EXPECT_TRUE(pager_digests(*m.dst_cache).empty());
+  m.mid.open();
+  m.scheduler.join();
+  EXPECT_FALSE(m.result.ok());
   // The source rolled back: every request intact and decoding again.
-  EXPECT_EQ(pager_digests(*src_cache), before);
-  EXPECT_GT(src_cache->decode_step(), 0u);
-  src->stop();
+  EXPECT_EQ(pager_digests(*m.src_cache), m.before);
+  EXPECT_GT(m.src_cache->decode_step(), 0u);
 }
 
 // stop() on the source mid-migration cancels it: the engine is resumed
 // with every request by the time stop() returns, the scheduler's call
 // fails, and the destination gives its slots back.
 TEST(EmbedExample, StoppingTheSourceMidMigrationRollsBack) {
-  auto src_cache = make_cache(PoolLayout::kLayer, 64);
-  auto dst_cache = make_cache(PoolLayout::kPage, 64);
-  ASSERT_TRUE(src_cache && dst_cache);
-  ASSERT_OK(src_cache->populate(2, 100, 11));
-  Gate mid;
-  AgentOptions options;
-  options.peer_timeout = std::chrono::seconds(5);
-  options.fault_hook = [&](std::string_view point) {
-    if (point == "src.data.mid") mid.reach();
-  };
-  auto src = start_agent(*src_cache, options);
-  options.fault_hook = nullptr;
-  auto dst = start_agent(*dst_cache, options);
-  ASSERT_TRUE(src && dst);
-  const auto before = pager_digests(*src_cache);
-
-  Result<MigrationReport> result = Status::internal("not run");
-  std::thread scheduler([&] {
-    MigrateRequest req;
-    req.to = dst->address();
-    req.all = true;
-    result = src->migrate(req);
-  });
-  ASSERT_TRUE(mid.wait_reached());
+  GatedMove m;
+  ASSERT_NO_FATAL_FAILURE(m.start(PoolLayout::kLayer, PoolLayout::kPage));
   // The data thread waits at the gate; stop() cancels the run from the io
   // thread, then the gate opens and the write loop sees the cancel.
   std::thread opener([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    mid.open();
+    m.mid.open();
   });
-  src->stop();
+  m.src->stop();
   opener.join();
-  scheduler.join();
-  ASSERT_FALSE(result.ok());
-  EXPECT_NE(result.status().message().find("stopping"), std::string::npos)
-      << result.status().to_string();
-  EXPECT_EQ(pager_digests(*src_cache), before);
-  EXPECT_GT(src_cache->decode_step(), 0u);  // resumed
+  m.scheduler.join();
+  ASSERT_FALSE(m.result.ok());
+  EXPECT_NE(m.result.status().message().find("stopping"), std::string::npos)
+      << m.result.status().to_string();
+  EXPECT_EQ(pager_digests(*m.src_cache), m.before);
+  EXPECT_GT(m.src_cache->decode_step(), 0u);  // resumed
   // The destination heard ABORT and gives its slots back.
   const auto until =
       std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (free_pages(*dst_cache) != 64u &&
+  while (free_pages(*m.dst_cache) != 64u &&
          std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  EXPECT_EQ(free_pages(*dst_cache), 64u);
-  EXPECT_TRUE(pager_digests(*dst_cache).empty());
-  dst->stop();
+  EXPECT_EQ(free_pages(*m.dst_cache), 64u);
+  EXPECT_TRUE(pager_digests(*m.dst_cache).empty());
 }
 
 // A destination engine whose allocate_pages() blocks (it waits for its own
