@@ -780,6 +780,11 @@ asio::awaitable<Result<MigrationReport>> checked_run(
   if (!transport.ok()) co_return transport.status();
   transport_out = transport_name;
   auto live = co_await ctx.offload([&ctx] { return ctx.pager.logical_seqs(); });
+  // A cancel that came meanwhile found no run yet and left its mark.
+  if (const auto* mark = ctx.src_outcomes.find(id)) {
+    cancelled = true;
+    co_return Status::aborted("migration " + id + " " + mark->detail);
+  }
   auto ids = select_requests(ctx, req, live);
   if (!ids.ok()) co_return ids.status();
   if (ids->empty()) {
