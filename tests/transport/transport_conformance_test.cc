@@ -381,18 +381,28 @@ TEST_P(TransportConformanceTest, RevokeCutsTheInitiatorOff) {
 // A target restricted to a migration's slots: writes inside them land; the
 // first write outside them lands nowhere and cuts the initiator off, and
 // every byte outside the window (another request's pages) is unchanged.
-TEST_P(TransportConformanceTest, WritesOutsideTheWindowAreRefused) {
+// The cases only tcp can run: it sees every write record (ucx and verbs
+// write one-sided into memory registered once).
+class TcpConformanceTest : public TransportConformanceTest {};
+
+// allow() says whether the transport checks writes one by one: tcp does;
+// ucx and verbs cannot (revoke() is their cut-off), and say so.
+TEST_P(TransportConformanceTest, AllowSaysWhetherWritesAreChecked) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  const WriteWindow window[] = {{0, 0, 65536}};
+  EXPECT_EQ(target->allow(window), GetParam() == "tcp");
+}
+
+TEST_P(TcpConformanceTest, WritesOutsideTheWindowAreRefused) {
   std::unique_ptr<TransportTarget> target;
   std::unique_ptr<TransportInitiator> init;
   ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
   // Two "slots" of 64 KiB in region 0 and one in region 1.
   const WriteWindow window[] = {
       {0, 0, 65536}, {0, 65536, 65536}, {1, 2 * 65536, 65536}};
-  if (!target->allow(window)) {
-    GTEST_SKIP() << GetParam()
-                 << " writes one-sided into memory registered once: it "
-                    "cannot check writes one by one (revoke() is its cut-off)";
-  }
+  ASSERT_TRUE(target->allow(window));
   auto expected = dst_copy();
   // Inside: a write spanning both adjacent slots of region 0, and one in
   // region 1.
@@ -425,15 +435,13 @@ TEST_P(TransportConformanceTest, WritesOutsideTheWindowAreRefused) {
 // only when the scheduler interleaves badly (the early return fixed in tcp
 // and ucx was not caught in 3 runs here: its window is the few
 // instructions between marking the target revoked and stopping its thread).
-TEST_P(TransportConformanceTest, EveryRevokeCallerWaitsForTheCutOff) {
-  if (GetParam() == "ucx") {
-    // Found by this test, not fixed yet: UCX 1.13 segfaults now and then
-    // (ucp_ep_close_nbx -> uct_mm_ep_pending_purge -> ucp_mem_rereg_mds, on
-    // the target's progress thread) when the target force-closes its
-    // endpoint while emulated puts stream in over shared memory.
-    GTEST_SKIP() << "ucx: UCX 1.13 can crash force-closing a target "
-                    "endpoint while puts stream in (under investigation)";
-  }
+//
+// tcp only. Over ucx this test found a crash not fixed yet: UCX 1.13
+// segfaults now and then (ucp_ep_close_nbx -> uct_mm_ep_pending_purge ->
+// ucp_mem_rereg_mds, on the target's progress thread) when the target
+// force-closes its endpoint while emulated puts stream in over shared
+// memory. Over verbs it has not run in the Soft-RoCE guest yet.
+TEST_P(TcpConformanceTest, EveryRevokeCallerWaitsForTheCutOff) {
   for (int round = 0; round < 12; ++round) {
     std::unique_ptr<TransportTarget> target;
     std::unique_ptr<TransportInitiator> init;
@@ -690,6 +698,11 @@ TEST_P(TransportConformanceTest, RegistrationRules) {
 
 INSTANTIATE_TEST_SUITE_P(Transports, TransportConformanceTest,
                          ::testing::ValuesIn(built_transports()),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+INSTANTIATE_TEST_SUITE_P(Transports, TcpConformanceTest,
+                         ::testing::Values(std::string("tcp")),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            return info.param;
                          });
