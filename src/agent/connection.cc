@@ -198,9 +198,9 @@ Status refuse_snapshot_while_busy(const MigrationContext& ctx) {
         (m.source ? ", source, to " : ", destination, from ") + m.peer + ")" +
         later);
   }
-  if (ctx.source_busy) {
+  if (ctx.source_busy) {  // asked for, still choosing its requests
     return Status::failed_precondition(
-        "a migration from this agent is under way" + later);
+        "a migration is under way here (from this agent, starting)" + later);
   }
   return Status();
 }
