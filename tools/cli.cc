@@ -160,6 +160,7 @@ struct LimitFlags {
   uint32_t max_pages = 1u << 20;
   uint32_t max_seqs = 1u << 16;
   uint32_t max_connections = 64;
+  uint32_t max_migrations = 4;
 };
 
 // Reads --secret-file (when given) into copts.secret. The flag cannot be
@@ -213,6 +214,11 @@ void add_limit_flags(CLI::App* serve, LimitFlags& limits) {
       ->add_option("--max-connections", limits.max_connections,
                    "control connections served at once; more are closed")
       ->check(CLI::Range(1u, 1u << 16));
+  serve
+      ->add_option("--max-migrations", limits.max_migrations,
+                   "migrations from this agent at once, of disjoint requests; "
+                   "more are refused")
+      ->check(CLI::Range(1u, 256u));
 }
 
 CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
@@ -280,6 +286,7 @@ AgentOptions serve_options(const ServeFlags& f) {
   options.max_pages_per_migration = f.limits.max_pages;
   options.max_seqs_per_migration = f.limits.max_seqs;
   options.max_connections = f.limits.max_connections;
+  options.max_migrations = f.limits.max_migrations;
   options.snapshot_dir = f.snapshot_dir;
   return options;
 }

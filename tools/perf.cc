@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <iterator>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -329,6 +330,9 @@ struct Summary {
   double pages_per_s = 0;
   bool staged = false;
   std::string transport;
+  // Each phase's milliseconds per migration (MigrationReport::phases_ms),
+  // in the order first seen.
+  std::vector<std::pair<std::string, std::vector<double>>> phases;
 };
 
 double p50(const std::vector<double>& v) { return percentile(v, 50); }
@@ -347,7 +351,17 @@ Summary summarize(const std::vector<Sample>& samples) {
     total_bytes += static_cast<double>(x.report.bytes);
     total_pages += static_cast<double>(x.report.pages);
     s.staged = s.staged || x.report.staged;
+    for (const auto& [name, ms] : x.report.phases_ms) {
+      auto it = std::find_if(s.phases.begin(), s.phases.end(),
+                             [&](const auto& e) { return e.first == name; });
+      if (it == s.phases.end()) {
+        s.phases.push_back({name, {}});
+        it = std::prev(s.phases.end());
+      }
+      it->second.push_back(ms);
+    }
   }
+  for (auto& [name, v] : s.phases) std::sort(v.begin(), v.end());
   for (auto* v :
        {&s.lat, &s.pause, &s.data_gbps, &s.writes, &s.bytes, &s.pages}) {
     std::sort(v->begin(), v->end());
@@ -360,6 +374,8 @@ Summary summarize(const std::vector<Sample>& samples) {
 
 json report_json(const PerfFlags& f, const ClientPlan& plan,
                  const std::string& target, const Summary& s) {
+  json phases = json::object();
+  for (const auto& [name, v] : s.phases) phases[name] = p50(v);
   return {
       {"ok", true},
       {"server", f.connect},
@@ -389,6 +405,7 @@ json report_json(const PerfFlags& f, const ClientPlan& plan,
         {"max", s.lat.back()},
         {"min", s.lat.front()}}},
       {"pause_ms", {{"p50", p50(s.pause)}, {"max", s.pause.back()}}},
+      {"phases_ms", phases},
   };
 }
 
@@ -410,6 +427,13 @@ void print_report(const PerfFlags& f, const ClientPlan& plan,
       static_cast<unsigned long long>(p50(s.pages)), f.iters, s.gbps,
       s.pages_per_s, static_cast<unsigned long long>(p50(s.writes)), p50(s.lat),
       percentile(s.lat, 99), s.lat.back(), p50(s.pause), s.pause.back());
+  if (!s.phases.empty()) {
+    std::printf("phases p50 (ms):");
+    for (const auto& [name, v] : s.phases) {
+      std::printf(" %s %.3f", name.c_str(), p50(v));
+    }
+    std::printf("\n");
+  }
   std::printf(
       "(latencies and pauses in ms per migration; GB/s = 10^9 bytes/s "
       "over the migrations' wall time%s)\n",

@@ -63,6 +63,9 @@ struct AgentOptions {
   uint32_t max_seqs_per_migration = 1u << 16;
   // Most control connections served at once; more are closed at accept.
   uint32_t max_connections = 64;
+  // Most migrations from this agent at once, of disjoint requests (a
+  // request is in at most one); another is refused (ResourceExhausted).
+  uint32_t max_migrations = 4;
   // Staging buffer for pagers without layout(), per migration and side.
   uint64_t staging_bytes = 64ull << 20;
   // Test seam: called at named protocol points ("src.data.mid",
@@ -151,7 +154,12 @@ struct MigrationReport {
   uint64_t writes = 0;      // transport writes after merging
   double seconds = 0;       // HELLO sent to DONE received
   double gbps = 0;          // bytes / data-phase seconds / 1e9 (GB/s)
-  double pause_ms = 0;      // source paused to resumed
+  // The moved requests stopped (held, or the engine paused) to released.
+  double pause_ms = 0;
+  // What the pause stopped: "seqs" (only the requests that move, where the
+  // pager has CachePager::hold_seqs; the rest of the engine kept running)
+  // or "engine" (the whole engine, for a pager without it).
+  std::string hold;
   uint32_t rounds = 1;
   std::vector<uint64_t> round_pages;  // pages sent per round (last: paused)
   std::string transport;
@@ -162,6 +170,13 @@ struct MigrationReport {
   // With record_digests: {id, Digest::hex()} of each moved request at the
   // final pause.
   std::vector<std::pair<SeqId, std::string>> digests;
+  // Where the time went, as the source saw it: milliseconds per phase, in
+  // the order first entered (a live migration's rounds add up): "connect"
+  // (the control connection), "pause" (waiting for CachePager::pause),
+  // "offer" (HELLO to OFFER, and the data path's connect), "data" (writes
+  // posted and flushed), "verify" (VERIFY to VERIFY_ACK), "commit" (COMMIT
+  // to DONE, with digests read first if asked), "resume" (drop and resume).
+  std::vector<std::pair<std::string, double>> phases_ms;
 };
 
 // One live request as status reports it.
@@ -210,8 +225,9 @@ struct AgentStatus {
     std::string migration_id;
     std::string role;  // "source" or "destination"
     std::string peer;  // source: the destination asked; else the source
-    // "connect", "offer", "data", "verify", "commit" (source: COMMIT sent,
-    // waiting for DONE), "install" (destination), "cancelling" (a cancel,
+    // "connect", "pause", "offer", "data", "verify", "commit" (source:
+    // COMMIT sent, waiting for DONE), "resume" (source: committed, dropping
+    // and resuming), "install" (destination), "cancelling" (a cancel,
     // its timeout or the agent's stop ended it: rolling back).
     std::string phase;
     uint32_t round = 0;       // live rounds started (1: the first)

@@ -104,12 +104,15 @@ class CachePager {
   // Keeps the engine from running the sequences ids (no decode step, no
   // change to their pages or tables) until unhold_seqs(), while the rest of
   // the engine runs; a held sequence can still be read, dropped and
-  // released. kvmig holds the requests of a move whose outcome it cannot
-  // learn yet (in doubt, DESIGN.md): they may already live at the
-  // destination, so they must not run here until the outcome is known. All
-  // or nothing: NotFound for an id that is not live. Holding a held
-  // sequence is a no-op. Without it (Unimplemented) kvmig keeps the whole
-  // engine paused while a move is in doubt.
+  // released. Like pause(), it returns only once a step in progress that
+  // touches ids has ended. kvmig holds the requests a migration moves
+  // while it copies them (stop-and-copy, and a live migration's last
+  // round), so that the rest of the engine keeps decoding, and the
+  // requests of a move whose outcome it cannot learn yet (in doubt,
+  // DESIGN.md): they may already live at the destination, so they must not
+  // run here until the outcome is known. All or nothing: NotFound for an id
+  // that is not live. Holding a held sequence is a no-op. Without it
+  // (Unimplemented) kvmig pauses the whole engine instead.
   virtual Status hold_seqs(std::span<const SeqId> ids) {
     (void)ids;
     return Status::unimplemented("pager does not support hold_seqs");

@@ -31,7 +31,8 @@ Result<std::unique_ptr<Agent>> Agent::create(CachePager& pager,
   }
   if (options.max_pages_per_migration == 0 ||
       options.max_seqs_per_migration == 0 || options.max_connections == 0 ||
-      options.max_frame_bytes < 4096 || options.staging_bytes == 0) {
+      options.max_migrations == 0 || options.max_frame_bytes < 4096 ||
+      options.staging_bytes == 0) {
     return Status::invalid_argument(
         "agent: limits must be positive (max frame at least 4096 bytes)");
   }

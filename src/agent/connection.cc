@@ -198,7 +198,7 @@ Status refuse_snapshot_while_busy(const MigrationContext& ctx) {
         (m.source ? ", source, to " : ", destination, from ") + m.peer + ")" +
         later);
   }
-  if (ctx.source_busy) {  // asked for, still choosing its requests
+  if (ctx.source_runs > 0) {  // asked for, still choosing its requests
     return Status::failed_precondition(
         "a migration is under way here (from this agent, starting)" + later);
   }

@@ -67,11 +67,15 @@ json migration_json(const MigrationReport& r) {
               {"seconds", r.seconds},
               {"gbps", r.gbps},
               {"pause_ms", r.pause_ms},
+              {"hold", r.hold},
               {"rounds", r.rounds},
               {"round_pages", r.round_pages},
               {"transport", r.transport},
               {"staged", r.staged},
               {"left_behind", r.left_behind}};
+  json phases = json::object();
+  for (const auto& [name, ms] : r.phases_ms) phases[name] = ms;
+  out["phases_ms"] = phases;
   if (!r.digests.empty()) {
     json digests = json::object();
     for (const auto& [id, hex] : r.digests) digests[std::to_string(id)] = hex;

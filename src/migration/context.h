@@ -100,9 +100,13 @@ class MigrationContext {
   // Declared before io and data_pool: destroyed after them, so coroutine
   // frames and pool work never outlive what they use.
   std::map<std::string, std::unique_ptr<Transport>, std::less<>> transports;
-  OutcomeRecords dst_records;   // io thread
-  InDoubtSet in_doubt;          // io thread
-  bool source_busy = false;     // io thread: a source run is under way
+  OutcomeRecords dst_records;  // io thread
+  InDoubtSet in_doubt;         // io thread
+  // Source runs under way, from the request's checks to the end (at most
+  // options.max_migrations), and the requests they move, with the id of
+  // the migration moving each (io thread).
+  uint32_t source_runs = 0;
+  std::map<SeqId, std::string> moving;
   SourceOutcomes src_outcomes;  // io thread
   // The snapshot under way here, "save to PATH" or "load from PATH"; empty
   // when none (io thread). Set by the agent around a capture or restore:

@@ -77,12 +77,15 @@ void DestinationRun::cancel(const Status& why) {
 asio::awaitable<void> DestinationRun::run() {
   // Pager calls go to the data pool: a slow engine delays this migration,
   // not the agent's other connections and timers.
+  // One trip to the data pool for the id check and the allocation: each
+  // trip costs two thread wake-ups on the migration's fixed cost.
   Status s = check_hello();
-  if (s.ok())
-    s = co_await ctx_.offload([this] { return check_ids_not_live(); });
   if (s.ok()) s = register_id();
   if (s.ok()) {
-    s = co_await ctx_.offload([this] { return allocate_first_round(); });
+    s = co_await ctx_.offload([this]() -> Status {
+      KVMIG_RETURN_IF_ERROR(check_ids_not_live());
+      return allocate_first_round();
+    });
   }
   if (s.ok()) s = co_await open_and_offer();
   if (cancelled_) s = *cancelled_;
@@ -96,9 +99,13 @@ asio::awaitable<void> DestinationRun::run() {
   if (cancelled_) commit_frame = *cancelled_;
   deciding_ = true;
   Result<CommitMsg> commit = commit_frame.ok()
-                                 ? check_commit(*commit_frame)
+                                 ? open_commit(*commit_frame)
                                  : Result<CommitMsg>(commit_frame.status());
   s = commit.status();
+  if (s.ok() && !commit->verify.positions.empty()) {
+    s = co_await check_sums(commit->verify, "COMMIT");
+  }
+  if (s.ok()) s = check_commit(*commit);
   if (s.ok()) s = co_await install(*commit);
   if (!s.ok()) {
     co_await fail(s);
@@ -378,15 +385,21 @@ asio::awaitable<Status> DestinationRun::on_verify(const Frame& frame) {
   // A round's data is flushed: check what landed in those slots.
   auto v = decode_verify(frame.payload, ctx_.limits);
   if (!v.ok()) co_return v.status();
-  KVMIG_CO_RETURN_IF_ERROR(
-      check_positions(v->positions, slots_.size(), "VERIFY"));
+  KVMIG_CO_RETURN_IF_ERROR(co_await check_sums(*v, "VERIFY"));
+  co_return co_await channel_.send(MsgType::kVerifyAck, {},
+                                   ctx_.peer_deadline());
+}
+
+asio::awaitable<Status> DestinationRun::check_sums(const VerifyMsg& v,
+                                                   const char* what) {
+  KVMIG_CO_RETURN_IF_ERROR(check_positions(v.positions, slots_.size(), what));
   Status checked = co_await ctx_.offload([&]() -> Status {
-    for (size_t k = 0; k < v->positions.size(); ++k) {
-      const uint32_t pos = v->positions[k];
+    for (size_t k = 0; k < v.positions.size(); ++k) {
+      const uint32_t pos = v.positions[k];
       KVMIG_ASSIGN_OR_RETURN(
           uint64_t c,
           pager_page_checksum(ctx_.pager, ctx_.layout, slots_[pos]));
-      if (c != v->checksums[k]) {
+      if (c != v.checksums[k]) {
         return Status::data_loss("page at position " + std::to_string(pos) +
                                  " (slot " + std::to_string(slots_[pos]) +
                                  ") checksum mismatch");
@@ -395,10 +408,8 @@ asio::awaitable<Status> DestinationRun::on_verify(const Frame& frame) {
     }
     return Status();
   });
-  verified_pages_ += v->positions.size();
-  if (!checked.ok()) co_return checked;
-  co_return co_await channel_.send(MsgType::kVerifyAck, {},
-                                   ctx_.peer_deadline());
+  verified_pages_ += v.positions.size();
+  co_return checked;
 }
 
 asio::awaitable<Status> DestinationRun::on_batch(const Frame& frame) {
@@ -428,13 +439,11 @@ asio::awaitable<Status> DestinationRun::on_batch(const Frame& frame) {
                                    ctx_.peer_deadline());
 }
 
-Result<CommitMsg> DestinationRun::check_commit(const Frame& frame) {
+Result<CommitMsg> DestinationRun::open_commit(const Frame& frame) {
   if (!ctx_.dst_records.begin_commit(id_)) {
     return Status::aborted(
         "COMMIT arrived after an outcome query had decided abort");
   }
-  // The page tables use only allocated slots; every slot is used (a live
-  // migration may leave some unused: requests left behind).
   KVMIG_ASSIGN_OR_RETURN(CommitMsg commit,
                          decode_commit(frame.payload, ctx_.limits));
   if (commit.seqs.empty() || commit.seqs.size() > hello_.n_seqs ||
@@ -443,12 +452,21 @@ Result<CommitMsg> DestinationRun::check_commit(const Frame& frame) {
                             " requests, HELLO announced " +
                             std::to_string(hello_.n_seqs));
   }
+  if (!commit.verify.positions.empty() && !hello_.verify) {
+    return Status::protocol("COMMIT carries checksums, HELLO asked for none");
+  }
+  return commit;
+}
+
+Status DestinationRun::check_commit(const CommitMsg& commit) {
+  // The page tables use only allocated slots; every slot is used (a live
+  // migration may leave some unused: requests left behind).
   KVMIG_RETURN_IF_ERROR(check_tables(commit));
   if (!hello_.live && !unused_.empty()) {
     return Status::protocol(std::to_string(unused_.size()) +
                             " allocated slots are used by no request");
   }
-  return commit;
+  return Status();
 }
 
 Status DestinationRun::check_tables(const CommitMsg& commit) {
@@ -478,7 +496,7 @@ Status DestinationRun::check_tables(const CommitMsg& commit) {
         return Status::protocol(at + ", not one allocated for it");
       }
       if (hello_.verify && !verified_[it->second]) {
-        return Status::protocol(at + ", which no VERIFY covered");
+        return Status::protocol(at + ", which no checksum covered");
       }
       if (staging_ && !landed_[it->second]) {
         return Status::protocol(at + ", which no BATCH filled");

@@ -73,14 +73,20 @@ class DestinationRun {
   asio::awaitable<Result<Frame>> receive_until_commit();
   asio::awaitable<Status> on_round(const Frame& frame);
   asio::awaitable<Status> on_verify(const Frame& frame);
+  // Checks the pages at v's positions against v's checksums (VERIFY's, or
+  // the paused round's in COMMIT) and marks them verified.
+  asio::awaitable<Status> check_sums(const VerifyMsg& v, const char* what);
   asio::awaitable<Status> on_batch(const Frame& frame);
+  // COMMIT, decoded once no outcome query has fenced the migration, with
+  // its request count checked.
+  Result<CommitMsg> open_commit(const Frame& frame);
   // The slots of the page tables in COMMIT, checked; the unused ones go to
   // unused_ (a live migration may leave some: requests left behind). A
   // request with no tokens, or whose page count is not
   // meta.pages_for_tokens(n_tokens), is InvalidArgument naming its id, tokens
   // and pages (HELLO and ROUND carry no tables: this is the first point the
   // destination can see them).
-  Result<CommitMsg> check_commit(const Frame& frame);
+  Status check_commit(const CommitMsg& commit);
   Status check_tables(const CommitMsg& commit);
   asio::awaitable<Status> install(const CommitMsg& commit);
   // Records when commit's requests arrived (MigrationContext::arrivals).

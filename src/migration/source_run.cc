@@ -41,11 +41,49 @@ Status reply_status(const Frame& f, const WireLimits& limits,
 
 }  // namespace
 
+const char* EnginePause::scope_name() const {
+  switch (scope_) {
+    case Scope::kSeqs:
+      return "seqs";
+    case Scope::kEngine:
+      return "engine";
+    case Scope::kNone:
+      break;
+  }
+  return "none";
+}
+
+Status EnginePause::unhold(const std::vector<SeqId>& ids) {
+  if (scope_ != Scope::kSeqs || ids.empty()) return Status();
+  std::erase_if(ids_, [&](SeqId s) {
+    return std::find(ids.begin(), ids.end(), s) != ids.end();
+  });
+  return pager_.unhold_seqs(ids);
+}
+
 Status EnginePause::release() {
-  if (!engaged_) return Status();
-  engaged_ = false;
-  Status s = pager_.resume();
-  if (!s.ok()) logger("engine")->error("resume failed: {}", s.to_string());
+  const Scope scope = std::exchange(scope_, Scope::kNone);
+  if (scope == Scope::kNone) return Status();
+  if (scope == Scope::kEngine) {
+    Status s = pager_.resume();
+    if (!s.ok()) logger("engine")->error("resume failed: {}", s.to_string());
+    return s;
+  }
+  Status s = pager_.unhold_seqs(ids_);
+  if (s.code() == StatusCode::kNotFound) {
+    // Some request went away meanwhile (all or nothing): the live ones.
+    auto live = pager_.logical_seqs();
+    std::vector<SeqId> still;
+    if (live.ok()) {
+      for (const LogicalSeq& seq : *live) {
+        if (std::find(ids_.begin(), ids_.end(), seq.seq_id) != ids_.end()) {
+          still.push_back(seq.seq_id);
+        }
+      }
+    }
+    s = live.ok() ? pager_.unhold_seqs(still) : live.status();
+  }
+  if (!s.ok()) logger("engine")->error("unhold failed: {}", s.to_string());
   return s;
 }
 
@@ -77,6 +115,26 @@ void SourceRun::cancel(const Status& why) {
   boost::system::error_code ignored;
   if (channel_) channel_->socket().cancel(ignored);
   if (pause_timer_) pause_timer_->cancel();
+}
+
+void SourceRun::enter_phase(const char* p) {
+  close_phase();
+  phase_ = p;
+  if (!cancelled_) progress_.phase = p;
+}
+
+void SourceRun::close_phase() {
+  const auto now = Clock::now();
+  const double ms =
+      std::chrono::duration<double, std::milli>(now - phase_start_).count();
+  phase_start_ = now;
+  auto it = std::find_if(phases_ms_.begin(), phases_ms_.end(),
+                         [&](const auto& e) { return e.first == phase_; });
+  if (it == phases_ms_.end()) {
+    phases_ms_.emplace_back(phase_, ms);
+  } else {
+    it->second += ms;
+  }
 }
 
 void SourceRun::arm_timeout() {
@@ -162,23 +220,46 @@ asio::awaitable<Status> SourceRun::pause_engine() {
     explicit Race(asio::io_context& io) : timer(io) {}
     asio::steady_timer timer;
     std::mutex mu;
-    bool done = false;       // guarded by mu
-    bool abandoned = false;  // guarded by mu
-    Status result;           // guarded by mu
+    bool done = false;                                     // guarded by mu
+    bool abandoned = false;                                // guarded by mu
+    Status result;                                         // guarded by mu
+    EnginePause::Scope scope = EnginePause::Scope::kNone;  // guarded by mu
   };
+  enter_phase("pause");
   auto race = std::make_shared<Race>(ctx_.io);
   race->timer.expires_at(deadline());
   pause_timer_ = &race->timer;
   ScopeExit unset([this] { pause_timer_ = nullptr; });
   CachePager& pager = ctx_.pager;
-  asio::post(ctx_.data_pool, [race, &pager] {
-    Status s = pager.pause();
+  // Only the requests that move, where the pager can hold them one by
+  // one; the whole engine for a pager that cannot, or when one of them
+  // has finished meanwhile (NotFound: the round then leaves it behind).
+  // Any other failure fails the migration, as a failing pause() does.
+  asio::post(ctx_.data_pool, [race, &pager, ids = moving_] {
+    auto scope = EnginePause::Scope::kSeqs;
+    Status s = pager.hold_seqs(ids);
+    if (s.code() == StatusCode::kNotFound) {
+      logger("engine")->info("hold_seqs: {}; pausing the engine",
+                             s.to_string());
+    }
+    if (s.code() == StatusCode::kUnimplemented ||
+        s.code() == StatusCode::kNotFound) {
+      scope = EnginePause::Scope::kEngine;
+      s = pager.pause();
+    } else if (!s.ok()) {
+      s = s.with_context("hold_seqs");
+    }
     std::lock_guard lock(race->mu);
     if (race->abandoned) {
-      if (s.ok()) (void)pager.resume();
+      if (s.ok() && scope == EnginePause::Scope::kSeqs) {
+        (void)pager.unhold_seqs(ids);
+      } else if (s.ok()) {
+        (void)pager.resume();
+      }
       return;
     }
     race->result = std::move(s);
+    race->scope = scope;
     race->done = true;
     asio::post(race->timer.get_executor(), [race] { race->timer.cancel(); });
   });
@@ -186,6 +267,7 @@ asio::awaitable<Status> SourceRun::pause_engine() {
   co_await race->timer.async_wait(
       asio::redirect_error(asio::use_awaitable, ec));
   Status paused;
+  auto scope = EnginePause::Scope::kNone;
   {
     std::lock_guard lock(race->mu);
     if (!race->done) {
@@ -197,9 +279,11 @@ asio::awaitable<Status> SourceRun::pause_engine() {
           " ms); it is resumed as soon as its pause() returns");
     }
     paused = race->result;
+    scope = race->scope;
   }
   if (!paused.ok()) co_return paused.with_context("pause");
-  pause_.engage();
+  pause_.engage(scope, moving_);
+  hold_ = pause_.scope_name();
   t_pause_ = Clock::now();
   co_return Status();
 }
@@ -290,6 +374,15 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
       precopy_.plan(*current, moving_, pause_.engaged());
   if (!round.dropped.empty()) {
     KVMIG_CO_RETURN_IF_ERROR(leave_behind(round.dropped));
+    if (pause_.scope() == EnginePause::Scope::kSeqs) {
+      // Held for the last round, and not moving after all: they run on.
+      Status unheld =
+          co_await ctx_.offload([&] { return pause_.unhold(round.dropped); });
+      if (!unheld.ok()) {
+        ctx_.log->error("{} unhold {}: {}", tag_, join_ids(round.dropped),
+                        unheld.to_string());
+      }
+    }
   }
   const uint64_t total =
       uint64_t{precopy_.positions()} + round.new_pages.size();
@@ -486,6 +579,12 @@ asio::awaitable<Status> SourceRun::send_positions(
   }
   data_seconds_ += seconds_since(t0);
   if (!req_.verify) co_return Status();
+  if (pause_.engaged()) {
+    // The paused round is the last: its checksums go with COMMIT, and the
+    // destination checks them before it installs.
+    paused_round_sums_ = VerifyMsg{positions, std::move(sums)};
+    co_return Status();
+  }
   co_return co_await verify_round(positions, sums);
 }
 
@@ -505,6 +604,12 @@ asio::awaitable<Status> SourceRun::send_batch_and_wait(
   co_return Status();
 }
 
+Clock::duration SourceRun::check_time(size_t pages) const {
+  // The destination reads each page once to check it: allow 1 GB/s.
+  return std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(double(pages) * page_total_ / 1e9));
+}
+
 asio::awaitable<Status> SourceRun::verify_round(
     const std::vector<uint32_t>& positions, const std::vector<uint64_t>& sums) {
   enter_phase("verify");
@@ -512,10 +617,8 @@ asio::awaitable<Status> SourceRun::verify_round(
   const std::vector<uint8_t> payload = encode(VerifyMsg{positions, sums});
   Status sent = co_await channel_->send(MsgType::kVerify, payload, deadline());
   if (!sent.ok()) co_return sent;
-  const auto check_time =
-      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
-          double(positions.size()) * page_total_ / 1e9));
-  auto ack = co_await channel_->receive(deadline() + check_time);
+  auto ack =
+      co_await channel_->receive(deadline() + check_time(positions.size()));
   if (!ack.ok()) co_return ack.status().with_context("waiting for VERIFY_ACK");
   if (ack->type != MsgType::kVerifyAck) {
     co_return reply_status(*ack, ctx_.limits, "VERIFY");
@@ -546,7 +649,8 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
     why = sent;
     co_return Outcome::kUnknown;
   }
-  auto done = co_await channel_->receive(deadline());
+  auto done = co_await channel_->receive(
+      deadline() + check_time(msg.verify.positions.size()));
   if (done.ok() && done->type == MsgType::kDone) {
     // Lets the destination forget the record: nobody will ask about it.
     Status acked = co_await channel_->send(MsgType::kDoneAck, {}, deadline());
@@ -560,17 +664,20 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
 
 asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   enter_phase("commit");
-  const CommitMsg msg = commit_tables();
+  CommitMsg msg = commit_tables();
+  msg.verify = std::move(paused_round_sums_);
   // Digests, if asked, read while paused.
   std::vector<std::pair<SeqId, std::string>> digests;
-  Status read = co_await ctx_.offload([&]() -> Status {
-    if (!req_.record_digests) return Status();
-    for (const auto& [id, seq] : precopy_.tables()) {
-      KVMIG_ASSIGN_OR_RETURN(Digest d, seq_digest(ctx_.pager, seq));
-      digests.emplace_back(id, d.hex());
-    }
-    return Status();
-  });
+  Status read;
+  if (req_.record_digests) {
+    read = co_await ctx_.offload([&]() -> Status {
+      for (const auto& [id, seq] : precopy_.tables()) {
+        KVMIG_ASSIGN_OR_RETURN(Digest d, seq_digest(ctx_.pager, seq));
+        digests.emplace_back(id, d.hex());
+      }
+      return Status();
+    });
+  }
   if (cancelled_) read = *cancelled_;
   if (!read.ok()) {
     co_await abort_peer(read);
@@ -610,8 +717,10 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     if (outcome == Outcome::kUnknown) {
       // The requests may already live at the destination: a move keeps
       // them from running here until the destination answers (DESIGN.md).
+      // Held since the pause, where the pager holds requests one by one.
       Status held;
-      if (req_.mode == MigrationMode::kMove) {
+      if (req_.mode == MigrationMode::kMove &&
+          pause_.scope() != EnginePause::Scope::kSeqs) {
         held = co_await ctx_.offload([&] { return ctx_.pager.hold_seqs(ids); });
       }
       co_return enter_in_doubt(ids, failure, held);
@@ -624,12 +733,20 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
                            : failure;
   }
   // Committed: the requests belong to the destination now.
-  Status dropped;
-  if (req_.mode == MigrationMode::kMove) {
-    dropped = co_await ctx_.offload(
-        [&] { return ctx_.pager.drop_logical_seqs(ids); });
-  }
-  Status resumed = co_await ctx_.offload([this] { return pause_.release(); });
+  enter_phase("resume");
+  // Drop and resume in one trip to the data pool. Held requests that
+  // were dropped have nothing left to unhold; the others run on.
+  Status dropped, resumed;
+  co_await ctx_.offload([&] {
+    if (req_.mode == MigrationMode::kMove) {
+      dropped = ctx_.pager.drop_logical_seqs(ids);
+      if (dropped.ok() && pause_.scope() == EnginePause::Scope::kSeqs) {
+        pause_.hand_over();
+      }
+    }
+    resumed = pause_.release();
+    return 0;
+  });
   co_return finish(ids, std::move(digests), dropped, resumed);
 }
 
@@ -648,6 +765,10 @@ Status SourceRun::enter_in_doubt(const std::vector<SeqId>& ids,
           "{} cannot hold requests one by one ({}): the engine stays "
           "paused until the destination answers",
           tag_, held.to_string());
+    }
+    // The in-doubt entry releases it: an engine pause, or a hold that
+    // began with the migration's pause.
+    if (!held.ok() || pause_.scope() == EnginePause::Scope::kSeqs) {
       pause_.hand_over();
     }
   }
@@ -680,6 +801,7 @@ Result<MigrationReport> SourceRun::finish(
   const double pause_ms = pause_seconds_ * 1e3;
   if (!resumed.ok()) return resumed.with_context("resume");
 
+  close_phase();  // first: the phases add up to no more than `seconds`
   MigrationReport report;
   report.migration_id = id_;
   report.seqs = ids;
@@ -689,12 +811,14 @@ Result<MigrationReport> SourceRun::finish(
   report.seconds = seconds_since(t_start_);
   report.gbps = data_seconds_ > 0 ? bytes_ / data_seconds_ / 1e9 : 0;
   report.pause_ms = pause_ms;
+  report.hold = hold_;
   report.rounds = static_cast<uint32_t>(round_pages_.size());
   report.round_pages = round_pages_;
   report.transport = std::string(transport_.name());
   report.staged = !ctx_.layout || dst_staging_slots_ > 0;
   report.left_behind = left_behind_;
   report.digests = std::move(digests);
+  report.phases_ms = phases_ms_;
   ctx_.log->info(
       "{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, {} round(s), "
       "pause {:.1f} ms",
@@ -721,9 +845,10 @@ MigrationEvent SourceRun::ended() const {
 
 namespace {
 
-// The requests a migration moves: every live one not in doubt (all), or
-// the ones asked for, each live and not in doubt. Unknown ids are an error
-// before anything moves.
+// The requests a migration moves: every live one not in doubt and not in
+// another migration from here (all), or the ones asked for, each live, not
+// in doubt and not moving already. Unknown ids are an error before
+// anything moves.
 Result<std::vector<SeqId>> select_requests(
     MigrationContext& ctx, const MigrateRequest& req,
     const Result<std::vector<LogicalSeq>>& before) {
@@ -732,13 +857,16 @@ Result<std::vector<SeqId>> select_requests(
   std::vector<SeqId> ids;
   if (req.all) {
     for (const LogicalSeq& s : *before) {
-      if (!doubtful.count(s.seq_id)) ids.push_back(s.seq_id);
+      if (!doubtful.count(s.seq_id) && !ctx.moving.count(s.seq_id)) {
+        ids.push_back(s.seq_id);
+      }
     }
     return ids;
   }
   std::set<SeqId> live;
   for (const LogicalSeq& s : *before) live.insert(s.seq_id);
-  std::vector<SeqId> unknown, held;
+  std::vector<SeqId> unknown, held, busy;
+  std::set<std::string> busy_in;
   std::set<SeqId> seen;
   for (SeqId id : req.seqs) {
     if (!seen.insert(id).second) continue;
@@ -746,6 +874,9 @@ Result<std::vector<SeqId>> select_requests(
       unknown.push_back(id);
     } else if (doubtful.count(id)) {
       held.push_back(id);
+    } else if (auto m = ctx.moving.find(id); m != ctx.moving.end()) {
+      busy.push_back(id);
+      busy_in.insert(m->second);
     } else {
       ids.push_back(id);
     }
@@ -756,6 +887,13 @@ Result<std::vector<SeqId>> select_requests(
   if (!held.empty()) {
     return Status::failed_precondition(
         "requests in doubt from an earlier migration: " + join_ids(held));
+  }
+  if (!busy.empty()) {
+    std::string in;
+    for (const std::string& m : busy_in) in += (in.empty() ? "" : ", ") + m;
+    return Status::failed_precondition("requests " + join_ids(busy) +
+                                       " are moving already (migration " + in +
+                                       ")");
   }
   return ids;
 }
@@ -795,6 +933,12 @@ asio::awaitable<Result<MigrationReport>> checked_run(
         std::to_string(ids->size()) + " requests exceed the limit of " +
         std::to_string(ctx.options.max_seqs_per_migration) + " per migration");
   }
+  // Chosen and reserved with no wait in between: another run from here
+  // (io thread too) sees them as moving from now on.
+  for (SeqId s : *ids) ctx.moving.emplace(s, id);
+  ScopeExit unreserve([&ctx, &id] {
+    std::erase_if(ctx.moving, [&](const auto& e) { return e.second == id; });
+  });
   SourceRun run(ctx, req, **transport, id);
   auto report = co_await run.run(std::move(*ids));
   ended = run.ended();
@@ -864,15 +1008,19 @@ asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
   std::optional<MigrationEvent> ended;
   bool cancelled = false;
   auto id = migration_id_for(ctx, req);
-  Result<MigrationReport> result = Status::failed_precondition(
-      "a migration from this agent is already running");
+  const uint32_t most = ctx.options.max_migrations;
+  Result<MigrationReport> result = Status::resource_exhausted(
+      std::to_string(ctx.source_runs) +
+      " migrations from this agent are "
+      "under way, the most it runs at once (serve --max-migrations " +
+      std::to_string(most) + "); try again when one has ended");
   if (!id.ok()) {
     result = id.status();
   } else if (Status s = ctx.refuse_during_snapshot("from"); !s.ok()) {
     result = s;
-  } else if (!ctx.source_busy) {
-    ctx.source_busy = true;
-    ScopeExit not_busy([&ctx] { ctx.source_busy = false; });
+  } else if (ctx.source_runs < most) {
+    ++ctx.source_runs;
+    ScopeExit one_less([&ctx] { --ctx.source_runs; });
     result = co_await checked_run(ctx, req, *id, transport, ended, cancelled);
   }
   if (id.ok()) {

@@ -27,8 +27,10 @@
 namespace kvmig {
 
 // Runs the migration a scheduler (or Agent::migrate) asked for: checks the
-// request, picks the requests, runs a SourceRun. One at a time per agent
-// (FailedPrecondition for a second). Runs on ctx's io thread.
+// request, picks the requests, runs a SourceRun. Up to
+// options.max_migrations at once per agent, of disjoint requests
+// (ResourceExhausted beyond it; FailedPrecondition for a request another
+// run moves). Runs on ctx's io thread.
 asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
                                                     MigrateRequest request);
 
@@ -42,25 +44,41 @@ asio::awaitable<Result<MigrationReport>> run_source(MigrationContext& ctx,
 asio::awaitable<Result<CancelReport>> cancel_source(MigrationContext& ctx,
                                                     std::string id);
 
-// One pause of the whole engine, owned by a migration: resumed when it ends,
-// however it ends, unless handed over to an in-doubt entry. Not thread-safe.
+// What a migration stops while it copies, owned by the migration: the
+// requests it moves (CachePager::hold_seqs; the rest of the engine keeps
+// running), or the whole engine (pause(), for a pager without hold_seqs).
+// Released when the migration ends, however it ends, unless handed over to
+// an in-doubt entry. Not thread-safe; release() calls the pager.
 class EnginePause {
  public:
+  enum class Scope { kNone, kSeqs, kEngine };
+
   explicit EnginePause(CachePager& pager) : pager_(pager) {}
   ~EnginePause() { (void)release(); }
   EnginePause(const EnginePause&) = delete;
   EnginePause& operator=(const EnginePause&) = delete;
 
-  void engage() { engaged_ = true; }
-  bool engaged() const { return engaged_; }
-  // The pause now belongs to someone else (an in-doubt entry): no resume.
-  void hand_over() { engaged_ = false; }
-  // Resumes now (logging a failure). Success when not engaged.
+  // kSeqs: ids are held; kEngine: the engine is paused.
+  void engage(Scope scope, std::vector<SeqId> ids) {
+    scope_ = scope;
+    ids_ = std::move(ids);
+  }
+  bool engaged() const { return scope_ != Scope::kNone; }
+  Scope scope() const { return scope_; }
+  // "seqs" or "engine" (MigrationReport::hold); "none" when not engaged.
+  const char* scope_name() const;
+  // The hold or pause now belongs to someone else (an in-doubt entry, or
+  // nobody: held requests that were dropped): nothing to release.
+  void hand_over() { scope_ = Scope::kNone; }
+  // Requests no longer moving (left behind): unheld now, if held.
+  Status unhold(const std::vector<SeqId>& ids);
+  // Resumes or unholds now (logging a failure). Success when not engaged.
   Status release();
 
  private:
   CachePager& pager_;
-  bool engaged_ = false;
+  Scope scope_ = Scope::kNone;
+  std::vector<SeqId> ids_;  // kSeqs: the held requests
 };
 
 // One outgoing migration. Its coroutines run on the io thread; its data
@@ -86,10 +104,11 @@ class SourceRun {
 
  private:
   Deadline deadline() const { return ctx_.peer_deadline(); }
-  // Status shows the run in phase p, unless it is cancelling.
-  void enter_phase(const char* p) {
-    if (!cancelled_) progress_.phase = p;
-  }
+  // Ends the phase under way (its time goes to phases_ms_) and starts p;
+  // status shows the run in phase p, unless it is cancelling.
+  void enter_phase(const char* p);
+  // The time since the phase under way started, added to its total.
+  void close_phase();
   // The status cancel() set, or OK.
   Status cancel_status() const { return cancelled_ ? *cancelled_ : Status(); }
   // Arms the request's timeout (MigrateRequest::timeout), if any.
@@ -122,8 +141,11 @@ class SourceRun {
                      size_t count, bool mid_fault, std::vector<uint64_t>& sums);
   asio::awaitable<Status> send_batch_and_wait(
       const std::vector<uint32_t>& positions, size_t first, size_t count);
+  // How long the destination may take to check `pages` pages.
+  Clock::duration check_time(size_t pages) const;
   // Waits until the destination has checked a round, so its checking never
-  // lands inside the final pause.
+  // lands inside the final pause (the paused round's checksums go with
+  // COMMIT instead).
   asio::awaitable<Status> verify_round(const std::vector<uint32_t>& positions,
                                        const std::vector<uint64_t>& sums);
 
@@ -160,6 +182,8 @@ class SourceRun {
   std::vector<SeqId> moving_;
   std::vector<SeqId> left_behind_;
   std::vector<uint64_t> round_pages_;
+  // With verify: the paused round's checksums, sent with COMMIT.
+  VerifyMsg paused_round_sums_;
 
   // Where writes go: the destination's geometry (or staging), from OFFER.
   std::vector<RegionGeometry> dst_regions_;
@@ -170,7 +194,13 @@ class SourceRun {
   std::unique_ptr<StagingBuffer> src_staging_;
 
   Clock::time_point t_start_ = Clock::now();
+  // MigrationReport::phases_ms: the phase under way, since when, and the
+  // time of each phase so far in the order first entered.
+  const char* phase_ = "connect";
+  Clock::time_point phase_start_ = t_start_;
+  std::vector<std::pair<std::string, double>> phases_ms_;
   Clock::time_point t_pause_;  // the epoch until the engine pauses
+  const char* hold_ = "none";  // what the pause stopped: "seqs" or "engine"
   double pause_seconds_ = 0;   // once resumed after a commit
   const char* outcome_ = "aborted";
   double data_seconds_ = 0;

@@ -223,6 +223,12 @@ std::vector<uint8_t> encode(const MigrationReport& m) {
     w.put(id);
     w.put_string(hex);
   }
+  w.put_string(m.hold);
+  w.put(static_cast<uint32_t>(m.phases_ms.size()));
+  for (const auto& [name, ms] : m.phases_ms) {
+    w.put_string(name);
+    put_double(w, ms);
+  }
   return w.take();
 }
 
@@ -257,6 +263,14 @@ Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
         for (auto& [id, hex] : m.digests) {
           KVMIG_ASSIGN_OR_RETURN(id, r.get<uint64_t>("digest id"));
           KVMIG_ASSIGN_OR_RETURN(hex, r.get_string(64, "digest"));
+        }
+        KVMIG_ASSIGN_OR_RETURN(m.hold, r.get_string(16, "hold"));
+        KVMIG_ASSIGN_OR_RETURN(uint32_t np,
+                               get_count(r, 64, 12, "phase count"));
+        m.phases_ms.resize(np);
+        for (auto& [name, ms] : m.phases_ms) {
+          KVMIG_ASSIGN_OR_RETURN(name, r.get_string(16, "phase"));
+          KVMIG_ASSIGN_OR_RETURN(ms, get_double(r, "phase ms"));
         }
         return m;
       });

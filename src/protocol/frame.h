@@ -22,7 +22,9 @@ namespace kvmig {
 inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // 2: PROGRESS, DONE_ACK, CANCEL_REQ/RESP, SETTLE_REQ/RESP; MIGRATE_REQ
 // carries an id and a timeout; OUTCOME_RESP may say "forgotten".
-inline constexpr uint16_t kProtocolVersion = 2;
+// 3: MIGRATE_RESP carries the time of each phase; COMMIT carries the
+// paused round's checksums (no VERIFY round trip for it).
+inline constexpr uint16_t kProtocolVersion = 3;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

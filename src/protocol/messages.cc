@@ -93,50 +93,60 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
       });
 }
 
+namespace {
+
+void put_verify(ByteWriter& w, const VerifyMsg& m) {
+  put_u32s(w, m.positions);
+  w.put(static_cast<uint32_t>(m.checksums.size()));
+  for (uint64_t c : m.checksums) w.put(c);
+}
+
+Result<VerifyMsg> get_verify(ByteReader& r, const WireLimits& l) {
+  VerifyMsg m;
+  KVMIG_ASSIGN_OR_RETURN(m.positions, get_u32s(r, l.max_pages, "positions"));
+  KVMIG_ASSIGN_OR_RETURN(uint32_t n,
+                         get_count(r, l.max_pages, 8, "checksum count"));
+  if (n != m.positions.size()) {
+    return Status::data_loss(std::to_string(n) + " checksums for " +
+                             std::to_string(m.positions.size()) + " positions");
+  }
+  m.checksums.resize(n);
+  for (uint64_t& c : m.checksums) {
+    KVMIG_ASSIGN_OR_RETURN(c, r.get<uint64_t>("checksum"));
+  }
+  return m;
+}
+
+}  // namespace
+
 std::vector<uint8_t> encode(const CommitMsg& m) {
   ByteWriter w;
   put_seqs(w, m.seqs);
+  put_verify(w, m.verify);
   return w.take();
 }
 
 Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
                                 const WireLimits& l) {
-  return decode_all<CommitMsg>(p, "COMMIT",
-                               [&](ByteReader& r) -> Result<CommitMsg> {
-                                 CommitMsg m;
-                                 KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
-                                 return m;
-                               });
+  return decode_all<CommitMsg>(
+      p, "COMMIT", [&](ByteReader& r) -> Result<CommitMsg> {
+        CommitMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
+        KVMIG_ASSIGN_OR_RETURN(m.verify, get_verify(r, l));
+        return m;
+      });
 }
 
 std::vector<uint8_t> encode(const VerifyMsg& m) {
   ByteWriter w;
-  put_u32s(w, m.positions);
-  w.put(static_cast<uint32_t>(m.checksums.size()));
-  for (uint64_t c : m.checksums) w.put(c);
+  put_verify(w, m);
   return w.take();
 }
 
 Result<VerifyMsg> decode_verify(std::span<const uint8_t> p,
                                 const WireLimits& l) {
-  return decode_all<VerifyMsg>(
-      p, "VERIFY", [&](ByteReader& r) -> Result<VerifyMsg> {
-        VerifyMsg m;
-        KVMIG_ASSIGN_OR_RETURN(m.positions,
-                               get_u32s(r, l.max_pages, "positions"));
-        KVMIG_ASSIGN_OR_RETURN(uint32_t n,
-                               get_count(r, l.max_pages, 8, "checksum count"));
-        if (n != m.positions.size()) {
-          return Status::data_loss(std::to_string(n) + " checksums for " +
-                                   std::to_string(m.positions.size()) +
-                                   " positions");
-        }
-        m.checksums.resize(n);
-        for (uint64_t& c : m.checksums) {
-          KVMIG_ASSIGN_OR_RETURN(c, r.get<uint64_t>("checksum"));
-        }
-        return m;
-      });
+  return decode_all<VerifyMsg>(p, "VERIFY",
+                               [&](ByteReader& r) { return get_verify(r, l); });
 }
 
 std::vector<uint8_t> encode(const BatchMsg& m) {

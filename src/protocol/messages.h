@@ -63,6 +63,10 @@ struct VerifyMsg {
 
 struct CommitMsg {
   std::vector<LogicalSeq> seqs;  // page tables in destination slots
+  // The last round's checksums when they travel with COMMIT instead of a
+  // VERIFY of their own (the paused round: checked before install, one
+  // round trip fewer); empty otherwise.
+  VerifyMsg verify;
 };
 
 // A staged batch: staging slot k holds the page for slot position

@@ -43,10 +43,10 @@ using namespace std::chrono_literals;
 // --- the control-connection proxy -------------------------------------------
 
 // Forwards TCP connections from its own loopback port to `target`, frame by
-// frame (24-byte kvmig headers: u32 length at offset 8), one thread per
-// direction. The first connection is the migration's control connection;
-// later ones (the source's outcome queries) are forwarded as they come.
-// Thread-safe.
+// frame (24-byte kvmig headers: u16 type at offset 6, u32 length at offset
+// 8), one thread per direction. The first connection is the migration's control
+// connection; later ones (the source's outcome queries) are forwarded as they
+// come. Thread-safe.
 class ControlProxy {
  public:
   enum class Dir { kToDestination, kToSource };
@@ -107,8 +107,9 @@ class ControlProxy {
   const std::string& address() const { return address_; }
 
   // Acts when the k-th frame (from 1) travelling `dir` on the first
-  // connection arrives: that frame is not forwarded (hold, cut, stall) or
-  // goes on with a byte flipped (corrupt).
+  // connection arrives, not counting PROGRESS frames (how many a source
+  // sends depends on how fast it writes): that frame is not forwarded
+  // (hold, cut, stall) or goes on with a byte flipped (corrupt).
   void arm(Dir dir, int k, Action action) {
     std::lock_guard lock(mu_);
     armed_ = true;
@@ -251,12 +252,17 @@ class ControlProxy {
         if (buf.size() < 24 + size_t{len}) break;
         std::vector<uint8_t> frame(buf.begin(), buf.begin() + 24 + len);
         buf.erase(buf.begin(), buf.begin() + 24 + len);
+        uint16_t type;
+        std::memcpy(&type, frame.data() + 6, 2);
         bool forward;
         {
           std::lock_guard lock(mu_);
-          const int k = ++c->frames[static_cast<int>(dir)];
+          const int k = type == kProgressType
+                            ? c->frames[static_cast<int>(dir)]
+                            : ++c->frames[static_cast<int>(dir)];
           bool corrupt = false;
-          if (c->first && armed_ && armed_dir_ == dir && armed_frame_ == k) {
+          if (c->first && armed_ && armed_dir_ == dir && armed_frame_ == k &&
+              type != kProgressType) {
             armed_ = false;
             if (armed_action_ == Action::kCorrupt) {
               corrupt = true;
@@ -281,6 +287,8 @@ class ControlProxy {
       }
     }
   }
+
+  static constexpr uint16_t kProgressType = 12;  // MsgType::kProgress
 
   sockaddr_in target_{};
   int listen_fd_ = -1;
@@ -354,7 +362,7 @@ enum class Fault { kKillSource, kKillDestination, kCut, kStall, kCorrupt };
 enum class Point {
   kBeforeOffer,     // HELLO sent, slots allocated, OFFER not yet at the source
   kDuringData,      // the source is halfway through its writes
-  kBeforeCommit,    // data landed and verified (VERIFY_ACK), no COMMIT yet
+  kBeforeCommit,    // data landed and flushed, no COMMIT sent yet
   kCommitInFlight,  // COMMIT sent, not yet at the destination
   kBeforeDone,      // the destination installed; DONE not yet at the source
   kAfterDone,       // the migration completed
@@ -367,13 +375,18 @@ enum class Expect { kRolledBack, kCommitted, kInDoubt };
 using FaultCase = std::tuple<Fault, Point, std::string>;
 
 // Each migration's control frames, stop-and-copy with verification:
-// HELLO > , < OFFER, [data], VERIFY > , < VERIFY_ACK, COMMIT > , < DONE.
+// HELLO > , < OFFER, [data], COMMIT (with the checksums) > , < DONE, and
+// PROGRESS > now and then while the data moves.
 Expect expected(Fault f, Point p) {
   switch (p) {
     case Point::kBeforeOffer:
     case Point::kDuringData:
-    case Point::kBeforeCommit:
       return Expect::kRolledBack;
+    case Point::kBeforeCommit:
+      // No frame is left to wait for before COMMIT: a stalled connection
+      // shows only after it (the destination gave up meanwhile, so the
+      // source settles "rolled back" once it can ask).
+      return f == Fault::kStall ? Expect::kInDoubt : Expect::kRolledBack;
     case Point::kCommitInFlight:
       // The destination never got COMMIT. A source that can still reach it
       // learns "aborted" (its query fences the migration); one that cannot
@@ -448,6 +461,9 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
       "--peer-timeout-ms", kPeerTimeoutMs};
   if (point == Point::kDuringData) {
     src_flags.insert(src_flags.end(), {"--fault", "src.data.mid=stall:1500"});
+  } else if (point == Point::kBeforeCommit) {
+    src_flags.insert(src_flags.end(),
+                     {"--fault", "src.before_commit=stall:1500"});
   }
   src_flags.insert(src_flags.end(), {"--transports", "tcp," + transport});
   auto src = AgentProcess::start(src_flags);
@@ -478,7 +494,8 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
   const auto original = digests(sb);
 
   // Land the fault at its point: an armed proxy action at a frame, or an
-  // action on cue (the source stalled mid-data, or the migration over).
+  // action on cue (the source stalled mid-data or just before COMMIT, or
+  // the migration over).
   const Action action = kill_src || kill_dst     ? Action::kHold
                         : fault == Fault::kCut   ? Action::kCut
                         : fault == Fault::kStall ? Action::kStall
@@ -487,16 +504,14 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
     case Point::kBeforeOffer:
       proxy->arm(Dir::kToSource, 1, action);
       break;
-    case Point::kBeforeCommit:
-      proxy->arm(Dir::kToSource, 2, action);
-      break;
     case Point::kCommitInFlight:
-      proxy->arm(Dir::kToDestination, 3, action);
+      proxy->arm(Dir::kToDestination, 2, action);
       break;
     case Point::kBeforeDone:
-      proxy->arm(Dir::kToSource, 3, action);
+      proxy->arm(Dir::kToSource, 2, action);
       break;
     case Point::kDuringData:
+    case Point::kBeforeCommit:
     case Point::kAfterDone:
       break;
   }
@@ -504,9 +519,11 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
                            "--to", proxy->address(), "--seqs", join(kMoved),
                            "--transport", transport, "--json"});
   ASSERT_TRUE(cli);
-  if (point == Point::kDuringData) {
-    ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true))
-        << src->child().err();
+  if (point == Point::kDuringData || point == Point::kBeforeCommit) {
+    const std::string cue = point == Point::kDuringData
+                                ? "reached src.data.mid"
+                                : "reached src.before_commit";
+    ASSERT_TRUE(src->child().wait_for(cue, 30s, true)) << src->child().err();
     if (!kill_src && !kill_dst) proxy->act(action);
   } else if (point == Point::kAfterDone) {
     ASSERT_TRUE(cli->wait_exit(30s));
@@ -668,9 +685,10 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Faults of the control connection. AfterDone is left out: the connection
 // is closed by then, so cutting, stalling or corrupting it changes nothing
-// (identical to no fault). During the data phase nothing travels on the
-// control connection: the fault lands there while the source is mid-data
-// and hits the next frame (VERIFY).
+// (identical to no fault). During the data phase only PROGRESS travels on
+// the control connection: the fault lands there while the source is
+// mid-data (or stalled before COMMIT) and hits the next frame, PROGRESS or
+// COMMIT (or the destination's ABORT once it gave up).
 INSTANTIATE_TEST_SUITE_P(
     Connection, FaultMatrix,
     ::testing::Combine(
@@ -699,7 +717,8 @@ TEST(InDoubt, HeldRequestsDoNotRunUntilSettled) {
   ASSERT_TRUE(src && dst);
   auto proxy = ControlProxy::start(dst->address());
   ASSERT_TRUE(proxy);
-  proxy->arm(ControlProxy::Dir::kToSource, 3, ControlProxy::Action::kStall);
+  // OFFER, then DONE: stalled.
+  proxy->arm(ControlProxy::Dir::kToSource, 2, ControlProxy::Action::kStall);
   int code = -1;
   json r = migrate(src->address(), proxy->address(), kMoved, &code);
   ASSERT_EQ(code, 1) << r.dump();

@@ -6,16 +6,20 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 
 #include "agent_cli.h"
@@ -90,6 +94,19 @@ TEST_P(MigrateLayouts, RequestsArriveIntact) {
   EXPECT_EQ(report["seqs"].size(), 4u);
   EXPECT_GE(report["pause_ms"].get<double>(), 0.0);
   EXPECT_EQ(report["migration_id"].get<std::string>().size(), 32u);
+  // Where the time went: every phase a stop-and-copy move passes through,
+  // adding up to no more than the whole. Its only round is the paused one,
+  // whose checksums go with COMMIT: no "verify" phase.
+  const json& phases = report["phases_ms"];
+  double sum = 0;
+  for (const char* p :
+       {"connect", "pause", "offer", "data", "commit", "resume"}) {
+    ASSERT_TRUE(phases.contains(p)) << p << " missing: " << report.dump();
+    EXPECT_GE(phases[p].get<double>(), 0.0) << p;
+    sum += phases[p].get<double>();
+  }
+  EXPECT_EQ(phases.size(), 6u) << report.dump();
+  EXPECT_LE(sum, report["seconds"].get<double>() * 1e3 + 0.01) << report.dump();
 
   json src_after = status_of(src->address());
   json dst_after = status_of(dst->address());
@@ -274,6 +291,207 @@ TEST(MigrateE2E, PartialMoveFreesOnlyPagesNoLongerUsed) {
   EXPECT_EQ(d.size(), 2u);
   EXPECT_EQ(d.count(2), 0u);
   EXPECT_EQ(digests(status_of(dst->address()))[2], digests(before)[2]);
+}
+
+// --- requests that do not move keep running --------------------------------
+
+// Request id -> tokens, from a plain status (which never pauses the engine;
+// --digests would).
+std::map<uint64_t, uint64_t> tokens_of(const std::string& agent) {
+  CliResult r = run_kvmig({"status", "--agent", agent, "--json"});
+  EXPECT_EQ(r.code, 0) << r.out << r.err;
+  std::map<uint64_t, uint64_t> out;
+  json j = json::parse(r.out, nullptr, false);
+  if (!j.is_object()) return out;
+  for (const json& s : j["seqs"]) out[s["id"]] = s["tokens"];
+  return out;
+}
+
+// Three requests decode at a fixed rate while a fourth moves stop-and-copy,
+// its data phase stalled for two seconds: the pager holds only the request
+// that moves (hold_seqs), so the other three keep their rate throughout
+// (with the whole engine paused they would not advance at all), and the one
+// that moved arrives exactly as it was when it stopped.
+TEST(BystanderE2E, RequestsThatDoNotMoveKeepDecoding) {
+  constexpr double kRate = 100;  // tokens a second, each request
+  auto src = AgentProcess::start({"--capacity-pages", "256", "--populate",
+                                  "4:40", "--seed", "3", "--decode-rate", "100",
+                                  "--fault", "src.data.mid=stall:2000"});
+  auto dst = AgentProcess::start({"--capacity-pages", "256"});
+  ASSERT_TRUE(src && dst);
+  auto cli =
+      Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(), "--to",
+                    dst->address(), "--seqs", "4", "--digests", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true))
+      << src->child().err();
+  const auto before = tokens_of(src->address());
+  const auto t1 = std::chrono::steady_clock::now();  // after the snapshot
+  ASSERT_TRUE(cli->wait_exit(30s));
+  ASSERT_EQ(cli->exit_code(), 0) << cli->out() << cli->err();
+  const auto t2 = std::chrono::steady_clock::now();  // before the next one
+  const auto after = tokens_of(src->address());
+  json report = json::parse(cli->out(), nullptr, false);
+  ASSERT_TRUE(report.is_object()) << cli->out();
+  EXPECT_EQ(report["hold"], "seqs") << report.dump();
+  // At least this long passed between the two snapshots.
+  const double seconds = std::chrono::duration<double>(t2 - t1).count();
+  ASSERT_GE(seconds, 1.5);
+  for (uint64_t id : {1, 2, 3}) {
+    ASSERT_TRUE(before.count(id) && after.count(id)) << id;
+    const double ratio =
+        double(after.at(id) - before.at(id)) / (kRate * seconds);
+    std::cout << "request " << id << ": " << after.at(id) - before.at(id)
+              << " tokens in at least " << seconds << " s, " << ratio
+              << " of the decode rate\n";
+    // The rate is exact when nothing stops the engine; the margin is for a
+    // decode thread that a loaded machine (sanitizers) delays.
+    EXPECT_GE(ratio, 0.8) << id;
+  }
+  // The moved request: gone here, there as it was when it stopped.
+  EXPECT_EQ(after.count(4), 0u);
+  const json at_dst = status_of(dst->address());
+  ASSERT_EQ(at_dst["seqs"].size(), 1u) << at_dst.dump();
+  EXPECT_EQ(at_dst["seqs"][0]["tokens"], before.at(4));
+  EXPECT_EQ(digests(at_dst)[4], report["digests"]["4"]) << report.dump();
+}
+
+// --- several migrations from one source at once ---------------------------
+
+// How often `needle` occurs in s.
+size_t count_of(const std::string& s, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = s.find(needle); at != std::string::npos;
+       at = s.find(needle, at + needle.size())) {
+    ++n;
+  }
+  return n;
+}
+
+// Waits until the agent's log says `needle` at least n times.
+bool wait_for_count(AgentProcess& a, const std::string& needle, size_t n,
+                    std::chrono::seconds limit) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (count_of(a.child().err(), needle) < n) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(20ms);
+  }
+  return true;
+}
+
+using ConcurrentCase = std::tuple<std::string, int>;  // transport, killed
+
+class ConcurrentMoves : public ::testing::TestWithParam<ConcurrentCase> {};
+
+// One source moves requests 1 and 2 to one destination and 3 and 4 to
+// another, at once; both stall mid-data, and one destination is killed
+// (SIGKILL) there. The move to it rolls back, the other commits: every
+// request lives in exactly one place with its digest, and the rolled-back
+// ones then move to the surviving destination. A third migration while
+// both run is refused by --max-migrations 2.
+TEST_P(ConcurrentMoves, AKilledDestinationRollsBackOnlyItsOwnMove) {
+  const auto [transport, killed] = GetParam();
+  const std::string transports = "tcp," + transport;
+  auto src = AgentProcess::start(
+      {"--layout", "layer", "--capacity-pages", "256", "--populate", "4:40",
+       "--seed", "5", "--peer-timeout-ms", "3000", "--transports", transports,
+       "--max-migrations", "2", "--fault", "src.data.mid=stall:1500"});
+  // The stall stays inside the destinations' progress deadline: only the
+  // kill ends a move.
+  std::unique_ptr<AgentProcess> dst[2];
+  for (auto& d : dst) {
+    d = AgentProcess::start({"--capacity-pages", "256", "--peer-timeout-ms",
+                             "3000", "--transports", transports});
+  }
+  ASSERT_TRUE(src && dst[0] && dst[1]);
+  const json before = status_of(src->address());
+  ASSERT_EQ(before["seqs"].size(), 4u);
+  const auto original = digests(before);
+  const std::vector<std::string> moves[2] = {{"1", "2"}, {"3", "4"}};
+  std::unique_ptr<Child> cli[2];
+  for (int k = 0; k < 2; ++k) {
+    cli[k] = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst[k]->address(), "--seqs",
+                           moves[k][0] + "," + moves[k][1], "--transport",
+                           transport, "--json"});
+    ASSERT_TRUE(cli[k]);
+  }
+  ASSERT_TRUE(wait_for_count(*src, "reached src.data.mid", 2, 30s))
+      << src->child().err();
+  int code = -1;
+  json third = migrate(src->address(), dst[1]->address(), {"--all"}, &code);
+  EXPECT_EQ(code, 1) << third.dump();
+  EXPECT_NE(third.value("error", "").find("--max-migrations 2"),
+            std::string::npos)
+      << third.dump();
+  dst[killed]->child().kill(SIGKILL);
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_TRUE(cli[k]->wait_exit(60s)) << k;
+    EXPECT_EQ(cli[k]->exit_code(), k == killed ? 1 : 0)
+        << cli[k]->out() << src->child().err();
+  }
+  const int survivor = 1 - killed;
+  const std::set<uint64_t> stayed = {std::stoull(moves[killed][0]),
+                                     std::stoull(moves[killed][1])};
+  const std::set<uint64_t> moved = {std::stoull(moves[survivor][0]),
+                                    std::stoull(moves[survivor][1])};
+  auto only = [&](const std::set<uint64_t>& ids) {
+    std::map<uint64_t, std::string> out;
+    for (uint64_t id : ids) out[id] = original.at(id);
+    return out;
+  };
+  const json at_src = status_of(src->address());
+  EXPECT_EQ(digests(at_src), only(stayed)) << at_src.dump();
+  EXPECT_TRUE(at_src["in_doubt"].empty()) << at_src.dump();
+  EXPECT_EQ(digests(status_of(dst[survivor]->address())), only(moved));
+  // What rolled back moves on to the survivor.
+  json r = migrate(src->address(), dst[survivor]->address(),
+                   {"--all", "--transport", transport}, &code);
+  ASSERT_EQ(code, 0) << r.dump() << src->child().err();
+  EXPECT_TRUE(digests(status_of(src->address())).empty());
+  EXPECT_EQ(digests(status_of(dst[survivor]->address())), original);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Kill, ConcurrentMoves,
+    ::testing::Combine(::testing::ValuesIn(data_transports()),
+                       ::testing::Values(0, 1)),
+    [](const ::testing::TestParamInfo<ConcurrentCase>& info) {
+      return std::get<0>(info.param) + "_kill_destination_" +
+             std::to_string(std::get<1>(info.param));
+    });
+
+// A request is in at most one migration: asking for it again while it
+// moves is refused naming the migration; other requests move meanwhile.
+TEST(ConcurrentE2E, ARequestThatIsMovingIsRefusedOthersMoveMeanwhile) {
+  auto src = AgentProcess::start({"--capacity-pages", "256", "--populate",
+                                  "3:40", "--seed", "5", "--fault",
+                                  "src.data.mid=stall:2000"});
+  auto dst = AgentProcess::start({"--capacity-pages", "256"});
+  ASSERT_TRUE(src && dst);
+  const auto original = digests(status_of(src->address()));
+  auto first = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                             "--to", dst->address(), "--seqs", "1", "--id",
+                             "first-move", "--json"});
+  ASSERT_TRUE(first);
+  ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true));
+  int code = -1;
+  json again =
+      migrate(src->address(), dst->address(), {"--seqs", "1,2"}, &code);
+  EXPECT_EQ(code, 1) << again.dump();
+  EXPECT_NE(again.value("error", "")
+                .find("requests 1 are moving already (migration first-move)"),
+            std::string::npos)
+      << again.dump();
+  // --all takes what no other migration moves: 2 and 3, while the first
+  // still stalls mid-data (each run stalls there for its own two seconds).
+  json rest = migrate(src->address(), dst->address(), {"--all"}, &code);
+  ASSERT_EQ(code, 0) << rest.dump() << src->child().err();
+  EXPECT_EQ(rest["seqs"], json({2, 3}));
+  ASSERT_TRUE(first->wait_exit(30s));
+  EXPECT_EQ(first->exit_code(), 0) << first->out();
+  EXPECT_TRUE(digests(status_of(src->address())).empty());
+  EXPECT_EQ(digests(status_of(dst->address())), original);
 }
 
 // --- refused migrations change nothing ------------------------------------

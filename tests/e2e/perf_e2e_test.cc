@@ -89,6 +89,13 @@ TEST_P(PerfTransport, TinyRunReportsSaneJson) {
     EXPECT_GE(pause["p50"].get<double>(), 0.0);
     EXPECT_LE(pause["p50"].get<double>(), pause["max"].get<double>());
     EXPECT_LE(pause["max"].get<double>(), lat["max"].get<double>());
+    // Each phase's median, never more than the median migration.
+    const json& phases = j["phases_ms"];
+    for (const char* p : {"connect", "offer", "data", "commit"}) {
+      ASSERT_TRUE(phases.contains(p)) << p << " missing: " << j.dump();
+      EXPECT_GE(phases[p].get<double>(), 0.0) << p;
+      EXPECT_LE(phases[p].get<double>(), lat["max"].get<double>()) << p;
+    }
     // Layer layouts: 4 chunks a page. Contiguous slots merge into one
     // write per region; random ones merge (almost) never.
     if (order == "contiguous") {

@@ -289,12 +289,23 @@ def test_raising_pager_methods(cpp_agent):
         assert sorted(pager.seqs) == [1]
 
 
-def test_raising_pause_on_the_source(cpp_agent):
-    pager = NumpyPager(TINY, 16)
+class NoHoldPager(NumpyPager):
+    """An engine that cannot hold single requests: kvmig pauses it whole."""
+
+    def hold_seqs(self, ids):
+        raise kvmig.Error("no single holds here", code="Unimplemented")
+
+
+@pytest.mark.parametrize("method", ["hold_seqs", "pause"])
+def test_raising_pause_on_the_source(cpp_agent, method):
+    """The source stops the requests it moves with hold_seqs, or with
+    pause() when the pager cannot hold them: either raising fails the
+    migration with the pager's error, and nothing moved."""
+    pager = (NumpyPager if method == "hold_seqs" else NoHoldPager)(TINY, 16)
     pager.populate(7, 40, seed=1)
     dst = cpp_agent("--preset", "tiny", "--capacity-pages", "16")
     with kvmig.Agent(pager) as agent:
-        pager.faults["pause"] = kvmig.Error("engine busy", code="Unavailable")
+        pager.faults[method] = kvmig.Error("engine busy", code="Unavailable")
         with pytest.raises(kvmig.Error) as e:
             agent.migrate(to=dst.address, seqs=[7])
         assert e.value.code == "Unavailable" and "engine busy" in str(e.value)
@@ -407,6 +418,9 @@ def test_agent_lifecycle():
     with pytest.raises(kvmig.Error) as e:
         kvmig.Agent(pager, transports=["carrier-pigeon"])
     with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(pager, max_migrations=0)
+    assert e.value.code == "InvalidArgument"
+    with pytest.raises(kvmig.Error) as e:
         kvmig.Agent(pager, secret_file="/nonexistent/secret")
     assert "secret file" in str(e.value)
 
@@ -417,7 +431,7 @@ def test_an_engine_that_never_pauses(cpp_agent):
     hanging, and the pause, once it returns, is undone by kvmig."""
     release = threading.Event()
 
-    class Stuck(NumpyPager):
+    class Stuck(NoHoldPager):
         def pause(self):
             if not release.wait(60):
                 raise AssertionError("the test never released the pause")

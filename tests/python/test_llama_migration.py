@@ -356,14 +356,23 @@ def test_live_move_while_the_source_decodes(engine_pair, transport):
 def test_stop_and_copy_move(engine_pair, transport):
     refs, a, b = three_decoding(engine_pair, transport, 3)
 
-    def source_is_paused():
-        # Stop-and-copy pauses the source before the destination allocates.
-        assert a.ok("stats")["paused"] == 1
+    def only_the_moving_requests_stop():
+        # Stop-and-copy holds the requests it moves before the destination
+        # allocates; the engine is not paused, and request 2 decodes on.
+        assert a.ok("stats")["paused"] == 0
+        reqs = a.requests([1, 2, 3])
+        assert reqs[1]["held"] and reqs[3]["held"] and not reqs[2]["held"]
+        two = a.generated([2])[2]
+        poll(lambda: a.generated([2])[2] > two or two == NEW_TOKENS,
+             what="request 2 to decode while 1 and 3 move")
+        assert a.generated([1, 3]) == {i: len(reqs[i]["tokens"]) -
+                                       reqs[i]["prompt_len"] for i in (1, 3)}
 
-    report = gated_migration(a, b, source_is_paused, seqs=[1, 3], live=False,
-                             transport=transport)
+    report = gated_migration(a, b, only_the_moving_requests_stop, seqs=[1, 3],
+                             live=False, transport=transport)
     assert report["seqs"] == [1, 3] and report["rounds"] == 1
     assert report["transport"] == transport and report["pause_ms"] > 0
+    assert report["hold"] == "seqs"
     assert a.ok("stats")["paused"] == 0
 
     handed = hand_over(a, b, [1, 3])

@@ -41,9 +41,19 @@ TEST(MessagesTest, OfferAndCommitRoundTrip) {
   EXPECT_EQ(ob.slots, o.slots);
   EXPECT_EQ(ob.regions, o.regions);
   EXPECT_EQ(ob.target_address, o.target_address);
-  CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}};
+  CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}, {}};
   ASSERT_OK_AND_ASSIGN(CommitMsg cb, decode_commit(encode(c), limits()));
   EXPECT_EQ(cb.seqs, c.seqs);
+  EXPECT_TRUE(cb.verify.positions.empty());
+  // The paused round's checksums travel with COMMIT; as many checksums as
+  // positions, or it is refused.
+  c.verify = {{0, 1}, {11, 22}};
+  ASSERT_OK_AND_ASSIGN(cb, decode_commit(encode(c), limits()));
+  EXPECT_EQ(cb.verify.positions, c.verify.positions);
+  EXPECT_EQ(cb.verify.checksums, c.verify.checksums);
+  c.verify.checksums.pop_back();
+  EXPECT_EQ(decode_commit(encode(c), limits()).status().code(),
+            StatusCode::kDataLoss);
   VerifyMsg v{{0, 7}, {11, 22}};
   ASSERT_OK_AND_ASSIGN(VerifyMsg vb, decode_verify(encode(v), limits()));
   EXPECT_EQ(vb.positions, v.positions);
@@ -61,10 +71,16 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   r.bytes = 1 << 20;
   r.gbps = 1.5;
   r.transport = "tcp";
+  r.phases_ms = {{"connect", 0.25}, {"data", 3.5}};
   ASSERT_OK_AND_ASSIGN(MigrationReport rb,
                        decode_migration_report(encode(r), limits()));
   EXPECT_EQ(rb.seqs, r.seqs);
   EXPECT_DOUBLE_EQ(rb.gbps, 1.5);
+  EXPECT_EQ(rb.phases_ms, r.phases_ms);
+  // A phase name longer than a phase can be is refused.
+  r.phases_ms = {{std::string(17, 'x'), 1.0}};
+  EXPECT_EQ(decode_migration_report(encode(r), limits()).status().code(),
+            StatusCode::kDataLoss);
   AgentStatus st;
   st.meta = {16, 2, 2, 64, Dtype::kF16};
   st.capacity_pages = 10;
