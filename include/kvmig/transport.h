@@ -12,8 +12,8 @@
 //                                    target.revoke()  (no write lands after)
 //                                    or, committed: target.keep()
 //   committed: init.keep()
-// tcp sends an empty initiator address; verbs sends its QP numbers; ucx
-// sends a token when it kept a connection to this peer (see keep()).
+// verbs sends its QP numbers as the initiator address; tcp and ucx send a
+// token when they kept a connection to this peer (see keep()), else nothing.
 //
 // Every call that waits on the peer takes a deadline and returns
 // DeadlineExceeded past it; a peer that goes away gives Unavailable.

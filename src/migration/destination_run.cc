@@ -77,14 +77,17 @@ void DestinationRun::cancel(const Status& why) {
 asio::awaitable<void> DestinationRun::run() {
   // Pager calls go to the data pool: a slow engine delays this migration,
   // not the agent's other connections and timers.
-  // One trip to the data pool for the id check and the allocation: each
-  // trip costs two thread wake-ups on the migration's fixed cost.
+  // One trip to the data pool for the id check, the allocation and, into
+  // the pool itself, the data path: each trip costs two thread wake-ups on
+  // the migration's fixed cost.
   Status s = check_hello();
   if (s.ok()) s = register_id();
   if (s.ok()) {
     s = co_await ctx_.offload([this]() -> Status {
       KVMIG_RETURN_IF_ERROR(check_ids_not_live());
-      return allocate_first_round();
+      KVMIG_RETURN_IF_ERROR(allocate_first_round());
+      if (ctx_.layout) return open_target(ctx_.pager_regions);
+      return Status();
     });
   }
   if (s.ok()) s = co_await open_and_offer();
@@ -102,10 +105,6 @@ asio::awaitable<void> DestinationRun::run() {
                                  ? open_commit(*commit_frame)
                                  : Result<CommitMsg>(commit_frame.status());
   s = commit.status();
-  if (s.ok() && !commit->verify.positions.empty()) {
-    s = co_await check_sums(commit->verify, "COMMIT");
-  }
-  if (s.ok()) s = check_commit(*commit);
   if (s.ok()) s = co_await install(*commit);
   if (!s.ok()) {
     co_await fail(s);
@@ -252,6 +251,20 @@ Status DestinationRun::allocate_first_round() {
   return Status();
 }
 
+Status DestinationRun::open_target(
+    const std::vector<std::span<std::byte>>& regions) {
+  auto opened = transport_->open_target(regions, hello_.initiator_address,
+                                        ctx_.peer_deadline());
+  if (!opened.ok()) {
+    return opened.status().with_context("opening the data path");
+  }
+  target_ = std::move(*opened);
+  // Zero-copy into the pool: the source may write its own slots only (a
+  // staging buffer is this migration's alone).
+  if (ctx_.layout) target_->allow(windows_for(*ctx_.layout, slots_.slots()));
+  return Status();
+}
+
 asio::awaitable<Status> DestinationRun::open_and_offer() {
   // Where the source writes: the pager's own memory, or a staging buffer.
   OfferMsg offer;
@@ -278,17 +291,10 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
     offer.regions = {staging_->geometry()};
     offer.staging_slots = n_staging;
   }
-  auto opened = co_await ctx_.offload([&] {
-    return transport_->open_target(regions, hello_.initiator_address,
-                                   ctx_.peer_deadline());
-  });
-  if (!opened.ok()) {
-    co_return opened.status().with_context("opening the data path");
+  if (!target_) {
+    Status opened = co_await ctx_.offload([&] { return open_target(regions); });
+    if (!opened.ok()) co_return opened;
   }
-  target_ = std::move(*opened);
-  // Zero-copy into the pool: the source may write its own slots only (a
-  // staging buffer is this migration's alone).
-  if (ctx_.layout) target_->allow(windows_for(*ctx_.layout, slots_.slots()));
   offer.target_address = target_->address();
   const std::vector<uint8_t> payload = encode(offer);
   Status sent =
@@ -392,24 +398,24 @@ asio::awaitable<Status> DestinationRun::on_verify(const Frame& frame) {
 
 asio::awaitable<Status> DestinationRun::check_sums(const VerifyMsg& v,
                                                    const char* what) {
-  KVMIG_CO_RETURN_IF_ERROR(check_positions(v.positions, slots_.size(), what));
-  Status checked = co_await ctx_.offload([&]() -> Status {
-    for (size_t k = 0; k < v.positions.size(); ++k) {
-      const uint32_t pos = v.positions[k];
-      KVMIG_ASSIGN_OR_RETURN(
-          uint64_t c,
-          pager_page_checksum(ctx_.pager, ctx_.layout, slots_[pos]));
-      if (c != v.checksums[k]) {
-        return Status::data_loss("page at position " + std::to_string(pos) +
-                                 " (slot " + std::to_string(slots_[pos]) +
-                                 ") checksum mismatch");
-      }
-      verified_[pos] = true;
+  co_return co_await ctx_.offload([&] { return verify_sums(v, what); });
+}
+
+Status DestinationRun::verify_sums(const VerifyMsg& v, const char* what) {
+  KVMIG_RETURN_IF_ERROR(check_positions(v.positions, slots_.size(), what));
+  for (size_t k = 0; k < v.positions.size(); ++k) {
+    const uint32_t pos = v.positions[k];
+    KVMIG_ASSIGN_OR_RETURN(
+        uint64_t c, pager_page_checksum(ctx_.pager, ctx_.layout, slots_[pos]));
+    if (c != v.checksums[k]) {
+      return Status::data_loss("page at position " + std::to_string(pos) +
+                               " (slot " + std::to_string(slots_[pos]) +
+                               ") checksum mismatch");
     }
-    return Status();
-  });
-  verified_pages_ += v.positions.size();
-  co_return checked;
+    verified_[pos] = true;
+    ++verified_pages_;
+  }
+  return Status();
 }
 
 asio::awaitable<Status> DestinationRun::on_batch(const Frame& frame) {
@@ -524,17 +530,20 @@ void DestinationRun::note_arrivals(const CommitMsg& commit) {
 }
 
 asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
-  // End the data path (the source flushed every write before COMMIT and
-  // posts none after), then install: revoked, or kept for the source's next
-  // migration where the transport can; a failed install still revokes it.
-  co_await ctx_.offload([this] {
+  // Once COMMIT checks out, end the data path (the source flushed every
+  // write before COMMIT and posts none after), then install: revoked, or
+  // kept for the source's next migration where the transport can; a failed
+  // install still revokes it (fail()).
+  Status installed = co_await ctx_.offload([&]() -> Status {
+    if (!commit.verify.positions.empty()) {
+      KVMIG_RETURN_IF_ERROR(verify_sums(commit.verify, "COMMIT"));
+    }
+    KVMIG_RETURN_IF_ERROR(check_commit(commit));
     const bool kept = target_->keep();
     ctx_.log->debug("{} data path {}", tag_, kept ? "kept" : "revoked");
-    return 0;
+    return ctx_.pager.install_logical_seqs(commit.seqs).with_context("install");
   });
-  Status installed = co_await ctx_.offload(
-      [&] { return ctx_.pager.install_logical_seqs(commit.seqs); });
-  if (!installed.ok()) co_return installed.with_context("install");
+  if (!installed.ok()) co_return installed;
   ctx_.dst_records.remember(id_, Outcome::kCommitted);
   note_arrivals(commit);
   installed_pages_ = slots_.size();

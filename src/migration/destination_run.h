@@ -68,6 +68,10 @@ class DestinationRun {
   // Io thread: records id_ as pending (refused if seen meanwhile).
   Status register_id();
   Status allocate_first_round();
+  // Data pool: opens the data path into regions (the pager's own, or the
+  // staging buffer), the source allowed into its slots only.
+  Status open_target(const std::vector<std::span<std::byte>>& regions);
+  // Opens the data path unless the first trip did, and sends OFFER.
   asio::awaitable<Status> open_and_offer();
   // Serves live rounds, VERIFY and staged batches until COMMIT arrives.
   asio::awaitable<Result<Frame>> receive_until_commit();
@@ -76,6 +80,8 @@ class DestinationRun {
   // Checks the pages at v's positions against v's checksums (VERIFY's, or
   // the paused round's in COMMIT) and marks them verified.
   asio::awaitable<Status> check_sums(const VerifyMsg& v, const char* what);
+  // The same, on the calling thread (a data pool thread: pager calls).
+  Status verify_sums(const VerifyMsg& v, const char* what);
   asio::awaitable<Status> on_batch(const Frame& frame);
   // COMMIT, decoded once no outcome query has fenced the migration, with
   // its request count checked.
@@ -88,6 +94,9 @@ class DestinationRun {
   // destination can see them).
   Status check_commit(const CommitMsg& commit);
   Status check_tables(const CommitMsg& commit);
+  // Checks COMMIT (the paused round's checksums, then check_commit()),
+  // ends the data path and installs the requests: one hand-off to the data
+  // pool.
   asio::awaitable<Status> install(const CommitMsg& commit);
   // Records when commit's requests arrived (MigrationContext::arrivals).
   void note_arrivals(const CommitMsg& commit);

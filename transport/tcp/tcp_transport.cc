@@ -1,5 +1,7 @@
 #include "tcp_transport.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <array>
 #include <boost/asio/buffer.hpp>
@@ -8,7 +10,9 @@
 #include <boost/asio/read.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
+#include <cerrno>
 #include <cstdint>
+#include <deque>
 #include <iterator>
 #include <map>
 #include <mutex>
@@ -65,25 +69,86 @@ std::string endpoint_string(const tcp::socket& s) {
   return ep.address().to_string() + ":" + std::to_string(ep.port());
 }
 
-// The receiving end. Thread-safe: revoke() and health() may be called from
-// any thread. Everything else runs on the target's own thread, which is the
-// only one touching the sockets until revoke() has joined it.
-class TcpTarget final : public TransportTarget {
+// One target connection: an acceptor until the initiator showed the token,
+// then that initiator's stream, applied into the regions of the migration
+// it currently serves. A committed migration may park it (keep()) for the
+// same initiator's next migration, which adopts it with its own regions.
+// Thread-safe: adopt(), park(), allow(), revoke() and health() may be
+// called from any thread. The sockets are touched only by the connection's
+// own thread until revoke() has joined it.
+class TargetConn {
  public:
-  static Result<std::unique_ptr<TransportTarget>> open(
+  static Result<std::shared_ptr<TargetConn>> open(
       const std::string& host, std::span<const std::span<std::byte>> regions) {
-    std::unique_ptr<TcpTarget> t(new TcpTarget(regions));
-    KVMIG_RETURN_IF_ERROR(t->listen(host));
-    t->start_accept();
-    t->thread_ = std::thread([raw = t.get()] { raw->io_.run(); });
-    return std::unique_ptr<TransportTarget>(std::move(t));
+    std::shared_ptr<TargetConn> c(new TargetConn(host, regions));
+    KVMIG_RETURN_IF_ERROR(c->listen());
+    c->start_accept();
+    c->thread_ = std::thread([raw = c.get()] { raw->io_.run(); });
+    return c;
   }
 
-  ~TcpTarget() override { revoke(); }
+  ~TargetConn() { revoke(); }
 
-  std::vector<uint8_t> address() const override { return address_; }
+  TargetConn(const TargetConn&) = delete;
+  TargetConn& operator=(const TargetConn&) = delete;
 
-  void revoke() override {
+  uint64_t token() const { return token_; }
+
+  // What the initiator needs: host, port (0: the connection it already
+  // holds), token and the current regions' lengths.
+  std::vector<uint8_t> address(bool reused) const {
+    std::lock_guard lock(mu_);
+    ByteWriter w;
+    w.put_string(host_);
+    w.put<uint16_t>(reused ? 0 : port_);
+    w.put<uint64_t>(token_);
+    w.put<uint32_t>(static_cast<uint32_t>(regions_.size()));
+    for (const auto& r : regions_) w.put<uint64_t>(r.size());
+    return w.take();
+  }
+
+  // Serves a new migration over this (parked) connection: its regions, no
+  // window yet. Returns the new generation (see generation()).
+  uint64_t adopt(std::span<const std::span<std::byte>> regions) {
+    std::lock_guard lock(mu_);
+    regions_.assign(regions.begin(), regions.end());
+    windows_.clear();
+    parked_ = false;
+    return ++generation_;
+  }
+
+  // Which migration the connection serves: 0 for the one that opened it,
+  // one more for each adopt().
+  uint64_t generation() const {
+    std::lock_guard lock(mu_);
+    return generation_;
+  }
+
+  // Stops applying writes: from now on any record but a flush cuts the
+  // connection. False (nothing changed) unless the initiator is connected,
+  // healthy and not in the middle of a write's payload, which could still
+  // land after this returns.
+  bool park() {
+    std::lock_guard lock(mu_);
+    if (revoked_ || !authenticated_ || !health_.ok() || in_payload_) {
+      return false;
+    }
+    parked_ = true;
+    return true;
+  }
+
+  // Connected, not failed, not revoked: a parked connection worth adopting.
+  bool healthy() const {
+    std::lock_guard lock(mu_);
+    return !revoked_ && authenticated_ && health_.ok();
+  }
+
+  bool revoked() const {
+    std::lock_guard lock(mu_);
+    return revoked_;
+  }
+
+  void revoke() {
     // Held for the whole teardown: a second caller returns only once the
     // first has cut the initiator off.
     std::lock_guard teardown(teardown_mu_);
@@ -100,17 +165,18 @@ class TcpTarget final : public TransportTarget {
     close_logged(pending_, "tcp target pending connection");
     close_logged(socket_, "tcp target connection");
     log_->debug(
-        "target revoked (initiator {}): {} writes, {} bytes, {} flushes",
+        "target revoked (initiator {}): {} writes, {} bytes, {} flushes, {} "
+        "migrations",
         peer_.empty() ? "never connected" : peer_, writes_applied_,
-        bytes_applied_, flushes_);
+        bytes_applied_, flushes_, generation() + 1);
   }
 
-  Status health() const override {
+  Status health() const {
     std::lock_guard lock(mu_);
     return health_;
   }
 
-  bool allow(std::span<const WriteWindow> ranges) override {
+  void allow(std::span<const WriteWindow> ranges) {
     std::lock_guard lock(mu_);
     if (windows_.empty()) windows_.resize(regions_.size());
     for (const WriteWindow& w : ranges) {
@@ -128,55 +194,36 @@ class TcpTarget final : public TransportTarget {
       }
       spans.emplace(begin, end);
     }
-    return true;
   }
 
  private:
-  // True when [offset, +length) of region is inside one allowed range (or
-  // no window was set). Target thread.
-  bool allowed(uint32_t region, uint64_t offset, uint64_t length) const {
-    std::lock_guard lock(mu_);
-    if (windows_.empty()) return true;
-    const auto& spans = windows_[region];
-    auto it = spans.upper_bound(offset);
-    if (it == spans.begin()) return false;
-    --it;
-    return offset >= it->first && offset + length <= it->second;
-  }
-
-  explicit TcpTarget(std::span<const std::span<std::byte>> regions)
+  TargetConn(std::string host, std::span<const std::span<std::byte>> regions)
       : log_(logger("tcp")),
-        regions_(regions.begin(), regions.end()),
+        host_(std::move(host)),
         token_(random_token()),
         acceptor_(io_),
         pending_(io_),
         token_timer_(io_),
-        socket_(io_) {}
+        socket_(io_),
+        regions_(regions.begin(), regions.end()) {}
 
-  Status listen(const std::string& host) {
+  Status listen() {
     error_code ec;
-    const auto ip = asio::ip::make_address(host, ec);
+    const auto ip = asio::ip::make_address(host_, ec);
     if (ec) {
-      return Status::invalid_argument("tcp: bind host '" + host +
+      return Status::invalid_argument("tcp: bind host '" + host_ +
                                       "' is not an IP address");
     }
     const tcp::endpoint ep(ip, 0);
     acceptor_.open(ep.protocol(), ec);
     if (ec) return status_from_error(ec, "tcp: open acceptor");
     acceptor_.bind(ep, ec);
-    if (ec) return status_from_error(ec, "tcp: bind " + host + ":0");
+    if (ec) return status_from_error(ec, "tcp: bind " + host_ + ":0");
     acceptor_.listen(asio::socket_base::max_listen_connections, ec);
-    if (ec) return status_from_error(ec, "tcp: listen on " + host);
+    if (ec) return status_from_error(ec, "tcp: listen on " + host_);
     const auto local = acceptor_.local_endpoint(ec);
     if (ec) return status_from_error(ec, "tcp: query listening port");
-
-    ByteWriter w;
-    w.put_string(host);
-    w.put<uint16_t>(local.port());
-    w.put<uint64_t>(token_);
-    w.put<uint32_t>(static_cast<uint32_t>(regions_.size()));
-    for (const auto& r : regions_) w.put<uint64_t>(r.size());
-    address_ = w.take();
+    port_ = local.port();
     return Status();
   }
 
@@ -211,7 +258,13 @@ class TcpTarget final : public TransportTarget {
     asio::async_write(
         socket_, asio::buffer(token_buf_),
         [this](const error_code& wec, size_t) {
-          if (wec) return fail(status_from_error(wec, "tcp: answer " + peer_));
+          if (wec) {
+            return fail(status_from_error(wec, "tcp: answer " + peer_));
+          }
+          {
+            std::lock_guard lock(mu_);
+            authenticated_ = true;
+          }
           read_header();
         });
   }
@@ -249,30 +302,16 @@ class TcpTarget final : public TransportTarget {
           });
       return;
     }
-    if (region >= regions_.size()) {
-      return fail(Status::protocol("tcp target: write record from " + peer_ +
-                                   " for region " + std::to_string(region) +
-                                   " of " + std::to_string(regions_.size())));
-    }
-    const std::span<std::byte> dst = regions_[region];
-    if (offset > dst.size() || length > dst.size() - offset) {
-      return fail(Status::protocol(
-          "tcp target: write record from " + peer_ + " for [" +
-          std::to_string(offset) + ", +" + std::to_string(length) +
-          ") outside region " + std::to_string(region) + " of " +
-          std::to_string(dst.size()) + " bytes"));
-    }
+    auto dst = claim(region, offset, length);
+    if (!dst.ok()) return fail(dst.status());
     if (length == 0) return read_header();
-    if (!allowed(region, offset, length)) {
-      return fail(Status::protocol(
-          "tcp target: write record from " + peer_ + " for [" +
-          std::to_string(offset) + ", +" + std::to_string(length) +
-          ") of region " + std::to_string(region) +
-          " lies outside the slots offered to this migration"));
-    }
-    asio::async_read(socket_, asio::buffer(dst.data() + offset, length),
+    asio::async_read(socket_, asio::buffer(dst->data(), length),
                      large_transfers,
                      [this, length](const error_code& rec, size_t) {
+                       {
+                         std::lock_guard lock(mu_);
+                         in_payload_ = false;
+                       }
                        if (rec) {
                          return fail(status_from_error(
                              rec, "tcp: read payload from " + peer_));
@@ -281,6 +320,44 @@ class TcpTarget final : public TransportTarget {
                        ++writes_applied_;
                        read_header();
                      });
+  }
+
+  // Checks a write record against the current migration's regions and
+  // window and, when it is to be applied, marks its payload in flight
+  // (park() refuses until it has landed). Target thread.
+  Result<std::span<std::byte>> claim(uint32_t region, uint64_t offset,
+                                     uint64_t length) {
+    std::lock_guard lock(mu_);
+    const std::string where = "tcp target: write record from " + peer_;
+    if (parked_) {
+      return Status::protocol(
+          where + " after its migration committed (the connection was kept)");
+    }
+    if (region >= regions_.size()) {
+      return Status::protocol(where + " for region " + std::to_string(region) +
+                              " of " + std::to_string(regions_.size()));
+    }
+    const std::span<std::byte> dst = regions_[region];
+    if (offset > dst.size() || length > dst.size() - offset) {
+      return Status::protocol(where + " for [" + std::to_string(offset) +
+                              ", +" + std::to_string(length) +
+                              ") outside region " + std::to_string(region) +
+                              " of " + std::to_string(dst.size()) + " bytes");
+    }
+    if (length == 0) return dst;
+    if (!windows_.empty()) {
+      const auto& spans = windows_[region];
+      auto it = spans.upper_bound(offset);
+      if (it == spans.begin() || offset < std::prev(it)->first ||
+          offset + length > std::prev(it)->second) {
+        return Status::protocol(
+            where + " for [" + std::to_string(offset) + ", +" +
+            std::to_string(length) + ") of region " + std::to_string(region) +
+            " lies outside the slots offered to this migration");
+      }
+    }
+    in_payload_ = true;
+    return dst.subspan(offset);
   }
 
   // Records the first failure and drops the connection.
@@ -298,11 +375,11 @@ class TcpTarget final : public TransportTarget {
   }
 
   const std::shared_ptr<spdlog::logger> log_;
-  const std::vector<std::span<std::byte>> regions_;
+  const std::string host_;
   const uint64_t token_;
-  std::vector<uint8_t> address_;  // set before the thread starts
+  uint16_t port_ = 0;  // set before the thread starts
 
-  // Touched only by the target thread (or after it was joined).
+  // Touched only by the connection's thread (or after it was joined).
   asio::io_context io_;
   tcp::acceptor acceptor_;
   tcp::socket pending_;  // a connection that has not shown the token yet
@@ -318,29 +395,235 @@ class TcpTarget final : public TransportTarget {
 
   std::mutex teardown_mu_;  // held by revoke() throughout (never by io_)
   mutable std::mutex mu_;
-  Status health_;         // guarded by mu_
-  bool revoked_ = false;  // guarded by mu_
+  // Guarded by mu_:
+  std::vector<std::span<std::byte>> regions_;  // the current migration's
   // Per region, allowed [begin, end) ranges by begin, disjoint and merged;
-  // empty: no window (guarded by mu_).
+  // empty: no window.
   std::vector<std::map<uint64_t, uint64_t>> windows_;
+  Status health_;
+  bool revoked_ = false;
+  bool authenticated_ = false;  // the initiator showed the token
+  bool parked_ = false;         // kept: no write is applied
+  bool in_payload_ = false;     // a write's bytes are being read
+  uint64_t generation_ = 0;
 
   std::thread thread_;  // runs io_; joined by revoke()
 };
 
-// The sending end. Not thread-safe: one thread drives it. Every wait runs the
-// initiator's own io_context until the deadline; past it the socket is
-// closed and the initiator stays failed.
-class TcpInitiator final : public TransportInitiator {
+// The initiator's end of a connection, kept between migrations to the same
+// peer. One thread at a time drives it.
+struct InitConn {
+  asio::io_context io;
+  tcp::socket socket{io};
+  uint64_t token = 0;      // the target's, shown when connecting
+  uint64_t flush_seq = 0;  // continues across the migrations it serves
+  std::string peer;        // host:port, for logs
+
+  // While parked nobody reads the socket: false once the target closed it
+  // (or sent something it should not have).
+  bool alive() {
+    if (!socket.is_open()) return false;
+    uint8_t b = 0;
+    const ssize_t n =
+        ::recv(socket.native_handle(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+};
+
+// Connections kept after committed migrations (TransportTarget::keep(),
+// TransportInitiator::keep()): targets by token, initiators by peer. At
+// most kMaxKept of each; the oldest goes to make room. Thread-safe.
+class Parking {
  public:
-  TcpInitiator() : log_(logger("tcp")), socket_(io_) {}
-  ~TcpInitiator() override {
-    close_logged(socket_, "tcp initiator connection");
-    log_->debug("initiator to {} closed: {} ops, {} bytes, {} flushes",
-                peer_.empty() ? "nobody" : peer_, ops_posted_, bytes_written_,
-                flush_seq_);
+  static constexpr size_t kMaxKept = 16;
+
+  ~Parking() { clear(); }
+
+  void park_target(std::shared_ptr<TargetConn> c) {
+    std::shared_ptr<TargetConn> evicted;
+    {
+      std::lock_guard lock(mu_);
+      targets_.push_back(std::move(c));
+      if (targets_.size() > kMaxKept) {
+        evicted = std::move(targets_.front());
+        targets_.pop_front();
+      }
+    }
+    if (evicted) evicted->revoke();
   }
 
-  std::vector<uint8_t> address() const override { return {}; }
+  // Adopts the parked connection with this token for a migration into
+  // `regions`, if it is still healthy; null otherwise.
+  std::shared_ptr<TargetConn> take_target(
+      uint64_t token, std::span<const std::span<std::byte>> regions) {
+    std::shared_ptr<TargetConn> c;
+    {
+      std::lock_guard lock(mu_);
+      auto it =
+          std::find_if(targets_.begin(), targets_.end(),
+                       [&](const auto& t) { return t->token() == token; });
+      if (it == targets_.end()) return nullptr;
+      c = std::move(*it);
+      targets_.erase(it);
+      if (c->healthy()) {
+        c->adopt(regions);
+        return c;
+      }
+    }
+    c->revoke();
+    return nullptr;
+  }
+
+  // Before revoking a connection a migration kept: true when it is still
+  // that migration's (parked, and now taken out; or evicted), false when
+  // the next migration adopted it.
+  bool reclaim(const TargetConn* c, uint64_t generation) {
+    std::lock_guard lock(mu_);
+    auto it = std::find_if(targets_.begin(), targets_.end(),
+                           [&](const auto& t) { return t.get() == c; });
+    if (it == targets_.end()) return c->generation() == generation;
+    targets_.erase(it);
+    return true;
+  }
+
+  void park_init(const std::string& peer, std::unique_ptr<InitConn> c) {
+    std::vector<std::unique_ptr<InitConn>> evicted;
+    std::lock_guard lock(mu_);
+    for (auto it = inits_.begin(); it != inits_.end();) {
+      if (it->first == peer) {
+        evicted.push_back(std::move(it->second));
+        it = inits_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    inits_.emplace_back(peer, std::move(c));
+    if (inits_.size() > kMaxKept) {
+      evicted.push_back(std::move(inits_.front().second));
+      inits_.pop_front();
+    }
+  }
+
+  // The connection kept to peer, if the target has not closed it.
+  std::unique_ptr<InitConn> take_init(const std::string& peer) {
+    std::lock_guard lock(mu_);
+    for (auto it = inits_.begin(); it != inits_.end(); ++it) {
+      if (it->first != peer) continue;
+      auto c = std::move(it->second);
+      inits_.erase(it);
+      if (!c->alive()) return nullptr;
+      return c;
+    }
+    return nullptr;
+  }
+
+  void clear() {
+    std::deque<std::shared_ptr<TargetConn>> targets;
+    {
+      std::lock_guard lock(mu_);
+      targets.swap(targets_);
+      inits_.clear();
+    }
+    for (const auto& t : targets) t->revoke();
+  }
+
+ private:
+  std::mutex mu_;
+  std::deque<std::shared_ptr<TargetConn>> targets_;  // guarded by mu_
+  std::deque<std::pair<std::string, std::unique_ptr<InitConn>>>
+      inits_;  // guarded by mu_
+};
+
+// The receiving end of one migration: a connection it opened or adopted
+// from the parking. Thread-safe.
+class TcpTarget final : public TransportTarget {
+ public:
+  TcpTarget(std::shared_ptr<TargetConn> conn, std::shared_ptr<Parking> parking,
+            bool reused)
+      : conn_(std::move(conn)),
+        parking_(std::move(parking)),
+        generation_(conn_->generation()),
+        address_(conn_->address(reused)) {}
+
+  // Revokes, unless the connection was kept: it is the parking's then.
+  ~TcpTarget() override {
+    {
+      std::lock_guard lock(mu_);
+      if (kept_) return;
+    }
+    revoke();
+  }
+
+  std::vector<uint8_t> address() const override { return address_; }
+
+  bool allow(std::span<const WriteWindow> ranges) override {
+    conn_->allow(ranges);
+    return true;
+  }
+
+  Status health() const override { return conn_->health(); }
+
+  void revoke() override {
+    std::lock_guard lock(mu_);
+    if (kept_) {
+      // Parked: take it back, unless the next migration adopted it (then
+      // it is that migration's to revoke).
+      if (!parking_->reclaim(conn_.get(), generation_)) return;
+      kept_ = false;
+    }
+    conn_->revoke();
+  }
+
+  bool keep() override {
+    std::lock_guard lock(mu_);
+    if (kept_) return true;
+    if (!conn_->park()) {
+      conn_->revoke();
+      return false;
+    }
+    kept_ = true;
+    parking_->park_target(conn_);
+    return true;
+  }
+
+ private:
+  const std::shared_ptr<TargetConn> conn_;
+  const std::shared_ptr<Parking> parking_;
+  const uint64_t generation_;  // conn_'s while it serves this migration
+  const std::vector<uint8_t> address_;
+  std::mutex mu_;
+  bool kept_ = false;  // guarded by mu_
+};
+
+// The sending end. Not thread-safe: one thread drives it. Every wait runs the
+// connection's io_context until the deadline; past it the socket is closed
+// and the initiator stays failed.
+class TcpInitiator final : public TransportInitiator {
+ public:
+  // `adopted`: a connection an earlier initiator to peer_key kept.
+  TcpInitiator(std::shared_ptr<Parking> parking, std::string peer_key,
+               std::unique_ptr<InitConn> adopted)
+      : log_(logger("tcp")),
+        parking_(std::move(parking)),
+        peer_key_(std::move(peer_key)),
+        adopted_(adopted != nullptr),
+        conn_(adopted ? std::move(adopted) : std::make_unique<InitConn>()) {}
+
+  ~TcpInitiator() override {
+    if (!conn_) return;  // kept
+    close_logged(conn_->socket, "tcp initiator connection");
+    log_->debug("initiator to {} closed: {} ops, {} bytes, {} flushes",
+                conn_->peer.empty() ? "nobody" : conn_->peer, ops_posted_,
+                bytes_written_, conn_->flush_seq);
+  }
+
+  // Empty, or the token of the kept connection this initiator holds.
+  std::vector<uint8_t> address() const override {
+    if (!adopted_) return {};
+    std::vector<uint8_t> a(8);
+    store_le<uint64_t>(a.data(), conn_->token);
+    return a;
+  }
 
   Status connect(std::span<const uint8_t> target_address,
                  Deadline deadline) override {
@@ -353,19 +636,38 @@ class TcpInitiator final : public TransportInitiator {
       return Status::invalid_argument("tcp: bad target address: " +
                                       parsed.status().message());
     }
+    if (parsed->port == 0) {
+      // The target adopted the connection this initiator holds.
+      if (!adopted_ || parsed->token != conn_->token) {
+        return fail(Status::protocol(
+            "tcp: bad target address: it reuses a connection this initiator "
+            "does not hold"));
+      }
+      region_lengths_ = std::move(parsed->region_lengths);
+      connected_ = true;
+      log_->debug("initiator reuses its connection to {}", conn_->peer);
+      return Status();
+    }
+    if (adopted_) {
+      // The target did not know our token (it restarted, or let its side
+      // go): the kept connection is useless.
+      close_logged(conn_->socket, "kept tcp initiator connection");
+      conn_ = std::make_unique<InitConn>();
+      adopted_ = false;
+    }
     error_code ec;
     const auto ip = asio::ip::make_address(parsed->host, ec);
-    if (ec || parsed->port == 0) {
+    if (ec) {
       return Status::invalid_argument("tcp: bad target address: host '" +
-                                      parsed->host + "' port " +
-                                      std::to_string(parsed->port));
+                                      parsed->host + "'");
     }
-    peer_ = parsed->host + ":" + std::to_string(parsed->port);
+    conn_->peer = parsed->host + ":" + std::to_string(parsed->port);
+    conn_->token = parsed->token;
     store_le<uint64_t>(word_.data(), parsed->token);
 
     bool done = false;
     error_code result;
-    socket_.async_connect(
+    conn_->socket.async_connect(
         tcp::endpoint(ip, parsed->port), [&](const error_code& cec) {
           if (cec) {
             result = cec;
@@ -373,18 +675,18 @@ class TcpInitiator final : public TransportInitiator {
             return;
           }
           error_code opt_ec;
-          socket_.set_option(tcp::no_delay(true), opt_ec);
+          conn_->socket.set_option(tcp::no_delay(true), opt_ec);
           send_then_read_reply(asio::buffer(word_), done, result);
         });
     KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "connect"));
     if (reply_ != word_) {
       return fail(
-          Status::protocol("tcp: target " + peer_ +
+          Status::protocol("tcp: target " + conn_->peer +
                            " answered the handshake with a wrong token"));
     }
     region_lengths_ = std::move(parsed->region_lengths);
     connected_ = true;
-    log_->debug("initiator connected to {}", peer_);
+    log_->debug("initiator connected to {}", conn_->peer);
     return Status();
   }
 
@@ -409,7 +711,7 @@ class TcpInitiator final : public TransportInitiator {
     if (!buffers_.empty()) {
       bool done = false;
       error_code result;
-      asio::async_write(socket_, buffers_, large_transfers,
+      asio::async_write(conn_->socket, buffers_, large_transfers,
                         [&](const error_code& ec, size_t) {
                           result = ec;
                           done = true;
@@ -423,7 +725,7 @@ class TcpInitiator final : public TransportInitiator {
 
   Status flush(Deadline deadline) override {
     KVMIG_RETURN_IF_ERROR(usable());
-    const uint64_t seq = ++flush_seq_;
+    const uint64_t seq = ++conn_->flush_seq;
     Header h{};
     store_le<uint32_t>(h.data(), kFlushRegion);
     store_le<uint64_t>(h.data() + 4, seq);
@@ -432,16 +734,24 @@ class TcpInitiator final : public TransportInitiator {
     send_then_read_reply(asio::buffer(h), done, result);
     KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "flush"));
     if (load_le<uint64_t>(reply_.data()) != seq) {
-      return fail(
-          Status::protocol("tcp: target " + peer_ + " acknowledged flush " +
-                           std::to_string(load_le<uint64_t>(reply_.data())) +
-                           ", expected " + std::to_string(seq)));
+      return fail(Status::protocol(
+          "tcp: target " + conn_->peer + " acknowledged flush " +
+          std::to_string(load_le<uint64_t>(reply_.data())) + ", expected " +
+          std::to_string(seq)));
     }
     return Status();
   }
 
   uint64_t bytes_written() const override { return bytes_written_; }
   uint64_t ops_posted() const override { return ops_posted_; }
+
+  void keep() override {
+    if (!parking_ || peer_key_.empty() || !usable().ok()) return;
+    log_->debug("initiator keeps its connection to {}", conn_->peer);
+    parking_->park_init(peer_key_, std::move(conn_));
+    failed_ = Status::failed_precondition(
+        "tcp: the initiator kept its connection for the next migration");
+  }
 
  private:
   struct ParsedAddress {
@@ -480,8 +790,8 @@ class TcpInitiator final : public TransportInitiator {
   // Records a failure that leaves the stream unusable.
   Status fail(Status s) {
     failed_ = s;
-    close_logged(socket_, "tcp initiator connection");
-    log_->info("initiator to {}: {}", peer_, s.to_string());
+    close_logged(conn_->socket, "tcp initiator connection");
+    log_->info("initiator to {}: {}", conn_->peer, s.to_string());
     return s;
   }
 
@@ -490,53 +800,54 @@ class TcpInitiator final : public TransportInitiator {
   // handlers (they reference the caller's locals) before returning.
   Status wait(Deadline deadline, const bool& done, const error_code& result,
               std::string_view what) {
-    io_.restart();
-    io_.run_until(deadline);
+    conn_->io.restart();
+    conn_->io.run_until(deadline);
     if (!done) {
-      close_logged(socket_, "tcp initiator connection");
-      io_.restart();
-      io_.run();
+      close_logged(conn_->socket, "tcp initiator connection");
+      conn_->io.restart();
+      conn_->io.run();
       return fail(Status::deadline_exceeded(
-          "tcp: " + std::string(what) + " to " + peer_ +
+          "tcp: " + std::string(what) + " to " + conn_->peer +
           " did not finish before the deadline"));
     }
     if (result) {
       return fail(status_from_error(
-          result, "tcp: " + std::string(what) + " to " + peer_));
+          result, "tcp: " + std::string(what) + " to " + conn_->peer));
     }
     return Status();
   }
 
-  const std::shared_ptr<spdlog::logger> log_;
-  asio::io_context io_;
-  tcp::socket socket_;
-  bool connected_ = false;
-  Status failed_;  // once set, every call returns it
-  std::string peer_;
-  std::vector<uint64_t> region_lengths_;
-  uint64_t flush_seq_ = 0;
-  uint64_t bytes_written_ = 0;
-  uint64_t ops_posted_ = 0;
   // Sends `out`, then reads the target's 8-byte answer into reply_; sets
   // `result` and `done` when either step fails or both finish. Runs on
-  // io_, inside wait().
+  // the connection's io_context, inside wait().
   void send_then_read_reply(asio::const_buffer out, bool& done,
                             error_code& result) {
-    asio::async_write(
-        socket_, out, [this, &done, &result](const error_code& wec, size_t) {
-          if (wec) {
-            result = wec;
-            done = true;
-            return;
-          }
-          asio::async_read(socket_, asio::buffer(reply_),
-                           [&done, &result](const error_code& rec, size_t) {
-                             result = rec;
-                             done = true;
-                           });
-        });
+    asio::async_write(conn_->socket, out,
+                      [this, &done, &result](const error_code& wec, size_t) {
+                        if (wec) {
+                          result = wec;
+                          done = true;
+                          return;
+                        }
+                        asio::async_read(
+                            conn_->socket, asio::buffer(reply_),
+                            [&done, &result](const error_code& rec, size_t) {
+                              result = rec;
+                              done = true;
+                            });
+                      });
   }
 
+  const std::shared_ptr<spdlog::logger> log_;
+  const std::shared_ptr<Parking> parking_;  // null: never keeps
+  const std::string peer_key_;              // empty: never keeps
+  bool adopted_;                            // conn_ was kept by an earlier one
+  std::unique_ptr<InitConn> conn_;          // null once kept
+  bool connected_ = false;
+  Status failed_;  // once set, every call returns it
+  std::vector<uint64_t> region_lengths_;
+  uint64_t bytes_written_ = 0;
+  uint64_t ops_posted_ = 0;
   Word word_{};
   Word reply_{};
   // Reused by write(); kept so large batches do not reallocate each call.
@@ -547,7 +858,10 @@ class TcpInitiator final : public TransportInitiator {
 // Thread-safe: the region table is guarded by mu_.
 class TcpTransport final : public Transport {
  public:
-  explicit TcpTransport(TransportOptions opts) : opts_(std::move(opts)) {}
+  explicit TcpTransport(TransportOptions opts)
+      : opts_(std::move(opts)), parking_(std::make_shared<Parking>()) {}
+
+  ~TcpTransport() override { parking_->clear(); }
 
   std::string_view name() const override { return "tcp"; }
 
@@ -564,13 +878,28 @@ class TcpTransport final : public Transport {
   }
 
   Result<std::unique_ptr<TransportInitiator>> create_initiator() override {
-    return std::unique_ptr<TransportInitiator>(new TcpInitiator());
+    return create_initiator_for("");
+  }
+
+  Result<std::unique_ptr<TransportInitiator>> create_initiator_for(
+      std::string_view peer) override {
+    std::unique_ptr<InitConn> kept;
+    if (!peer.empty()) kept = parking_->take_init(std::string(peer));
+    return std::unique_ptr<TransportInitiator>(
+        new TcpInitiator(parking_, std::string(peer), std::move(kept)));
   }
 
   Result<std::unique_ptr<TransportTarget>> open_target(
       std::span<const std::span<std::byte>> regions,
-      std::span<const uint8_t> /*initiator_address*/,
+      std::span<const uint8_t> initiator_address,
       Deadline /*deadline: nothing here waits on the peer*/) override {
+    // Empty, or the 8-byte token of a connection the initiator kept.
+    if (!initiator_address.empty() && initiator_address.size() != 8) {
+      return Status::invalid_argument(
+          "tcp: initiator address of " +
+          std::to_string(initiator_address.size()) +
+          " bytes (expected none, or an 8-byte token)");
+    }
     {
       std::lock_guard lock(mu_);
       for (size_t i = 0; i < regions.size(); ++i) {
@@ -583,11 +912,22 @@ class TcpTransport final : public Transport {
         }
       }
     }
-    return TcpTarget::open(opts_.bind_host, regions);
+    if (!initiator_address.empty()) {
+      const uint64_t token = load_le<uint64_t>(initiator_address.data());
+      if (auto conn = parking_->take_target(token, regions)) {
+        return std::unique_ptr<TransportTarget>(
+            new TcpTarget(std::move(conn), parking_, /*reused=*/true));
+      }
+    }
+    KVMIG_ASSIGN_OR_RETURN(auto conn,
+                           TargetConn::open(opts_.bind_host, regions));
+    return std::unique_ptr<TransportTarget>(
+        new TcpTarget(std::move(conn), parking_, /*reused=*/false));
   }
 
  private:
   const TransportOptions opts_;
+  const std::shared_ptr<Parking> parking_;
   std::mutex mu_;
   RegionTable<std::monostate> regions_;  // guarded by mu_
 };

@@ -9,6 +9,14 @@
 //   write record: u32 region, u64 offset, u64 length, then `length` bytes
 //   flush record: u32 0xFFFFFFFF, u64 sequence, u64 0; answered by the u64
 //                 sequence once all earlier records were applied.
+//
+// Target address: host, u16 port, u64 token, u32 region count, u64 length
+// of each region. A committed migration keeps its connection on both sides
+// (keep()): the next initiator to that peer presents the 8-byte token as its
+// address, and a target that still holds the connection adopts it for the
+// new migration's regions and answers with port 0 (no listener, no
+// handshake); otherwise it listens afresh and the initiator drops what it
+// kept. While kept, the target applies no write: one cuts the connection.
 #ifndef KVMIG_TRANSPORT_TCP_TCP_TRANSPORT_H_
 #define KVMIG_TRANSPORT_TCP_TCP_TRANSPORT_H_
 
