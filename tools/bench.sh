@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite: kvmig beside the references, on one host.
 #
-#   tools/bench.sh [--quick | --ucx] [--reps N] [--out FILE]
+#   tools/bench.sh [--quick | --ucx | --latency] [--reps N] [--out FILE]
 #
 # Builds a release build of its own (build-bench, -Dbuildtype=release, no
 # -march=native), starts one `kvmig perf --server` and one iperf3 server on
@@ -12,6 +12,12 @@
 # UCX issue's cases (llama3-8b page->page 256 MiB and 1 GiB, layer->layer
 # with 32 KiB writes at 64 and 256 MiB) against the UCX references.
 #
+# Every run but --ucx starts with the fixed cost: a 1-page migration's p50
+# over tcp and ucx (`kvmig perf --preset tiny --pages 1 --iters 300`, with
+# its per-phase p50s) beside rtt_ref, a loopback TCP round trip between two
+# processes, interleaved; kvmig / reference reads as round trips. --latency
+# runs only that.
+#
 # References, each moving the same bytes per iteration:
 #   ucx_put_ref          raw ucp_put_nbx in kvmig's average write size, UCX
 #                        free to pick (worker addresses): shared memory here,
@@ -20,6 +26,8 @@
 #                        runs with UCX_TLS=tcp, on its own perf server)
 #   iperf3               one TCP stream on loopback, -l 1M (for kvmig tcp)
 #   memcpy_ref           one thread's memcpy: the single-host ceiling
+#   rtt_ref              a 64-byte TCP ping-pong between two processes on
+#                        loopback (Nagle off): p50 of 2000 round trips
 # kvmig's GB/s is `kvmig perf`'s: payload bytes over each migration's whole
 # wall time (HELLO to DONE, control round trips and commit included).
 #
@@ -37,9 +45,10 @@ while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
     --ucx) QUICK=2 ;;
+    --latency) QUICK=3 ;;
     --reps) REPS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    *) sed -n '2,29p' "$0"; exit 2 ;;
+    *) sed -n '2,37p' "$0"; exit 2 ;;
   esac
   shift
 done
@@ -63,7 +72,8 @@ if [[ ! -f $BUILD/build.ninja ]]; then
 else
   meson configure "$BUILD" "${RELEASE_ARGS[@]}" >&2
 fi
-ninja -C "$BUILD" -j2 tools/kvmig tools/memcpy_ref tools/ucx_put_ref >&2
+ninja -C "$BUILD" -j2 tools/kvmig tools/memcpy_ref tools/ucx_put_ref \
+  tools/rtt_ref >&2
 
 tmp=$(mktemp -d)
 pids=()
@@ -90,14 +100,16 @@ pids+=($!)
 sleep 0.3
 
 echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), kernel $(uname -r)"
-echo "command: tools/bench.sh $([[ $QUICK == 1 ]] && echo --quick)$([[ $QUICK == 2 ]] && echo --ucx) --reps $REPS"
+echo "command: tools/bench.sh $([[ $QUICK == 1 ]] && echo --quick)$([[ $QUICK == 2 ]] && echo --ucx)$([[ $QUICK == 3 ]] && echo --latency) --reps $REPS"
 
 python3 - "$BUILD" "$server" "$iperf_port" "$QUICK" "$REPS" "$OUT" <<'PY'
 import json, os, statistics, subprocess, sys, time
 
 build, server, iperf_port, quick, reps, out_path = sys.argv[1:]
-ucx_only, quick, reps = quick == "2", quick == "1", int(reps)
+ucx_only, latency_only = quick == "2", quick == "3"
+quick, reps = quick == "1", int(reps)
 K = f"{build}/tools/kvmig"
+RTT_REF = f"{build}/tools/rtt_ref"
 UCX_REF = f"{build}/tools/ucx_put_ref"
 MEM_REF = f"{build}/tools/memcpy_ref"
 MiB = 1 << 20
@@ -193,6 +205,54 @@ def groups(c, big):
 
 rows, results = [], []
 t_start = time.time()
+
+# The fixed cost: 1-page migrations against the loopback round trip.
+def one_page(transport):
+    j = run_json([K, "perf", server, "--transport", transport, "--preset", "tiny",
+                  "--pages", "1", "--iters", "300", "--warmup", "20", "--json"])
+    return j["latency_ms"]["p50"], j["phases_ms"]
+
+def rtt_us():
+    return run_json([RTT_REF, "--iters", "2000"])["p50_us"]
+
+def fixed_cost():
+    lat = {t: [] for t in ("tcp", "ucx")}
+    phases = {t: [] for t in lat}
+    rtts = []
+    for rep in range(reps):
+        rtts.append(rtt_us() / 1000)
+        for t in lat:
+            ms, ph = one_page(t)
+            lat[t].append(ms)
+            phases[t].append(ph)
+        rtts.append(rtt_us() / 1000)
+    # Each kvmig sample against the two round trips around it.
+    out = []
+    for t in lat:
+        ratios = sorted(lat[t][i] / statistics.mean(rtts[2 * i:2 * i + 2])
+                        for i in range(reps))
+        ph = {k: statistics.median(p[k] for p in phases[t]) for k in phases[t][0]}
+        out.append({"case": "tiny 1 page p50 latency", "kvmig": f"kvmig {t}",
+                    "reference": "rtt_ref", "kvmig_ms": lat[t], "ref_ms": rtts,
+                    "ratios": ratios, "phases_ms": ph})
+    return out
+
+if not ucx_only:
+    fixed = fixed_cost()
+    results += fixed
+    print(f"{'case':26} {'kvmig':10} {'ms median [range]':22} {'reference':10} "
+          f"{'ms median [range]':22} {'round trips [range]':22} phases (ms, medians)")
+    for r in fixed:
+        k, ref, q = r["kvmig_ms"], r["ref_ms"], r["ratios"]
+        print(f"{r['case']:26} {r['kvmig']:10} "
+              f"{statistics.median(k):6.3f} [{min(k):.3f}-{max(k):.3f}]".ljust(60) +
+              f" {r['reference']:10} "
+              f"{statistics.median(ref):6.4f} [{min(ref):.4f}-{max(ref):.4f}]".ljust(34) +
+              f" {statistics.median(q):5.1f} [{min(q):.1f}-{max(q):.1f}]".ljust(23) +
+              " " + " ".join(f"{k}={v:.3f}" for k, v in r["phases_ms"].items()))
+    print(flush=True)
+if latency_only:
+    sweep, variants = [], []
 for c in sweep + variants:
     big = c in sweep  # iperf3 once per size, not per layout
     for grp in groups(c, big):

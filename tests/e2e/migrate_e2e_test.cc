@@ -344,9 +344,10 @@ TEST(BystanderE2E, RequestsThatDoNotMoveKeepDecoding) {
     std::cout << "request " << id << ": " << after.at(id) - before.at(id)
               << " tokens in at least " << seconds << " s, " << ratio
               << " of the decode rate\n";
-    // The rate is exact when nothing stops the engine; the margin is for a
-    // decode thread that a loaded machine (sanitizers) delays.
-    EXPECT_GE(ratio, 0.8) << id;
+    // The rate is exact when nothing stops the engine (the decoder does not
+    // catch up on missed ticks, so a pause would show); the bound,
+    // 5 %, is the margin for a decode thread a loaded machine delays.
+    EXPECT_GE(ratio, 0.95) << id;
   }
   // The moved request: gone here, there as it was when it stopped.
   EXPECT_EQ(after.count(4), 0u);

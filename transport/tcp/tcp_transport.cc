@@ -305,8 +305,12 @@ class TargetConn {
     auto dst = claim(region, offset, length);
     if (!dst.ok()) return fail(dst.status());
     if (length == 0) return read_header();
-    asio::async_read(socket_, asio::buffer(dst->data(), length),
-                     large_transfers,
+    // The payload and the next record's header in one scattered read: one
+    // system call a write where records come back to back. A stream that
+    // ends after a payload fails here, the payload applied.
+    payload_and_header_ = {asio::buffer(dst->data(), length),
+                           asio::buffer(header_)};
+    asio::async_read(socket_, payload_and_header_, large_transfers,
                      [this, length](const error_code& rec, size_t) {
                        {
                          std::lock_guard lock(mu_);
@@ -318,7 +322,7 @@ class TargetConn {
                        }
                        bytes_applied_ += length;
                        ++writes_applied_;
-                       read_header();
+                       on_header(error_code());
                      });
   }
 
@@ -328,21 +332,23 @@ class TargetConn {
   Result<std::span<std::byte>> claim(uint32_t region, uint64_t offset,
                                      uint64_t length) {
     std::lock_guard lock(mu_);
-    const std::string where = "tcp target: write record from " + peer_;
+    // Messages are built only on the way out: this runs once a write.
+    auto refuse = [&](const std::string& why) {
+      return Status::protocol("tcp target: write record from " + peer_ + why);
+    };
     if (parked_) {
-      return Status::protocol(
-          where + " after its migration committed (the connection was kept)");
+      return refuse(" after its migration committed (the connection was kept)");
     }
     if (region >= regions_.size()) {
-      return Status::protocol(where + " for region " + std::to_string(region) +
-                              " of " + std::to_string(regions_.size()));
+      return refuse(" for region " + std::to_string(region) + " of " +
+                    std::to_string(regions_.size()));
     }
     const std::span<std::byte> dst = regions_[region];
     if (offset > dst.size() || length > dst.size() - offset) {
-      return Status::protocol(where + " for [" + std::to_string(offset) +
-                              ", +" + std::to_string(length) +
-                              ") outside region " + std::to_string(region) +
-                              " of " + std::to_string(dst.size()) + " bytes");
+      return refuse(" for [" + std::to_string(offset) + ", +" +
+                    std::to_string(length) + ") outside region " +
+                    std::to_string(region) + " of " +
+                    std::to_string(dst.size()) + " bytes");
     }
     if (length == 0) return dst;
     if (!windows_.empty()) {
@@ -350,10 +356,10 @@ class TargetConn {
       auto it = spans.upper_bound(offset);
       if (it == spans.begin() || offset < std::prev(it)->first ||
           offset + length > std::prev(it)->second) {
-        return Status::protocol(
-            where + " for [" + std::to_string(offset) + ", +" +
-            std::to_string(length) + ") of region " + std::to_string(region) +
-            " lies outside the slots offered to this migration");
+        return refuse(" for [" + std::to_string(offset) + ", +" +
+                      std::to_string(length) + ") of region " +
+                      std::to_string(region) +
+                      " lies outside the slots offered to this migration");
       }
     }
     in_payload_ = true;
@@ -387,6 +393,7 @@ class TargetConn {
   tcp::socket socket_;  // the authenticated initiator
   Word token_buf_{};
   Header header_{};
+  std::array<asio::mutable_buffer, 2> payload_and_header_;
   Word ack_{};
   std::string peer_;
   uint64_t bytes_applied_ = 0;
