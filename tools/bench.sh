@@ -284,19 +284,20 @@ def fmt(v):
         return "       -              "
     return f"{statistics.median(v):6.3f} [{min(v):.3f}-{max(v):.3f}]".ljust(22)
 
-print()
-print(f"{'case':34} {'kvmig':13} {'GB/s median [range]':22} {'reference':16} "
-      f"{'GB/s median [range]':22} {'kvmig/ref median [range]':26} {'write':>9}")
-for r in rows:
-    ratio = (f"{statistics.median(r['ratios']):5.2f} [{min(r['ratios']):.2f}-{max(r['ratios']):.2f}]"
-             if r["ratios"] else "-")
-    chunk = r["chunk"]
-    wr = f"{chunk // MiB} MiB" if chunk >= MiB else f"{chunk // 1024} KiB"
-    print(f"{r['case']:34} {r['kvmig']:13} {fmt(r['kvmig_gbps'])} {r['reference']:16} "
-          f"{fmt(r['ref_gbps'])} {ratio:26} {wr:>9}" + (f"  ERROR {r['error'][:120]}" if r["error"] else ""))
-print(f"\n{reps} repetitions each, interleaved; GB/s = 10^9 bytes/s; 'write' is kvmig's "
-      f"average write (the size the ucx and memcpy references copy in); "
-      f"{time.time() - t_start:.0f} s")
+if rows:
+    print()
+    print(f"{'case':34} {'kvmig':13} {'GB/s median [range]':22} {'reference':16} "
+          f"{'GB/s median [range]':22} {'kvmig/ref median [range]':26} {'write':>9}")
+    for r in rows:
+        ratio = (f"{statistics.median(r['ratios']):5.2f} [{min(r['ratios']):.2f}-{max(r['ratios']):.2f}]"
+                 if r["ratios"] else "-")
+        chunk = r["chunk"]
+        wr = f"{chunk // MiB} MiB" if chunk >= MiB else f"{chunk // 1024} KiB"
+        print(f"{r['case']:34} {r['kvmig']:13} {fmt(r['kvmig_gbps'])} {r['reference']:16} "
+              f"{fmt(r['ref_gbps'])} {ratio:26} {wr:>9}" + (f"  ERROR {r['error'][:120]}" if r["error"] else ""))
+    print(f"\n{reps} repetitions each, interleaved; GB/s = 10^9 bytes/s; 'write' is kvmig's "
+          f"average write (the size the ucx and memcpy references copy in); "
+          f"{time.time() - t_start:.0f} s")
 os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
 with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
