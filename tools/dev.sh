@@ -146,7 +146,8 @@ PY
 # PYTEST_ENV: extra environment for pytest (the ASan run's LD_PRELOAD).
 run_tests() {
   local dir=$1 rc=0
-  # Two at a time: only tests marked parallel (e2e, e2e-faults) share.
+  # Two at a time: only the suites not marked is_parallel: false (unit,
+  # e2e, e2e-faults) ever share the machine.
   meson test -C "$dir" --print-errorlogs --num-processes 2 >&2 || rc=$?
   local xmls=("$dir/meson-logs/testlog.junit.xml")
   local pyxml=$dir/meson-logs/pytest.junit.xml

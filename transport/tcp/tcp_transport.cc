@@ -444,8 +444,6 @@ class Parking {
  public:
   static constexpr size_t kMaxKept = 16;
 
-  ~Parking() { clear(); }
-
   void park_target(std::shared_ptr<TargetConn> c) {
     std::shared_ptr<TargetConn> evicted;
     {
