@@ -337,10 +337,17 @@ TEST_P(PagerConformanceTest, LayoutAgreesWithReadPage) {
   std::vector<PageIndex> p = allocate_written(3, 60);
   for (PageIndex ix : p) {
     std::vector<std::byte> from_layout;
-    for (const StridedRegion& r : *layout) {
-      ASSERT_EQ(r.kind, MemoryKind::kHost);
-      const std::byte* piece = r.base + uint64_t{ix} * r.stride;
-      from_layout.insert(from_layout.end(), piece, piece + r.chunk);
+    for (uint32_t i = 0; i < layout->size(); ++i) {
+      const StridedRegion& r = (*layout)[i];
+      if (r.kind == MemoryKind::kHost) {
+        const std::byte* piece = r.base + uint64_t{ix} * r.stride;
+        from_layout.insert(from_layout.end(), piece, piece + r.chunk);
+        continue;
+      }
+      // Device memory: only through the pager's copies.
+      std::vector<std::byte> piece(r.chunk);
+      ASSERT_OK(pager_->copy_from_device(i, uint64_t{ix} * r.stride, piece));
+      from_layout.insert(from_layout.end(), piece.begin(), piece.end());
     }
     ASSERT_OK_AND_ASSIGN(PageBytes page, pager_->read_page(ix));
     std::vector<std::byte> canonical = page.k;
@@ -354,6 +361,43 @@ TEST_P(PagerConformanceTest, LayoutAgreesWithReadPage) {
   for (size_t i = 0; i < layout->size(); ++i) {
     EXPECT_EQ((*again)[i].base, (*layout)[i].base);
   }
+}
+
+// A layout with device regions: copy_to_device lands where read_page sees
+// it, and ranges outside a region are refused.
+TEST_P(PagerConformanceTest, DeviceCopiesAgreeWithReadPage) {
+  std::optional<PagerLayout> layout = pager_->layout();
+  if (!layout) GTEST_SKIP() << "pager has no layout()";
+  const bool device = std::any_of(layout->begin(), layout->end(), [](auto& r) {
+    return r.kind != MemoryKind::kHost;
+  });
+  if (!device) GTEST_SKIP() << "the layout is host memory only";
+  std::vector<PageIndex> p = allocate_written(1, 61);
+  const PageIndex ix = p[0];
+  uint64_t canonical = 0;  // where region i's piece starts in the page
+  for (uint32_t i = 0; i < layout->size(); ++i) {
+    const StridedRegion& r = (*layout)[i];
+    if (r.kind == MemoryKind::kHost) {
+      canonical += r.chunk;
+      continue;
+    }
+    std::vector<std::byte> in(r.chunk);
+    for (size_t b = 0; b < in.size(); ++b) in[b] = std::byte(b * 7 + i);
+    ASSERT_OK(pager_->copy_to_device(i, uint64_t{ix} * r.stride, in));
+    ASSERT_OK_AND_ASSIGN(PageBytes page, pager_->read_page(ix));
+    std::vector<std::byte> whole = page.k;
+    whole.insert(whole.end(), page.v.begin(), page.v.end());
+    EXPECT_TRUE(std::equal(in.begin(), in.end(), whole.begin() + canonical))
+        << "region " << i;
+    canonical += r.chunk;
+    std::vector<std::byte> one(1);
+    EXPECT_EQ(pager_->copy_from_device(i, r.span_bytes(), one).code(),
+              StatusCode::kOutOfRange);
+  }
+  std::vector<std::byte> one(1);
+  EXPECT_FALSE(pager_->copy_from_device(
+                        static_cast<uint32_t>(layout->size()), 0, one)
+                   .ok());
 }
 
 TEST_P(PagerConformanceTest, PauseResumeNests) {

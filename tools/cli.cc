@@ -72,6 +72,8 @@ struct PoolFlags {
   std::string populate;
   uint64_t seed = 1;
   uint64_t share_prefix = 0;
+  std::string memory = "host";
+  int device = 0;
 };
 
 void add_pool_flags(CLI::App* app, PoolFlags& f) {
@@ -92,13 +94,23 @@ void add_pool_flags(CLI::App* app, PoolFlags& f) {
   app->add_option("--share-prefix", f.share_prefix,
                   "tokens of shared prefix pages across populated requests")
       ->transform(unsigned_integer());
+  app->add_option("--memory", f.memory,
+                  "where the pool lives: host; sim-device (a simulated GPU "
+                  "that kvmig can reach only through the pager's copies); "
+                  "cuda (GPU memory, needs the CUDA driver)")
+      ->check(CLI::IsMember({"host", "sim-device", "cuda"}));
+  app->add_option("--device", f.device, "GPU ordinal for --memory cuda")
+      ->check(CLI::Range(0, 1023));
 }
 
 Result<std::unique_ptr<SyntheticPager>> make_pool(const PoolFlags& f) {
   KVMIG_ASSIGN_OR_RETURN(CacheMeta meta, preset_meta(f.preset));
   KVMIG_ASSIGN_OR_RETURN(PoolLayout layout, parse_pool_layout(f.layout));
-  KVMIG_ASSIGN_OR_RETURN(
-      auto pager, SyntheticPager::create(meta, layout, f.capacity_pages));
+  KVMIG_ASSIGN_OR_RETURN(PoolMemoryKind memory,
+                         parse_pool_memory_kind(f.memory));
+  KVMIG_ASSIGN_OR_RETURN(auto pager,
+                         SyntheticPager::create(meta, layout, f.capacity_pages,
+                                                memory, f.device));
   if (!f.populate.empty()) {
     auto pop = parse_populate(f.populate);
     if (!pop.ok()) return pop.status().with_context("--populate");

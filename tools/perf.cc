@@ -173,6 +173,8 @@ struct ClientPlan {
   CacheMeta meta;
   PoolLayout src_layout = PoolLayout::kPage;
   PoolLayout dst_layout = PoolLayout::kPage;
+  PoolMemoryKind src_memory = PoolMemoryKind::kHost;
+  PoolMemoryKind dst_memory = PoolMemoryKind::kHost;
   AllocationOrder dst_order = AllocationOrder::kContiguous;
   uint32_t capacity = 0;  // page slots of either pool
 };
@@ -202,6 +204,13 @@ Exit plan_client(const PerfFlags& f, ClientPlan& plan) {
   }
   plan.src_layout = *src_layout;
   plan.dst_layout = *dst_layout;
+  auto src_memory = parse_pool_memory_kind(f.src_memory);
+  auto dst_memory = parse_pool_memory_kind(f.dst_memory);
+  if (!src_memory.ok() || !dst_memory.ok()) {
+    return usage_error("bad --src-memory or --dst-memory");
+  }
+  plan.src_memory = *src_memory;
+  plan.dst_memory = *dst_memory;
   plan.dst_order = *order;
   const uint64_t page_total = 2 * plan.meta.page_bytes();
   // Room for live decoding to grow the request; the destination gets the
@@ -220,8 +229,8 @@ Exit plan_client(const PerfFlags& f, ClientPlan& plan) {
 // in-process agent. options gets the agent's options (the secret included).
 Exit start_source(const PerfFlags& f, const ClientPlan& plan, Client& c,
                   AgentOptions& options) {
-  auto pager =
-      SyntheticPager::create(plan.meta, plan.src_layout, plan.capacity);
+  auto pager = SyntheticPager::create(plan.meta, plan.src_layout,
+                                      plan.capacity, plan.src_memory);
   if (!pager.ok()) return fail(pager.status(), f.json);
   c.pager = std::move(*pager);
   Status populated = c.pager->populate(
@@ -254,6 +263,7 @@ Exit start_client(const PerfFlags& f, const ClientPlan& plan, Client& c) {
   setup.capacity_pages = plan.capacity;
   setup.order = plan.dst_order;
   setup.seed = f.seed;
+  setup.memory = plan.dst_memory;
   // Building the target faults its whole pool in: allow for that.
   auto session = PerfSession::open(
       f.connect, setup,
@@ -385,6 +395,8 @@ json report_json(const PerfFlags& f, const ClientPlan& plan,
       {"page_bytes", plan.meta.page_bytes()},
       {"src_layout", f.src_layout},
       {"dst_layout", f.dst_layout},
+      {"src_memory", f.src_memory},
+      {"dst_memory", f.dst_memory},
       {"dst_order", f.dst_order},
       {"mode", "copy"},
       {"verify", f.verify},
@@ -490,6 +502,13 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
       ->check(CLI::IsMember({"page", "layer"}));
   app->add_option("--dst-layout", f.dst_layout, "client: page|layer")
       ->check(CLI::IsMember({"page", "layer"}));
+  app->add_option("--src-memory", f.src_memory,
+                  "client: where the source pool lives, host|sim-device|cuda")
+      ->check(CLI::IsMember({"host", "sim-device", "cuda"}));
+  app->add_option("--dst-memory", f.dst_memory,
+                  "client: where the server's target pool lives, "
+                  "host|sim-device|cuda")
+      ->check(CLI::IsMember({"host", "sim-device", "cuda"}));
   app->add_option("--pages", f.pages, "client: pages per migration")
       ->check(CLI::Range(1u, 1u << 20));
   app->add_option("--iters", f.iters, "client: measured migrations")

@@ -38,6 +38,8 @@ struct PerfFlags {
   uint32_t page_kib = 0;  // > 0: K bytes per page, instead of a preset
   std::string src_layout = "page";
   std::string dst_layout = "page";
+  std::string src_memory = "host";  // host|sim-device|cuda
+  std::string dst_memory = "host";
   uint32_t pages = 64;  // per migration
   uint32_t iters = 10;
   uint32_t warmup = 2;

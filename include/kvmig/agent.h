@@ -177,6 +177,10 @@ struct MigrationReport {
   // posted and flushed), "verify" (VERIFY to VERIFY_ACK), "commit" (COMMIT
   // to DONE, with digests read first if asked), "resume" (drop and resume).
   std::vector<std::pair<std::string, double>> phases_ms;
+  // Where the pages were read and written: "host", "cuda" or "cuda+host"
+  // (the kinds of each side's layout regions; host without a layout).
+  std::string src_memory;
+  std::string dst_memory;
 };
 
 // One live request as status reports it.
@@ -196,6 +200,8 @@ struct AgentStatus {
   uint64_t free_pages = 0;
   std::vector<SeqStatus> seqs;
   std::vector<std::string> transports;
+  // Where the pages live: "host", "cuda" or "cuda+host".
+  std::string memory;
   // Migrations whose outcome this agent could not learn (peer unreachable at
   // the decision point), with the requests they hold. The agent keeps asking
   // the destination in the background and settles each one when it answers.

@@ -124,6 +124,43 @@ class CachePager {
     return Status::unimplemented("pager does not support unhold_seqs");
   }
 
+  // --- Device memory --------------------------------------------------------
+  // For layout regions whose kind is not MemoryKind::kHost (a GPU's memory).
+  // kvmig never dereferences such a region: every byte it reads or writes
+  // there (a tcp transfer, a checksum) goes through these copies, through
+  // bounded host buffers of its own. Offsets count from the region's base,
+  // the range stays inside its span_bytes(); `region` is the index in
+  // layout(). They may be called from several kvmig threads at once, on
+  // disjoint ranges, while the engine runs; like every page access they
+  // touch only slots kvmig was lent (paused or held requests, allocated
+  // slots). Defaults: Unimplemented, which makes a non-host region
+  // unusable (kvmig refuses such a layout at agent start with that
+  // reason): a pager whose layout is host memory needs none of them.
+
+  // Copies out.size() bytes from byte `offset` of region `region` into out.
+  virtual Status copy_from_device(uint32_t region, uint64_t offset,
+                                  std::span<std::byte> out) {
+    (void)region;
+    (void)offset;
+    (void)out;
+    return Status::unimplemented("pager does not support copy_from_device");
+  }
+  // Copies in into region `region` from byte `offset` on.
+  virtual Status copy_to_device(uint32_t region, uint64_t offset,
+                                std::span<const std::byte> in) {
+    (void)region;
+    (void)offset;
+    (void)in;
+    return Status::unimplemented("pager does not support copy_to_device");
+  }
+  // Optional: a dmabuf behind region `region`, for RDMA straight into
+  // device memory (verbs registers it with ibv_reg_dmabuf_mr). Without it,
+  // verbs cannot reach that region and says so.
+  virtual Result<DmabufRegion> export_dmabuf(uint32_t region) {
+    (void)region;
+    return Status::unimplemented("pager does not export dmabufs");
+  }
+
   // Capacity and free slots, if the pager knows them.
   virtual std::optional<PagerCapacity> capacity() const { return std::nullopt; }
 };

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "kvmig/status.h"
+#include "kvmig/types.h"
 
 namespace kvmig {
 
@@ -129,6 +131,23 @@ class TransportTarget {
   }
 };
 
+// Memory the CPU must not touch (a GPU's): a transport reaches it through
+// these copies, in bounded host buffers of its own (tcp), or registers it
+// as device memory with its library (ucx: a CUDA memory type; verbs: a
+// dmabuf). Every function is thread-safe and is called only for ranges
+// inside the registered region.
+struct DeviceMemory {
+  MemoryKind kind = MemoryKind::kCuda;
+  int device = 0;
+  // Copies out.size() bytes at device address src into out.
+  std::function<Status(const std::byte* src, std::span<std::byte> out)> read;
+  // Copies in to device address dst.
+  std::function<Status(std::byte* dst, std::span<const std::byte> in)> write;
+  // A dmabuf behind the region (its base is byte `offset` of it), or why
+  // there is none.
+  std::function<Result<DmabufRegion>()> dmabuf;
+};
+
 // A transport instance, one per agent and kind. Owns memory registrations.
 // Thread-safe.
 class Transport {
@@ -143,8 +162,20 @@ class Transport {
   // made) and may overlap nothing else registered.
   virtual Status register_memory(std::span<std::byte> region) = 0;
 
-  // Undoes register_memory. The caller guarantees no initiator or target
-  // still uses the region.
+  // Registers [region.data(), +size) of device memory (see DeviceMemory),
+  // which this transport must never dereference. Default: refused, naming
+  // the transport. A transport that refuses says what it lacks (a UCX
+  // build without CUDA support, a device without dmabuf registration).
+  virtual Status register_device_memory(
+      std::span<std::byte> region, std::shared_ptr<const DeviceMemory> device) {
+    (void)region;
+    (void)device;
+    return Status::unimplemented(std::string(name()) +
+                                 " cannot register device memory");
+  }
+
+  // Undoes register_memory (or register_device_memory). The caller
+  // guarantees no initiator or target still uses the region.
   virtual Status deregister_memory(std::span<std::byte> region) = 0;
 
   // Makes the sending end of a new data path.

@@ -99,6 +99,16 @@ struct PageBytes {
 };
 
 enum class MemoryKind : uint8_t { kHost = 0, kCuda = 1 };
+// "host", "cuda"; "invalid" outside the enum.
+std::string_view memory_kind_name(MemoryKind kind);
+
+// A dmabuf that covers a region of device memory: the region's byte 0 is
+// byte `offset` of the buffer behind `fd`. The fd stays owned (and open) by
+// whoever exported it (the pager) for its lifetime; kvmig never closes it.
+struct DmabufRegion {
+  int fd = -1;
+  uint64_t offset = 0;
+};
 
 // A strided run of page pieces in memory. Page ix's piece in this region is
 // [base + ix * stride, base + ix * stride + chunk), for ix < slots.

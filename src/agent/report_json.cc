@@ -52,6 +52,7 @@ json status_json(const AgentStatus& st) {
           {"seqs", seqs},
           {"migrations", migrations},
           {"transports", st.transports},
+          {"memory", st.memory},
           {"in_doubt", in_doubt},
           {"shared_groups", groups},
           {"control_connections", st.control_connections}};
@@ -72,6 +73,8 @@ json migration_json(const MigrationReport& r) {
               {"round_pages", r.round_pages},
               {"transport", r.transport},
               {"staged", r.staged},
+              {"memory",
+               {{"source", r.src_memory}, {"destination", r.dst_memory}}},
               {"left_behind", r.left_behind}};
   json phases = json::object();
   for (const auto& [name, ms] : r.phases_ms) phases[name] = ms;

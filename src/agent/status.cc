@@ -55,6 +55,7 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
   AgentStatus st;
   st.meta = ctx.pager.meta();
   for (const auto& [name, t] : ctx.transports) st.transports.push_back(name);
+  st.memory = ctx.memory;
   st.in_doubt = ctx.in_doubt.entries();
   // Digests are computed with the engine paused, so no request is seen torn;
   // without them nothing is read and the engine is not paused.

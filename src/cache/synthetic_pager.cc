@@ -9,7 +9,7 @@
 #include <string>
 #include <utility>
 
-#include "mapped_region.h"
+#include "pool_memory.h"
 
 namespace kvmig {
 namespace {
@@ -85,7 +85,7 @@ std::string_view pool_layout_name(PoolLayout layout) {
 
 struct SyntheticPager::State {
   // Immutable after create().
-  std::vector<MappedRegion> mappings;
+  std::vector<std::unique_ptr<PoolMemory>> memory;  // one per region
   PagerLayout regions;
 
   // Guarded by mu.
@@ -118,7 +118,8 @@ SyntheticPager::SyntheticPager(const CacheMeta& meta, PoolLayout layout,
 SyntheticPager::~SyntheticPager() { stop_decoding(); }
 
 Result<std::unique_ptr<SyntheticPager>> SyntheticPager::create(
-    const CacheMeta& meta, PoolLayout layout, uint32_t capacity_pages) {
+    const CacheMeta& meta, PoolLayout layout, uint32_t capacity_pages,
+    PoolMemoryKind memory, int device) {
   KVMIG_RETURN_IF_ERROR(meta.validate());
   if (capacity_pages == 0) {
     return Status::invalid_argument("synthetic pager: capacity must be > 0");
@@ -139,12 +140,12 @@ Result<std::unique_ptr<SyntheticPager>> SyntheticPager::create(
     return Status::resource_exhausted("synthetic pager: pool too large");
   }
   for (uint32_t r = 0; r < n_regions; ++r) {
-    KVMIG_ASSIGN_OR_RETURN(MappedRegion m,
-                           MappedRegion::create(len, true, "synthetic pager"));
-    auto* p = m.data();
-    st.mappings.push_back(std::move(m));
-    st.regions.push_back(
-        StridedRegion{p, chunk, chunk, capacity_pages, MemoryKind::kHost, 0});
+    KVMIG_ASSIGN_OR_RETURN(
+        std::unique_ptr<PoolMemory> m,
+        PoolMemory::create(memory, len, device, "synthetic pager"));
+    st.regions.push_back(StridedRegion{m->base(), chunk, chunk, capacity_pages,
+                                       m->kind(), m->device()});
+    st.memory.push_back(std::move(m));
   }
   st.slot_state.assign(capacity_pages, SlotState::kFree);
   st.refcount.assign(capacity_pages, 0);
@@ -154,30 +155,31 @@ Result<std::unique_ptr<SyntheticPager>> SyntheticPager::create(
 
 namespace {
 
-// Address of canonical byte `offset` of page ix; [offset, offset + n) must
-// stay inside one region's chunk.
-std::byte* canonical_ptr(const PagerLayout& regions, uint64_t chunk_hint,
-                         PageIndex ix, uint64_t offset) {
-  if (regions.size() == 1) {
-    return regions[0].base + uint64_t{ix} * regions[0].stride + offset;
-  }
-  const uint64_t r = offset / chunk_hint;
-  return regions[r].base + uint64_t{ix} * regions[r].stride +
-         offset % chunk_hint;
-}
-
-}  // namespace
-
-namespace {
-
-// Canonical-order access to a pool's page memory. The caller holds the
-// pager's mutex.
+// Canonical-order access to a pool's page memory, through the memory's own
+// copies (the engine's "kernels"). The caller holds the pager's mutex.
 struct Pool {
   const CacheMeta& meta;
+  const std::vector<std::unique_ptr<PoolMemory>>& memory;
   const PagerLayout& regions;
 
-  std::byte* ptr(PageIndex ix, uint64_t offset) const {
-    return canonical_ptr(regions, meta.layer_chunk_bytes(), ix, offset);
+  // Which region holds canonical byte `offset` of page ix, and where in its
+  // memory; [offset, offset + n) stays inside one region's chunk.
+  std::pair<PoolMemory*, uint64_t> locate(PageIndex ix, uint64_t offset) const {
+    uint64_t r = 0;
+    if (regions.size() > 1) {
+      r = offset / meta.layer_chunk_bytes();
+      offset %= meta.layer_chunk_bytes();
+    }
+    return {memory[r].get(), uint64_t{ix} * regions[r].stride + offset};
+  }
+  Status read(PageIndex ix, uint64_t offset, std::span<std::byte> out) const {
+    auto [m, at] = locate(ix, offset);
+    return m->read(at, out);
+  }
+  Status write(PageIndex ix, uint64_t offset,
+               std::span<const std::byte> in) const {
+    auto [m, at] = locate(ix, offset);
+    return m->write(at, in);
   }
   // Canonical offset of a token's bytes in layer l, K or V.
   uint64_t token_offset(uint64_t token_in_page, uint32_t layer,
@@ -186,28 +188,35 @@ struct Pool {
            uint64_t{layer} * meta.layer_chunk_bytes() +
            token_in_page * meta.token_bytes_per_layer();
   }
-  void zero_page(PageIndex ix) const {
+  Status zero_page(PageIndex ix) const {
     const uint64_t chunk = meta.layer_chunk_bytes();
     for (uint64_t c = 0; c < 2ull * meta.n_layers; ++c) {
-      std::memset(ptr(ix, c * chunk), 0, chunk);
+      auto [m, at] = locate(ix, c * chunk);
+      KVMIG_RETURN_IF_ERROR(m->zero(at, chunk));
     }
+    return Status();
   }
-  void write_token(PageIndex ix, uint64_t pos, uint64_t seed,
-                   uint64_t owner) const {
+  Status write_token(PageIndex ix, uint64_t pos, uint64_t seed,
+                     uint64_t owner) const {
     const uint64_t t = pos % meta.page_size_tokens;
     const uint64_t n = meta.token_bytes_per_layer();
+    std::vector<std::byte> bytes(n);
     for (int kv = 0; kv < 2; ++kv) {
       for (uint32_t l = 0; l < meta.n_layers; ++l) {
-        fill_token(ptr(ix, token_offset(t, l, kv == 1)), n, seed, owner, pos, l,
-                   kv == 1);
+        fill_token(bytes.data(), n, seed, owner, pos, l, kv == 1);
+        KVMIG_RETURN_IF_ERROR(write(ix, token_offset(t, l, kv == 1), bytes));
       }
     }
+    return Status();
   }
-  void copy_page(PageIndex from, PageIndex to) const {
+  Status copy_page(PageIndex from, PageIndex to) const {
     const uint64_t chunk = meta.layer_chunk_bytes();
     for (uint64_t c = 0; c < 2ull * meta.n_layers; ++c) {
-      std::memcpy(ptr(to, c * chunk), ptr(from, c * chunk), chunk);
+      auto [m, src] = locate(from, c * chunk);
+      auto [m2, dst] = locate(to, c * chunk);
+      KVMIG_RETURN_IF_ERROR(m->copy(src, dst, chunk));
     }
+    return Status();
   }
 };
 
@@ -263,15 +272,17 @@ Result<PageBytes> SyntheticPager::read_page(PageIndex ix) {
     return Status::failed_precondition("read_page: slot " + ix_str(ix) +
                                        " is free");
   }
-  const Pool pool{meta_, state_->regions};
+  const Pool pool{meta_, state_->memory, state_->regions};
   const uint64_t pb = meta_.page_bytes();
   const uint64_t chunk = meta_.layer_chunk_bytes();
   PageBytes page;
   page.k.resize(pb);
   page.v.resize(pb);
   for (uint32_t l = 0; l < meta_.n_layers; ++l) {
-    std::memcpy(page.k.data() + l * chunk, pool.ptr(ix, l * chunk), chunk);
-    std::memcpy(page.v.data() + l * chunk, pool.ptr(ix, pb + l * chunk), chunk);
+    KVMIG_RETURN_IF_ERROR(pool.read(
+        ix, l * chunk, std::span(page.k).subspan(l * chunk, chunk)));
+    KVMIG_RETURN_IF_ERROR(pool.read(
+        ix, pb + l * chunk, std::span(page.v).subspan(l * chunk, chunk)));
   }
   return page;
 }
@@ -340,11 +351,13 @@ Status SyntheticPager::write_page(PageIndex ix, const PageBytes& page) {
     return Status::failed_precondition("write_page: slot " + ix_str(ix) +
                                        " is free");
   }
-  const Pool pool{meta_, state_->regions};
+  const Pool pool{meta_, state_->memory, state_->regions};
   const uint64_t chunk = meta_.layer_chunk_bytes();
   for (uint32_t l = 0; l < meta_.n_layers; ++l) {
-    std::memcpy(pool.ptr(ix, l * chunk), page.k.data() + l * chunk, chunk);
-    std::memcpy(pool.ptr(ix, pb + l * chunk), page.v.data() + l * chunk, chunk);
+    KVMIG_RETURN_IF_ERROR(pool.write(
+        ix, l * chunk, std::span(page.k).subspan(l * chunk, chunk)));
+    KVMIG_RETURN_IF_ERROR(pool.write(
+        ix, pb + l * chunk, std::span(page.v).subspan(l * chunk, chunk)));
   }
   return Status();
 }
@@ -401,6 +414,41 @@ Status SyntheticPager::install_logical_seqs(
 
 std::optional<PagerLayout> SyntheticPager::layout() const {
   return state_->regions;
+}
+
+namespace {
+
+Status check_region(uint32_t region, size_t n_regions, std::string_view op) {
+  if (region >= n_regions) {
+    return Status::out_of_range(std::string(op) + ": region " +
+                                std::to_string(region) + " of " +
+                                std::to_string(n_regions));
+  }
+  return Status();
+}
+
+}  // namespace
+
+// The regions' memory never moves and copies of disjoint ranges may run
+// together: no lock (kvmig's copies touch only slots it was lent).
+Status SyntheticPager::copy_from_device(uint32_t region, uint64_t offset,
+                                        std::span<std::byte> out) {
+  KVMIG_RETURN_IF_ERROR(
+      check_region(region, state_->memory.size(), "copy_from_device"));
+  return state_->memory[region]->read(offset, out);
+}
+
+Status SyntheticPager::copy_to_device(uint32_t region, uint64_t offset,
+                                      std::span<const std::byte> in) {
+  KVMIG_RETURN_IF_ERROR(
+      check_region(region, state_->memory.size(), "copy_to_device"));
+  return state_->memory[region]->write(offset, in);
+}
+
+Result<DmabufRegion> SyntheticPager::export_dmabuf(uint32_t region) {
+  KVMIG_RETURN_IF_ERROR(
+      check_region(region, state_->memory.size(), "export_dmabuf"));
+  return state_->memory[region]->export_dmabuf();
 }
 
 Status SyntheticPager::release_pages(std::span<const PageIndex> ixs) {
@@ -532,35 +580,56 @@ Status SyntheticPager::populate(uint32_t n_seqs, uint64_t tokens, uint64_t seed,
     return Status::resource_exhausted("populate: sequence ids exhausted");
   }
 
-  const Pool pool{meta_, st.regions};
+  const Pool pool{meta_, st.memory, st.regions};
+  std::vector<PageIndex> taken;  // given back if the pool fails
   auto take_slot = [&]() {
     PageIndex ix = st.free_hint;
     while (st.slot_state[ix] != SlotState::kFree) ++ix;
     st.slot_state[ix] = SlotState::kOwned;
     --st.n_free;
     st.free_hint = ix + 1;
-    pool.zero_page(ix);
+    taken.push_back(ix);
     return ix;
   };
-
-  std::vector<PageIndex> shared_pages;
-  for (uint64_t p = 0; p < shared; ++p) {
-    PageIndex ix = take_slot();
-    st.refcount[ix] = n_seqs;
-    for (uint64_t pos = p * ps; pos < (p + 1) * ps; ++pos) {
-      pool.write_token(ix, pos, seed, /*owner=*/0);
+  auto fill = [&](PageIndex ix, uint64_t first, uint64_t end,
+                  uint64_t owner) -> Status {
+    KVMIG_RETURN_IF_ERROR(pool.zero_page(ix));
+    for (uint64_t pos = first; pos < end; ++pos) {
+      KVMIG_RETURN_IF_ERROR(pool.write_token(ix, pos, seed, owner));
     }
-    shared_pages.push_back(ix);
-  }
-  for (uint32_t i = 0; i < n_seqs; ++i) {
-    LogicalSeq seq{first_id + i, tokens, shared_pages};
-    for (uint64_t p = shared; p < pages_per_seq; ++p) {
+    return Status();
+  };
+  auto filled = [&]() -> Result<std::vector<LogicalSeq>> {
+    std::vector<PageIndex> shared_pages;
+    for (uint64_t p = 0; p < shared; ++p) {
       PageIndex ix = take_slot();
-      st.refcount[ix] = 1;
-      for (uint64_t pos = p * ps; pos < std::min((p + 1) * ps, tokens); ++pos) {
-        pool.write_token(ix, pos, seed, seq.seq_id);
+      KVMIG_RETURN_IF_ERROR(fill(ix, p * ps, (p + 1) * ps, /*owner=*/0));
+      shared_pages.push_back(ix);
+    }
+    std::vector<LogicalSeq> out;
+    for (uint32_t i = 0; i < n_seqs; ++i) {
+      LogicalSeq seq{first_id + i, tokens, shared_pages};
+      for (uint64_t p = shared; p < pages_per_seq; ++p) {
+        PageIndex ix = take_slot();
+        KVMIG_RETURN_IF_ERROR(fill(ix, p * ps, std::min((p + 1) * ps, tokens),
+                                   seq.seq_id));
+        seq.pages.push_back(ix);
       }
-      seq.pages.push_back(ix);
+      out.push_back(std::move(seq));
+    }
+    return out;
+  }();
+  if (!filled.ok()) {
+    for (PageIndex ix : taken) {
+      st.slot_state[ix] = SlotState::kFree;
+      ++st.n_free;
+      st.free_hint = std::min(st.free_hint, ix);
+    }
+    return filled.status().with_context("populate");
+  }
+  for (LogicalSeq& seq : *filled) {
+    for (size_t p = 0; p < seq.pages.size(); ++p) {
+      st.refcount[seq.pages[p]] = p < shared ? n_seqs : 1;
     }
     st.seqs.emplace(seq.seq_id, std::move(seq));
   }
@@ -571,7 +640,7 @@ uint64_t SyntheticPager::decode_step() {
   std::lock_guard lock(state_->mu);
   State& st = *state_;
   if (st.pause_depth > 0) return 0;
-  const Pool pool{meta_, st.regions};
+  const Pool pool{meta_, st.memory, st.regions};
   const uint64_t ps = meta_.page_size_tokens;
   auto take_slot = [&]() -> std::optional<PageIndex> {
     if (st.n_free == 0) return std::nullopt;
@@ -583,25 +652,47 @@ uint64_t SyntheticPager::decode_step() {
     st.free_hint = ix + 1;
     return ix;
   };
+  auto give_back = [&](PageIndex ix) {
+    st.slot_state[ix] = SlotState::kFree;
+    st.refcount[ix] = 0;
+    ++st.n_free;
+    st.free_hint = std::min(st.free_hint, ix);
+  };
 
+  // A step the pool fails (a device error) leaves the request as it was
+  // and ends the step: the next one tries again.
   uint64_t appended = 0;
   for (auto& [id, seq] : st.seqs) {
     if (st.held.count(id) != 0) continue;
     const uint64_t pos = seq.n_tokens;
+    std::optional<PageIndex> fresh;  // a new tail page for this token
     if (pos % ps == 0) {
-      std::optional<PageIndex> ix = take_slot();
-      if (!ix) continue;
-      pool.zero_page(*ix);
-      seq.pages.push_back(*ix);
+      fresh = take_slot();
+      if (!fresh) continue;
+      if (!pool.zero_page(*fresh).ok()) {
+        give_back(*fresh);
+        break;
+      }
     } else if (st.refcount[seq.pages.back()] > 1) {
       // The tail page is shared: copy it before writing (copy on write).
-      std::optional<PageIndex> ix = take_slot();
-      if (!ix) continue;
-      pool.copy_page(seq.pages.back(), *ix);
-      --st.refcount[seq.pages.back()];
-      seq.pages.back() = *ix;
+      fresh = take_slot();
+      if (!fresh) continue;
+      if (!pool.copy_page(seq.pages.back(), *fresh).ok()) {
+        give_back(*fresh);
+        break;
+      }
     }
-    pool.write_token(seq.pages.back(), pos, kDecodeSeed, id);
+    const PageIndex tail = fresh ? *fresh : seq.pages.back();
+    if (!pool.write_token(tail, pos, kDecodeSeed, id).ok()) {
+      if (fresh) give_back(*fresh);
+      break;
+    }
+    if (fresh && pos % ps == 0) {
+      seq.pages.push_back(*fresh);
+    } else if (fresh) {
+      --st.refcount[seq.pages.back()];
+      seq.pages.back() = *fresh;
+    }
     ++seq.n_tokens;
     ++appended;
   }

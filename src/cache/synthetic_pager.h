@@ -17,6 +17,7 @@
 #include "kvmig/pager.h"
 #include "kvmig/status.h"
 #include "kvmig/types.h"
+#include "pool_memory.h"
 
 namespace kvmig {
 
@@ -36,13 +37,16 @@ enum class AllocationOrder : uint8_t {
 Result<AllocationOrder> parse_allocation_order(std::string_view name);
 std::string_view allocation_order_name(AllocationOrder order);
 
-// A host-memory page pool of fixed capacity with request bookkeeping.
+// A page pool of fixed capacity with request bookkeeping, in host memory,
+// on a simulated device or on a GPU (PoolMemory).
 //
 // Thread-safe: one mutex guards all state, so a decode step and a
 // read_page() never interleave; pause() waits for a running decode step and
-// blocks later ones until resume(). Page memory is page-aligned (mmap) and
-// stays at one address for the pager's lifetime (layout() is truthful). It
-// is faulted in at creation (MAP_POPULATE), as an engine's pre-allocated KV
+// blocks later ones until resume(). The engine's own accesses (decode,
+// read_page, write_page) go through PoolMemory's copies; kvmig's go
+// through the layout (host) or the device hooks (otherwise). Page memory
+// stays at one address for the pager's lifetime (layout() is truthful).
+// Host memory is page-aligned (mmap) and faulted in at creation (MAP_POPULATE), as an engine's pre-allocated KV
 // pool is, so a migration measures the transfer and not first-touch faults
 // (without it, a 560 MiB TCP migration ran at 0.33 GB/s instead of 2.5).
 //
@@ -53,8 +57,11 @@ std::string_view allocation_order_name(AllocationOrder order);
 // set_allocation_order() says otherwise.
 class SyntheticPager final : public CachePager {
  public:
+  // `memory`: where the pool lives (one allocation per layout region);
+  // `device`: the GPU's ordinal for PoolMemoryKind::kCuda.
   static Result<std::unique_ptr<SyntheticPager>> create(
-      const CacheMeta& meta, PoolLayout layout, uint32_t capacity_pages);
+      const CacheMeta& meta, PoolLayout layout, uint32_t capacity_pages,
+      PoolMemoryKind memory = PoolMemoryKind::kHost, int device = 0);
   ~SyntheticPager() override;
 
   // CachePager.
@@ -73,6 +80,11 @@ class SyntheticPager final : public CachePager {
   Status hold_seqs(std::span<const SeqId> ids) override;
   Status unhold_seqs(std::span<const SeqId> ids) override;
   std::optional<PagerCapacity> capacity() const override;
+  Status copy_from_device(uint32_t region, uint64_t offset,
+                          std::span<std::byte> out) override;
+  Status copy_to_device(uint32_t region, uint64_t offset,
+                        std::span<const std::byte> in) override;
+  Result<DmabufRegion> export_dmabuf(uint32_t region) override;
 
   // Creates n_seqs requests of `tokens` tokens each, with ids following the
   // largest live id (1, 2, ... on an empty pager), content drawn

@@ -77,6 +77,16 @@ Result<CacheMeta> preset_meta(std::string_view name) {
                                   "' (tiny|llama3-8b)");
 }
 
+std::string_view memory_kind_name(MemoryKind kind) {
+  switch (kind) {
+    case MemoryKind::kHost:
+      return "host";
+    case MemoryKind::kCuda:
+      return "cuda";
+  }
+  return "invalid";
+}
+
 Status validate_layout(const CacheMeta& meta, const PagerLayout& layout) {
   if (layout.empty()) return Status::invalid_argument("layout has no regions");
   uint64_t total = 0;
@@ -85,6 +95,10 @@ Status validate_layout(const CacheMeta& meta, const PagerLayout& layout) {
     std::string where = "layout region " + std::to_string(i);
     if (r.base == nullptr) return Status::invalid_argument(where + ": no base");
     if (r.chunk == 0) return Status::invalid_argument(where + ": empty chunk");
+    if (memory_kind_name(r.kind) == "invalid") {
+      return Status::invalid_argument(where + ": unknown memory kind " +
+                                      std::to_string(static_cast<int>(r.kind)));
+    }
     if (r.slots > 1 && r.chunk > r.stride) {
       return Status::invalid_argument(
           where + ": chunk " + std::to_string(r.chunk) + " exceeds stride " +

@@ -56,6 +56,10 @@ struct ActiveMigration {
   std::function<void(const Status& why)> cancel;
 };
 
+// "host", "cuda" or "cuda+host": the memory kinds of a layout's regions
+// (host without a layout: pages go through read_page/write_page).
+std::string memory_kinds_name(const std::optional<PagerLayout>& layout);
+
 class MigrationContext {
  public:
   MigrationContext(CachePager& pager, AgentOptions options);
@@ -96,10 +100,15 @@ class MigrationContext {
   // Each layout region's span, in layout order: the regions a target offers.
   // Registered with every transport, merged where they interleave.
   std::vector<std::span<std::byte>> pager_regions;
+  // Where the pages live, for reports: memory_kinds_name(layout).
+  std::string memory = "host";
 
   // Declared before io and data_pool: destroyed after them, so coroutine
   // frames and pool work never outlive what they use.
   std::map<std::string, std::unique_ptr<Transport>, std::less<>> transports;
+  // Transports the options name that cannot reach the pager's device
+  // memory, with the reason (migrations over them are refused with it).
+  std::map<std::string, Status, std::less<>> unusable;
   OutcomeRecords dst_records;  // io thread
   InDoubtSet in_doubt;         // io thread
   // Source runs under way, from the request's checks to the end (at most

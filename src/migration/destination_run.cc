@@ -197,11 +197,18 @@ Status DestinationRun::check_hello() {
   }
   transport_ = ctx_.first_transport_of(hello_.transports);
   if (!transport_) {
-    std::string offered;
-    for (const auto& n : hello_.transports) offered += n + " ";
+    std::string offered, why;
+    for (const auto& n : hello_.transports) {
+      offered += n + " ";
+      // One this agent left out (it cannot reach the pager's memory) says
+      // why.
+      if (auto u = ctx_.unusable.find(n); u != ctx_.unusable.end()) {
+        why += "; " + u->second.message();
+      }
+    }
     return Status::failed_precondition("no common transport: source offers [ " +
                                        offered + "], destination accepts [ " +
-                                       ctx_.transport_names(" ") + " ]");
+                                       ctx_.transport_names(" ") + " ]" + why);
   }
   return Status();
 }
@@ -296,6 +303,7 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
     if (!opened.ok()) co_return opened;
   }
   offer.target_address = target_->address();
+  offer.memory = ctx_.memory;
   const std::vector<uint8_t> payload = encode(offer);
   Status sent =
       co_await channel_.send(MsgType::kOffer, payload, ctx_.peer_deadline());

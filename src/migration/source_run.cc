@@ -462,6 +462,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
   }
   dst_regions_ = std::move(offer->regions);
   dst_staging_slots_ = offer->staging_slots;
+  dst_memory_ = std::move(offer->memory);
   ctx_.fault("src.after_offer");
   const std::vector<uint8_t> target = std::move(offer->target_address);
   Status connected =
@@ -819,6 +820,8 @@ Result<MigrationReport> SourceRun::finish(
   report.left_behind = left_behind_;
   report.digests = std::move(digests);
   report.phases_ms = phases_ms_;
+  report.src_memory = ctx_.memory;
+  report.dst_memory = dst_memory_;
   ctx_.log->info(
       "{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, {} round(s), "
       "pause {:.1f} ms",

@@ -188,6 +188,7 @@ class SourceRun {
   // Where writes go: the destination's geometry (or staging), from OFFER.
   std::vector<RegionGeometry> dst_regions_;
   uint32_t dst_staging_slots_ = 0;
+  std::string dst_memory_;  // OFFER's: where the destination's pages live
   // Where writes come from: the pager's layout or a staging buffer.
   std::vector<RegionGeometry> src_geometry_;
   std::vector<std::byte*> src_bases_;

@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "kvmig/digest.h"
 #include "log.h"
@@ -53,13 +54,24 @@ Result<uint64_t> pager_page_checksum(CachePager& pager,
   }
   XXH3_state_t state;
   XXH3_64bits_reset(&state);
-  for (const StridedRegion& r : *layout) {
+  // Device memory is read through the pager into a buffer of this thread's,
+  // one chunk at a time; kvmig never touches it.
+  thread_local std::vector<std::byte> bounce;
+  for (uint32_t i = 0; i < layout->size(); ++i) {
+    const StridedRegion& r = (*layout)[i];
     if (ix >= r.slots) {
       return Status::out_of_range("page " + std::to_string(ix) +
                                   " beyond layout slots " +
                                   std::to_string(r.slots));
     }
-    XXH3_64bits_update(&state, r.base + uint64_t{ix} * r.stride, r.chunk);
+    const uint64_t at = uint64_t{ix} * r.stride;
+    if (r.kind == MemoryKind::kHost) {
+      XXH3_64bits_update(&state, r.base + at, r.chunk);
+      continue;
+    }
+    bounce.resize(r.chunk);
+    KVMIG_RETURN_IF_ERROR(pager.copy_from_device(i, at, bounce));
+    XXH3_64bits_update(&state, bounce.data(), r.chunk);
   }
   return XXH3_64bits_digest(&state);
 }

@@ -11,6 +11,7 @@ std::vector<uint8_t> encode(const PerfSetupMsg& m) {
   w.put(m.capacity_pages);
   w.put(static_cast<uint8_t>(m.order));
   w.put(m.seed);
+  w.put(static_cast<uint8_t>(m.memory));
   return w.take();
 }
 
@@ -38,6 +39,11 @@ Result<PerfSetupMsg> decode_perf_setup(std::span<const uint8_t> p,
         }
         m.order = static_cast<AllocationOrder>(order);
         KVMIG_ASSIGN_OR_RETURN(m.seed, r.get<uint64_t>("perf seed"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t memory, r.get<uint8_t>("perf memory"));
+        if (memory > static_cast<uint8_t>(PoolMemoryKind::kCuda)) {
+          return Status::data_loss("perf memory kind out of range");
+        }
+        m.memory = static_cast<PoolMemoryKind>(memory);
         return m;
       });
 }

@@ -25,6 +25,7 @@ struct PerfSetupMsg {
   uint32_t capacity_pages = 0;
   AllocationOrder order = AllocationOrder::kContiguous;
   uint64_t seed = 0;  // for AllocationOrder::kRandom
+  PoolMemoryKind memory = PoolMemoryKind::kHost;  // where the pool lives
 };
 struct PerfReadyMsg {
   std::string address;  // the target agent's control "HOST:PORT"

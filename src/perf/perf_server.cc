@@ -36,7 +36,8 @@ Result<std::unique_ptr<Target>> build_target(const AgentOptions& base,
   auto target = std::make_unique<Target>();
   KVMIG_ASSIGN_OR_RETURN(
       target->pager,
-      SyntheticPager::create(setup.meta, setup.layout, setup.capacity_pages));
+      SyntheticPager::create(setup.meta, setup.layout, setup.capacity_pages,
+                             setup.memory));
   target->pager->set_allocation_order(setup.order, setup.seed);
   AgentOptions options = base;
   options.listen_port = 0;

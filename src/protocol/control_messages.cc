@@ -229,6 +229,8 @@ std::vector<uint8_t> encode(const MigrationReport& m) {
     w.put_string(name);
     put_double(w, ms);
   }
+  w.put_string(m.src_memory);
+  w.put_string(m.dst_memory);
   return w.take();
 }
 
@@ -272,6 +274,8 @@ Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
           KVMIG_ASSIGN_OR_RETURN(name, r.get_string(16, "phase"));
           KVMIG_ASSIGN_OR_RETURN(ms, get_double(r, "phase ms"));
         }
+        KVMIG_ASSIGN_OR_RETURN(m.src_memory, r.get_string(16, "memory"));
+        KVMIG_ASSIGN_OR_RETURN(m.dst_memory, r.get_string(16, "memory"));
         return m;
       });
 }
@@ -291,6 +295,7 @@ std::vector<uint8_t> encode(const AgentStatus& m) {
   }
   w.put(static_cast<uint32_t>(m.transports.size()));
   for (const auto& t : m.transports) w.put_string(t);
+  w.put_string(m.memory);
   w.put(static_cast<uint32_t>(m.in_doubt.size()));
   for (const auto& d : m.in_doubt) {
     w.put_string(d.migration_id);
@@ -344,6 +349,7 @@ Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
         for (auto& t : m.transports) {
           KVMIG_ASSIGN_OR_RETURN(t, r.get_string(64, "transport"));
         }
+        KVMIG_ASSIGN_OR_RETURN(m.memory, r.get_string(16, "memory"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nd,
                                get_count(r, l.max_seqs, 8, "in-doubt count"));
         m.in_doubt.resize(nd);

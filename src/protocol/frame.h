@@ -24,7 +24,9 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // carries an id and a timeout; OUTCOME_RESP may say "forgotten".
 // 3: MIGRATE_RESP carries the time of each phase; COMMIT carries the
 // paused round's checksums (no VERIFY round trip for it).
-inline constexpr uint16_t kProtocolVersion = 3;
+// 4: OFFER says where the destination's pages live (host, cuda); the
+// migrate report and status carry memory kinds.
+inline constexpr uint16_t kProtocolVersion = 4;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

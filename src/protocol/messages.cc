@@ -63,6 +63,7 @@ std::vector<uint8_t> encode(const OfferMsg& m) {
   }
   w.put(m.staging_slots);
   w.put_blob(m.target_address);
+  w.put_string(m.memory);
   return w.take();
 }
 
@@ -89,6 +90,7 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
                                r.get<uint32_t>("staging slots"));
         KVMIG_ASSIGN_OR_RETURN(m.target_address,
                                get_blob_copy(r, l.max_blob, "target address"));
+        KVMIG_ASSIGN_OR_RETURN(m.memory, r.get_string(64, "memory"));
         return m;
       });
 }

@@ -43,6 +43,9 @@ struct OfferMsg {
   std::vector<RegionGeometry> regions;
   uint32_t staging_slots = 0;
   std::vector<uint8_t> target_address;
+  // Where the destination's pages live, for reports: "host", "cuda" or
+  // "cuda+host" (memory_kinds_name()).
+  std::string memory;
 };
 
 // A live round asks for n more slots.

@@ -371,8 +371,10 @@ enum class Expect { kRolledBack, kCommitted, kInDoubt };
 
 // The data transport of the migration (data_transports()): the faults hit
 // the control connection and the processes while the data moves over tcp,
-// ucx, or verbs where it can run.
-using FaultCase = std::tuple<Fault, Point, std::string>;
+// ucx, or verbs where it can run; and where every agent's pool lives (serve
+// --memory: host, or sim-device, which kvmig reaches only through the
+// pager's copies).
+using FaultCase = std::tuple<Fault, Point, std::string, std::string>;
 
 // Each migration's control frames, stop-and-copy with verification:
 // HELLO > , < OFFER, [data], COMMIT (with the checksums) > , < DONE, and
@@ -446,7 +448,7 @@ const std::string kPeerTimeoutMs = "1000";
 class FaultMatrix : public ::testing::TestWithParam<FaultCase> {};
 
 TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
-  const auto [fault, point, transport] = GetParam();
+  const auto [fault, point, transport, memory] = GetParam();
   const Expect expect = expected(fault, point);
   const bool kill_src = fault == Fault::kKillSource;
   const bool kill_dst = fault == Fault::kKillDestination;
@@ -465,15 +467,18 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
     src_flags.insert(src_flags.end(),
                      {"--fault", "src.before_commit=stall:1500"});
   }
-  src_flags.insert(src_flags.end(), {"--transports", "tcp," + transport});
+  src_flags.insert(src_flags.end(), {"--transports", "tcp," + transport,
+                                     "--memory", memory});
   auto src = AgentProcess::start(src_flags);
-  auto dst =
-      AgentProcess::start({"--capacity-pages", "64", "--peer-timeout-ms",
-                           kPeerTimeoutMs, "--transports", "tcp," + transport});
+  auto dst = AgentProcess::start({"--capacity-pages", "64",
+                                  "--peer-timeout-ms", kPeerTimeoutMs,
+                                  "--transports", "tcp," + transport,
+                                  "--memory", memory});
   // The fresh destination for retries; it brings requests of its own to
   // move into the destination when the source will not be there.
   std::vector<std::string> fresh_flags = {"--capacity-pages", "64",
-                                          "--transports", "tcp," + transport};
+                                          "--transports", "tcp," + transport,
+                                          "--memory", memory};
   if (kill_src) {
     fresh_flags.insert(fresh_flags.end(),
                        {"--populate", "3:40", "--seed", "23"});
@@ -586,7 +591,8 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
     std::unique_ptr<AgentProcess> restarted;
     if (kill_dst) {
       restarted = AgentProcess::start(
-          {"--capacity-pages", "64", "--transports", "tcp," + transport},
+          {"--capacity-pages", "64", "--transports", "tcp," + transport,
+           "--memory", memory},
           dst->address());
       ASSERT_TRUE(restarted);
     } else {
@@ -667,8 +673,11 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
 }
 
 std::string fault_case_name(const ::testing::TestParamInfo<FaultCase>& info) {
+  std::string memory = std::get<3>(info.param);
+  memory = memory == "host" ? "" : "_sim_device";
   return fault_name(std::get<0>(info.param)) + "_" +
-         point_name(std::get<1>(info.param)) + "_" + std::get<2>(info.param);
+         point_name(std::get<1>(info.param)) + "_" + std::get<2>(info.param) +
+         memory;
 }
 
 // Kills land anywhere, AfterDone included: the survivor must hold exactly
@@ -680,7 +689,20 @@ INSTANTIATE_TEST_SUITE_P(
         ::testing::Values(Point::kBeforeOffer, Point::kDuringData,
                           Point::kBeforeCommit, Point::kCommitInFlight,
                           Point::kBeforeDone, Point::kAfterDone),
-        ::testing::ValuesIn(data_transports())),
+        ::testing::ValuesIn(data_transports()), ::testing::Values("host")),
+    fault_case_name);
+
+// The kills once more with every pool on the simulated device, over tcp
+// (the transport that reaches device memory here): the same outcomes, and
+// no CPU access to the device on the way (it would kill the agent).
+INSTANTIATE_TEST_SUITE_P(
+    KillSimDevice, FaultMatrix,
+    ::testing::Combine(
+        ::testing::Values(Fault::kKillSource, Fault::kKillDestination),
+        ::testing::Values(Point::kBeforeOffer, Point::kDuringData,
+                          Point::kBeforeCommit, Point::kCommitInFlight,
+                          Point::kBeforeDone, Point::kAfterDone),
+        ::testing::Values("tcp"), ::testing::Values("sim-device")),
     fault_case_name);
 
 // Faults of the control connection. AfterDone is left out: the connection
@@ -696,7 +718,7 @@ INSTANTIATE_TEST_SUITE_P(
         ::testing::Values(Point::kBeforeOffer, Point::kDuringData,
                           Point::kBeforeCommit, Point::kCommitInFlight,
                           Point::kBeforeDone),
-        ::testing::ValuesIn(data_transports())),
+        ::testing::ValuesIn(data_transports()), ::testing::Values("host")),
     fault_case_name);
 
 // --- in doubt while the engine runs -----------------------------------------

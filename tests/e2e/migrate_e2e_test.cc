@@ -63,21 +63,32 @@ json migrate(const std::string& src, const std::string& dst,
 using LayoutCase = std::tuple<std::string, std::string, std::string, bool,
                               std::string>;  // transport, src, dst, share, mode
 
-class MigrateLayouts : public ::testing::TestWithParam<LayoutCase> {};
-
-TEST_P(MigrateLayouts, RequestsArriveIntact) {
-  auto [transport, src_layout, dst_layout, share, mode] = GetParam();
+// Moves (or copies) four requests of 100 tokens from a source pool in
+// src_layout on src_memory to a destination in dst_layout on dst_memory
+// (serve --memory) and checks both sides afterwards.
+void check_requests_arrive(const std::string& transport,
+                           const std::string& src_layout,
+                           const std::string& dst_layout, bool share,
+                           const std::string& mode,
+                           const std::string& src_memory = "host",
+                           const std::string& dst_memory = "host") {
   const std::string transports = "tcp," + transport;
-  auto src = AgentProcess::start({"--layout", src_layout, "--capacity-pages",
-                                  "256", "--populate", "4:100", "--seed", "5",
-                                  "--share-prefix", share ? "48" : "0",
-                                  "--transports", transports});
+  auto src = AgentProcess::start(
+      {"--layout", src_layout, "--capacity-pages", "256", "--populate",
+       "4:100", "--seed", "5", "--share-prefix", share ? "48" : "0",
+       "--transports", transports, "--memory", src_memory});
   auto dst = AgentProcess::start({"--layout", dst_layout, "--capacity-pages",
-                                  "256", "--transports", transports});
+                                  "256", "--transports", transports,
+                                  "--memory", dst_memory});
   ASSERT_TRUE(src && dst);
   json src_before = status_of(src->address());
   json dst_before = status_of(dst->address());
   ASSERT_EQ(src_before["seqs"].size(), 4u);
+  auto kinds = [](const std::string& memory) {
+    return memory == "host" ? "host" : "cuda";  // sim-device stands for cuda
+  };
+  EXPECT_EQ(src_before["memory"], kinds(src_memory));
+  EXPECT_EQ(dst_before["memory"], kinds(dst_memory));
   // 100 tokens = 7 pages a request; 3 full prefix pages shared when asked.
   const uint64_t distinct = share ? 3 + 4 * 4 : 4 * 7;
   EXPECT_EQ(src_before["free_pages"], 256 - distinct);
@@ -86,11 +97,14 @@ TEST_P(MigrateLayouts, RequestsArriveIntact) {
   json report =
       migrate(src->address(), dst->address(),
               {"--all", "--mode", mode, "--transport", transport}, &code);
-  ASSERT_EQ(code, 0) << report.dump() << src->child().err();
+  ASSERT_EQ(code, 0) << report.dump() << src->child().err()
+                     << dst->child().err();
   EXPECT_TRUE(report["ok"].get<bool>());
   EXPECT_EQ(report["pages"], distinct);
   EXPECT_EQ(report["bytes"], distinct * 2 * 8192);
   EXPECT_EQ(report["transport"], transport);
+  EXPECT_EQ(report["memory"]["source"], kinds(src_memory));
+  EXPECT_EQ(report["memory"]["destination"], kinds(dst_memory));
   EXPECT_EQ(report["seqs"].size(), 4u);
   EXPECT_GE(report["pause_ms"].get<double>(), 0.0);
   EXPECT_EQ(report["migration_id"].get<std::string>().size(), 32u);
@@ -122,6 +136,13 @@ TEST_P(MigrateLayouts, RequestsArriveIntact) {
   }
 }
 
+class MigrateLayouts : public ::testing::TestWithParam<LayoutCase> {};
+
+TEST_P(MigrateLayouts, RequestsArriveIntact) {
+  auto [transport, src_layout, dst_layout, share, mode] = GetParam();
+  check_requests_arrive(transport, src_layout, dst_layout, share, mode);
+}
+
 std::string layout_case_name(const ::testing::TestParamInfo<LayoutCase>& info) {
   const auto& [t, s, d, share, mode] = info.param;
   return t + "_" + s + "_to_" + d + (share ? "_shared_" : "_") + mode;
@@ -134,6 +155,99 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values("page", "layer"), ::testing::Bool(),
                        ::testing::Values("move", "copy")),
     layout_case_name);
+
+// --- device memory (serve --memory sim-device) ------------------------------
+
+// Where the pools live: the source's, the destination's or both on the
+// simulated device, whose memory kvmig must reach only through the pager's
+// copies (a CPU access kills the agent). tcp carries the bytes through
+// bounce buffers at both ends.
+using DeviceCase = std::tuple<std::string, std::string, bool,
+                              std::string>;  // memory on, layouts, share, mode
+
+class DeviceMemoryMigrate : public ::testing::TestWithParam<DeviceCase> {};
+
+TEST_P(DeviceMemoryMigrate, RequestsArriveIntact) {
+  auto [on, layouts, share, mode] = GetParam();
+  const std::string src_layout = layouts == "page_to_layer" ? "page" : "layer";
+  const std::string dst_layout = layouts == "page_to_layer" ? "layer" : "page";
+  check_requests_arrive("tcp", src_layout, dst_layout, share, mode,
+                        on != "dst" ? "sim-device" : "host",
+                        on != "src" ? "sim-device" : "host");
+}
+
+std::string device_case_name(const ::testing::TestParamInfo<DeviceCase>& info) {
+  const auto& [on, layouts, share, mode] = info.param;
+  return on + "_" + layouts + (share ? "_shared_" : "_") + mode;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SimDevice, DeviceMemoryMigrate,
+    ::testing::Combine(::testing::Values("src", "dst", "both"),
+                       ::testing::Values("page_to_layer", "layer_to_page"),
+                       ::testing::Bool(), ::testing::Values("move", "copy")),
+    device_case_name);
+
+// A transport that cannot reach device memory (ucx without CUDA support,
+// verbs without a dmabuf it can register) refuses before anything moves,
+// saying what is missing; both sides stay as they were.
+void check_refused_over(const std::string& transport, const std::string& on,
+                        const std::string& missing) {
+  const std::string transports = "tcp," + transport;
+  auto src = AgentProcess::start(
+      {"--capacity-pages", "64", "--populate", "3:40", "--transports",
+       transports, "--memory", on != "dst" ? "sim-device" : "host"});
+  auto dst = AgentProcess::start(
+      {"--capacity-pages", "64", "--transports", transports, "--memory",
+       on != "src" ? "sim-device" : "host"});
+  ASSERT_TRUE(src && dst);
+  const json sb = status_of(src->address());
+  const json db = status_of(dst->address());
+  int code = -1;
+  json r = migrate(src->address(), dst->address(),
+                   {"--all", "--transport", transport}, &code);
+  if (code == 0) {
+    // This device can: then it must be the real thing.
+    EXPECT_EQ(digests(status_of(dst->address())), digests(sb)) << r.dump();
+    return;
+  }
+  EXPECT_EQ(code, 1) << r.dump();
+  const std::string error = r.value("error", "");
+  EXPECT_NE(error.find(transport + " cannot reach this agent's cuda memory"),
+            std::string::npos)
+      << r.dump();
+  EXPECT_NE(error.find(missing), std::string::npos) << r.dump();
+  const json sa = status_of(src->address());
+  const json da = status_of(dst->address());
+  EXPECT_EQ(digests(sa), digests(sb));
+  EXPECT_EQ(sa["free_pages"], sb["free_pages"]);
+  EXPECT_TRUE(da["seqs"].empty());
+  EXPECT_EQ(da["free_pages"], db["free_pages"]);
+  // Over tcp the same move goes through.
+  json ok = migrate(src->address(), dst->address(),
+                    {"--all", "--transport", "tcp"}, &code);
+  ASSERT_EQ(code, 0) << ok.dump();
+  EXPECT_EQ(digests(status_of(dst->address())), digests(sb));
+}
+
+TEST(DeviceMemoryE2E, UcxWithoutCudaSupportRefusesAndNothingMoves) {
+  const auto built = built_transports();
+  if (std::find(built.begin(), built.end(), "ucx") == built.end()) {
+    GTEST_SKIP() << "this build has no ucx (meson -Ducx=enabled)";
+  }
+  for (const char* on : {"src", "dst"}) {
+    SCOPED_TRACE(on);
+    check_refused_over("ucx", on, "CUDA");
+  }
+}
+
+TEST(DeviceMemoryE2E, VerbsWithoutADmabufRefusesAndNothingMoves) {
+  KVMIG_REQUIRE_VERBS();
+  for (const char* on : {"src", "dst"}) {
+    SCOPED_TRACE(on);
+    check_refused_over("verbs", on, "dmabuf");
+  }
+}
 
 // --- live (pre-copy) migration while the source keeps decoding ------------
 
@@ -174,6 +288,31 @@ TEST_P(LiveMigrate, DestinationHoldsTheRequestsAsOfTheFinalPause) {
 std::string live_case_name(const ::testing::TestParamInfo<LiveCase>& info) {
   const auto& [t, s, d, share] = info.param;
   return t + "_" + s + "_to_" + d + (share ? "_shared" : "");
+}
+
+// The same with both pools on the simulated device (tcp): the rounds'
+// checksums are read through the pager's copies.
+TEST(DeviceMemoryE2E, LiveMigrationBetweenSimulatedDevices) {
+  auto src = AgentProcess::start(
+      {"--layout", "layer", "--capacity-pages", "4096", "--populate", "6:700",
+       "--share-prefix", "320", "--decode-rate", "400", "--memory",
+       "sim-device"});
+  auto dst = AgentProcess::start({"--layout", "page", "--capacity-pages",
+                                  "4096", "--memory", "sim-device"});
+  ASSERT_TRUE(src && dst);
+  int code = -1;
+  json report = migrate(src->address(), dst->address(),
+                        {"--all", "--live", "--digests"}, &code);
+  ASSERT_EQ(code, 0) << report.dump() << src->child().err()
+                     << dst->child().err();
+  EXPECT_GE(report["rounds"].get<int>(), 2);
+  std::map<uint64_t, std::string> at_pause;
+  for (const auto& [id, hex] : report["digests"].items()) {
+    at_pause[std::stoull(id)] = hex.get<std::string>();
+  }
+  EXPECT_EQ(at_pause.size(), 6u);
+  EXPECT_EQ(digests(status_of(dst->address())), at_pause);
+  EXPECT_TRUE(status_of(src->address())["seqs"].empty());
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -64,13 +64,15 @@ int run(const fs::path& root) {
   hello.transports = {"ucx", "tcp", "verbs"};
   s.add(1, MsgType::kHello, encode(hello));
   s.add(2, MsgType::kOffer,
-        encode(OfferMsg{"tcp", {0, 1, 2, 5}, {{32768, 32768, 64}}, 0, {1, 2}}));
+        encode(OfferMsg{
+            "tcp", {0, 1, 2, 5}, {{32768, 32768, 64}}, 0, {1, 2}, "host"}));
   s.add(2, MsgType::kOffer,
         encode(OfferMsg{"ucx",
                         {9, 8},
                         {{8192, 4096, 16}, {8192, 4096, 16}},
                         4,
-                        std::vector<uint8_t>(40, 0xab)}));
+                        std::vector<uint8_t>(40, 0xab),
+                        "cuda"}));
   s.add(3, MsgType::kCommit, encode(CommitMsg{{{1, 20, {5, 6}}}, {}}));
   s.add(3, MsgType::kCommit,
         encode(CommitMsg{{{1, 40, {0, 1, 2}}, {2, 33, {0, 1, 3}}},

@@ -6,6 +6,7 @@
 // device is a failure.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -889,6 +890,185 @@ TEST_F(TcpTargetTest, MalformedRecordIsAProtocolError) {
   for (size_t i = 0; i < mem_.size(); ++i) {
     ASSERT_EQ(mem_.data()[i], std::byte{0x5A}) << "byte " << i;
   }
+}
+
+// --- device memory ----------------------------------------------------------
+
+// A simulated device: a memfd mapped twice. device() is PROT_NONE (a CPU
+// access by a transport kills the test); the copies of memory() go
+// through the readable mapping, counting their calls.
+class SimDevice {
+ public:
+  explicit SimDevice(size_t size) : size_(size) {
+    fd_ = memfd_create("kvmig-transport-test", 0);
+    if (fd_ < 0 || ftruncate(fd_, static_cast<off_t>(size)) != 0) return;
+    void* dev = mmap(nullptr, size, PROT_NONE, MAP_SHARED, fd_, 0);
+    void* cpu = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+    if (dev != MAP_FAILED) dev_ = static_cast<std::byte*>(dev);
+    if (cpu != MAP_FAILED) cpu_ = static_cast<std::byte*>(cpu);
+  }
+  ~SimDevice() {
+    if (dev_) munmap(dev_, size_);
+    if (cpu_) munmap(cpu_, size_);
+    if (fd_ >= 0) close(fd_);
+  }
+  SimDevice(const SimDevice&) = delete;
+  SimDevice& operator=(const SimDevice&) = delete;
+
+  bool ok() const { return dev_ && cpu_; }
+  std::span<std::byte> device() const { return {dev_, size_}; }
+  std::span<std::byte> cpu() const { return {cpu_, size_}; }
+
+  // The copies a pager would give; `fail_writes` makes them fail.
+  std::shared_ptr<const DeviceMemory> memory() {
+    auto m = std::make_shared<DeviceMemory>();
+    m->read = [this](const std::byte* src, std::span<std::byte> out) {
+      ++reads;
+      std::memcpy(out.data(), cpu_ + (src - dev_), out.size());
+      return Status();
+    };
+    m->write = [this](std::byte* dst, std::span<const std::byte> in) {
+      if (fail_writes) return Status::internal("simulated device error");
+      ++writes;
+      std::memcpy(cpu_ + (dst - dev_), in.data(), in.size());
+      return Status();
+    };
+    m->dmabuf = [] {
+      return Result<DmabufRegion>(
+          Status::unimplemented("the test's device exports no dmabuf"));
+    };
+    return m;
+  }
+
+  std::atomic<uint64_t> reads{0}, writes{0};
+  std::atomic<bool> fail_writes{false};
+
+ private:
+  size_t size_;
+  int fd_ = -1;
+  std::byte* dev_ = nullptr;
+  std::byte* cpu_ = nullptr;
+};
+
+struct TcpPair {
+  std::unique_ptr<Transport> src, dst;
+};
+
+TcpPair tcp_pair() {
+  TcpPair p;
+  p.src = std::move(make_transport("tcp", {})).value();
+  p.dst = std::move(make_transport("tcp", {})).value();
+  return p;
+}
+
+// Device to device, device to host and host to device: every byte lands,
+// through the copies (the big write crosses several bounce buffers).
+TEST(DeviceMemoryTransport, TcpMovesDeviceBytesThroughItsBounceBuffers) {
+  constexpr size_t kBytes = 6 * kMiB + 4096;
+  SimDevice src_dev(kBytes), dst_dev(kBytes);
+  Mapping src_host(kBytes), dst_host(kBytes);
+  ASSERT_TRUE(src_dev.ok() && dst_dev.ok() && src_host.ok() && dst_host.ok());
+  fill_random(src_dev.cpu(), 7);
+  fill_random(src_host.span(), 8);
+  auto t = tcp_pair();
+  ASSERT_OK(t.src->register_device_memory(src_dev.device(), src_dev.memory()));
+  ASSERT_OK(t.src->register_memory(src_host.span()));
+  ASSERT_OK(t.dst->register_device_memory(dst_dev.device(), dst_dev.memory()));
+  ASSERT_OK(t.dst->register_memory(dst_host.span()));
+
+  struct Case {
+    const char* name;
+    std::byte* src;         // the address the transport is given
+    const std::byte* want;  // where the source's bytes really are
+    std::span<std::byte> dst;
+    std::span<std::byte> dst_cpu;
+  };
+  const Case cases[] = {
+      {"device to device", src_dev.device().data(), src_dev.cpu().data(),
+       dst_dev.device(), dst_dev.cpu()},
+      {"device to host", src_dev.device().data(), src_dev.cpu().data(),
+       dst_host.span(), dst_host.span()},
+      {"host to device", src_host.data(), src_host.data(), dst_dev.device(),
+       dst_dev.cpu()},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    std::memset(c.dst_cpu.data(), 0, c.dst_cpu.size());
+    const uint64_t reads = src_dev.reads, writes = dst_dev.writes;
+    ASSERT_OK_AND_ASSIGN(auto init, t.src->create_initiator());
+    std::vector<std::span<std::byte>> regions = {c.dst};
+    ASSERT_OK_AND_ASSIGN(auto target,
+                         t.dst->open_target(regions, init->address(),
+                                            in(seconds(10))));
+    ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+    // One write of 5 MiB + 1 (several bounce pieces), then small ones.
+    std::vector<WriteOp> ops = {{c.src, 0, 0, 5 * kMiB + 1}};
+    for (uint64_t off = 5 * kMiB + 1; off < kBytes; off += 100'000) {
+      ops.push_back({c.src + off, 0, off, std::min<uint64_t>(100'000, kBytes - off)});
+    }
+    ASSERT_OK(init->write(ops, in(seconds(20))));
+    ASSERT_OK(init->flush(in(seconds(20))));
+    EXPECT_EQ(std::memcmp(c.dst_cpu.data(), c.want, kBytes), 0);
+    EXPECT_EQ(init->bytes_written(), kBytes);
+    if (c.src == src_dev.device().data()) {
+      EXPECT_GT(src_dev.reads, reads);
+    }
+    if (c.dst.data() == dst_dev.device().data()) {
+      EXPECT_GT(dst_dev.writes, writes);
+    }
+  }
+}
+
+// A copy into the device that fails cuts the initiator off; the flush
+// says so.
+TEST(DeviceMemoryTransport, TcpDeviceErrorFailsTheConnection) {
+  SimDevice dst_dev(kMiB);
+  Mapping src(kMiB);
+  ASSERT_TRUE(dst_dev.ok() && src.ok());
+  auto t = tcp_pair();
+  ASSERT_OK(t.src->register_memory(src.span()));
+  ASSERT_OK(t.dst->register_device_memory(dst_dev.device(), dst_dev.memory()));
+  dst_dev.fail_writes = true;
+  ASSERT_OK_AND_ASSIGN(auto init, t.src->create_initiator());
+  std::vector<std::span<std::byte>> regions = {dst_dev.device()};
+  ASSERT_OK_AND_ASSIGN(auto target, t.dst->open_target(regions, init->address(),
+                                                       in(seconds(10))));
+  ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+  std::vector<WriteOp> ops = {{src.data(), 0, 0, 4096}};
+  (void)init->write(ops, in(seconds(10)));
+  Status flushed = init->flush(in(seconds(10)));
+  EXPECT_FALSE(flushed.ok());
+  EXPECT_NE(target->health().message().find("simulated device error"),
+            std::string::npos)
+      << target->health().to_string();
+}
+
+TEST(DeviceMemoryTransport, UcxWithoutCudaSupportRefusesNamingIt) {
+  auto built = built_transports();
+  if (std::find(built.begin(), built.end(), "ucx") == built.end()) {
+    GTEST_SKIP() << "this build has no ucx";
+  }
+  SimDevice dev(kMiB);
+  ASSERT_TRUE(dev.ok());
+  ASSERT_OK_AND_ASSIGN(auto ucx, make_transport("ucx", {}));
+  Status s = ucx->register_device_memory(dev.device(), dev.memory());
+  if (s.ok()) GTEST_SKIP() << "this UCX supports CUDA memory";
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.to_string();
+  EXPECT_NE(s.message().find("no CUDA memory support"), std::string::npos)
+      << s.to_string();
+}
+
+TEST(DeviceMemoryTransport, VerbsWithoutADmabufRefusesNamingIt) {
+  auto made = make_transport("verbs", options_for("verbs"));
+  if (!made.ok()) {
+    if (in_rxe_guest()) FAIL() << made.status().to_string();
+    GTEST_SKIP() << "no RDMA device: " << made.status().to_string();
+  }
+  SimDevice dev(kMiB);
+  ASSERT_TRUE(dev.ok());
+  Status s = (*made)->register_device_memory(dev.device(), dev.memory());
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("dmabuf"), std::string::npos) << s.to_string();
 }
 
 }  // namespace

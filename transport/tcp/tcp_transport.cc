@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -16,9 +17,9 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
-#include <variant>
 #include <vector>
 
 #include "../transport_util.h"
@@ -45,8 +46,53 @@ constexpr auto kTokenTimeout = std::chrono::seconds(5);
 // Bytes one read or write system call may move (Asio's default is 64 KiB).
 constexpr size_t kMaxTransferPerCall = size_t{16} << 20;
 
+// Host bytes a target applies into device memory at a time, and the most a
+// write record from device memory carries: device bytes go through a
+// bounce buffer of this size at each end.
+constexpr size_t kBounceBytes = size_t{1} << 20;
+
 using Header = std::array<uint8_t, kHeaderBytes>;
 using Word = std::array<uint8_t, 8>;
+
+// One of a target's regions, with how to reach it when it is device memory
+// (null: host memory, read into directly).
+struct TargetRegion {
+  std::span<std::byte> mem;
+  std::shared_ptr<const DeviceMemory> device;
+};
+
+// The transport's registered memory, shared with its initiators (which look
+// up device sources). Thread-safe.
+class Registry {
+ public:
+  Status add(std::span<std::byte> region,
+             std::shared_ptr<const DeviceMemory> device) {
+    std::lock_guard lock(mu_);
+    KVMIG_RETURN_IF_ERROR(table_.check_new(region, "tcp"));
+    if (device) has_device_ = true;
+    table_.add(region, std::move(device));
+    return Status();
+  }
+  Status remove(std::span<std::byte> region) {
+    std::lock_guard lock(mu_);
+    return table_.remove(region, "tcp").status();
+  }
+  // Whether [p, p + n) is registered, and its device (null for host).
+  std::optional<std::shared_ptr<const DeviceMemory>> find(const void* p,
+                                                          size_t n) const {
+    std::lock_guard lock(mu_);
+    const auto* e = table_.find(p, n);
+    if (e == nullptr) return std::nullopt;
+    return e->value;
+  }
+  // Ever held device memory: writes must then look their sources up.
+  bool has_device() const { return has_device_.load(); }
+
+ private:
+  mutable std::mutex mu_;
+  RegionTable<std::shared_ptr<const DeviceMemory>> table_;  // guarded by mu_
+  std::atomic<bool> has_device_{false};
+};
 
 // Lets one read or write call move up to kMaxTransferPerCall bytes.
 size_t large_transfers(const error_code& ec, size_t /*transferred*/) {
@@ -79,8 +125,8 @@ std::string endpoint_string(const tcp::socket& s) {
 class TargetConn {
  public:
   static Result<std::shared_ptr<TargetConn>> open(
-      const std::string& host, std::span<const std::span<std::byte>> regions) {
-    std::shared_ptr<TargetConn> c(new TargetConn(host, regions));
+      const std::string& host, std::vector<TargetRegion> regions) {
+    std::shared_ptr<TargetConn> c(new TargetConn(host, std::move(regions)));
     KVMIG_RETURN_IF_ERROR(c->listen());
     c->start_accept();
     c->thread_ = std::thread([raw = c.get()] { raw->io_.run(); });
@@ -103,15 +149,15 @@ class TargetConn {
     w.put<uint16_t>(reused ? 0 : port_);
     w.put<uint64_t>(token_);
     w.put<uint32_t>(static_cast<uint32_t>(regions_.size()));
-    for (const auto& r : regions_) w.put<uint64_t>(r.size());
+    for (const auto& r : regions_) w.put<uint64_t>(r.mem.size());
     return w.take();
   }
 
   // Serves a new migration over this (parked) connection: its regions, no
   // window yet. Returns the new generation (see generation()).
-  uint64_t adopt(std::span<const std::span<std::byte>> regions) {
+  uint64_t adopt(std::vector<TargetRegion> regions) {
     std::lock_guard lock(mu_);
-    regions_.assign(regions.begin(), regions.end());
+    regions_ = std::move(regions);
     windows_.clear();
     parked_ = false;
     return ++generation_;
@@ -197,7 +243,7 @@ class TargetConn {
   }
 
  private:
-  TargetConn(std::string host, std::span<const std::span<std::byte>> regions)
+  TargetConn(std::string host, std::vector<TargetRegion> regions)
       : log_(logger("tcp")),
         host_(std::move(host)),
         token_(random_token()),
@@ -205,7 +251,7 @@ class TargetConn {
         pending_(io_),
         token_timer_(io_),
         socket_(io_),
-        regions_(regions.begin(), regions.end()) {}
+        regions_(std::move(regions)) {}
 
   Status listen() {
     error_code ec;
@@ -305,10 +351,11 @@ class TargetConn {
     auto dst = claim(region, offset, length);
     if (!dst.ok()) return fail(dst.status());
     if (length == 0) return read_header();
+    if (dst->device) return read_into_device(dst->mem.data(), length, 0);
     // The payload and the next record's header in one scattered read: one
     // system call a write where records come back to back. A stream that
     // ends after a payload fails here, the payload applied.
-    payload_and_header_ = {asio::buffer(dst->data(), length),
+    payload_and_header_ = {asio::buffer(dst->mem.data(), length),
                            asio::buffer(header_)};
     asio::async_read(socket_, payload_and_header_, large_transfers,
                      [this, length](const error_code& rec, size_t) {
@@ -326,11 +373,45 @@ class TargetConn {
                      });
   }
 
+  // A write into device memory: its payload a bounce buffer at a time,
+  // each copied in through the device before the next is read; then the
+  // next record. `done` bytes of `length` have landed at dst.
+  void read_into_device(std::byte* dst, uint64_t length, uint64_t done) {
+    if (bounce_.empty()) bounce_.resize(kBounceBytes);
+    const size_t n = std::min<uint64_t>(length - done, bounce_.size());
+    asio::async_read(
+        socket_, asio::buffer(bounce_.data(), n), large_transfers,
+        [this, dst, length, done, n](const error_code& ec, size_t) {
+          if (ec) {
+            end_payload();
+            return fail(
+                status_from_error(ec, "tcp: read payload from " + peer_));
+          }
+          Status copied = device_->write(dst + done, std::span(bounce_).first(n));
+          if (!copied.ok()) {
+            end_payload();
+            return fail(copied.with_context("tcp target: applying a write from " +
+                                            peer_ + " into device memory"));
+          }
+          if (done + n < length) return read_into_device(dst, length, done + n);
+          end_payload();
+          bytes_applied_ += length;
+          ++writes_applied_;
+          read_header();
+        });
+  }
+
+  void end_payload() {
+    std::lock_guard lock(mu_);
+    in_payload_ = false;
+  }
+
   // Checks a write record against the current migration's regions and
   // window and, when it is to be applied, marks its payload in flight
-  // (park() refuses until it has landed). Target thread.
-  Result<std::span<std::byte>> claim(uint32_t region, uint64_t offset,
-                                     uint64_t length) {
+  // (park() refuses until it has landed): where it goes, and the device
+  // it goes through (device_, for read_into_device). Target thread.
+  Result<TargetRegion> claim(uint32_t region, uint64_t offset,
+                             uint64_t length) {
     std::lock_guard lock(mu_);
     // Messages are built only on the way out: this runs once a write.
     auto refuse = [&](const std::string& why) {
@@ -343,14 +424,14 @@ class TargetConn {
       return refuse(" for region " + std::to_string(region) + " of " +
                     std::to_string(regions_.size()));
     }
-    const std::span<std::byte> dst = regions_[region];
+    const std::span<std::byte> dst = regions_[region].mem;
     if (offset > dst.size() || length > dst.size() - offset) {
       return refuse(" for [" + std::to_string(offset) + ", +" +
                     std::to_string(length) + ") outside region " +
                     std::to_string(region) + " of " +
                     std::to_string(dst.size()) + " bytes");
     }
-    if (length == 0) return dst;
+    if (length == 0) return TargetRegion{dst, nullptr};
     if (!windows_.empty()) {
       const auto& spans = windows_[region];
       auto it = spans.upper_bound(offset);
@@ -363,7 +444,8 @@ class TargetConn {
       }
     }
     in_payload_ = true;
-    return dst.subspan(offset);
+    device_ = regions_[region].device;
+    return TargetRegion{dst.subspan(offset), device_};
   }
 
   // Records the first failure and drops the connection.
@@ -394,6 +476,8 @@ class TargetConn {
   Word token_buf_{};
   Header header_{};
   std::array<asio::mutable_buffer, 2> payload_and_header_;
+  std::vector<std::byte> bounce_;  // device writes only; kBounceBytes
+  std::shared_ptr<const DeviceMemory> device_;  // of the write being read
   Word ack_{};
   std::string peer_;
   uint64_t bytes_applied_ = 0;
@@ -403,7 +487,7 @@ class TargetConn {
   std::mutex teardown_mu_;  // held by revoke() throughout (never by io_)
   mutable std::mutex mu_;
   // Guarded by mu_:
-  std::vector<std::span<std::byte>> regions_;  // the current migration's
+  std::vector<TargetRegion> regions_;  // the current migration's
   // Per region, allowed [begin, end) ranges by begin, disjoint and merged;
   // empty: no window.
   std::vector<std::map<uint64_t, uint64_t>> windows_;
@@ -459,8 +543,8 @@ class Parking {
 
   // Adopts the parked connection with this token for a migration into
   // `regions`, if it is still healthy; null otherwise.
-  std::shared_ptr<TargetConn> take_target(
-      uint64_t token, std::span<const std::span<std::byte>> regions) {
+  std::shared_ptr<TargetConn> take_target(uint64_t token,
+                                          std::vector<TargetRegion> regions) {
     std::shared_ptr<TargetConn> c;
     {
       std::lock_guard lock(mu_);
@@ -471,7 +555,7 @@ class Parking {
       c = std::move(*it);
       targets_.erase(it);
       if (c->healthy()) {
-        c->adopt(regions);
+        c->adopt(std::move(regions));
         return c;
       }
     }
@@ -606,9 +690,11 @@ class TcpTarget final : public TransportTarget {
 class TcpInitiator final : public TransportInitiator {
  public:
   // `adopted`: a connection an earlier initiator to peer_key kept.
-  TcpInitiator(std::shared_ptr<Parking> parking, std::string peer_key,
+  TcpInitiator(std::shared_ptr<const Registry> registry,
+               std::shared_ptr<Parking> parking, std::string peer_key,
                std::unique_ptr<InitConn> adopted)
       : log_(logger("tcp")),
+        registry_(std::move(registry)),
         parking_(std::move(parking)),
         peer_key_(std::move(peer_key)),
         adopted_(adopted != nullptr),
@@ -698,6 +784,7 @@ class TcpInitiator final : public TransportInitiator {
   Status write(std::span<const WriteOp> ops, Deadline deadline) override {
     KVMIG_RETURN_IF_ERROR(usable());
     KVMIG_RETURN_IF_ERROR(check_write_ops(ops, region_lengths_, "tcp"));
+    if (registry_->has_device()) return write_via_bounce(ops, deadline);
     headers_.clear();
     headers_.reserve(ops.size());
     buffers_.clear();
@@ -749,6 +836,76 @@ class TcpInitiator final : public TransportInitiator {
 
   uint64_t bytes_written() const override { return bytes_written_; }
   uint64_t ops_posted() const override { return ops_posted_; }
+
+  // write() when some registered memory is a device's: a source in device
+  // memory is copied out into a bounded bounce buffer (kBounceBytes per
+  // record, 4 records at most) and sent from there, a batch at a time.
+  Status write_via_bounce(std::span<const WriteOp> ops, Deadline deadline) {
+    constexpr size_t kBounceRecords = 4;
+    if (bounce_.empty()) bounce_.resize(kBounceRecords * kBounceBytes);
+    headers_.clear();
+    headers_.reserve(ops.size() + kBounceRecords);
+    buffers_.clear();
+    size_t used = 0;  // of bounce_
+    uint64_t bytes = 0;
+    auto send = [&]() -> Status {
+      if (buffers_.empty()) return Status();
+      bool done = false;
+      error_code result;
+      asio::async_write(conn_->socket, buffers_, large_transfers,
+                        [&](const error_code& ec, size_t) {
+                          result = ec;
+                          done = true;
+                        });
+      KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "write"));
+      headers_.clear();
+      buffers_.clear();
+      used = 0;
+      return Status();
+    };
+    auto record = [&](uint32_t region, uint64_t offset, const std::byte* src,
+                      uint64_t length) {
+      Header& h = headers_.emplace_back();
+      store_le<uint32_t>(h.data(), region);
+      store_le<uint64_t>(h.data() + 4, offset);
+      store_le<uint64_t>(h.data() + 12, length);
+      buffers_.push_back(asio::buffer(h));
+      buffers_.push_back(asio::buffer(src, length));
+    };
+    for (const WriteOp& op : ops) {
+      if (op.length == 0) continue;
+      auto device = registry_->find(op.src, op.length);
+      if (!device) {
+        return Status::invalid_argument(
+            "tcp: write source of " + std::to_string(op.length) +
+            " bytes is not inside registered memory");
+      }
+      if (!*device) {
+        // headers_ never reallocates: at most ops.size() + kBounceRecords
+        // records between two sends.
+        record(op.dst_region, op.dst_offset, op.src, op.length);
+      } else {
+        for (uint64_t done = 0; done < op.length;) {
+          if (used == bounce_.size()) KVMIG_RETURN_IF_ERROR(send());
+          const uint64_t n = std::min<uint64_t>(op.length - done, kBounceBytes);
+          std::byte* piece = bounce_.data() + used;
+          KVMIG_RETURN_IF_ERROR(
+              (*device)
+                  ->read(op.src + done, std::span(piece, n))
+                  .with_context("tcp: reading a write's source from device "
+                                "memory"));
+          record(op.dst_region, op.dst_offset + done, piece, n);
+          used += kBounceBytes;  // one record per bounce slot
+          done += n;
+        }
+      }
+      bytes += op.length;
+    }
+    KVMIG_RETURN_IF_ERROR(send());
+    bytes_written_ += bytes;
+    ops_posted_ += ops.size();
+    return Status();
+  }
 
   void keep() override {
     if (!parking_ || peer_key_.empty() || !usable().ok()) return;
@@ -844,6 +1001,7 @@ class TcpInitiator final : public TransportInitiator {
   }
 
   const std::shared_ptr<spdlog::logger> log_;
+  const std::shared_ptr<const Registry> registry_;
   const std::shared_ptr<Parking> parking_;  // null: never keeps
   const std::string peer_key_;              // empty: never keeps
   bool adopted_;                            // conn_ was kept by an earlier one
@@ -858,28 +1016,37 @@ class TcpInitiator final : public TransportInitiator {
   // Reused by write(); kept so large batches do not reallocate each call.
   std::vector<Header> headers_;
   std::vector<asio::const_buffer> buffers_;
+  std::vector<std::byte> bounce_;  // write_via_bounce only
 };
 
 // Thread-safe: the region table is guarded by mu_.
 class TcpTransport final : public Transport {
  public:
   explicit TcpTransport(TransportOptions opts)
-      : opts_(std::move(opts)), parking_(std::make_shared<Parking>()) {}
+      : opts_(std::move(opts)),
+        registry_(std::make_shared<Registry>()),
+        parking_(std::make_shared<Parking>()) {}
 
   ~TcpTransport() override { parking_->clear(); }
 
   std::string_view name() const override { return "tcp"; }
 
   Status register_memory(std::span<std::byte> region) override {
-    std::lock_guard lock(mu_);
-    KVMIG_RETURN_IF_ERROR(regions_.check_new(region, "tcp"));
-    regions_.add(region, std::monostate{});
-    return Status();
+    return registry_->add(region, nullptr);
+  }
+
+  // Device memory is reached through its copies and bounce buffers.
+  Status register_device_memory(
+      std::span<std::byte> region,
+      std::shared_ptr<const DeviceMemory> device) override {
+    if (!device || !device->read || !device->write) {
+      return Status::invalid_argument("tcp: device memory without copies");
+    }
+    return registry_->add(region, std::move(device));
   }
 
   Status deregister_memory(std::span<std::byte> region) override {
-    std::lock_guard lock(mu_);
-    return regions_.remove(region, "tcp").status();
+    return registry_->remove(region);
   }
 
   Result<std::unique_ptr<TransportInitiator>> create_initiator() override {
@@ -890,8 +1057,8 @@ class TcpTransport final : public Transport {
       std::string_view peer) override {
     std::unique_ptr<InitConn> kept;
     if (!peer.empty()) kept = parking_->take_init(std::string(peer));
-    return std::unique_ptr<TransportInitiator>(
-        new TcpInitiator(parking_, std::string(peer), std::move(kept)));
+    return std::unique_ptr<TransportInitiator>(new TcpInitiator(
+        registry_, parking_, std::string(peer), std::move(kept)));
   }
 
   Result<std::unique_ptr<TransportTarget>> open_target(
@@ -905,36 +1072,37 @@ class TcpTransport final : public Transport {
           std::to_string(initiator_address.size()) +
           " bytes (expected none, or an 8-byte token)");
     }
-    {
-      std::lock_guard lock(mu_);
-      for (size_t i = 0; i < regions.size(); ++i) {
-        if (!regions[i].empty() &&
-            regions_.find(regions[i].data(), regions[i].size()) == nullptr) {
-          return Status::invalid_argument(
-              "tcp: target region " + std::to_string(i) + " (" +
-              std::to_string(regions[i].size()) +
-              " bytes) is not inside registered memory");
-        }
+    std::vector<TargetRegion> targets;
+    targets.reserve(regions.size());
+    for (size_t i = 0; i < regions.size(); ++i) {
+      auto& t = targets.emplace_back(TargetRegion{regions[i], nullptr});
+      if (regions[i].empty()) continue;
+      auto device = registry_->find(regions[i].data(), regions[i].size());
+      if (!device) {
+        return Status::invalid_argument(
+            "tcp: target region " + std::to_string(i) + " (" +
+            std::to_string(regions[i].size()) +
+            " bytes) is not inside registered memory");
       }
+      t.device = std::move(*device);
     }
     if (!initiator_address.empty()) {
       const uint64_t token = load_le<uint64_t>(initiator_address.data());
-      if (auto conn = parking_->take_target(token, regions)) {
+      if (auto conn = parking_->take_target(token, targets)) {
         return std::unique_ptr<TransportTarget>(
             new TcpTarget(std::move(conn), parking_, /*reused=*/true));
       }
     }
-    KVMIG_ASSIGN_OR_RETURN(auto conn,
-                           TargetConn::open(opts_.bind_host, regions));
+    KVMIG_ASSIGN_OR_RETURN(
+        auto conn, TargetConn::open(opts_.bind_host, std::move(targets)));
     return std::unique_ptr<TransportTarget>(
         new TcpTarget(std::move(conn), parking_, /*reused=*/false));
   }
 
  private:
   const TransportOptions opts_;
+  const std::shared_ptr<Registry> registry_;
   const std::shared_ptr<Parking> parking_;
-  std::mutex mu_;
-  RegionTable<std::monostate> regions_;  // guarded by mu_
 };
 
 }  // namespace

@@ -124,7 +124,16 @@ void UcxCore::close_ep(ucp_ep_h ep,
   });
 }
 
-Status UcxCore::register_region(std::span<std::byte> region) {
+Result<uint64_t> UcxCore::memory_types() {
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  const ucs_status_t s = ucp_context_query(context(), &attr);
+  if (s != UCS_OK) return status_from_ucs(s, "ucp_context_query");
+  return attr.memory_types;
+}
+
+Status UcxCore::register_region(std::span<std::byte> region,
+                                ucs_memory_type_t type) {
   return call([&]() -> Status {
     std::lock_guard lock(regions_mu_);
     KVMIG_RETURN_IF_ERROR(regions_.check_new(region, "ucx"));
@@ -133,6 +142,10 @@ Status UcxCore::register_region(std::span<std::byte> region) {
         UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
     mp.address = region.data();
     mp.length = region.size();
+    if (type != UCS_MEMORY_TYPE_HOST) {
+      mp.field_mask |= UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+      mp.memory_type = type;
+    }
     ucp_mem_h memh = nullptr;
     const ucs_status_t s = ucp_mem_map(context(), &mp, &memh);
     if (s != UCS_OK) {

@@ -168,7 +168,12 @@ class UcxCore {
   void close_ep(ucp_ep_h ep, std::function<void(ucs_status_t)> on_closed);
 
   // Registrations (thread-safe). Mapping and unmapping run on the thread.
-  Status register_region(std::span<std::byte> region);
+  // `type`: what the memory is (UCS_MEMORY_TYPE_CUDA for a GPU's); a type
+  // other than host needs this UCX build's support (memory_types()).
+  Status register_region(std::span<std::byte> region,
+                         ucs_memory_type_t type = UCS_MEMORY_TYPE_HOST);
+  // The memory types this UCX context supports, as a UCS_BIT mask.
+  Result<uint64_t> memory_types();
   Status deregister_region(std::span<std::byte> region);
   void clear_regions();
   // The memory handle of the registration containing [p, +len), or null.

@@ -38,6 +38,31 @@ class UcxTransport final : public Transport {
     return core_->register_region(region);
   }
 
+  // CUDA memory is registered as such (UCX then moves it with its CUDA
+  // transports); a UCX built without them says so.
+  Status register_device_memory(
+      std::span<std::byte> region,
+      std::shared_ptr<const DeviceMemory> device) override {
+    if (!device || device->kind != MemoryKind::kCuda) {
+      return Status::invalid_argument("ucx: device memory of an unknown kind");
+    }
+    KVMIG_ASSIGN_OR_RETURN(uint64_t types, core_->memory_types());
+    if ((types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) == 0) {
+      std::string have;
+      for (int t = 0; t < UCS_MEMORY_TYPE_LAST; ++t) {
+        if (types & UCS_BIT(t)) {
+          have += std::string(have.empty() ? "" : ", ") +
+                  ucs_memory_type_names[t];
+        }
+      }
+      return Status::failed_precondition(
+          std::string("this UCX build (") + ucp_get_version_string() +
+          ") has no CUDA memory support (its memory types: " + have +
+          "); use a UCX built with CUDA support, or tcp");
+    }
+    return core_->register_region(region, UCS_MEMORY_TYPE_CUDA);
+  }
+
   Status deregister_memory(std::span<std::byte> region) override {
     return core_->deregister_region(region);
   }

@@ -270,6 +270,25 @@ class VerbsCore {
     return Status();
   }
 
+  // Device memory, from its dmabuf: the MR's iova is the region's address,
+  // so work requests name it as they name host memory.
+  Status register_dmabuf_region(std::span<std::byte> region,
+                                const DmabufRegion& dmabuf) {
+    std::lock_guard lock(mu_);
+    KVMIG_RETURN_IF_ERROR(regions_.check_new(region, "verbs"));
+    ibv_mr* mr = ibv_reg_dmabuf_mr(
+        pd_.get(), dmabuf.offset, region.size(),
+        reinterpret_cast<uint64_t>(region.data()), dmabuf.fd,
+        IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    if (mr == nullptr) {
+      return status_from_errno(errno, "verbs: ibv_reg_dmabuf_mr of " +
+                                          std::to_string(region.size()) +
+                                          " bytes on " + name_);
+    }
+    regions_.add(region, MrPtr(mr));
+    return Status();
+  }
+
   Status deregister_region(std::span<std::byte> region) {
     std::lock_guard lock(mu_);
     return regions_.remove(region, "verbs").status();  // deregisters here
@@ -983,6 +1002,21 @@ class VerbsTransport final : public Transport {
 
   Status register_memory(std::span<std::byte> region) override {
     return core_->register_region(region);
+  }
+
+  // RDMA straight into device memory needs the device's dmabuf.
+  Status register_device_memory(
+      std::span<std::byte> region,
+      std::shared_ptr<const DeviceMemory> device) override {
+    if (!device || !device->dmabuf) {
+      return Status::unimplemented("verbs needs a dmabuf of device memory");
+    }
+    auto dmabuf = device->dmabuf();
+    if (!dmabuf.ok()) {
+      return dmabuf.status().with_context(
+          "verbs registers device memory only as a dmabuf");
+    }
+    return core_->register_dmabuf_region(region, *dmabuf);
   }
 
   Status deregister_memory(std::span<std::byte> region) override {

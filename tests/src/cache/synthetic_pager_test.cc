@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <set>
@@ -22,16 +23,21 @@ namespace {
 using testing::PagerConformanceTest;
 using testing::PagerFactory;
 
-PagerFactory synthetic_factory(const std::string& preset, PoolLayout layout,
-                               uint32_t capacity) {
+PagerFactory synthetic_factory(
+    const std::string& preset, PoolLayout layout, uint32_t capacity,
+    PoolMemoryKind memory = PoolMemoryKind::kHost) {
   std::string name = preset + "_" + std::string(pool_layout_name(layout));
+  if (memory != PoolMemoryKind::kHost) {
+    name += "_" + std::string(pool_memory_kind_name(memory));
+  }
   for (char& c : name) {
     if (c == '-') c = '_';
   }
   return {name, [=]() -> Result<std::unique_ptr<CachePager>> {
             KVMIG_ASSIGN_OR_RETURN(CacheMeta meta, preset_meta(preset));
             KVMIG_ASSIGN_OR_RETURN(
-                auto pager, SyntheticPager::create(meta, layout, capacity));
+                auto pager,
+                SyntheticPager::create(meta, layout, capacity, memory));
             return std::unique_ptr<CachePager>(std::move(pager));
           }};
 }
@@ -41,7 +47,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(synthetic_factory("tiny", PoolLayout::kPage, 64),
                       synthetic_factory("tiny", PoolLayout::kLayer, 96),
                       synthetic_factory("llama3-8b", PoolLayout::kPage, 64),
-                      synthetic_factory("llama3-8b", PoolLayout::kLayer, 64)),
+                      synthetic_factory("llama3-8b", PoolLayout::kLayer, 64),
+                      synthetic_factory("tiny", PoolLayout::kPage, 64,
+                                        PoolMemoryKind::kSimDevice),
+                      synthetic_factory("tiny", PoolLayout::kLayer, 96,
+                                        PoolMemoryKind::kSimDevice)),
     testing::PagerFactoryName);
 
 CacheMeta tiny() { return *preset_meta("tiny"); }
@@ -451,6 +461,113 @@ TEST(SyntheticPagerTest, ParsesAllocationOrderNames) {
   }
   EXPECT_EQ(parse_allocation_order("lowest").status().code(),
             StatusCode::kInvalidArgument);
+}
+
+// --- Where the pool lives (PoolMemory) --------------------------------------
+
+std::unique_ptr<SyntheticPager> make_on(PoolMemoryKind memory,
+                                        PoolLayout layout, uint32_t capacity) {
+  auto r = SyntheticPager::create(tiny(), layout, capacity, memory);
+  EXPECT_TRUE(r.ok()) << r.status().to_string();
+  return r.ok() ? std::move(r).value() : nullptr;
+}
+
+TEST(SimDeviceTest, ContentAndDecodeMatchHostMemory) {
+  for (PoolLayout layout : {PoolLayout::kPage, PoolLayout::kLayer}) {
+    auto host = make_on(PoolMemoryKind::kHost, layout, 64);
+    auto dev = make_on(PoolMemoryKind::kSimDevice, layout, 64);
+    ASSERT_OK(host->populate(3, 40, 5, 16));
+    ASSERT_OK(dev->populate(3, 40, 5, 16));
+    for (int i = 0; i < 20; ++i) {
+      EXPECT_EQ(host->decode_step(), 3u);
+      EXPECT_EQ(dev->decode_step(), 3u);
+    }
+    EXPECT_EQ(seqs_of(*host), seqs_of(*dev));
+    EXPECT_EQ(digests(*host), digests(*dev));
+    const PagerLayout dev_layout = *dev->layout();
+    const PagerLayout host_layout = *host->layout();
+    for (const StridedRegion& r : dev_layout) {
+      EXPECT_EQ(r.kind, MemoryKind::kCuda);
+    }
+    for (const StridedRegion& r : host_layout) {
+      EXPECT_EQ(r.kind, MemoryKind::kHost);
+    }
+  }
+}
+
+// The address kvmig is shown is not CPU memory: touching it kills the
+// process at once (the point of the simulation: kvmig never does).
+TEST(SimDeviceDeathTest, TheLayoutAddressFaultsOnCpuAccess) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto dev = make_on(PoolMemoryKind::kSimDevice, PoolLayout::kPage, 8);
+  ASSERT_OK(dev->populate(1, 16, 1));
+  const std::byte* base = dev->layout()->front().base;
+  EXPECT_DEATH(
+      {
+        volatile std::byte b = *base;
+        (void)b;
+      },
+      "");
+  // The engine's own mapping has the bytes.
+  std::vector<std::byte> first(8);
+  ASSERT_OK(dev->copy_from_device(0, 0, first));
+  ASSERT_OK_AND_ASSIGN(PageBytes page, dev->read_page(0));
+  EXPECT_TRUE(std::equal(first.begin(), first.end(), page.k.begin()));
+}
+
+TEST(SimDeviceTest, DmabufExportWorksOrSaysWhy) {
+  auto dev = make_on(PoolMemoryKind::kSimDevice, PoolLayout::kPage, 8);
+  auto d = dev->export_dmabuf(0);
+  if (d.ok()) {
+    EXPECT_GE(d->fd, 0);
+    EXPECT_EQ(d->offset, 0u);
+  } else {
+    EXPECT_EQ(d.status().code(), StatusCode::kUnimplemented);
+    EXPECT_NE(d.status().message().find("udmabuf"), std::string::npos)
+        << d.status().to_string();
+  }
+  auto host = make_on(PoolMemoryKind::kHost, PoolLayout::kPage, 8);
+  EXPECT_EQ(host->export_dmabuf(0).status().code(),
+            StatusCode::kUnimplemented);
+  EXPECT_EQ(dev->export_dmabuf(1).status().code(), StatusCode::kOutOfRange);
+}
+
+TEST(SimDeviceTest, ParsesMemoryKindNames) {
+  for (PoolMemoryKind k : {PoolMemoryKind::kHost, PoolMemoryKind::kSimDevice,
+                           PoolMemoryKind::kCuda}) {
+    ASSERT_OK_AND_ASSIGN(PoolMemoryKind parsed,
+                         parse_pool_memory_kind(pool_memory_kind_name(k)));
+    EXPECT_EQ(parsed, k);
+  }
+  EXPECT_EQ(parse_pool_memory_kind("gpu").status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// On a host without a GPU (this one) the cuda kind refuses with a reason;
+// with KVMIG_TEST_CUDA=1 (tools/gpu-check.sh) it must work.
+TEST(CudaMemoryTest, WorksOnAGpuOrRefusesClearly) {
+  auto r = SyntheticPager::create(tiny(), PoolLayout::kLayer, 16,
+                                  PoolMemoryKind::kCuda, 0);
+  if (std::getenv("KVMIG_TEST_CUDA") == nullptr) {
+    if (r.ok()) GTEST_SKIP() << "a GPU is here; set KVMIG_TEST_CUDA=1";
+    EXPECT_EQ(r.status().code(), StatusCode::kUnavailable)
+        << r.status().to_string();
+    EXPECT_NE(r.status().message().find("CUDA"), std::string::npos)
+        << r.status().to_string();
+    return;
+  }
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  auto& gpu = *r;
+  auto host = make_on(PoolMemoryKind::kHost, PoolLayout::kLayer, 16);
+  ASSERT_OK(gpu->populate(2, 40, 3));
+  ASSERT_OK(host->populate(2, 40, 3));
+  EXPECT_EQ(gpu->decode_step(), 2u);
+  EXPECT_EQ(host->decode_step(), 2u);
+  EXPECT_EQ(digests(*gpu), digests(*host));
+  const PagerLayout gpu_layout = *gpu->layout();
+  for (const StridedRegion& reg : gpu_layout) {
+    EXPECT_EQ(reg.kind, MemoryKind::kCuda);
+  }
 }
 
 }  // namespace

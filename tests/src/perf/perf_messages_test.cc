@@ -16,6 +16,7 @@ TEST(MessagesTest, PerfSetupAndReadyRoundTrip) {
   m.capacity_pages = 512;
   m.order = AllocationOrder::kRandom;
   m.seed = 42;
+  m.memory = PoolMemoryKind::kSimDevice;
   ASSERT_OK_AND_ASSIGN(PerfSetupMsg back,
                        decode_perf_setup(encode(m), limits()));
   EXPECT_EQ(back.meta, m.meta);
@@ -23,11 +24,17 @@ TEST(MessagesTest, PerfSetupAndReadyRoundTrip) {
   EXPECT_EQ(back.capacity_pages, 512u);
   EXPECT_EQ(back.order, m.order);
   EXPECT_EQ(back.seed, 42u);
+  EXPECT_EQ(back.memory, PoolMemoryKind::kSimDevice);
   m.capacity_pages = 0;
   EXPECT_FALSE(decode_perf_setup(encode(m), limits()).ok());
   std::vector<uint8_t> bad = encode(
       PerfSetupMsg{m.meta, PoolLayout::kPage, 4, AllocationOrder::kRandom, 1});
-  bad[bad.size() - 9] = 7;  // the order byte
+  bad[bad.size() - 10] = 7;  // the order byte
+  EXPECT_EQ(decode_perf_setup(bad, limits()).status().code(),
+            StatusCode::kDataLoss);
+  bad = encode(
+      PerfSetupMsg{m.meta, PoolLayout::kPage, 4, AllocationOrder::kRandom, 1});
+  bad.back() = 3;  // the memory kind
   EXPECT_EQ(decode_perf_setup(bad, limits()).status().code(),
             StatusCode::kDataLoss);
   ASSERT_OK_AND_ASSIGN(

@@ -36,8 +36,10 @@ TEST(MessagesTest, HelloRoundTrip) {
 }
 
 TEST(MessagesTest, OfferAndCommitRoundTrip) {
-  OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}}, 0, {7, 7}};
+  OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}}, 0, {7, 7},
+             "cuda"};
   ASSERT_OK_AND_ASSIGN(OfferMsg ob, decode_offer(encode(o), limits()));
+  EXPECT_EQ(ob.memory, "cuda");
   EXPECT_EQ(ob.slots, o.slots);
   EXPECT_EQ(ob.regions, o.regions);
   EXPECT_EQ(ob.target_address, o.target_address);
@@ -72,9 +74,13 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   r.gbps = 1.5;
   r.transport = "tcp";
   r.phases_ms = {{"connect", 0.25}, {"data", 3.5}};
+  r.src_memory = "cuda";
+  r.dst_memory = "host";
   ASSERT_OK_AND_ASSIGN(MigrationReport rb,
                        decode_migration_report(encode(r), limits()));
   EXPECT_EQ(rb.seqs, r.seqs);
+  EXPECT_EQ(rb.src_memory, "cuda");
+  EXPECT_EQ(rb.dst_memory, "host");
   EXPECT_DOUBLE_EQ(rb.gbps, 1.5);
   EXPECT_EQ(rb.phases_ms, r.phases_ms);
   // A phase name longer than a phase can be is refused.
@@ -87,10 +93,12 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   st.free_pages = 4;
   st.seqs = {{1, 17, 2, "ff"}};
   st.transports = {"tcp"};
+  st.memory = "cuda+host";
   st.in_doubt = {{"m", {1}, "10.0.0.2:7000", "seqs"}};
   ASSERT_OK_AND_ASSIGN(AgentStatus sb,
                        decode_agent_status(encode(st), limits()));
   EXPECT_EQ(sb.seqs[0].digest, "ff");
+  EXPECT_EQ(sb.memory, "cuda+host");
   EXPECT_EQ(sb.in_doubt[0].seqs, std::vector<SeqId>{1});
   EXPECT_EQ(sb.in_doubt[0].to, "10.0.0.2:7000");
   EXPECT_EQ(sb.in_doubt[0].hold, "seqs");
