@@ -169,3 +169,60 @@ class NumpyPager(kvmig.CachePager):
             self.pool[p] = rng.integers(0, 256, 2 * self._pb, dtype=np.uint8)
         self.install_logical_seqs([kvmig.LogicalSeq(seq_id, n_tokens, pages)])
         self.calls.clear()
+
+
+class SimDevicePager(NumpyPager):
+    """A NumpyPager whose pool stands for GPU memory: a memfd mapped twice.
+    The engine (this class) uses the readable mapping; layout() reports the
+    other one, mapped PROT_NONE, as kind="cuda": kvmig may reach it only
+    through copy_from_device/copy_to_device, and a CPU access by kvmig would
+    kill the process."""
+
+    def __init__(self, meta, capacity):
+        import ctypes
+        import mmap
+        import os
+
+        super().__init__(meta, capacity, layout=True)
+        length = capacity * 2 * self._pb
+        fd = os.memfd_create("kvmig-test-sim-device")
+        os.ftruncate(fd, length)
+        self._engine_map = mmap.mmap(fd, length, flags=mmap.MAP_SHARED,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        device = libc.mmap(None, length, 0, mmap.MAP_SHARED, fd, 0)  # PROT_NONE
+        assert device not in (None, ctypes.c_void_p(-1).value), \
+            os.strerror(ctypes.get_errno())
+        os.close(fd)
+        self.device_base = device
+        self.pool = np.frombuffer(self._engine_map, dtype=np.uint8).reshape(
+            capacity, 2 * self._pb)
+        self._flat = self.pool.reshape(-1)
+        self._engine_base = self.pool.ctypes.data
+
+    def _engine_regions(self):
+        return super().layout()
+
+    def layout(self):
+        shift = self.device_base - self._engine_base
+        return [kvmig.StridedRegion(base=r.base + shift, stride=r.stride,
+                                    chunk=r.chunk, slots=r.slots, kind="cuda",
+                                    device=0)
+                for r in self._engine_regions()]
+
+    def _span(self, region, offset, n):
+        r = self._engine_regions()[region]
+        start = r.base - self._engine_base + offset
+        return slice(start, start + n)
+
+    def copy_from_device(self, region, offset, out):
+        self._enter("copy_from_device")
+        out[:] = self._flat[self._span(region, offset, len(out))]
+
+    def copy_to_device(self, region, offset, data):
+        self._enter("copy_to_device")
+        self._flat[self._span(region, offset, len(data))] = np.frombuffer(
+            data, dtype=np.uint8)

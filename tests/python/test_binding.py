@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvmig
-from pagers import NumpyPager
+from pagers import NumpyPager, SimDevicePager
 
 TINY = kvmig.preset_meta("tiny")  # 16 tokens x 2 layers x 2 heads x 64, f16
 
@@ -123,12 +123,30 @@ def test_regions_refuse_what_kvmig_cannot_use():
     refused([[1, 2, 3]] * 3, good, "list", "neither a torch tensor")
 
 
-def test_regions_refuse_device_memory():
-    class FakeCuda:  # what kvmig reads of a tensor, on a GPU
-        device = torch.device("cuda", 0)
+def test_regions_of_device_memory():
+    class FakeMps:  # a device kvmig has no kind for
+        device = torch.device("mps", 0)
         data_ptr = element_size = None
-    e = refused([FakeCuda()] * 3, [FakeCuda()] * 3, "cuda:0", "host memory")
+    e = refused([FakeMps()] * 3, [FakeMps()] * 3, "mps:0", "host and CUDA")
     assert e.code == "Unimplemented"
+
+
+def test_torch_device_copies_reach_the_regions_bytes():
+    # FlashInfer's (num_blocks, 2, ...) per layer: K and V interleave, so a
+    # region has gaps; the copies address region bytes as kvmig does. CPU
+    # tensors here; on a GPU the same calls copy to and from the device.
+    kv = [torch.zeros(8, 2, 16, 2, 64, dtype=torch.float16) for _ in range(2)]
+    k, v = [t[:, 0] for t in kv], [t[:, 1] for t in kv]
+    regions = kvmig.regions(k, v, meta=TINY)
+    from_dev, to_dev = kvmig.torch_device_copies(k, v)
+    chunk = regions[0].chunk
+    page3 = bytes(range(256)) * (chunk // 256)
+    to_dev(2, 3 * regions[2].stride, memoryview(page3))  # V of layer 0, page 3
+    assert v[0][3].contiguous().view(torch.uint8).numpy().tobytes() == page3
+    assert not k[0].any() and not v[1].any() and not v[0][2].any()
+    out = bytearray(chunk)
+    from_dev(2, 3 * regions[2].stride, memoryview(out))
+    assert bytes(out) == page3
 
 
 # ---- agents: Python and C++ exchange requests ----
@@ -165,6 +183,44 @@ def test_python_to_cpp_and_back(cpp_agent, layout):
             assert "write_page" not in pager.calls
 
 
+def test_simulated_device_through_numpy(cpp_agent):
+    # Python's pool and the C++ agent's both on a simulated device: every
+    # byte kvmig moves goes through the pagers' device copies.
+    pager = SimDevicePager(TINY, 64)
+    pager.populate(1, 100, seed=1)
+    pager.populate(2, 33, seed=2)
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "64",
+                    "--memory", "sim-device", "--transports", "tcp,ucx"
+                    if "ucx" in kvmig.built_transports() else "tcp")
+    client = kvmig.Client(dst.address)
+    with kvmig.Agent(pager, transports=["tcp"]) as agent:
+        status = agent.status()
+        assert status["memory"] == "cuda"
+        before = digests(status)
+        report = agent.migrate(to=dst.address, seqs=[1, 2])
+        assert report["memory"] == {"source": "cuda", "destination": "cuda"}
+        assert pager.calls.get("copy_from_device", 0) > 0
+        assert digests(client.status()) == before
+        back = client.migrate(to=agent.address, all=True)
+        assert back["memory"] == {"source": "cuda", "destination": "cuda"}
+        assert pager.calls.get("copy_to_device", 0) > 0
+        # In place: nothing through write_page (read_page serves status's
+        # digests only).
+        assert "write_page" not in pager.calls
+        assert digests(agent.status()) == before
+    if "ucx" in kvmig.built_transports():
+        # A UCX without CUDA support cannot take it: refused, nothing moved.
+        pager2 = SimDevicePager(TINY, 64)
+        pager2.populate(5, 40, seed=5)
+        with kvmig.Agent(pager2, transports=["tcp", "ucx"]) as agent:
+            assert agent.status()["transports"] == ["tcp"]
+            with pytest.raises(kvmig.Error) as e:
+                agent.migrate(to=dst.address, seqs=[5], transport="ucx")
+            assert "CUDA" in str(e.value), str(e.value)
+            assert sorted(pager2.seqs) == [5]
+            assert 5 not in digests(client.status())
+
+
 def test_report_fields_match_the_cli(cpp_agent):
     # agent.migrate() returns the fields of `kvmig migrate --json`.
     import json
@@ -183,7 +239,8 @@ def test_report_fields_match_the_cli(cpp_agent):
         assert list(py) == list(cli)
         status = agent.status()
         assert list(status) == ["meta", "capacity_pages", "free_pages", "seqs",
-                                "migrations", "transports", "in_doubt",
+                                "migrations", "transports", "memory",
+                                "in_doubt",
                                 "shared_groups", "control_connections"]
         assert status["migrations"] == []
         assert status["free_pages"] == 16 - 2 * 3

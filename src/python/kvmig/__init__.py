@@ -20,7 +20,7 @@ from kvmig._kvmig import (
     preset_meta,
     validate_layout,
 )
-from kvmig._regions import regions
+from kvmig._regions import regions, torch_device_copies
 
 __all__ = [
     "Agent",
@@ -34,6 +34,7 @@ __all__ = [
     "built_transports",
     "preset_meta",
     "regions",
+    "torch_device_copies",
     "validate_layout",
 ]
 __version__ = "0.1.0"

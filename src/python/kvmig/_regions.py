@@ -15,18 +15,20 @@ def _invalid(what, text):
 
 
 def _describe(view, what):
-    """(base, shape, strides in bytes, itemsize, dtype name or None)."""
+    """(base, shape, strides in bytes, itemsize, dtype name or None,
+    memory kind, device)."""
     if hasattr(view, "data_ptr") and hasattr(view, "element_size"):  # torch
         device = view.device
-        if device.type != "cpu":
-            raise Error(f"{what}: a tensor on {device}; kvmig moves host memory "
-                        "only until device memory is supported",
-                        code="Unimplemented")
+        if device.type not in ("cpu", "cuda"):
+            raise Error(f"{what}: a tensor on {device}; kvmig moves host and "
+                        "CUDA memory", code="Unimplemented")
         size = view.element_size()
         dtype = str(view.dtype)
+        kind = "cuda" if device.type == "cuda" else "host"
         return (view.data_ptr(), tuple(view.shape),
                 tuple(s * size for s in view.stride()), size,
-                None if dtype in _RAW else _TORCH_DTYPES.get(dtype, dtype))
+                None if dtype in _RAW else _TORCH_DTYPES.get(dtype, dtype),
+                kind, device.index or 0)
     iface = getattr(view, "__array_interface__", None)
     if iface is None:
         raise _invalid(what, f"a {type(view).__name__} is neither a torch "
@@ -47,11 +49,11 @@ def _describe(view, what):
             step *= n
     name = dt.name
     return (base, shape, tuple(strides), dt.itemsize,
-            None if name in _RAW else _NUMPY_DTYPES.get(name, name))
+            None if name in _RAW else _NUMPY_DTYPES.get(name, name), "host", 0)
 
 
 def _region(view, what, meta):
-    base, shape, strides, itemsize, dtype = _describe(view, what)
+    base, shape, strides, itemsize, dtype, kind, device = _describe(view, what)
     if len(shape) < 1:
         raise _invalid(what, "a scalar; dimension 0 must be the page index")
     # A page (view[i]) must be one contiguous run: dimensions 1.. in C order.
@@ -79,13 +81,18 @@ def _region(view, what, meta):
                 f"but one layer of a page is {want} bytes ({meta!r}: "
                 f"{meta.page_size_tokens} tokens x {meta.n_heads} heads x "
                 f"{meta.head_dim} dims)")
-    return StridedRegion(base=base, stride=stride, chunk=chunk, slots=slots)
+    return StridedRegion(base=base, stride=stride, chunk=chunk, slots=slots,
+                         kind=kind, device=device)
 
 
 def regions(k_views, v_views, meta=None):
-    """Per-layer K and V views whose dimension 0 is the page index (torch CPU
+    """Per-layer K and V views whose dimension 0 is the page index (torch
     tensors or numpy arrays) as the regions of a CachePager.layout(): K of
-    every layer, then V of every layer (the canonical page order).
+    every layer, then V of every layer (the canonical page order). CUDA
+    tensors give kind="cuda" regions: the pager must then also define
+    copy_from_device(region, offset, out) and copy_to_device(region, offset,
+    data), through which kvmig reaches that memory (torch_device_copies()
+    builds them from the same views).
 
     vLLM FlashAttention, per layer t of shape (2, num_blocks, block, heads,
     dim): regions([t[0] for t in kv], [t[1] for t in kv]). FlashInfer,
@@ -113,3 +120,36 @@ def regions(k_views, v_views, meta=None):
         raise _invalid("regions", f"views disagree on the number of pages: "
                        f"{sorted(slots)}")
     return out
+
+
+def torch_device_copies(k_views, v_views):
+    """copy_from_device and copy_to_device for the regions that
+    regions(k_views, v_views) made of torch tensors: byte ranges of region
+    i (K views, then V views) copied with torch, so that kvmig never touches
+    device memory itself. Returns the two functions, to be called from a
+    CachePager's methods of the same names."""
+    import torch
+
+    views = list(k_views) + list(v_views)
+
+    def flat(i):
+        # Region i's bytes, from its first page's start to its last's end,
+        # as one uint8 tensor on the views' device (gaps included).
+        v = views[i]
+        n = (v.shape[0] - 1) * v.stride(0) + v[0].numel()
+        return torch.as_strided(v, (n,), (1,),
+                                v.storage_offset()).view(torch.uint8)
+
+    def copy_from_device(region, offset, out):
+        if len(out) == 0:
+            return
+        src = flat(region)[offset:offset + len(out)]
+        torch.frombuffer(out, dtype=torch.uint8).copy_(src)
+
+    def copy_to_device(region, offset, data):
+        if len(data) == 0:
+            return
+        dst = flat(region)[offset:offset + len(data)]
+        dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    return copy_from_device, copy_to_device

@@ -180,12 +180,16 @@ void PyPager::prime() {
               "] is not a kvmig.StridedRegion but " + type_name(r)));
         }
         StridedRegion region = r.cast<StridedRegion>();
-        if (region.kind != MemoryKind::kHost) {
+        if (region.kind != MemoryKind::kHost &&
+            !(py::get_override(self, "copy_from_device") &&
+              py::get_override(self, "copy_to_device"))) {
           raise_status(Status::unimplemented(
               "pager.layout()[" + std::to_string(i) +
               "] is CUDA memory (device " + std::to_string(region.device) +
-              "); kvmig moves host memory only until device memory is "
-              "supported"));
+              "), which kvmig reaches only through the pager's "
+              "copy_from_device(region, offset, out) and "
+              "copy_to_device(region, offset, data); this pager has not "
+              "both"));
         }
         layout->push_back(region);
         ++i;
@@ -312,6 +316,57 @@ Status PyPager::unhold_seqs(std::span<const SeqId> ids) {
   return call_python<Status>(this, "unhold_seqs", [&](py::function& fn) {
     fn(to_list(ids));
     return Status();
+  });
+}
+
+namespace {
+
+// A memoryview of kvmig's buffer for one call: released when the call ends
+// (raising or not), so Python code that kept it cannot reach the buffer
+// after kvmig reused it. Needs the GIL.
+class CallView {
+ public:
+  CallView(const void* data, size_t n, bool readonly)
+      : view_(py::memoryview::from_memory(const_cast<void*>(data),
+                                          static_cast<ssize_t>(n), readonly)) {}
+  ~CallView() {
+    PyObject* r = PyObject_CallMethod(view_.ptr(), "release", nullptr);
+    if (r == nullptr) PyErr_Clear();
+    Py_XDECREF(r);
+  }
+  CallView(const CallView&) = delete;
+  CallView& operator=(const CallView&) = delete;
+  const py::memoryview& get() const { return view_; }
+
+ private:
+  py::memoryview view_;
+};
+
+}  // namespace
+
+Status PyPager::copy_from_device(uint32_t region, uint64_t offset,
+                                 std::span<std::byte> out) {
+  return call_python<Status>(this, "copy_from_device", [&](py::function& fn) {
+    CallView view(out.data(), out.size(), /*readonly=*/false);
+    fn(region, offset, view.get());
+    return Status();
+  });
+}
+
+Status PyPager::copy_to_device(uint32_t region, uint64_t offset,
+                               std::span<const std::byte> in) {
+  return call_python<Status>(this, "copy_to_device", [&](py::function& fn) {
+    CallView view(in.data(), in.size(), /*readonly=*/true);
+    fn(region, offset, view.get());
+    return Status();
+  });
+}
+
+Result<DmabufRegion> PyPager::export_dmabuf(uint32_t region) {
+  using R = Result<DmabufRegion>;
+  return call_python<R>(this, "export_dmabuf", [&](py::function& fn) {
+    auto [fd, offset] = fn(region).cast<std::pair<int, uint64_t>>();
+    return R(DmabufRegion{fd, offset});
   });
 }
 

@@ -51,7 +51,8 @@ class PyPager : public CachePager {
  public:
   // Reads meta() and layout() from the Python object; raises what they
   // raise, or kvmig.Error when they return the wrong type or a layout kvmig
-  // cannot use (device memory). Needs the GIL. Idempotent.
+  // cannot use (device memory without copy_from_device/copy_to_device).
+  // Needs the GIL. Idempotent.
   void prime();
 
   CacheMeta meta() const override;
@@ -69,6 +70,14 @@ class PyPager : public CachePager {
   Status hold_seqs(std::span<const SeqId> ids) override;
   Status unhold_seqs(std::span<const SeqId> ids) override;
   std::optional<PagerCapacity> capacity() const override;
+  // pager.copy_from_device(region, offset, out): out is a writable
+  // memoryview of the bytes to fill; copy_to_device(region, offset, data):
+  // a read-only one; export_dmabuf(region) -> (fd, offset).
+  Status copy_from_device(uint32_t region, uint64_t offset,
+                          std::span<std::byte> out) override;
+  Status copy_to_device(uint32_t region, uint64_t offset,
+                        std::span<const std::byte> in) override;
+  Result<DmabufRegion> export_dmabuf(uint32_t region) override;
 
  private:
   bool primed_ = false;  // written under the GIL before any kvmig thread runs
