@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite: kvmig beside the references, on one host.
 #
-#   tools/bench.sh [--quick | --ucx | --latency] [--reps N] [--out FILE]
+#   tools/bench.sh [--quick | --ucx | --latency | --device] [--reps N] [--out FILE]
 #
 # Builds a release build of its own (build-bench, -Dbuildtype=release, no
 # -march=native), starts one `kvmig perf --server` and one iperf3 server on
@@ -17,6 +17,11 @@
 # its per-phase p50s) beside rtt_ref, a loopback TCP round trip between two
 # processes, interleaved; kvmig / reference reads as round trips. --latency
 # runs only that.
+#
+# Device memory: the full run ends with (and --device runs only) tcp
+# between pools on the simulated device (--src-memory/--dst-memory
+# sim-device: every byte through the pagers' copies and tcp's bounce
+# buffers) against the same migration between host pools, interleaved.
 #
 # References, each moving the same bytes per iteration:
 #   ucx_put_ref          raw ucp_put_nbx in kvmig's average write size, UCX
@@ -46,9 +51,10 @@ while (($#)); do
     --quick) QUICK=1 ;;
     --ucx) QUICK=2 ;;
     --latency) QUICK=3 ;;
+    --device) QUICK=4 ;;
     --reps) REPS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    *) sed -n '2,37p' "$0"; exit 2 ;;
+    *) sed -n '2,42p' "$0"; exit 2 ;;
   esac
   shift
 done
@@ -100,13 +106,13 @@ pids+=($!)
 sleep 0.3
 
 echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), kernel $(uname -r)"
-echo "command: tools/bench.sh $([[ $QUICK == 1 ]] && echo --quick)$([[ $QUICK == 2 ]] && echo --ucx)$([[ $QUICK == 3 ]] && echo --latency) --reps $REPS"
+echo "command: tools/bench.sh $([[ $QUICK == 1 ]] && echo --quick)$([[ $QUICK == 2 ]] && echo --ucx)$([[ $QUICK == 3 ]] && echo --latency)$([[ $QUICK == 4 ]] && echo --device) --reps $REPS"
 
 python3 - "$BUILD" "$server" "$iperf_port" "$QUICK" "$REPS" "$OUT" <<'PY'
 import json, os, statistics, subprocess, sys, time
 
 build, server, iperf_port, quick, reps, out_path = sys.argv[1:]
-ucx_only, latency_only = quick == "2", quick == "3"
+ucx_only, latency_only, device_only = quick == "2", quick == "3", quick == "4"
 quick, reps = quick == "1", int(reps)
 K = f"{build}/tools/kvmig"
 RTT_REF = f"{build}/tools/rtt_ref"
@@ -130,12 +136,14 @@ def iters_for(nbytes):
     # about 512 MiB a measurement, 3 to 30 iterations
     return max(3, min(30, (512 * MiB) // nbytes))
 
-def kvmig(c, transport, tls=None):
+def kvmig(c, transport, tls=None, memory="host"):
     # tls: UCX_TLS for the migrating side (the perf client); its endpoint can
     # only use transports both sides have, so tcp here means tcp throughout.
+    # memory: where both pools live (host, sim-device).
     pages = c["bytes"] // PAGE[c["preset"]]
     j = run_json([K, "perf", server, "--transport", transport, "--preset", c["preset"],
                   "--src-layout", c["src"], "--dst-layout", c["dst"],
+                  "--src-memory", memory, "--dst-memory", memory,
                   "--dst-order", c["order"], "--pages", str(pages),
                   "--iters", str(iters_for(c["bytes"])), "--warmup", "1", "--json"],
                  {"UCX_TLS": tls} if tls else None)
@@ -161,8 +169,9 @@ def iperf(c):
                   "-n", str(total), "-J"])
     return j["end"]["sum_received"]["bits_per_second"] / 8 / 1e9
 
-def case(preset, nbytes, src="page", dst="page", order="contiguous"):
-    return {"preset": preset, "bytes": nbytes, "src": src, "dst": dst, "order": order}
+def case(preset, nbytes, src="page", dst="page", order="contiguous", device=False):
+    return {"preset": preset, "bytes": nbytes, "src": src, "dst": dst, "order": order,
+            "device": device}
 
 # The cases. A size sweep on the realistic shape, then layouts and slot
 # orders at one size on both shapes.
@@ -184,12 +193,24 @@ else:
                 if (preset, src, dst, order) != ("llama3-8b", "page", "page", "contiguous"):
                     variants.append(case(preset, 64 * MiB, src, dst, order))
 
+# Device memory: the bounce path's cost, sim-device against host, both tcp.
+devices = [case("llama3-8b", 64 * MiB, device=True),
+           case("llama3-8b", 256 * MiB, device=True),
+           case("llama3-8b", 64 * MiB, "layer", "layer", device=True)]
+if device_only:
+    sweep, variants = [], devices
+elif not ucx_only and not quick:
+    variants += devices
+
 def name(c):
     size = f"{c['bytes'] // MiB} MiB" if c["bytes"] < 1024 * MiB else f"{c['bytes'] // (1024 * MiB)} GiB"
     return f"{c['preset']} {c['src']}->{c['dst']} {c['order'][:6]} {size}"
 
 # Each group: kvmig on one transport, then its references, interleaved.
 def groups(c, big):
+    if c["device"]:
+        return [[("kvmig tcp sim-dev", lambda: kvmig(c, "tcp", memory="sim-device")),
+                 ("kvmig tcp host", lambda: kvmig(c, "tcp"))]]
     g = [("kvmig ucx", lambda: kvmig(c, "ucx")),
          ("ucx_put_ref", lambda: ucx_ref(c))]
     if not ucx_only:
@@ -237,7 +258,7 @@ def fixed_cost():
                     "ratios": ratios, "phases_ms": ph})
     return out
 
-if not ucx_only:
+if not ucx_only and not device_only:
     fixed = fixed_cost()
     results += fixed
     print(f"{'case':26} {'kvmig':10} {'ms median [range]':22} {'reference':10} "

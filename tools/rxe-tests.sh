@@ -25,8 +25,8 @@ run() {  # run NAME BINARY FILTER
     >"$B/rxe-$name.log" 2>&1
   echo "rxe-tests: $name rc=$? in $(since "$s")s (log: $B/rxe-$name.log)"
 }
-run transport transport_tests '*verbs*:TransportRegistryTest.*'
-run e2e e2e_tests '*verbs*:VerbsE2E.*:UcxOnRxeE2E.*'
+run transport transport_tests '*verbs*:TransportRegistryTest.*:DeviceMemoryTransport.Verbs*'
+run e2e e2e_tests '*verbs*:VerbsE2E.*:UcxOnRxeE2E.*:DeviceMemoryE2E.Verbs*'
 
 echo "rxe-tests: done in $(since "$t0")s"
 # The summary is the last line (.ci/run sums these up).
