@@ -49,7 +49,7 @@ constexpr size_t kMaxTransferPerCall = size_t{16} << 20;
 // Host bytes a target applies into device memory at a time, and the most a
 // write record from device memory carries: device bytes go through a
 // bounce buffer of this size at each end.
-constexpr size_t kBounceBytes = size_t{1} << 20;
+constexpr size_t kBounceBytes = size_t{256} << 10;
 
 using Header = std::array<uint8_t, kHeaderBytes>;
 using Word = std::array<uint8_t, 8>;
@@ -374,14 +374,18 @@ class TargetConn {
   }
 
   // A write into device memory: its payload a bounce buffer at a time,
-  // each copied in through the device before the next is read; then the
-  // next record. `done` bytes of `length` have landed at dst.
+  // each copied in through the device before the next is read; the last
+  // piece is read together with the next record's header, as on the host
+  // path. `done` bytes of `length` have landed at dst.
   void read_into_device(std::byte* dst, uint64_t length, uint64_t done) {
     if (bounce_.empty()) bounce_.resize(kBounceBytes);
     const size_t n = std::min<uint64_t>(length - done, bounce_.size());
+    const bool last = done + n == length;
+    payload_and_header_ = {asio::buffer(bounce_.data(), n),
+                           asio::buffer(header_.data(), last ? header_.size() : 0)};
     asio::async_read(
-        socket_, asio::buffer(bounce_.data(), n), large_transfers,
-        [this, dst, length, done, n](const error_code& ec, size_t) {
+        socket_, payload_and_header_, large_transfers,
+        [this, dst, length, done, n, last](const error_code& ec, size_t) {
           if (ec) {
             end_payload();
             return fail(
@@ -393,11 +397,11 @@ class TargetConn {
             return fail(copied.with_context("tcp target: applying a write from " +
                                             peer_ + " into device memory"));
           }
-          if (done + n < length) return read_into_device(dst, length, done + n);
+          if (!last) return read_into_device(dst, length, done + n);
           end_payload();
           bytes_applied_ += length;
           ++writes_applied_;
-          read_header();
+          on_header(error_code());
         });
   }
 
@@ -838,13 +842,12 @@ class TcpInitiator final : public TransportInitiator {
   uint64_t ops_posted() const override { return ops_posted_; }
 
   // write() when some registered memory is a device's: a source in device
-  // memory is copied out into a bounded bounce buffer (kBounceBytes per
-  // record, 4 records at most) and sent from there, a batch at a time.
+  // memory is copied out into a bounded bounce buffer (records of at most
+  // kBounceBytes packed into 4 * kBounceBytes) and sent from there, a
+  // buffer's worth at a time.
   Status write_via_bounce(std::span<const WriteOp> ops, Deadline deadline) {
-    constexpr size_t kBounceRecords = 4;
-    if (bounce_.empty()) bounce_.resize(kBounceRecords * kBounceBytes);
-    headers_.clear();
-    headers_.reserve(ops.size() + kBounceRecords);
+    if (bounce_.empty()) bounce_.resize(4 * kBounceBytes);
+    std::deque<Header> headers;  // stable: buffers_ points into it
     buffers_.clear();
     size_t used = 0;  // of bounce_
     uint64_t bytes = 0;
@@ -858,14 +861,14 @@ class TcpInitiator final : public TransportInitiator {
                           done = true;
                         });
       KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "write"));
-      headers_.clear();
+      headers.clear();
       buffers_.clear();
       used = 0;
       return Status();
     };
     auto record = [&](uint32_t region, uint64_t offset, const std::byte* src,
                       uint64_t length) {
-      Header& h = headers_.emplace_back();
+      Header& h = headers.emplace_back();
       store_le<uint32_t>(h.data(), region);
       store_le<uint64_t>(h.data() + 4, offset);
       store_le<uint64_t>(h.data() + 12, length);
@@ -881,13 +884,11 @@ class TcpInitiator final : public TransportInitiator {
             " bytes is not inside registered memory");
       }
       if (!*device) {
-        // headers_ never reallocates: at most ops.size() + kBounceRecords
-        // records between two sends.
         record(op.dst_region, op.dst_offset, op.src, op.length);
       } else {
         for (uint64_t done = 0; done < op.length;) {
-          if (used == bounce_.size()) KVMIG_RETURN_IF_ERROR(send());
           const uint64_t n = std::min<uint64_t>(op.length - done, kBounceBytes);
+          if (bounce_.size() - used < n) KVMIG_RETURN_IF_ERROR(send());
           std::byte* piece = bounce_.data() + used;
           KVMIG_RETURN_IF_ERROR(
               (*device)
@@ -895,7 +896,7 @@ class TcpInitiator final : public TransportInitiator {
                   .with_context("tcp: reading a write's source from device "
                                 "memory"));
           record(op.dst_region, op.dst_offset + done, piece, n);
-          used += kBounceBytes;  // one record per bounce slot
+          used += n;
           done += n;
         }
       }
