@@ -395,9 +395,9 @@ TEST_P(PagerConformanceTest, DeviceCopiesAgreeWithReadPage) {
               StatusCode::kOutOfRange);
   }
   std::vector<std::byte> one(1);
-  EXPECT_FALSE(pager_->copy_from_device(
-                        static_cast<uint32_t>(layout->size()), 0, one)
-                   .ok());
+  EXPECT_FALSE(
+      pager_->copy_from_device(static_cast<uint32_t>(layout->size()), 0, one)
+          .ok());
 }
 
 TEST_P(PagerConformanceTest, PauseResumeNests) {

@@ -108,9 +108,9 @@ Result<std::unique_ptr<SyntheticPager>> make_pool(const PoolFlags& f) {
   KVMIG_ASSIGN_OR_RETURN(PoolLayout layout, parse_pool_layout(f.layout));
   KVMIG_ASSIGN_OR_RETURN(PoolMemoryKind memory,
                          parse_pool_memory_kind(f.memory));
-  KVMIG_ASSIGN_OR_RETURN(auto pager,
-                         SyntheticPager::create(meta, layout, f.capacity_pages,
-                                                memory, f.device));
+  KVMIG_ASSIGN_OR_RETURN(
+      auto pager,
+      SyntheticPager::create(meta, layout, f.capacity_pages, memory, f.device));
   if (!f.populate.empty()) {
     auto pop = parse_populate(f.populate);
     if (!pop.ok()) return pop.status().with_context("--populate");

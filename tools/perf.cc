@@ -229,8 +229,8 @@ Exit plan_client(const PerfFlags& f, ClientPlan& plan) {
 // in-process agent. options gets the agent's options (the secret included).
 Exit start_source(const PerfFlags& f, const ClientPlan& plan, Client& c,
                   AgentOptions& options) {
-  auto pager = SyntheticPager::create(plan.meta, plan.src_layout,
-                                      plan.capacity, plan.src_memory);
+  auto pager = SyntheticPager::create(plan.meta, plan.src_layout, plan.capacity,
+                                      plan.src_memory);
   if (!pager.ok()) return fail(pager.status(), f.json);
   c.pager = std::move(*pager);
   Status populated = c.pager->populate(

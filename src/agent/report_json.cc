@@ -59,23 +59,23 @@ json status_json(const AgentStatus& st) {
 }
 
 json migration_json(const MigrationReport& r) {
-  json out = {{"ok", true},
-              {"migration_id", r.migration_id},
-              {"seqs", r.seqs},
-              {"pages", r.pages},
-              {"bytes", r.bytes},
-              {"writes", r.writes},
-              {"seconds", r.seconds},
-              {"gbps", r.gbps},
-              {"pause_ms", r.pause_ms},
-              {"hold", r.hold},
-              {"rounds", r.rounds},
-              {"round_pages", r.round_pages},
-              {"transport", r.transport},
-              {"staged", r.staged},
-              {"memory",
-               {{"source", r.src_memory}, {"destination", r.dst_memory}}},
-              {"left_behind", r.left_behind}};
+  json out = {
+      {"ok", true},
+      {"migration_id", r.migration_id},
+      {"seqs", r.seqs},
+      {"pages", r.pages},
+      {"bytes", r.bytes},
+      {"writes", r.writes},
+      {"seconds", r.seconds},
+      {"gbps", r.gbps},
+      {"pause_ms", r.pause_ms},
+      {"hold", r.hold},
+      {"rounds", r.rounds},
+      {"round_pages", r.round_pages},
+      {"transport", r.transport},
+      {"staged", r.staged},
+      {"memory", {{"source", r.src_memory}, {"destination", r.dst_memory}}},
+      {"left_behind", r.left_behind}};
   json phases = json::object();
   for (const auto& [name, ms] : r.phases_ms) phases[name] = ms;
   out["phases_ms"] = phases;

@@ -142,9 +142,8 @@ class SimDeviceMemory final : public CpuCopies {
                                                     std::string_view what) {
     const int fd = ::memfd_create("kvmig-sim-device", MFD_ALLOW_SEALING);
     if (fd < 0) {
-      return Status::resource_exhausted(std::string(what) +
-                                        ": memfd_create: " +
-                                        std::strerror(errno));
+      return Status::resource_exhausted(
+          std::string(what) + ": memfd_create: " + std::strerror(errno));
     }
     std::unique_ptr<SimDeviceMemory> m(new SimDeviceMemory(fd, length));
     if (::ftruncate(fd, static_cast<off_t>(length)) != 0) {
@@ -154,12 +153,11 @@ class SimDeviceMemory final : public CpuCopies {
     }
     // udmabuf wants the size sealed; nothing here resizes it.
     (void)::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK);
-    KVMIG_ASSIGN_OR_RETURN(
-        m->device_,
-        map_fd(fd, length, PROT_NONE, false, std::string(what) + " (device)"));
-    KVMIG_ASSIGN_OR_RETURN(
-        m->engine_, map_fd(fd, length, PROT_READ | PROT_WRITE, true,
-                           std::string(what) + " (engine)"));
+    KVMIG_ASSIGN_OR_RETURN(m->device_, map_fd(fd, length, PROT_NONE, false,
+                                              std::string(what) + " (device)"));
+    KVMIG_ASSIGN_OR_RETURN(m->engine_,
+                           map_fd(fd, length, PROT_READ | PROT_WRITE, true,
+                                  std::string(what) + " (engine)"));
     return std::unique_ptr<PoolMemory>(std::move(m));
   }
 
@@ -214,8 +212,8 @@ class SimDeviceMemory final : public CpuCopies {
   FdMapping device_;  // PROT_NONE: what kvmig is shown
   FdMapping engine_;  // read/write: the engine's own access
   mutable std::mutex dmabuf_mu_;
-  mutable int dmabuf_fd_ = -1;      // guarded by dmabuf_mu_
-  mutable Status dmabuf_error_;     // guarded by dmabuf_mu_
+  mutable int dmabuf_fd_ = -1;   // guarded by dmabuf_mu_
+  mutable Status dmabuf_error_;  // guarded by dmabuf_mu_
 };
 
 }  // namespace

@@ -279,8 +279,8 @@ Result<PageBytes> SyntheticPager::read_page(PageIndex ix) {
   page.k.resize(pb);
   page.v.resize(pb);
   for (uint32_t l = 0; l < meta_.n_layers; ++l) {
-    KVMIG_RETURN_IF_ERROR(pool.read(
-        ix, l * chunk, std::span(page.k).subspan(l * chunk, chunk)));
+    KVMIG_RETURN_IF_ERROR(
+        pool.read(ix, l * chunk, std::span(page.k).subspan(l * chunk, chunk)));
     KVMIG_RETURN_IF_ERROR(pool.read(
         ix, pb + l * chunk, std::span(page.v).subspan(l * chunk, chunk)));
   }
@@ -354,8 +354,8 @@ Status SyntheticPager::write_page(PageIndex ix, const PageBytes& page) {
   const Pool pool{meta_, state_->memory, state_->regions};
   const uint64_t chunk = meta_.layer_chunk_bytes();
   for (uint32_t l = 0; l < meta_.n_layers; ++l) {
-    KVMIG_RETURN_IF_ERROR(pool.write(
-        ix, l * chunk, std::span(page.k).subspan(l * chunk, chunk)));
+    KVMIG_RETURN_IF_ERROR(
+        pool.write(ix, l * chunk, std::span(page.k).subspan(l * chunk, chunk)));
     KVMIG_RETURN_IF_ERROR(pool.write(
         ix, pb + l * chunk, std::span(page.v).subspan(l * chunk, chunk)));
   }
@@ -611,8 +611,8 @@ Status SyntheticPager::populate(uint32_t n_seqs, uint64_t tokens, uint64_t seed,
       LogicalSeq seq{first_id + i, tokens, shared_pages};
       for (uint64_t p = shared; p < pages_per_seq; ++p) {
         PageIndex ix = take_slot();
-        KVMIG_RETURN_IF_ERROR(fill(ix, p * ps, std::min((p + 1) * ps, tokens),
-                                   seq.seq_id));
+        KVMIG_RETURN_IF_ERROR(
+            fill(ix, p * ps, std::min((p + 1) * ps, tokens), seq.seq_id));
         seq.pages.push_back(ix);
       }
       out.push_back(std::move(seq));

@@ -46,9 +46,10 @@ std::string_view allocation_order_name(AllocationOrder order);
 // read_page, write_page) go through PoolMemory's copies; kvmig's go
 // through the layout (host) or the device hooks (otherwise). Page memory
 // stays at one address for the pager's lifetime (layout() is truthful).
-// Host memory is page-aligned (mmap) and faulted in at creation (MAP_POPULATE), as an engine's pre-allocated KV
-// pool is, so a migration measures the transfer and not first-touch faults
-// (without it, a 560 MiB TCP migration ran at 0.33 GB/s instead of 2.5).
+// Host memory is page-aligned (mmap) and faulted in at creation (MAP_POPULATE),
+// as an engine's pre-allocated KV pool is, so a migration measures the transfer
+// and not first-touch faults (without it, a 560 MiB TCP migration ran at 0.33
+// GB/s instead of 2.5).
 //
 // Slot states: free -> allocated (allocate_pages) -> owned by one or more
 // sequences (install_logical_seqs, refcounted) -> free (drop_logical_seqs

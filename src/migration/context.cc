@@ -44,22 +44,23 @@ void MigrationContext::source_ended(const std::string& id) {
 
 namespace {
 
-// The memory to register for a layout: its regions' spans, with overlapping
-// and (host memory only) touching ones merged. Regions interleave when K and V of a layer share
-// a tensor (FlashInfer's (num_blocks, 2, ...), per-layer views of a
-// page-major pool); a transport registers each byte once and finds a
-// region's registration as the span containing it.
-// Device regions are merged only where they overlap (one allocation seen
-// twice, as interleaved K and V): two allocations that happen to touch
-// stay apart, each with its own dmabuf.
+// The memory to register for a layout: its regions' spans, merged where
+// they overlap and, with merge_touching (host memory), where they touch.
+// Regions interleave when K and V of a layer share a tensor (FlashInfer's
+// (num_blocks, 2, ...), per-layer views of a page-major pool); a transport
+// registers each byte once and finds a region's registration as the span
+// containing it. Device allocations that happen to touch stay apart, each
+// with its own dmabuf.
 std::vector<std::span<std::byte>> registered_spans(
     std::vector<std::span<std::byte>> regions, bool merge_touching) {
   std::sort(regions.begin(), regions.end(),
             [](auto a, auto b) { return a.data() < b.data(); });
   std::vector<std::span<std::byte>> out;
   for (auto r : regions) {
-    const std::byte* end = out.empty() ? nullptr : out.back().data() + out.back().size();
-    if (!out.empty() && (r.data() < end || (merge_touching && r.data() == end))) {
+    const std::byte* end =
+        out.empty() ? nullptr : out.back().data() + out.back().size();
+    if (!out.empty() &&
+        (r.data() < end || (merge_touching && r.data() == end))) {
       std::byte* begin = out.back().data();
       std::byte* end =
           std::max(out.back().data() + out.back().size(), r.data() + r.size());

@@ -467,18 +467,17 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
     src_flags.insert(src_flags.end(),
                      {"--fault", "src.before_commit=stall:1500"});
   }
-  src_flags.insert(src_flags.end(), {"--transports", "tcp," + transport,
-                                     "--memory", memory});
+  src_flags.insert(src_flags.end(),
+                   {"--transports", "tcp," + transport, "--memory", memory});
   auto src = AgentProcess::start(src_flags);
-  auto dst = AgentProcess::start({"--capacity-pages", "64",
-                                  "--peer-timeout-ms", kPeerTimeoutMs,
-                                  "--transports", "tcp," + transport,
-                                  "--memory", memory});
+  auto dst = AgentProcess::start({"--capacity-pages", "64", "--peer-timeout-ms",
+                                  kPeerTimeoutMs, "--transports",
+                                  "tcp," + transport, "--memory", memory});
   // The fresh destination for retries; it brings requests of its own to
   // move into the destination when the source will not be there.
-  std::vector<std::string> fresh_flags = {"--capacity-pages", "64",
-                                          "--transports", "tcp," + transport,
-                                          "--memory", memory};
+  std::vector<std::string> fresh_flags = {
+      "--capacity-pages", "64",       "--transports",
+      "tcp," + transport, "--memory", memory};
   if (kill_src) {
     fresh_flags.insert(fresh_flags.end(),
                        {"--populate", "3:40", "--seed", "23"});
@@ -590,10 +589,9 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
 
     std::unique_ptr<AgentProcess> restarted;
     if (kill_dst) {
-      restarted = AgentProcess::start(
-          {"--capacity-pages", "64", "--transports", "tcp," + transport,
-           "--memory", memory},
-          dst->address());
+      restarted = AgentProcess::start({"--capacity-pages", "64", "--transports",
+                                       "tcp," + transport, "--memory", memory},
+                                      dst->address());
       ASSERT_TRUE(restarted);
     } else {
       proxy->heal();

@@ -74,12 +74,12 @@ void check_requests_arrive(const std::string& transport,
                            const std::string& dst_memory = "host") {
   const std::string transports = "tcp," + transport;
   auto src = AgentProcess::start(
-      {"--layout", src_layout, "--capacity-pages", "256", "--populate",
-       "4:100", "--seed", "5", "--share-prefix", share ? "48" : "0",
-       "--transports", transports, "--memory", src_memory});
-  auto dst = AgentProcess::start({"--layout", dst_layout, "--capacity-pages",
-                                  "256", "--transports", transports,
-                                  "--memory", dst_memory});
+      {"--layout", src_layout, "--capacity-pages", "256", "--populate", "4:100",
+       "--seed", "5", "--share-prefix", share ? "48" : "0", "--transports",
+       transports, "--memory", src_memory});
+  auto dst =
+      AgentProcess::start({"--layout", dst_layout, "--capacity-pages", "256",
+                           "--transports", transports, "--memory", dst_memory});
   ASSERT_TRUE(src && dst);
   json src_before = status_of(src->address());
   json dst_before = status_of(dst->address());
@@ -197,9 +197,9 @@ void check_refused_over(const std::string& transport, const std::string& on,
   auto src = AgentProcess::start(
       {"--capacity-pages", "64", "--populate", "3:40", "--transports",
        transports, "--memory", on != "dst" ? "sim-device" : "host"});
-  auto dst = AgentProcess::start(
-      {"--capacity-pages", "64", "--transports", transports, "--memory",
-       on != "src" ? "sim-device" : "host"});
+  auto dst =
+      AgentProcess::start({"--capacity-pages", "64", "--transports", transports,
+                           "--memory", on != "src" ? "sim-device" : "host"});
   ASSERT_TRUE(src && dst);
   const json sb = status_of(src->address());
   const json db = status_of(dst->address());
@@ -293,10 +293,10 @@ std::string live_case_name(const ::testing::TestParamInfo<LiveCase>& info) {
 // The same with both pools on the simulated device (tcp): the rounds'
 // checksums are read through the pager's copies.
 TEST(DeviceMemoryE2E, LiveMigrationBetweenSimulatedDevices) {
-  auto src = AgentProcess::start(
-      {"--layout", "layer", "--capacity-pages", "4096", "--populate", "6:700",
-       "--share-prefix", "320", "--decode-rate", "400", "--memory",
-       "sim-device"});
+  auto src =
+      AgentProcess::start({"--layout", "layer", "--capacity-pages", "4096",
+                           "--populate", "6:700", "--share-prefix", "320",
+                           "--decode-rate", "400", "--memory", "sim-device"});
   auto dst = AgentProcess::start({"--layout", "page", "--capacity-pages",
                                   "4096", "--memory", "sim-device"});
   ASSERT_TRUE(src && dst);

@@ -997,14 +997,15 @@ TEST(DeviceMemoryTransport, TcpMovesDeviceBytesThroughItsBounceBuffers) {
     const uint64_t reads = src_dev.reads, writes = dst_dev.writes;
     ASSERT_OK_AND_ASSIGN(auto init, t.src->create_initiator());
     std::vector<std::span<std::byte>> regions = {c.dst};
-    ASSERT_OK_AND_ASSIGN(auto target,
-                         t.dst->open_target(regions, init->address(),
-                                            in(seconds(10))));
+    ASSERT_OK_AND_ASSIGN(
+        auto target,
+        t.dst->open_target(regions, init->address(), in(seconds(10))));
     ASSERT_OK(init->connect(target->address(), in(seconds(10))));
     // One write of 5 MiB + 1 (several bounce pieces), then small ones.
     std::vector<WriteOp> ops = {{c.src, 0, 0, 5 * kMiB + 1}};
     for (uint64_t off = 5 * kMiB + 1; off < kBytes; off += 100'000) {
-      ops.push_back({c.src + off, 0, off, std::min<uint64_t>(100'000, kBytes - off)});
+      ops.push_back(
+          {c.src + off, 0, off, std::min<uint64_t>(100'000, kBytes - off)});
     }
     ASSERT_OK(init->write(ops, in(seconds(20))));
     ASSERT_OK(init->flush(in(seconds(20))));

@@ -381,8 +381,9 @@ class TargetConn {
     if (bounce_.empty()) bounce_.resize(kBounceBytes);
     const size_t n = std::min<uint64_t>(length - done, bounce_.size());
     const bool last = done + n == length;
-    payload_and_header_ = {asio::buffer(bounce_.data(), n),
-                           asio::buffer(header_.data(), last ? header_.size() : 0)};
+    payload_and_header_ = {
+        asio::buffer(bounce_.data(), n),
+        asio::buffer(header_.data(), last ? header_.size() : 0)};
     asio::async_read(
         socket_, payload_and_header_, large_transfers,
         [this, dst, length, done, n, last](const error_code& ec, size_t) {
@@ -391,11 +392,13 @@ class TargetConn {
             return fail(
                 status_from_error(ec, "tcp: read payload from " + peer_));
           }
-          Status copied = device_->write(dst + done, std::span(bounce_).first(n));
+          Status copied =
+              device_->write(dst + done, std::span(bounce_).first(n));
           if (!copied.ok()) {
             end_payload();
-            return fail(copied.with_context("tcp target: applying a write from " +
-                                            peer_ + " into device memory"));
+            return fail(
+                copied.with_context("tcp target: applying a write from " +
+                                    peer_ + " into device memory"));
           }
           if (!last) return read_into_device(dst, length, done + n);
           end_payload();

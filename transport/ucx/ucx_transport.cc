@@ -51,8 +51,8 @@ class UcxTransport final : public Transport {
       std::string have;
       for (int t = 0; t < UCS_MEMORY_TYPE_LAST; ++t) {
         if (types & UCS_BIT(t)) {
-          have += std::string(have.empty() ? "" : ", ") +
-                  ucs_memory_type_names[t];
+          have +=
+              std::string(have.empty() ? "" : ", ") + ucs_memory_type_names[t];
         }
       }
       return Status::failed_precondition(

@@ -276,10 +276,10 @@ class VerbsCore {
                                 const DmabufRegion& dmabuf) {
     std::lock_guard lock(mu_);
     KVMIG_RETURN_IF_ERROR(regions_.check_new(region, "verbs"));
-    ibv_mr* mr = ibv_reg_dmabuf_mr(
-        pd_.get(), dmabuf.offset, region.size(),
-        reinterpret_cast<uint64_t>(region.data()), dmabuf.fd,
-        IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    ibv_mr* mr =
+        ibv_reg_dmabuf_mr(pd_.get(), dmabuf.offset, region.size(),
+                          reinterpret_cast<uint64_t>(region.data()), dmabuf.fd,
+                          IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
     if (mr == nullptr) {
       return status_from_errno(errno, "verbs: ibv_reg_dmabuf_mr of " +
                                           std::to_string(region.size()) +

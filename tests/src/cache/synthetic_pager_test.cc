@@ -23,9 +23,9 @@ namespace {
 using testing::PagerConformanceTest;
 using testing::PagerFactory;
 
-PagerFactory synthetic_factory(
-    const std::string& preset, PoolLayout layout, uint32_t capacity,
-    PoolMemoryKind memory = PoolMemoryKind::kHost) {
+PagerFactory synthetic_factory(const std::string& preset, PoolLayout layout,
+                               uint32_t capacity,
+                               PoolMemoryKind memory = PoolMemoryKind::kHost) {
   std::string name = preset + "_" + std::string(pool_layout_name(layout));
   if (memory != PoolMemoryKind::kHost) {
     name += "_" + std::string(pool_memory_kind_name(memory));
@@ -527,8 +527,7 @@ TEST(SimDeviceTest, DmabufExportWorksOrSaysWhy) {
         << d.status().to_string();
   }
   auto host = make_on(PoolMemoryKind::kHost, PoolLayout::kPage, 8);
-  EXPECT_EQ(host->export_dmabuf(0).status().code(),
-            StatusCode::kUnimplemented);
+  EXPECT_EQ(host->export_dmabuf(0).status().code(), StatusCode::kUnimplemented);
   EXPECT_EQ(dev->export_dmabuf(1).status().code(), StatusCode::kOutOfRange);
 }
 

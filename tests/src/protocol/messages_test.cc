@@ -36,8 +36,8 @@ TEST(MessagesTest, HelloRoundTrip) {
 }
 
 TEST(MessagesTest, OfferAndCommitRoundTrip) {
-  OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}}, 0, {7, 7},
-             "cuda"};
+  OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}},
+             0,     {7, 7},    "cuda"};
   ASSERT_OK_AND_ASSIGN(OfferMsg ob, decode_offer(encode(o), limits()));
   EXPECT_EQ(ob.memory, "cuda");
   EXPECT_EQ(ob.slots, o.slots);
