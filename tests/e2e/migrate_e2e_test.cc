@@ -251,6 +251,16 @@ TEST(DeviceMemoryE2E, VerbsWithoutADmabufRefusesAndNothingMoves) {
 
 // --- live (pre-copy) migration while the source keeps decoding ------------
 
+// A migrate report's "digests" (migrate --digests): id -> digest at the
+// final pause.
+std::map<uint64_t, std::string> report_digests(const json& report) {
+  std::map<uint64_t, std::string> out;
+  for (const auto& [id, hex] : report["digests"].items()) {
+    out[std::stoull(id)] = hex.get<std::string>();
+  }
+  return out;
+}
+
 using LiveCase = std::tuple<std::string, std::string, std::string, bool>;
 
 class LiveMigrate : public ::testing::TestWithParam<LiveCase> {};
@@ -276,10 +286,7 @@ TEST_P(LiveMigrate, DestinationHoldsTheRequestsAsOfTheFinalPause) {
   EXPECT_GT(report["pause_ms"].get<double>(), 0.0);
   // The destination does not decode: it holds exactly what the source had
   // at its final pause, token for token.
-  std::map<uint64_t, std::string> at_pause;
-  for (const auto& [id, hex] : report["digests"].items()) {
-    at_pause[std::stoull(id)] = hex.get<std::string>();
-  }
+  const auto at_pause = report_digests(report);
   EXPECT_EQ(at_pause.size(), 6u);
   EXPECT_EQ(digests(status_of(dst->address())), at_pause);
   EXPECT_TRUE(status_of(src->address())["seqs"].empty());
@@ -306,10 +313,7 @@ TEST(DeviceMemoryE2E, LiveMigrationBetweenSimulatedDevices) {
   ASSERT_EQ(code, 0) << report.dump() << src->child().err()
                      << dst->child().err();
   EXPECT_GE(report["rounds"].get<int>(), 2);
-  std::map<uint64_t, std::string> at_pause;
-  for (const auto& [id, hex] : report["digests"].items()) {
-    at_pause[std::stoull(id)] = hex.get<std::string>();
-  }
+  const auto at_pause = report_digests(report);
   EXPECT_EQ(at_pause.size(), 6u);
   EXPECT_EQ(digests(status_of(dst->address())), at_pause);
   EXPECT_TRUE(status_of(src->address())["seqs"].empty());
@@ -334,10 +338,7 @@ TEST(MigrateE2E, LiveMigrationOfRequestsShorterThanAPage) {
                         {"--all", "--live", "--digests"}, &code);
   ASSERT_EQ(code, 0) << report.dump() << dst->child().err();
   EXPECT_EQ(report["round_pages"][0], 0);
-  std::map<uint64_t, std::string> at_pause;
-  for (const auto& [id, hex] : report["digests"].items()) {
-    at_pause[std::stoull(id)] = hex.get<std::string>();
-  }
+  const auto at_pause = report_digests(report);
   EXPECT_EQ(at_pause.size(), 3u);
   EXPECT_EQ(digests(status_of(dst->address())), at_pause);
 }

@@ -807,16 +807,7 @@ class TcpInitiator final : public TransportInitiator {
       buffers_.push_back(asio::buffer(op.src, op.length));
       bytes += op.length;
     }
-    if (!buffers_.empty()) {
-      bool done = false;
-      error_code result;
-      asio::async_write(conn_->socket, buffers_, large_transfers,
-                        [&](const error_code& ec, size_t) {
-                          result = ec;
-                          done = true;
-                        });
-      KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "write"));
-    }
+    KVMIG_RETURN_IF_ERROR(send_buffers(deadline));
     bytes_written_ += bytes;
     ops_posted_ += ops.size();
     return Status();
@@ -855,15 +846,7 @@ class TcpInitiator final : public TransportInitiator {
     size_t used = 0;  // of bounce_
     uint64_t bytes = 0;
     auto send = [&]() -> Status {
-      if (buffers_.empty()) return Status();
-      bool done = false;
-      error_code result;
-      asio::async_write(conn_->socket, buffers_, large_transfers,
-                        [&](const error_code& ec, size_t) {
-                          result = ec;
-                          done = true;
-                        });
-      KVMIG_RETURN_IF_ERROR(wait(deadline, done, result, "write"));
+      KVMIG_RETURN_IF_ERROR(send_buffers(deadline));
       headers.clear();
       buffers_.clear();
       used = 0;
@@ -981,6 +964,19 @@ class TcpInitiator final : public TransportInitiator {
           result, "tcp: " + std::string(what) + " to " + conn_->peer));
     }
     return Status();
+  }
+
+  // Writes every buffer of buffers_ (none: nothing to do) before deadline.
+  Status send_buffers(Deadline deadline) {
+    if (buffers_.empty()) return Status();
+    bool done = false;
+    error_code result;
+    asio::async_write(conn_->socket, buffers_, large_transfers,
+                      [&](const error_code& ec, size_t) {
+                        result = ec;
+                        done = true;
+                      });
+    return wait(deadline, done, result, "write");
   }
 
   // Sends `out`, then reads the target's 8-byte answer into reply_; sets
