@@ -121,23 +121,28 @@ Result<std::unique_ptr<SyntheticPager>> make_pool(const PoolFlags& f) {
   return pager;
 }
 
-// --fault POINT=stall:MS | POINT=exit (tests only): at POINT, say so on
-// stderr, then sleep MS milliseconds or exit at once with status 99.
+// --fault POINT=stall:MS | POINT=hold:PATH | POINT=exit (tests only): at
+// POINT, say so on stderr, then sleep MS milliseconds, wait until the file
+// PATH exists (the test releases it; at most 10 minutes), or exit at once
+// with status 99.
 Result<std::function<void(std::string_view)>> parse_faults(
     const std::vector<std::string>& specs) {
   struct Fault {
     std::string point;
     bool exit = false;
     int stall_ms = 0;
+    std::string hold_path;
   };
   std::vector<Fault> faults;
   for (const std::string& spec : specs) {
     size_t eq = spec.find('=');
     if (eq == std::string::npos) {
       return Status::invalid_argument(
-          "--fault '" + spec + "': expected POINT=stall:MS or POINT=exit");
+          "--fault '" + spec +
+          "': expected POINT=stall:MS, POINT=hold:PATH or POINT=exit");
     }
-    Fault f{spec.substr(0, eq)};
+    Fault f;
+    f.point = spec.substr(0, eq);
     std::string action = spec.substr(eq + 1);
     if (action == "exit") {
       f.exit = true;
@@ -148,22 +153,30 @@ Result<std::function<void(std::string_view)>> parse_faults(
                                         "': MS must be 0 to 3600000");
       }
       f.stall_ms = static_cast<int>(*ms);
+    } else if (action.rfind("hold:", 0) == 0 && action.size() > 5) {
+      f.hold_path = action.substr(5);
     } else {
       return Status::invalid_argument("--fault '" + spec + "': unknown action");
     }
     faults.push_back(std::move(f));
   }
   if (faults.empty()) return std::function<void(std::string_view)>();
-  return std::function<void(std::string_view)>(
-      [faults](std::string_view point) {
-        for (const Fault& f : faults) {
-          if (f.point != point) continue;
-          std::fprintf(stderr, "kvmig fault: reached %s\n", f.point.c_str());
-          std::fflush(stderr);
-          if (f.exit) _exit(99);
-          std::this_thread::sleep_for(std::chrono::milliseconds(f.stall_ms));
-        }
-      });
+  return std::function<void(std::string_view)>([faults](
+                                                   std::string_view point) {
+    for (const Fault& f : faults) {
+      if (f.point != point) continue;
+      std::fprintf(stderr, "kvmig fault: reached %s\n", f.point.c_str());
+      std::fflush(stderr);
+      if (f.exit) _exit(99);
+      std::this_thread::sleep_for(std::chrono::milliseconds(f.stall_ms));
+      const auto give_up =
+          std::chrono::steady_clock::now() + std::chrono::minutes(10);
+      while (!f.hold_path.empty() && access(f.hold_path.c_str(), F_OK) != 0 &&
+             std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+  });
 }
 
 // Limits an agent enforces, from serve's flags.
@@ -256,8 +269,10 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
                    "staging buffer per migration for pagers without a layout")
       ->check(CLI::Range(1, 1 << 16));
   serve
-      ->add_option("--fault", f.faults,
-                   "testing: POINT=stall:MS or POINT=exit at a protocol point")
+      ->add_option(
+          "--fault", f.faults,
+          "testing: POINT=stall:MS, POINT=hold:PATH or POINT=exit at a "
+          "protocol point")
       ->group("");
   add_limit_flags(serve, f.limits);
   add_secret_flag(serve, f.secret_file);

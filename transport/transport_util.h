@@ -5,11 +5,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <span>
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "kvmig/status.h"
 #include "kvmig/transport.h"
@@ -101,6 +103,61 @@ class RegionTable {
   }
 
   std::map<uintptr_t, Entry> entries_;
+};
+
+// Initiator connections kept after committed migrations, one per peer (the
+// destination agent's control address), at most `max`: keeping a second
+// one for a peer displaces the first, and past `max` the oldest goes. C is
+// a nullable owning pointer (unique_ptr or shared_ptr). What is displaced
+// is handed back for the caller to close, outside its lock. Not
+// thread-safe: the owning transport's parking guards it.
+template <typename C>
+class KeptByPeer {
+ public:
+  explicit KeptByPeer(size_t max) : max_(max) {}
+
+  [[nodiscard]] std::vector<C> put(const std::string& peer, C c) {
+    std::vector<C> displaced;
+    for (auto it = kept_.begin(); it != kept_.end();) {
+      if (it->first == peer) {
+        displaced.push_back(std::move(it->second));
+        it = kept_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    kept_.emplace_back(peer, std::move(c));
+    if (kept_.size() > max_) {
+      displaced.push_back(std::move(kept_.front().second));
+      kept_.pop_front();
+    }
+    return displaced;
+  }
+
+  // The connection kept for peer, taken out; null if none. The caller
+  // checks that it still works.
+  C take(const std::string& peer) {
+    for (auto it = kept_.begin(); it != kept_.end(); ++it) {
+      if (it->first != peer) continue;
+      C c = std::move(it->second);
+      kept_.erase(it);
+      return c;
+    }
+    return C();
+  }
+
+  [[nodiscard]] std::vector<C> take_all() {
+    std::vector<C> all;
+    for (auto& kept : kept_) all.push_back(std::move(kept.second));
+    kept_.clear();
+    return all;
+  }
+
+  size_t size() const { return kept_.size(); }
+
+ private:
+  const size_t max_;
+  std::deque<std::pair<std::string, C>> kept_;  // oldest first
 };
 
 // InvalidArgument unless every op names an existing target region, stays

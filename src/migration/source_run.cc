@@ -293,6 +293,13 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
   moving_ = std::move(ids);
   progress_.seqs = moving_;
   arm_timeout();
+  // The data path's initiator before the control connection: from the
+  // moment it accepts, the destination waits at most a peer timeout for
+  // HELLO, and building an initiator (a verbs QP on a slow host) must not
+  // eat into it.
+  auto initiator = transport_.create_initiator_for(req_.to);
+  if (!initiator.ok()) co_return initiator.status();
+  init_ = std::move(*initiator);
   auto connected = co_await connect_channel(
       req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
   if (cancelled_) co_return *cancelled_;
@@ -420,10 +427,6 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
 asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
     uint32_t n_pages) {
   enter_phase("offer");
-  init_ = nullptr;
-  auto initiator = transport_.create_initiator_for(req_.to);
-  if (!initiator.ok()) co_return initiator.status();
-  init_ = std::move(*initiator);
   HelloMsg hello;
   hello.migration_id = id_;
   hello.meta = meta_;

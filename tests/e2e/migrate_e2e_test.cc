@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -28,6 +29,7 @@
 #include "kvmig/snapshot.h"
 #include "kvmig/transport.h"
 #include "process.h"
+#include "scope_exit.h"
 #include "synthetic_pager.h"
 
 namespace kvmig::testing {
@@ -525,7 +527,7 @@ using ConcurrentCase = std::tuple<std::string, int>;  // transport, killed
 class ConcurrentMoves : public ::testing::TestWithParam<ConcurrentCase> {};
 
 // One source moves requests 1 and 2 to one destination and 3 and 4 to
-// another, at once; both stall mid-data, and one destination is killed
+// another, at once; both are held mid-data, and one destination is killed
 // (SIGKILL) there. The move to it rolls back, the other commits: every
 // request lives in exactly one place with its digest, and the rolled-back
 // ones then move to the surviving destination. A third migration while
@@ -533,17 +535,24 @@ class ConcurrentMoves : public ::testing::TestWithParam<ConcurrentCase> {};
 TEST_P(ConcurrentMoves, AKilledDestinationRollsBackOnlyItsOwnMove) {
   const auto [transport, killed] = GetParam();
   const std::string transports = "tcp," + transport;
+  // Both moves wait mid-data until the test creates `release` (however
+  // slow the host, both still run when the third one asks), well inside
+  // the destinations' progress deadline: only the kill ends a move.
+  char dir_tmpl[] = "/tmp/kvmig-concurrent-XXXXXX";
+  const std::string dir = mkdtemp(dir_tmpl);
+  const std::string release = dir + "/release";
+  ScopeExit cleanup([&] { std::filesystem::remove_all(dir); });
   auto src = AgentProcess::start(
       {"--layout", "layer", "--capacity-pages", "256", "--populate", "4:40",
-       "--seed", "5", "--peer-timeout-ms", "3000", "--transports", transports,
-       "--max-migrations", "2", "--fault", "src.data.mid=stall:1500"});
-  // The stall stays inside the destinations' progress deadline: only the
-  // kill ends a move.
+       "--seed", "5", "--peer-timeout-ms", "5000", "--transports", transports,
+       "--max-migrations", "2", "--fault", "src.data.mid=hold:" + release});
   std::unique_ptr<AgentProcess> dst[2];
   for (auto& d : dst) {
     d = AgentProcess::start({"--capacity-pages", "256", "--peer-timeout-ms",
-                             "3000", "--transports", transports});
+                             "5000", "--transports", transports});
   }
+  // Released however the test ends, before the agents stop.
+  ScopeExit let_go([&] { std::ofstream(release).put('\n'); });
   ASSERT_TRUE(src && dst[0] && dst[1]);
   const json before = status_of(src->address());
   ASSERT_EQ(before["seqs"].size(), 4u);
@@ -566,6 +575,8 @@ TEST_P(ConcurrentMoves, AKilledDestinationRollsBackOnlyItsOwnMove) {
             std::string::npos)
       << third.dump();
   dst[killed]->child().kill(SIGKILL);
+  let_go.release();
+  std::ofstream(release).put('\n');
   for (int k = 0; k < 2; ++k) {
     ASSERT_TRUE(cli[k]->wait_exit(60s)) << k;
     EXPECT_EQ(cli[k]->exit_code(), k == killed ? 1 : 0)

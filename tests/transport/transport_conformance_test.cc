@@ -30,6 +30,7 @@
 #include "bytes.h"
 #include "kvmig/transport.h"
 #include "testutil.h"
+#include "transport_util.h"
 
 namespace kvmig {
 namespace {
@@ -1070,6 +1071,32 @@ TEST(DeviceMemoryTransport, VerbsWithoutADmabufRefusesNamingIt) {
   Status s = (*made)->register_device_memory(dev.device(), dev.memory());
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("dmabuf"), std::string::npos) << s.to_string();
+}
+
+// The kept-initiator cache both transports share: one per peer, the
+// oldest past the bound handed back, nothing handed out twice.
+TEST(KeptByPeerTest, OnePerPeerBoundedOldestGoesFirst) {
+  KeptByPeer<std::unique_ptr<int>> kept(2);
+  EXPECT_TRUE(kept.put("a", std::make_unique<int>(1)).empty());
+  EXPECT_TRUE(kept.put("b", std::make_unique<int>(2)).empty());
+  // A second connection to "a" displaces the first.
+  auto displaced = kept.put("a", std::make_unique<int>(3));
+  ASSERT_EQ(displaced.size(), 1u);
+  EXPECT_EQ(*displaced[0], 1);
+  // Past the bound the oldest ("b") goes.
+  displaced = kept.put("c", std::make_unique<int>(4));
+  ASSERT_EQ(displaced.size(), 1u);
+  EXPECT_EQ(*displaced[0], 2);
+  EXPECT_EQ(kept.size(), 2u);
+  EXPECT_EQ(kept.take("b"), nullptr);
+  auto a = kept.take("a");
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(*a, 3);
+  EXPECT_EQ(kept.take("a"), nullptr);
+  auto rest = kept.take_all();
+  ASSERT_EQ(rest.size(), 1u);
+  EXPECT_EQ(*rest[0], 4);
+  EXPECT_EQ(kept.size(), 0u);
 }
 
 }  // namespace

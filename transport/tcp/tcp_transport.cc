@@ -583,34 +583,17 @@ class Parking {
   }
 
   void park_init(const std::string& peer, std::unique_ptr<InitConn> c) {
-    std::vector<std::unique_ptr<InitConn>> evicted;
+    std::vector<std::unique_ptr<InitConn>> displaced;
     std::lock_guard lock(mu_);
-    for (auto it = inits_.begin(); it != inits_.end();) {
-      if (it->first == peer) {
-        evicted.push_back(std::move(it->second));
-        it = inits_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    inits_.emplace_back(peer, std::move(c));
-    if (inits_.size() > kMaxKept) {
-      evicted.push_back(std::move(inits_.front().second));
-      inits_.pop_front();
-    }
+    displaced = inits_.put(peer, std::move(c));
   }
 
   // The connection kept to peer, if the target has not closed it.
   std::unique_ptr<InitConn> take_init(const std::string& peer) {
     std::lock_guard lock(mu_);
-    for (auto it = inits_.begin(); it != inits_.end(); ++it) {
-      if (it->first != peer) continue;
-      auto c = std::move(it->second);
-      inits_.erase(it);
-      if (!c->alive()) return nullptr;
-      return c;
-    }
-    return nullptr;
+    auto c = inits_.take(peer);
+    if (c && !c->alive()) return nullptr;
+    return c;
   }
 
   void clear() {
@@ -618,16 +601,15 @@ class Parking {
     {
       std::lock_guard lock(mu_);
       targets.swap(targets_);
-      inits_.clear();
+      (void)inits_.take_all();
     }
     for (const auto& t : targets) t->revoke();
   }
 
  private:
   std::mutex mu_;
-  std::deque<std::shared_ptr<TargetConn>> targets_;  // guarded by mu_
-  std::deque<std::pair<std::string, std::unique_ptr<InitConn>>>
-      inits_;  // guarded by mu_
+  std::deque<std::shared_ptr<TargetConn>> targets_;        // guarded by mu_
+  KeptByPeer<std::unique_ptr<InitConn>> inits_{kMaxKept};  // guarded by mu_
 };
 
 // The receiving end of one migration: a connection it opened or adopted

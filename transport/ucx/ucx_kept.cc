@@ -58,48 +58,31 @@ bool Parking::unpark_target(const TargetState* st) {
 
 void Parking::park_init(const std::string& peer,
                         std::shared_ptr<InitState> st) {
-  std::vector<std::shared_ptr<InitState>> evicted;
+  std::vector<std::shared_ptr<InitState>> displaced;
   {
     std::lock_guard lock(mu_);
-    for (auto it = inits_.begin(); it != inits_.end();) {
-      if (it->first == peer) {
-        evicted.push_back(std::move(it->second));
-        it = inits_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    inits_.emplace_back(peer, std::move(st));
-    if (inits_.size() > kMaxKept) {
-      evicted.push_back(std::move(inits_.front().second));
-      inits_.pop_front();
-    }
+    displaced = inits_.put(peer, std::move(st));
   }
-  for (auto& e : evicted) close_async(std::move(e));
+  for (auto& e : displaced) close_async(std::move(e));
 }
 
 std::shared_ptr<InitState> Parking::take_init(const std::string& peer) {
   std::lock_guard lock(mu_);
-  for (auto it = inits_.begin(); it != inits_.end(); ++it) {
-    if (it->first != peer) continue;
-    auto st = std::move(it->second);
-    inits_.erase(it);
-    if (!st->usable()) {
-      close_async(st);
-      return nullptr;
-    }
-    return st;
+  auto st = inits_.take(peer);
+  if (st && !st->usable()) {
+    close_async(st);
+    return nullptr;
   }
-  return nullptr;
+  return st;
 }
 
 void Parking::clear() {
   std::deque<std::shared_ptr<TargetState>> targets;
-  std::deque<std::pair<std::string, std::shared_ptr<InitState>>> inits;
+  std::vector<std::shared_ptr<InitState>> inits;
   {
     std::lock_guard lock(mu_);
     targets.swap(targets_);
-    inits.swap(inits_);
+    inits = inits_.take_all();
   }
   if (targets.empty() && inits.empty()) return;
   auto left =
@@ -116,7 +99,7 @@ void Parking::clear() {
           st->listener.reset();
           st->close(one_closed);
         }
-        for (const auto& [peer, st] : inits) st->close(one_closed);
+        for (const auto& st : inits) st->close(one_closed);
       });
   if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
     ucx_log()->warn("closing the kept connections took over {}s",

@@ -169,9 +169,8 @@ class Parking {
 
   UcxCore* const core_;
   std::mutex mu_;
-  std::deque<std::shared_ptr<TargetState>> targets_;  // guarded by mu_
-  std::deque<std::pair<std::string, std::shared_ptr<InitState>>>
-      inits_;  // guarded by mu_
+  std::deque<std::shared_ptr<TargetState>> targets_;        // guarded by mu_
+  KeptByPeer<std::shared_ptr<InitState>> inits_{kMaxKept};  // guarded by mu_
 };
 
 // ----------------------------------------------------------------- sides
