@@ -225,13 +225,22 @@ Result<Transport*> MigrationContext::transport_named(std::string_view name) {
                                      "; see serve --transports)");
 }
 
-Transport* MigrationContext::first_transport_of(
-    const std::vector<std::string>& names) {
-  for (const std::string& name : names) {
+Result<Transport*> MigrationContext::common_transport(
+    const std::vector<std::string>& offered) {
+  for (const std::string& name : offered) {
     auto it = transports.find(name);
     if (it != transports.end()) return it->second.get();
   }
-  return nullptr;
+  std::string names, why;
+  for (const std::string& name : offered) {
+    names += name + " ";
+    if (auto u = unusable.find(name); u != unusable.end()) {
+      why += "; " + u->second.message();
+    }
+  }
+  return Status::failed_precondition("no common transport: source offers [ " +
+                                     names + "], destination accepts [ " +
+                                     transport_names(" ") + " ]" + why);
 }
 
 }  // namespace kvmig

@@ -73,8 +73,10 @@ class MigrationContext {
 
   // The transport called name, or a clear error if this agent lacks it.
   Result<Transport*> transport_named(std::string_view name);
-  // The first of names this agent has, or null.
-  Transport* first_transport_of(const std::vector<std::string>& names);
+  // The first of `offered` (a source's HELLO) this agent has, or a clear
+  // error naming both sides' transports and, for an offered one this agent
+  // left out (it cannot reach the pager's memory), why.
+  Result<Transport*> common_transport(const std::vector<std::string>& offered);
   // "tcp,ucx": the transports this agent has.
   std::string transport_names(std::string_view separator) const;
 

@@ -195,21 +195,9 @@ Status DestinationRun::check_hello() {
         " requests; this agent takes 1 to " +
         std::to_string(options.max_seqs_per_migration));
   }
-  transport_ = ctx_.first_transport_of(hello_.transports);
-  if (!transport_) {
-    std::string offered, why;
-    for (const auto& n : hello_.transports) {
-      offered += n + " ";
-      // One this agent left out (it cannot reach the pager's memory) says
-      // why.
-      if (auto u = ctx_.unusable.find(n); u != ctx_.unusable.end()) {
-        why += "; " + u->second.message();
-      }
-    }
-    return Status::failed_precondition("no common transport: source offers [ " +
-                                       offered + "], destination accepts [ " +
-                                       ctx_.transport_names(" ") + " ]" + why);
-  }
+  auto transport = ctx_.common_transport(hello_.transports);
+  if (!transport.ok()) return transport.status();
+  transport_ = *transport;
   return Status();
 }
 

@@ -681,6 +681,22 @@ TEST(MigrateE2E, MetaMismatchIsRefusedNamingBothMetas) {
   expect_refused(*src, *dst, {"--all"}, {"16x2x2x64 f16", "16x32x8x128 bf16"});
 }
 
+// The source asks for a transport the destination does not run: HELLO is
+// refused naming what each side has, before a slot is allocated.
+TEST(MigrateE2E, NoCommonTransportIsRefusedNamingBothSides) {
+  const auto built = built_transports();
+  if (std::find(built.begin(), built.end(), "ucx") == built.end()) {
+    GTEST_SKIP() << "this build has no ucx transport to offer";
+  }
+  auto src =
+      AgentProcess::start({"--populate", "2:40", "--transports", "tcp,ucx"});
+  auto dst = AgentProcess::start({"--transports", "tcp"});
+  ASSERT_TRUE(src && dst);
+  expect_refused(*src, *dst, {"--all", "--transport", "ucx"},
+                 {"no common transport", "source offers [ ucx ]",
+                  "destination accepts [ tcp ]"});
+}
+
 TEST(MigrateE2E, FullDestinationIsRefused) {
   auto src = AgentProcess::start({"--populate", "4:160"});
   auto dst = AgentProcess::start({"--capacity-pages", "16"});
