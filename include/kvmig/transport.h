@@ -71,6 +71,15 @@ class TransportInitiator {
   // memory; Unavailable or DeadlineExceeded otherwise.
   virtual Status flush(Deadline deadline) = 0;
 
+  // Thread-safe; may be called while another thread is inside write() or
+  // flush(): the caller learnt by other means (its control connection
+  // broke, a cancel) that the migration is over, and a wait on the peer
+  // returns Aborted soon instead of at its deadline; so may every later
+  // call. Default: nothing (a transport whose waits end when the peer goes
+  // away need not override it; verbs does, as an RC queue pair to a
+  // vanished peer may retry for a long time).
+  virtual void cancel() {}
+
   // Counters for reports.
   virtual uint64_t bytes_written() const = 0;
   virtual uint64_t ops_posted() const = 0;

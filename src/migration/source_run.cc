@@ -112,6 +112,7 @@ void SourceRun::cancel(const Status& why) {
   cancelled_ = why;
   progress_.phase = "cancelling";
   cancel_flag_.store(true, std::memory_order_relaxed);
+  if (init_) init_->cancel();
   boost::system::error_code ignored;
   if (channel_) channel_->socket().cancel(ignored);
   if (pause_timer_) pause_timer_->cancel();
@@ -186,7 +187,11 @@ asio::awaitable<Status> SourceRun::offload_with_progress(F f) {
     progress.bytes = progress_.bytes.load(std::memory_order_relaxed);
     const std::vector<uint8_t> payload = encode(progress);
     link = co_await channel_->send(MsgType::kProgress, payload, deadline());
-    if (!link.ok()) cancel_flag_.store(true, std::memory_order_relaxed);
+    if (!link.ok()) {
+      // The destination is gone: the job's writes and flush stop waiting.
+      cancel_flag_.store(true, std::memory_order_relaxed);
+      if (init_) init_->cancel();
+    }
   }
   if (job->result.ok() || link.ok() || cancelled_) {
     co_return std::move(job->result);

@@ -383,6 +383,42 @@ TEST_P(TransportConformanceTest, RevokeCutsTheInitiatorOff) {
   expect_dst_equals(after_revoke);
 }
 
+// A caller that learns by other means that the peer is gone cancels: a
+// flush that would wait on a revoked target (verbs over an RC queue pair
+// may retry until its deadline) ends soon, not at the deadline, and
+// nothing lands.
+TEST_P(TransportConformanceTest, CancelEndsAWaitLongBeforeItsDeadline) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  target->revoke();
+  const auto after_revoke = dst_copy();
+  std::vector<WriteOp> late;
+  for (uint64_t i = 0; i < 32; ++i) {
+    late.push_back({src_at(i * 32768), static_cast<uint32_t>(i % 2),
+                    kMiB + i * 32768, 32768});
+  }
+  std::atomic<bool> waiting{false};
+  std::thread canceller([&] {
+    while (!waiting) std::this_thread::yield();
+    std::this_thread::sleep_for(milliseconds(200));
+    init->cancel();
+  });
+  const auto t0 = Clock::now();
+  const auto deadline = in(seconds(60));
+  Status ws = init->write(late, deadline);
+  waiting = true;
+  Status fs = ws.ok() ? init->flush(deadline) : ws;
+  const auto took = Clock::now() - t0;
+  canceller.join();
+  EXPECT_FALSE(fs.ok());
+  EXPECT_LT(took, seconds(5)) << fs.to_string();
+  EXPECT_FALSE(init->flush(in(seconds(1))).ok());
+  init.reset();
+  target.reset();
+  expect_dst_equals(after_revoke);
+}
+
 // A target restricted to a migration's slots: writes inside them land; the
 // first write outside them lands nowhere and cuts the initiator off, and
 // every byte outside the window (another request's pages) is unchanged.

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -726,6 +727,7 @@ class VerbsInitiator final : public TransportInitiator {
 
   Status write(std::span<const WriteOp> ops, Deadline deadline) override {
     KVMIG_RETURN_IF_ERROR(usable());
+    if (cancelled_.load(std::memory_order_relaxed)) return fail_cancelled();
     KVMIG_RETURN_IF_ERROR(check_write_ops(ops, region_lengths_, "verbs"));
     // Resolve every op (and split big ones) before posting any.
     std::vector<std::vector<Wr>> per_qp(qps_.size());
@@ -787,6 +789,8 @@ class VerbsInitiator final : public TransportInitiator {
     KVMIG_RETURN_IF_ERROR(usable());
     return drain(deadline, "flush");
   }
+
+  void cancel() override { cancelled_.store(true, std::memory_order_relaxed); }
 
   uint64_t bytes_written() const override { return bytes_written_; }
   uint64_t ops_posted() const override { return ops_posted_; }
@@ -902,6 +906,7 @@ class VerbsInitiator final : public TransportInitiator {
   // sleeps on the completion channel; returns the first completion error or
   // DeadlineExceeded (the initiator is then unusable).
   Status progress(Deadline deadline, std::string_view what) {
+    if (cancelled_.load(std::memory_order_relaxed)) return fail_cancelled();
     const auto spin_until = std::min(Clock::now() + kSpin, deadline);
     do {
       const int n = poll_once();
@@ -915,6 +920,8 @@ class VerbsInitiator final : public TransportInitiator {
             "verbs: " + std::string(what) + " to target at " + peer_ +
             " did not complete before the deadline"));
       }
+      // Checked at least every kMaxSleepMs.
+      if (cancelled_.load(std::memory_order_relaxed)) return fail_cancelled();
       if (int rc = ibv_req_notify_cq(cq_.get(), 0)) {
         return fail(status_from_errno(rc, "verbs: ibv_req_notify_cq"));
       }
@@ -937,6 +944,11 @@ class VerbsInitiator final : public TransportInitiator {
         }
       }
     }
+  }
+
+  Status fail_cancelled() {
+    return fail(Status::aborted("verbs: initiator to target at " + peer_ +
+                                " cancelled by its caller"));
   }
 
   // Waits until every posted work request has completed.
@@ -978,6 +990,7 @@ class VerbsInitiator final : public TransportInitiator {
   CqPtr cq_;
   std::vector<Qp> qps_;  // destroyed first
 
+  std::atomic<bool> cancelled_{false};  // cancel(), from any thread
   bool connect_called_ = false;
   bool connected_ = false;
   bool broken_ = false;
