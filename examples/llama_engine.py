@@ -749,19 +749,21 @@ class Engine:
             # One request at a time under the lock, so that a pause() or a
             # kvmig call waits for one request's forward, not the batch's
             # (with long requests on one CPU thread, a batch took ~1 s).
-            advanced = 0
+            counted = False
             for seq_id in batch:
                 with self._cond:
                     if self._pause_depth or self._stop.is_set():
                         break
                     req = self._requests.get(seq_id)
                     if (req is not None and req.state == "decoding"
-                            and not req.held):
-                        advanced += self._step_one_locked(req)
-            if advanced:
-                with self._cond:
-                    self._steps += 1
-                    self._cond.notify_all()
+                            and not req.held
+                            and self._step_one_locked(req) and not counted):
+                        # Counted under the lock of the forward that made
+                        # the step: once a pause() returns, the count is
+                        # final until resume().
+                        self._steps += 1
+                        counted = True
+                        self._cond.notify_all()
             # A gap between steps, however far behind its cadence the loop
             # is: Python's locks are not fair, and a loop that re-takes the
             # lock at once starves a waiting kvmig call (allocate_pages,
