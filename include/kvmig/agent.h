@@ -172,10 +172,11 @@ struct MigrationReport {
   std::vector<std::pair<SeqId, std::string>> digests;
   // Where the time went, as the source saw it: milliseconds per phase, in
   // the order first entered (a live migration's rounds add up): "connect"
-  // (the control connection), "pause" (waiting for CachePager::pause),
-  // "offer" (HELLO to OFFER, and the data path's connect), "data" (writes
-  // posted and flushed), "verify" (VERIFY to VERIFY_ACK), "commit" (COMMIT
-  // to DONE, with digests read first if asked), "resume" (drop and resume).
+  // (the control connection), "pause" (waiting for CachePager::pause, and
+  // the paused snapshot of the page tables), "offer" (HELLO to OFFER),
+  // "data" (the data path's connect, writes posted and flushed), "verify"
+  // (VERIFY to VERIFY_ACK), "commit" (COMMIT to DONE, with digests read
+  // first if asked), "resume" (drop and resume).
   std::vector<std::pair<std::string, double>> phases_ms;
   // Where the pages were read and written: "host", "cuda" or "cuda+host"
   // (the kinds of each side's layout regions; host without a layout).

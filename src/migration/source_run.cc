@@ -229,6 +229,7 @@ asio::awaitable<Status> SourceRun::pause_engine() {
     bool abandoned = false;                                // guarded by mu
     Status result;                                         // guarded by mu
     EnginePause::Scope scope = EnginePause::Scope::kNone;  // guarded by mu
+    std::optional<Result<std::vector<LogicalSeq>>> seqs;   // guarded by mu
   };
   enter_phase("pause");
   auto race = std::make_shared<Race>(ctx_.io);
@@ -254,6 +255,9 @@ asio::awaitable<Status> SourceRun::pause_engine() {
     } else if (!s.ok()) {
       s = s.with_context("hold_seqs");
     }
+    // The paused round's snapshot on the same trip: one wake-up less.
+    std::optional<Result<std::vector<LogicalSeq>>> seqs;
+    if (s.ok()) seqs = pager.logical_seqs();
     std::lock_guard lock(race->mu);
     if (race->abandoned) {
       if (s.ok() && scope == EnginePause::Scope::kSeqs) {
@@ -265,6 +269,7 @@ asio::awaitable<Status> SourceRun::pause_engine() {
     }
     race->result = std::move(s);
     race->scope = scope;
+    race->seqs = std::move(seqs);
     race->done = true;
     asio::post(race->timer.get_executor(), [race] { race->timer.cancel(); });
   });
@@ -285,6 +290,7 @@ asio::awaitable<Status> SourceRun::pause_engine() {
     }
     paused = race->result;
     scope = race->scope;
+    paused_seqs_ = std::move(race->seqs);
   }
   if (!paused.ok()) co_return paused.with_context("pause");
   pause_.engage(scope, moving_);
@@ -322,6 +328,11 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
     // The last round, paused.
     if (s.ok()) s = co_await pause_engine();
     if (s.ok()) s = co_await run_round(false);
+  }
+  // No round had a page to write (every job connects first): connect now,
+  // so that the destination's data path ends as after any migration.
+  if (s.ok() && dst_target_) {
+    s = co_await ctx_.offload([this] { return connect_data_path(); });
   }
   // A cancelled run fails at whatever it waited on: say why it really ended.
   if (cancelled_) s = *cancelled_;
@@ -379,8 +390,16 @@ Status SourceRun::leave_behind(const std::vector<SeqId>& dropped) {
 
 asio::awaitable<Status> SourceRun::run_round(bool first) {
   KVMIG_CO_RETURN_IF_ERROR(cancel_status());
-  auto current =
-      co_await ctx_.offload([this] { return ctx_.pager.logical_seqs(); });
+  // The paused round plans from the snapshot the pause took. (Not a ?:
+  // around co_await: GCC 12 miscompiles that.)
+  Result<std::vector<LogicalSeq>> current = Status::internal("no snapshot");
+  if (paused_seqs_) {
+    current = std::move(*paused_seqs_);
+    paused_seqs_.reset();
+  } else {
+    current =
+        co_await ctx_.offload([this] { return ctx_.pager.logical_seqs(); });
+  }
   if (!current.ok()) co_return current.status().with_context("logical_seqs");
   PrecopyState::Round round =
       precopy_.plan(*current, moving_, pause_.engaged());
@@ -472,10 +491,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
   dst_staging_slots_ = offer->staging_slots;
   dst_memory_ = std::move(offer->memory);
   ctx_.fault("src.after_offer");
-  const std::vector<uint8_t> target = std::move(offer->target_address);
-  Status connected =
-      co_await ctx_.offload([&] { return init_->connect(target, deadline()); });
-  if (!connected.ok()) co_return connected.with_context("data path");
+  dst_target_ = std::move(offer->target_address);
   co_return std::move(offer->slots);
 }
 
@@ -546,6 +562,15 @@ Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
   return init_->flush(deadline());
 }
 
+Status SourceRun::connect_data_path() {
+  if (dst_target_) {
+    data_path_ =
+        init_->connect(*dst_target_, deadline()).with_context("data path");
+    dst_target_.reset();
+  }
+  return data_path_;
+}
+
 Status SourceRun::ensure_source_geometry() {
   if (!src_geometry_.empty()) return Status();
   if (ctx_.layout) {
@@ -579,8 +604,12 @@ asio::awaitable<Status> SourceRun::send_positions(
     const size_t count = std::min(batch, positions.size() - first);
     const bool mid_fault = first == 0;
     KVMIG_CO_RETURN_IF_ERROR(cancel_status());
-    Status wrote = co_await offload_with_progress(
-        [&] { return write_batch(positions, first, count, mid_fault, sums); });
+    // The first job connects the data path too: one trip, not two.
+    Status wrote = co_await offload_with_progress([&] {
+      KVMIG_RETURN_IF_ERROR(connect_data_path());
+      return write_batch(positions, first, count, mid_fault, sums);
+    });
+    if (!data_path_.ok()) co_return data_path_;
     if (!wrote.ok()) co_return wrote.with_context("data");
     if (dst_staging_slots_ == 0) continue;
     KVMIG_CO_RETURN_IF_ERROR(

@@ -125,7 +125,8 @@ class SourceRun {
   asio::awaitable<Status> run_round(bool first);
   // Drops requests that no longer extend what was copied (live only).
   Status leave_behind(const std::vector<SeqId>& dropped);
-  // The first round: HELLO, OFFER, connect the data path.
+  // The first round: HELLO, OFFER. The data path connects on the first
+  // data job (connect_data_path()), not on a trip of its own.
   asio::awaitable<Result<std::vector<PageIndex>>> hello_and_offer(
       uint32_t n_pages);
   // A later round: ROUND, ROUND_OFFER.
@@ -135,6 +136,9 @@ class SourceRun {
   asio::awaitable<Status> send_positions(
       const std::vector<uint32_t>& positions);
   Status ensure_source_geometry();
+  // Connects the initiator to OFFER's target once (data pool); later calls
+  // return the first call's result.
+  Status connect_data_path();
   // Writes positions[first, first + count) and flushes; with verify, also
   // fills sums[first, first + count) with the pages' checksums.
   Status write_batch(const std::vector<uint32_t>& positions, size_t first,
@@ -184,11 +188,17 @@ class SourceRun {
   std::vector<uint64_t> round_pages_;
   // With verify: the paused round's checksums, sent with COMMIT.
   VerifyMsg paused_round_sums_;
+  // The snapshot pause_engine() took right after pausing, on the same trip
+  // to the data pool: the paused round plans from it.
+  std::optional<Result<std::vector<LogicalSeq>>> paused_seqs_;
 
   // Where writes go: the destination's geometry (or staging), from OFFER.
   std::vector<RegionGeometry> dst_regions_;
   uint32_t dst_staging_slots_ = 0;
   std::string dst_memory_;  // OFFER's: where the destination's pages live
+  // OFFER's target address, until connect_data_path() has used it.
+  std::optional<std::vector<uint8_t>> dst_target_;
+  Status data_path_;  // connect_data_path()'s result
   // Where writes come from: the pager's layout or a staging buffer.
   std::vector<RegionGeometry> src_geometry_;
   std::vector<std::byte*> src_bases_;
