@@ -230,9 +230,18 @@ void UcxCore::run(std::promise<Status>& started) {
   for (;;) {
     {
       std::unique_lock lock(mu_);
-      if (tasks_.empty() && !stopping_ && pollers_.empty() &&
-          Clock::now() - last_activity > kSpinAfterActivity) {
-        cv_.wait_for(lock, kMaxIdleSleep);
+      if (tasks_.empty()) {
+        if (!stopping_ && pollers_.empty() &&
+            Clock::now() - last_activity > kSpinAfterActivity) {
+          cv_.wait_for(lock, kMaxIdleSleep);
+        } else {
+          // Polling (recent activity, endpoints closing), but not holding
+          // a core that a thread woken meanwhile (this agent's io thread or
+          // data pool, a peer on this host) needs: see ucx_core.h.
+          lock.unlock();
+          std::this_thread::yield();
+          lock.lock();
+        }
       }
       batch.swap(tasks_);
       if (stopping_ && batch.empty() &&
