@@ -19,7 +19,7 @@
 // cores a progress thread that spins outright holds a core the agent's io
 // thread and data pool, and a peer agent's threads, must wait for at every
 // wake-up. Measured on this 2-vCPU VM against spinning outright (README,
-// "UCX progress thread"): a 1-page migration 1.19 -> 0.81 ms, 64 MiB
+// "Performance", the UCX cases): a 1-page migration 1.19 -> 0.81 ms, 64 MiB
 // 4.96 -> 6.58 GB/s page->page and 4.92 -> 6.39 GB/s layer->layer.
 // Sleeping a short while instead (50 us) halved large migrations' rate.
 // It does not use UCP_FEATURE_WAKEUP: event fds would narrow the transports
