@@ -85,11 +85,12 @@ Result<std::vector<PlannedWrite>> plan_writes(
               return std::tie(a.src_region, a.src_offset) <
                      std::tie(b.src_region, b.src_offset);
             });
-  std::vector<PlannedWrite> merged;
-  merged.reserve(pieces.size());
+  // Merged in place: pieces[0, n) are the writes so far.
+  size_t n = 0;
+  bool too_long = false;
   for (const PlannedWrite& p : pieces) {
-    if (!merged.empty()) {
-      PlannedWrite& last = merged.back();
+    if (n > 0) {
+      PlannedWrite& last = pieces[n - 1];
       bool contiguous = last.src_region == p.src_region &&
                         last.src_offset + last.length == p.src_offset &&
                         last.dst_region == p.dst_region &&
@@ -101,12 +102,15 @@ Result<std::vector<PlannedWrite>> plan_writes(
         continue;
       }
     }
-    merged.push_back(p);
+    pieces[n++] = p;
+    too_long |= max_write_bytes != 0 && p.length > max_write_bytes;
   }
-  if (max_write_bytes == 0) return merged;
+  pieces.resize(n);
+  if (!too_long) return pieces;
+  // A chunk longer than max_write_bytes on both sides: split it.
   std::vector<PlannedWrite> bounded;
-  bounded.reserve(merged.size());
-  for (PlannedWrite w : merged) {
+  bounded.reserve(pieces.size());
+  for (PlannedWrite w : pieces) {
     while (w.length > max_write_bytes) {
       PlannedWrite head = w;
       head.length = max_write_bytes;
