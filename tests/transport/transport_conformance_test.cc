@@ -272,6 +272,40 @@ TEST_P(TransportConformanceTest, ManySmallWritesAcrossBatches) {
   expect_dst_equals(expected);
 }
 
+TEST_P(TransportConformanceTest, SmallAndLargeWritesInterleaved) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  auto expected = dst_copy();
+  std::mt19937 rng(11);
+  // Lengths on both sides of the sizes a transport may treat differently
+  // (tcp copies payloads under 16 KiB out of a receive buffer and reads
+  // larger ones into place), shuffled, into distinct 170 KiB slots.
+  const std::vector<uint64_t> lengths = {1,     100,   4096,  16383, 16384,
+                                         16385, 32768, 65537, 150000};
+  constexpr uint64_t kSlot = 170 * 1024;
+  std::vector<WriteOp> ops;
+  for (uint64_t i = 0; i < 36; ++i) {
+    const uint64_t len = lengths[rng() % lengths.size()];
+    ops.push_back({src_at(rng() % kMiB), static_cast<uint32_t>(i % 2),
+                   (i / 2) * kSlot + rng() % 1000, len});
+  }
+  apply(ops, expected);
+  // In calls of 1 to 7 ops, with a flush in the middle.
+  for (size_t i = 0; i < ops.size();) {
+    const size_t n = std::min<size_t>(1 + rng() % 7, ops.size() - i);
+    ASSERT_OK(init->write(std::span<const WriteOp>(ops).subspan(i, n),
+                          in(seconds(20))));
+    i += n;
+    if (i >= ops.size() / 2 && i - n < ops.size() / 2) {
+      ASSERT_OK(init->flush(in(seconds(20))));
+    }
+  }
+  ASSERT_OK(init->flush(in(seconds(20))));
+  expect_dst_equals(expected);
+  EXPECT_OK(target->health());
+}
+
 TEST_P(TransportConformanceTest, RejectsBadOpsBeforeSendingAny) {
   std::unique_ptr<TransportTarget> target;
   std::unique_ptr<TransportInitiator> init;

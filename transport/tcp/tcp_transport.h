@@ -1,8 +1,11 @@
 // The tcp data plane: Boost.Asio streams. The target runs one thread that
-// applies write records from one authenticated connection straight into its
-// registered memory; the initiator sends records with gathered writes and
-// flushes with a sequence-numbered record the target acknowledges once every
-// earlier write has been applied.
+// applies write records from one authenticated connection into its
+// registered memory: small records (payload under 16 KiB) many per system
+// call through a receive buffer, their payloads copied out of it; larger
+// payloads read straight into place, with the next header in the same
+// call. The initiator sends records with gathered writes and flushes with
+// a sequence-numbered record the target acknowledges once every earlier
+// write has been applied.
 //
 // Wire format (little-endian), after the initiator sent the target's 64-bit
 // token and the target echoed it:
