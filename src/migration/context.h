@@ -138,6 +138,9 @@ class MigrationContext {
                                         Deadline deadline);
   // Wakes the waiters of wait_source_end(id) (io thread).
   void source_ended(const std::string& id);
+  // False once the pager has answered hold_seqs() with Unimplemented: a
+  // stop-and-copy then no longer tries to hold while it connects.
+  std::atomic<bool> pager_holds_seqs{true};
   std::atomic<bool> stopping{false};
   asio::io_context io{1};
   // wait_source_end's timers, by migration id (io thread). Declared after

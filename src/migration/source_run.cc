@@ -216,68 +216,102 @@ asio::awaitable<void> SourceRun::abort_peer(const Status& why) {
   channel_->close();
 }
 
-asio::awaitable<Status> SourceRun::pause_engine() {
-  // pause() waits for the engine's step in progress. One that never ends
-  // (an engine thread that never yields) fails the migration at the peer
-  // deadline instead of hanging it, and the pause, when it does return, is
-  // undone on the spot: nothing else would ever resume it.
-  struct Race {
-    explicit Race(asio::io_context& io) : timer(io) {}
-    asio::steady_timer timer;
-    std::mutex mu;
-    bool done = false;                                     // guarded by mu
-    bool abandoned = false;                                // guarded by mu
-    Status result;                                         // guarded by mu
-    EnginePause::Scope scope = EnginePause::Scope::kNone;  // guarded by mu
-    std::optional<Result<std::vector<LogicalSeq>>> seqs;   // guarded by mu
-  };
-  enter_phase("pause");
-  auto race = std::make_shared<Race>(ctx_.io);
+// A pause on its way to the data pool. pause() waits for the engine's step
+// in progress; one that never ends (an engine thread that never yields)
+// fails the migration at the peer deadline instead of hanging it, and the
+// pause, when it does return, is undone on the spot: nothing else would
+// ever resume it.
+struct SourceRun::PauseRace {
+  explicit PauseRace(asio::io_context& io) : timer(io) {}
+  asio::steady_timer timer;
+  std::mutex mu;
+  bool done = false;                                     // guarded by mu
+  bool abandoned = false;                                // guarded by mu
+  Status result;                                         // guarded by mu
+  EnginePause::Scope scope = EnginePause::Scope::kNone;  // guarded by mu
+  Clock::time_point paused_at;                           // guarded by mu
+  std::optional<Result<std::vector<LogicalSeq>>> seqs;   // guarded by mu
+};
+
+std::shared_ptr<SourceRun::PauseRace> SourceRun::start_pause(
+    bool whole_engine) {
+  auto race = std::make_shared<PauseRace>(ctx_.io);
   race->timer.expires_at(deadline());
-  pause_timer_ = &race->timer;
-  ScopeExit unset([this] { pause_timer_ = nullptr; });
   CachePager& pager = ctx_.pager;
+  std::atomic<bool>& holds = ctx_.pager_holds_seqs;
   // Only the requests that move, where the pager can hold them one by
   // one; the whole engine for a pager that cannot, or when one of them
   // has finished meanwhile (NotFound: the round then leaves it behind).
   // Any other failure fails the migration, as a failing pause() does.
-  asio::post(ctx_.data_pool, [race, &pager, ids = moving_] {
+  // Without whole_engine, a pager that cannot hold them is left running
+  // (scope kNone, OK): the caller pauses the engine later.
+  asio::post(ctx_.data_pool, [race, &pager, &holds, whole_engine,
+                              ids = moving_] {
     auto scope = EnginePause::Scope::kSeqs;
     Status s = pager.hold_seqs(ids);
+    if (s.code() == StatusCode::kUnimplemented) {
+      holds.store(false, std::memory_order_relaxed);
+    }
     if (s.code() == StatusCode::kNotFound) {
-      logger("engine")->info("hold_seqs: {}; pausing the engine",
-                             s.to_string());
+      logger("engine")->info("hold_seqs: {}{}", s.to_string(),
+                             whole_engine ? "; pausing the engine" : "");
     }
     if (s.code() == StatusCode::kUnimplemented ||
         s.code() == StatusCode::kNotFound) {
-      scope = EnginePause::Scope::kEngine;
-      s = pager.pause();
+      scope = EnginePause::Scope::kNone;
+      s = Status();
+      if (whole_engine) {
+        scope = EnginePause::Scope::kEngine;
+        s = pager.pause();
+      }
     } else if (!s.ok()) {
       s = s.with_context("hold_seqs");
     }
+    const auto paused_at = Clock::now();
     // The paused round's snapshot on the same trip: one wake-up less.
     std::optional<Result<std::vector<LogicalSeq>>> seqs;
-    if (s.ok()) seqs = pager.logical_seqs();
+    if (s.ok() && scope != EnginePause::Scope::kNone) {
+      seqs = pager.logical_seqs();
+    }
     std::lock_guard lock(race->mu);
     if (race->abandoned) {
       if (s.ok() && scope == EnginePause::Scope::kSeqs) {
         (void)pager.unhold_seqs(ids);
-      } else if (s.ok()) {
+      } else if (s.ok() && scope == EnginePause::Scope::kEngine) {
         (void)pager.resume();
       }
       return;
     }
     race->result = std::move(s);
     race->scope = scope;
+    race->paused_at = paused_at;
     race->seqs = std::move(seqs);
     race->done = true;
+    // Posted to the io thread, which runs finish_pause(): it either saw
+    // `done` or is already waiting on the timer when this runs.
     asio::post(race->timer.get_executor(), [race] { race->timer.cancel(); });
   });
-  boost::system::error_code ec;
-  co_await race->timer.async_wait(
-      asio::redirect_error(asio::use_awaitable, ec));
+  return race;
+}
+
+asio::awaitable<Status> SourceRun::finish_pause(
+    std::shared_ptr<PauseRace> race) {
+  bool done = false;
+  {
+    std::lock_guard lock(race->mu);
+    done = race->done;
+  }
+  // A run cancelled meanwhile abandons a pause still under way.
+  if (!done && !cancelled_) {
+    pause_timer_ = &race->timer;
+    ScopeExit unset([this] { pause_timer_ = nullptr; });
+    boost::system::error_code ec;
+    co_await race->timer.async_wait(
+        asio::redirect_error(asio::use_awaitable, ec));
+  }
   Status paused;
   auto scope = EnginePause::Scope::kNone;
+  Clock::time_point paused_at;
   {
     std::lock_guard lock(race->mu);
     if (!race->done) {
@@ -291,12 +325,19 @@ asio::awaitable<Status> SourceRun::pause_engine() {
     paused = race->result;
     scope = race->scope;
     paused_seqs_ = std::move(race->seqs);
+    paused_at = race->paused_at;
   }
   if (!paused.ok()) co_return paused.with_context("pause");
+  if (scope == EnginePause::Scope::kNone) co_return Status();
   pause_.engage(scope, moving_);
   hold_ = pause_.scope_name();
-  t_pause_ = Clock::now();
+  t_pause_ = paused_at;
   co_return Status();
+}
+
+asio::awaitable<Status> SourceRun::pause_engine() {
+  enter_phase("pause");
+  co_return co_await finish_pause(start_pause(true));
 }
 
 asio::awaitable<Result<MigrationReport>> SourceRun::run(
@@ -311,16 +352,36 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
   auto initiator = transport_.create_initiator_for(req_.to);
   if (!initiator.ok()) co_return initiator.status();
   init_ = std::move(*initiator);
+  // Stop-and-copy holds the requests that move while the control
+  // connection opens: the pager's trip to the data pool overlaps the
+  // connect. Only a hold: the whole engine (a pager without hold_seqs)
+  // pauses once the destination has answered, so an unreachable one never
+  // stalls every request here.
+  std::shared_ptr<PauseRace> early;
+  if (!req_.live && ctx_.pager_holds_seqs.load(std::memory_order_relaxed)) {
+    early = start_pause(false);
+  }
   auto connected = co_await connect_channel(
       req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
-  if (cancelled_) co_return *cancelled_;
-  if (!connected.ok()) co_return connected.status().with_context("destination");
-  channel_.emplace(std::move(*connected));
+  Status s = cancel_status();
+  if (s.ok() && !connected.ok()) {
+    s = connected.status().with_context("destination");
+  }
+  if (s.ok()) channel_.emplace(std::move(*connected));
+  if (early) {
+    enter_phase("pause");
+    Status held = co_await finish_pause(std::move(early));
+    if (s.ok()) s = held;
+  }
+  if (!s.ok()) {
+    co_await abort_peer(s);
+    co_await resume_engine();
+    co_return s;
+  }
 
-  Status s;
   if (!req_.live) {
     // Stop-and-copy: one round, paused from the start.
-    s = co_await pause_engine();
+    if (!pause_.engaged()) s = co_await pause_engine();
     if (s.ok()) s = co_await run_round(true);
   } else {
     s = co_await run_live_rounds();

@@ -82,7 +82,8 @@ class EnginePause {
 };
 
 // One outgoing migration. Its coroutines run on the io thread; its data
-// work runs on one pool thread at a time while the coroutine awaits it.
+// work runs on one pool thread at a time while the coroutine awaits it,
+// but for a stop-and-copy's hold, which runs while the coroutine connects.
 class SourceRun {
  public:
   SourceRun(MigrationContext& ctx, const MigrateRequest& req,
@@ -119,7 +120,18 @@ class SourceRun {
   template <typename F>
   asio::awaitable<Status> offload_with_progress(F f);
   asio::awaitable<void> abort_peer(const Status& why);
+  // Pauses: holds the requests that move where the pager can, else (or
+  // when one has finished) pauses the whole engine. The paused round's
+  // snapshot comes back on the same trip (paused_seqs_).
   asio::awaitable<Status> pause_engine();
+  // pause_engine() in two halves, so that the pager's trip to the data
+  // pool overlaps other io-thread work: start_pause() sends it off;
+  // finish_pause() waits for it (until the peer deadline, or a cancel)
+  // and engages pause_. Without whole_engine, a pager that cannot hold the
+  // requests is left running, and finish_pause() returns OK unengaged.
+  struct PauseRace;
+  std::shared_ptr<PauseRace> start_pause(bool whole_engine);
+  asio::awaitable<Status> finish_pause(std::shared_ptr<PauseRace> race);
   asio::awaitable<Status> run_live_rounds();
   // Plans, allocates and sends one round from a fresh snapshot.
   asio::awaitable<Status> run_round(bool first);
@@ -222,7 +234,7 @@ class SourceRun {
   std::optional<Status> cancelled_;
   std::atomic<bool> cancel_flag_{false};
   bool committing_ = false;
-  asio::steady_timer* pause_timer_ = nullptr;  // while pause_engine waits
+  asio::steady_timer* pause_timer_ = nullptr;  // while finish_pause waits
   asio::steady_timer timeout_timer_;
   // What status lists while the run lives.
   ActiveMigration progress_;

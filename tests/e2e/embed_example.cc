@@ -538,6 +538,71 @@ TEST(EmbedExample, CallsOnANonServingAgentFailAtOnce) {
             StatusCode::kFailedPrecondition);
 }
 
+// Counts the calls that stop and restart requests, forwarding them (with
+// or without hold_seqs, as the wrapped pager has it).
+class PauseCountingPager final : public testing::ForwardingPager {
+ public:
+  using ForwardingPager::ForwardingPager;
+  Status pause() override {
+    pauses++;
+    return ForwardingPager::pause();
+  }
+  Status resume() override {
+    resumes++;
+    return ForwardingPager::resume();
+  }
+  Status hold_seqs(std::span<const SeqId> ids) override {
+    holds++;
+    return ForwardingPager::hold_seqs(ids);
+  }
+  Status unhold_seqs(std::span<const SeqId> ids) override {
+    unholds++;
+    return ForwardingPager::unhold_seqs(ids);
+  }
+  std::atomic<int> pauses{0}, resumes{0}, holds{0}, unholds{0};
+};
+
+// A stop-and-copy holds the requests that move while the control
+// connection opens. When the destination cannot be reached they are
+// unheld before migrate() returns; an engine that cannot hold single
+// requests is never paused at all, and after the first try kvmig stops
+// asking it to hold.
+TEST(EmbedExample, UnreachableDestinationLeavesTheEngineRunning) {
+  for (const bool can_hold : {true, false}) {
+    SCOPED_TRACE(can_hold ? "hold_seqs" : "no hold_seqs");
+    auto cache = make_cache(PoolLayout::kPage, 64);
+    ASSERT_TRUE(cache);
+    ASSERT_OK(cache->populate(3, 40, 4));
+    std::unique_ptr<CachePager> no_hold;
+    if (!can_hold) no_hold = std::make_unique<NoHoldPager>(*cache);
+    PauseCountingPager pager(no_hold ? *no_hold : *cache);
+    auto src = start_agent(pager, AgentOptions{});
+    ASSERT_TRUE(src);
+    MigrateRequest req;
+    req.to = "127.0.0.1:1";  // nothing listens there: refused at once
+    req.seqs = {1, 2};
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      auto moved = src->migrate(req);
+      EXPECT_EQ(moved.status().code(), StatusCode::kUnavailable)
+          << moved.status().to_string();
+      EXPECT_NE(moved.status().message().find("destination"), std::string::npos)
+          << moved.status().to_string();
+    }
+    EXPECT_EQ(pager.pauses, 0);
+    EXPECT_EQ(pager.resumes, 0);
+    // One hold per attempt, each undone; without hold_seqs only the first
+    // attempt asks.
+    EXPECT_EQ(pager.holds, can_hold ? 2 : 1);
+    EXPECT_EQ(pager.unholds, can_hold ? 2 : 0);
+    EXPECT_EQ(cache->decode_step(), 3u);  // every request decodes
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, src->status());
+    EXPECT_TRUE(st.in_doubt.empty());
+    EXPECT_TRUE(st.migrations.empty());
+    EXPECT_EQ(digests(*src).size(), 3u);
+    src->stop();
+  }
+}
+
 // A pager whose logical_seqs() blocks, once armed, until released: a slow
 // engine.
 class BlockingPager final : public testing::ForwardingPager {
