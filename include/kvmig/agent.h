@@ -172,8 +172,9 @@ struct MigrationReport {
   std::vector<std::pair<SeqId, std::string>> digests;
   // Where the time went, as the source saw it: milliseconds per phase, in
   // the order first entered (a live migration's rounds add up): "connect"
-  // (the control connection), "pause" (waiting for CachePager::pause, and
-  // the paused snapshot of the page tables), "offer" (HELLO to OFFER),
+  // (the control connection; a stop-and-copy's hold_seqs runs meanwhile),
+  // "pause" (waiting for the hold or CachePager::pause, and the paused
+  // snapshot of the page tables, past the connect), "offer" (HELLO to OFFER),
   // "data" (the data path's connect, writes posted and flushed), "verify"
   // (VERIFY to VERIFY_ACK), "commit" (COMMIT to DONE, with digests read
   // first if asked), "resume" (drop and resume).
