@@ -443,7 +443,17 @@ std::string point_name(Point p) {
 constexpr int kPagesPerSeq = 3;  // 40 tokens in 16-token pages
 const std::set<uint64_t> kMoved = {1, 2};
 const std::set<uint64_t> kAll = {1, 2, 3};
-const std::string kPeerTimeoutMs = "1000";
+// Inside the Soft-RoCE guest everything runs emulated: a destination's
+// first OFFER over verbs, or a 3-page flush over tcp, has taken more than
+// a second there (about one case in 30-45, with and without the hold that
+// overlaps the connect). So the peer timeout there is 3 s, and every stall
+// that must outlast it, and every wait for it, is three times as long.
+const int kSlow = in_rxe_guest() ? 3 : 1;
+const std::string kPeerTimeoutMs = std::to_string(1000 * kSlow);
+// A source fault hook that sleeps at `point` for ms (x kSlow).
+std::string stall_at(const std::string& point, int ms) {
+  return point + "=stall:" + std::to_string(ms * kSlow);
+}
 
 class FaultMatrix : public ::testing::TestWithParam<FaultCase> {};
 
@@ -462,10 +472,11 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
       "--populate",        "3:40",        "--seed",           "11",
       "--peer-timeout-ms", kPeerTimeoutMs};
   if (point == Point::kDuringData) {
-    src_flags.insert(src_flags.end(), {"--fault", "src.data.mid=stall:1500"});
+    src_flags.insert(src_flags.end(),
+                     {"--fault", stall_at("src.data.mid", 1500)});
   } else if (point == Point::kBeforeCommit) {
     src_flags.insert(src_flags.end(),
-                     {"--fault", "src.before_commit=stall:1500"});
+                     {"--fault", stall_at("src.before_commit", 1500)});
   }
   src_flags.insert(src_flags.end(),
                    {"--transports", "tcp," + transport, "--memory", memory});
@@ -793,7 +804,7 @@ TEST_P(StaleWrites, AnAbortedSourceCannotChangeReleasedSlots) {
   auto src = AgentProcess::start(
       {"--layout", "layer", "--capacity-pages", "64", "--populate", "3:40",
        "--seed", "11", "--transports", transports, "--peer-timeout-ms",
-       kPeerTimeoutMs, "--fault", "src.data.mid=stall:3000"});
+       kPeerTimeoutMs, "--fault", stall_at("src.data.mid", 3000)});
   auto dst =
       AgentProcess::start({"--capacity-pages", "64", "--transports", transports,
                            "--peer-timeout-ms", kPeerTimeoutMs});
@@ -817,7 +828,7 @@ TEST_P(StaleWrites, AnAbortedSourceCannotChangeReleasedSlots) {
   ASSERT_TRUE(cli);
   ASSERT_TRUE(src->child().wait_for("reached src.data.mid", 30s, true));
   proxy->act(ControlProxy::Action::kCut);
-  json d = wait_for_free_pages(dst->address(), dst_free, 5s);
+  json d = wait_for_free_pages(dst->address(), dst_free, kSlow * 5s);
   ASSERT_EQ(d["free_pages"], dst_free) << dst->child().err();
   // Refill the released slots while the source still sleeps.
   CliResult refill =
