@@ -70,7 +70,15 @@ demo() {
   # Globals, not locals: the EXIT trap runs after demo() has returned.
   DEMO_TMP=$(mktemp -d)
   DEMO_PIDS=()
-  trap 'kill "${DEMO_PIDS[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$DEMO_TMP"' EXIT
+  # The agents are not this shell's children (start_agent runs in a
+  # process substitution), so `wait` cannot see them: poll until both are
+  # gone (10 s at most) before returning.
+  trap 'kill "${DEMO_PIDS[@]}" 2>/dev/null
+    for _ in $(seq 100); do
+      kill -0 "${DEMO_PIDS[@]}" 2>/dev/null || break
+      sleep 0.1
+    done
+    rm -rf "$DEMO_TMP"' EXIT
   local tmp=$DEMO_TMP
   read -r p1 src < <(start_agent "$tmp/src" --preset llama3-8b --layout layer \
     --capacity-pages 512 --populate 8:1000 --share-prefix 512 --seed 7)
