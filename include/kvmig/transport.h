@@ -80,6 +80,15 @@ class TransportInitiator {
   // vanished peer may retry for a long time).
   virtual void cancel() {}
 
+  // Applies a target's window_update(): the keys of ranges it allowed after
+  // its address(). Call it, on the thread that writes, before writing into
+  // those ranges. Default: accepts only an empty update.
+  virtual Status add_windows(std::span<const uint8_t> update) {
+    if (update.empty()) return Status();
+    return Status::invalid_argument("this transport takes no window updates (" +
+                                    std::to_string(update.size()) + " bytes)");
+  }
+
   // Counters for reports.
   virtual uint64_t bytes_written() const = 0;
   virtual uint64_t ops_posted() const = 0;
@@ -107,15 +116,29 @@ class TransportTarget {
   // Restricts the initiator's writes to the ranges allowed so far (a
   // migration's slots; a live round adds its own before the source learns
   // them). Once called, a write that is not inside one allowed range
-  // changes nothing and cuts the initiator off (health() says where it
-  // aimed). Before any call every byte of the regions is allowed.
-  // Returns false when this transport cannot check writes one by one: tcp
-  // checks each write record; ucx and verbs (one-sided RDMA into memory
-  // registered once) do not, and there only revoke() cuts a source off.
-  virtual bool allow(std::span<const WriteWindow> ranges) {
+  // changes nothing. Before any call every byte of the regions is allowed.
+  // Returns true when the transport checks writes: tcp checks each write
+  // record and cuts the initiator off at the first outside (health() says
+  // where it aimed); verbs binds a type 2 memory window per contiguous
+  // range on this target's own queue pairs (the device refuses a key it
+  // did not give this path and, where it checks window bounds as the spec
+  // says, a write past one; the initiator refuses to write outside its
+  // windows). False when it cannot (ucx: one-sided puts into memory
+  // registered once; verbs on a device without type 2 windows): there only
+  // revoke() cuts a source off. An error when it could not set the check up
+  // (too many ranges, a failed bind): the migration must not go on.
+  // The initiator needs the ranges' keys before it writes into them: those
+  // of the ranges allowed before address() travel in it, later ones in
+  // window_update().
+  virtual Result<bool> allow(std::span<const WriteWindow> ranges) {
     (void)ranges;
     return false;
   }
+
+  // What the initiator needs to write into the ranges allowed since the
+  // last address() or window_update() (verbs: the windows' keys), for
+  // TransportInitiator::add_windows(); empty when it needs nothing.
+  virtual std::vector<uint8_t> window_update() { return {}; }
 
   // What the initiator needs to reach and write this target (goes into
   // OFFER): connection details and the regions' remote keys.

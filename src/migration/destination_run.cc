@@ -256,7 +256,12 @@ Status DestinationRun::open_target(
   target_ = std::move(*opened);
   // Zero-copy into the pool: the source may write its own slots only (a
   // staging buffer is this migration's alone).
-  if (ctx_.layout) target_->allow(windows_for(*ctx_.layout, slots_.slots()));
+  if (ctx_.layout) {
+    auto allowed = target_->allow(windows_for(*ctx_.layout, slots_.slots()));
+    if (!allowed.ok()) {
+      return allowed.status().with_context("restricting the data path");
+    }
+  }
   return Status();
 }
 
@@ -373,12 +378,20 @@ asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
         " more pages (" + more.status().message() + ")");
   }
   slots_.add(*more);
+  RoundOfferMsg reply;
   if (ctx_.layout && target_) {
-    target_->allow(windows_for(*ctx_.layout, *more));
+    // Binding a window per run may take the device a while (verbs).
+    auto allowed = co_await ctx_.offload(
+        [&] { return target_->allow(windows_for(*ctx_.layout, *more)); });
+    if (!allowed.ok()) {
+      co_return allowed.status().with_context("restricting the data path");
+    }
+    reply.target_update = target_->window_update();
   }
   landed_.resize(slots_.size(), false);
   verified_.resize(slots_.size(), false);
-  const std::vector<uint8_t> payload = encode(RoundOfferMsg{*more});
+  reply.slots = std::move(*more);
+  const std::vector<uint8_t> payload = encode(reply);
   co_return co_await channel_.send(MsgType::kRoundOffer, payload,
                                    ctx_.peer_deadline());
 }

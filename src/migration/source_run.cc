@@ -570,6 +570,9 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::ask_round_slots(
   }
   auto offer = decode_round_offer(reply->payload, ctx_.limits);
   if (!offer.ok()) co_return offer.status();
+  if (!offer->target_update.empty()) {
+    window_updates_.push_back(std::move(offer->target_update));
+  }
   co_return std::move(offer->slots);
 }
 
@@ -629,6 +632,12 @@ Status SourceRun::connect_data_path() {
         init_->connect(*dst_target_, deadline()).with_context("data path");
     dst_target_.reset();
   }
+  if (!data_path_.ok()) return data_path_;
+  for (const std::vector<uint8_t>& update : window_updates_) {
+    Status added = init_->add_windows(update);
+    if (!added.ok()) return added.with_context("a round's write windows");
+  }
+  window_updates_.clear();
   return data_path_;
 }
 

@@ -149,7 +149,8 @@ class SourceRun {
       const std::vector<uint32_t>& positions);
   Status ensure_source_geometry();
   // Connects the initiator to OFFER's target once (data pool); later calls
-  // return the first call's result.
+  // return the first call's result. Then hands it the window updates of
+  // the ROUND_OFFERs received since.
   Status connect_data_path();
   // Writes positions[first, first + count) and flushes; with verify, also
   // fills sums[first, first + count) with the pages' checksums.
@@ -211,6 +212,9 @@ class SourceRun {
   // OFFER's target address, until connect_data_path() has used it.
   std::optional<std::vector<uint8_t>> dst_target_;
   Status data_path_;  // connect_data_path()'s result
+  // ROUND_OFFERs' window updates, until connect_data_path() (on the data
+  // pool, before the round's writes) hands them to the initiator.
+  std::vector<std::vector<uint8_t>> window_updates_;
   // Where writes come from: the pager's layout or a staging buffer.
   std::vector<RegionGeometry> src_geometry_;
   std::vector<std::byte*> src_bases_;

@@ -26,7 +26,9 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // paused round's checksums (no VERIFY round trip for it).
 // 4: OFFER says where the destination's pages live (host, cuda); the
 // migrate report and status carry memory kinds.
-inline constexpr uint16_t kProtocolVersion = 4;
+// 5: ROUND_OFFER carries the target's window update (verbs binds a memory
+// window per run of a migration's slots; a round's keys travel with it).
+inline constexpr uint16_t kProtocolVersion = 5;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

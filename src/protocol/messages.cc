@@ -200,6 +200,7 @@ Result<ProgressMsg> decode_progress(std::span<const uint8_t> p) {
 std::vector<uint8_t> encode(const RoundOfferMsg& m) {
   ByteWriter w;
   put_u32s(w, m.slots);
+  w.put_blob(m.target_update);
   return w.take();
 }
 
@@ -209,6 +210,8 @@ Result<RoundOfferMsg> decode_round_offer(std::span<const uint8_t> p,
       p, "ROUND_OFFER", [&](ByteReader& r) -> Result<RoundOfferMsg> {
         RoundOfferMsg m;
         KVMIG_ASSIGN_OR_RETURN(m.slots, get_u32s(r, l.max_pages, "slots"));
+        KVMIG_ASSIGN_OR_RETURN(m.target_update,
+                               get_blob_copy(r, l.max_blob, "target update"));
         return m;
       });
 }

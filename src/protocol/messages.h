@@ -54,6 +54,9 @@ struct RoundMsg {
 };
 struct RoundOfferMsg {
   std::vector<PageIndex> slots;  // the next positions, in order
+  // What the source's initiator needs to write them (the target's
+  // window_update(): verbs memory-window keys); often empty.
+  std::vector<uint8_t> target_update;
 };
 
 // After a round's data is flushed: XXH3-64 of each page it sent, in

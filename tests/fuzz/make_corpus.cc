@@ -80,7 +80,8 @@ int run(const fs::path& root) {
   s.add(4, MsgType::kBatch, encode(BatchMsg{{0, 1, 2, 3}}));
   s.add(5, MsgType::kRound, encode(RoundMsg{3}));
   s.add(6, MsgType::kVerify, encode(VerifyMsg{{0, 1}, {0x1234, 0xfeed}}));
-  s.add(7, MsgType::kRoundOffer, encode(RoundOfferMsg{{10, 11, 12}}));
+  s.add(7, MsgType::kRoundOffer,
+        encode(RoundOfferMsg{{10, 11, 12}, {1, 2, 3, 4}}));
   s.add(8, MsgType::kAbort, encode(AbortMsg{"destination full"}));
   s.add(9, MsgType::kError, encode(ErrorMsg{Status::not_found("no such id")}));
   s.add(9, MsgType::kError, encode(ErrorMsg{Status::protocol("bad frame")}));

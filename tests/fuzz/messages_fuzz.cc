@@ -47,7 +47,7 @@ bool same(const RoundMsg& a, const RoundMsg& b) {
   return a.n_pages == b.n_pages;
 }
 bool same(const RoundOfferMsg& a, const RoundOfferMsg& b) {
-  return a.slots == b.slots;
+  return a.slots == b.slots && a.target_update == b.target_update;
 }
 bool same(const VerifyMsg& a, const VerifyMsg& b) {
   return a.positions == b.positions && a.checksums == b.checksums;

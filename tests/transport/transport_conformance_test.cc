@@ -453,31 +453,57 @@ TEST_P(TransportConformanceTest, CancelEndsAWaitLongBeforeItsDeadline) {
   expect_dst_equals(after_revoke);
 }
 
-// A target restricted to a migration's slots: writes inside them land; the
-// first write outside them lands nowhere and cuts the initiator off, and
-// every byte outside the window (another request's pages) is unchanged.
-// The cases only tcp can run: it sees every write record (ucx and verbs
-// write one-sided into memory registered once).
+// The cases only tcp can run.
 class TcpConformanceTest : public TransportConformanceTest {};
 
-// allow() says whether the transport checks writes one by one: tcp does;
-// ucx and verbs cannot (revoke() is their cut-off), and say so.
+// The transports that check each write against a migration's slots: tcp
+// (each write record) and verbs (memory windows; the rxe device has them).
+class CheckingConformanceTest : public TransportConformanceTest {
+ protected:
+  // Restricts target to ranges and hands the initiator their keys, as a
+  // destination does (its OFFER, or a live round's ROUND_OFFER).
+  void restrict(TransportTarget& target, TransportInitiator& init,
+                std::span<const WriteWindow> ranges) {
+    ASSERT_OK_AND_ASSIGN(bool checked, target.allow(ranges));
+    ASSERT_TRUE(checked);
+    ASSERT_OK(init.add_windows(target.window_update()));
+  }
+};
+
+std::vector<std::string> checking_transports() {
+  std::vector<std::string> out;
+  for (const std::string& t : built_transports()) {
+    if (t == "tcp" || t == "verbs") out.push_back(t);
+  }
+  return out;
+}
+
+// allow() says whether the transport checks writes one by one: tcp and
+// verbs do; ucx cannot (revoke() is its cut-off), and says so.
 TEST_P(TransportConformanceTest, AllowSaysWhetherWritesAreChecked) {
   std::unique_ptr<TransportTarget> target;
   std::unique_ptr<TransportInitiator> init;
   ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
   const WriteWindow window[] = {{0, 0, 65536}};
-  EXPECT_EQ(target->allow(window), GetParam() == "tcp");
+  ASSERT_OK_AND_ASSIGN(bool checked, target->allow(window));
+  EXPECT_EQ(checked, GetParam() != "ucx");
+  EXPECT_OK(init->add_windows(target->window_update()));
 }
 
-TEST_P(TcpConformanceTest, WritesOutsideTheWindowAreRefused) {
+// A target restricted to a migration's slots: writes inside them land; a
+// write outside them lands nowhere, and every byte outside the window
+// (another request's pages) is unchanged. tcp's target refuses it and cuts
+// the initiator off; verbs' initiator refuses it before posting anything
+// (InvalidArgument: it knows the windows; the device's own check of a
+// window's bounds is not something rxe has, see VerbsTarget).
+TEST_P(CheckingConformanceTest, WritesOutsideTheWindowAreRefused) {
   std::unique_ptr<TransportTarget> target;
   std::unique_ptr<TransportInitiator> init;
   ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
   // Two "slots" of 64 KiB in region 0 and one in region 1.
   const WriteWindow window[] = {
       {0, 0, 65536}, {0, 65536, 65536}, {1, 2 * 65536, 65536}};
-  ASSERT_TRUE(target->allow(window));
+  ASSERT_NO_FATAL_FAILURE(restrict(*target, *init, window));
   auto expected = dst_copy();
   // Inside: a write spanning both adjacent slots of region 0, and one in
   // region 1.
@@ -496,11 +522,127 @@ TEST_P(TcpConformanceTest, WritesOutsideTheWindowAreRefused) {
   Status ws = init->write(outside, deadline);
   Status fs = ws.ok() ? init->flush(deadline) : ws;
   EXPECT_FALSE(fs.ok());
-  EXPECT_NE(target->health().message().find("outside the slots"),
-            std::string::npos)
-      << target->health().to_string();
+  if (GetParam() == "tcp") {
+    EXPECT_NE(target->health().message().find("outside the slots"),
+              std::string::npos)
+        << target->health().to_string();
+  } else {
+    EXPECT_EQ(ws.code(), StatusCode::kInvalidArgument) << ws.to_string();
+    EXPECT_NE(ws.message().find("outside the slots"), std::string::npos)
+        << ws.to_string();
+    EXPECT_OK(target->health());
+  }
   target->revoke();
   expect_dst_equals(expected);
+}
+
+// A live round allows more slots after the initiator connected: their keys
+// reach it in an update, a write may span slots of two rounds, and a slot
+// of neither stays closed.
+TEST_P(CheckingConformanceTest, LaterRoundsAddWindows) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  const WriteWindow first[] = {{0, 0, 65536}, {0, 4 * 65536, 65536}};
+  ASSERT_NO_FATAL_FAILURE(restrict(*target, *init, first));
+  auto expected = dst_copy();
+  std::vector<WriteOp> ops = {{src_at(0), 0, 0, 65536}};
+  ASSERT_OK(init->write(ops, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  apply(ops, expected);
+  // The next round: the slot right after the first, and one in region 1.
+  const WriteWindow second[] = {{0, 65536, 65536}, {1, 0, 65536}};
+  ASSERT_NO_FATAL_FAILURE(restrict(*target, *init, second));
+  ops = {{src_at(65536), 0, 0, 2 * 65536},
+         {src_at(3 * 65536), 0, 4 * 65536, 65536},
+         {src_at(5 * 65536), 1, 0, 65536}};
+  ASSERT_OK(init->write(ops, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  apply(ops, expected);
+  expect_dst_equals(expected);
+  // Slot 2 of region 0 was never allowed.
+  ops = {{src_at(0), 0, 2 * 65536, 65536}};
+  const auto deadline = in(seconds(3));
+  Status ws = init->write(ops, deadline);
+  EXPECT_FALSE(ws.ok() ? init->flush(deadline).ok() : false);
+  init.reset();
+  target->revoke();
+  expect_dst_equals(expected);
+}
+
+// Verbs only: a source that writes with keys it was not given, here those
+// of another migration to the same target agent, is refused by the target's
+// device (a type 2 window answers only on the queue pair it was bound to):
+// nothing lands, and the other migration's path still works.
+class VerbsConformanceTest : public CheckingConformanceTest {};
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(VerbsConformanceTest);
+
+TEST_P(VerbsConformanceTest, AnotherMigrationsKeysAreRefused) {
+  std::unique_ptr<TransportTarget> target_a, target_b;
+  std::unique_ptr<TransportInitiator> init_a, init_b;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target_a, init_a));
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target_b, init_b));
+  const WriteWindow slots_a[] = {{0, 0, 65536}};
+  const WriteWindow slots_b[] = {{0, 65536, 65536}};
+  ASSERT_NO_FATAL_FAILURE(restrict(*target_b, *init_b, slots_b));
+  ASSERT_OK_AND_ASSIGN(bool checked, target_a->allow(slots_a));
+  ASSERT_TRUE(checked);
+  const std::vector<uint8_t> keys_a = target_a->window_update();
+  ASSERT_FALSE(keys_a.empty());
+  ASSERT_OK(init_a->add_windows(keys_a));
+  ASSERT_OK(init_b->add_windows(keys_a));  // stolen
+  auto expected = dst_copy();
+  // B writes A's slot with A's key, over B's queue pair: refused.
+  std::vector<WriteOp> steal = {{src_at(0), 0, 0, 65536}};
+  const auto deadline = in(seconds(3));
+  Status ws = init_b->write(steal, deadline);
+  Status fs = ws.ok() ? init_b->flush(deadline) : ws;
+  EXPECT_FALSE(fs.ok());
+  EXPECT_NE(fs.message().find("remote access"), std::string::npos)
+      << fs.to_string();
+  EXPECT_FALSE(target_b->health().ok());
+  init_b.reset();
+  expect_dst_equals(expected);
+  // A's own path is untouched.
+  std::vector<WriteOp> own = {{src_at(65536), 0, 0, 65536}};
+  ASSERT_OK(init_a->write(own, in(seconds(10))));
+  ASSERT_OK(init_a->flush(in(seconds(10))));
+  apply(own, expected);
+  expect_dst_equals(expected);
+  EXPECT_OK(target_a->health());
+}
+
+// More separate runs than a target may bind windows for: refused with a
+// clear error before any window is allocated, and the target stays
+// refused.
+TEST_P(VerbsConformanceTest, TooManyRunsAreRefused) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  std::vector<WriteWindow> runs;
+  for (uint64_t i = 0; i <= 32768; ++i) runs.push_back({0, 2 * i, 1});
+  auto allowed = target->allow(runs);
+  ASSERT_FALSE(allowed.ok());
+  EXPECT_EQ(allowed.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(allowed.status().message().find("32769 separate ranges"),
+            std::string::npos)
+      << allowed.status().to_string();
+  const WriteWindow one[] = {{0, 0, 65536}};
+  EXPECT_FALSE(target->allow(one).ok());
+}
+
+// A window update the initiator cannot use is refused with a clear error.
+TEST_P(TransportConformanceTest, GarbageWindowUpdateIsRefused) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  const uint8_t junk[] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  Status s = init->add_windows(junk);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+  // Still usable.
+  std::vector<WriteOp> ops = {{src_at(0), 0, 0, 4096}};
+  EXPECT_OK(init->write(ops, in(seconds(10))));
+  EXPECT_OK(init->flush(in(seconds(10))));
 }
 
 // Two threads revoke at once while the initiator streams writes of
@@ -835,6 +977,22 @@ TEST_P(TransportConformanceTest, RegistrationRules) {
 
 INSTANTIATE_TEST_SUITE_P(Transports, TransportConformanceTest,
                          ::testing::ValuesIn(built_transports()),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+INSTANTIATE_TEST_SUITE_P(Transports, CheckingConformanceTest,
+                         ::testing::ValuesIn(checking_transports()),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+INSTANTIATE_TEST_SUITE_P(Transports, VerbsConformanceTest,
+                         ::testing::ValuesIn([] {
+                           std::vector<std::string> out;
+                           for (const std::string& t : built_transports()) {
+                             if (t == "verbs") out.push_back(t);
+                           }
+                           return out;
+                         }()),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            return info.param;
                          });

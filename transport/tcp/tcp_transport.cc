@@ -706,7 +706,7 @@ class TcpTarget final : public TransportTarget {
 
   std::vector<uint8_t> address() const override { return address_; }
 
-  bool allow(std::span<const WriteWindow> ranges) override {
+  Result<bool> allow(std::span<const WriteWindow> ranges) override {
     conn_->allow(ranges);
     return true;
   }

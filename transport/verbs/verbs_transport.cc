@@ -27,17 +27,20 @@
 // protection domain are immutable after creation and the registrations are
 // guarded by one mutex. An initiator is driven by one thread at a time, which
 // also polls its completion queue (no progress thread: an RC initiator only
-// needs its own completions). A target has no completions to poll (nothing
-// is posted on it); its calls are guarded by a mutex.
+// needs its own completions). A target polls its completion queue only for
+// the memory-window binds it posts itself, inside allow() and address();
+// its calls are guarded by a mutex.
 
 namespace kvmig {
 namespace {
 
-// Address blobs: "KVVB", version, role.
+// Address blobs: "KVVB", version, role. Version 2: the target's address and
+// window updates carry memory windows.
 constexpr uint32_t kMagic = 0x4256564B;
-constexpr uint8_t kVersion = 1;
+constexpr uint8_t kVersion = 2;
 constexpr uint8_t kRoleInitiator = 1;
 constexpr uint8_t kRoleTarget = 2;
+constexpr uint8_t kRoleWindowUpdate = 3;
 constexpr uint32_t kMaxQueuePairs = 16;
 constexpr uint32_t kMaxRegions = 1u << 20;
 // Work requests per ibv_post_send chain, and how often one is signalled
@@ -56,6 +59,14 @@ constexpr auto kSpin = std::chrono::microseconds(50);
 constexpr int kMaxSleepMs = 100;
 // How long teardown waits for flushed completions after moving QPs to ERR.
 constexpr auto kDrainGrace = std::chrono::seconds(1);
+// Memory windows a target binds at most (windows x queue pairs): their keys
+// must fit an OFFER or ROUND_OFFER (24 bytes each with one QP, within the
+// 1 MiB wire limit on addresses).
+constexpr uint32_t kMaxWindowKeys = 32768;
+// A target's send queue: memory-window binds posted per chain (the last is
+// signalled), and how long binding may take.
+constexpr uint32_t kBindDepth = 64;
+constexpr auto kBindTimeout = std::chrono::seconds(5);
 // wr_id: queue pair index in the top 16 bits, the WR's sequence number below.
 constexpr int kQpShift = 48;
 constexpr uint64_t kSeqMask = (uint64_t{1} << kQpShift) - 1;
@@ -107,6 +118,13 @@ struct CqDeleter {
     }
   }
 };
+struct MwDeleter {
+  void operator()(ibv_mw* m) const {
+    if (int rc = ibv_dealloc_mw(m)) {
+      verbs_log()->error("ibv_dealloc_mw: {}", errno_text(rc));
+    }
+  }
+};
 struct QpDeleter {
   void operator()(ibv_qp* q) const {
     if (int rc = ibv_destroy_qp(q)) {
@@ -121,6 +139,7 @@ using MrPtr = std::unique_ptr<ibv_mr, MrDeleter>;
 using ChannelPtr = std::unique_ptr<ibv_comp_channel, ChannelDeleter>;
 using CqPtr = std::unique_ptr<ibv_cq, CqDeleter>;
 using QpPtr = std::unique_ptr<ibv_qp, QpDeleter>;
+using MwPtr = std::unique_ptr<ibv_mw, MwDeleter>;
 
 std::string gid_string(const ibv_gid& gid) {
   char buf[INET6_ADDRSTRLEN] = {};
@@ -151,12 +170,65 @@ struct Endpoint {
   }
 };
 
-// A target region as the initiator sees it.
+// A target region as the initiator sees it. rkey is the region's memory
+// registration's: it allows remote writes only on a device without memory
+// windows (otherwise the windows' keys do).
 struct RemoteRegion {
   uint64_t addr = 0;
   uint64_t length = 0;
   uint32_t rkey = 0;
 };
+
+// A memory window: bytes [offset, +length) of target region `region`, and
+// its key on each of the target's queue pairs (a type 2 window is bound to
+// one queue pair: the initiator's QP i uses rkeys[i]).
+struct RemoteWindow {
+  uint32_t region = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  std::vector<uint32_t> rkeys;
+};
+
+void put_windows(ByteWriter& w, std::span<const RemoteWindow> windows) {
+  w.put<uint32_t>(static_cast<uint32_t>(windows.size()));
+  for (const RemoteWindow& win : windows) {
+    w.put<uint32_t>(win.region);
+    w.put<uint64_t>(win.offset);
+    w.put<uint64_t>(win.length);
+    for (uint32_t k : win.rkeys) w.put<uint32_t>(k);
+  }
+}
+
+// Parses what put_windows wrote for a target with n_qps queue pairs and
+// regions of these lengths; DataLoss naming the first bad field.
+Status get_windows(ByteReader& r, size_t n_qps,
+                   std::span<const uint64_t> region_lengths,
+                   std::vector<RemoteWindow>& out) {
+  KVMIG_ASSIGN_OR_RETURN(uint32_t n, r.get<uint32_t>("window count"));
+  const size_t each = 20 + 4 * n_qps;
+  if (uint64_t{n} * n_qps > kMaxWindowKeys || n > r.remaining() / each) {
+    return Status::data_loss("window count " + std::to_string(n) +
+                             " does not fit the address");
+  }
+  for (uint32_t i = 0; i < n; ++i) {
+    RemoteWindow win;
+    KVMIG_ASSIGN_OR_RETURN(win.region, r.get<uint32_t>("window region"));
+    KVMIG_ASSIGN_OR_RETURN(win.offset, r.get<uint64_t>("window offset"));
+    KVMIG_ASSIGN_OR_RETURN(win.length, r.get<uint64_t>("window length"));
+    if (win.region >= region_lengths.size() || win.length == 0 ||
+        win.offset > region_lengths[win.region] ||
+        win.length > region_lengths[win.region] - win.offset) {
+      return Status::data_loss("window " + std::to_string(i) +
+                               " is not inside its region");
+    }
+    win.rkeys.resize(n_qps);
+    for (uint32_t& k : win.rkeys) {
+      KVMIG_ASSIGN_OR_RETURN(k, r.get<uint32_t>("window rkey"));
+    }
+    out.push_back(std::move(win));
+  }
+  return Status();
+}
 
 void put_endpoint(ByteWriter& w, uint8_t role, const Endpoint& e) {
   w.put<uint32_t>(kMagic);
@@ -234,12 +306,17 @@ class VerbsCore {
     core->pd_.reset(pd);
     verbs_log()->info(
         "device {} port {}: {}, active MTU {}, {} (GID index {}), max {} WRs "
-        "per QP",
+        "per QP, {}",
         core->name_, core->port_,
         core->local_.link_layer == IBV_LINK_LAYER_INFINIBAND ? "InfiniBand"
                                                              : "RoCE",
         mtu_bytes(core->local_.mtu), core->local_.describe(), core->gid_index_,
-        core->max_qp_wr_);
+        core->max_qp_wr_,
+        core->max_window_keys_ > 0
+            ? "type 2 memory windows (a target's keys cover its "
+              "migration's slots, on its own queue pairs)"
+            : "no type 2 memory windows (a target cannot restrict writes to "
+              "its migration's slots; revoking it still cuts a source off)");
     return core;
   }
 
@@ -256,12 +333,15 @@ class VerbsCore {
   }
   // This port's details, without QPs.
   const Endpoint& local() const { return local_; }
+  // Memory windows a target may bind (windows x queue pairs); 0 when the
+  // device has no type 2 windows, and remote writes then go through the
+  // regions' own registrations.
+  uint32_t max_window_keys() const { return max_window_keys_; }
 
   Status register_region(std::span<std::byte> region) {
     std::lock_guard lock(mu_);
     KVMIG_RETURN_IF_ERROR(regions_.check_new(region, "verbs"));
-    ibv_mr* mr = ibv_reg_mr(pd_.get(), region.data(), region.size(),
-                            IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    ibv_mr* mr = ibv_reg_mr(pd_.get(), region.data(), region.size(), access());
     if (mr == nullptr) {
       return status_from_errno(
           errno,
@@ -277,10 +357,9 @@ class VerbsCore {
                                 const DmabufRegion& dmabuf) {
     std::lock_guard lock(mu_);
     KVMIG_RETURN_IF_ERROR(regions_.check_new(region, "verbs"));
-    ibv_mr* mr =
-        ibv_reg_dmabuf_mr(pd_.get(), dmabuf.offset, region.size(),
-                          reinterpret_cast<uint64_t>(region.data()), dmabuf.fd,
-                          IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+    ibv_mr* mr = ibv_reg_dmabuf_mr(pd_.get(), dmabuf.offset, region.size(),
+                                   reinterpret_cast<uint64_t>(region.data()),
+                                   dmabuf.fd, access());
     if (mr == nullptr) {
       return status_from_errno(errno, "verbs: ibv_reg_dmabuf_mr of " +
                                           std::to_string(region.size()) +
@@ -304,6 +383,14 @@ class VerbsCore {
 
  private:
   VerbsCore() = default;
+
+  // With memory windows the registrations grant no remote access of their
+  // own: only a window bound for a migration does.
+  int access() const {
+    return IBV_ACCESS_LOCAL_WRITE |
+           (max_window_keys_ > 0 ? IBV_ACCESS_MW_BIND
+                                 : IBV_ACCESS_REMOTE_WRITE);
+  }
 
   Status open_device(const std::string& wanted) {
     int n = 0;
@@ -343,6 +430,12 @@ class VerbsCore {
         port_attr_ = attr;
         max_qp_wr_ = static_cast<uint32_t>(dev.max_qp_wr);
         max_cqe_ = static_cast<uint32_t>(dev.max_cqe);
+        if ((dev.device_cap_flags & (IBV_DEVICE_MEM_WINDOW_TYPE_2A |
+                                     IBV_DEVICE_MEM_WINDOW_TYPE_2B)) != 0 &&
+            dev.max_mw > 0) {
+          max_window_keys_ = std::min<uint32_t>(
+              kMaxWindowKeys, static_cast<uint32_t>(dev.max_mw) / 2);
+        }
         local_.link_layer = attr.link_layer == IBV_LINK_LAYER_INFINIBAND
                                 ? IBV_LINK_LAYER_INFINIBAND
                                 : IBV_LINK_LAYER_ETHERNET;
@@ -424,6 +517,7 @@ class VerbsCore {
   uint8_t gid_index_ = 0;
   uint32_t max_qp_wr_ = 0;
   uint32_t max_cqe_ = 0;
+  uint32_t max_window_keys_ = 0;
   Endpoint local_;
 
   mutable std::mutex mu_;
@@ -527,20 +621,42 @@ void to_error(ibv_qp* qp) {
 
 // ---------------------------------------------------------------- target
 
+// A target region: where it is, and the registration that holds it.
+struct TargetRegion {
+  RemoteRegion remote;
+  ibv_mr* mr = nullptr;  // the core's; outlives the target (see Transport)
+};
+
 // The receiving end. Thread-safe: every call takes mu_. Members are declared
-// so that the QPs are destroyed before their CQ.
+// so that the windows are deallocated before the QPs they are bound to are
+// destroyed before their CQ.
+//
+// On a device with memory windows remote writes go through type 2 windows
+// only, each bound to one of this target's QPs: allow() binds one per
+// contiguous range and QP; without any allow() call, address() binds one
+// per region and QP. The device refuses a write with a key this QP was not
+// given (another migration's, the registration's own, a revoked one): the
+// initiator's work request fails with a remote access error and both QPs
+// go to the error state. A write past a window's bounds is refused by a
+// device that checks them as the spec says (rxe in Linux 6.1 checks only
+// the registration's bounds); kvmig's initiator never posts one.
 class VerbsTarget final : public TransportTarget {
  public:
   static Result<std::unique_ptr<TransportTarget>> open(
-      std::shared_ptr<VerbsCore> core, std::vector<RemoteRegion> regions,
+      std::shared_ptr<VerbsCore> core, std::vector<TargetRegion> regions,
       const Endpoint& peer) {
     std::unique_ptr<VerbsTarget> t(new VerbsTarget(std::move(core)));
+    t->regions_ = std::move(regions);
+    const bool windows = t->core_->max_window_keys() > 0;
+    const uint32_t depth = windows ? kBindDepth : 1;
     KVMIG_ASSIGN_OR_RETURN(
         t->cq_,
-        create_cq(*t->core_, static_cast<int>(peer.qpns.size()) + 1, nullptr));
+        create_cq(*t->core_, static_cast<int>(peer.qpns.size() * depth) + 1,
+                  nullptr));
     Endpoint self = t->core_->local();
     for (size_t i = 0; i < peer.qpns.size(); ++i) {
-      KVMIG_ASSIGN_OR_RETURN(QpPtr qp, create_qp(*t->core_, t->cq_.get(), 1));
+      KVMIG_ASSIGN_OR_RETURN(QpPtr qp,
+                             create_qp(*t->core_, t->cq_.get(), depth));
       const uint32_t psn = random_psn();
       KVMIG_RETURN_IF_ERROR(bring_up(*t->core_, qp.get(), psn, peer,
                                      peer.qpns[i], peer.psns[i],
@@ -551,13 +667,14 @@ class VerbsTarget final : public TransportTarget {
     }
     ByteWriter w;
     put_endpoint(w, kRoleTarget, self);
-    w.put<uint32_t>(static_cast<uint32_t>(regions.size()));
-    for (const RemoteRegion& r : regions) {
-      w.put<uint64_t>(r.addr);
-      w.put<uint64_t>(r.length);
-      w.put<uint32_t>(r.rkey);
+    w.put<uint32_t>(static_cast<uint32_t>(t->regions_.size()));
+    for (const TargetRegion& r : t->regions_) {
+      w.put<uint64_t>(r.remote.addr);
+      w.put<uint64_t>(r.remote.length);
+      w.put<uint32_t>(windows ? 0 : r.remote.rkey);
     }
-    t->address_ = w.take();
+    w.put<uint8_t>(windows ? 1 : 0);
+    t->endpoint_ = w.take();
     t->peer_ = peer.describe();
     verbs_log()->debug("target: {} QPs connected to initiator at {}",
                        t->qps_.size(), t->peer_);
@@ -566,14 +683,81 @@ class VerbsTarget final : public TransportTarget {
 
   ~VerbsTarget() override { revoke(); }
 
-  std::vector<uint8_t> address() const override { return address_; }
+  // The endpoint, the regions and every window bound so far. Binds a
+  // window per region first when allow() was never called (every byte
+  // allowed); a failed bind is logged, and the initiator's writes then
+  // fail (their keys are not bound).
+  std::vector<uint8_t> address() const override {
+    std::lock_guard lock(mu_);
+    if (core_->max_window_keys() > 0 && !restricted_ && !whole_ && !revoked_) {
+      whole_ = true;
+      std::vector<WriteWindow> all;
+      for (uint32_t i = 0; i < regions_.size(); ++i) {
+        if (regions_[i].remote.length > 0) {
+          all.push_back({i, 0, regions_[i].remote.length});
+        }
+      }
+      Status bound = bind(all);
+      if (!bound.ok()) {
+        verbs_log()->error("target for initiator at {}: {}", peer_,
+                           bound.to_string());
+      }
+    }
+    ByteWriter w;
+    w.put_bytes(endpoint_);
+    if (core_->max_window_keys() > 0) put_windows(w, windows_);
+    sent_ = windows_.size();
+    replace_ = false;  // the address carries the whole list
+    return w.take();
+  }
+
+  Result<bool> allow(std::span<const WriteWindow> ranges) override {
+    if (core_->max_window_keys() == 0) return false;
+    std::lock_guard lock(mu_);
+    if (revoked_) {
+      return Status::failed_precondition("verbs: target already revoked");
+    }
+    if (!restricted_) {
+      restricted_ = true;
+      if (whole_) {
+        // The whole regions were allowed and their keys sent: those windows
+        // go, and the next update replaces the initiator's list.
+        bound_.clear();
+        windows_.clear();
+        sent_ = 0;
+        replace_ = true;
+      }
+    }
+    KVMIG_RETURN_IF_ERROR(bind_error_);
+    KVMIG_ASSIGN_OR_RETURN(std::vector<WriteWindow> runs, merge(ranges));
+    KVMIG_RETURN_IF_ERROR(bind(runs));
+    return true;
+  }
+
+  // The windows bound since the last address() or update: "replace" (the
+  // whole-region windows are gone) and the list.
+  std::vector<uint8_t> window_update() override {
+    std::lock_guard lock(mu_);
+    if (sent_ == windows_.size() && !replace_) return {};
+    ByteWriter w;
+    w.put<uint32_t>(kMagic);
+    w.put<uint8_t>(kVersion);
+    w.put<uint8_t>(kRoleWindowUpdate);
+    w.put<uint8_t>(replace_ ? 1 : 0);
+    put_windows(w, std::span(windows_).subspan(sent_));
+    sent_ = windows_.size();
+    replace_ = false;
+    return w.take();
+  }
 
   void revoke() override {
     std::lock_guard lock(mu_);
     if (revoked_) return;
     revoked_ = true;
-    // ERR first: the QPs drop every packet from here on; then destroy.
+    // ERR first: the QPs drop every packet from here on; then the windows
+    // go, then the QPs they were bound to.
     for (auto& qp : qps_) to_error(qp.get());
+    bound_.clear();
     qps_.clear();
     cq_.reset();
     verbs_log()->debug("target revoked (initiator at {})", peer_);
@@ -590,7 +774,9 @@ class VerbsTarget final : public TransportTarget {
       if (a.qp_state == IBV_QPS_ERR) {
         return Status::unavailable(
             "verbs: target QP " + std::to_string(qp->qp_num) +
-            " from initiator at " + peer_ + " is in the error state");
+            " from initiator at " + peer_ +
+            " is in the error state (the initiator went away, or wrote "
+            "with a key this path did not give it)");
       }
     }
     return Status();
@@ -600,13 +786,144 @@ class VerbsTarget final : public TransportTarget {
   explicit VerbsTarget(std::shared_ptr<VerbsCore> core)
       : core_(std::move(core)) {}
 
+  // Sorted, with touching and overlapping ranges joined; InvalidArgument
+  // for a range outside its region.
+  Result<std::vector<WriteWindow>> merge(
+      std::span<const WriteWindow> ranges) const {
+    std::vector<WriteWindow> sorted;
+    sorted.reserve(ranges.size());
+    for (const WriteWindow& w : ranges) {
+      if (w.length == 0) continue;
+      if (w.region >= regions_.size() ||
+          w.offset > regions_[w.region].remote.length ||
+          w.length > regions_[w.region].remote.length - w.offset) {
+        return Status::invalid_argument(
+            "verbs: allowed range [" + std::to_string(w.offset) + ", +" +
+            std::to_string(w.length) + ") is not inside target region " +
+            std::to_string(w.region));
+      }
+      sorted.push_back(w);
+    }
+    std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) {
+      return a.region != b.region ? a.region < b.region : a.offset < b.offset;
+    });
+    std::vector<WriteWindow> runs;
+    for (const WriteWindow& w : sorted) {
+      if (!runs.empty() && runs.back().region == w.region &&
+          w.offset <= runs.back().offset + runs.back().length) {
+        WriteWindow& last = runs.back();
+        last.length = std::max(last.offset + last.length, w.offset + w.length) -
+                      last.offset;
+      } else {
+        runs.push_back(w);
+      }
+    }
+    return runs;
+  }
+
+  // Allocates a type 2 window per range and QP and binds it on that QP,
+  // in chains of kBindDepth (the last signalled), waiting for each. Holds
+  // mu_. A failure sticks (a failed bind moves its QP to the error state).
+  Status bind(std::span<const WriteWindow> runs) const {
+    if (!bind_error_.ok()) return bind_error_;
+    Status s = bind_all(runs);
+    if (!s.ok()) bind_error_ = s;
+    return s;
+  }
+
+  Status bind_all(std::span<const WriteWindow> runs) const {
+    const size_t n_qps = qps_.size();
+    const uint64_t keys = (windows_.size() + runs.size()) * n_qps;
+    if (keys > core_->max_window_keys()) {
+      return Status::resource_exhausted(
+          "verbs: the slots allowed form " +
+          std::to_string(windows_.size() + runs.size()) +
+          " separate ranges; a target binds at most " +
+          std::to_string(core_->max_window_keys() /
+                         std::max<size_t>(n_qps, 1)) +
+          " memory windows (the destination's free slots are fragmented)");
+    }
+    const size_t first = windows_.size();
+    for (const WriteWindow& run : runs) {
+      RemoteWindow win{run.region, run.offset, run.length, {}};
+      for (size_t q = 0; q < n_qps; ++q) {
+        ibv_mw* mw = ibv_alloc_mw(core_->pd(), IBV_MW_TYPE_2);
+        if (mw == nullptr) {
+          return status_from_errno(errno, "verbs: ibv_alloc_mw");
+        }
+        bound_.emplace_back(mw);
+        win.rkeys.push_back(ibv_inc_rkey(mw->rkey));
+      }
+      windows_.push_back(std::move(win));
+    }
+    // bound_ holds the windows' MWs in order: window i, QP q at i*n_qps+q.
+    for (size_t q = 0; q < n_qps; ++q) {
+      for (size_t i = first; i < windows_.size(); i += kBindDepth) {
+        const size_t n = std::min<size_t>(kBindDepth, windows_.size() - i);
+        std::vector<ibv_send_wr> chain(n);
+        for (size_t k = 0; k < n; ++k) {
+          const RemoteWindow& win = windows_[i + k];
+          const TargetRegion& region = regions_[win.region];
+          ibv_send_wr& wr = chain[k];
+          wr.wr_id = i + k;
+          wr.opcode = IBV_WR_BIND_MW;
+          wr.send_flags = k + 1 == n ? IBV_SEND_SIGNALED : 0;
+          wr.bind_mw.mw = bound_[(i + k) * n_qps + q].get();
+          wr.bind_mw.rkey = win.rkeys[q];
+          wr.bind_mw.bind_info.mr = region.mr;
+          wr.bind_mw.bind_info.addr = region.remote.addr + win.offset;
+          wr.bind_mw.bind_info.length = win.length;
+          wr.bind_mw.bind_info.mw_access_flags = IBV_ACCESS_REMOTE_WRITE;
+          wr.next = k + 1 < n ? &chain[k + 1] : nullptr;
+        }
+        ibv_send_wr* bad = nullptr;
+        if (int rc = ibv_post_send(qps_[q].get(), chain.data(), &bad)) {
+          return status_from_errno(rc, "verbs: posting memory-window binds");
+        }
+        KVMIG_RETURN_IF_ERROR(wait_bound());
+      }
+    }
+    return Status();
+  }
+
+  // Waits for the signalled bind of the chain just posted (an error
+  // completion of an earlier bind in it comes first).
+  Status wait_bound() const {
+    const auto until = Clock::now() + kBindTimeout;
+    for (;;) {
+      ibv_wc wc{};
+      const int n = ibv_poll_cq(cq_.get(), 1, &wc);
+      if (n < 0) return Status::internal("verbs: ibv_poll_cq failed");
+      if (n == 1) {
+        if (wc.status != IBV_WC_SUCCESS) {
+          return status_from_wc(wc, "binding a memory window");
+        }
+        return Status();
+      }
+      if (Clock::now() >= until) {
+        return Status::deadline_exceeded(
+            "verbs: binding memory windows took over " +
+            std::to_string(kBindTimeout.count()) + " s");
+      }
+      std::this_thread::yield();
+    }
+  }
+
   const std::shared_ptr<VerbsCore> core_;
-  std::vector<uint8_t> address_;
+  std::vector<TargetRegion> regions_;
+  std::vector<uint8_t> endpoint_;  // the address's fixed part
   std::string peer_;
   mutable std::mutex mu_;
-  CqPtr cq_;                // guarded by mu_
-  std::vector<QpPtr> qps_;  // guarded by mu_
-  bool revoked_ = false;    // guarded by mu_
+  CqPtr cq_;                                   // guarded by mu_
+  std::vector<QpPtr> qps_;                     // guarded by mu_
+  mutable std::vector<MwPtr> bound_;           // guarded by mu_
+  mutable std::vector<RemoteWindow> windows_;  // guarded by mu_
+  mutable size_t sent_ = 0;       // windows_ sent in address() or an update
+  mutable bool whole_ = false;    // address() bound a window per region
+  bool restricted_ = false;       // allow() was called
+  mutable bool replace_ = false;  // the next update replaces the list
+  mutable Status bind_error_;     // the first failed bind, sticky
+  bool revoked_ = false;          // guarded by mu_
 };
 
 // ------------------------------------------------------------- initiator
@@ -686,7 +1003,8 @@ class VerbsInitiator final : public TransportInitiator {
     }
     Endpoint peer;
     std::vector<RemoteRegion> regions;
-    Status parsed = parse_target(target_address, peer, regions);
+    std::vector<RemoteWindow> windows;
+    Status parsed = parse_target(target_address, peer, regions, windows);
     if (!parsed.ok()) {
       return Status::invalid_argument("verbs: bad target address: " +
                                       parsed.message());
@@ -704,6 +1022,8 @@ class VerbsInitiator final : public TransportInitiator {
     peer_ = peer.describe();
     remote_ = std::move(regions);
     for (const RemoteRegion& r : remote_) region_lengths_.push_back(r.length);
+    windows_.resize(remote_.size());
+    add(std::move(windows));
     for (size_t i = 0; i < qps_.size(); ++i) {
       Status s = bring_up(*core_, qps_[i].qp.get(), qps_[i].psn, peer,
                           peer.qpns[i], peer.psns[i],
@@ -715,7 +1035,9 @@ class VerbsInitiator final : public TransportInitiator {
     // target's QPs answer (a dead or revoked target never acknowledges).
     const RemoteRegion probe = remote_.empty() ? RemoteRegion{} : remote_[0];
     for (size_t q = 0; q < qps_.size(); ++q) {
-      std::vector<Wr> one = {Wr{0, 0, 0, probe.addr, probe.rkey}};
+      // Zero bytes: no key is checked (IB spec C9-88).
+      const uint32_t rkey = remote_.empty() ? 0 : key_for(0, 0, q).rkey;
+      std::vector<Wr> one = {Wr{0, 0, 0, probe.addr, rkey}};
       KVMIG_RETURN_IF_ERROR(post_chain(q, one, 0, 1));
     }
     KVMIG_RETURN_IF_ERROR(drain(deadline, "connect"));
@@ -745,13 +1067,24 @@ class VerbsInitiator final : public TransportInitiator {
               std::to_string(op.length) + " bytes is not registered memory");
         }
         const RemoteRegion& r = remote_[op.dst_region];
-        for (uint64_t done = 0; done < op.length; done += max_msg) {
-          const uint64_t len = std::min(max_msg, op.length - done);
+        for (uint64_t done = 0; done < op.length;) {
+          // Split at max_msg and where a window ends.
+          const Key key = key_for(op.dst_region, op.dst_offset + done, next_qp);
+          if (key.bytes_left == 0) {
+            return Status::invalid_argument(
+                "verbs: write op " + std::to_string(i) + ": byte " +
+                std::to_string(op.dst_offset + done) + " of target region " +
+                std::to_string(op.dst_region) +
+                " is outside the slots the target allowed");
+          }
+          const uint64_t len =
+              std::min({max_msg, op.length - done, key.bytes_left});
           per_qp[next_qp].push_back(
               Wr{reinterpret_cast<uint64_t>(op.src) + done,
                  static_cast<uint32_t>(len), e->value->lkey,
-                 r.addr + op.dst_offset + done, r.rkey});
+                 r.addr + op.dst_offset + done, key.rkey});
           next_qp = (next_qp + 1) % qps_.size();
+          done += len;
         }
         bytes += op.length;
       }
@@ -792,6 +1125,40 @@ class VerbsInitiator final : public TransportInitiator {
 
   void cancel() override { cancelled_.store(true, std::memory_order_relaxed); }
 
+  Status add_windows(std::span<const uint8_t> update) override {
+    if (update.empty()) return Status();
+    if (!connect_called_) {
+      return Status::failed_precondition("verbs: window update before connect");
+    }
+    ByteReader r(update);
+    auto parse = [&](bool& replace, std::vector<RemoteWindow>& out) -> Status {
+      KVMIG_ASSIGN_OR_RETURN(uint32_t magic, r.get<uint32_t>("magic"));
+      KVMIG_ASSIGN_OR_RETURN(uint8_t version, r.get<uint8_t>("version"));
+      KVMIG_ASSIGN_OR_RETURN(uint8_t role, r.get<uint8_t>("role"));
+      if (magic != kMagic || version != kVersion || role != kRoleWindowUpdate) {
+        return Status::data_loss("not a verbs window update");
+      }
+      KVMIG_ASSIGN_OR_RETURN(uint8_t rep, r.get<uint8_t>("replace"));
+      if (rep > 1)
+        return Status::data_loss("replace flag " + std::to_string(rep));
+      replace = rep == 1;
+      KVMIG_RETURN_IF_ERROR(get_windows(r, qps_.size(), region_lengths_, out));
+      return r.expect_end("window update");
+    };
+    bool replace = false;
+    std::vector<RemoteWindow> windows;
+    Status parsed = parse(replace, windows);
+    if (!parsed.ok()) {
+      return Status::invalid_argument("verbs: bad window update: " +
+                                      parsed.message());
+    }
+    if (replace) {
+      for (auto& w : windows_) w.clear();
+    }
+    add(std::move(windows));
+    return Status();
+  }
+
   uint64_t bytes_written() const override { return bytes_written_; }
   uint64_t ops_posted() const override { return ops_posted_; }
 
@@ -806,8 +1173,45 @@ class VerbsInitiator final : public TransportInitiator {
   explicit VerbsInitiator(std::shared_ptr<VerbsCore> core)
       : core_(std::move(core)) {}
 
+  // Where a write to byte `offset` of region `region` over QP q goes: the
+  // key of the window holding it and the bytes left in that window (a work
+  // request carries one key, so a write spanning adjacent windows splits).
+  // bytes_left is 0 when no window holds the byte: the initiator then
+  // refuses the write itself (a device checks a window's bounds too, where
+  // it follows the spec: rxe checks only the registration's).
+  struct Key {
+    uint32_t rkey = 0;
+    uint64_t bytes_left = 0;
+  };
+  Key key_for(uint32_t region, uint64_t offset, size_t q) const {
+    if (!windowed_) {
+      return {remote_[region].rkey, region_lengths_[region] - offset};
+    }
+    const std::vector<RemoteWindow>& list = windows_[region];
+    auto it = std::upper_bound(
+        list.begin(), list.end(), offset,
+        [](uint64_t off, const RemoteWindow& w) { return off < w.offset; });
+    if (it == list.begin()) return {};
+    const RemoteWindow& w = *std::prev(it);
+    if (offset - w.offset >= w.length) return {};
+    return {w.rkeys[q], w.length - (offset - w.offset)};
+  }
+
+  // Adds windows to the per-region lists, each kept sorted by offset.
+  void add(std::vector<RemoteWindow> windows) {
+    for (RemoteWindow& w : windows) {
+      windows_[w.region].push_back(std::move(w));
+    }
+    for (auto& list : windows_) {
+      std::sort(list.begin(), list.end(), [](const auto& a, const auto& b) {
+        return a.offset < b.offset;
+      });
+    }
+  }
+
   Status parse_target(std::span<const uint8_t> addr, Endpoint& peer,
-                      std::vector<RemoteRegion>& regions) {
+                      std::vector<RemoteRegion>& regions,
+                      std::vector<RemoteWindow>& windows) {
     ByteReader r(addr);
     KVMIG_RETURN_IF_ERROR(get_endpoint(r, kRoleTarget, peer));
     KVMIG_ASSIGN_OR_RETURN(uint32_t n, r.get<uint32_t>("region count"));
@@ -823,6 +1227,17 @@ class VerbsInitiator final : public TransportInitiator {
       if (region.addr + region.length < region.addr) {
         return Status::data_loss("region wraps the address space");
       }
+    }
+    KVMIG_ASSIGN_OR_RETURN(uint8_t windowed, r.get<uint8_t>("windowed"));
+    if (windowed > 1) {
+      return Status::data_loss("windowed flag " + std::to_string(windowed));
+    }
+    windowed_ = windowed == 1;
+    if (windowed_) {
+      std::vector<uint64_t> lengths;
+      for (const RemoteRegion& region : regions)
+        lengths.push_back(region.length);
+      KVMIG_RETURN_IF_ERROR(get_windows(r, peer.qpns.size(), lengths, windows));
     }
     return r.expect_end("target address");
   }
@@ -998,6 +1413,9 @@ class VerbsInitiator final : public TransportInitiator {
   std::string peer_;
   std::vector<RemoteRegion> remote_;
   std::vector<uint64_t> region_lengths_;
+  // With memory windows (windowed_): each region's, sorted by offset.
+  bool windowed_ = false;
+  std::vector<std::vector<RemoteWindow>> windows_;
   uint64_t bytes_written_ = 0;
   uint64_t ops_posted_ = 0;
   uint64_t wrs_posted_ = 0;
@@ -1056,10 +1474,11 @@ class VerbsTransport final : public Transport {
       return Status::invalid_argument(
           "verbs: bad initiator address: the initiator's link layer differs");
     }
-    std::vector<RemoteRegion> exported;
+    std::vector<TargetRegion> exported;
     Status bad = core_->with_regions([&](const RegionTable<MrPtr>& table) {
       for (size_t i = 0; i < regions.size(); ++i) {
-        RemoteRegion rr;
+        TargetRegion tr;
+        RemoteRegion& rr = tr.remote;
         rr.addr = reinterpret_cast<uint64_t>(regions[i].data());
         rr.length = regions[i].size();
         if (!regions[i].empty()) {
@@ -1071,8 +1490,9 @@ class VerbsTransport final : public Transport {
                 " bytes) is not inside registered memory");
           }
           rr.rkey = e->value->rkey;
+          tr.mr = e->value.get();
         }
-        exported.push_back(rr);
+        exported.push_back(tr);
       }
       return Status();
     });

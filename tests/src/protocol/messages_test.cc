@@ -65,6 +65,23 @@ TEST(MessagesTest, OfferAndCommitRoundTrip) {
             StatusCode::kDataLoss);
 }
 
+// A live round's slots, and the target's window update (verbs keys) with
+// them; an update over the blob limit is refused before it is copied.
+TEST(MessagesTest, RoundOfferCarriesTheWindowUpdate) {
+  RoundOfferMsg m{{4, 5, 9}, {1, 2, 3}};
+  ASSERT_OK_AND_ASSIGN(RoundOfferMsg back,
+                       decode_round_offer(encode(m), limits()));
+  EXPECT_EQ(back.slots, m.slots);
+  EXPECT_EQ(back.target_update, m.target_update);
+  m.target_update.clear();
+  ASSERT_OK_AND_ASSIGN(back, decode_round_offer(encode(m), limits()));
+  EXPECT_TRUE(back.target_update.empty());
+  WireLimits small;
+  small.max_blob = 2;
+  m.target_update = {1, 2, 3};
+  EXPECT_FALSE(decode_round_offer(encode(m), small).ok());
+}
+
 TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   MigrationReport r;
   r.migration_id = "id";
