@@ -1139,8 +1139,9 @@ class VerbsInitiator final : public TransportInitiator {
         return Status::data_loss("not a verbs window update");
       }
       KVMIG_ASSIGN_OR_RETURN(uint8_t rep, r.get<uint8_t>("replace"));
-      if (rep > 1)
+      if (rep > 1) {
         return Status::data_loss("replace flag " + std::to_string(rep));
+      }
       replace = rep == 1;
       KVMIG_RETURN_IF_ERROR(get_windows(r, qps_.size(), region_lengths_, out));
       return r.expect_end("window update");
