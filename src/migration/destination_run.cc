@@ -370,24 +370,27 @@ asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
         " more pages; this agent takes at most " + std::to_string(limit) +
         " per migration");
   }
-  auto more = co_await ctx_.offload(
-      [&] { return ctx_.pager.allocate_pages(round->n_pages); });
+  // One trip to the data pool: the allocation, then the new slots' write
+  // windows (binding them may take a verbs device a while).
+  Status allowed;
+  auto more = co_await ctx_.offload([&] {
+    auto got = ctx_.pager.allocate_pages(round->n_pages);
+    if (got.ok() && ctx_.layout && target_) {
+      allowed = target_->allow(windows_for(*ctx_.layout, *got)).status();
+    }
+    return got;
+  });
   if (!more.ok()) {
     co_return Status::resource_exhausted(
         "destination full: need " + std::to_string(round->n_pages) +
         " more pages (" + more.status().message() + ")");
   }
   slots_.add(*more);
-  RoundOfferMsg reply;
-  if (ctx_.layout && target_) {
-    // Binding a window per run may take the device a while (verbs).
-    auto allowed = co_await ctx_.offload(
-        [&] { return target_->allow(windows_for(*ctx_.layout, *more)); });
-    if (!allowed.ok()) {
-      co_return allowed.status().with_context("restricting the data path");
-    }
-    reply.target_update = target_->window_update();
+  if (!allowed.ok()) {
+    co_return allowed.with_context("restricting the data path");
   }
+  RoundOfferMsg reply;
+  if (target_) reply.target_update = target_->window_update();
   landed_.resize(slots_.size(), false);
   verified_.resize(slots_.size(), false);
   reply.slots = std::move(*more);
