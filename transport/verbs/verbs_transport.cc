@@ -230,10 +230,32 @@ Status get_windows(ByteReader& r, size_t n_qps,
   return Status();
 }
 
-void put_endpoint(ByteWriter& w, uint8_t role, const Endpoint& e) {
+// Every blob starts with the magic, the version and what it is (its role).
+void put_header(ByteWriter& w, uint8_t role) {
   w.put<uint32_t>(kMagic);
   w.put<uint8_t>(kVersion);
   w.put<uint8_t>(role);
+}
+
+Status get_header(ByteReader& r, uint8_t role) {
+  KVMIG_ASSIGN_OR_RETURN(uint32_t magic, r.get<uint32_t>("magic"));
+  if (magic != kMagic) return Status::data_loss("not a verbs address");
+  KVMIG_ASSIGN_OR_RETURN(uint8_t version, r.get<uint8_t>("version"));
+  if (version != kVersion) {
+    return Status::data_loss("address version " + std::to_string(version));
+  }
+  KVMIG_ASSIGN_OR_RETURN(uint8_t got_role, r.get<uint8_t>("role"));
+  if (got_role != role) {
+    return Status::data_loss(role == kRoleTarget ? "expected a target's address"
+                             : role == kRoleInitiator
+                                 ? "expected an initiator's address"
+                                 : "expected a window update");
+  }
+  return Status();
+}
+
+void put_endpoint(ByteWriter& w, uint8_t role, const Endpoint& e) {
+  put_header(w, role);
   w.put<uint8_t>(e.link_layer);
   w.put<uint8_t>(static_cast<uint8_t>(e.mtu));
   w.put<uint16_t>(e.lid);
@@ -247,18 +269,7 @@ void put_endpoint(ByteWriter& w, uint8_t role, const Endpoint& e) {
 
 // Parses what put_endpoint wrote; DataLoss naming the first bad field.
 Status get_endpoint(ByteReader& r, uint8_t role, Endpoint& e) {
-  KVMIG_ASSIGN_OR_RETURN(uint32_t magic, r.get<uint32_t>("magic"));
-  if (magic != kMagic) return Status::data_loss("not a verbs address");
-  KVMIG_ASSIGN_OR_RETURN(uint8_t version, r.get<uint8_t>("version"));
-  if (version != kVersion) {
-    return Status::data_loss("address version " + std::to_string(version));
-  }
-  KVMIG_ASSIGN_OR_RETURN(uint8_t got_role, r.get<uint8_t>("role"));
-  if (got_role != role) {
-    return Status::data_loss(role == kRoleTarget
-                                 ? "expected a target's address"
-                                 : "expected an initiator's address");
-  }
+  KVMIG_RETURN_IF_ERROR(get_header(r, role));
   KVMIG_ASSIGN_OR_RETURN(e.link_layer, r.get<uint8_t>("link layer"));
   if (e.link_layer != IBV_LINK_LAYER_ETHERNET &&
       e.link_layer != IBV_LINK_LAYER_INFINIBAND) {
@@ -740,9 +751,7 @@ class VerbsTarget final : public TransportTarget {
     std::lock_guard lock(mu_);
     if (sent_ == windows_.size() && !replace_) return {};
     ByteWriter w;
-    w.put<uint32_t>(kMagic);
-    w.put<uint8_t>(kVersion);
-    w.put<uint8_t>(kRoleWindowUpdate);
+    put_header(w, kRoleWindowUpdate);
     w.put<uint8_t>(replace_ ? 1 : 0);
     put_windows(w, std::span(windows_).subspan(sent_));
     sent_ = windows_.size();
@@ -1004,7 +1013,9 @@ class VerbsInitiator final : public TransportInitiator {
     Endpoint peer;
     std::vector<RemoteRegion> regions;
     std::vector<RemoteWindow> windows;
-    Status parsed = parse_target(target_address, peer, regions, windows);
+    bool windowed = false;
+    Status parsed =
+        parse_target(target_address, peer, regions, windowed, windows);
     if (!parsed.ok()) {
       return Status::invalid_argument("verbs: bad target address: " +
                                       parsed.message());
@@ -1022,6 +1033,7 @@ class VerbsInitiator final : public TransportInitiator {
     peer_ = peer.describe();
     remote_ = std::move(regions);
     for (const RemoteRegion& r : remote_) region_lengths_.push_back(r.length);
+    windowed_ = windowed;
     windows_.resize(remote_.size());
     add(std::move(windows));
     for (size_t i = 0; i < qps_.size(); ++i) {
@@ -1132,12 +1144,7 @@ class VerbsInitiator final : public TransportInitiator {
     }
     ByteReader r(update);
     auto parse = [&](bool& replace, std::vector<RemoteWindow>& out) -> Status {
-      KVMIG_ASSIGN_OR_RETURN(uint32_t magic, r.get<uint32_t>("magic"));
-      KVMIG_ASSIGN_OR_RETURN(uint8_t version, r.get<uint8_t>("version"));
-      KVMIG_ASSIGN_OR_RETURN(uint8_t role, r.get<uint8_t>("role"));
-      if (magic != kMagic || version != kVersion || role != kRoleWindowUpdate) {
-        return Status::data_loss("not a verbs window update");
-      }
+      KVMIG_RETURN_IF_ERROR(get_header(r, kRoleWindowUpdate));
       KVMIG_ASSIGN_OR_RETURN(uint8_t rep, r.get<uint8_t>("replace"));
       if (rep > 1) {
         return Status::data_loss("replace flag " + std::to_string(rep));
@@ -1211,7 +1218,7 @@ class VerbsInitiator final : public TransportInitiator {
   }
 
   Status parse_target(std::span<const uint8_t> addr, Endpoint& peer,
-                      std::vector<RemoteRegion>& regions,
+                      std::vector<RemoteRegion>& regions, bool& windowed,
                       std::vector<RemoteWindow>& windows) {
     ByteReader r(addr);
     KVMIG_RETURN_IF_ERROR(get_endpoint(r, kRoleTarget, peer));
@@ -1229,12 +1236,12 @@ class VerbsInitiator final : public TransportInitiator {
         return Status::data_loss("region wraps the address space");
       }
     }
-    KVMIG_ASSIGN_OR_RETURN(uint8_t windowed, r.get<uint8_t>("windowed"));
-    if (windowed > 1) {
-      return Status::data_loss("windowed flag " + std::to_string(windowed));
+    KVMIG_ASSIGN_OR_RETURN(uint8_t flag, r.get<uint8_t>("windowed"));
+    if (flag > 1) {
+      return Status::data_loss("windowed flag " + std::to_string(flag));
     }
-    windowed_ = windowed == 1;
-    if (windowed_) {
+    windowed = flag == 1;
+    if (windowed) {
       std::vector<uint64_t> lengths;
       for (const RemoteRegion& region : regions)
         lengths.push_back(region.length);
