@@ -39,13 +39,20 @@ for path in sys.argv[1:]:
         print(f"rxe-tests: {path} missing (the suite crashed?)"); failed += 1; continue
     for case in ET.parse(path).getroot().iter("testcase"):
         name = f"{case.get('classname')}.{case.get('name')}"
-        if case.find("failure") is not None or case.find("error") is not None:
+        why = case.find("failure")
+        if why is None:
+            why = case.find("error")
+        if why is not None:
+            # CI keeps only this output, not the logs: the first lines of
+            # each failure say which check failed and with what.
+            lines = (why.get("message") or why.text or "").splitlines()
             failed += 1; bad.append("FAILED  " + name)
+            bad.extend("  | " + l[:300] for l in lines[:30])
         elif case.find("skipped") is not None or case.get("result") == "skipped":
             skipped += 1; bad.append("SKIPPED " + name)
         else:
             passed += 1
-for b in bad: print("rxe-tests:", b)
+for b in bad: print(b if b.startswith("  |") else "rxe-tests: " + b)
 print(f"{passed} passed, {failed} failed, {skipped} skipped")
 sys.exit(1 if failed or skipped or passed == 0 else 0)
 PY

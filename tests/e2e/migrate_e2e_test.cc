@@ -536,8 +536,11 @@ TEST_P(ConcurrentMoves, AKilledDestinationRollsBackOnlyItsOwnMove) {
   const auto [transport, killed] = GetParam();
   const std::string transports = "tcp," + transport;
   // Both moves wait mid-data until the test creates `release` (however
-  // slow the host, both still run when the third one asks), well inside
-  // the destinations' progress deadline: only the kill ends a move.
+  // slow the host, both still run when the third one asks). A held move
+  // reports no progress, so the destinations' peer timeout must outlast
+  // the whole hold (the second move's set-up, the third's refusal): with
+  // 5 s, a slow Soft-RoCE guest in CI timed the survivor out (a 6 s pause
+  // before the kill reproduces it). Only the kill ends a move.
   char dir_tmpl[] = "/tmp/kvmig-concurrent-XXXXXX";
   const std::string dir = mkdtemp(dir_tmpl);
   const std::string release = dir + "/release";
@@ -549,7 +552,7 @@ TEST_P(ConcurrentMoves, AKilledDestinationRollsBackOnlyItsOwnMove) {
   std::unique_ptr<AgentProcess> dst[2];
   for (auto& d : dst) {
     d = AgentProcess::start({"--capacity-pages", "256", "--peer-timeout-ms",
-                             "5000", "--transports", transports});
+                             "60000", "--transports", transports});
   }
   // Released however the test ends, before the agents stop.
   ScopeExit let_go([&] { std::ofstream(release).put('\n'); });
