@@ -28,7 +28,11 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // migrate report and status carry memory kinds.
 // 5: ROUND_OFFER carries the target's window update (verbs binds a memory
 // window per run of a migration's slots; a round's keys travel with it).
-inline constexpr uint16_t kProtocolVersion = 5;
+// 6: tcp data connections carry batch records (many small writes' headers
+// before their payloads, which the target reads straight into place); a
+// target of version 5 would refuse them mid-migration, so the first frame
+// does.
+inline constexpr uint16_t kProtocolVersion = 6;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

@@ -25,6 +25,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "bytes.h"
@@ -1121,6 +1122,102 @@ TEST_F(TcpTargetTest, MalformedRecordIsAProtocolError) {
   }
 }
 
+// A batch record (protocol 6): region 0xFFFFFFFE, offset = entries,
+// length = their payload bytes; the entries, then the payloads.
+std::vector<uint8_t> batch_record(
+    const std::vector<std::tuple<uint32_t, uint64_t, uint64_t>>& entries,
+    uint64_t header_bytes, uint8_t fill) {
+  ByteWriter w;
+  w.put<uint32_t>(0xFFFFFFFE);
+  w.put<uint64_t>(entries.size());
+  w.put<uint64_t>(header_bytes);
+  for (const auto& e : entries) {
+    w.put<uint32_t>(std::get<0>(e));
+    w.put<uint64_t>(std::get<1>(e));
+    w.put<uint64_t>(std::get<2>(e));
+  }
+  for (const auto& e : entries) {
+    w.put_bytes(std::vector<uint8_t>(std::get<2>(e), fill++));
+  }
+  return w.take();
+}
+
+// A well-formed batch, its bytes sent in three pieces (a header alone,
+// part of the entries, the rest): every payload lands in its place, a
+// zero-length entry included, and the flush after it is answered.
+TEST_F(TcpTargetTest, BatchLandsInPlace) {
+  auto s = dial(token_, true);
+  const std::vector<uint8_t> rec = batch_record(
+      {{0, 100, 10}, {0, 3000, 1000}, {0, 50, 0}, {0, 0, 7}}, 1017, /*fill=*/1);
+  boost::system::error_code ec;
+  const size_t cuts[] = {0, 20, 50, rec.size()};
+  for (int i = 0; i < 3; ++i) {
+    boost::asio::write(
+        s, boost::asio::buffer(rec.data() + cuts[i], cuts[i + 1] - cuts[i]),
+        ec);
+    ASSERT_FALSE(ec) << ec.message();
+    std::this_thread::yield();
+  }
+  // A flush: the target answers once every record before it has landed.
+  ByteWriter f;
+  f.put<uint32_t>(0xFFFFFFFF);
+  f.put<uint64_t>(9);
+  f.put<uint64_t>(0);
+  boost::asio::write(s, boost::asio::buffer(f.buffer()), ec);
+  std::array<uint8_t, 8> ack{};
+  boost::asio::read(s, boost::asio::buffer(ack), ec);
+  ASSERT_FALSE(ec) << ec.message() << " " << target_->health().to_string();
+  EXPECT_EQ(load_le<uint64_t>(ack.data()), 9u);
+  std::vector<std::byte> want(4096, std::byte{0x5A});
+  std::memset(want.data() + 100, 1, 10);
+  std::memset(want.data() + 3000, 2, 1000);
+  std::memset(want.data() + 0, 4, 7);
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_EQ(mem_.data()[i], want[i]) << "byte " << i;
+  }
+  EXPECT_OK(target_->health());
+}
+
+// Batches the target refuses: too many entries, entries that do not add
+// up to the header's bytes, one entry outside the region. Nothing of a
+// refused batch lands, not even its good entries before the bad one.
+TEST_F(TcpTargetTest, MalformedBatchAppliesNothing) {
+  std::vector<std::tuple<uint32_t, uint64_t, uint64_t>> many;
+  for (uint64_t i = 0; i < 64; ++i) many.emplace_back(0, i * 8, 8);
+  struct Case {
+    const char* name;
+    std::vector<uint8_t> record;
+    const char* says;
+  } cases[] = {
+      {"64 entries", batch_record(many, 64 * 8, 1), "of 64 entries"},
+      {"one entry", batch_record({{0, 0, 8}}, 8, 1), "of 1 entries"},
+      {"sum", batch_record({{0, 0, 8}, {0, 8, 8}}, 24, 1), "add up to 16"},
+      {"outside", batch_record({{0, 0, 8}, {0, 4090, 8}}, 16, 1),
+       "outside region 0"},
+      {"another region", batch_record({{0, 0, 8}, {1, 0, 8}}, 16, 1),
+       "for region 1 of 1"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    // A fresh target for each: a refusal ends the connection.
+    TearDown();
+    SetUp();
+    auto s = dial(token_, true);
+    boost::system::error_code ec;
+    boost::asio::write(s, boost::asio::buffer(c.record), ec);
+    std::array<uint8_t, 1> b{};
+    boost::asio::read(s, boost::asio::buffer(b), ec);
+    EXPECT_TRUE(ec);
+    const Status health = target_->health();
+    EXPECT_EQ(health.code(), StatusCode::kProtocol) << health.to_string();
+    EXPECT_NE(health.message().find(c.says), std::string::npos)
+        << health.to_string();
+    for (size_t i = 0; i < mem_.size(); ++i) {
+      ASSERT_EQ(mem_.data()[i], std::byte{0x5A}) << "byte " << i;
+    }
+  }
+}
+
 // --- device memory ----------------------------------------------------------
 
 // A simulated device: a memfd mapped twice. device() is PROT_NONE (a CPU
@@ -1178,6 +1275,69 @@ class SimDevice {
   std::byte* dev_ = nullptr;
   std::byte* cpu_ = nullptr;
 };
+
+// Many small writes from host memory go as batch records: into a target
+// whose regions are device memory and host memory, interleaved within a
+// batch (the device's through the bounce buffer), with large writes
+// between the runs; every byte lands, and only where it was written.
+TEST(DeviceMemoryTransport, TcpBatchesOfSmallWritesLandInDeviceAndHost) {
+  constexpr size_t kBytes = 2 * kMiB;
+  SimDevice dst_dev(kBytes);
+  Mapping src(2 * kBytes), dst_host(kBytes);
+  ASSERT_TRUE(dst_dev.ok() && src.ok() && dst_host.ok());
+  fill_random(src.span(), 9);
+  auto tsrc = make_transport("tcp", {});
+  auto tdst = make_transport("tcp", {});
+  ASSERT_TRUE(tsrc.ok() && tdst.ok());
+  ASSERT_OK((*tsrc)->register_memory(src.span()));
+  ASSERT_OK(
+      (*tdst)->register_device_memory(dst_dev.device(), dst_dev.memory()));
+  ASSERT_OK((*tdst)->register_memory(dst_host.span()));
+  std::memset(dst_dev.cpu().data(), 0, kBytes);
+  std::memset(dst_host.data(), 0, kBytes);
+  ASSERT_OK_AND_ASSIGN(auto init, (*tsrc)->create_initiator());
+  std::vector<std::span<std::byte>> regions = {dst_dev.device(),
+                                               dst_host.span()};
+  ASSERT_OK_AND_ASSIGN(
+      auto target,
+      (*tdst)->open_target(regions, init->address(), in(seconds(10))));
+  ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+  // 4 KiB pieces of both regions in a shuffled order (every 8th skipped:
+  // it must stay zero), a 64 KiB write after every 100.
+  std::vector<WriteOp> ops;
+  std::vector<uint64_t> pieces;
+  for (uint64_t off = 0; off < kBytes; off += 4096) {
+    if ((off / 4096) % 8 != 7) pieces.push_back(off);
+  }
+  std::mt19937_64 rng(3);
+  std::shuffle(pieces.begin(), pieces.end(), rng);
+  uint64_t written = 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    for (uint32_t r = 0; r < 2; ++r) {
+      ops.push_back({src.data() + r * kBytes + pieces[i], r, pieces[i], 4096});
+      written += 4096;
+    }
+    if (i % 100 == 99) ops.push_back({src.data(), 1, 0, 0});  // empty
+  }
+  ASSERT_OK(init->write(ops, in(seconds(20))));
+  ASSERT_OK(init->flush(in(seconds(20))));
+  EXPECT_EQ(init->bytes_written(), written);
+  EXPECT_GT(dst_dev.writes, 0u);
+  for (uint32_t r = 0; r < 2; ++r) {
+    const std::byte* got = r == 0 ? dst_dev.cpu().data() : dst_host.data();
+    for (uint64_t off = 0; off < kBytes; off += 4096) {
+      SCOPED_TRACE("region " + std::to_string(r) + " offset " +
+                   std::to_string(off));
+      if ((off / 4096) % 8 == 7) {
+        ASSERT_EQ(std::count(got + off, got + off + 4096, std::byte{0}), 4096);
+      } else {
+        ASSERT_EQ(std::memcmp(got + off, src.data() + r * kBytes + off, 4096),
+                  0);
+      }
+    }
+  }
+  EXPECT_OK(target->health());
+}
 
 struct TcpPair {
   std::unique_ptr<Transport> src, dst;

@@ -35,9 +35,18 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 using boost::system::error_code;
 
-// Region value of a flush record.
+// Records on a data connection: a header of u32 region, u64 offset, u64
+// length (kHeaderBytes), then `length` bytes of payload for that place,
+// except for these two region values:
+// - flush: offset is its sequence number, no payload; the target answers
+//   with the sequence once every earlier record has landed.
+// - batch (protocol 6): offset is a count of entries (2 to
+//   kMaxBatchEntries), length their payload bytes (at most kMaxBatchBytes);
+//   the entries follow, a header each (region, offset, length), then their
+//   payloads, in order. The target checks every entry before it applies
+//   any, and reads the payloads straight into place.
 constexpr uint32_t kFlushRegion = 0xFFFFFFFF;
-// u32 region, u64 offset (or flush sequence), u64 length.
+constexpr uint32_t kBatchRegion = 0xFFFFFFFE;
 constexpr size_t kHeaderBytes = 20;
 // Address blob limits, checked when parsing a peer's address.
 constexpr size_t kMaxHostLen = 255;
@@ -57,6 +66,11 @@ constexpr size_t kBounceBytes = size_t{256} << 10;
 // costs more than the system call saved: 32 KiB writes ran 19 % slower).
 constexpr size_t kRxBytes = size_t{256} << 10;
 constexpr uint64_t kCopyBelow = uint64_t{16} << 10;
+// A batch's payloads and the next header in one read (Asio hands at most
+// 64 buffers to a system call); its payloads fit one bounce buffer, where
+// a device target reads them.
+constexpr uint64_t kMaxBatchEntries = 63;
+constexpr uint64_t kMaxBatchBytes = kBounceBytes;
 
 using Header = std::array<uint8_t, kHeaderBytes>;
 using Word = std::array<uint8_t, 8>;
@@ -361,6 +375,7 @@ class TargetConn {
             });
         return;
       }
+      if (region == kBatchRegion) return start_batch(offset, length);
       auto dst = claim(region, offset, length);
       if (!dst.ok()) return fail(dst.status());
       if (length == 0) continue;
@@ -386,6 +401,162 @@ class TargetConn {
       bytes_applied_ += length;
       ++writes_applied_;
     }
+  }
+
+  // A batch record's header has been taken from rx_: its entries, from
+  // rx_ and then the socket. Target thread.
+  void start_batch(uint64_t entries, uint64_t bytes) {
+    if (entries < 2 || entries > kMaxBatchEntries || bytes > kMaxBatchBytes) {
+      return fail(Status::protocol(
+          "tcp target: batch record from " + peer_ + " of " +
+          std::to_string(entries) + " entries and " + std::to_string(bytes) +
+          " bytes (2 to " + std::to_string(kMaxBatchEntries) +
+          " entries of at most " + std::to_string(kMaxBatchBytes) + " bytes)"));
+    }
+    batch_meta_.resize(entries * kHeaderBytes);
+    batch_bytes_ = bytes;
+    const size_t have = std::min(batch_meta_.size(), rx_end_ - rx_begin_);
+    std::memcpy(batch_meta_.data(), rx_.data() + rx_begin_, have);
+    rx_begin_ += have;
+    if (have == batch_meta_.size()) return apply_batch();
+    rx_begin_ = rx_end_ = 0;
+    asio::async_read(
+        socket_,
+        asio::buffer(batch_meta_.data() + have, batch_meta_.size() - have),
+        [this](const error_code& ec, size_t) {
+          if (ec) {
+            return fail(
+                status_from_error(ec, "tcp: read a batch from " + peer_));
+          }
+          apply_batch();
+        });
+  }
+
+  // Checks every entry of the batch in batch_meta_ (nothing lands if one
+  // is refused), then applies the payloads rx_ holds and reads the rest
+  // straight into place, with the next header. Target thread.
+  void apply_batch() {
+    batch_dst_.clear();
+    bool device = false;
+    Status refused;
+    {
+      std::lock_guard lock(mu_);
+      uint64_t sum = 0;
+      for (size_t k = 0; k < batch_meta_.size(); k += kHeaderBytes) {
+        const uint8_t* h = batch_meta_.data() + k;
+        const uint64_t length = load_le<uint64_t>(h + 12);
+        auto dst = claim_locked(load_le<uint32_t>(h), load_le<uint64_t>(h + 4),
+                                length);
+        if (!dst.ok()) {
+          refused = dst.status();
+          break;
+        }
+        sum += length;
+        device = device || dst->device != nullptr;
+        batch_dst_.push_back({dst->mem.first(length), dst->device});
+      }
+      if (refused.ok() && sum != batch_bytes_) {
+        refused = Status::protocol(
+            "tcp target: batch record from " + peer_ +
+            ": its entries add up to " + std::to_string(sum) +
+            " bytes, its header says " + std::to_string(batch_bytes_));
+      }
+      if (refused.ok()) in_payload_ = true;
+    }
+    if (!refused.ok()) {
+      batch_dst_.clear();
+      return fail(refused);
+    }
+    large_ = true;  // after a batch, only the next header into rx_
+    // Payload bytes already buffered: applied from rx_ (device targets read
+    // the whole batch into the bounce buffer first).
+    const size_t have = static_cast<size_t>(
+        std::min<uint64_t>(batch_bytes_, rx_end_ - rx_begin_));
+    const auto* from =
+        reinterpret_cast<const std::byte*>(rx_.data()) + rx_begin_;
+    rx_begin_ += have;
+    if (device) {
+      if (bounce_.size() < kBounceBytes) bounce_.resize(kBounceBytes);
+      std::memcpy(bounce_.data(), from, have);
+      if (have == batch_bytes_) return land_batch_from_bounce(0);
+      rx_begin_ = rx_end_ = 0;
+      const uint64_t rest = batch_bytes_ - have;
+      reads_ = {asio::buffer(bounce_.data() + have, rest),
+                asio::buffer(rx_.data(), kHeaderBytes)};
+      asio::async_read(socket_, reads_, at_least(rest),
+                       [this, rest](const error_code& ec, size_t n) {
+                         if (ec) {
+                           end_payload();
+                           return fail(status_from_error(
+                               ec, "tcp: read a batch from " + peer_));
+                         }
+                         land_batch_from_bounce(n - rest);
+                       });
+      return;
+    }
+    // Host: the buffered part copied, the rest read in place.
+    size_t k = 0;
+    uint64_t done = 0;  // of batch_dst_[k]
+    for (size_t left = have; left > 0;) {
+      const size_t n =
+          std::min<uint64_t>(left, batch_dst_[k].mem.size() - done);
+      std::memcpy(batch_dst_[k].mem.data() + done, from, n);
+      from += n;
+      left -= n;
+      done += n;
+      if (done == batch_dst_[k].mem.size()) {
+        ++k;
+        done = 0;
+      }
+    }
+    if (have == batch_bytes_) {
+      end_payload();
+      return end_batch();
+    }
+    rx_begin_ = rx_end_ = 0;
+    batch_reads_.clear();
+    for (; k < batch_dst_.size(); ++k, done = 0) {
+      const std::span<std::byte> rest = batch_dst_[k].mem.subspan(done);
+      batch_reads_.push_back(asio::buffer(rest.data(), rest.size()));
+    }
+    batch_reads_.push_back(asio::buffer(rx_.data(), kHeaderBytes));
+    const uint64_t rest = batch_bytes_ - have;
+    asio::async_read(socket_, batch_reads_, at_least(rest),
+                     [this, rest](const error_code& ec, size_t n) {
+                       end_payload();
+                       if (ec) {
+                         return fail(status_from_error(
+                             ec, "tcp: read a batch from " + peer_));
+                       }
+                       rx_end_ = n - rest;
+                       end_batch();
+                     });
+  }
+
+  // A device target's batch is whole in bounce_ (and `tail` bytes of the
+  // next header in rx_): applied entry by entry. Target thread.
+  void land_batch_from_bounce(size_t tail) {
+    const std::byte* from = bounce_.data();
+    for (const TargetRegion& d : batch_dst_) {
+      if (d.device) {
+        Status copied =
+            d.device->write(d.mem.data(), std::span(from, d.mem.size()));
+        if (!copied.ok()) return fail_device(copied);
+      } else {
+        std::memcpy(d.mem.data(), from, d.mem.size());
+      }
+      from += d.mem.size();
+    }
+    end_payload();
+    if (tail > 0) rx_end_ = tail;  // read after the payloads (rx_ was empty)
+    end_batch();
+  }
+
+  void end_batch() {
+    bytes_applied_ += batch_bytes_;
+    writes_applied_ += batch_dst_.size();
+    batch_dst_.clear();
+    serve();
   }
 
   // Reads whatever has arrived into rx_ after what is left of it; after a
@@ -489,6 +660,18 @@ class TargetConn {
   Result<TargetRegion> claim(uint32_t region, uint64_t offset,
                              uint64_t length) {
     std::lock_guard lock(mu_);
+    auto dst = claim_locked(region, offset, length);
+    if (dst.ok() && length > 0) {
+      in_payload_ = true;
+      device_ = dst->device;
+    }
+    return dst;
+  }
+
+  // claim() without its side effects, mu_ held: whether the record may be
+  // applied, and where.
+  Result<TargetRegion> claim_locked(uint32_t region, uint64_t offset,
+                                    uint64_t length) {
     // Messages are built only on the way out: this runs once a write.
     auto refuse = [&](const std::string& why) {
       return Status::protocol("tcp target: write record from " + peer_ + why);
@@ -519,9 +702,7 @@ class TargetConn {
                       " lies outside the slots offered to this migration");
       }
     }
-    in_payload_ = true;
-    device_ = regions_[region].device;
-    return TargetRegion{dst.subspan(offset), device_};
+    return TargetRegion{dst.subspan(offset), regions_[region].device};
   }
 
   // Records the first failure and drops the connection.
@@ -555,6 +736,12 @@ class TargetConn {
   size_t rx_begin_ = 0, rx_end_ = 0;
   bool large_ = false;  // the last write's payload was kCopyBelow or more
   std::array<asio::mutable_buffer, 2> reads_;
+  // The batch being applied: its entries, where each goes, its payload
+  // bytes, and the reads that bring them in.
+  std::vector<uint8_t> batch_meta_;
+  std::vector<TargetRegion> batch_dst_;
+  uint64_t batch_bytes_ = 0;
+  std::vector<asio::mutable_buffer> batch_reads_;
   std::vector<std::byte> bounce_;  // device writes only; kBounceBytes
   std::shared_ptr<const DeviceMemory> device_;  // of the write being read
   Word ack_{};
@@ -846,20 +1033,51 @@ class TcpInitiator final : public TransportInitiator {
     KVMIG_RETURN_IF_ERROR(usable());
     KVMIG_RETURN_IF_ERROR(check_write_ops(ops, region_lengths_, "tcp"));
     if (registry_->has_device()) return write_via_bounce(ops, deadline);
-    headers_.clear();
-    headers_.reserve(ops.size());
+    // At most a header and an entry per write: no reallocation moves the
+    // bytes buffers_ points at.
+    meta_.clear();
+    meta_.reserve(2 * kHeaderBytes * ops.size());
     buffers_.clear();
     buffers_.reserve(2 * ops.size());
+    auto put = [this](uint32_t region, uint64_t offset, uint64_t length) {
+      meta_.resize(meta_.size() + kHeaderBytes);
+      uint8_t* h = meta_.data() + meta_.size() - kHeaderBytes;
+      store_le<uint32_t>(h, region);
+      store_le<uint64_t>(h + 4, offset);
+      store_le<uint64_t>(h + 12, length);
+    };
     uint64_t bytes = 0;
-    for (const WriteOp& op : ops) {
-      if (op.length == 0) continue;
-      Header& h = headers_.emplace_back();
-      store_le<uint32_t>(h.data(), op.dst_region);
-      store_le<uint64_t>(h.data() + 4, op.dst_offset);
-      store_le<uint64_t>(h.data() + 12, op.length);
-      buffers_.push_back(asio::buffer(h));
-      buffers_.push_back(asio::buffer(op.src, op.length));
-      bytes += op.length;
+    for (size_t i = 0; i < ops.size();) {
+      // A run of small writes goes as one batch record, so the target can
+      // read their payloads straight into place; a large one on its own.
+      size_t end = i, entries = 0;
+      uint64_t run = 0;
+      for (; end < ops.size(); ++end) {
+        const uint64_t n = ops[end].length;
+        if (n == 0) continue;
+        if (n >= kCopyBelow || entries == kMaxBatchEntries ||
+            run + n > kMaxBatchBytes) {
+          break;
+        }
+        ++entries;
+        run += n;
+      }
+      if (entries < 2) end = i + 1;  // not worth a batch: one record
+      const size_t at = meta_.size();
+      if (entries >= 2) put(kBatchRegion, entries, run);
+      for (size_t k = i; k < end; ++k) {
+        if (ops[k].length == 0) continue;
+        put(ops[k].dst_region, ops[k].dst_offset, ops[k].length);
+        bytes += ops[k].length;
+      }
+      if (meta_.size() > at) {
+        buffers_.push_back(asio::buffer(meta_.data() + at, meta_.size() - at));
+        for (size_t k = i; k < end; ++k) {
+          if (ops[k].length == 0) continue;
+          buffers_.push_back(asio::buffer(ops[k].src, ops[k].length));
+        }
+      }
+      i = end;
     }
     KVMIG_RETURN_IF_ERROR(send_buffers(deadline));
     bytes_written_ += bytes;
@@ -1067,8 +1285,9 @@ class TcpInitiator final : public TransportInitiator {
   uint64_t ops_posted_ = 0;
   Word word_{};
   Word reply_{};
-  // Reused by write(); kept so large batches do not reallocate each call.
-  std::vector<Header> headers_;
+  // Reused by write(); kept so large batches do not reallocate each call:
+  // the records' headers and batch entries, which buffers_ points into.
+  std::vector<uint8_t> meta_;
   std::vector<asio::const_buffer> buffers_;
   std::vector<std::byte> bounce_;  // write_via_bounce only
 };
