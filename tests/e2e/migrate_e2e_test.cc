@@ -1180,9 +1180,13 @@ TEST(VerbsE2E, SourceKilledMidTransferDestinationRevokesAndReleases) {
       {"--preset", "llama3-8b", "--capacity-pages", "16", "--populate", "2:64",
        "--transports", "tcp,verbs", "--fault", "src.data.mid=stall:60000"});
   // The destination logs at debug level, which names the QPs' revocation.
+  // Its peer timeout outlasts the stall's start and the status check after
+  // it (a held source reports no progress; 2 s left the check racing the
+  // timeout in a slow guest): the kill, not the timeout, must end the move
+  // (the control connection's end).
   setenv("KVMIG_LOG_LEVEL", "debug", 1);
   auto dst = AgentProcess::start({"--preset", "llama3-8b", "--capacity-pages",
-                                  "16", "--peer-timeout-ms", "2000",
+                                  "16", "--peer-timeout-ms", "60000",
                                   "--transports", "tcp,verbs"});
   unsetenv("KVMIG_LOG_LEVEL");
   ASSERT_TRUE(src && dst);
