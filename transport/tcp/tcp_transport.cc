@@ -560,8 +560,8 @@ class TargetConn {
   }
 
   // Reads whatever has arrived into rx_ after what is left of it; after a
-  // large payload only the rest of a header (the next payload is likely
-  // large too, and goes straight into place).
+  // large payload or a batch only the rest of a header (what follows is
+  // likely the same, and its payloads go straight into place).
   void read_more() {
     if (rx_begin_ > 0) {
       std::memmove(rx_.data(), rx_.data() + rx_begin_, rx_end_ - rx_begin_);
@@ -734,7 +734,8 @@ class TargetConn {
   // Received and not yet applied: rx_[rx_begin_, rx_end_).
   std::vector<uint8_t> rx_;
   size_t rx_begin_ = 0, rx_end_ = 0;
-  bool large_ = false;  // the last write's payload was kCopyBelow or more
+  // The last record was a batch, or a write of kCopyBelow bytes or more.
+  bool large_ = false;
   std::array<asio::mutable_buffer, 2> reads_;
   // The batch being applied: its entries, where each goes, its payload
   // bytes, and the reads that bring them in.
