@@ -1218,6 +1218,51 @@ TEST_F(TcpTargetTest, MalformedBatchAppliesNothing) {
   }
 }
 
+// The peer vanishes in the middle of a batch's payloads, the cut at three
+// places (right after the entries, inside the first payload, inside the
+// second): the connection ends as Unavailable naming the batch, and no
+// byte past the cut and none outside the batch's entries changes. (Bytes
+// of the batch that arrived before the cut may have landed: the
+// migration that sent them rolls back and releases those slots.)
+TEST_F(TcpTargetTest, PeerVanishingMidBatchEndsTheConnection) {
+  const std::vector<std::tuple<uint32_t, uint64_t, uint64_t>> entries = {
+      {0, 100, 600}, {0, 3000, 1000}};
+  const std::vector<uint8_t> rec = batch_record(entries, 1600, /*fill=*/1);
+  const size_t payloads = rec.size() - 1600;  // where the payloads begin
+  for (const size_t sent : {size_t{0}, size_t{300}, size_t{900}}) {
+    SCOPED_TRACE("cut after " + std::to_string(sent) + " payload bytes");
+    TearDown();
+    SetUp();
+    {
+      auto s = dial(token_, true);
+      boost::system::error_code ec;
+      boost::asio::write(s, boost::asio::buffer(rec.data(), payloads + sent),
+                         ec);
+      ASSERT_FALSE(ec) << ec.message();
+    }  // closed
+    const auto until = in(seconds(10));
+    while (target_->health().ok() && Clock::now() < until) {
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+    const Status health = target_->health();
+    EXPECT_EQ(health.code(), StatusCode::kUnavailable) << health.to_string();
+    EXPECT_NE(health.message().find("batch"), std::string::npos)
+        << health.to_string();
+    // What may have landed: the first `sent` payload bytes, in entry order.
+    std::vector<bool> may(4096, false);
+    size_t left = sent;
+    for (const auto& e : entries) {
+      const size_t n = std::min<size_t>(left, std::get<2>(e));
+      for (size_t i = 0; i < n; ++i) may[std::get<1>(e) + i] = true;
+      left -= n;
+    }
+    for (size_t i = 0; i < mem_.size(); ++i) {
+      if (i < may.size() && may[i]) continue;
+      ASSERT_EQ(mem_.data()[i], std::byte{0x5A}) << "byte " << i;
+    }
+  }
+}
+
 // --- device memory ----------------------------------------------------------
 
 // A simulated device: a memfd mapped twice. device() is PROT_NONE (a CPU
@@ -1337,6 +1382,43 @@ TEST(DeviceMemoryTransport, TcpBatchesOfSmallWritesLandInDeviceAndHost) {
     }
   }
   EXPECT_OK(target->health());
+}
+
+// A batch for device memory is read whole before any byte goes in: the
+// peer vanishing in the middle of its payloads lands nothing on the device.
+TEST_F(TcpTargetTest, PeerVanishingMidBatchLandsNothingOnADevice) {
+  SimDevice dev(kMiB);
+  ASSERT_TRUE(dev.ok());
+  std::memset(dev.cpu().data(), 0x5A, kMiB);
+  ASSERT_OK(t_->register_device_memory(dev.device(), dev.memory()));
+  std::vector<std::span<std::byte>> regions = {dev.device().first(4096)};
+  ASSERT_OK_AND_ASSIGN(auto target,
+                       t_->open_target(regions, {}, in(seconds(5))));
+  const auto addr = target->address();
+  ByteReader r(addr);
+  ASSERT_OK(r.get_string(255, "host").status());
+  ASSERT_OK_AND_ASSIGN(port_, r.get<uint16_t>("port"));
+  ASSERT_OK_AND_ASSIGN(token_, r.get<uint64_t>("token"));
+  const std::vector<uint8_t> rec =
+      batch_record({{0, 100, 600}, {0, 3000, 1000}}, 1600, /*fill=*/1);
+  {
+    auto s = dial(token_, true);
+    boost::system::error_code ec;
+    boost::asio::write(s, boost::asio::buffer(rec.data(), rec.size() - 100),
+                       ec);
+    ASSERT_FALSE(ec) << ec.message();
+  }  // closed
+  const auto until = in(seconds(10));
+  while (target->health().ok() && Clock::now() < until) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  EXPECT_EQ(target->health().code(), StatusCode::kUnavailable)
+      << target->health().to_string();
+  EXPECT_EQ(dev.writes, 0u);
+  EXPECT_EQ(std::count(dev.cpu().begin(), dev.cpu().end(), std::byte{0x5A}),
+            static_cast<std::ptrdiff_t>(kMiB));
+  target.reset();
+  EXPECT_OK(t_->deregister_memory(dev.device()));
 }
 
 struct TcpPair {
