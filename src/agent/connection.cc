@@ -285,6 +285,14 @@ asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,
     case MsgType::kSnapshotReq:
       co_await serve_snapshot(ctx, channel, first);
       co_return;
+    case MsgType::kAbort: {
+      // A source that connected while it held its requests, then gave up
+      // before HELLO (its request or its hold failed): nothing to undo.
+      auto abort = decode_abort(first.payload, ctx.limits);
+      ctx.log->info("{} gave up before HELLO: {}", channel.peer(),
+                    abort.ok() ? abort->reason : abort.status().to_string());
+      co_return;
+    }
     default:
       break;
   }

@@ -225,16 +225,17 @@ struct SourceRun::PauseRace {
   explicit PauseRace(asio::io_context& io) : timer(io) {}
   asio::steady_timer timer;
   std::mutex mu;
-  bool done = false;                                     // guarded by mu
-  bool abandoned = false;                                // guarded by mu
-  Status result;                                         // guarded by mu
+  bool done = false;       // guarded by mu
+  bool abandoned = false;  // guarded by mu
+  Status result;           // guarded by mu
+  bool refused = false;    // result is the selection's; guarded by mu
   EnginePause::Scope scope = EnginePause::Scope::kNone;  // guarded by mu
   Clock::time_point paused_at;                           // guarded by mu
   std::optional<Result<std::vector<LogicalSeq>>> seqs;   // guarded by mu
 };
 
-std::shared_ptr<SourceRun::PauseRace> SourceRun::start_pause(
-    bool whole_engine) {
+std::shared_ptr<SourceRun::PauseRace> SourceRun::start_pause(bool whole_engine,
+                                                             bool check_live) {
   auto race = std::make_shared<PauseRace>(ctx_.io);
   race->timer.expires_at(deadline());
   CachePager& pager = ctx_.pager;
@@ -245,8 +246,36 @@ std::shared_ptr<SourceRun::PauseRace> SourceRun::start_pause(
   // Any other failure fails the migration, as a failing pause() does.
   // Without whole_engine, a pager that cannot hold them is left running
   // (scope kNone, OK): the caller pauses the engine later.
-  asio::post(ctx_.data_pool, [race, &pager, &holds, whole_engine,
+  asio::post(ctx_.data_pool, [race, &pager, &holds, whole_engine, check_live,
                               ids = moving_] {
+    // The selection's check on the same trip: every id live, else nothing
+    // is held and the run ends with the ids it does not know.
+    if (check_live) {
+      auto live = pager.logical_seqs();
+      Status refused = live.status().with_context("logical_seqs");
+      if (live.ok()) {
+        std::set<SeqId> known;
+        for (const LogicalSeq& l : *live) known.insert(l.seq_id);
+        std::vector<SeqId> unknown;
+        for (SeqId id : ids) {
+          if (!known.count(id)) unknown.push_back(id);
+        }
+        if (!unknown.empty()) {
+          refused =
+              Status::not_found("unknown request ids: " + join_ids(unknown));
+        }
+      }
+      if (!refused.ok()) {
+        std::lock_guard lock(race->mu);
+        if (race->abandoned) return;
+        race->result = std::move(refused);
+        race->refused = true;
+        race->done = true;
+        asio::post(race->timer.get_executor(),
+                   [race] { race->timer.cancel(); });
+        return;
+      }
+    }
     auto scope = EnginePause::Scope::kSeqs;
     Status s = pager.hold_seqs(ids);
     if (s.code() == StatusCode::kUnimplemented) {
@@ -310,6 +339,7 @@ asio::awaitable<Status> SourceRun::finish_pause(
         asio::redirect_error(asio::use_awaitable, ec));
   }
   Status paused;
+  bool refused = false;
   auto scope = EnginePause::Scope::kNone;
   Clock::time_point paused_at;
   {
@@ -323,9 +353,14 @@ asio::awaitable<Status> SourceRun::finish_pause(
           " ms); it is resumed as soon as its pause() returns");
     }
     paused = race->result;
+    refused = race->refused;
     scope = race->scope;
     paused_seqs_ = std::move(race->seqs);
     paused_at = race->paused_at;
+  }
+  if (refused) {  // the request's error, not the pause's
+    selection_refused_ = true;
+    co_return paused;
   }
   if (!paused.ok()) co_return paused.with_context("pause");
   if (scope == EnginePause::Scope::kNone) co_return Status();
@@ -340,8 +375,8 @@ asio::awaitable<Status> SourceRun::pause_engine() {
   co_return co_await finish_pause(start_pause(true));
 }
 
-asio::awaitable<Result<MigrationReport>> SourceRun::run(
-    std::vector<SeqId> ids) {
+asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
+                                                        bool check_live) {
   moving_ = std::move(ids);
   progress_.seqs = moving_;
   arm_timeout();
@@ -357,9 +392,12 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
   // connect. Only a hold: the whole engine (a pager without hold_seqs)
   // pauses once the destination has answered, so an unreachable one never
   // stalls every request here.
+  // With check_live the trip goes even if the pager has since answered
+  // that it cannot hold (the flag may flip meanwhile): it checks the ids.
   std::shared_ptr<PauseRace> early;
-  if (!req_.live && ctx_.pager_holds_seqs.load(std::memory_order_relaxed)) {
-    early = start_pause(false);
+  if (!req_.live &&
+      (check_live || ctx_.pager_holds_seqs.load(std::memory_order_relaxed))) {
+    early = start_pause(false, check_live);
   }
   auto connected = co_await connect_channel(
       req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
@@ -371,7 +409,8 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(
   if (early) {
     enter_phase("pause");
     Status held = co_await finish_pause(std::move(early));
-    if (s.ok()) s = held;
+    // Unknown ids are the request's error, whatever the connect said.
+    if (s.ok() || selection_refused_) s = held;
   }
   if (!s.ok()) {
     co_await abort_peer(s);
@@ -958,10 +997,11 @@ namespace {
 // The requests a migration moves: every live one not in doubt and not in
 // another migration from here (all), or the ones asked for, each live, not
 // in doubt and not moving already. Unknown ids are an error before
-// anything moves.
+// anything moves; with assume_live, the run checks them on its hold's
+// trip instead (`before` is not read).
 Result<std::vector<SeqId>> select_requests(
     MigrationContext& ctx, const MigrateRequest& req,
-    const Result<std::vector<LogicalSeq>>& before) {
+    const Result<std::vector<LogicalSeq>>& before, bool assume_live) {
   if (!before.ok()) return before.status().with_context("logical_seqs");
   const std::set<SeqId> doubtful = ctx.in_doubt.held_seqs();
   std::vector<SeqId> ids;
@@ -980,7 +1020,7 @@ Result<std::vector<SeqId>> select_requests(
   std::set<SeqId> seen;
   for (SeqId id : req.seqs) {
     if (!seen.insert(id).second) continue;
-    if (!live.count(id)) {
+    if (!assume_live && !live.count(id)) {
       unknown.push_back(id);
     } else if (doubtful.count(id)) {
       held.push_back(id);
@@ -1027,13 +1067,23 @@ asio::awaitable<Result<MigrationReport>> checked_run(
   auto transport = ctx.transport_named(transport_name);
   if (!transport.ok()) co_return transport.status();
   transport_out = transport_name;
-  auto live = co_await ctx.offload([&ctx] { return ctx.pager.logical_seqs(); });
-  // A cancel that came meanwhile found no run yet and left its mark.
-  if (const auto* mark = ctx.src_outcomes.find(id)) {
-    cancelled = true;
-    co_return Status::aborted("migration " + id + " " + mark->detail);
+  // Named requests moved stop-and-copy by a pager that can hold them are
+  // checked against the pager on the hold's trip (SourceRun::run), which
+  // overlaps the connect: one trip to the data pool fewer. The rest are
+  // checked here, against a snapshot.
+  const bool check_in_hold =
+      !req.all && !req.live &&
+      ctx.pager_holds_seqs.load(std::memory_order_relaxed);
+  Result<std::vector<LogicalSeq>> live = std::vector<LogicalSeq>{};
+  if (!check_in_hold) {
+    live = co_await ctx.offload([&ctx] { return ctx.pager.logical_seqs(); });
+    // A cancel that came meanwhile found no run yet and left its mark.
+    if (const auto* mark = ctx.src_outcomes.find(id)) {
+      cancelled = true;
+      co_return Status::aborted("migration " + id + " " + mark->detail);
+    }
   }
-  auto ids = select_requests(ctx, req, live);
+  auto ids = select_requests(ctx, req, live, check_in_hold);
   if (!ids.ok()) co_return ids.status();
   if (ids->empty()) {
     co_return Status::invalid_argument("no requests to migrate");
@@ -1050,7 +1100,7 @@ asio::awaitable<Result<MigrationReport>> checked_run(
     std::erase_if(ctx.moving, [&](const auto& e) { return e.second == id; });
   });
   SourceRun run(ctx, req, **transport, id);
-  auto report = co_await run.run(std::move(*ids));
+  auto report = co_await run.run(std::move(*ids), check_in_hold);
   ended = run.ended();
   cancelled = run.cancelled();
   co_return report;

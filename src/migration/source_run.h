@@ -89,8 +89,11 @@ class SourceRun {
   SourceRun(MigrationContext& ctx, const MigrateRequest& req,
             Transport& transport, std::string id);
 
-  // Moves (or copies) ids, every one live and not in doubt.
-  asio::awaitable<Result<MigrationReport>> run(std::vector<SeqId> ids);
+  // Moves (or copies) ids, every one not in doubt and live (with
+  // check_live, a stop-and-copy checks that on its hold's trip and fails
+  // with NotFound naming the unknown ones, nothing held).
+  asio::awaitable<Result<MigrationReport>> run(std::vector<SeqId> ids,
+                                               bool check_live = false);
   // How the run ended, for AgentOptions::on_migration_end: "committed",
   // "in_doubt", or else "aborted". Call after run().
   MigrationEvent ended() const;
@@ -129,8 +132,12 @@ class SourceRun {
   // finish_pause() waits for it (until the peer deadline, or a cancel)
   // and engages pause_. Without whole_engine, a pager that cannot hold the
   // requests is left running, and finish_pause() returns OK unengaged.
+  // With check_live, the trip first checks that every request is live
+  // (run()'s check_live); finish_pause() then sets selection_refused_ and
+  // returns the refusal as it is.
   struct PauseRace;
-  std::shared_ptr<PauseRace> start_pause(bool whole_engine);
+  std::shared_ptr<PauseRace> start_pause(bool whole_engine,
+                                         bool check_live = false);
   asio::awaitable<Status> finish_pause(std::shared_ptr<PauseRace> race);
   asio::awaitable<Status> run_live_rounds();
   // Plans, allocates and sends one round from a fresh snapshot.
@@ -239,6 +246,7 @@ class SourceRun {
   std::atomic<bool> cancel_flag_{false};
   bool committing_ = false;
   asio::steady_timer* pause_timer_ = nullptr;  // while finish_pause waits
+  bool selection_refused_ = false;  // the hold's trip refused the request
   asio::steady_timer timeout_timer_;
   // What status lists while the run lives.
   ActiveMigration progress_;

@@ -603,6 +603,71 @@ TEST(EmbedExample, UnreachableDestinationLeavesTheEngineRunning) {
   }
 }
 
+// A pager whose logical_seqs() fails once armed: an engine that cannot
+// list its requests.
+class ListFailingPager final : public testing::ForwardingPager {
+ public:
+  using ForwardingPager::ForwardingPager;
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    if (armed) return Status::internal("the engine lost its tables");
+    return ForwardingPager::logical_seqs();
+  }
+  std::atomic<bool> armed{false};
+};
+
+// Named requests moved stop-and-copy are checked against the pager on the
+// hold's trip, which overlaps the connect: an unknown id is the error
+// (before an unreachable destination's), and nothing is held, paused or
+// sent; a pager that cannot list its requests fails the move naming
+// logical_seqs, nothing held either.
+TEST(EmbedExample, UnknownIdsFailBeforeAnythingIsHeld) {
+  auto cache = make_cache(PoolLayout::kPage, 64);
+  auto dst_cache = make_cache(PoolLayout::kPage, 64);
+  ASSERT_TRUE(cache && dst_cache);
+  ASSERT_OK(cache->populate(3, 40, 4));
+  ListFailingPager listing(*cache);
+  PauseCountingPager pager(listing);
+  auto src = start_agent(pager, AgentOptions{});
+  auto dst = start_agent(*dst_cache, AgentOptions{});
+  ASSERT_TRUE(src && dst);
+  const auto before = digests(*src);  // pauses the engine once
+  pager.pauses = 0;
+  pager.resumes = 0;
+  MigrateRequest req;
+  req.seqs = {1, 99, 2, 98};
+  for (const bool reachable : {false, true}) {
+    SCOPED_TRACE(reachable ? "reachable destination" : "unreachable");
+    req.to = reachable ? dst->address() : "127.0.0.1:1";
+    auto moved = src->migrate(req);
+    EXPECT_EQ(moved.status().code(), StatusCode::kNotFound)
+        << moved.status().to_string();
+    EXPECT_EQ(moved.status().message(), "unknown request ids: 99,98")
+        << moved.status().to_string();
+  }
+  listing.armed = true;
+  req.seqs = {1, 2};
+  auto moved = src->migrate(req);
+  EXPECT_EQ(moved.status().code(), StatusCode::kInternal)
+      << moved.status().to_string();
+  EXPECT_NE(
+      moved.status().message().find("logical_seqs: the engine lost its tables"),
+      std::string::npos)
+      << moved.status().to_string();
+  listing.armed = false;
+  EXPECT_EQ(pager.holds, 0);
+  EXPECT_EQ(pager.pauses, 0);
+  EXPECT_EQ(digests(*src), before);
+  EXPECT_TRUE(digests(*dst).empty());
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, dst->status());
+  EXPECT_TRUE(st.migrations.empty());
+  // The requests still move afterwards.
+  ASSERT_OK(src->migrate(req).status());
+  EXPECT_EQ(digests(*dst).size(), 2u);
+  EXPECT_EQ(pager.holds, 1);
+  src->stop();
+  dst->stop();
+}
+
 // A pager whose logical_seqs() blocks, once armed, until released: a slow
 // engine.
 class BlockingPager final : public testing::ForwardingPager {
