@@ -273,7 +273,15 @@ Exit start_client(const PerfFlags& f, const ClientPlan& plan, Client& c) {
   c.session = std::move(*session);
 
   c.req.to = c.session->target();
-  c.req.all = true;
+  // Named, as a scheduler's handoff names the request it moves (a
+  // stop-and-copy then checks them on its hold's trip); live runs take
+  // every request.
+  c.req.all = f.live;
+  if (!f.live) {
+    auto seqs = c.pager->logical_seqs();
+    if (!seqs.ok()) return fail(seqs.status(), f.json);
+    for (const LogicalSeq& s : *seqs) c.req.seqs.push_back(s.seq_id);
+  }
   c.req.mode = MigrationMode::kCopy;
   c.req.live = f.live;
   c.req.transport = f.transport;
