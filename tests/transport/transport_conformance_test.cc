@@ -1087,6 +1087,24 @@ class TcpTargetTest : public ::testing::Test {
     return s;
   }
 
+  // Sends `bytes` on a fresh connection and closes it; returns `target`'s
+  // health once it is not OK (or after 10 s).
+  Status send_and_vanish(std::span<const uint8_t> bytes,
+                         TransportTarget& target) {
+    {
+      auto s = dial(token_, true);
+      boost::system::error_code ec;
+      boost::asio::write(s, boost::asio::buffer(bytes.data(), bytes.size()),
+                         ec);
+      EXPECT_FALSE(ec) << ec.message();
+    }  // closed
+    const auto until = in(seconds(10));
+    while (target.health().ok() && Clock::now() < until) {
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+    return target.health();
+  }
+
   Mapping mem_{kMiB};
   std::unique_ptr<Transport> t_;
   std::unique_ptr<TransportTarget> target_;
@@ -1233,18 +1251,8 @@ TEST_F(TcpTargetTest, PeerVanishingMidBatchEndsTheConnection) {
     SCOPED_TRACE("cut after " + std::to_string(sent) + " payload bytes");
     TearDown();
     SetUp();
-    {
-      auto s = dial(token_, true);
-      boost::system::error_code ec;
-      boost::asio::write(s, boost::asio::buffer(rec.data(), payloads + sent),
-                         ec);
-      ASSERT_FALSE(ec) << ec.message();
-    }  // closed
-    const auto until = in(seconds(10));
-    while (target_->health().ok() && Clock::now() < until) {
-      std::this_thread::sleep_for(milliseconds(1));
-    }
-    const Status health = target_->health();
+    const Status health =
+        send_and_vanish(std::span(rec).first(payloads + sent), *target_);
     EXPECT_EQ(health.code(), StatusCode::kUnavailable) << health.to_string();
     EXPECT_NE(health.message().find("batch"), std::string::npos)
         << health.to_string();
@@ -1401,19 +1409,9 @@ TEST_F(TcpTargetTest, PeerVanishingMidBatchLandsNothingOnADevice) {
   ASSERT_OK_AND_ASSIGN(token_, r.get<uint64_t>("token"));
   const std::vector<uint8_t> rec =
       batch_record({{0, 100, 600}, {0, 3000, 1000}}, 1600, /*fill=*/1);
-  {
-    auto s = dial(token_, true);
-    boost::system::error_code ec;
-    boost::asio::write(s, boost::asio::buffer(rec.data(), rec.size() - 100),
-                       ec);
-    ASSERT_FALSE(ec) << ec.message();
-  }  // closed
-  const auto until = in(seconds(10));
-  while (target->health().ok() && Clock::now() < until) {
-    std::this_thread::sleep_for(milliseconds(1));
-  }
-  EXPECT_EQ(target->health().code(), StatusCode::kUnavailable)
-      << target->health().to_string();
+  const Status health =
+      send_and_vanish(std::span(rec).first(rec.size() - 100), *target);
+  EXPECT_EQ(health.code(), StatusCode::kUnavailable) << health.to_string();
   EXPECT_EQ(dev.writes, 0u);
   EXPECT_EQ(std::count(dev.cpu().begin(), dev.cpu().end(), std::byte{0x5A}),
             static_cast<std::ptrdiff_t>(kMiB));
