@@ -2,6 +2,7 @@
 // and override only the calls they change (hide the layout, corrupt a
 // write, fail an install), the way leveldb's fault-injection Env wraps an
 // Env. Thread-safe as the pager it wraps.
+// bookkeeping_never_waits() is not forwarded (false): a wrapper may wait.
 #ifndef KVMIG_TESTS_FORWARDING_PAGER_H_
 #define KVMIG_TESTS_FORWARDING_PAGER_H_
 

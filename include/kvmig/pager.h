@@ -29,8 +29,9 @@ struct PagerCapacity {
 // step, say) delays only the migration or status call that made it, not
 // the agent's other connections and timers. Exceptions: meta() and
 // layout(), which must not block, are also called on the control thread
-// and when the Agent is created. A pager method must not call back into
-// its own Agent: such a call fails with FailedPrecondition.
+// and when the Agent is created, and so is the bookkeeping of a pager that
+// says it never waits (bookkeeping_never_waits()). A pager method must not call
+// back into its own Agent: such a call fails with FailedPrecondition.
 //
 // Between a successful pause() and the matching resume(), the bytes of every
 // page that belongs to a sequence must not change: kvmig reads them directly
@@ -123,6 +124,21 @@ class CachePager {
     (void)ids;
     return Status::unimplemented("pager does not support unhold_seqs");
   }
+
+  // True when this pager's bookkeeping never waits: logical_seqs(),
+  // allocate_pages(), release_pages(), install_logical_seqs(),
+  // drop_logical_seqs(), unhold_seqs() and resume() return within
+  // microseconds, never waiting for an engine step that runs a model, a
+  // lock held across one, or an interpreter's lock (so not a Python pager).
+  // kvmig may then make those calls on its control thread instead of a data
+  // thread, which saves each of them a trip's two thread hand-offs (20-60 us
+  // each on a VM: a third of a small migration's fixed cost, README). The
+  // price: while such a call runs, the agent's other connections and timers
+  // wait. pause(), hold_seqs() and every page access (read_page, write_page,
+  // the device copies) stay on the data threads. Default false. Constant for
+  // the pager's lifetime; a pager that wraps another does not inherit it (the
+  // wrapper may wait).
+  virtual bool bookkeeping_never_waits() const { return false; }
 
   // --- Device memory --------------------------------------------------------
   // For layout regions whose kind is not MemoryKind::kHost (a GPU's memory).

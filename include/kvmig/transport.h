@@ -225,6 +225,14 @@ class Transport {
   virtual Result<std::unique_ptr<TransportTarget>> open_target(
       std::span<const std::span<std::byte>> regions,
       std::span<const uint8_t> initiator_address, Deadline deadline) = 0;
+
+  // True when open_target(), and allow() and keep() on its targets once
+  // every write was flushed, return at once: no device call, no wait on
+  // the peer or on a busy thread. A destination whose pager's bookkeeping
+  // never waits (CachePager::bookkeeping_never_waits) then makes them on
+  // its control thread along with the allocation and the install. Default
+  // false.
+  virtual bool targets_open_at_once() const { return false; }
 };
 
 // Options for building a transport.

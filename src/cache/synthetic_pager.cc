@@ -416,6 +416,13 @@ std::optional<PagerLayout> SyntheticPager::layout() const {
   return state_->regions;
 }
 
+bool SyntheticPager::bookkeeping_never_waits() const {
+  // The mutex is held longest by a decode step: in host memory one token's
+  // K and V copied per request. On a (simulated) device the step runs the
+  // device's copies, as a model's step would: not promised.
+  return state_->regions.front().kind == MemoryKind::kHost;
+}
+
 namespace {
 
 Status check_region(uint32_t region, size_t n_regions, std::string_view op) {

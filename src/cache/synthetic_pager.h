@@ -76,6 +76,7 @@ class SyntheticPager final : public CachePager {
   Status write_page(PageIndex ix, const PageBytes& page) override;
   Status install_logical_seqs(const std::vector<LogicalSeq>& seqs) override;
   std::optional<PagerLayout> layout() const override;
+  bool bookkeeping_never_waits() const override;
   Status release_pages(std::span<const PageIndex> ixs) override;
   Status drop_logical_seqs(std::span<const SeqId> ids) override;
   Status hold_seqs(std::span<const SeqId> ids) override;

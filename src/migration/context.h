@@ -94,6 +94,20 @@ class MigrationContext {
     return kvmig::offload(data_pool, std::move(f));
   }
 
+  // Runs the pager bookkeeping f() and resumes the caller with its result:
+  // on this (the io) thread when the pager's bookkeeping never waits and
+  // the caller says the rest of f() does not either (`quick`: any
+  // transport call in it opens at once, at most kQuickPageBytes of page
+  // bytes checksummed), saving the data pool's trip; otherwise there.
+  template <typename F>
+  auto bookkeeping(F f, bool quick = true) -> asio::awaitable<decltype(f())> {
+    if (quick && pager_never_waits) co_return f();
+    co_return co_await offload(std::move(f));
+  }
+  // Page bytes a bookkeeping trip may checksum on the io thread: tens of
+  // microseconds of xxh3, less than the trip it saves.
+  static constexpr uint64_t kQuickPageBytes = 256 << 10;
+
   CachePager& pager;
   const AgentOptions options;
   WireLimits limits;
@@ -104,6 +118,8 @@ class MigrationContext {
   std::vector<std::span<std::byte>> pager_regions;
   // Where the pages live, for reports: memory_kinds_name(layout).
   std::string memory = "host";
+  // The pager's bookkeeping_never_waits(), read once by init().
+  bool pager_never_waits = false;
 
   // Declared before io and data_pool: destroyed after them, so coroutine
   // frames and pool work never outlive what they use.

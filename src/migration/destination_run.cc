@@ -76,19 +76,22 @@ void DestinationRun::cancel(const Status& why) {
 
 asio::awaitable<void> DestinationRun::run() {
   // Pager calls go to the data pool: a slow engine delays this migration,
-  // not the agent's other connections and timers.
-  // One trip to the data pool for the id check, the allocation and, into
-  // the pool itself, the data path: each trip costs two thread wake-ups on
-  // the migration's fixed cost.
+  // not the agent's other connections and timers. One trip for the id
+  // check, the allocation and, into the pool itself, the data path: each
+  // trip costs two thread wake-ups on the migration's fixed cost, none
+  // when the pager's bookkeeping and the transport's opening never wait.
   Status s = check_hello();
   if (s.ok()) s = register_id();
   if (s.ok()) {
-    s = co_await ctx_.offload([this]() -> Status {
-      KVMIG_RETURN_IF_ERROR(check_ids_not_live());
-      KVMIG_RETURN_IF_ERROR(allocate_first_round());
-      if (ctx_.layout) return open_target(ctx_.pager_regions);
-      return Status();
-    });
+    const bool quick = !ctx_.layout || transport_->targets_open_at_once();
+    s = co_await ctx_.bookkeeping(
+        [this]() -> Status {
+          KVMIG_RETURN_IF_ERROR(check_ids_not_live());
+          KVMIG_RETURN_IF_ERROR(allocate_first_round());
+          if (ctx_.layout) return open_target(ctx_.pager_regions);
+          return Status();
+        },
+        quick);
   }
   if (s.ok()) s = co_await open_and_offer();
   if (cancelled_) s = *cancelled_;
@@ -371,15 +374,19 @@ asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
         " per migration");
   }
   // One trip to the data pool: the allocation, then the new slots' write
-  // windows (binding them may take a verbs device a while).
+  // windows (binding them may take a verbs device a while). None when
+  // neither waits.
   Status allowed;
-  auto more = co_await ctx_.offload([&] {
-    auto got = ctx_.pager.allocate_pages(round->n_pages);
-    if (got.ok() && ctx_.layout && target_) {
-      allowed = target_->allow(windows_for(*ctx_.layout, *got)).status();
-    }
-    return got;
-  });
+  const bool quick = !target_ || transport_->targets_open_at_once();
+  auto more = co_await ctx_.bookkeeping(
+      [&] {
+        auto got = ctx_.pager.allocate_pages(round->n_pages);
+        if (got.ok() && ctx_.layout && target_) {
+          allowed = target_->allow(windows_for(*ctx_.layout, *got)).status();
+        }
+        return got;
+      },
+      quick);
   if (!more.ok()) {
     co_return Status::resource_exhausted(
         "destination full: need " + std::to_string(round->n_pages) +
@@ -546,15 +553,21 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
   // write before COMMIT and posts none after), then install: revoked, or
   // kept for the source's next migration where the transport can; a failed
   // install still revokes it (fail()).
-  Status installed = co_await ctx_.offload([&]() -> Status {
-    if (!commit.verify.positions.empty()) {
-      KVMIG_RETURN_IF_ERROR(verify_sums(commit.verify, "COMMIT"));
-    }
-    KVMIG_RETURN_IF_ERROR(check_commit(commit));
-    const bool kept = target_->keep();
-    ctx_.log->debug("{} data path {}", tag_, kept ? "kept" : "revoked");
-    return ctx_.pager.install_logical_seqs(commit.seqs).with_context("install");
-  });
+  const bool quick =
+      transport_->targets_open_at_once() &&
+      commit.verify.positions.size() * page_total_ <= ctx_.kQuickPageBytes;
+  Status installed = co_await ctx_.bookkeeping(
+      [&]() -> Status {
+        if (!commit.verify.positions.empty()) {
+          KVMIG_RETURN_IF_ERROR(verify_sums(commit.verify, "COMMIT"));
+        }
+        KVMIG_RETURN_IF_ERROR(check_commit(commit));
+        const bool kept = target_->keep();
+        ctx_.log->debug("{} data path {}", tag_, kept ? "kept" : "revoked");
+        return ctx_.pager.install_logical_seqs(commit.seqs)
+            .with_context("install");
+      },
+      quick);
   if (!installed.ok()) co_return installed;
   ctx_.dst_records.remember(id_, Outcome::kCommitted);
   note_arrivals(commit);
@@ -563,7 +576,7 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
   slots_.taken();
   if (!unused_.empty()) {
     // Pages of requests the source left behind.
-    Status released = co_await ctx_.offload(
+    Status released = co_await ctx_.bookkeeping(
         [this] { return ctx_.pager.release_pages(unused_); });
     if (!released.ok()) {
       ctx_.log->error("{} releasing {} unused slots: {}", tag_, unused_.size(),

@@ -452,7 +452,7 @@ asio::awaitable<Status> SourceRun::run_live_rounds() {
     ctx_.fault("src.live.round");
     KVMIG_CO_RETURN_IF_ERROR(co_await run_round(round_pages_.empty()));
     auto current =
-        co_await ctx_.offload([this] { return ctx_.pager.logical_seqs(); });
+        co_await ctx_.bookkeeping([this] { return ctx_.pager.logical_seqs(); });
     if (!current.ok()) co_return current.status();
     const size_t remainder = precopy_.plan(*current, moving_, false).pages();
     const bool converged = remainder <= req_.live_converge_pages;
@@ -498,7 +498,7 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
     paused_seqs_.reset();
   } else {
     current =
-        co_await ctx_.offload([this] { return ctx_.pager.logical_seqs(); });
+        co_await ctx_.bookkeeping([this] { return ctx_.pager.logical_seqs(); });
   }
   if (!current.ok()) co_return current.status().with_context("logical_seqs");
   PrecopyState::Round round =
@@ -507,8 +507,8 @@ asio::awaitable<Status> SourceRun::run_round(bool first) {
     KVMIG_CO_RETURN_IF_ERROR(leave_behind(round.dropped));
     if (pause_.scope() == EnginePause::Scope::kSeqs) {
       // Held for the last round, and not moving after all: they run on.
-      Status unheld =
-          co_await ctx_.offload([&] { return pause_.unhold(round.dropped); });
+      Status unheld = co_await ctx_.bookkeeping(
+          [&] { return pause_.unhold(round.dropped); });
       if (!unheld.ok()) {
         ctx_.log->error("{} unhold {}: {}", tag_, join_ids(round.dropped),
                         unheld.to_string());
@@ -881,10 +881,11 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   }
   // Committed: the requests belong to the destination now.
   enter_phase("resume");
-  // Drop and resume in one trip to the data pool. Held requests that
-  // were dropped have nothing left to unhold; the others run on.
+  // Drop and resume in one trip to the data pool (none when the pager's
+  // bookkeeping never waits). Held requests that were dropped have nothing
+  // left to unhold; the others run on.
   Status dropped, resumed;
-  co_await ctx_.offload([&] {
+  co_await ctx_.bookkeeping([&] {
     if (req_.mode == MigrationMode::kMove) {
       dropped = ctx_.pager.drop_logical_seqs(ids);
       if (dropped.ok() && pause_.scope() == EnginePause::Scope::kSeqs) {
@@ -1076,7 +1077,8 @@ asio::awaitable<Result<MigrationReport>> checked_run(
       ctx.pager_holds_seqs.load(std::memory_order_relaxed);
   Result<std::vector<LogicalSeq>> live = std::vector<LogicalSeq>{};
   if (!check_in_hold) {
-    live = co_await ctx.offload([&ctx] { return ctx.pager.logical_seqs(); });
+    live =
+        co_await ctx.bookkeeping([&ctx] { return ctx.pager.logical_seqs(); });
     // A cancel that came meanwhile found no run yet and left its mark.
     if (const auto* mark = ctx.src_outcomes.find(id)) {
       cancelled = true;

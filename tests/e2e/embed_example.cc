@@ -4,6 +4,7 @@
 // read_page/write_page and a bounded staging buffer on each side.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -666,6 +667,108 @@ TEST(EmbedExample, UnknownIdsFailBeforeAnythingIsHeld) {
   EXPECT_EQ(pager.holds, 1);
   src->stop();
   dst->stop();
+}
+
+// Records the thread of each bookkeeping call it forwards, and says its
+// bookkeeping never waits when `quick`.
+class ThreadRecordingPager final : public testing::ForwardingPager {
+ public:
+  ThreadRecordingPager(CachePager& inner, bool quick)
+      : ForwardingPager(inner), quick_(quick) {}
+  bool bookkeeping_never_waits() const override { return quick_; }
+  Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override {
+    record("allocate_pages");
+    return ForwardingPager::allocate_pages(n);
+  }
+  Status install_logical_seqs(const std::vector<LogicalSeq>& seqs) override {
+    record("install_logical_seqs");
+    return ForwardingPager::install_logical_seqs(seqs);
+  }
+  Status drop_logical_seqs(std::span<const SeqId> ids) override {
+    record("drop_logical_seqs");
+    return ForwardingPager::drop_logical_seqs(ids);
+  }
+  Status hold_seqs(std::span<const SeqId> ids) override {
+    record("hold_seqs");
+    return ForwardingPager::hold_seqs(ids);
+  }
+  // The thread of each call's last use; a default id for a call not made.
+  std::thread::id thread_of(const std::string& call) const {
+    std::lock_guard lock(mu_);
+    auto it = threads_.find(call);
+    return it == threads_.end() ? std::thread::id() : it->second;
+  }
+
+ private:
+  void record(const std::string& call) {
+    std::lock_guard lock(mu_);
+    threads_[call] = std::this_thread::get_id();
+  }
+  const bool quick_;
+  mutable std::mutex mu_;
+  std::map<std::string, std::thread::id> threads_;
+};
+
+// A pager whose bookkeeping never waits has it made on the agent's control
+// thread (the one that reports a migration's end), without the data pool's
+// trips: the source's drop, and over tcp, whose targets open at once, the
+// destination's allocation and install. Over ucx, whose target may wait
+// while it opens, those stay on a data thread, as does hold_seqs (it waits
+// for the engine's step) and every call of a pager that does not say so.
+TEST(EmbedExample, BookkeepingThatNeverWaitsRunsOnTheControlThread) {
+  std::vector<std::string> transports = {"tcp"};
+  const auto built = built_transports();
+  if (std::find(built.begin(), built.end(), "ucx") != built.end()) {
+    transports.push_back("ucx");
+  }
+  for (const std::string& transport : transports) {
+    for (const bool quick : {true, false}) {
+      SCOPED_TRACE(transport + (quick ? ", never waits" : ", may wait"));
+      auto src_cache = make_cache(PoolLayout::kPage, 64);
+      auto dst_cache = make_cache(PoolLayout::kPage, 64);
+      ASSERT_TRUE(src_cache && dst_cache);
+      ASSERT_OK(src_cache->populate(3, 40, 4));
+      ThreadRecordingPager src_pager(*src_cache, quick);
+      ThreadRecordingPager dst_pager(*dst_cache, quick);
+      std::mutex mu;
+      std::map<MigrationEvent::Role, std::thread::id> control;
+      AgentOptions options;
+      options.transports = {transport};
+      options.on_migration_end = [&](const MigrationEvent& e) {
+        std::lock_guard lock(mu);
+        control[e.role] = std::this_thread::get_id();
+      };
+      auto src = start_agent(src_pager, options);
+      auto dst = start_agent(dst_pager, options);
+      ASSERT_TRUE(src && dst);
+      const auto before = digests(*src);
+      MigrateRequest req;
+      req.to = dst->address();
+      req.seqs = {1, 2};
+      ASSERT_OK(src->migrate(req).status());
+      const auto moved = digests(*dst);
+      ASSERT_EQ(moved.size(), 2u);
+      EXPECT_EQ(moved.at(1), before.at(1));
+      EXPECT_EQ(moved.at(2), before.at(2));
+      EXPECT_EQ(digests(*src).size(), 1u);
+      src->stop();
+      dst->stop();
+      std::lock_guard lock(mu);
+      const auto src_control = control[MigrationEvent::Role::kSource];
+      const auto dst_control = control[MigrationEvent::Role::kDestination];
+      ASSERT_NE(src_control, std::thread::id());
+      ASSERT_NE(dst_control, std::thread::id());
+      ASSERT_NE(src_pager.thread_of("hold_seqs"), std::thread::id());
+      EXPECT_NE(src_pager.thread_of("hold_seqs"), src_control);
+      EXPECT_EQ(src_pager.thread_of("drop_logical_seqs") == src_control, quick);
+      const bool dst_inline = quick && transport == "tcp";
+      for (const char* call : {"allocate_pages", "install_logical_seqs"}) {
+        SCOPED_TRACE(call);
+        ASSERT_NE(dst_pager.thread_of(call), std::thread::id());
+        EXPECT_EQ(dst_pager.thread_of(call) == dst_control, dst_inline);
+      }
+    }
+  }
 }
 
 // A pager whose logical_seqs() blocks, once armed, until released: a slow

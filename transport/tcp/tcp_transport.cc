@@ -1304,6 +1304,10 @@ class TcpTransport final : public Transport {
   ~TcpTransport() override { parking_->clear(); }
 
   std::string_view name() const override { return "tcp"; }
+  // A target opens a listener (and its thread) or adopts a parked
+  // connection; allow() and keep() take a lock, and keep() after the flush
+  // finds the connection idle.
+  bool targets_open_at_once() const override { return true; }
 
   Status register_memory(std::span<std::byte> region) override {
     return registry_->add(region, nullptr);
