@@ -39,6 +39,21 @@ Status reply_status(const Frame& f, const WireLimits& limits,
                           msg_type_name(f.type));
 }
 
+// NotFound naming the ids (in the order asked, once each) that `live`
+// does not list; OK when it lists them all.
+Status refuse_unknown(const std::vector<LogicalSeq>& live,
+                      std::span<const SeqId> ids) {
+  std::set<SeqId> known;
+  for (const LogicalSeq& l : live) known.insert(l.seq_id);
+  std::set<SeqId> seen;
+  std::vector<SeqId> unknown;
+  for (SeqId id : ids) {
+    if (!known.count(id) && seen.insert(id).second) unknown.push_back(id);
+  }
+  if (unknown.empty()) return Status();
+  return Status::not_found("unknown request ids: " + join_ids(unknown));
+}
+
 }  // namespace
 
 const char* EnginePause::scope_name() const {
@@ -252,19 +267,8 @@ std::shared_ptr<SourceRun::PauseRace> SourceRun::start_pause(bool whole_engine,
     // is held and the run ends with the ids it does not know.
     if (check_live) {
       auto live = pager.logical_seqs();
-      Status refused = live.status().with_context("logical_seqs");
-      if (live.ok()) {
-        std::set<SeqId> known;
-        for (const LogicalSeq& l : *live) known.insert(l.seq_id);
-        std::vector<SeqId> unknown;
-        for (SeqId id : ids) {
-          if (!known.count(id)) unknown.push_back(id);
-        }
-        if (!unknown.empty()) {
-          refused =
-              Status::not_found("unknown request ids: " + join_ids(unknown));
-        }
-      }
+      Status refused = live.ok() ? refuse_unknown(*live, ids)
+                                 : live.status().with_context("logical_seqs");
       if (!refused.ok()) {
         std::lock_guard lock(race->mu);
         if (race->abandoned) return;
@@ -998,32 +1002,28 @@ namespace {
 // The requests a migration moves: every live one not in doubt and not in
 // another migration from here (all), or the ones asked for, each live, not
 // in doubt and not moving already. Unknown ids are an error before
-// anything moves; with assume_live, the run checks them on its hold's
-// trip instead (`before` is not read).
+// anything moves; without `live` (named requests only), the run checks
+// them on its hold's trip instead.
 Result<std::vector<SeqId>> select_requests(
     MigrationContext& ctx, const MigrateRequest& req,
-    const Result<std::vector<LogicalSeq>>& before, bool assume_live) {
-  if (!before.ok()) return before.status().with_context("logical_seqs");
+    const std::vector<LogicalSeq>* live) {
   const std::set<SeqId> doubtful = ctx.in_doubt.held_seqs();
   std::vector<SeqId> ids;
   if (req.all) {
-    for (const LogicalSeq& s : *before) {
+    for (const LogicalSeq& s : *live) {
       if (!doubtful.count(s.seq_id) && !ctx.moving.count(s.seq_id)) {
         ids.push_back(s.seq_id);
       }
     }
     return ids;
   }
-  std::set<SeqId> live;
-  for (const LogicalSeq& s : *before) live.insert(s.seq_id);
-  std::vector<SeqId> unknown, held, busy;
+  if (live) KVMIG_RETURN_IF_ERROR(refuse_unknown(*live, req.seqs));
+  std::vector<SeqId> held, busy;
   std::set<std::string> busy_in;
   std::set<SeqId> seen;
   for (SeqId id : req.seqs) {
     if (!seen.insert(id).second) continue;
-    if (!assume_live && !live.count(id)) {
-      unknown.push_back(id);
-    } else if (doubtful.count(id)) {
+    if (doubtful.count(id)) {
       held.push_back(id);
     } else if (auto m = ctx.moving.find(id); m != ctx.moving.end()) {
       busy.push_back(id);
@@ -1031,9 +1031,6 @@ Result<std::vector<SeqId>> select_requests(
     } else {
       ids.push_back(id);
     }
-  }
-  if (!unknown.empty()) {
-    return Status::not_found("unknown request ids: " + join_ids(unknown));
   }
   if (!held.empty()) {
     return Status::failed_precondition(
@@ -1084,8 +1081,9 @@ asio::awaitable<Result<MigrationReport>> checked_run(
       cancelled = true;
       co_return Status::aborted("migration " + id + " " + mark->detail);
     }
+    if (!live.ok()) co_return live.status().with_context("logical_seqs");
   }
-  auto ids = select_requests(ctx, req, live, check_in_hold);
+  auto ids = select_requests(ctx, req, check_in_hold ? nullptr : &*live);
   if (!ids.ok()) co_return ids.status();
   if (ids->empty()) {
     co_return Status::invalid_argument("no requests to migrate");

@@ -718,6 +718,10 @@ TEST(MigrateE2E, UnknownIdsAreAnErrorBeforeAnythingMoves) {
   auto dst = AgentProcess::start({});
   ASSERT_TRUE(src && dst);
   expect_refused(*src, *dst, {"--seqs", "1,99"}, {"unknown request ids: 99"});
+  // A live migration checks against a snapshot before it starts (not on
+  // the hold's trip): the same error, each id once, in the order asked.
+  expect_refused(*src, *dst, {"--seqs", "98,1,99,98", "--live"},
+                 {"unknown request ids: 98,99"});
 }
 
 TEST(MigrateE2E, UnreachableDestinationIsAnError) {
