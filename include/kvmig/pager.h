@@ -132,7 +132,7 @@ class CachePager {
   // lock held across one, or an interpreter's lock (so not a Python pager).
   // kvmig may then make those calls on its control thread instead of a data
   // thread, which saves each of them a trip's two thread hand-offs (20-60 us
-  // each on a VM: a third of a small migration's fixed cost, README). The
+  // each on a VM: a quarter of a small migration's fixed cost, README). The
   // price: while such a call runs, the agent's other connections and timers
   // wait. pause(), hold_seqs() and every page access (read_page, write_page,
   // the device copies) stay on the data threads. Default false. Constant for
