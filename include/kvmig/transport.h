@@ -12,6 +12,11 @@
 //                                    target.revoke()  (no write lands after)
 //                                    or, committed: target.keep()
 //   committed: init.keep()
+// Where the transport has marks (tcp), the last writes before COMMIT go
+// with init.write_marked() instead of write() and flush(), and COMMIT
+// carries the mark: the destination sees it land behind every write
+// (target.wait_mark(), notify_mark()) before it installs, one round trip
+// fewer.
 // verbs sends its QP numbers as the initiator address; tcp and ucx send a
 // token when they kept a connection to this peer (see keep()), else nothing.
 //
@@ -71,6 +76,19 @@ class TransportInitiator {
   // memory; Unavailable or DeadlineExceeded otherwise.
   virtual Status flush(Deadline deadline) = 0;
 
+  // write(ops), then a mark behind every write posted so far (these
+  // included), in one go and without waiting for the target; returns the
+  // mark's number, greater than any this connection gave before: the
+  // target's wait_mark() of it returns once those writes are visible. The
+  // caller sends the number by other means (in COMMIT). 0: this transport
+  // has no marks (the ops were written; flush() instead). Default: write()
+  // and 0.
+  virtual Result<uint64_t> write_marked(std::span<const WriteOp> ops,
+                                        Deadline deadline) {
+    KVMIG_RETURN_IF_ERROR(write(ops, deadline));
+    return uint64_t{0};
+  }
+
   // Thread-safe; may be called while another thread is inside write() or
   // flush(): the caller learnt by other means (its control connection
   // broke, a cancel) that the migration is over, and a wait on the peer
@@ -93,7 +111,8 @@ class TransportInitiator {
   virtual uint64_t bytes_written() const = 0;
   virtual uint64_t ops_posted() const = 0;
 
-  // The migration committed (every write was flushed before COMMIT): the
+  // The migration committed (every write was flushed or marked before
+  // COMMIT): the
   // transport may keep this connection for the next initiator made for the
   // same peer (Transport::create_initiator_for) instead of closing it.
   // Default: nothing kept; destruction closes the connection.
@@ -152,8 +171,30 @@ class TransportTarget {
   // Set once the initiator's connection failed or closed (for logs).
   virtual Status health() const = 0;
 
-  // Ends a committed migration's data path, whose initiator flushed every
-  // write before COMMIT and posts none after. Where the transport can, it
+  // Returns once the initiator's mark `mark` (TransportInitiator::write_marked)
+  // has arrived, every write it posted before the mark being visible then;
+  // DeadlineExceeded if it has not by `deadline` (a deadline already past
+  // only checks), Unavailable if the connection failed before it, Aborted
+  // once revoked. Thread-safe. Default: Unimplemented (no marks).
+  virtual Status wait_mark(uint64_t mark, Deadline deadline) {
+    (void)mark;
+    (void)deadline;
+    return Status::unimplemented("this transport has no marks");
+  }
+
+  // Calls `wake` once, from any thread (this one, before returning, if it
+  // is so already), when wait_mark(mark, now) no longer returns
+  // DeadlineExceeded: the mark arrived, the connection failed, or the
+  // target was revoked. `wake` must return soon and not call this target.
+  // Thread-safe. Default: at once (wait_mark() then says why).
+  virtual void notify_mark(uint64_t mark, std::function<void()> wake) {
+    (void)mark;
+    wake();
+  }
+
+  // Ends a committed migration's data path, whose initiator flushed (or
+  // marked, and the mark arrived) every write before COMMIT and posts none
+  // after. Where the transport can, it
   // keeps the connection for that initiator's next migration (true);
   // otherwise it revokes (false). Either way no write of this migration
   // lands after it returns, and revoke() later still cuts the connection.

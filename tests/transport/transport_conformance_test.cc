@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <future>
 #include <memory>
 #include <random>
 #include <span>
@@ -248,6 +249,78 @@ TEST_P(TransportConformanceTest, WritesLandByteExactAfterFlush) {
   expect_dst_equals(expected);
   // A flush with nothing posted succeeds too.
   ASSERT_OK(init->flush(in(seconds(10))));
+}
+
+// The last writes before COMMIT may carry a mark (protocol 7): where the
+// transport has marks (tcp), the target's wait_mark() returns once every
+// write before the mark has landed, with no flush; elsewhere write_marked()
+// only writes (mark 0) and the target has no marks.
+TEST_P(TransportConformanceTest, MarkedWritesHaveLandedWhenTheMarkArrives) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  // Small writes (a batch record over tcp) and a large one.
+  std::vector<WriteOp> ops;
+  for (size_t i = 0; i < 16; ++i) {
+    ops.push_back({src_at(i * 5000 + 3), 0, i * 9000, 4097});
+  }
+  ops.push_back({src_at(3 * kMiB), 1, 1000, kMiB + 5});
+  auto expected = dst_copy();
+  apply(ops, expected);
+  ASSERT_OK_AND_ASSIGN(uint64_t mark, init->write_marked(ops, in(seconds(20))));
+  if (mark == 0) {
+    EXPECT_EQ(target->wait_mark(1, in(seconds(1))).code(),
+              StatusCode::kUnimplemented);
+    bool woken = false;  // at once: wait_mark() says why
+    target->notify_mark(1, [&] { woken = true; });
+    EXPECT_TRUE(woken);
+    ASSERT_OK(init->flush(in(seconds(20))));
+    expect_dst_equals(expected);
+    return;
+  }
+  ASSERT_OK(target->wait_mark(mark, in(seconds(20))));
+  expect_dst_equals(expected);
+  // Once it arrived, a deadline already past only checks.
+  EXPECT_OK(target->wait_mark(mark, Clock::now() - seconds(1)));
+  // A mark not posted has not arrived: the wait ends at its deadline.
+  EXPECT_EQ(target->wait_mark(mark + 1, in(milliseconds(50))).code(),
+            StatusCode::kDeadlineExceeded);
+  // Flushes and marks share one sequence; a mark behind no write is one too.
+  ASSERT_OK(init->flush(in(seconds(10))));
+  std::vector<WriteOp> again = {{src_at(123), 0, 2 * kMiB + 1, 777}};
+  apply(again, expected);
+  ASSERT_OK_AND_ASSIGN(uint64_t next,
+                       init->write_marked(again, in(seconds(10))));
+  EXPECT_GT(next, mark + 1);
+  ASSERT_OK_AND_ASSIGN(uint64_t bare, init->write_marked({}, in(seconds(10))));
+  EXPECT_EQ(bare, next + 1);
+  ASSERT_OK(target->wait_mark(bare, in(seconds(10))));
+  expect_dst_equals(expected);
+  EXPECT_OK(target->health());
+  // notify_mark(): at once for a mark that arrived; for one still to come,
+  // when it does.
+  bool at_once = false;
+  target->notify_mark(bare, [&] { at_once = true; });
+  EXPECT_TRUE(at_once);
+  std::promise<void> arrived;
+  target->notify_mark(bare + 1, [&] { arrived.set_value(); });
+  ASSERT_OK_AND_ASSIGN(uint64_t later,
+                       init->write_marked(again, in(seconds(10))));
+  EXPECT_EQ(later, bare + 1);
+  ASSERT_EQ(arrived.get_future().wait_for(seconds(10)),
+            std::future_status::ready);
+  EXPECT_OK(target->wait_mark(later, Clock::now()));
+  // Revoked: a waiting caller is woken, and a wait for a mark that cannot
+  // come any more says so at once.
+  std::promise<void> cut_off;
+  target->notify_mark(later + 1, [&] { cut_off.set_value(); });
+  target->revoke();
+  ASSERT_EQ(cut_off.get_future().wait_for(seconds(10)),
+            std::future_status::ready);
+  const auto t0 = Clock::now();
+  EXPECT_EQ(target->wait_mark(later + 1, in(seconds(30))).code(),
+            StatusCode::kAborted);
+  EXPECT_LT(Clock::now() - t0, seconds(10));
 }
 
 TEST_P(TransportConformanceTest, ManySmallWritesAcrossBatches) {
@@ -1269,6 +1342,61 @@ TEST_F(TcpTargetTest, PeerVanishingMidBatchEndsTheConnection) {
       ASSERT_EQ(mem_.data()[i], std::byte{0x5A}) << "byte " << i;
     }
   }
+}
+
+// A mark record (protocol 7): region 0xFFFFFFFD, offset = its number, no
+// payload.
+std::vector<uint8_t> mark_record(uint64_t mark, uint64_t length = 0) {
+  ByteWriter w;
+  w.put<uint32_t>(0xFFFFFFFD);
+  w.put<uint64_t>(mark);
+  w.put<uint64_t>(length);
+  return w.take();
+}
+
+// A peer that vanishes before its mark: the wait ends as soon as the
+// connection does (Unavailable), long before its deadline; one waiting
+// while the target is revoked ends then (Aborted); a mark with a payload
+// is a protocol error.
+TEST_F(TcpTargetTest, AMarkThatCannotComeEndsTheWait) {
+  ByteWriter w;  // a write record whose payload never comes whole
+  w.put<uint32_t>(0);
+  w.put<uint64_t>(0);
+  w.put<uint64_t>(1000);
+  w.put_bytes(std::vector<uint8_t>(10, 1));
+  auto waited = std::async(std::launch::async, [this] {
+    const auto t0 = Clock::now();
+    Status s = target_->wait_mark(1, in(seconds(30)));
+    return std::make_pair(s, Clock::now() - t0);
+  });
+  const Status health = send_and_vanish(w.buffer(), *target_);
+  EXPECT_EQ(health.code(), StatusCode::kUnavailable) << health.to_string();
+  auto [status, took] = waited.get();
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.to_string();
+  EXPECT_NE(status.message().find("mark 1"), std::string::npos)
+      << status.to_string();
+  EXPECT_LT(took, seconds(10));
+
+  TearDown();
+  SetUp();
+  auto s = dial(token_, true);
+  boost::system::error_code ec;
+  const std::vector<uint8_t> m = mark_record(7);
+  boost::asio::write(s, boost::asio::buffer(m), ec);
+  ASSERT_OK(target_->wait_mark(7, in(seconds(10))));
+  EXPECT_OK(target_->wait_mark(3, in(seconds(10))));  // an older one
+  auto revoked = std::async(std::launch::async, [this] {
+    return target_->wait_mark(8, in(seconds(30)));
+  });
+  target_->revoke();
+  EXPECT_EQ(revoked.get().code(), StatusCode::kAborted);
+
+  TearDown();
+  SetUp();
+  const Status bad = send_and_vanish(mark_record(9, 5), *target_);
+  EXPECT_EQ(bad.code(), StatusCode::kProtocol) << bad.to_string();
+  EXPECT_EQ(target_->wait_mark(9, in(seconds(10))).code(),
+            StatusCode::kUnavailable);
 }
 
 // --- device memory ----------------------------------------------------------

@@ -12,15 +12,18 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../transport_util.h"
@@ -40,6 +43,9 @@ using boost::system::error_code;
 // except for these two region values:
 // - flush: offset is its sequence number, no payload; the target answers
 //   with the sequence once every earlier record has landed.
+// - mark (protocol 7): the same without an answer; the target notes the
+//   sequence (TransportTarget::wait_mark), every earlier record having
+//   landed. Flushes and marks share one sequence per connection.
 // - batch (protocol 6): offset is a count of entries (2 to
 //   kMaxBatchEntries), length their payload bytes (at most kMaxBatchBytes);
 //   the entries follow, a header each (region, offset, length), then their
@@ -47,6 +53,7 @@ using boost::system::error_code;
 //   any, and reads the payloads straight into place.
 constexpr uint32_t kFlushRegion = 0xFFFFFFFF;
 constexpr uint32_t kBatchRegion = 0xFFFFFFFE;
+constexpr uint32_t kMarkRegion = 0xFFFFFFFD;
 constexpr size_t kHeaderBytes = 20;
 // Address blob limits, checked when parsing a peer's address.
 constexpr size_t kMaxHostLen = 255;
@@ -199,10 +206,10 @@ class TargetConn {
     return generation_;
   }
 
-  // Stops applying writes: from now on any record but a flush cuts the
-  // connection. False (nothing changed) unless the initiator is connected,
-  // healthy and not in the middle of a write's payload, which could still
-  // land after this returns.
+  // Stops applying writes: from now on any record but a flush or a mark
+  // cuts the connection. False (nothing changed) unless the initiator is
+  // connected, healthy and not in the middle of a write's payload, which could
+  // still land after this returns.
   bool park() {
     std::lock_guard lock(mu_);
     if (revoked_ || !authenticated_ || !health_.ok() || in_payload_) {
@@ -232,6 +239,7 @@ class TargetConn {
       if (revoked_) return;
       revoked_ = true;
     }
+    wake_mark_waiters();
     // After the join no handler runs and no read is issued; the sockets are
     // then closed so the kernel drops whatever else arrives.
     io_.stop();
@@ -249,6 +257,39 @@ class TargetConn {
   Status health() const {
     std::lock_guard lock(mu_);
     return health_;
+  }
+
+  // See TransportTarget::notify_mark.
+  void notify_mark(uint64_t mark, std::function<void()> wake) {
+    {
+      std::lock_guard lock(mu_);
+      if (marked_ < mark && health_.ok() && !revoked_) {
+        mark_waiters_.emplace_back(mark, std::move(wake));
+        return;
+      }
+    }
+    wake();
+  }
+
+  // See TransportTarget::wait_mark. The mark is checked first: once it
+  // arrived, every write before it landed, whatever became of the
+  // connection since.
+  Status wait_mark(uint64_t mark, Deadline deadline) {
+    std::unique_lock lock(mu_);
+    if (Clock::now() < deadline) {
+      marked_cv_.wait_until(lock, deadline, [&] {
+        return marked_ >= mark || !health_.ok() || revoked_;
+      });
+    }
+    if (marked_ >= mark) return Status();
+    const std::string what = "tcp target: mark " + std::to_string(mark) +
+                             " from " + (peer_.empty() ? "?" : peer_);
+    if (!health_.ok()) {
+      return Status::unavailable(what + " never came: " + health_.message());
+    }
+    if (revoked_) return Status::aborted(what + ": the target was revoked");
+    return Status::deadline_exceeded(what + " has not arrived (the last was " +
+                                     std::to_string(marked_) + ")");
   }
 
   void allow(std::span<const WriteWindow> ranges) {
@@ -374,6 +415,19 @@ class TargetConn {
               serve();
             });
         return;
+      }
+      if (region == kMarkRegion) {
+        if (length != 0) {
+          return fail(Status::protocol("tcp target: mark record from " + peer_ +
+                                       " has length " +
+                                       std::to_string(length)));
+        }
+        {
+          std::lock_guard lock(mu_);
+          marked_ = std::max(marked_, offset);
+        }
+        wake_mark_waiters();
+        continue;
       }
       if (region == kBatchRegion) return start_batch(offset, length);
       auto dst = claim(region, offset, length);
@@ -705,12 +759,34 @@ class TargetConn {
     return TargetRegion{dst.subspan(offset), regions_[region].device};
   }
 
+  // Wakes wait_mark() and the notify_mark() callers whose wait is over
+  // (every one once the connection failed or was revoked), outside mu_.
+  void wake_mark_waiters() {
+    std::vector<std::function<void()>> due;
+    {
+      std::lock_guard lock(mu_);
+      const bool over = !health_.ok() || revoked_;
+      auto it = mark_waiters_.begin();
+      while (it != mark_waiters_.end()) {
+        if (over || it->first <= marked_) {
+          due.push_back(std::move(it->second));
+          it = mark_waiters_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    marked_cv_.notify_all();
+    for (auto& wake : due) wake();
+  }
+
   // Records the first failure and drops the connection.
   void fail(Status s) {
     {
       std::lock_guard lock(mu_);
       if (health_.ok()) health_ = s;
     }
+    wake_mark_waiters();
     if (s.code() == StatusCode::kUnavailable) {
       log_->info("target: {}", s.to_string());
     } else {
@@ -764,6 +840,10 @@ class TargetConn {
   bool parked_ = false;         // kept: no write is applied
   bool in_payload_ = false;     // a write's bytes are being read
   uint64_t generation_ = 0;
+  uint64_t marked_ = 0;                // the highest mark that arrived
+  std::condition_variable marked_cv_;  // marked_, health_ or revoked_ moved
+  // notify_mark()'s callers still waiting: mark, wake.
+  std::vector<std::pair<uint64_t, std::function<void()>>> mark_waiters_;
 
   std::thread thread_;  // runs io_; joined by revoke()
 };
@@ -773,9 +853,10 @@ class TargetConn {
 struct InitConn {
   asio::io_context io;
   tcp::socket socket{io};
-  uint64_t token = 0;      // the target's, shown when connecting
-  uint64_t flush_seq = 0;  // continues across the migrations it serves
-  std::string peer;        // host:port, for logs
+  uint64_t token = 0;  // the target's, shown when connecting
+  // Flushes and marks: continues across the migrations it serves.
+  uint64_t flush_seq = 0;
+  std::string peer;  // host:port, for logs
 
   // While parked nobody reads the socket: false once the target closed it
   // (or sent something it should not have).
@@ -901,6 +982,14 @@ class TcpTarget final : public TransportTarget {
 
   Status health() const override { return conn_->health(); }
 
+  Status wait_mark(uint64_t mark, Deadline deadline) override {
+    return conn_->wait_mark(mark, deadline);
+  }
+
+  void notify_mark(uint64_t mark, std::function<void()> wake) override {
+    conn_->notify_mark(mark, std::move(wake));
+  }
+
   void revoke() override {
     std::lock_guard lock(mu_);
     if (kept_) {
@@ -952,9 +1041,10 @@ class TcpInitiator final : public TransportInitiator {
   ~TcpInitiator() override {
     if (!conn_) return;  // kept
     close_logged(conn_->socket, "tcp initiator connection");
-    log_->debug("initiator to {} closed: {} ops, {} bytes, {} flushes",
-                conn_->peer.empty() ? "nobody" : conn_->peer, ops_posted_,
-                bytes_written_, conn_->flush_seq);
+    log_->debug(
+        "initiator to {} closed: {} ops, {} bytes, {} flushes and marks",
+        conn_->peer.empty() ? "nobody" : conn_->peer, ops_posted_,
+        bytes_written_, conn_->flush_seq);
   }
 
   // Empty, or the token of the kept connection this initiator holds.
@@ -1034,56 +1124,7 @@ class TcpInitiator final : public TransportInitiator {
     KVMIG_RETURN_IF_ERROR(usable());
     KVMIG_RETURN_IF_ERROR(check_write_ops(ops, region_lengths_, "tcp"));
     if (registry_->has_device()) return write_via_bounce(ops, deadline);
-    // At most a header and an entry per write: no reallocation moves the
-    // bytes buffers_ points at.
-    meta_.clear();
-    meta_.reserve(2 * kHeaderBytes * ops.size());
-    buffers_.clear();
-    buffers_.reserve(2 * ops.size());
-    auto put = [this](uint32_t region, uint64_t offset, uint64_t length) {
-      meta_.resize(meta_.size() + kHeaderBytes);
-      uint8_t* h = meta_.data() + meta_.size() - kHeaderBytes;
-      store_le<uint32_t>(h, region);
-      store_le<uint64_t>(h + 4, offset);
-      store_le<uint64_t>(h + 12, length);
-    };
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < ops.size();) {
-      // A run of small writes goes as one batch record, so the target can
-      // read their payloads straight into place; a large one on its own.
-      size_t end = i, entries = 0;
-      uint64_t run = 0;
-      for (; end < ops.size(); ++end) {
-        const uint64_t n = ops[end].length;
-        if (n == 0) continue;
-        if (n >= kCopyBelow || entries == kMaxBatchEntries ||
-            run + n > kMaxBatchBytes) {
-          break;
-        }
-        ++entries;
-        run += n;
-      }
-      if (entries < 2) end = i + 1;  // not worth a batch: one record
-      const size_t at = meta_.size();
-      if (entries >= 2) put(kBatchRegion, entries, run);
-      for (size_t k = i; k < end; ++k) {
-        if (ops[k].length == 0) continue;
-        put(ops[k].dst_region, ops[k].dst_offset, ops[k].length);
-        bytes += ops[k].length;
-      }
-      if (meta_.size() > at) {
-        buffers_.push_back(asio::buffer(meta_.data() + at, meta_.size() - at));
-        for (size_t k = i; k < end; ++k) {
-          if (ops[k].length == 0) continue;
-          buffers_.push_back(asio::buffer(ops[k].src, ops[k].length));
-        }
-      }
-      i = end;
-    }
-    KVMIG_RETURN_IF_ERROR(send_buffers(deadline));
-    bytes_written_ += bytes;
-    ops_posted_ += ops.size();
-    return Status();
+    return write_records(ops, deadline, false);
   }
 
   Status flush(Deadline deadline) override {
@@ -1103,6 +1144,26 @@ class TcpInitiator final : public TransportInitiator {
           std::to_string(seq)));
     }
     return Status();
+  }
+
+  Result<uint64_t> write_marked(std::span<const WriteOp> ops,
+                                Deadline deadline) override {
+    KVMIG_RETURN_IF_ERROR(usable());
+    KVMIG_RETURN_IF_ERROR(check_write_ops(ops, region_lengths_, "tcp"));
+    const uint64_t seq = conn_->flush_seq + 1;
+    store_le<uint32_t>(mark_.data(), kMarkRegion);
+    store_le<uint64_t>(mark_.data() + 4, seq);
+    store_le<uint64_t>(mark_.data() + 12, 0);
+    if (registry_->has_device()) {
+      KVMIG_RETURN_IF_ERROR(write_via_bounce(ops, deadline));
+      buffers_.clear();
+      buffers_.push_back(asio::buffer(mark_));
+      KVMIG_RETURN_IF_ERROR(send_buffers(deadline));
+    } else {
+      KVMIG_RETURN_IF_ERROR(write_records(ops, deadline, true));
+    }
+    conn_->flush_seq = seq;
+    return seq;
   }
 
   uint64_t bytes_written() const override { return bytes_written_; }
@@ -1176,6 +1237,63 @@ class TcpInitiator final : public TransportInitiator {
   }
 
  private:
+  // Writes ops (checked) from host memory as records, then mark_'s record
+  // with `mark`, in one system call where the socket takes them.
+  Status write_records(std::span<const WriteOp> ops, Deadline deadline,
+                       bool mark) {
+    // At most a header and an entry per write: no reallocation moves the
+    // bytes buffers_ points at.
+    meta_.clear();
+    meta_.reserve(2 * kHeaderBytes * ops.size());
+    buffers_.clear();
+    buffers_.reserve(2 * ops.size() + 1);
+    auto put = [this](uint32_t region, uint64_t offset, uint64_t length) {
+      meta_.resize(meta_.size() + kHeaderBytes);
+      uint8_t* h = meta_.data() + meta_.size() - kHeaderBytes;
+      store_le<uint32_t>(h, region);
+      store_le<uint64_t>(h + 4, offset);
+      store_le<uint64_t>(h + 12, length);
+    };
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < ops.size();) {
+      // A run of small writes goes as one batch record, so the target can
+      // read their payloads straight into place; a large one on its own.
+      size_t end = i, entries = 0;
+      uint64_t run = 0;
+      for (; end < ops.size(); ++end) {
+        const uint64_t n = ops[end].length;
+        if (n == 0) continue;
+        if (n >= kCopyBelow || entries == kMaxBatchEntries ||
+            run + n > kMaxBatchBytes) {
+          break;
+        }
+        ++entries;
+        run += n;
+      }
+      if (entries < 2) end = i + 1;  // not worth a batch: one record
+      const size_t at = meta_.size();
+      if (entries >= 2) put(kBatchRegion, entries, run);
+      for (size_t k = i; k < end; ++k) {
+        if (ops[k].length == 0) continue;
+        put(ops[k].dst_region, ops[k].dst_offset, ops[k].length);
+        bytes += ops[k].length;
+      }
+      if (meta_.size() > at) {
+        buffers_.push_back(asio::buffer(meta_.data() + at, meta_.size() - at));
+        for (size_t k = i; k < end; ++k) {
+          if (ops[k].length == 0) continue;
+          buffers_.push_back(asio::buffer(ops[k].src, ops[k].length));
+        }
+      }
+      i = end;
+    }
+    if (mark) buffers_.push_back(asio::buffer(mark_));
+    KVMIG_RETURN_IF_ERROR(send_buffers(deadline));
+    bytes_written_ += bytes;
+    ops_posted_ += ops.size();
+    return Status();
+  }
+
   struct ParsedAddress {
     std::string host;
     uint16_t port = 0;
@@ -1286,6 +1404,7 @@ class TcpInitiator final : public TransportInitiator {
   uint64_t ops_posted_ = 0;
   Word word_{};
   Word reply_{};
+  Header mark_{};  // post_mark()'s record
   // Reused by write(); kept so large batches do not reallocate each call:
   // the records' headers and batch entries, which buffers_ points into.
   std::vector<uint8_t> meta_;
