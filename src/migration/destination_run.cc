@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <memory>
 #include <string>
 #include <unordered_set>
 
@@ -480,6 +481,11 @@ Result<CommitMsg> DestinationRun::open_commit(const Frame& frame) {
   if (!commit.verify.positions.empty() && !hello_.verify) {
     return Status::protocol("COMMIT carries checksums, HELLO asked for none");
   }
+  if (commit.data_mark != 0 && (!target_ || staging_)) {
+    return Status::protocol("COMMIT names data mark " +
+                            std::to_string(commit.data_mark) +
+                            ", but this migration's writes are staged");
+  }
   return commit;
 }
 
@@ -548,11 +554,32 @@ void DestinationRun::note_arrivals(const CommitMsg& commit) {
   }
 }
 
+asio::awaitable<Status> DestinationRun::wait_for_mark(uint64_t mark) {
+  // Usually there before COMMIT. If not, the target wakes this coroutine
+  // when it comes (or the connection fails); no thread waits meanwhile.
+  Status landed = target_->wait_mark(mark, Deadline::min());
+  if (landed.code() == StatusCode::kDeadlineExceeded) {
+    auto timer = std::make_shared<asio::steady_timer>(ctx_.io);
+    timer->expires_at(ctx_.peer_deadline());
+    target_->notify_mark(mark, [timer] {
+      asio::post(timer->get_executor(), [timer] { timer->cancel(); });
+    });
+    boost::system::error_code ec;
+    co_await timer->async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    landed = target_->wait_mark(mark, Deadline::min());
+  }
+  co_return landed.with_context("COMMIT's data");
+}
+
 asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
-  // Once COMMIT checks out, end the data path (the source flushed every
-  // write before COMMIT and posts none after), then install: revoked, or
-  // kept for the source's next migration where the transport can; a failed
-  // install still revokes it (fail()).
+  // Once the source's writes have landed (flushed before COMMIT, or its
+  // mark arrived) and COMMIT checks out, end the data path (the source
+  // posts no write after COMMIT), then install: revoked, or kept for the
+  // source's next migration where the transport can; a failed install
+  // still revokes it (fail()).
+  if (commit.data_mark != 0) {
+    KVMIG_CO_RETURN_IF_ERROR(co_await wait_for_mark(commit.data_mark));
+  }
   const bool quick =
       transport_->targets_open_at_once() &&
       commit.verify.positions.size() * page_total_ <= ctx_.kQuickPageBytes;

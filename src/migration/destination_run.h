@@ -94,9 +94,14 @@ class DestinationRun {
   // destination can see them).
   Status check_commit(const CommitMsg& commit);
   Status check_tables(const CommitMsg& commit);
-  // Checks COMMIT (the paused round's checksums, then check_commit()),
-  // ends the data path and installs the requests: one hand-off to the data
-  // pool.
+  // Returns once the data path's mark `mark` (COMMIT's) has arrived, every
+  // write before it having landed; an error if it cannot any more or has
+  // not within the peer timeout. No thread waits meanwhile.
+  asio::awaitable<Status> wait_for_mark(uint64_t mark);
+  // Waits for COMMIT's mark, if any; checks COMMIT (the paused round's
+  // checksums, then check_commit()), ends the data path and installs the
+  // requests: one hand-off to the data pool (none where the bookkeeping
+  // runs on the control thread).
   asio::awaitable<Status> install(const CommitMsg& commit);
   // Records when commit's requests arrived (MigrationContext::arrivals).
   void note_arrivals(const CommitMsg& commit);

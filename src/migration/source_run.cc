@@ -621,7 +621,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::ask_round_slots(
 
 Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
                               size_t first, size_t count, bool mid_fault,
-                              std::vector<uint64_t>& sums) {
+                              bool last, std::vector<uint64_t>& sums) {
   std::vector<PagePair> pairs(count);
   for (size_t i = 0; i < count; ++i) {
     const uint32_t pos = positions[first + i];
@@ -654,7 +654,14 @@ Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
       if (cancel_flag_.load(std::memory_order_relaxed)) {
         return Status::aborted("cancelled while writing");
       }
-      KVMIG_RETURN_IF_ERROR(init_->write(ops, deadline()));
+      if (last && w + 1 == planned.size()) {
+        // COMMIT carries the mark; the destination waits for it, not we
+        // for a flush's answer: one round trip fewer while paused.
+        KVMIG_ASSIGN_OR_RETURN(data_mark_,
+                               init_->write_marked(ops, deadline()));
+      } else {
+        KVMIG_RETURN_IF_ERROR(init_->write(ops, deadline()));
+      }
       ops.clear();
       progress_.bytes.fetch_add(posted, std::memory_order_relaxed);
       posted = 0;
@@ -666,6 +673,7 @@ Status SourceRun::write_batch(const std::vector<uint32_t>& positions,
   }
   writes_ += planned.size();
   bytes_ += uint64_t{count} * page_total_;
+  if (data_mark_ != 0) return Status();
   return init_->flush(deadline());
 }
 
@@ -716,11 +724,15 @@ asio::awaitable<Status> SourceRun::send_positions(
   for (size_t first = 0; first < positions.size(); first += batch) {
     const size_t count = std::min(batch, positions.size() - first);
     const bool mid_fault = first == 0;
+    // The paused round is the last; unstaged, its last job may end in a
+    // mark instead of a flush.
+    const bool last = pause_.engaged() && dst_staging_slots_ == 0 &&
+                      first + count == positions.size();
     KVMIG_CO_RETURN_IF_ERROR(cancel_status());
     // The first job connects the data path too: one trip, not two.
     Status wrote = co_await offload_with_progress([&] {
       KVMIG_RETURN_IF_ERROR(connect_data_path());
-      return write_batch(positions, first, count, mid_fault, sums);
+      return write_batch(positions, first, count, mid_fault, last, sums);
     });
     if (!data_path_.ok()) co_return data_path_;
     if (!wrote.ok()) co_return wrote.with_context("data");
@@ -817,6 +829,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   enter_phase("commit");
   CommitMsg msg = commit_tables();
   msg.verify = std::move(paused_round_sums_);
+  msg.data_mark = data_mark_;
   // Digests, if asked, read while paused.
   std::vector<std::pair<SeqId, std::string>> digests;
   Status read;
@@ -941,7 +954,8 @@ Result<MigrationReport> SourceRun::finish(
     std::vector<std::pair<SeqId, std::string>> digests, const Status& dropped,
     const Status& resumed) {
   // Committed: the requests belong to the destination now, and the data
-  // path (flushed before COMMIT) may serve the next migration to it.
+  // path (flushed or marked before COMMIT) may serve the next migration to
+  // it.
   outcome_ = "committed";
   if (init_) init_->keep();
   if (!dropped.ok()) {

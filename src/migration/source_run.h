@@ -159,10 +159,13 @@ class SourceRun {
   // return the first call's result. Then hands it the window updates of
   // the ROUND_OFFERs received since.
   Status connect_data_path();
-  // Writes positions[first, first + count) and flushes; with verify, also
-  // fills sums[first, first + count) with the pages' checksums.
+  // Writes positions[first, first + count) and flushes, or with `last`
+  // (the paused round's last writes, COMMIT next) posts a mark for COMMIT
+  // where the transport has marks; with verify, also fills
+  // sums[first, first + count) with the pages' checksums.
   Status write_batch(const std::vector<uint32_t>& positions, size_t first,
-                     size_t count, bool mid_fault, std::vector<uint64_t>& sums);
+                     size_t count, bool mid_fault, bool last,
+                     std::vector<uint64_t>& sums);
   asio::awaitable<Status> send_batch_and_wait(
       const std::vector<uint32_t>& positions, size_t first, size_t count);
   // How long the destination may take to check `pages` pages.
@@ -208,6 +211,9 @@ class SourceRun {
   std::vector<uint64_t> round_pages_;
   // With verify: the paused round's checksums, sent with COMMIT.
   VerifyMsg paused_round_sums_;
+  // The mark behind the paused round's writes, sent with COMMIT (0: they
+  // were flushed).
+  uint64_t data_mark_ = 0;
   // The snapshot pause_engine() took right after pausing, on the same trip
   // to the data pool: the paused round plans from it.
   std::optional<Result<std::vector<LogicalSeq>>> paused_seqs_;

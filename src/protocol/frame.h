@@ -32,7 +32,10 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // before their payloads, which the target reads straight into place); a
 // target of version 5 would refuse them mid-migration, so the first frame
 // does.
-inline constexpr uint16_t kProtocolVersion = 6;
+// 7: COMMIT carries the data path's mark (tcp: a record behind the last
+// writes, which the target notes without answering): the destination waits
+// for it before it installs, instead of the source for a flush's answer.
+inline constexpr uint16_t kProtocolVersion = 7;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

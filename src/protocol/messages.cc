@@ -125,6 +125,7 @@ std::vector<uint8_t> encode(const CommitMsg& m) {
   ByteWriter w;
   put_seqs(w, m.seqs);
   put_verify(w, m.verify);
+  w.put<uint64_t>(m.data_mark);
   return w.take();
 }
 
@@ -135,6 +136,7 @@ Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
         CommitMsg m;
         KVMIG_ASSIGN_OR_RETURN(m.seqs, get_seqs(r, l));
         KVMIG_ASSIGN_OR_RETURN(m.verify, get_verify(r, l));
+        KVMIG_ASSIGN_OR_RETURN(m.data_mark, r.get<uint64_t>("data mark"));
         return m;
       });
 }

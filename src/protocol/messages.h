@@ -73,6 +73,10 @@ struct CommitMsg {
   // VERIFY of their own (the paused round: checked before install, one
   // round trip fewer); empty otherwise.
   VerifyMsg verify;
+  // The data path's mark behind the last round's writes
+  // (TransportInitiator::post_mark): the destination installs once it has
+  // arrived. 0: every write was flushed before COMMIT.
+  uint64_t data_mark = 0;
 };
 
 // A staged batch: staging slot k holds the page for slot position

@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -26,11 +27,14 @@
 #include "agent_cli.h"
 #include "forwarding_pager.h"
 #include "frame.h"
+#include "kvmig/agent.h"
 #include "kvmig/snapshot.h"
 #include "kvmig/transport.h"
+#include "messages.h"
 #include "process.h"
 #include "scope_exit.h"
 #include "synthetic_pager.h"
+#include "testutil.h"
 
 namespace kvmig::testing {
 namespace {
@@ -1301,6 +1305,92 @@ TEST(MigrateE2E, MalformedFramesAreRefusedAndTheAgentKeepsServing) {
   EXPECT_NE(err.find("bad magic"), std::string::npos) << err;
   EXPECT_NE(err.find("checksum mismatch"), std::string::npos) << err;
   EXPECT_NE(err.find("exceeds the limit"), std::string::npos) << err;
+}
+
+// --- a source that names a data mark it never sent -------------------------
+
+// Reads one frame from a raw control connection (raw_connect's 5 s
+// receive timeout): its type and payload.
+Result<std::pair<MsgType, std::vector<uint8_t>>> read_frame(int fd) {
+  auto read_all = [fd](uint8_t* p, size_t n) {
+    while (n > 0) {
+      const ssize_t r = read(fd, p, n);
+      if (r <= 0) return false;
+      p += r;
+      n -= static_cast<size_t>(r);
+    }
+    return true;
+  };
+  std::array<uint8_t, kFrameHeaderBytes> h{};
+  if (!read_all(h.data(), h.size())) return Status::unavailable("no frame");
+  KVMIG_ASSIGN_OR_RETURN(FrameHeader header, decode_frame_header(h, 1u << 20));
+  std::vector<uint8_t> payload(header.length);
+  if (!read_all(payload.data(), payload.size())) {
+    return Status::unavailable("a frame cut short");
+  }
+  KVMIG_RETURN_IF_ERROR(check_frame_payload(header, payload));
+  return std::make_pair(header.type, std::move(payload));
+}
+
+// A hand-made source (protocol 7) connects its tcp data path, writes
+// nothing, and sends a COMMIT naming data mark 5: the destination must not
+// install. With the data connection open it waits for the mark for its
+// peer timeout ("has not arrived"); with it closed, only until it sees the
+// close ("never came"). Either way it answers ABORT, the request is not
+// there and every slot is free again.
+TEST(MigrateE2E, CommitNamingAMarkThatNeverArrivesIsAborted) {
+  ASSERT_OK_AND_ASSIGN(CacheMeta meta, preset_meta("tiny"));
+  ASSERT_OK_AND_ASSIGN(auto pager,
+                       SyntheticPager::create(meta, PoolLayout::kPage, 8));
+  AgentOptions options;
+  options.listen_host = "127.0.0.1";
+  options.listen_port = 0;
+  options.peer_timeout = 1500ms;
+  ASSERT_OK_AND_ASSIGN(auto agent, Agent::create(*pager, options));
+  ASSERT_OK(agent->start());
+  ASSERT_OK_AND_ASSIGN(auto tcp, make_transport("tcp", TransportOptions{}));
+  for (const bool closed : {false, true}) {
+    SCOPED_TRACE(closed ? "data connection closed" : "data connection open");
+    ASSERT_OK_AND_ASSIGN(auto init, tcp->create_initiator());
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    HelloMsg hello;
+    hello.migration_id = closed ? "mark-never-sent-2" : "mark-never-sent-1";
+    hello.meta = meta;
+    hello.n_pages = 1;
+    hello.n_seqs = 1;
+    hello.transports = {"tcp"};
+    hello.initiator_address = init->address();
+    hello.seqs = {77};
+    const auto h = encode_frame(MsgType::kHello, encode(hello));
+    ASSERT_EQ(write(fd, h.data(), h.size()), ssize_t(h.size()));
+    ASSERT_OK_AND_ASSIGN(auto offered, read_frame(fd));
+    ASSERT_EQ(offered.first, MsgType::kOffer) << msg_type_name(offered.first);
+    ASSERT_OK_AND_ASSIGN(OfferMsg offer,
+                         decode_offer(offered.second, WireLimits{}));
+    ASSERT_EQ(offer.slots.size(), 1u);
+    ASSERT_OK(init->connect(offer.target_address,
+                            Clock::now() + std::chrono::seconds(5)));
+    if (closed) init.reset();
+    CommitMsg commit;
+    commit.seqs = {{77, meta.page_size_tokens, {offer.slots[0]}}};
+    commit.data_mark = 5;
+    const auto c = encode_frame(MsgType::kCommit, encode(commit));
+    ASSERT_EQ(write(fd, c.data(), c.size()), ssize_t(c.size()));
+    ASSERT_OK_AND_ASSIGN(auto reply, read_frame(fd));
+    ASSERT_EQ(reply.first, MsgType::kAbort) << msg_type_name(reply.first);
+    ASSERT_OK_AND_ASSIGN(AbortMsg abort,
+                         decode_abort(reply.second, WireLimits{}));
+    EXPECT_NE(abort.reason.find("mark 5"), std::string::npos) << abort.reason;
+    EXPECT_NE(abort.reason.find(closed ? "never came" : "has not arrived"),
+              std::string::npos)
+        << abort.reason;
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, agent->status());
+    EXPECT_TRUE(st.seqs.empty());
+    EXPECT_EQ(st.free_pages, st.capacity_pages);
+  }
+  agent->stop();
 }
 
 TEST(MigrateE2E, SnapshotThroughAgentsRoundTrips) {

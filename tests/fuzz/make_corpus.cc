@@ -73,10 +73,11 @@ int run(const fs::path& root) {
                         4,
                         std::vector<uint8_t>(40, 0xab),
                         "cuda"}));
-  s.add(3, MsgType::kCommit, encode(CommitMsg{{{1, 20, {5, 6}}}, {}}));
+  s.add(3, MsgType::kCommit, encode(CommitMsg{{{1, 20, {5, 6}}}, {}, 0}));
   s.add(3, MsgType::kCommit,
         encode(CommitMsg{{{1, 40, {0, 1, 2}}, {2, 33, {0, 1, 3}}},
-                         {{0, 1, 2, 3}, {7, 8, 9, 10}}}));
+                         {{0, 1, 2, 3}, {7, 8, 9, 10}},
+                         9}));
   s.add(4, MsgType::kBatch, encode(BatchMsg{{0, 1, 2, 3}}));
   s.add(5, MsgType::kRound, encode(RoundMsg{3}));
   s.add(6, MsgType::kVerify, encode(VerifyMsg{{0, 1}, {0x1234, 0xfeed}}));

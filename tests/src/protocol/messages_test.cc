@@ -43,10 +43,21 @@ TEST(MessagesTest, OfferAndCommitRoundTrip) {
   EXPECT_EQ(ob.slots, o.slots);
   EXPECT_EQ(ob.regions, o.regions);
   EXPECT_EQ(ob.target_address, o.target_address);
-  CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}, {}};
+  CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}, {}, 0};
   ASSERT_OK_AND_ASSIGN(CommitMsg cb, decode_commit(encode(c), limits()));
   EXPECT_EQ(cb.seqs, c.seqs);
   EXPECT_TRUE(cb.verify.positions.empty());
+  EXPECT_EQ(cb.data_mark, 0u);
+  // The data path's mark (protocol 7), all 64 bits of it; a COMMIT cut
+  // inside it is refused.
+  c.data_mark = 0x0123456789abcdefULL;
+  ASSERT_OK_AND_ASSIGN(cb, decode_commit(encode(c), limits()));
+  EXPECT_EQ(cb.data_mark, c.data_mark);
+  std::vector<uint8_t> cut = encode(c);
+  cut.pop_back();
+  EXPECT_EQ(decode_commit(cut, limits()).status().code(),
+            StatusCode::kDataLoss);
+  c.data_mark = 0;
   // The paused round's checksums travel with COMMIT; as many checksums as
   // positions, or it is refused.
   c.verify = {{0, 1}, {11, 22}};
