@@ -112,9 +112,9 @@ class TransportInitiator {
   virtual uint64_t ops_posted() const = 0;
 
   // The migration committed (every write was flushed or marked before
-  // COMMIT): the
-  // transport may keep this connection for the next initiator made for the
-  // same peer (Transport::create_initiator_for) instead of closing it.
+  // COMMIT): the transport may keep this connection for the next initiator
+  // made for the same peer (Transport::create_initiator_for) instead of
+  // closing it.
   // Default: nothing kept; destruction closes the connection.
   virtual void keep() {}
 };
@@ -194,10 +194,10 @@ class TransportTarget {
 
   // Ends a committed migration's data path, whose initiator flushed (or
   // marked, and the mark arrived) every write before COMMIT and posts none
-  // after. Where the transport can, it
-  // keeps the connection for that initiator's next migration (true);
-  // otherwise it revokes (false). Either way no write of this migration
-  // lands after it returns, and revoke() later still cuts the connection.
+  // after. Where the transport can, it keeps the connection for that
+  // initiator's next migration (true); otherwise it revokes (false). Either
+  // way no write of this migration lands after it returns, and revoke()
+  // later still cuts the connection.
   virtual bool keep() {
     revoke();
     return false;

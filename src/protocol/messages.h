@@ -74,7 +74,7 @@ struct CommitMsg {
   // round trip fewer); empty otherwise.
   VerifyMsg verify;
   // The data path's mark behind the last round's writes
-  // (TransportInitiator::post_mark): the destination installs once it has
+  // (TransportInitiator::write_marked): the destination installs once it has
   // arrived. 0: every write was flushed before COMMIT.
   uint64_t data_mark = 0;
 };

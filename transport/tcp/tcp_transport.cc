@@ -40,7 +40,7 @@ using boost::system::error_code;
 
 // Records on a data connection: a header of u32 region, u64 offset, u64
 // length (kHeaderBytes), then `length` bytes of payload for that place,
-// except for these two region values:
+// except for these region values:
 // - flush: offset is its sequence number, no payload; the target answers
 //   with the sequence once every earlier record has landed.
 // - mark (protocol 7): the same without an answer; the target notes the
