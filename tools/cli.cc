@@ -212,6 +212,7 @@ struct ServeFlags {
   std::string transports = "tcp";
   int peer_timeout_ms = 10'000;
   uint64_t staging_mib = 64;
+  uint32_t inline_kib = 64;
   std::vector<std::string> faults;
   LimitFlags limits;
   std::string secret_file;
@@ -269,6 +270,12 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
                    "staging buffer per migration for pagers without a layout")
       ->check(CLI::Range(1, 1 << 16));
   serve
+      ->add_option("--inline-kib", f.inline_kib,
+                   "a stop-and-copy of at most this many KiB of pages sends "
+                   "them on the control connection, not the data path (0: "
+                   "never)")
+      ->check(CLI::Range(0, 1 << 20));
+  serve
       ->add_option(
           "--fault", f.faults,
           "testing: POINT=stall:MS, POINT=hold:PATH or POINT=exit at a "
@@ -308,6 +315,7 @@ AgentOptions serve_options(const ServeFlags& f) {
   options.transports = split_commas(f.transports);
   options.peer_timeout = std::chrono::milliseconds(f.peer_timeout_ms);
   options.staging_bytes = f.staging_mib << 20;
+  options.inline_page_bytes = f.inline_kib << 10;
   options.insecure = f.insecure;
   options.max_frame_bytes = f.limits.max_frame_mib << 20;
   options.max_pages_per_migration = f.limits.max_pages;

@@ -238,6 +238,7 @@ Exit start_source(const PerfFlags& f, const ClientPlan& plan, Client& c,
   if (!populated.ok()) return fail(populated, f.json);
   options.transports = {f.transport};
   options.peer_timeout = std::chrono::milliseconds(f.timeout_ms);
+  options.inline_page_bytes = f.inline_kib << 10;
   if (!f.secret_file.empty()) {
     auto secret = read_secret_file(f.secret_file);
     if (!secret.ok()) return fail(secret.status(), f.json);
@@ -347,6 +348,7 @@ struct Summary {
   double gbps = 0;
   double pages_per_s = 0;
   bool staged = false;
+  bool inline_pages = false;  // some migration sent its pages inline
   std::string transport;
   // Each phase's milliseconds per migration (MigrationReport::phases_ms),
   // in the order first seen.
@@ -369,6 +371,7 @@ Summary summarize(const std::vector<Sample>& samples) {
     total_bytes += static_cast<double>(x.report.bytes);
     total_pages += static_cast<double>(x.report.pages);
     s.staged = s.staged || x.report.staged;
+    s.inline_pages = s.inline_pages || x.report.inline_pages;
     for (const auto& [name, ms] : x.report.phases_ms) {
       auto it = std::find_if(s.phases.begin(), s.phases.end(),
                              [&](const auto& e) { return e.first == name; });
@@ -410,6 +413,7 @@ json report_json(const PerfFlags& f, const ClientPlan& plan,
       {"verify", f.verify},
       {"live", f.live},
       {"staged", s.staged},
+      {"inline_pages", s.inline_pages},
       {"pages", static_cast<uint64_t>(p50(s.pages))},
       {"bytes", static_cast<uint64_t>(p50(s.bytes))},
       {"writes", static_cast<uint64_t>(p50(s.writes))},
@@ -456,8 +460,10 @@ void print_report(const PerfFlags& f, const ClientPlan& plan,
   }
   std::printf(
       "(latencies and pauses in ms per migration; GB/s = 10^9 bytes/s "
-      "over the migrations' wall time%s)\n",
-      s.staged ? "; some side staged its pages" : "");
+      "over the migrations' wall time%s%s)\n",
+      s.staged ? "; some side staged its pages" : "",
+      s.inline_pages ? "; pages sent on the control connection (--inline-kib)"
+                     : "");
 }
 
 int run_client(const PerfFlags& f) {
@@ -538,6 +544,11 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
       ->needs(live);
   app->add_flag("--verify", f.verify,
                 "client: per-page checksums checked at the destination");
+  app->add_option("--inline-kib", f.inline_kib,
+                  "client: a migration of at most this many KiB of pages "
+                  "sends them on the control connection (0: always the data "
+                  "path)")
+      ->check(CLI::Range(0u, 1u << 20));
   app->add_option("--timeout-ms", f.timeout_ms, "deadline for every peer wait")
       ->check(CLI::Range(1, 3'600'000));
   app->add_flag("--json", f.json, "client: print one JSON object");

@@ -48,6 +48,7 @@ struct PerfFlags {
   bool live = false;
   double decode_rate = 0;
   bool verify = false;
+  uint32_t inline_kib = 64;  // AgentOptions::inline_page_bytes, in KiB
   int timeout_ms = 10'000;
   bool json = false;
 };

@@ -68,6 +68,12 @@ struct AgentOptions {
   uint32_t max_migrations = 4;
   // Staging buffer for pagers without layout(), per migration and side.
   uint64_t staging_bytes = 64ull << 20;
+  // A stop-and-copy of at most this many page bytes (K and V), between
+  // pagers whose layouts are in host memory, sends its pages on the control
+  // connection (PAGES) instead of opening and writing a data path: for
+  // tiny pages, no data-path round trip or thread hand-off. Both sides
+  // must allow the size (the source asks, the destination agrees). 0: never.
+  uint32_t inline_page_bytes = 64u << 10;
   // Test seam: called at named protocol points ("src.data.mid",
   // "dst.before_done", ...) on the thread that reaches them; may sleep or
   // exit the process to cause a fault at that point. Empty: nothing.
@@ -164,6 +170,9 @@ struct MigrationReport {
   std::vector<uint64_t> round_pages;  // pages sent per round (last: paused)
   std::string transport;
   bool staged = false;  // some side went through a staging buffer
+  // The pages went on the control connection (PAGES), not the data path:
+  // a small stop-and-copy (AgentOptions::inline_page_bytes).
+  bool inline_pages = false;
   // Requests asked for but left at the source: they finished or changed
   // shape during a live migration.
   std::vector<SeqId> left_behind;

@@ -74,6 +74,7 @@ json migration_json(const MigrationReport& r) {
       {"round_pages", r.round_pages},
       {"transport", r.transport},
       {"staged", r.staged},
+      {"inline_pages", r.inline_pages},
       {"memory", {{"source", r.src_memory}, {"destination", r.dst_memory}}},
       {"left_behind", r.left_behind}};
   json phases = json::object();

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -83,13 +84,17 @@ asio::awaitable<void> DestinationRun::run() {
   // when the pager's bookkeeping and the transport's opening never wait.
   Status s = check_hello();
   if (s.ok()) s = register_id();
+  inline_pages_ = s.ok() && takes_inline();
   if (s.ok()) {
-    const bool quick = !ctx_.layout || transport_->targets_open_at_once();
+    const bool quick =
+        !ctx_.layout || inline_pages_ || transport_->targets_open_at_once();
     s = co_await ctx_.bookkeeping(
         [this]() -> Status {
           KVMIG_RETURN_IF_ERROR(check_ids_not_live());
           KVMIG_RETURN_IF_ERROR(allocate_first_round());
-          if (ctx_.layout) return open_target(ctx_.pager_regions);
+          if (ctx_.layout && !inline_pages_) {
+            return open_target(ctx_.pager_regions);
+          }
           return Status();
         },
         quick);
@@ -295,18 +300,22 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
     offer.regions = {staging_->geometry()};
     offer.staging_slots = n_staging;
   }
-  if (!target_) {
+  if (inline_pages_) {
+    offer.inline_pages = true;  // no data path: target_address is empty
+  } else if (!target_) {
     Status opened = co_await ctx_.offload([&] { return open_target(regions); });
     if (!opened.ok()) co_return opened;
   }
-  offer.target_address = target_->address();
+  if (target_) offer.target_address = target_->address();
   offer.memory = ctx_.memory;
   const std::vector<uint8_t> payload = encode(offer);
   Status sent =
       co_await channel_.send(MsgType::kOffer, payload, ctx_.peer_deadline());
   if (!sent.ok()) co_return sent;
   ctx_.log->info("{} offered {} slots over {}{}", tag_, slots_.size(),
-                 transport_->name(), staging_ ? " (staged)" : "");
+                 inline_pages_ ? "the control connection"
+                               : std::string(transport_->name()),
+                 staging_ ? " (staged)" : "");
   ctx_.fault("dst.after_offer");
   co_return Status();
 }
@@ -353,6 +362,8 @@ asio::awaitable<Result<Frame>> DestinationRun::receive_until_commit() {
       ok = co_await on_verify(*frame);
     } else if (frame->type == MsgType::kBatch && staging_) {
       ok = co_await on_batch(*frame);
+    } else if (frame->type == MsgType::kPages && inline_pages_) {
+      ok = on_pages(*frame);
     } else {
       ok = Status::protocol("unexpected " + msg_type_name(frame->type) +
                             " during the data phase");
@@ -465,6 +476,60 @@ asio::awaitable<Status> DestinationRun::on_batch(const Frame& frame) {
                                    ctx_.peer_deadline());
 }
 
+bool DestinationRun::takes_inline() const {
+  // The source asked; a stop-and-copy whose pages fit the limit and a
+  // frame, into host memory this thread may write.
+  const uint64_t bytes = uint64_t{hello_.n_pages} * page_total_;
+  if (!hello_.inline_pages || hello_.live || !ctx_.layout ||
+      bytes > ctx_.options.inline_page_bytes ||
+      bytes + 4 * uint64_t{hello_.n_pages} + 4 > ctx_.options.max_frame_bytes) {
+    return false;
+  }
+  return std::all_of(
+      ctx_.layout->begin(), ctx_.layout->end(),
+      [](const StridedRegion& r) { return r.kind == MemoryKind::kHost; });
+}
+
+Status DestinationRun::on_pages(const Frame& frame) {
+  KVMIG_ASSIGN_OR_RETURN(PagesMsg pages,
+                         decode_pages(frame.payload, ctx_.limits));
+  if (pages.positions.empty() ||
+      pages.bytes.size() != pages.positions.size() * page_total_) {
+    return Status::protocol("PAGES of " +
+                            std::to_string(pages.positions.size()) +
+                            " pages has " + std::to_string(pages.bytes.size()) +
+                            " bytes; a page is " + std::to_string(page_total_));
+  }
+  KVMIG_RETURN_IF_ERROR(
+      check_positions(pages.positions, slots_.size(), "PAGES"));
+  // Checked whole before any byte is copied: a bad frame changes nothing.
+  std::vector<bool> seen(slots_.size(), false);
+  for (uint32_t pos : pages.positions) {
+    if (landed_[pos] || seen[pos]) {
+      return Status::protocol("PAGES sends slot position " +
+                              std::to_string(pos) + " twice");
+    }
+    seen[pos] = true;
+    for (const StridedRegion& r : *ctx_.layout) {
+      if (slots_[pos] >= r.slots) {
+        return Status::internal("slot " + std::to_string(slots_[pos]) +
+                                " beyond the layout's " +
+                                std::to_string(r.slots));
+      }
+    }
+  }
+  const uint8_t* in = pages.bytes.data();
+  for (uint32_t pos : pages.positions) {
+    for (const StridedRegion& r : *ctx_.layout) {
+      std::memcpy(r.base + uint64_t{slots_[pos]} * r.stride, in, r.chunk);
+      in += r.chunk;
+    }
+    landed_[pos] = true;
+  }
+  batched_pages_ += pages.positions.size();
+  return Status();
+}
+
 Result<CommitMsg> DestinationRun::open_commit(const Frame& frame) {
   if (!ctx_.dst_records.begin_commit(id_)) {
     return Status::aborted(
@@ -532,6 +597,9 @@ Status DestinationRun::check_tables(const CommitMsg& commit) {
       if (staging_ && !landed_[it->second]) {
         return Status::protocol(at + ", which no BATCH filled");
       }
+      if (inline_pages_ && !landed_[it->second]) {
+        return Status::protocol(at + ", which no PAGES filled");
+      }
       used[it->second] = true;
     }
   }
@@ -581,7 +649,7 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
     KVMIG_CO_RETURN_IF_ERROR(co_await wait_for_mark(commit.data_mark));
   }
   const bool quick =
-      transport_->targets_open_at_once() &&
+      (!target_ || transport_->targets_open_at_once()) &&
       commit.verify.positions.size() * page_total_ <= ctx_.kQuickPageBytes;
   Status installed = co_await ctx_.bookkeeping(
       [&]() -> Status {
@@ -589,8 +657,10 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
           KVMIG_RETURN_IF_ERROR(verify_sums(commit.verify, "COMMIT"));
         }
         KVMIG_RETURN_IF_ERROR(check_commit(commit));
-        const bool kept = target_->keep();
-        ctx_.log->debug("{} data path {}", tag_, kept ? "kept" : "revoked");
+        if (target_) {
+          const bool kept = target_->keep();
+          ctx_.log->debug("{} data path {}", tag_, kept ? "kept" : "revoked");
+        }
         return ctx_.pager.install_logical_seqs(commit.seqs)
             .with_context("install");
       },

@@ -83,6 +83,11 @@ class DestinationRun {
   // The same, on the calling thread (a data pool thread: pager calls).
   Status verify_sums(const VerifyMsg& v, const char* what);
   asio::awaitable<Status> on_batch(const Frame& frame);
+  // Whether OFFER takes HELLO's pages inline (PAGES frames, no data path).
+  bool takes_inline() const;
+  // Copies a PAGES frame's pages into their slots (io thread: host memory,
+  // a few pages) and marks them landed.
+  Status on_pages(const Frame& frame);
   // COMMIT, decoded once no outcome query has fenced the migration, with
   // its request count checked.
   Result<CommitMsg> open_commit(const Frame& frame);
@@ -127,7 +132,8 @@ class DestinationRun {
   Transport* transport_ = nullptr;
   bool registered_ = false;  // this run owns ctx_.dst_records[id_]
   SlotLease slots_;
-  std::vector<bool> landed_;    // staged positions written
+  std::vector<bool> landed_;    // staged or inline positions written
+  bool inline_pages_ = false;   // OFFER took the pages in PAGES frames
   std::vector<bool> verified_;  // checked against VERIFY
   std::vector<PageIndex> unused_;
   std::unique_ptr<StagingBuffer> staging_;

@@ -1,7 +1,10 @@
 #include "source_run.h"
 
+#include <xxhash.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -565,6 +568,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
   hello.seqs = moving_;
   hello.transports = {std::string(transport_.name())};
   hello.initiator_address = init_->address();
+  hello.inline_pages = may_inline(n_pages);
   ctx_.log->info("{} {} {} requests{}, {} pages over {}", tag_,
                  req_.mode == MigrationMode::kMove ? "moving" : "copying",
                  moving_.size(), req_.live ? " live" : "", n_pages,
@@ -591,11 +595,19 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
                                "', HELLO asked for '" +
                                std::string(transport_.name()) + "'");
   }
+  if (offer->inline_pages &&
+      (!hello.inline_pages || !offer->target_address.empty())) {
+    co_return Status::protocol(
+        hello.inline_pages
+            ? "OFFER takes the pages inline but names a data path"
+            : "OFFER takes the pages inline; HELLO did not ask");
+  }
+  inline_pages_ = offer->inline_pages;
   dst_regions_ = std::move(offer->regions);
   dst_staging_slots_ = offer->staging_slots;
   dst_memory_ = std::move(offer->memory);
   ctx_.fault("src.after_offer");
-  dst_target_ = std::move(offer->target_address);
+  if (!inline_pages_) dst_target_ = std::move(offer->target_address);
   co_return std::move(offer->slots);
 }
 
@@ -709,10 +721,57 @@ Status SourceRun::ensure_source_geometry() {
   return Status();
 }
 
+bool SourceRun::may_inline(uint32_t n_pages) const {
+  // Stop-and-copy (one round, paused) of pages this side reads itself from
+  // host memory. (No "src.data.mid" fault point on this path: one frame
+  // has no middle.)
+  if (req_.live || n_pages == 0 || !ctx_.layout ||
+      uint64_t{n_pages} * page_total_ > ctx_.options.inline_page_bytes) {
+    return false;
+  }
+  return std::all_of(
+      ctx_.layout->begin(), ctx_.layout->end(),
+      [](const StridedRegion& r) { return r.kind == MemoryKind::kHost; });
+}
+
+asio::awaitable<Status> SourceRun::send_inline(
+    const std::vector<uint32_t>& positions) {
+  // A few pages' bytes, read from host memory on this thread: cheaper
+  // than a trip to the data pool. The destination copies them into place
+  // before COMMIT, which follows on the same connection.
+  const auto t0 = Clock::now();
+  PagesMsg msg;
+  msg.positions = positions;
+  msg.bytes.resize(positions.size() * page_total_);
+  std::vector<uint64_t> sums;
+  uint8_t* out = msg.bytes.data();
+  for (uint32_t pos : positions) {
+    const PageIndex page = precopy_.source_page_at(pos);
+    const uint8_t* start = out;
+    for (const StridedRegion& r : *ctx_.layout) {
+      std::memcpy(out, r.base + uint64_t{page} * r.stride, r.chunk);
+      out += r.chunk;
+    }
+    // == page_checksum(): XXH3 streamed over K then V is XXH3 of both.
+    if (req_.verify) sums.push_back(XXH3_64bits(start, page_total_));
+  }
+  const std::vector<uint8_t> payload = encode(msg);
+  KVMIG_CO_RETURN_IF_ERROR(
+      co_await channel_->send(MsgType::kPages, payload, deadline()));
+  writes_ += positions.size();
+  bytes_ += msg.bytes.size();
+  progress_.bytes.fetch_add(msg.bytes.size(), std::memory_order_relaxed);
+  data_seconds_ += seconds_since(t0);
+  // Paused: the checksums go with COMMIT.
+  if (req_.verify) paused_round_sums_ = VerifyMsg{positions, std::move(sums)};
+  co_return Status();
+}
+
 asio::awaitable<Status> SourceRun::send_positions(
     const std::vector<uint32_t>& positions) {
   if (positions.empty()) co_return Status();
   enter_phase("data");
+  if (inline_pages_) co_return co_await send_inline(positions);
   const auto t0 = Clock::now();
   KVMIG_CO_RETURN_IF_ERROR(ensure_source_geometry());
   std::vector<uint64_t> sums(req_.verify ? positions.size() : 0);
@@ -982,6 +1041,7 @@ Result<MigrationReport> SourceRun::finish(
   report.round_pages = round_pages_;
   report.transport = std::string(transport_.name());
   report.staged = !ctx_.layout || dst_staging_slots_ > 0;
+  report.inline_pages = inline_pages_;
   report.left_behind = left_behind_;
   report.digests = std::move(digests);
   report.phases_ms = phases_ms_;

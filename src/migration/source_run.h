@@ -155,6 +155,11 @@ class SourceRun {
   asio::awaitable<Status> send_positions(
       const std::vector<uint32_t>& positions);
   Status ensure_source_geometry();
+  // Whether HELLO asks to send a first round of n_pages in PAGES frames
+  // (AgentOptions::inline_page_bytes).
+  bool may_inline(uint32_t n_pages) const;
+  // The paused round's pages in a PAGES frame (OFFER took them inline).
+  asio::awaitable<Status> send_inline(const std::vector<uint32_t>& positions);
   // Connects the initiator to OFFER's target once (data pool); later calls
   // return the first call's result. Then hands it the window updates of
   // the ROUND_OFFERs received since.
@@ -224,7 +229,8 @@ class SourceRun {
   std::string dst_memory_;  // OFFER's: where the destination's pages live
   // OFFER's target address, until connect_data_path() has used it.
   std::optional<std::vector<uint8_t>> dst_target_;
-  Status data_path_;  // connect_data_path()'s result
+  bool inline_pages_ = false;  // OFFER took the pages in PAGES frames
+  Status data_path_;           // connect_data_path()'s result
   // ROUND_OFFERs' window updates, until connect_data_path() (on the data
   // pool, before the round's writes) hands them to the initiator.
   std::vector<std::vector<uint8_t>> window_updates_;

@@ -28,6 +28,7 @@ bool known_type(uint16_t t) {
     case MsgType::kVerifyAck:
     case MsgType::kProgress:
     case MsgType::kDoneAck:
+    case MsgType::kPages:
     case MsgType::kStatusReq:
     case MsgType::kStatusResp:
     case MsgType::kMigrateReq:
@@ -92,6 +93,8 @@ std::string msg_type_name(MsgType type) {
       return "PROGRESS";
     case MsgType::kDoneAck:
       return "DONE_ACK";
+    case MsgType::kPages:
+      return "PAGES";
     case MsgType::kStatusReq:
       return "STATUS_REQ";
     case MsgType::kStatusResp:

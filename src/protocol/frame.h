@@ -35,7 +35,10 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // 7: COMMIT carries the data path's mark (tcp: a record behind the last
 // writes, which the target notes without answering): the destination waits
 // for it before it installs, instead of the source for a flush's answer.
-inline constexpr uint16_t kProtocolVersion = 7;
+// 8: a small stop-and-copy may send its pages in PAGES frames on the control
+// connection (HELLO asks, OFFER agrees, no data path is opened): no write,
+// mark or thread of the data path between OFFER and COMMIT.
+inline constexpr uint16_t kProtocolVersion = 8;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {
@@ -52,6 +55,7 @@ enum class MsgType : uint16_t {
   kVerifyAck = 11,      // dst -> src: those pages check out
   kProgress = 12,       // src -> dst: still writing, bytes posted so far
   kDoneAck = 13,        // src -> dst: DONE arrived (the record may go)
+  kPages = 14,          // src -> dst: pages' bytes, when OFFER took them so
   kStatusReq = 16,      // scheduler -> agent
   kStatusResp = 17,     // agent -> scheduler
   kMigrateReq = 18,     // scheduler -> source agent

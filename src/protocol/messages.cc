@@ -8,7 +8,8 @@ std::vector<uint8_t> encode(const HelloMsg& m) {
   ByteWriter w;
   w.put_string(m.migration_id);
   put_meta(w, m.meta);
-  w.put(static_cast<uint8_t>((m.live ? 1 : 0) | (m.verify ? 2 : 0)));
+  w.put(static_cast<uint8_t>((m.live ? 1 : 0) | (m.verify ? 2 : 0) |
+                             (m.inline_pages ? 4 : 0)));
   w.put(m.n_pages);
   w.put(m.n_seqs);
   w.put(static_cast<uint32_t>(m.transports.size()));
@@ -26,9 +27,10 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
                                r.get_string(l.max_string, "migration id"));
         KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
         KVMIG_ASSIGN_OR_RETURN(uint8_t flags, r.get<uint8_t>("flags"));
-        if (flags > 3) return Status::data_loss("unknown HELLO flags");
+        if (flags > 7) return Status::data_loss("unknown HELLO flags");
         m.live = flags & 1;
         m.verify = flags & 2;
+        m.inline_pages = flags & 4;
         KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
         KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
@@ -64,6 +66,7 @@ std::vector<uint8_t> encode(const OfferMsg& m) {
   w.put(m.staging_slots);
   w.put_blob(m.target_address);
   w.put_string(m.memory);
+  w.put(static_cast<uint8_t>(m.inline_pages ? 1 : 0));
   return w.take();
 }
 
@@ -91,6 +94,9 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
         KVMIG_ASSIGN_OR_RETURN(m.target_address,
                                get_blob_copy(r, l.max_blob, "target address"));
         KVMIG_ASSIGN_OR_RETURN(m.memory, r.get_string(64, "memory"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t flags, r.get<uint8_t>("flags"));
+        if (flags > 1) return Status::data_loss("unknown OFFER flags");
+        m.inline_pages = flags & 1;
         return m;
       });
 }
@@ -165,6 +171,25 @@ Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l) {
         BatchMsg m;
         KVMIG_ASSIGN_OR_RETURN(m.positions,
                                get_u32s(r, l.max_pages, "positions"));
+        return m;
+      });
+}
+
+std::vector<uint8_t> encode(const PagesMsg& m) {
+  ByteWriter w;
+  put_u32s(w, m.positions);
+  w.put_bytes(m.bytes);
+  return w.take();
+}
+
+Result<PagesMsg> decode_pages(std::span<const uint8_t> p, const WireLimits& l) {
+  return decode_all<PagesMsg>(
+      p, "PAGES", [&](ByteReader& r) -> Result<PagesMsg> {
+        PagesMsg m;
+        KVMIG_ASSIGN_OR_RETURN(m.positions,
+                               get_u32s(r, l.max_pages, "positions"));
+        KVMIG_ASSIGN_OR_RETURN(auto bytes, r.get_bytes(r.remaining(), "bytes"));
+        m.bytes.assign(bytes.begin(), bytes.end());
         return m;
       });
 }

@@ -30,6 +30,9 @@ struct HelloMsg {
   // The requests' ids (n_seqs of them), so the destination refuses, before
   // any byte moves, a request that is already live there.
   std::vector<SeqId> seqs;
+  // The source would rather send the pages in PAGES frames (a small
+  // stop-and-copy): no data path to open, write or mark.
+  bool inline_pages = false;
 };
 
 // Slot positions: every slot the destination allocates for a migration gets
@@ -46,6 +49,9 @@ struct OfferMsg {
   // Where the destination's pages live, for reports: "host", "cuda" or
   // "cuda+host" (memory_kinds_name()).
   std::string memory;
+  // HELLO's inline_pages taken: the pages come in PAGES frames, there is no
+  // data path (target_address is empty).
+  bool inline_pages = false;
 };
 
 // A live round asks for n more slots.
@@ -85,6 +91,14 @@ struct BatchMsg {
   std::vector<uint32_t> positions;
 };
 
+// Pages sent on the control connection (OFFER took inline_pages): bytes
+// holds, for each positions[k] in turn, that slot's page in canonical order
+// (the page's pieces in each region of the layout, in list order).
+struct PagesMsg {
+  std::vector<uint32_t> positions;
+  std::vector<uint8_t> bytes;
+};
+
 // During a long data phase, every so often: the source is alive and has
 // posted this many payload bytes so far (over the whole migration). The
 // destination's deadline runs from the last frame that showed progress.
@@ -121,6 +135,7 @@ std::vector<uint8_t> encode(const HelloMsg& m);
 std::vector<uint8_t> encode(const OfferMsg& m);
 std::vector<uint8_t> encode(const CommitMsg& m);
 std::vector<uint8_t> encode(const BatchMsg& m);
+std::vector<uint8_t> encode(const PagesMsg& m);
 std::vector<uint8_t> encode(const RoundMsg& m);
 std::vector<uint8_t> encode(const VerifyMsg& m);
 std::vector<uint8_t> encode(const RoundOfferMsg& m);
@@ -134,6 +149,9 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l);
 Result<CommitMsg> decode_commit(std::span<const uint8_t> p,
                                 const WireLimits& l);
 Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l);
+// The bytes are the rest of the payload; their size is the destination's
+// to check against its page size.
+Result<PagesMsg> decode_pages(std::span<const uint8_t> p, const WireLimits& l);
 Result<RoundMsg> decode_round(std::span<const uint8_t> p);
 Result<VerifyMsg> decode_verify(std::span<const uint8_t> p,
                                 const WireLimits& l);

@@ -458,8 +458,17 @@ std::string stall_at(const std::string& point, int ms) {
 class FaultMatrix : public ::testing::TestWithParam<FaultCase> {};
 
 TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
-  const auto [fault, point, transport, memory] = GetParam();
-  const Expect expect = expected(fault, point);
+  const auto [fault, point, transport, pool] = GetParam();
+  // "host-inline": host pools, and the pages go inline (one PAGES frame on
+  // the control connection, right before COMMIT): the data in flight is
+  // that frame, so a fault during the data lands where one on COMMIT does.
+  const bool inline_pages = pool == "host-inline";
+  const std::string memory = inline_pages ? "host" : pool;
+  const std::string inline_kib = inline_pages ? "128" : "0";
+  const Expect expect =
+      expected(fault, inline_pages && point == Point::kDuringData
+                          ? Point::kCommitInFlight
+                          : point);
   const bool kill_src = fault == Fault::kKillSource;
   const bool kill_dst = fault == Fault::kKillDestination;
   using Action = ControlProxy::Action;
@@ -468,10 +477,10 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
   // The source in the layer layout (several writes a page, so the data
   // phase has a middle), tiny requests, short peer timeouts everywhere.
   std::vector<std::string> src_flags = {
-      "--layout",          "layer",       "--capacity-pages", "64",
-      "--populate",        "3:40",        "--seed",           "11",
-      "--peer-timeout-ms", kPeerTimeoutMs};
-  if (point == Point::kDuringData) {
+      "--layout",          "layer",        "--capacity-pages", "64",
+      "--populate",        "3:40",         "--seed",           "11",
+      "--peer-timeout-ms", kPeerTimeoutMs, "--inline-kib",     inline_kib};
+  if (point == Point::kDuringData && !inline_pages) {
     src_flags.insert(src_flags.end(),
                      {"--fault", stall_at("src.data.mid", 1500)});
   } else if (point == Point::kBeforeCommit) {
@@ -481,14 +490,15 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
   src_flags.insert(src_flags.end(),
                    {"--transports", "tcp," + transport, "--memory", memory});
   auto src = AgentProcess::start(src_flags);
-  auto dst = AgentProcess::start({"--capacity-pages", "64", "--peer-timeout-ms",
-                                  kPeerTimeoutMs, "--transports",
-                                  "tcp," + transport, "--memory", memory});
+  auto dst =
+      AgentProcess::start({"--capacity-pages", "64", "--peer-timeout-ms",
+                           kPeerTimeoutMs, "--transports", "tcp," + transport,
+                           "--memory", memory, "--inline-kib", inline_kib});
   // The fresh destination for retries; it brings requests of its own to
   // move into the destination when the source will not be there.
   std::vector<std::string> fresh_flags = {
-      "--capacity-pages", "64",       "--transports",
-      "tcp," + transport, "--memory", memory};
+      "--capacity-pages", "64",   "--transports", "tcp," + transport,
+      "--memory",         memory, "--inline-kib", inline_kib};
   if (kill_src) {
     fresh_flags.insert(fresh_flags.end(),
                        {"--populate", "3:40", "--seed", "23"});
@@ -520,12 +530,14 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
       proxy->arm(Dir::kToSource, 1, action);
       break;
     case Point::kCommitInFlight:
-      proxy->arm(Dir::kToDestination, 2, action);
+      proxy->arm(Dir::kToDestination, inline_pages ? 3 : 2, action);
       break;
     case Point::kBeforeDone:
       proxy->arm(Dir::kToSource, 2, action);
       break;
     case Point::kDuringData:
+      if (inline_pages) proxy->arm(Dir::kToDestination, 2, action);  // PAGES
+      break;
     case Point::kBeforeCommit:
     case Point::kAfterDone:
       break;
@@ -534,7 +546,8 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
                            "--to", proxy->address(), "--seqs", join(kMoved),
                            "--transport", transport, "--json"});
   ASSERT_TRUE(cli);
-  if (point == Point::kDuringData || point == Point::kBeforeCommit) {
+  if ((point == Point::kDuringData && !inline_pages) ||
+      point == Point::kBeforeCommit) {
     const std::string cue = point == Point::kDuringData
                                 ? "reached src.data.mid"
                                 : "reached src.before_commit";
@@ -556,6 +569,11 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
   ASSERT_TRUE(cli->wait_exit(30s));
   json report = json::parse(cli->out(), nullptr, false);
   ASSERT_TRUE(report.is_object()) << cli->out() << cli->err();
+  // The case ran the path it names (the destination says so at OFFER).
+  EXPECT_EQ(dst->child().err().find("over the control connection") !=
+                std::string::npos,
+            inline_pages)
+      << dst->child().err();
 
   // What the scheduler hears.
   std::string in_doubt_id;
@@ -600,9 +618,10 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
 
     std::unique_ptr<AgentProcess> restarted;
     if (kill_dst) {
-      restarted = AgentProcess::start({"--capacity-pages", "64", "--transports",
-                                       "tcp," + transport, "--memory", memory},
-                                      dst->address());
+      restarted = AgentProcess::start(
+          {"--capacity-pages", "64", "--transports", "tcp," + transport,
+           "--memory", memory, "--inline-kib", inline_kib},
+          dst->address());
       ASSERT_TRUE(restarted);
     } else {
       proxy->heal();
@@ -683,7 +702,9 @@ TEST_P(FaultMatrix, EveryRequestLivesInExactlyOnePlace) {
 
 std::string fault_case_name(const ::testing::TestParamInfo<FaultCase>& info) {
   std::string memory = std::get<3>(info.param);
-  memory = memory == "host" ? "" : "_sim_device";
+  memory = memory == "host"          ? ""
+           : memory == "host-inline" ? "_inline"
+                                     : "_sim_device";
   return fault_name(std::get<0>(info.param)) + "_" +
          point_name(std::get<1>(info.param)) + "_" + std::get<2>(info.param) +
          memory;
@@ -728,6 +749,27 @@ INSTANTIATE_TEST_SUITE_P(
                           Point::kBeforeCommit, Point::kCommitInFlight,
                           Point::kBeforeDone),
         ::testing::ValuesIn(data_transports()), ::testing::Values("host")),
+    fault_case_name);
+
+// The pages inline (protocol 8) over tcp: kills and connection faults on
+// PAGES (DuringData), on COMMIT behind it (CommitInFlight) and on DONE, and
+// kills while the source stalls before COMMIT.
+INSTANTIATE_TEST_SUITE_P(
+    Inline, FaultMatrix,
+    ::testing::Values(
+        FaultCase{Fault::kKillSource, Point::kDuringData, "tcp", "host-inline"},
+        FaultCase{Fault::kKillDestination, Point::kDuringData, "tcp",
+                  "host-inline"},
+        FaultCase{Fault::kKillDestination, Point::kBeforeCommit, "tcp",
+                  "host-inline"},
+        FaultCase{Fault::kKillDestination, Point::kCommitInFlight, "tcp",
+                  "host-inline"},
+        FaultCase{Fault::kKillSource, Point::kBeforeDone, "tcp", "host-inline"},
+        FaultCase{Fault::kCut, Point::kDuringData, "tcp", "host-inline"},
+        FaultCase{Fault::kStall, Point::kDuringData, "tcp", "host-inline"},
+        FaultCase{Fault::kCorrupt, Point::kDuringData, "tcp", "host-inline"},
+        FaultCase{Fault::kCorrupt, Point::kCommitInFlight, "tcp",
+                  "host-inline"}),
     fault_case_name);
 
 // --- in doubt while the engine runs -----------------------------------------

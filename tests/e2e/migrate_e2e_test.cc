@@ -710,6 +710,43 @@ TEST(MigrateE2E, NoCommonTransportIsRefusedNamingBothSides) {
                   "destination accepts [ tcp ]"});
 }
 
+// serve's default: a small stop-and-copy between two agents goes inline
+// (PAGES on the control connection) and arrives intact, checksums checked;
+// over the limit it takes the data path. A destination that dies right
+// after its OFFER leaves the requests at the source, digests unchanged.
+TEST(MigrateE2E, SmallMovesGoInlineAndArriveIntact) {
+  const std::vector<std::string> inline_on = {"--inline-kib", "64"};
+  auto with = [&](std::vector<std::string> flags) {
+    flags.insert(flags.end(), inline_on.begin(), inline_on.end());
+    return AgentProcess::start(flags);
+  };
+  // 3 requests of 40 tokens: 3 tiny pages (16 KiB) each.
+  auto src = with({"--populate", "3:40", "--layout", "layer"});
+  auto dst = with({});
+  ASSERT_TRUE(src && dst);
+  const auto before = digests(status_of(src->address()));
+  int code = -1;
+  json r = migrate(src->address(), dst->address(), {"--seqs", "1"}, &code);
+  ASSERT_EQ(code, 0) << r.dump() << src->child().err() << dst->child().err();
+  EXPECT_EQ(r["inline_pages"], true) << r.dump();
+  EXPECT_EQ(r["pages"], 3);
+  // Two requests, 6 pages, 96 KiB: over the limit, the data path.
+  r = migrate(src->address(), dst->address(), {"--seqs", "2,3", "--digests"},
+              &code);
+  ASSERT_EQ(code, 0) << r.dump() << src->child().err() << dst->child().err();
+  EXPECT_EQ(r["inline_pages"], false) << r.dump();
+  EXPECT_EQ(digests(status_of(dst->address())), before);
+  EXPECT_TRUE(status_of(src->address())["seqs"].empty());
+
+  // Back again, into a destination that exits after its OFFER.
+  auto dying = with({"--fault", "dst.after_offer=exit"});
+  ASSERT_TRUE(dying);
+  json moved = status_of(dst->address());
+  r = migrate(dst->address(), dying->address(), {"--seqs", "1"}, &code);
+  EXPECT_EQ(code, 1) << r.dump();
+  expect_unchanged(dst->address(), moved);
+}
+
 TEST(MigrateE2E, FullDestinationIsRefused) {
   auto src = AgentProcess::start({"--populate", "4:160"});
   auto dst = AgentProcess::start({"--capacity-pages", "16"});
@@ -1391,6 +1428,155 @@ TEST(MigrateE2E, CommitNamingAMarkThatNeverArrivesIsAborted) {
     EXPECT_EQ(st.free_pages, st.capacity_pages);
   }
   agent->stop();
+}
+
+// A hand-made source asks for its pages inline (PAGES on the control
+// connection) and sends bad ones: the wrong size, a position not offered,
+// one position twice, PAGES where OFFER opened a data path, or none at all
+// before COMMIT. Each is an ABORT naming what was wrong, no request is
+// installed and every slot is free again. Then good PAGES install the very
+// bytes sent; and an agent whose limit is 0 answers with a data path.
+TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
+  ASSERT_OK_AND_ASSIGN(CacheMeta meta, preset_meta("tiny"));
+  ASSERT_OK_AND_ASSIGN(auto pager,
+                       SyntheticPager::create(meta, PoolLayout::kLayer, 8));
+  AgentOptions options;
+  options.listen_host = "127.0.0.1";
+  options.listen_port = 0;
+  options.peer_timeout = 5s;
+  ASSERT_OK_AND_ASSIGN(auto agent, Agent::create(*pager, options));
+  ASSERT_OK(agent->start());
+  const uint64_t page = 2 * meta.page_bytes();
+  int n = 0;
+  // HELLO for `pages` pages (inline if asked); OFFER back, checked.
+  auto hello = [&](int fd, uint32_t pages, bool inline_pages) {
+    HelloMsg h;
+    h.migration_id = "inline-" + std::to_string(++n);
+    h.meta = meta;
+    h.n_pages = pages;
+    h.n_seqs = 1;
+    h.transports = {"tcp"};
+    h.seqs = {77};
+    h.inline_pages = inline_pages;
+    const auto f = encode_frame(MsgType::kHello, encode(h));
+    EXPECT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
+    auto offered = read_frame(fd);
+    EXPECT_TRUE(offered.ok() && offered->first == MsgType::kOffer);
+    OfferMsg offer;
+    if (offered.ok()) {
+      auto decoded = decode_offer(offered->second, WireLimits{});
+      EXPECT_TRUE(decoded.ok()) << decoded.status().to_string();
+      if (decoded.ok()) offer = std::move(*decoded);
+    }
+    EXPECT_EQ(offer.slots.size(), pages);
+    EXPECT_EQ(offer.inline_pages, inline_pages);
+    EXPECT_EQ(offer.target_address.empty(), inline_pages);
+    return offer;
+  };
+  auto send = [](int fd, MsgType type, const std::vector<uint8_t>& payload) {
+    const auto f = encode_frame(type, payload);
+    EXPECT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
+  };
+  auto commit = [&](const OfferMsg& offer) {
+    CommitMsg c;
+    c.seqs = {{77, meta.page_size_tokens * offer.slots.size(), offer.slots}};
+    return encode(c);
+  };
+  auto expect_abort = [&](int fd, const std::string& why) {
+    auto reply = read_frame(fd);
+    ASSERT_TRUE(reply.ok()) << reply.status().to_string();
+    ASSERT_EQ(reply->first, MsgType::kAbort) << msg_type_name(reply->first);
+    ASSERT_OK_AND_ASSIGN(AbortMsg abort,
+                         decode_abort(reply->second, WireLimits{}));
+    EXPECT_NE(abort.reason.find(why), std::string::npos) << abort.reason;
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, agent->status());
+    EXPECT_TRUE(st.seqs.empty());
+    EXPECT_EQ(st.free_pages, st.capacity_pages);
+  };
+  struct Bad {
+    const char* name;
+    uint32_t pages;
+    bool inline_pages;
+    std::vector<uint32_t> positions;
+    uint64_t bytes;
+    std::string why;
+  };
+  const std::vector<Bad> bad = {
+      {"short", 1, true, {0}, page - 1, "PAGES of 1 pages has"},
+      {"not offered", 1, true, {1}, page, "names slot position 1 of 1"},
+      {"twice", 2, true, {0, 0}, 2 * page, "slot position 0 twice"},
+      {"data path", 1, false, {0}, page, "unexpected PAGES"},
+      {"none", 1, true, {}, 0, "which no PAGES filled"},
+  };
+  for (const Bad& b : bad) {
+    SCOPED_TRACE(b.name);
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    const OfferMsg offer = hello(fd, b.pages, b.inline_pages);
+    if (!b.positions.empty()) {
+      PagesMsg pages{b.positions, std::vector<uint8_t>(b.bytes, 0x5a)};
+      send(fd, MsgType::kPages, encode(pages));
+    }
+    send(fd, MsgType::kCommit, commit(offer));
+    expect_abort(fd, b.why);
+  }
+  {
+    SCOPED_TRACE("good");
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    const OfferMsg offer = hello(fd, 2, true);
+    PagesMsg pages{{1, 0}, std::vector<uint8_t>(2 * page)};
+    for (size_t i = 0; i < pages.bytes.size(); ++i) {
+      pages.bytes[i] = static_cast<uint8_t>(i * 7 + i / page);
+    }
+    send(fd, MsgType::kPages, encode(pages));
+    send(fd, MsgType::kCommit, commit(offer));
+    ASSERT_OK_AND_ASSIGN(auto done, read_frame(fd));
+    ASSERT_EQ(done.first, MsgType::kDone) << msg_type_name(done.first);
+    for (uint32_t k = 0; k < 2; ++k) {
+      // Position pages.positions[k] got bytes [k * page, (k + 1) * page).
+      ASSERT_OK_AND_ASSIGN(PageBytes got,
+                           pager->read_page(offer.slots[pages.positions[k]]));
+      const auto* want =
+          reinterpret_cast<const std::byte*>(pages.bytes.data()) + k * page;
+      EXPECT_TRUE(std::equal(got.k.begin(), got.k.end(), want));
+      EXPECT_TRUE(
+          std::equal(got.v.begin(), got.v.end(), want + meta.page_bytes()));
+    }
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, agent->status());
+    ASSERT_EQ(st.seqs.size(), 1u);
+    EXPECT_EQ(st.seqs[0].id, 77u);
+  }
+  agent->stop();
+  {
+    SCOPED_TRACE("limit 0");
+    ASSERT_OK_AND_ASSIGN(auto other,
+                         SyntheticPager::create(meta, PoolLayout::kPage, 8));
+    options.inline_page_bytes = 0;
+    ASSERT_OK_AND_ASSIGN(auto refusing, Agent::create(*other, options));
+    ASSERT_OK(refusing->start());
+    const int fd = raw_connect(refusing->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    HelloMsg h;
+    h.migration_id = "inline-refused";
+    h.meta = meta;
+    h.n_pages = 1;
+    h.n_seqs = 1;
+    h.transports = {"tcp"};
+    h.seqs = {78};
+    h.inline_pages = true;
+    send(fd, MsgType::kHello, encode(h));
+    ASSERT_OK_AND_ASSIGN(auto offered, read_frame(fd));
+    ASSERT_EQ(offered.first, MsgType::kOffer) << msg_type_name(offered.first);
+    ASSERT_OK_AND_ASSIGN(OfferMsg offer,
+                         decode_offer(offered.second, WireLimits{}));
+    EXPECT_FALSE(offer.inline_pages);
+    EXPECT_FALSE(offer.target_address.empty());
+    refusing->stop();
+  }
 }
 
 TEST(MigrateE2E, SnapshotThroughAgentsRoundTrips) {

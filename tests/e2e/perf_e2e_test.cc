@@ -59,6 +59,7 @@ class PerfTransport : public ::testing::TestWithParam<std::string> {};
 TEST_P(PerfTransport, TinyRunReportsSaneJson) {
   auto server = PerfServer::start();
   ASSERT_TRUE(server);
+  bool j16_inline = false;
   for (const std::string order : {"contiguous", "random"}) {
     SCOPED_TRACE(order);
     CliResult r = run_kvmig(
@@ -77,6 +78,7 @@ TEST_P(PerfTransport, TinyRunReportsSaneJson) {
     EXPECT_EQ(j["iters"], 3);
     EXPECT_EQ(j["mode"], "copy");
     EXPECT_EQ(j["dst_order"], order);
+    j16_inline = j16_inline || j["inline_pages"].get<bool>();
     EXPECT_GT(j["gbps"].get<double>(), 0.0);
     EXPECT_GT(j["pages_per_s"].get<double>(), 0.0);
     EXPECT_GT(j["seconds"].get<double>(), 0.0);
@@ -103,6 +105,20 @@ TEST_P(PerfTransport, TinyRunReportsSaneJson) {
     } else {
       EXPECT_GT(j["writes"].get<int>(), 32);
     }
+  }
+  // One page goes inline (on the control connection) unless --inline-kib 0;
+  // 16 pages (256 KiB) took the transport above.
+  EXPECT_FALSE(j16_inline);
+  for (const std::string kib : {"64", "0"}) {
+    SCOPED_TRACE("--inline-kib " + kib);
+    CliResult one = run_kvmig({"perf", server->address(), "--transport",
+                               GetParam(), "--preset", "tiny", "--iters", "3",
+                               "--pages", "1", "--inline-kib", kib, "--json"});
+    ASSERT_EQ(one.code, 0) << one.out << one.err << server->child().err();
+    json j = json::parse(one.out, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << one.out;
+    EXPECT_EQ(j["inline_pages"], kib != "0") << one.out;
+    EXPECT_EQ(j["bytes"], 2 * 8192);
   }
   // The human table, when not a terminal: a header and one row, no
   // progress line.

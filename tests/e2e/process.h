@@ -131,7 +131,10 @@ inline std::string agent_host() {
 }
 
 // `kvmig serve` on an ephemeral port of agent_host(), or on `listen`
-// ("IPv4:PORT", e.g. to restart an agent where it was).
+// ("IPv4:PORT", e.g. to restart an agent where it was). With --inline-kib 0
+// unless the flags say otherwise: these tests move tiny caches, which
+// serve would send on the control connection, and they are about the
+// transports' data paths (the inline path has tests of its own).
 class AgentProcess {
  public:
   static std::unique_ptr<AgentProcess> start(std::vector<std::string> flags,
@@ -141,6 +144,9 @@ class AgentProcess {
     // Off loopback (the Soft-RoCE guest) an agent without a secret needs
     // --insecure; tests that want authentication pass --secret-file.
     if (agent_host() != "127.0.0.1") args.push_back("--insecure");
+    if (std::find(flags.begin(), flags.end(), "--inline-kib") == flags.end()) {
+      args.insert(args.end(), {"--inline-kib", "0"});
+    }
     args.insert(args.end(), flags.begin(), flags.end());
     auto a = std::unique_ptr<AgentProcess>(new AgentProcess());
     a->child_ = Child::spawn(args);

@@ -59,26 +59,40 @@ int run(const fs::path& root) {
   hello.transports = {"tcp"};
   hello.initiator_address = {127, 0, 0, 1, 0x1f, 0x90};
   s.add(1, MsgType::kHello, encode(hello));
+  hello.inline_pages = true;
+  s.add(1, MsgType::kHello, encode(hello));
+  hello.inline_pages = false;
   hello.live = hello.verify = true;
   hello.meta = {16, 32, 8, 128, Dtype::kBf16};
   hello.transports = {"ucx", "tcp", "verbs"};
   s.add(1, MsgType::kHello, encode(hello));
   s.add(2, MsgType::kOffer,
+        encode(OfferMsg{"tcp",
+                        {0, 1, 2, 5},
+                        {{32768, 32768, 64}},
+                        0,
+                        {1, 2},
+                        "host",
+                        false}));
+  s.add(2, MsgType::kOffer,
         encode(OfferMsg{
-            "tcp", {0, 1, 2, 5}, {{32768, 32768, 64}}, 0, {1, 2}, "host"}));
+            "tcp", {3, 4}, {{32768, 32768, 64}}, 0, {}, "host", true}));
   s.add(2, MsgType::kOffer,
         encode(OfferMsg{"ucx",
                         {9, 8},
                         {{8192, 4096, 16}, {8192, 4096, 16}},
                         4,
                         std::vector<uint8_t>(40, 0xab),
-                        "cuda"}));
+                        "cuda",
+                        false}));
   s.add(3, MsgType::kCommit, encode(CommitMsg{{{1, 20, {5, 6}}}, {}, 0}));
   s.add(3, MsgType::kCommit,
         encode(CommitMsg{{{1, 40, {0, 1, 2}}, {2, 33, {0, 1, 3}}},
                          {{0, 1, 2, 3}, {7, 8, 9, 10}},
                          9}));
   s.add(4, MsgType::kBatch, encode(BatchMsg{{0, 1, 2, 3}}));
+  s.add(20, MsgType::kPages,
+        encode(PagesMsg{{1, 0}, std::vector<uint8_t>(64, 0x5a)}));
   s.add(5, MsgType::kRound, encode(RoundMsg{3}));
   s.add(6, MsgType::kVerify, encode(VerifyMsg{{0, 1}, {0x1234, 0xfeed}}));
   s.add(7, MsgType::kRoundOffer,

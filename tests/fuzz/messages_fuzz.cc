@@ -32,16 +32,21 @@ bool same(const HelloMsg& a, const HelloMsg& b) {
   return a.migration_id == b.migration_id && a.meta == b.meta &&
          a.live == b.live && a.verify == b.verify && a.n_pages == b.n_pages &&
          a.n_seqs == b.n_seqs && a.transports == b.transports &&
-         a.initiator_address == b.initiator_address && a.seqs == b.seqs;
+         a.initiator_address == b.initiator_address && a.seqs == b.seqs &&
+         a.inline_pages == b.inline_pages;
 }
 bool same(const OfferMsg& a, const OfferMsg& b) {
   return a.transport == b.transport && a.slots == b.slots &&
          a.regions == b.regions && a.staging_slots == b.staging_slots &&
-         a.target_address == b.target_address;
+         a.target_address == b.target_address &&
+         a.inline_pages == b.inline_pages;
 }
 bool same(const CommitMsg& a, const CommitMsg& b) { return a.seqs == b.seqs; }
 bool same(const BatchMsg& a, const BatchMsg& b) {
   return a.positions == b.positions;
+}
+bool same(const PagesMsg& a, const PagesMsg& b) {
+  return a.positions == b.positions && a.bytes == b.bytes;
 }
 bool same(const RoundMsg& a, const RoundMsg& b) {
   return a.n_pages == b.n_pages;
@@ -88,8 +93,8 @@ bool same(const MigrationReport& a, const MigrationReport& b) {
          same_double(a.seconds, b.seconds) && same_double(a.gbps, b.gbps) &&
          same_double(a.pause_ms, b.pause_ms) && a.rounds == b.rounds &&
          a.round_pages == b.round_pages && a.transport == b.transport &&
-         a.staged == b.staged && a.left_behind == b.left_behind &&
-         a.digests == b.digests;
+         a.staged == b.staged && a.inline_pages == b.inline_pages &&
+         a.left_behind == b.left_behind && a.digests == b.digests;
 }
 bool same(const AgentStatus& a, const AgentStatus& b) {
   if (a.meta != b.meta || a.capacity_pages != b.capacity_pages ||
@@ -135,7 +140,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const WireLimits l;
   std::span<const uint8_t> p(data + 1, size - 1);
   // The decoders, numbered in messages.h order; first byte modulo the count.
-  switch (data[0] % 20) {
+  switch (data[0] % 21) {
     case 0:
       check(p, [&](auto b) { return decode_snapshot_req(b, l); });
       break;
@@ -195,6 +200,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 19:
       check(p, [&](auto b) { return decode_settle_req(b, l); });
+      break;
+    case 20:
+      check(p, [&](auto b) { return decode_pages(b, l); });
       break;
   }
   return 0;

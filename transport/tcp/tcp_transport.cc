@@ -1229,7 +1229,11 @@ class TcpInitiator final : public TransportInitiator {
   }
 
   void keep() override {
-    if (!parking_ || peer_key_.empty() || !usable().ok()) return;
+    if (!parking_ || peer_key_.empty()) return;
+    // A kept connection this migration never used (its pages went another
+    // way) goes back as it came; the target still holds its end.
+    const bool unused = adopted_ && !connected_ && failed_.ok();
+    if (!unused && !usable().ok()) return;
     log_->debug("initiator keeps its connection to {}", conn_->peer);
     parking_->park_init(peer_key_, std::move(conn_));
     failed_ = Status::failed_precondition(

@@ -29,6 +29,11 @@ TEST(MessagesTest, HelloRoundTrip) {
   EXPECT_EQ(back.transports, m.transports);
   EXPECT_EQ(back.initiator_address, m.initiator_address);
   EXPECT_EQ(back.seqs, m.seqs);
+  EXPECT_FALSE(back.inline_pages);
+  m.inline_pages = true;
+  ASSERT_OK_AND_ASSIGN(back, decode_hello(encode(m), limits()));
+  EXPECT_TRUE(back.inline_pages);
+  EXPECT_FALSE(back.live || back.verify);
   // The ids must be as many as the count.
   m.seqs = {7};
   EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
@@ -36,13 +41,23 @@ TEST(MessagesTest, HelloRoundTrip) {
 }
 
 TEST(MessagesTest, OfferAndCommitRoundTrip) {
-  OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}},
-             0,     {7, 7},    "cuda"};
+  OfferMsg o{"tcp",  {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}}, 0, {7, 7},
+             "cuda", false};
   ASSERT_OK_AND_ASSIGN(OfferMsg ob, decode_offer(encode(o), limits()));
   EXPECT_EQ(ob.memory, "cuda");
   EXPECT_EQ(ob.slots, o.slots);
   EXPECT_EQ(ob.regions, o.regions);
   EXPECT_EQ(ob.target_address, o.target_address);
+  EXPECT_FALSE(ob.inline_pages);
+  // Protocol 8: the pages inline, no data path; an unknown flag is refused.
+  o.inline_pages = true;
+  o.target_address.clear();
+  ASSERT_OK_AND_ASSIGN(ob, decode_offer(encode(o), limits()));
+  EXPECT_TRUE(ob.inline_pages);
+  std::vector<uint8_t> flagged = encode(o);
+  flagged.back() = 2;
+  EXPECT_EQ(decode_offer(flagged, limits()).status().code(),
+            StatusCode::kDataLoss);
   CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}, {}, 0};
   ASSERT_OK_AND_ASSIGN(CommitMsg cb, decode_commit(encode(c), limits()));
   EXPECT_EQ(cb.seqs, c.seqs);
@@ -191,6 +206,24 @@ TEST(MessagesTest, SnapshotRespIsValidated) {
   }
 }
 
+// PAGES: positions, then every remaining byte is page data (its size is the
+// destination's to check); a truncated count is refused.
+TEST(MessagesTest, PagesRoundTrip) {
+  PagesMsg m{{3, 0, 7}, std::vector<uint8_t>(96)};
+  for (size_t i = 0; i < m.bytes.size(); ++i) m.bytes[i] = uint8_t(i);
+  ASSERT_OK_AND_ASSIGN(PagesMsg back, decode_pages(encode(m), limits()));
+  EXPECT_EQ(back.positions, m.positions);
+  EXPECT_EQ(back.bytes, m.bytes);
+  m.bytes.clear();
+  ASSERT_OK_AND_ASSIGN(back, decode_pages(encode(m), limits()));
+  EXPECT_TRUE(back.bytes.empty());
+  const std::vector<uint8_t> cut = {3, 0, 0};
+  EXPECT_EQ(decode_pages(cut, limits()).status().code(), StatusCode::kDataLoss);
+  // A count over the limit is refused before anything is allocated.
+  const std::vector<uint8_t> too_many = {0xff, 0xff, 0xff, 0x7f};
+  EXPECT_FALSE(decode_pages(too_many, limits()).ok());
+}
+
 TEST(MessagesTest, HostileCountsAreRefusedBeforeAllocating) {
   // A COMMIT claiming 2^32-1 requests in a 10-byte payload.
   ByteWriter w;
@@ -213,8 +246,16 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
   payload.push_back(0);
   EXPECT_EQ(decode_batch(payload, limits()).status().code(),
             StatusCode::kDataLoss);
-  auto hello = encode(HelloMsg{
-      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}, {1}});
+  auto hello = encode(HelloMsg{"id",
+                               {16, 2, 2, 64, Dtype::kF16},
+                               false,
+                               false,
+                               1,
+                               1,
+                               {"tcp"},
+                               {},
+                               {1},
+                               false});
   for (size_t cut = 0; cut < hello.size(); ++cut) {
     std::span<const uint8_t> part(hello.data(), cut);
     EXPECT_FALSE(decode_hello(part, limits()).ok()) << "cut at " << cut;
@@ -222,8 +263,16 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
 }
 
 TEST(MessagesTest, BadEnumsAreErrors) {
-  auto hello = encode(HelloMsg{
-      "id", {16, 2, 2, 64, Dtype::kF16}, false, false, 1, 1, {"tcp"}, {}, {1}});
+  auto hello = encode(HelloMsg{"id",
+                               {16, 2, 2, 64, Dtype::kF16},
+                               false,
+                               false,
+                               1,
+                               1,
+                               {"tcp"},
+                               {},
+                               {1},
+                               false});
   hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
   EXPECT_EQ(decode_hello(hello, limits()).status().code(),
             StatusCode::kDataLoss);
@@ -239,6 +288,7 @@ TEST(MessagesTest, RandomBytesNeverCrashDecoders) {
     (void)decode_hello(junk, limits());
     (void)decode_offer(junk, limits());
     (void)decode_commit(junk, limits());
+    (void)decode_pages(junk, limits());
     (void)decode_agent_status(junk, limits());
     (void)decode_migrate_request(junk, limits());
     (void)decode_migration_report(junk, limits());
