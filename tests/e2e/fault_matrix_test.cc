@@ -753,13 +753,13 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The pages inline (protocol 8) over tcp: kills and connection faults on
 // PAGES (DuringData), on COMMIT behind it (CommitInFlight) and on DONE, and
-// kills while the source stalls before COMMIT.
+// a kill while the source stalls before COMMIT. (No kill of the destination
+// on PAGES: COMMIT follows PAGES at once, so whether it left before the
+// close showed is a race; CommitInFlight holds COMMIT itself.)
 INSTANTIATE_TEST_SUITE_P(
     Inline, FaultMatrix,
     ::testing::Values(
         FaultCase{Fault::kKillSource, Point::kDuringData, "tcp", "host-inline"},
-        FaultCase{Fault::kKillDestination, Point::kDuringData, "tcp",
-                  "host-inline"},
         FaultCase{Fault::kKillDestination, Point::kBeforeCommit, "tcp",
                   "host-inline"},
         FaultCase{Fault::kKillDestination, Point::kCommitInFlight, "tcp",

@@ -712,8 +712,8 @@ TEST(MigrateE2E, NoCommonTransportIsRefusedNamingBothSides) {
 
 // serve's default: a small stop-and-copy between two agents goes inline
 // (PAGES on the control connection) and arrives intact, checksums checked;
-// over the limit it takes the data path. A destination that dies right
-// after its OFFER leaves the requests at the source, digests unchanged.
+// over the limit it takes the data path. (Faults on the way: the fault
+// matrix's Inline cases.)
 TEST(MigrateE2E, SmallMovesGoInlineAndArriveIntact) {
   const std::vector<std::string> inline_on = {"--inline-kib", "64"};
   auto with = [&](std::vector<std::string> flags) {
@@ -737,14 +737,6 @@ TEST(MigrateE2E, SmallMovesGoInlineAndArriveIntact) {
   EXPECT_EQ(r["inline_pages"], false) << r.dump();
   EXPECT_EQ(digests(status_of(dst->address())), before);
   EXPECT_TRUE(status_of(src->address())["seqs"].empty());
-
-  // Back again, into a destination that exits after its OFFER.
-  auto dying = with({"--fault", "dst.after_offer=exit"});
-  ASSERT_TRUE(dying);
-  json moved = status_of(dst->address());
-  r = migrate(dst->address(), dying->address(), {"--seqs", "1"}, &code);
-  EXPECT_EQ(code, 1) << r.dump();
-  expect_unchanged(dst->address(), moved);
 }
 
 TEST(MigrateE2E, FullDestinationIsRefused) {
