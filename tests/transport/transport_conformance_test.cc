@@ -873,6 +873,43 @@ TEST_P(TransportConformanceTest, KeptPathServesTheNextAndStillRevokes) {
   }
 }
 
+// A migration whose pages went inline (protocol 8) adopts the kept path,
+// never connects and keeps it: the path is there for the next migration,
+// which writes over it (ucx and tcp reuse; verbs starts afresh anyway).
+TEST_P(TransportConformanceTest, KeptPathUnusedByOneMigrationServesTheNext) {
+  const bool reuses = GetParam() != "verbs";
+  {
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-u"));
+    ASSERT_OK_AND_ASSIGN(
+        auto target,
+        dst_->open_target(regions_, init->address(), in(seconds(10))));
+    ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+    ASSERT_OK(init->flush(in(seconds(10))));
+    EXPECT_EQ(target->keep(), reuses);
+    init->keep();
+  }
+  for (int unused = 0; unused < 2; ++unused) {
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-u"));
+    if (reuses) {
+      EXPECT_FALSE(init->address().empty()) << unused;
+    }
+    init->keep();  // committed without a write: nothing connected
+  }
+  ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-u"));
+  if (reuses) {
+    EXPECT_FALSE(init->address().empty());
+  }
+  ASSERT_OK_AND_ASSIGN(auto target, dst_->open_target(regions_, init->address(),
+                                                      in(seconds(10))));
+  ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+  std::vector<WriteOp> ops = {{src_at(3), 0, 11, 50000}};
+  auto expected = dst_copy();
+  apply(ops, expected);
+  ASSERT_OK(init->write(ops, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  expect_dst_equals(expected);
+}
+
 // keep() and then revoke() (the destination's install failed after it kept
 // the path): the initiator is cut off all the same and nothing it writes
 // after lands.

@@ -1036,10 +1036,10 @@ class TcpInitiator final : public TransportInitiator {
         parking_(std::move(parking)),
         peer_key_(std::move(peer_key)),
         adopted_(adopted != nullptr),
-        conn_(adopted ? std::move(adopted) : std::make_unique<InitConn>()) {}
+        conn_(std::move(adopted)) {}
 
   ~TcpInitiator() override {
-    if (!conn_) return;  // kept
+    if (!conn_) return;  // kept, or never connected
     close_logged(conn_->socket, "tcp initiator connection");
     log_->debug(
         "initiator to {} closed: {} ops, {} bytes, {} flushes and marks",
@@ -1082,9 +1082,12 @@ class TcpInitiator final : public TransportInitiator {
       // The target did not know our token (it restarted, or let its side
       // go): the kept connection is useless.
       close_logged(conn_->socket, "kept tcp initiator connection");
-      conn_ = std::make_unique<InitConn>();
+      conn_.reset();
       adopted_ = false;
     }
+    // Made here, not with the initiator: a migration whose pages go another
+    // way (inline) never pays for its io_context (~13 us).
+    conn_ = std::make_unique<InitConn>();
     error_code ec;
     const auto ip = asio::ip::make_address(parsed->host, ec);
     if (ec) {
@@ -1334,6 +1337,7 @@ class TcpInitiator final : public TransportInitiator {
   // Records a failure that leaves the stream unusable.
   Status fail(Status s) {
     failed_ = s;
+    if (!conn_) return s;
     close_logged(conn_->socket, "tcp initiator connection");
     log_->info("initiator to {}: {}", conn_->peer, s.to_string());
     return s;
@@ -1400,7 +1404,8 @@ class TcpInitiator final : public TransportInitiator {
   const std::shared_ptr<Parking> parking_;  // null: never keeps
   const std::string peer_key_;              // empty: never keeps
   bool adopted_;                            // conn_ was kept by an earlier one
-  std::unique_ptr<InitConn> conn_;          // null once kept
+  // Null until connect() (unless adopted), and once kept.
+  std::unique_ptr<InitConn> conn_;
   bool connected_ = false;
   Status failed_;  // once set, every call returns it
   std::vector<uint64_t> region_lengths_;
