@@ -1361,6 +1361,23 @@ Result<std::pair<MsgType, std::vector<uint8_t>>> read_frame(int fd) {
   return std::make_pair(header.type, std::move(payload));
 }
 
+// An agent in this process on loopback over a tiny pool of 8 pages, for
+// tests that play the source by hand.
+struct LocalAgent {
+  std::unique_ptr<SyntheticPager> pager;
+  std::unique_ptr<Agent> agent;
+};
+Result<LocalAgent> local_agent(PoolLayout layout, AgentOptions options) {
+  KVMIG_ASSIGN_OR_RETURN(CacheMeta meta, preset_meta("tiny"));
+  LocalAgent a;
+  KVMIG_ASSIGN_OR_RETURN(a.pager, SyntheticPager::create(meta, layout, 8));
+  options.listen_host = "127.0.0.1";
+  options.listen_port = 0;
+  KVMIG_ASSIGN_OR_RETURN(a.agent, Agent::create(*a.pager, options));
+  KVMIG_RETURN_IF_ERROR(a.agent->start());
+  return a;
+}
+
 // A hand-made source (protocol 7) connects its tcp data path, writes
 // nothing, and sends a COMMIT naming data mark 5: the destination must not
 // install. With the data connection open it waits for the mark for its
@@ -1369,14 +1386,11 @@ Result<std::pair<MsgType, std::vector<uint8_t>>> read_frame(int fd) {
 // there and every slot is free again.
 TEST(MigrateE2E, CommitNamingAMarkThatNeverArrivesIsAborted) {
   ASSERT_OK_AND_ASSIGN(CacheMeta meta, preset_meta("tiny"));
-  ASSERT_OK_AND_ASSIGN(auto pager,
-                       SyntheticPager::create(meta, PoolLayout::kPage, 8));
   AgentOptions options;
-  options.listen_host = "127.0.0.1";
-  options.listen_port = 0;
   options.peer_timeout = 1500ms;
-  ASSERT_OK_AND_ASSIGN(auto agent, Agent::create(*pager, options));
-  ASSERT_OK(agent->start());
+  ASSERT_OK_AND_ASSIGN(LocalAgent local,
+                       local_agent(PoolLayout::kPage, options));
+  Agent* agent = local.agent.get();
   ASSERT_OK_AND_ASSIGN(auto tcp, make_transport("tcp", TransportOptions{}));
   for (const bool closed : {false, true}) {
     SCOPED_TRACE(closed ? "data connection closed" : "data connection open");
@@ -1430,14 +1444,12 @@ TEST(MigrateE2E, CommitNamingAMarkThatNeverArrivesIsAborted) {
 // bytes sent; and an agent whose limit is 0 answers with a data path.
 TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
   ASSERT_OK_AND_ASSIGN(CacheMeta meta, preset_meta("tiny"));
-  ASSERT_OK_AND_ASSIGN(auto pager,
-                       SyntheticPager::create(meta, PoolLayout::kLayer, 8));
   AgentOptions options;
-  options.listen_host = "127.0.0.1";
-  options.listen_port = 0;
   options.peer_timeout = 5s;
-  ASSERT_OK_AND_ASSIGN(auto agent, Agent::create(*pager, options));
-  ASSERT_OK(agent->start());
+  ASSERT_OK_AND_ASSIGN(LocalAgent local,
+                       local_agent(PoolLayout::kLayer, options));
+  Agent* agent = local.agent.get();
+  SyntheticPager* pager = local.pager.get();
   const uint64_t page = 2 * meta.page_bytes();
   int n = 0;
   // HELLO for `pages` pages (inline if asked); OFFER back, checked.
@@ -1544,11 +1556,10 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
   agent->stop();
   {
     SCOPED_TRACE("limit 0");
-    ASSERT_OK_AND_ASSIGN(auto other,
-                         SyntheticPager::create(meta, PoolLayout::kPage, 8));
     options.inline_page_bytes = 0;
-    ASSERT_OK_AND_ASSIGN(auto refusing, Agent::create(*other, options));
-    ASSERT_OK(refusing->start());
+    ASSERT_OK_AND_ASSIGN(LocalAgent other,
+                         local_agent(PoolLayout::kPage, options));
+    Agent* refusing = other.agent.get();
     const int fd = raw_connect(refusing->address());
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });

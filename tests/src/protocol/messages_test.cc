@@ -241,21 +241,24 @@ TEST(MessagesTest, HostileCountsAreRefusedBeforeAllocating) {
   EXPECT_NE(r2.status().message().find("COMMIT"), std::string::npos);
 }
 
+// One request of a tiny cache, over tcp.
+HelloMsg small_hello() {
+  HelloMsg m;
+  m.migration_id = "id";
+  m.meta = {16, 2, 2, 64, Dtype::kF16};
+  m.n_pages = 1;
+  m.n_seqs = 1;
+  m.transports = {"tcp"};
+  m.seqs = {1};
+  return m;
+}
+
 TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
   auto payload = encode(BatchMsg{{1, 2}});
   payload.push_back(0);
   EXPECT_EQ(decode_batch(payload, limits()).status().code(),
             StatusCode::kDataLoss);
-  auto hello = encode(HelloMsg{"id",
-                               {16, 2, 2, 64, Dtype::kF16},
-                               false,
-                               false,
-                               1,
-                               1,
-                               {"tcp"},
-                               {},
-                               {1},
-                               false});
+  auto hello = encode(small_hello());
   for (size_t cut = 0; cut < hello.size(); ++cut) {
     std::span<const uint8_t> part(hello.data(), cut);
     EXPECT_FALSE(decode_hello(part, limits()).ok()) << "cut at " << cut;
@@ -263,16 +266,7 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
 }
 
 TEST(MessagesTest, BadEnumsAreErrors) {
-  auto hello = encode(HelloMsg{"id",
-                               {16, 2, 2, 64, Dtype::kF16},
-                               false,
-                               false,
-                               1,
-                               1,
-                               {"tcp"},
-                               {},
-                               {1},
-                               false});
+  auto hello = encode(small_hello());
   hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
   EXPECT_EQ(decode_hello(hello, limits()).status().code(),
             StatusCode::kDataLoss);
