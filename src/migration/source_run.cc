@@ -749,6 +749,13 @@ asio::awaitable<Status> SourceRun::send_inline(
     const PageIndex page = precopy_.source_page_at(pos);
     const uint8_t* start = out;
     for (const StridedRegion& r : *ctx_.layout) {
+      // As plan_writes() checks the data path's: a page the pager named
+      // beyond its own layout is its error, not a read out of bounds.
+      if (page >= r.slots) {
+        co_return Status::out_of_range("page " + std::to_string(page) +
+                                       " beyond the layout's " +
+                                       std::to_string(r.slots) + " slots");
+      }
       std::memcpy(out, r.base + uint64_t{page} * r.stride, r.chunk);
       out += r.chunk;
     }

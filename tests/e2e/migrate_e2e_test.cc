@@ -1582,6 +1582,55 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
   }
 }
 
+// A pager that names, besides its requests, request 777 whose one page lies
+// far beyond its own layout (a pager bug), and cannot hold requests one by
+// one (the whole engine pauses instead).
+class PageBeyondLayoutPager final : public ForwardingPager {
+ public:
+  using ForwardingPager::ForwardingPager;
+  Result<std::vector<LogicalSeq>> logical_seqs() override {
+    KVMIG_ASSIGN_OR_RETURN(std::vector<LogicalSeq> seqs,
+                           ForwardingPager::logical_seqs());
+    seqs.push_back(LogicalSeq{777, 16, {1'000'000}});
+    return seqs;
+  }
+  Status hold_seqs(std::span<const SeqId>) override {
+    return Status::unimplemented("no holds");
+  }
+};
+
+// Moving request 777 inline: the source refuses to read past its layout
+// (as the data path's planner does), the destination gets ABORT and frees
+// its slot, and the source resumes with what it had.
+TEST(MigrateE2E, APageBeyondTheSourcesLayoutIsAnErrorNotARead) {
+  ASSERT_OK_AND_ASSIGN(CacheMeta meta, preset_meta("tiny"));
+  ASSERT_OK_AND_ASSIGN(auto cache,
+                       SyntheticPager::create(meta, PoolLayout::kPage, 8));
+  ASSERT_OK(cache->populate(1, 20, 5));
+  PageBeyondLayoutPager lying(*cache);
+  AgentOptions options;
+  options.listen_host = "127.0.0.1";
+  options.listen_port = 0;
+  ASSERT_OK_AND_ASSIGN(auto src, Agent::create(lying, options));
+  ASSERT_OK(src->start());
+  ASSERT_OK_AND_ASSIGN(LocalAgent dst, local_agent(PoolLayout::kPage, {}));
+  MigrateRequest req;
+  req.to = dst.agent->address();
+  req.seqs = {777};
+  auto report = src->migrate(req);
+  ASSERT_FALSE(report.ok());
+  EXPECT_NE(report.status().message().find("beyond the layout's 8 slots"),
+            std::string::npos)
+      << report.status().to_string();
+  ASSERT_OK_AND_ASSIGN(AgentStatus d, dst.agent->status());
+  EXPECT_TRUE(d.seqs.empty());
+  EXPECT_EQ(d.free_pages, d.capacity_pages);
+  ASSERT_OK_AND_ASSIGN(AgentStatus s, src->status(StatusOptions{false}));
+  EXPECT_EQ(s.seqs.size(), 2u);  // request 1 and the lie, both still here
+  src->stop();
+  dst.agent->stop();
+}
+
 TEST(MigrateE2E, SnapshotThroughAgentsRoundTrips) {
   char dir_tmpl[] = "/tmp/kvmig-snap-XXXXXX";
   const std::string dir = mkdtemp(dir_tmpl);
