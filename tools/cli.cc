@@ -273,8 +273,8 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
       ->add_option("--inline-kib", f.inline_kib,
                    "a stop-and-copy of at most this many KiB of pages sends "
                    "them on the control connection, not the data path (0: "
-                   "never)")
-      ->check(CLI::Range(0, 1 << 20));
+                   "never; at most 1024: the control thread copies them)")
+      ->check(CLI::Range(0, 1024));
   serve
       ->add_option(
           "--fault", f.faults,

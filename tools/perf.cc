@@ -547,8 +547,8 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
   app->add_option("--inline-kib", f.inline_kib,
                   "client: a migration of at most this many KiB of pages "
                   "sends them on the control connection (0: always the data "
-                  "path)")
-      ->check(CLI::Range(0u, 1u << 20));
+                  "path; at most 1024)")
+      ->check(CLI::Range(0u, 1024u));
   app->add_option("--timeout-ms", f.timeout_ms, "deadline for every peer wait")
       ->check(CLI::Range(1, 3'600'000));
   app->add_flag("--json", f.json, "client: print one JSON object");

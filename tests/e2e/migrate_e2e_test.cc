@@ -1801,6 +1801,7 @@ TEST(MigrateE2E, NegativeAndNonFiniteNumbersAreUsageErrors) {
       {serve, {"--decode-rate", "-1"}, "--decode-rate"},
       {serve, {"--capacity-pages", "-1"}, "--capacity-pages"},
       {serve, {"--staging-mib", "-1"}, "--staging-mib"},
+      {serve, {"--inline-kib", "1025"}, "--inline-kib"},
       {serve, {"--peer-timeout-ms", "-1"}, "--peer-timeout-ms"},
       {serve, {"--max-pages", "-1"}, "--max-pages"},
       {serve, {"--fault", "dst.after_offer=stall:-5"}, "--fault"},

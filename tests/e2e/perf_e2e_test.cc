@@ -166,6 +166,7 @@ TEST(PerfE2E, BadFlagsAreUsageErrors) {
       {"perf"},
       {"perf", "127.0.0.1:1", "--transport", "pigeon"},
       {"perf", "127.0.0.1:1", "--pages", "0"},
+      {"perf", "127.0.0.1:1", "--inline-kib", "1025"},
       {"perf", "127.0.0.1:1", "--dst-order", "sideways"},
       {"perf", "127.0.0.1:1", "--src-layout", "rows"},
       {"perf", "127.0.0.1:1", "--preset", "tiny", "--page-kib", "4"},
