@@ -221,6 +221,23 @@ def test_simulated_device_through_numpy(cpp_agent):
             assert 5 not in digests(client.status())
 
 
+def test_small_moves_go_inline_unless_turned_off(cpp_agent):
+    # One tiny page (16 KiB) goes on the control connection by default;
+    # inline_page_bytes=0 keeps it on the transport's data path.
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "16")
+    client = kvmig.Client(dst.address)
+    for limit, inline in ((None, True), (0, False)):
+        pager = NumpyPager(TINY, 16)
+        pager.populate(1 if inline else 2, 16, seed=4)
+        kw = {} if limit is None else {"inline_page_bytes": limit}
+        with kvmig.Agent(pager, **kw) as agent:
+            before = digests(agent.status())
+            report = agent.migrate(to=dst.address, all=True)
+            assert report["inline_pages"] is inline and report["pages"] == 1
+        after = digests(client.status())
+        assert all(after[k] == v for k, v in before.items())
+
+
 def test_report_fields_match_the_cli(cpp_agent):
     # agent.migrate() returns the fields of `kvmig migrate --json`.
     import json

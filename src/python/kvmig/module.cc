@@ -132,7 +132,7 @@ class PyAgent {
           int64_t peer_timeout_ms, uint64_t staging_bytes,
           const std::string& bind_host,
           const std::optional<std::string>& snapshot_dir,
-          uint32_t max_migrations)
+          uint32_t max_migrations, uint32_t inline_page_bytes)
       : pager_obj_(std::move(pager)) {
     if (!py::isinstance<CachePager>(pager_obj_)) {
       raise_status(Status::invalid_argument(
@@ -154,6 +154,7 @@ class PyAgent {
     options.transport_options.bind_host = bind_host;
     options.snapshot_dir = snapshot_dir.value_or("");
     options.max_migrations = max_migrations;
+    options.inline_page_bytes = inline_page_bytes;
     Result<std::unique_ptr<Agent>> agent = [&] {
       py::gil_scoped_release release;
       return Agent::create(*pager_ptr, std::move(options));
@@ -551,14 +552,15 @@ PYBIND11_MODULE(_kvmig, m) {
       .def(py::init<py::object, const std::string&, std::vector<std::string>,
                     const std::optional<std::string>&, bool, int64_t, uint64_t,
                     const std::string&, const std::optional<std::string>&,
-                    uint32_t>(),
+                    uint32_t, uint32_t>(),
            py::arg("pager"), py::kw_only(), py::arg("listen") = "127.0.0.1:0",
            py::arg("transports") = std::vector<std::string>{"tcp"},
            py::arg("secret_file") = py::none(), py::arg("insecure") = false,
            py::arg("peer_timeout_ms") = 10'000,
            py::arg("staging_bytes") = uint64_t{64} << 20,
            py::arg("bind_host") = "", py::arg("snapshot_dir") = py::none(),
-           py::arg("max_migrations") = 4)
+           py::arg("max_migrations") = 4,
+           py::arg("inline_page_bytes") = uint32_t{64} << 10)
       .def("start", &PyAgent::start, "serve on a thread of the agent's own")
       .def("stop", &PyAgent::close,
            "stop serving (open migrations roll back); idempotent")
