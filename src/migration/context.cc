@@ -138,6 +138,7 @@ Status MigrationContext::init() {
   dst_records.set_started_with_requests(!held.ok() || !held->empty());
   layout = pager.layout();
   memory = memory_kinds_name(layout);
+  host_layout = layout && memory == "host";
   pager_never_waits = pager.bookkeeping_never_waits();
   std::vector<std::span<std::byte>> host_spans, device_spans;
   if (layout) {

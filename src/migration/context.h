@@ -118,6 +118,9 @@ class MigrationContext {
   std::vector<std::span<std::byte>> pager_regions;
   // Where the pages live, for reports: memory_kinds_name(layout).
   std::string memory = "host";
+  // A layout whose regions are all host memory: this side may copy pages
+  // through it itself (small stop-and-copy moves go inline, PAGES).
+  bool host_layout = false;
   // The pager's bookkeeping_never_waits(), read once by init().
   bool pager_never_waits = false;
 

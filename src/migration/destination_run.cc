@@ -480,14 +480,10 @@ bool DestinationRun::takes_inline() const {
   // The source asked; a stop-and-copy whose pages fit the limit and a
   // frame, into host memory this thread may write.
   const uint64_t bytes = uint64_t{hello_.n_pages} * page_total_;
-  if (!hello_.inline_pages || hello_.live || !ctx_.layout ||
-      bytes > ctx_.options.inline_page_bytes ||
-      bytes + 4 * uint64_t{hello_.n_pages} + 4 > ctx_.options.max_frame_bytes) {
-    return false;
-  }
-  return std::all_of(
-      ctx_.layout->begin(), ctx_.layout->end(),
-      [](const StridedRegion& r) { return r.kind == MemoryKind::kHost; });
+  return hello_.inline_pages && !hello_.live && ctx_.host_layout &&
+         bytes <= ctx_.options.inline_page_bytes &&
+         bytes + 4 * uint64_t{hello_.n_pages} + 4 <=
+             ctx_.options.max_frame_bytes;
 }
 
 Status DestinationRun::on_pages(const Frame& frame) {
@@ -510,20 +506,15 @@ Status DestinationRun::on_pages(const Frame& frame) {
                               std::to_string(pos) + " twice");
     }
     seen[pos] = true;
-    for (const StridedRegion& r : *ctx_.layout) {
-      if (slots_[pos] >= r.slots) {
-        return Status::internal("slot " + std::to_string(slots_[pos]) +
-                                " beyond the layout's " +
-                                std::to_string(r.slots));
-      }
-    }
+    // The pager allocated a slot outside its own layout: its fault.
+    Status fits = page_in_layout(*ctx_.layout, slots_[pos]);
+    if (!fits.ok()) return Status::internal("allocated " + fits.message());
   }
   const uint8_t* in = pages.bytes.data();
   for (uint32_t pos : pages.positions) {
-    for (const StridedRegion& r : *ctx_.layout) {
-      std::memcpy(r.base + uint64_t{slots_[pos]} * r.stride, in, r.chunk);
-      in += r.chunk;
-    }
+    KVMIG_RETURN_IF_ERROR(
+        write_host_page(*ctx_.layout, slots_[pos], std::span(in, page_total_)));
+    in += page_total_;
     landed_[pos] = true;
   }
   batched_pages_ += pages.positions.size();

@@ -725,13 +725,8 @@ bool SourceRun::may_inline(uint32_t n_pages) const {
   // Stop-and-copy (one round, paused) of pages this side reads itself from
   // host memory. (No "src.data.mid" fault point on this path: one frame
   // has no middle.)
-  if (req_.live || n_pages == 0 || !ctx_.layout ||
-      uint64_t{n_pages} * page_total_ > ctx_.options.inline_page_bytes) {
-    return false;
-  }
-  return std::all_of(
-      ctx_.layout->begin(), ctx_.layout->end(),
-      [](const StridedRegion& r) { return r.kind == MemoryKind::kHost; });
+  return !req_.live && n_pages > 0 && ctx_.host_layout &&
+         uint64_t{n_pages} * page_total_ <= ctx_.options.inline_page_bytes;
 }
 
 asio::awaitable<Status> SourceRun::send_inline(
@@ -740,34 +735,27 @@ asio::awaitable<Status> SourceRun::send_inline(
   // than a trip to the data pool. The destination copies them into place
   // before COMMIT, which follows on the same connection.
   const auto t0 = Clock::now();
-  PagesMsg msg;
-  msg.positions = positions;
-  msg.bytes.resize(positions.size() * page_total_);
+  const uint64_t n_bytes = positions.size() * page_total_;
+  // Built in place: the positions, then each page read straight into the
+  // frame.
+  std::vector<uint8_t> payload = encode_pages_with_room(positions, n_bytes);
+  uint8_t* out = payload.data() + payload.size() - n_bytes;
   std::vector<uint64_t> sums;
-  uint8_t* out = msg.bytes.data();
   for (uint32_t pos : positions) {
-    const PageIndex page = precopy_.source_page_at(pos);
-    const uint8_t* start = out;
-    for (const StridedRegion& r : *ctx_.layout) {
-      // As plan_writes() checks the data path's: a page the pager named
-      // beyond its own layout is its error, not a read out of bounds.
-      if (page >= r.slots) {
-        co_return Status::out_of_range("page " + std::to_string(page) +
-                                       " beyond the layout's " +
-                                       std::to_string(r.slots) + " slots");
-      }
-      std::memcpy(out, r.base + uint64_t{page} * r.stride, r.chunk);
-      out += r.chunk;
-    }
-    // == page_checksum(): XXH3 streamed over K then V is XXH3 of both.
-    if (req_.verify) sums.push_back(XXH3_64bits(start, page_total_));
+    const std::span<uint8_t> page(out, page_total_);
+    // As plan_writes() checks the data path's: a page the pager named
+    // beyond its own layout is its error, not a read out of bounds.
+    KVMIG_CO_RETURN_IF_ERROR(
+        read_host_page(*ctx_.layout, precopy_.source_page_at(pos), page));
+    // == page_checksum(): XXH3 of K then V in canonical order.
+    if (req_.verify) sums.push_back(XXH3_64bits(page.data(), page.size()));
+    out += page_total_;
   }
-  const std::vector<uint8_t> payload = encode(msg);
   KVMIG_CO_RETURN_IF_ERROR(
       co_await channel_->send(MsgType::kPages, payload, deadline()));
   writes_ += positions.size();
-  bytes_ += msg.bytes.size();
-  progress_.bytes.fetch_add(msg.bytes.size(), std::memory_order_relaxed);
+  bytes_ += n_bytes;
+  progress_.bytes.fetch_add(n_bytes, std::memory_order_relaxed);
   data_seconds_ += seconds_since(t0);
   // Paused: the checksums go with COMMIT.
   if (req_.verify) paused_round_sums_ = VerifyMsg{positions, std::move(sums)};

@@ -45,6 +45,58 @@ PageBytes StagingBuffer::load(uint32_t i, uint64_t page_bytes) {
   return page;
 }
 
+Status page_in_layout(const PagerLayout& layout, PageIndex ix) {
+  for (const StridedRegion& r : layout) {
+    if (ix >= r.slots) {
+      return Status::out_of_range("page " + std::to_string(ix) +
+                                  " beyond the layout's " +
+                                  std::to_string(r.slots) + " slots");
+    }
+  }
+  return Status();
+}
+
+namespace {
+
+// Calls f(address of the chunk, offset in the page, chunk bytes) for each
+// region's chunk of page ix, after checking ix and the page's size.
+template <typename F>
+Status for_each_chunk(const PagerLayout& layout, PageIndex ix,
+                      uint64_t page_bytes, F f) {
+  KVMIG_RETURN_IF_ERROR(page_in_layout(layout, ix));
+  uint64_t total = 0;
+  for (const StridedRegion& r : layout) total += r.chunk;
+  if (page_bytes != total) {
+    return Status::invalid_argument("a page through this layout is " +
+                                    std::to_string(total) + " bytes, not " +
+                                    std::to_string(page_bytes));
+  }
+  uint64_t at = 0;
+  for (const StridedRegion& r : layout) {
+    f(r.base + uint64_t{ix} * r.stride, at, r.chunk);
+    at += r.chunk;
+  }
+  return Status();
+}
+
+}  // namespace
+
+Status read_host_page(const PagerLayout& layout, PageIndex ix,
+                      std::span<uint8_t> bytes) {
+  return for_each_chunk(layout, ix, bytes.size(),
+                        [&](const std::byte* p, uint64_t at, uint64_t n) {
+                          std::memcpy(bytes.data() + at, p, n);
+                        });
+}
+
+Status write_host_page(const PagerLayout& layout, PageIndex ix,
+                       std::span<const uint8_t> bytes) {
+  return for_each_chunk(layout, ix, bytes.size(),
+                        [&](std::byte* p, uint64_t at, uint64_t n) {
+                          std::memcpy(p, bytes.data() + at, n);
+                        });
+}
+
 Result<uint64_t> pager_page_checksum(CachePager& pager,
                                      const std::optional<PagerLayout>& layout,
                                      PageIndex ix) {
@@ -57,13 +109,9 @@ Result<uint64_t> pager_page_checksum(CachePager& pager,
   // Device memory is read through the pager into a buffer of this thread's,
   // one chunk at a time; kvmig never touches it.
   thread_local std::vector<std::byte> bounce;
+  KVMIG_RETURN_IF_ERROR(page_in_layout(*layout, ix));
   for (uint32_t i = 0; i < layout->size(); ++i) {
     const StridedRegion& r = (*layout)[i];
-    if (ix >= r.slots) {
-      return Status::out_of_range("page " + std::to_string(ix) +
-                                  " beyond layout slots " +
-                                  std::to_string(r.slots));
-    }
     const uint64_t at = uint64_t{ix} * r.stride;
     if (r.kind == MemoryKind::kHost) {
       XXH3_64bits_update(&state, r.base + at, r.chunk);

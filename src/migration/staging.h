@@ -51,6 +51,18 @@ class StagingBuffer {
   uint32_t slots_;
 };
 
+// OK when page ix lies inside every region of the layout; otherwise
+// OutOfRange naming the page (a pager that named it broke its layout).
+Status page_in_layout(const PagerLayout& layout, PageIndex ix);
+
+// Page ix's bytes in canonical order (each region's chunk, in layout
+// order) copied out of / into a layout whose regions are all host memory
+// (MigrationContext::host_layout). `bytes` is exactly one page.
+Status read_host_page(const PagerLayout& layout, PageIndex ix,
+                      std::span<uint8_t> bytes);
+Status write_host_page(const PagerLayout& layout, PageIndex ix,
+                       std::span<const uint8_t> bytes);
+
 // XXH3-64 of page ix in canonical order (== page_checksum(read_page(ix))),
 // read through the layout when there is one, else through read_page().
 Result<uint64_t> pager_page_checksum(CachePager& pager,

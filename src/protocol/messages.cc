@@ -1,5 +1,6 @@
 #include "messages.h"
 
+#include <algorithm>
 #include <string>
 
 namespace kvmig {
@@ -175,11 +176,21 @@ Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l) {
       });
 }
 
-std::vector<uint8_t> encode(const PagesMsg& m) {
+std::vector<uint8_t> encode_pages_with_room(
+    const std::vector<uint32_t>& positions, uint64_t page_bytes) {
   ByteWriter w;
-  put_u32s(w, m.positions);
-  w.put_bytes(m.bytes);
-  return w.take();
+  put_u32s(w, positions);
+  std::vector<uint8_t> payload = w.take();
+  payload.resize(payload.size() + page_bytes);
+  return payload;
+}
+
+std::vector<uint8_t> encode(const PagesMsg& m) {
+  std::vector<uint8_t> payload =
+      encode_pages_with_room(m.positions, m.bytes.size());
+  std::copy(m.bytes.begin(), m.bytes.end(),
+            payload.end() - static_cast<ptrdiff_t>(m.bytes.size()));
+  return payload;
 }
 
 Result<PagesMsg> decode_pages(std::span<const uint8_t> p, const WireLimits& l) {
@@ -188,8 +199,7 @@ Result<PagesMsg> decode_pages(std::span<const uint8_t> p, const WireLimits& l) {
         PagesMsg m;
         KVMIG_ASSIGN_OR_RETURN(m.positions,
                                get_u32s(r, l.max_pages, "positions"));
-        KVMIG_ASSIGN_OR_RETURN(auto bytes, r.get_bytes(r.remaining(), "bytes"));
-        m.bytes.assign(bytes.begin(), bytes.end());
+        KVMIG_ASSIGN_OR_RETURN(m.bytes, r.get_bytes(r.remaining(), "bytes"));
         return m;
       });
 }

@@ -93,10 +93,11 @@ struct BatchMsg {
 
 // Pages sent on the control connection (OFFER took inline_pages): bytes
 // holds, for each positions[k] in turn, that slot's page in canonical order
-// (the page's pieces in each region of the layout, in list order).
+// (the page's pieces in each region of the layout, in list order). bytes
+// is a view: into the frame decode_pages() read, or the caller's buffer.
 struct PagesMsg {
   std::vector<uint32_t> positions;
-  std::vector<uint8_t> bytes;
+  std::span<const uint8_t> bytes;
 };
 
 // During a long data phase, every so often: the source is alive and has
@@ -136,6 +137,10 @@ std::vector<uint8_t> encode(const OfferMsg& m);
 std::vector<uint8_t> encode(const CommitMsg& m);
 std::vector<uint8_t> encode(const BatchMsg& m);
 std::vector<uint8_t> encode(const PagesMsg& m);
+// PAGES built in place: the positions, then `page_bytes` zero bytes at the
+// payload's end for the caller to fill with the pages (saves a copy).
+std::vector<uint8_t> encode_pages_with_room(
+    const std::vector<uint32_t>& positions, uint64_t page_bytes);
 std::vector<uint8_t> encode(const RoundMsg& m);
 std::vector<uint8_t> encode(const VerifyMsg& m);
 std::vector<uint8_t> encode(const RoundOfferMsg& m);

@@ -1519,8 +1519,8 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     ScopeExit close_fd([fd] { close(fd); });
     const OfferMsg offer = hello(fd, b.pages, b.inline_pages);
     if (!b.positions.empty()) {
-      PagesMsg pages{b.positions, std::vector<uint8_t>(b.bytes, 0x5a)};
-      send(fd, MsgType::kPages, encode(pages));
+      const std::vector<uint8_t> bytes(b.bytes, 0x5a);
+      send(fd, MsgType::kPages, encode(PagesMsg{b.positions, bytes}));
     }
     send(fd, MsgType::kCommit, commit(offer));
     expect_abort(fd, b.why);
@@ -1531,10 +1531,11 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });
     const OfferMsg offer = hello(fd, 2, true);
-    PagesMsg pages{{1, 0}, std::vector<uint8_t>(2 * page)};
-    for (size_t i = 0; i < pages.bytes.size(); ++i) {
-      pages.bytes[i] = static_cast<uint8_t>(i * 7 + i / page);
+    std::vector<uint8_t> bytes(2 * page);
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      bytes[i] = static_cast<uint8_t>(i * 7 + i / page);
     }
+    const PagesMsg pages{{1, 0}, bytes};
     send(fd, MsgType::kPages, encode(pages));
     send(fd, MsgType::kCommit, commit(offer));
     ASSERT_OK_AND_ASSIGN(auto done, read_frame(fd));

@@ -3,6 +3,7 @@
 // default WireLimits. Property (round trip): whatever a decoder accepts,
 // encode() turns into bytes the same decoder accepts again, giving an equal
 // message whose encoding is the same bytes.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -46,7 +47,7 @@ bool same(const BatchMsg& a, const BatchMsg& b) {
   return a.positions == b.positions;
 }
 bool same(const PagesMsg& a, const PagesMsg& b) {
-  return a.positions == b.positions && a.bytes == b.bytes;
+  return a.positions == b.positions && std::ranges::equal(a.bytes, b.bytes);
 }
 bool same(const RoundMsg& a, const RoundMsg& b) {
   return a.n_pages == b.n_pages;

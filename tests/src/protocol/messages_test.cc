@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 #include "bytes.h"
@@ -209,12 +210,20 @@ TEST(MessagesTest, SnapshotRespIsValidated) {
 // PAGES: positions, then every remaining byte is page data (its size is the
 // destination's to check); a truncated count is refused.
 TEST(MessagesTest, PagesRoundTrip) {
-  PagesMsg m{{3, 0, 7}, std::vector<uint8_t>(96)};
-  for (size_t i = 0; i < m.bytes.size(); ++i) m.bytes[i] = uint8_t(i);
-  ASSERT_OK_AND_ASSIGN(PagesMsg back, decode_pages(encode(m), limits()));
+  std::vector<uint8_t> bytes(96);
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = uint8_t(i);
+  PagesMsg m{{3, 0, 7}, bytes};
+  const std::vector<uint8_t> frame = encode(m);
+  ASSERT_OK_AND_ASSIGN(PagesMsg back, decode_pages(frame, limits()));
   EXPECT_EQ(back.positions, m.positions);
-  EXPECT_EQ(back.bytes, m.bytes);
-  m.bytes.clear();
+  EXPECT_TRUE(std::ranges::equal(back.bytes, bytes));
+  // The pages are a view into the frame: decoding copies none of them.
+  EXPECT_EQ(back.bytes.data(), frame.data() + frame.size() - bytes.size());
+  // Built in place: the same frame, the pages written into its room.
+  std::vector<uint8_t> room = encode_pages_with_room(m.positions, 96);
+  std::copy(bytes.begin(), bytes.end(), room.end() - 96);
+  EXPECT_EQ(room, frame);
+  m.bytes = {};
   ASSERT_OK_AND_ASSIGN(back, decode_pages(encode(m), limits()));
   EXPECT_TRUE(back.bytes.empty());
   const std::vector<uint8_t> cut = {3, 0, 0};
