@@ -2,6 +2,7 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <memory>
@@ -22,6 +23,10 @@ void cancel_quietly(asio::ip::tcp::socket& socket) {
 }
 void cancel_quietly(asio::ip::tcp::resolver& resolver) { resolver.cancel(); }
 
+}  // namespace
+
+namespace detail {
+
 // Arms a timer that cancels `io_object`'s operations (a socket's, a
 // resolver's) at `deadline`. The operation's coroutine calls disarm() when
 // it resumes; a timer that fires after that leaves the object alone (it may
@@ -39,10 +44,15 @@ class Watchdog {
     });
   }
   ~Watchdog() { disarm(); }
+  // True once the deadline has passed (the object's operations then
+  // pending were cancelled; later ones are the caller's to refuse).
+  bool fired() const { return state_->fired; }
   // True if the deadline passed before disarm().
   bool disarm() {
-    state_->disarmed = true;
-    timer_.cancel();
+    if (!state_->disarmed) {
+      state_->disarmed = true;
+      timer_.cancel();
+    }
     return state_->fired;
   }
 
@@ -55,7 +65,9 @@ class Watchdog {
   asio::steady_timer timer_;
 };
 
-}  // namespace
+}  // namespace detail
+
+using detail::Watchdog;
 
 FrameChannel::FrameChannel(asio::ip::tcp::socket socket, uint32_t max_payload)
     : socket_(std::move(socket)), max_payload_(max_payload) {
@@ -63,20 +75,39 @@ FrameChannel::FrameChannel(asio::ip::tcp::socket socket, uint32_t max_payload)
   auto ep = socket_.remote_endpoint(ec);
   peer_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
   socket_.set_option(asio::ip::tcp::no_delay(true), ec);
+  // Sends and receives try the socket at once and wait only when it would
+  // block (asio's own operations work the same either way).
+  socket_.non_blocking(true, ec);
 }
 
 asio::awaitable<Status> FrameChannel::send(MsgType type,
                                            std::span<const uint8_t> payload,
                                            Deadline deadline) {
-  std::vector<uint8_t> frame = encode_frame(type, payload);
+  const auto header = encode_frame_header(type, payload);
+  const std::array<asio::const_buffer, 2> frame = {
+      asio::buffer(header), asio::buffer(payload.data(), payload.size())};
+  const size_t total = header.size() + payload.size();
   error_code ec;
-  Watchdog dog(socket_, deadline);
-  co_await asio::async_write(socket_, asio::buffer(frame),
-                             asio::redirect_error(asio::use_awaitable, ec));
-  bool late = dog.disarm();
-  if (late) {
-    co_return Status::deadline_exceeded("sending " + msg_type_name(type) +
-                                        " to " + peer_ + ": deadline passed");
+  // Most frames fit the socket's send buffer: one sendmsg, no timer.
+  size_t sent = socket_.write_some(frame, ec);
+  if (ec == asio::error::would_block || ec == asio::error::try_again) {
+    sent = 0;
+    ec = {};
+  }
+  if (!ec && sent < total) {
+    std::array<asio::const_buffer, 2> rest = frame;
+    for (auto& b : rest) {
+      const size_t skip = std::min(sent, b.size());
+      b += skip;
+      sent -= skip;
+    }
+    Watchdog dog(socket_, deadline);
+    co_await asio::async_write(socket_, rest,
+                               asio::redirect_error(asio::use_awaitable, ec));
+    if (dog.disarm()) {
+      co_return Status::deadline_exceeded("sending " + msg_type_name(type) +
+                                          " to " + peer_ + ": deadline passed");
+    }
   }
   if (ec)
     co_return status_from_error(
@@ -84,15 +115,59 @@ asio::awaitable<Status> FrameChannel::send(MsgType type,
   co_return Status();
 }
 
+size_t FrameChannel::take_ahead(std::span<uint8_t> out) {
+  const size_t n = std::min(out.size(), ahead_end_ - ahead_pos_);
+  std::copy_n(ahead_.begin() + static_cast<ptrdiff_t>(ahead_pos_), n,
+              out.begin());
+  ahead_pos_ += n;
+  return n;
+}
+
+asio::awaitable<error_code> FrameChannel::read_exact(
+    std::span<uint8_t> out, Deadline deadline, std::optional<Watchdog>& dog) {
+  size_t got = take_ahead(out);
+  while (got < out.size()) {
+    // A short remainder reads ahead (the next frame may have come with
+    // it); a long one goes straight into place.
+    const bool ahead = out.size() - got < kReadAhead;
+    if (ahead) {
+      ahead_.resize(kReadAhead);
+      ahead_pos_ = ahead_end_ = 0;
+    }
+    error_code ec;
+    const asio::mutable_buffer into =
+        ahead ? asio::buffer(ahead_)
+              : asio::buffer(out.data() + got, out.size() - got);
+    const size_t n = socket_.read_some(into, ec);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) {
+      if (!dog) {
+        dog.emplace(socket_, deadline);
+      } else if (dog->fired()) {
+        co_return asio::error::operation_aborted;  // nothing to cancel now
+      }
+      co_await socket_.async_wait(
+          asio::ip::tcp::socket::wait_read,
+          asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) co_return ec;
+      continue;
+    }
+    if (ec) co_return ec;
+    if (ahead) {
+      ahead_end_ = n;
+      got += take_ahead(out.subspan(got));
+    } else {
+      got += n;
+    }
+  }
+  co_return error_code();
+}
+
 asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline) {
   std::array<uint8_t, kFrameHeaderBytes> header_bytes;
-  error_code ec;
-  Watchdog dog(socket_, deadline);
-  co_await asio::async_read(socket_, asio::buffer(header_bytes),
-                            asio::redirect_error(asio::use_awaitable, ec));
+  std::optional<Watchdog> dog;  // armed only if a read must wait
+  error_code ec = co_await read_exact(header_bytes, deadline, dog);
   if (ec) {
-    bool late = dog.disarm();
-    if (late) {
+    if (dog && dog->disarm()) {
       co_return Status::deadline_exceeded("waiting for a frame from " + peer_ +
                                           ": deadline passed");
     }
@@ -105,11 +180,9 @@ asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline) {
   Frame frame;
   frame.type = header->type;
   frame.payload.resize(header->length);
-  co_await asio::async_read(socket_, asio::buffer(frame.payload),
-                            asio::redirect_error(asio::use_awaitable, ec));
-  bool late = dog.disarm();
+  ec = co_await read_exact(frame.payload, deadline, dog);
   if (ec) {
-    if (late) {
+    if (dog && dog->disarm()) {
       co_return Status::deadline_exceeded("reading " +
                                           msg_type_name(frame.type) + " from " +
                                           peer_ + ": deadline passed");
@@ -124,6 +197,7 @@ asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline) {
 
 bool FrameChannel::peer_closed() {
   if (!socket_.is_open()) return true;
+  if (ahead_pos_ < ahead_end_) return false;  // a frame read ahead
   char byte = 0;
   const ssize_t n =
       ::recv(socket_.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);

@@ -2,10 +2,19 @@
 // coroutines. Every receive and send takes a deadline; past it the socket's
 // pending operation is cancelled and the call returns DeadlineExceeded.
 // Not thread-safe: use it from the io_context thread that owns the socket.
+//
+// A send or receive that the socket can serve at once (a frame that fits the
+// send buffer, one already received) completes without waiting: no timer is
+// armed and the coroutine is not suspended; only a wait arms the deadline.
+// Receives read ahead: one recv of up to kReadAhead bytes may hold the next
+// frames too (PAGES then COMMIT arrive in one segment), which later
+// receives take from memory.
 #ifndef KVMIG_SRC_CHANNEL_H_
 #define KVMIG_SRC_CHANNEL_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -17,6 +26,9 @@
 #include "kvmig/transport.h"
 
 namespace kvmig {
+namespace detail {
+class Watchdog;  // channel.cc: cancels a socket's operations at a deadline
+}  // namespace detail
 
 struct Frame {
   MsgType type = MsgType::kError;
@@ -34,8 +46,13 @@ class FrameChannel {
 
   // True when the peer has closed its end (end of stream or a reset is
   // waiting to be read): nothing sent now can reach it. Does not block and
-  // consumes nothing; false while unread frames are pending.
+  // consumes nothing; false while unread frames are pending (read ahead or
+  // in the socket).
   bool peer_closed();
+
+  // Bytes one receive reads ahead at most. Payloads larger than this are
+  // read straight into the frame.
+  static constexpr size_t kReadAhead = 16 << 10;
 
   // "HOST:PORT" of the peer, or "?" when unknown.
   const std::string& peer() const { return peer_; }
@@ -43,9 +60,21 @@ class FrameChannel {
   asio::ip::tcp::socket& socket() { return socket_; }
 
  private:
+  // Fills out: from the bytes read ahead, then from the socket, arming
+  // `dog` (for the deadline) the first time it must wait.
+  asio::awaitable<boost::system::error_code> read_exact(
+      std::span<uint8_t> out, Deadline deadline,
+      std::optional<detail::Watchdog>& dog);
+  // Moves read-ahead bytes into out; returns how many.
+  size_t take_ahead(std::span<uint8_t> out);
+
   asio::ip::tcp::socket socket_;
   uint32_t max_payload_;
   std::string peer_;
+  // Read ahead: bytes [ahead_pos_, ahead_end_) of ahead_ are unread.
+  std::vector<uint8_t> ahead_;
+  size_t ahead_pos_ = 0;
+  size_t ahead_end_ = 0;
 };
 
 // Connects to "HOST:PORT" within the deadline.

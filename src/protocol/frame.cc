@@ -6,6 +6,7 @@
 #include <xxhash.h>
 
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "bytes.h"
@@ -139,17 +140,29 @@ std::string msg_type_name(MsgType type) {
   return "UNKNOWN(" + std::to_string(static_cast<uint16_t>(type)) + ")";
 }
 
+std::array<uint8_t, kFrameHeaderBytes> encode_frame_header(
+    MsgType type, std::span<const uint8_t> payload) {
+  std::array<uint8_t, kFrameHeaderBytes> header{};
+  store_le(header.data(), kFrameMagic);
+  store_le(header.data() + 4, kProtocolVersion);
+  store_le(header.data() + 6, static_cast<uint16_t>(type));
+  store_le(header.data() + 8, static_cast<uint32_t>(payload.size()));
+  store_le(header.data() + 12, uint32_t{0});
+  store_le(header.data() + 16,
+           frame_checksum(std::span(header).first(16), payload));
+  return header;
+}
+
 std::vector<uint8_t> encode_frame(MsgType type,
                                   std::span<const uint8_t> payload) {
-  ByteWriter w;
-  w.put(kFrameMagic);
-  w.put(kProtocolVersion);
-  w.put(static_cast<uint16_t>(type));
-  w.put(static_cast<uint32_t>(payload.size()));
-  w.put(uint32_t{0});
-  w.put(frame_checksum(w.buffer(), payload));
-  w.put_bytes(payload);
-  return w.take();
+  const auto header = encode_frame_header(type, payload);
+  std::vector<uint8_t> frame(kFrameHeaderBytes + payload.size());
+  std::memcpy(frame.data(), header.data(), kFrameHeaderBytes);
+  if (!payload.empty()) {
+    std::memcpy(frame.data() + kFrameHeaderBytes, payload.data(),
+                payload.size());
+  }
+  return frame;
 }
 
 Result<FrameHeader> decode_frame_header(

@@ -88,6 +88,9 @@ struct FrameHeader {
   std::array<uint8_t, 16> prefix{};  // header bytes 0..15, for the checksum
 };
 
+// The header of a frame carrying payload (its checksum covers the payload).
+std::array<uint8_t, kFrameHeaderBytes> encode_frame_header(
+    MsgType type, std::span<const uint8_t> payload);
 // The whole frame: header then payload.
 std::vector<uint8_t> encode_frame(MsgType type,
                                   std::span<const uint8_t> payload);

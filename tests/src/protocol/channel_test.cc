@@ -1,0 +1,195 @@
+#include "channel.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "testutil.h"
+
+// FrameChannel over a real loopback connection: frames of every size around
+// the read-ahead buffer arrive whole and in order, read-ahead bytes count as
+// unread, and every wait ends at its deadline with the bytes it had.
+namespace kvmig {
+namespace {
+
+using std::chrono::milliseconds;
+
+std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 31);
+  return v;
+}
+
+class ChannelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    asio::ip::tcp::acceptor acceptor(io_,
+                                     {asio::ip::make_address("127.0.0.1"), 0});
+    asio::ip::tcp::socket client(io_);
+    client.connect(acceptor.local_endpoint());
+    asio::ip::tcp::socket server = acceptor.accept();
+    a_.emplace(std::move(client), kMaxPayload);
+    b_.emplace(std::move(server), kMaxPayload);
+  }
+
+  // Runs the coroutines spawned so far to completion.
+  void run() {
+    io_.restart();
+    io_.run();
+  }
+
+  template <typename T>
+  T run_one(asio::awaitable<T> op) {
+    std::optional<T> out;
+    asio::co_spawn(
+        io_,
+        [&]() -> asio::awaitable<void> { out.emplace(co_await std::move(op)); },
+        asio::detached);
+    run();
+    return std::move(*out);
+  }
+
+  // Writes raw bytes on a's socket, bypassing the channel.
+  void raw_write(std::span<const uint8_t> bytes) {
+    asio::write(a_->socket(), asio::buffer(bytes.data(), bytes.size()));
+  }
+
+  static constexpr uint32_t kMaxPayload = 4 << 20;
+  asio::io_context io_;
+  std::optional<FrameChannel> a_, b_;
+};
+
+TEST_F(ChannelTest, FramesOfEverySizeArriveWholeAndInOrder) {
+  constexpr size_t kAhead = FrameChannel::kReadAhead;
+  const std::vector<size_t> sizes = {
+      0,           1,           23,         24,     100,
+      kAhead - 25, kAhead - 24, kAhead - 1, kAhead, kAhead + 1,
+      3 * kAhead,  0,           2 << 20,    5,      kAhead - 24};
+  std::vector<Status> sent;
+  std::vector<Result<Frame>> got;
+  asio::co_spawn(
+      io_,
+      [&]() -> asio::awaitable<void> {
+        for (size_t i = 0; i < sizes.size(); ++i) {
+          const std::vector<uint8_t> payload =
+              pattern(sizes[i], static_cast<uint8_t>(i));
+          sent.push_back(
+              co_await a_->send(MsgType::kPages, payload,
+                                Clock::now() + std::chrono::seconds(10)));
+        }
+      },
+      asio::detached);
+  asio::co_spawn(
+      io_,
+      [&]() -> asio::awaitable<void> {
+        for (size_t i = 0; i < sizes.size(); ++i) {
+          got.push_back(
+              co_await b_->receive(Clock::now() + std::chrono::seconds(10)));
+        }
+      },
+      asio::detached);
+  run();
+  ASSERT_EQ(sent.size(), sizes.size());
+  ASSERT_EQ(got.size(), sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    SCOPED_TRACE("frame " + std::to_string(i) + " of " +
+                 std::to_string(sizes[i]) + " bytes");
+    ASSERT_OK(sent[i]);
+    ASSERT_OK(got[i].status());
+    EXPECT_EQ(got[i]->type, MsgType::kPages);
+    EXPECT_EQ(got[i]->payload, pattern(sizes[i], static_cast<uint8_t>(i)));
+  }
+}
+
+TEST_F(ChannelTest, FramesReadAheadAreUnreadUntilReceived) {
+  // Two frames in one write, then the peer closes: the first receive reads
+  // both; the second frame still counts as unread.
+  std::vector<uint8_t> both = encode_frame(MsgType::kCommit, pattern(40, 1));
+  const std::vector<uint8_t> second = encode_frame(MsgType::kDone, {});
+  both.insert(both.end(), second.begin(), second.end());
+  raw_write(both);
+  a_->close();
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  Result<Frame> first = run_one(b_->receive(deadline));
+  ASSERT_OK(first.status());
+  EXPECT_EQ(first->type, MsgType::kCommit);
+  EXPECT_FALSE(b_->peer_closed());
+  Result<Frame> next = run_one(b_->receive(deadline));
+  ASSERT_OK(next.status());
+  EXPECT_EQ(next->type, MsgType::kDone);
+  EXPECT_TRUE(b_->peer_closed());
+  Result<Frame> none = run_one(b_->receive(deadline));
+  EXPECT_EQ(none.status().code(), StatusCode::kUnavailable)
+      << none.status().to_string();
+}
+
+TEST_F(ChannelTest, AWaitEndsAtItsDeadline) {
+  // Nothing at all.
+  Result<Frame> idle = run_one(b_->receive(Clock::now() + milliseconds(50)));
+  EXPECT_EQ(idle.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_NE(idle.status().message().find("waiting for a frame"),
+            std::string::npos)
+      << idle.status().to_string();
+  // A header and part of its payload: the frame is named.
+  const std::vector<uint8_t> frame =
+      encode_frame(MsgType::kHello, pattern(100, 2));
+  raw_write(std::span(frame).first(kFrameHeaderBytes + 10));
+  Result<Frame> cut = run_one(b_->receive(Clock::now() + milliseconds(50)));
+  EXPECT_EQ(cut.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_NE(cut.status().message().find("reading HELLO"), std::string::npos)
+      << cut.status().to_string();
+}
+
+TEST_F(ChannelTest, DataAlreadyHereIsReturnedPastTheDeadline) {
+  const std::vector<uint8_t> frame = encode_frame(MsgType::kDone, {});
+  raw_write(frame);
+  // Arrived before the receive (polled for: the socket holds it all): no
+  // wait, so no deadline to miss.
+  for (int i = 0; i < 2000 && b_->socket().available() < frame.size(); ++i) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  ASSERT_EQ(b_->socket().available(), frame.size());
+  Result<Frame> got = run_one(b_->receive(Clock::now() - milliseconds(1)));
+  ASSERT_OK(got.status());
+  EXPECT_EQ(got->type, MsgType::kDone);
+}
+
+TEST_F(ChannelTest, APeerThatClosesMidFrameIsUnavailable) {
+  const std::vector<uint8_t> frame =
+      encode_frame(MsgType::kOffer, pattern(3 * FrameChannel::kReadAhead, 3));
+  raw_write(std::span(frame).first(frame.size() / 2));
+  a_->close();
+  Result<Frame> cut =
+      run_one(b_->receive(Clock::now() + std::chrono::seconds(10)));
+  EXPECT_EQ(cut.status().code(), StatusCode::kUnavailable)
+      << cut.status().to_string();
+  EXPECT_NE(cut.status().message().find("reading OFFER"), std::string::npos)
+      << cut.status().to_string();
+}
+
+TEST_F(ChannelTest, ACorruptPayloadIsDataLoss) {
+  std::vector<uint8_t> frame = encode_frame(MsgType::kCommit, pattern(64, 4));
+  frame.back() ^= 1;
+  raw_write(frame);
+  Result<Frame> bad =
+      run_one(b_->receive(Clock::now() + std::chrono::seconds(10)));
+  EXPECT_EQ(bad.status().code(), StatusCode::kDataLoss)
+      << bad.status().to_string();
+}
+
+TEST_F(ChannelTest, ASendThePeerNeverReadsEndsAtItsDeadline) {
+  // More than the socket buffers hold: the send must wait, and nobody reads.
+  const std::vector<uint8_t> big = pattern(kMaxPayload, 5);
+  Status s =
+      run_one(a_->send(MsgType::kPages, big, Clock::now() + milliseconds(100)));
+  EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.to_string();
+  EXPECT_NE(s.message().find("sending PAGES"), std::string::npos)
+      << s.to_string();
+}
+
+}  // namespace
+}  // namespace kvmig
