@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <future>
 #include <memory>
 #include <random>
@@ -1704,6 +1706,66 @@ TEST(DeviceMemoryTransport, VerbsWithoutADmabufRefusesNamingIt) {
   Status s = (*made)->register_device_memory(dev.device(), dev.memory());
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("dmabuf"), std::string::npos) << s.to_string();
+}
+
+// Voluntary context switches of every thread of this process so far.
+uint64_t voluntary_switches() {
+  uint64_t total = 0;
+  for (const auto& task :
+       std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream status(task.path() / "status");
+    std::string line;
+    while (std::getline(status, line)) {
+      if (line.rfind("voluntary_ctxt_switches:", 0) == 0) {
+        total += std::stoull(line.substr(line.find(':') + 1));
+      }
+    }
+  }
+  return total;
+}
+
+// Wake-ups of this process's threads in a 300 ms window in which the test
+// itself sleeps once.
+uint64_t wakeups_in_a_window() {
+  const uint64_t before = voluntary_switches();
+  std::this_thread::sleep_for(milliseconds(300));
+  return voluntary_switches() - before;
+}
+
+// An idle ucx transport wakes no thread: its progress thread sleeps until
+// work is posted while no endpoint or listener is open (it woke every
+// millisecond before: ~900 wake-ups a second per idle agent). While one is
+// open it keeps polling (a peer's puts need progress), and once all are
+// closed it sleeps again.
+TEST(UcxIdleTest, NoWakeUpsWithNothingOpen) {
+  Mapping src(kMiB), dst(kMiB);
+  ASSERT_TRUE(src.ok() && dst.ok());
+  ASSERT_OK_AND_ASSIGN(auto a, make_transport("ucx", options_for("ucx")));
+  ASSERT_OK_AND_ASSIGN(auto b, make_transport("ucx", options_for("ucx")));
+  ASSERT_OK(a->register_memory(src.span()));
+  ASSERT_OK(b->register_memory(dst.span()));
+  constexpr uint64_t kQuiet = 20;
+  uint64_t idle = wakeups_in_a_window();
+  EXPECT_LT(idle, kQuiet) << "wake-ups in 300 ms with nothing open";
+  {
+    ASSERT_OK_AND_ASSIGN(auto init, a->create_initiator());
+    const std::vector<std::span<std::byte>> regions = {dst.span()};
+    ASSERT_OK_AND_ASSIGN(
+        auto target, b->open_target(regions, init->address(), in(seconds(10))));
+    ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+    const std::vector<WriteOp> ops = {{src.data(), 0, 0, 4096}};
+    ASSERT_OK(init->write(ops, in(seconds(10))));
+    ASSERT_OK(init->flush(in(seconds(10))));
+    const uint64_t open = wakeups_in_a_window();
+    EXPECT_GT(open, 5 * kQuiet) << "wake-ups in 300 ms with a connection open";
+    target->revoke();
+  }
+  // The endpoints close asynchronously: poll for the quiet again.
+  for (int i = 0; i < 20 && (idle = wakeups_in_a_window()) >= kQuiet; ++i) {
+  }
+  EXPECT_LT(idle, kQuiet) << "wake-ups in 300 ms after everything closed";
+  EXPECT_OK(a->deregister_memory(src.span()));
+  EXPECT_OK(b->deregister_memory(dst.span()));
 }
 
 // The kept-initiator cache both transports share: one per peer, the

@@ -102,13 +102,19 @@ void UcxCore::post(std::function<void()> fn) {
   cv_.notify_one();
 }
 
+void ListenerDeleter::operator()(ucp_listener_h l) const {
+  ucp_listener_destroy(l);
+  core->object_closed();
+}
+
 void UcxCore::close_ep(ucp_ep_h ep,
                        std::function<void(ucs_status_t)> on_closed) {
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = UCP_EP_CLOSE_FLAG_FORCE;
   ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
-  auto finish = [on_closed = std::move(on_closed)](ucs_status_t s) {
+  auto finish = [this, on_closed = std::move(on_closed)](ucs_status_t s) {
+    object_closed();
     if (s != UCS_OK) {
       ucx_log()->debug("endpoint closed: {}", ucs_status_string(s));
     }
@@ -233,7 +239,12 @@ void UcxCore::run(std::promise<Status>& started) {
       if (tasks_.empty()) {
         if (!stopping_ && pollers_.empty() &&
             Clock::now() - last_activity > kSpinAfterActivity) {
-          cv_.wait_for(lock, kMaxIdleSleep);
+          if (open_objects_.load(std::memory_order_relaxed) == 0) {
+            // Nothing a peer can reach: only posted work can come.
+            cv_.wait(lock, [&] { return !tasks_.empty() || stopping_; });
+          } else {
+            cv_.wait_for(lock, kMaxIdleSleep);
+          }
         } else {
           // Polling (recent activity, endpoints closing), but not holding
           // a core that a thread woken meanwhile (this agent's io thread or

@@ -14,7 +14,9 @@
 // is one hand-off per write()/flush() call, not per put.
 //
 // The thread polls while there is activity and for kSpinAfterActivity after
-// it, then sleeps up to kMaxIdleSleep at a time (new work wakes it at once).
+// it, then sleeps up to kMaxIdleSleep at a time (new work wakes it at once);
+// with no endpoint or listener open (nothing a peer can reach) it sleeps
+// until work is posted: an idle agent's ucx transport costs no wake-ups.
 // Between idle polls it yields the CPU (sched_yield): on a host with few
 // cores a progress thread that spins outright holds a core the agent's io
 // thread and data pool, and a peer agent's threads, must wait for at every
@@ -55,6 +57,7 @@
 #include <sys/socket.h>
 #include <ucp/api/ucp.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -98,9 +101,6 @@ struct ContextDeleter {
 struct WorkerDeleter {
   void operator()(ucp_worker_h w) const { ucp_worker_destroy(w); }
 };
-struct ListenerDeleter {
-  void operator()(ucp_listener_h l) const { ucp_listener_destroy(l); }
-};
 struct RkeyDeleter {
   void operator()(ucp_rkey_h k) const { ucp_rkey_destroy(k); }
 };
@@ -119,7 +119,6 @@ struct MemhDeleter {
 using ConfigPtr = std::unique_ptr<ucp_config_t, ConfigDeleter>;
 using ContextPtr = std::unique_ptr<Handle<ucp_context_h>, ContextDeleter>;
 using WorkerPtr = std::unique_ptr<Handle<ucp_worker_h>, WorkerDeleter>;
-using ListenerPtr = std::unique_ptr<Handle<ucp_listener_h>, ListenerDeleter>;
 using RkeyPtr = std::unique_ptr<Handle<ucp_rkey_h>, RkeyDeleter>;
 using RkeyBufferPtr = std::unique_ptr<void, RkeyBufferDeleter>;
 using MemhPtr = std::unique_ptr<Handle<ucp_mem_h>, MemhDeleter>;
@@ -170,6 +169,15 @@ class UcxCore {
   // Calls p after every progress round until it returns true.
   void add_poller(std::function<bool()> p) { pollers_.push_back(std::move(p)); }
 
+  // Progress thread: an endpoint or a listener was made. close_ep() and
+  // ListenerDeleter count it gone (the latter on whichever thread lets go).
+  void object_opened() {
+    open_objects_.fetch_add(1, std::memory_order_relaxed);
+  }
+  void object_closed() {
+    open_objects_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
   // Force-closes ep (outstanding requests complete with an error) and calls
   // on_closed, if set, once UCX has finished.
   void close_ep(ucp_ep_h ep, std::function<void(ucs_status_t)> on_closed);
@@ -208,6 +216,9 @@ class UcxCore {
   WorkerPtr worker_;
   std::vector<std::function<bool()>> pollers_;
   std::thread::id thread_id_;
+  // Endpoints and listeners open: while there are none, the idle thread
+  // sleeps until work is posted.
+  std::atomic<int> open_objects_{0};
 
   mutable std::mutex regions_mu_;
   RegionTable<MemhPtr> regions_;  // guarded by regions_mu_; memh on thread
@@ -228,6 +239,13 @@ struct EpDeleter {
   void operator()(ucp_ep_h ep) const { core->close_ep(ep, nullptr); }
 };
 using EpPtr = std::unique_ptr<Handle<ucp_ep_h>, EpDeleter>;
+
+// Destroys a listener and tells the core it is gone.
+struct ListenerDeleter {
+  UcxCore* core = nullptr;
+  void operator()(ucp_listener_h l) const;
+};
+using ListenerPtr = std::unique_ptr<Handle<ucp_listener_h>, ListenerDeleter>;
 
 // Closes one endpoint once, however many parties ask (an error callback,
 // revoke(), a destructor), and tells each of them when UCX has finished.

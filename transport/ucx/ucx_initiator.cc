@@ -46,6 +46,7 @@ void InitState::start_connect(const sockaddr_storage& ss) {
   ucp_ep_h raw = nullptr;
   const ucs_status_t s = ucp_ep_create(core->worker(), &p, &raw);
   if (s != UCS_OK) return fail(status_from_ucs(s, "connect to " + peer));
+  core->object_opened();
   ep.reset(raw);
   start_flush(on_connect_flushed);
 }

@@ -30,7 +30,10 @@ namespace kvmig::ucx {
 // Thread-safe as marked: the fields under mu from any thread, the others on
 // the progress thread only.
 struct TargetState : std::enable_shared_from_this<TargetState> {
-  explicit TargetState(UcxCore* c) : core(c), ep(nullptr, EpDeleter{c}) {}
+  explicit TargetState(UcxCore* c)
+      : core(c),
+        listener(nullptr, ListenerDeleter{c}),
+        ep(nullptr, EpDeleter{c}) {}
 
   void set_health(Status s);
 

@@ -53,6 +53,7 @@ void TargetState::on_conn_request(ucp_conn_request_h req, void* arg) {
     st->set_health(status_from_ucs(s, "accept initiator " + from));
     return;
   }
+  st->core->object_opened();
   st->ep.reset(ep);
   std::lock_guard lock(st->mu);
   st->peer = from;
@@ -240,6 +241,7 @@ class UcxTarget final : public TransportTarget {
     ucp_listener_h listener = nullptr;
     ucs_status_t s = ucp_listener_create(st->core->worker(), &lp, &listener);
     if (s != UCS_OK) return status_from_ucs(s, "listen on " + host);
+    st->core->object_opened();
     st->listener.reset(listener);
     ucp_listener_attr_t attr{};
     attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
