@@ -213,6 +213,7 @@ struct ServeFlags {
   int peer_timeout_ms = 10'000;
   uint64_t staging_mib = 64;
   uint32_t inline_kib = 64;
+  int64_t kept_idle_ms = 30'000;
   std::vector<std::string> faults;
   LimitFlags limits;
   std::string secret_file;
@@ -276,6 +277,13 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
                    "never; at most 1024: the control thread copies them)")
       ->check(CLI::Range(0, 1024));
   serve
+      ->add_option("--kept-idle-ms", f.kept_idle_ms,
+                   "a committed migration's control connection stays open "
+                   "for the next migration between the same two agents, "
+                   "for at most this long idle (0: a connection per "
+                   "migration)")
+      ->check(CLI::Range(0, 3'600'000));
+  serve
       ->add_option(
           "--fault", f.faults,
           "testing: POINT=stall:MS, POINT=hold:PATH or POINT=exit at a "
@@ -316,6 +324,7 @@ AgentOptions serve_options(const ServeFlags& f) {
   options.peer_timeout = std::chrono::milliseconds(f.peer_timeout_ms);
   options.staging_bytes = f.staging_mib << 20;
   options.inline_page_bytes = f.inline_kib << 10;
+  options.kept_connection_idle = std::chrono::milliseconds(f.kept_idle_ms);
   options.insecure = f.insecure;
   options.max_frame_bytes = f.limits.max_frame_mib << 20;
   options.max_pages_per_migration = f.limits.max_pages;

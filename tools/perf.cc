@@ -239,6 +239,7 @@ Exit start_source(const PerfFlags& f, const ClientPlan& plan, Client& c,
   options.transports = {f.transport};
   options.peer_timeout = std::chrono::milliseconds(f.timeout_ms);
   options.inline_page_bytes = f.inline_kib << 10;
+  options.kept_connection_idle = std::chrono::milliseconds(f.kept_idle_ms);
   if (!f.secret_file.empty()) {
     auto secret = read_secret_file(f.secret_file);
     if (!secret.ok()) return fail(secret.status(), f.json);
@@ -349,6 +350,7 @@ struct Summary {
   double pages_per_s = 0;
   bool staged = false;
   bool inline_pages = false;  // some migration sent its pages inline
+  size_t kept = 0;            // migrations on a kept control connection
   std::string transport;
   // Each phase's milliseconds per migration (MigrationReport::phases_ms),
   // in the order first seen.
@@ -372,6 +374,7 @@ Summary summarize(const std::vector<Sample>& samples) {
     total_pages += static_cast<double>(x.report.pages);
     s.staged = s.staged || x.report.staged;
     s.inline_pages = s.inline_pages || x.report.inline_pages;
+    s.kept += x.report.kept_connection ? 1 : 0;
     for (const auto& [name, ms] : x.report.phases_ms) {
       auto it = std::find_if(s.phases.begin(), s.phases.end(),
                              [&](const auto& e) { return e.first == name; });
@@ -414,6 +417,7 @@ json report_json(const PerfFlags& f, const ClientPlan& plan,
       {"live", f.live},
       {"staged", s.staged},
       {"inline_pages", s.inline_pages},
+      {"kept_connections", s.kept},
       {"pages", static_cast<uint64_t>(p50(s.pages))},
       {"bytes", static_cast<uint64_t>(p50(s.bytes))},
       {"writes", static_cast<uint64_t>(p50(s.writes))},
@@ -549,6 +553,11 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
                   "sends them on the control connection (0: always the data "
                   "path; at most 1024)")
       ->check(CLI::Range(0u, 1024u));
+  app->add_option("--kept-idle-ms", f.kept_idle_ms,
+                  "client: keep a committed migration's control connection "
+                  "for the next one for at most this long idle (0: a "
+                  "connection per migration)")
+      ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}));
   app->add_option("--timeout-ms", f.timeout_ms, "deadline for every peer wait")
       ->check(CLI::Range(1, 3'600'000));
   app->add_flag("--json", f.json, "client: print one JSON object");

@@ -74,6 +74,15 @@ struct AgentOptions {
   // tiny pages, no data-path round trip or thread hand-off. Both sides
   // must allow the size (the source asks, the destination agrees). 0: never.
   uint32_t inline_page_bytes = 64u << 10;
+  // A control connection whose migration committed stays open, on both
+  // sides, for the next migration between the same two agents (no
+  // connect, no handshake): for at most this long idle. A source keeps at
+  // most max_migrations per destination; a destination at max_connections
+  // closes an idle one to admit a new connection. Each side closes its end
+  // after its own idle time; a source whose kept connection turns out
+  // closed as it sends HELLO connects again (nothing was started on it).
+  // 0: never kept (a connection per migration).
+  std::chrono::milliseconds kept_connection_idle{30'000};
   // Test seam: called at named protocol points ("src.data.mid",
   // "dst.before_done", ...) on the thread that reaches them; may sleep or
   // exit the process to cause a fault at that point. Empty: nothing.
@@ -173,6 +182,9 @@ struct MigrationReport {
   // The pages went on the control connection (PAGES), not the data path:
   // a small stop-and-copy (AgentOptions::inline_page_bytes).
   bool inline_pages = false;
+  // The control connection was one kept from an earlier migration to the
+  // same destination (AgentOptions::kept_connection_idle): no connect.
+  bool kept_connection = false;
   // Requests asked for but left at the source: they finished or changed
   // shape during a live migration.
   std::vector<SeqId> left_behind;

@@ -29,6 +29,10 @@ Result<std::unique_ptr<Agent>> Agent::create(CachePager& pager,
   if (options.peer_timeout.count() <= 0) {
     return Status::invalid_argument("agent: peer timeout must be positive");
   }
+  if (options.kept_connection_idle.count() < 0) {
+    return Status::invalid_argument(
+        "agent: kept connection idle time must be at least 0 (0: never kept)");
+  }
   if (options.max_pages_per_migration == 0 ||
       options.max_seqs_per_migration == 0 || options.max_connections == 0 ||
       options.max_migrations == 0 || options.max_frame_bytes < 4096 ||
@@ -167,6 +171,7 @@ asio::awaitable<void> AgentImpl::drain(Deadline until) {
   }
   // No migration left: end every other connection (status, queries, perf).
   for (FrameChannel* channel : channels) channel->close();
+  ctx.kept_channels.clear();
   while (open_connections > 0 && Clock::now() < until) co_await wait();
 }
 

@@ -8,9 +8,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -30,6 +32,10 @@ struct Agent::Impl {
   // connection.cc
   asio::awaitable<void> accept_loop();
   asio::awaitable<void> serve_connection(asio::ip::tcp::socket socket);
+  // A committed migration's connection, kept: waits (listed in
+  // idle_channels) for the source's next frame, at most
+  // AgentOptions::kept_connection_idle; nothing when it ends instead.
+  asio::awaitable<std::optional<Frame>> await_kept(FrameChannel& channel);
   // status.cc
   // digests: read every request's pages (engine paused) for its digest.
   asio::awaitable<Result<AgentStatus>> compute_status(bool digests = true);
@@ -50,6 +56,10 @@ struct Agent::Impl {
   uint32_t open_connections = 0;  // io thread
   // Every served connection's channel, to cut off at stop (io thread).
   std::set<FrameChannel*> channels;
+  // Of those, the ones kept open after a committed migration and waiting
+  // for their source's next HELLO, oldest first: closed first when
+  // max_connections is reached (io thread).
+  std::deque<FrameChannel*> idle_channels;
   bool stop_begun = false;  // io thread
   // From start() (or run()) until run() returns.
   std::atomic<bool> serving{false};

@@ -150,7 +150,9 @@ asio::awaitable<void> serve_settle(MigrationContext& ctx, FrameChannel& channel,
   co_await reply(ctx, channel, MsgType::kSettleResp, {});
 }
 
-asio::awaitable<void> serve_hello(MigrationContext& ctx, FrameChannel& channel,
+// True when the migration committed and its connection may carry the
+// source's next HELLO.
+asio::awaitable<bool> serve_hello(MigrationContext& ctx, FrameChannel& channel,
                                   const Frame& frame) {
   auto hello = decode_hello(frame.payload, ctx.limits);
   if (!hello.ok()) {
@@ -161,10 +163,10 @@ asio::awaitable<void> serve_hello(MigrationContext& ctx, FrameChannel& channel,
     Status sent =
         co_await channel.send(MsgType::kAbort, payload, ctx.peer_deadline());
     (void)sent;
-    co_return;
+    co_return false;
   }
   DestinationRun run(ctx, channel, std::move(*hello));
-  co_await run.run();
+  co_return co_await run.run();
 }
 
 asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
@@ -260,38 +262,42 @@ asio::awaitable<void> serve_snapshot(MigrationContext& ctx,
   co_await reply(ctx, channel, MsgType::kSnapshotResp, encode(*report));
 }
 
-asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,
+// Serves one request frame; true when the connection stays open for the
+// next (a committed migration's, kept: AgentOptions::kept_connection_idle).
+asio::awaitable<bool> dispatch(AgentImpl& impl, FrameChannel& channel,
                                Frame first) {
   MigrationContext& ctx = impl.ctx;
   switch (first.type) {
     case MsgType::kStatusReq:
       co_await serve_status(impl, channel, first);
-      co_return;
+      co_return false;
     case MsgType::kMigrateReq:
       co_await serve_migrate(ctx, channel, first);
-      co_return;
+      co_return false;
     case MsgType::kCancelReq:
       co_await serve_cancel(ctx, channel, first);
-      co_return;
+      co_return false;
     case MsgType::kSettleReq:
       co_await serve_settle(ctx, channel, first);
-      co_return;
-    case MsgType::kHello:
-      co_await serve_hello(ctx, channel, first);
-      co_return;
+      co_return false;
+    case MsgType::kHello: {
+      const bool committed = co_await serve_hello(ctx, channel, first);
+      co_return committed&& ctx.options.kept_connection_idle.count() > 0 &&
+          !ctx.stopping;
+    }
     case MsgType::kOutcomeReq:
       co_await serve_outcome_query(ctx, channel, first);
-      co_return;
+      co_return false;
     case MsgType::kSnapshotReq:
       co_await serve_snapshot(ctx, channel, first);
-      co_return;
+      co_return false;
     case MsgType::kAbort: {
       // A source that connected while it held its requests, then gave up
       // before HELLO (its request or its hold failed): nothing to undo.
       auto abort = decode_abort(first.payload, ctx.limits);
       ctx.log->info("{} gave up before HELLO: {}", channel.peer(),
                     abort.ok() ? abort->reason : abort.status().to_string());
-      co_return;
+      co_return false;
     }
     default:
       break;
@@ -299,10 +305,11 @@ asio::awaitable<void> dispatch(AgentImpl& impl, FrameChannel& channel,
   auto handler = impl.session_handlers.find(first.type);
   if (handler != impl.session_handlers.end()) {
     co_await handler->second(ctx, channel, std::move(first));
-    co_return;
+    co_return false;
   }
   ctx.log->warn("closing connection from {}: unexpected {} as first frame",
                 channel.peer(), msg_type_name(first.type));
+  co_return false;
 }
 
 }  // namespace
@@ -318,9 +325,18 @@ asio::awaitable<void> Agent::Impl::accept_loop() {
       continue;
     }
     if (open_connections >= ctx.options.max_connections) {
-      ctx.log->warn("refusing a connection: {} open, limit {}",
-                    open_connections, ctx.options.max_connections);
-      continue;  // the socket closes here
+      if (idle_channels.empty()) {
+        ctx.log->warn("refusing a connection: {} open, limit {}",
+                      open_connections, ctx.options.max_connections);
+        continue;  // the socket closes here
+      }
+      // A kept connection waiting for its source's next migration makes
+      // room: that source connects again when it finds it closed.
+      FrameChannel* oldest = idle_channels.front();
+      idle_channels.pop_front();
+      ctx.log->debug("closing the kept connection from {} to admit another",
+                     oldest->peer());
+      oldest->close();
     }
     asio::co_spawn(ctx.io, serve_connection(std::move(socket)),
                    log_exceptions(ctx.log, "serving a connection"));
@@ -334,9 +350,28 @@ asio::awaitable<void> Agent::Impl::serve_connection(
   FrameChannel channel(std::move(socket), ctx.options.max_frame_bytes);
   channels.insert(&channel);
   ScopeExit unlist([this, &channel] { channels.erase(&channel); });
-  std::optional<Frame> first = co_await admit(ctx, channel);
-  if (first) co_await dispatch(*this, channel, std::move(*first));
+  std::optional<Frame> next = co_await admit(ctx, channel);
+  // (No co_await inside && or ?:: GCC 12 miscompiles those.)
+  while (next) {
+    const bool kept = co_await dispatch(*this, channel, std::move(*next));
+    if (!kept) break;
+    next = co_await await_kept(channel);
+  }
   channel.close();
+}
+
+asio::awaitable<std::optional<Frame>> Agent::Impl::await_kept(
+    FrameChannel& channel) {
+  idle_channels.push_back(&channel);
+  ScopeExit busy([this, &channel] { std::erase(idle_channels, &channel); });
+  auto frame =
+      co_await channel.receive(Clock::now() + ctx.options.kept_connection_idle);
+  if (frame.ok()) co_return std::move(*frame);
+  // The source closed its end, the idle time passed, or the agent stops:
+  // a kept connection's normal end.
+  ctx.log->debug("kept connection from {} ends: {}", channel.peer(),
+                 frame.status().to_string());
+  co_return std::nullopt;
 }
 
 void add_session_handler(Agent& agent, MsgType type, SessionHandler handler) {

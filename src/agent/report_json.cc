@@ -75,6 +75,7 @@ json migration_json(const MigrationReport& r) {
       {"transport", r.transport},
       {"staged", r.staged},
       {"inline_pages", r.inline_pages},
+      {"kept_connection", r.kept_connection},
       {"memory", {{"source", r.src_memory}, {"destination", r.dst_memory}}},
       {"left_behind", r.left_behind}};
   json phases = json::object();

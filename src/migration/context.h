@@ -25,6 +25,7 @@
 
 #include "asio.h"
 #include "in_doubt.h"
+#include "kept_channels.h"
 #include "kvmig/agent.h"
 #include "kvmig/pager.h"
 #include "kvmig/transport.h"
@@ -162,6 +163,9 @@ class MigrationContext {
   std::atomic<bool> pager_holds_seqs{true};
   std::atomic<bool> stopping{false};
   asio::io_context io{1};
+  // Control connections kept for the next migration to the same
+  // destination (io thread). Declared after io: closed before it goes.
+  KeptChannels kept_channels;
   // wait_source_end's timers, by migration id (io thread). Declared after
   // io: destroyed before it.
   std::multimap<std::string, std::shared_ptr<asio::steady_timer>> end_waiters;

@@ -76,7 +76,7 @@ void DestinationRun::cancel(const Status& why) {
   channel_.socket().cancel(ignored);
 }
 
-asio::awaitable<void> DestinationRun::run() {
+asio::awaitable<bool> DestinationRun::run() {
   // Pager calls go to the data pool: a slow engine delays this migration,
   // not the agent's other connections and timers. One trip for the id
   // check, the allocation and, into the pool itself, the data path: each
@@ -103,7 +103,7 @@ asio::awaitable<void> DestinationRun::run() {
   if (cancelled_) s = *cancelled_;
   if (!s.ok()) {
     co_await fail(s);
-    co_return;
+    co_return false;
   }
   if (!cancelled_) progress_.phase = "data";
   auto commit_frame = co_await receive_until_commit();
@@ -117,7 +117,7 @@ asio::awaitable<void> DestinationRun::run() {
   if (s.ok()) s = co_await install(*commit);
   if (!s.ok()) {
     co_await fail(s);
-    co_return;
+    co_return false;
   }
   report_end("committed");
   ctx_.fault("dst.before_done");
@@ -126,18 +126,18 @@ asio::awaitable<void> DestinationRun::run() {
   if (!sent.ok()) {
     // Committed all the same: the source learns it by asking.
     ctx_.log->warn("{} DONE not delivered: {}", tag_, sent.to_string());
-    co_return;
+    co_return false;
   }
   // The source knows the outcome once it says so; until then the record
   // is kept for its queries.
   auto ack = co_await channel_.receive(ctx_.peer_deadline());
   if (ack.ok() && ack->type == MsgType::kDoneAck) {
     ctx_.dst_records.acknowledge(id_);
-  } else {
-    ctx_.log->info(
-        "{} no DONE_ACK ({}): keeping the outcome for queries", tag_,
-        ack.ok() ? msg_type_name(ack->type) : ack.status().message());
+    co_return true;
   }
+  ctx_.log->info("{} no DONE_ACK ({}): keeping the outcome for queries", tag_,
+                 ack.ok() ? msg_type_name(ack->type) : ack.status().message());
+  co_return false;
 }
 
 asio::awaitable<void> DestinationRun::fail(Status why) {

@@ -54,7 +54,10 @@ class DestinationRun {
  public:
   DestinationRun(MigrationContext& ctx, FrameChannel& channel, HelloMsg hello);
 
-  asio::awaitable<void> run();
+  // True when the migration committed and the source acknowledged DONE
+  // (nothing is pending on the connection): the connection may carry the
+  // source's next HELLO.
+  asio::awaitable<bool> run();
 
  private:
   // Each step: a failure is returned and run() rolls back through fail().

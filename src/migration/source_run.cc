@@ -406,8 +406,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
       (check_live || ctx_.pager_holds_seqs.load(std::memory_order_relaxed))) {
     early = start_pause(false, check_live);
   }
-  auto connected = co_await connect_channel(
-      req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
+  auto connected = co_await open_channel();
   Status s = cancel_status();
   if (s.ok() && !connected.ok()) {
     s = connected.status().with_context("destination");
@@ -451,6 +450,48 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
   }
   src_staging_.reset();
   co_return co_await commit();
+}
+
+asio::awaitable<Result<FrameChannel>> SourceRun::open_channel() {
+  if (std::optional<FrameChannel> kept = ctx_.kept_channels.take(req_.to)) {
+    kept_connection_ = true;
+    ctx_.fault("src.kept_taken");
+    co_return std::move(*kept);
+  }
+  co_return co_await connect_channel(req_.to, ctx_.options.max_frame_bytes,
+                                     ctx_.options.secret, deadline());
+}
+
+asio::awaitable<Result<Frame>> SourceRun::exchange_hello(
+    std::span<const uint8_t> payload) {
+  Status sent = co_await channel_->send(MsgType::kHello, payload, deadline());
+  Result<Frame> reply = Status::internal("HELLO not sent");
+  if (sent.ok()) {
+    reply = co_await channel_->receive(deadline());
+  } else {
+    reply = sent;
+  }
+  if (reply.ok() || !kept_connection_ || cancelled_ ||
+      reply.status().code() != StatusCode::kUnavailable) {
+    co_return reply;
+  }
+  // The destination closed the kept connection (its idle time ran out, or
+  // it made room for another) as HELLO went out. It closes one only while
+  // it waits for a next frame, never with a migration on it: HELLO was not
+  // read, nothing was started there. Again, once, on a new connection.
+  ctx_.log->info("{} kept connection to {} closed ({}): connecting again", tag_,
+                 req_.to, reply.status().message());
+  channel_->close();
+  channel_.reset();
+  kept_connection_ = false;
+  ctx_.fault("src.kept_retry");
+  auto connected = co_await connect_channel(
+      req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
+  if (!connected.ok()) co_return connected.status().with_context("destination");
+  channel_.emplace(std::move(*connected));
+  sent = co_await channel_->send(MsgType::kHello, payload, deadline());
+  if (!sent.ok()) co_return sent;
+  co_return co_await channel_->receive(deadline());
 }
 
 asio::awaitable<Status> SourceRun::run_live_rounds() {
@@ -574,9 +615,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
                  moving_.size(), req_.live ? " live" : "", n_pages,
                  transport_.name());
   const std::vector<uint8_t> payload = encode(hello);
-  Status sent = co_await channel_->send(MsgType::kHello, payload, deadline());
-  if (!sent.ok()) co_return sent;
-  auto reply = co_await channel_->receive(deadline());
+  auto reply = co_await exchange_hello(payload);
   if (!reply.ok()) co_return reply.status().with_context("waiting for OFFER");
   if (reply->type == MsgType::kAbort) {
     // Refused before allocating anything: nothing to roll back there.
@@ -872,6 +911,7 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
     // Lets the destination forget the record: nobody will ask about it.
     Status acked = co_await channel_->send(MsgType::kDoneAck, {}, deadline());
     if (!acked.ok()) ctx_.log->info("{} DONE_ACK: {}", tag_, acked.message());
+    done_acked_ = acked.ok();
     co_return Outcome::kCommitted;
   }
   why = done.ok() ? reply_status(*done, ctx_.limits, "COMMIT") : done.status();
@@ -924,7 +964,13 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   timeout_timer_.cancel();
   Status failure;
   Outcome outcome = co_await send_commit(msg, failure);
-  channel_->close();
+  if (outcome == Outcome::kCommitted && done_acked_) {
+    // Nothing is pending on it: the next migration there may use it.
+    ctx_.kept_channels.put(req_.to, std::move(*channel_));
+    channel_.reset();
+  } else {
+    channel_->close();
+  }
   std::vector<SeqId> ids;
   for (const auto& [id, seq] : precopy_.tables()) ids.push_back(id);
   if (outcome == Outcome::kUnknown) {
@@ -1037,6 +1083,7 @@ Result<MigrationReport> SourceRun::finish(
   report.transport = std::string(transport_.name());
   report.staged = !ctx_.layout || dst_staging_slots_ > 0;
   report.inline_pages = inline_pages_;
+  report.kept_connection = kept_connection_;
   report.left_behind = left_behind_;
   report.digests = std::move(digests);
   report.phases_ms = phases_ms_;

@@ -148,6 +148,13 @@ class SourceRun {
   // data job (connect_data_path()), not on a trip of its own.
   asio::awaitable<Result<std::vector<PageIndex>>> hello_and_offer(
       uint32_t n_pages);
+  // The control connection: one kept from an earlier migration to the
+  // same destination, else a new one.
+  asio::awaitable<Result<FrameChannel>> open_channel();
+  // Sends HELLO and receives the answer, on a new connection once more if
+  // a kept one turns out closed.
+  asio::awaitable<Result<Frame>> exchange_hello(
+      std::span<const uint8_t> payload);
   // A later round: ROUND, ROUND_OFFER.
   asio::awaitable<Result<std::vector<PageIndex>>> ask_round_slots(
       uint32_t n_pages);
@@ -208,6 +215,8 @@ class SourceRun {
   const uint64_t page_total_;
 
   std::optional<FrameChannel> channel_;
+  bool kept_connection_ = false;  // channel_ came from ctx_.kept_channels
+  bool done_acked_ = false;       // DONE_ACK went out: nothing pending
   std::unique_ptr<TransportInitiator> init_;
   PrecopyState precopy_;
   EnginePause pause_;

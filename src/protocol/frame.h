@@ -38,7 +38,9 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // 8: a small stop-and-copy may send its pages in PAGES frames on the control
 // connection (HELLO asks, OFFER agrees, no data path is opened): no write,
 // mark or thread of the data path between OFFER and COMMIT.
-inline constexpr uint16_t kProtocolVersion = 8;
+// 9: a committed migration's control connection may carry the next HELLO
+// (both sides keep it); MIGRATE_RESP's data path flags say so (4).
+inline constexpr uint16_t kProtocolVersion = 9;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

@@ -729,13 +729,44 @@ TEST(MigrateE2E, SmallMovesGoInlineAndArriveIntact) {
   json r = migrate(src->address(), dst->address(), {"--seqs", "1"}, &code);
   ASSERT_EQ(code, 0) << r.dump() << src->child().err() << dst->child().err();
   EXPECT_EQ(r["inline_pages"], true) << r.dump();
+  EXPECT_EQ(r["kept_connection"], false) << r.dump();
   EXPECT_EQ(r["pages"], 3);
   // Two requests, 6 pages, 96 KiB: over the limit, the data path.
   r = migrate(src->address(), dst->address(), {"--seqs", "2,3", "--digests"},
               &code);
   ASSERT_EQ(code, 0) << r.dump() << src->child().err() << dst->child().err();
   EXPECT_EQ(r["inline_pages"], false) << r.dump();
+  EXPECT_EQ(r["kept_connection"], true) << r.dump();
   EXPECT_EQ(digests(status_of(dst->address())), before);
+  EXPECT_TRUE(status_of(src->address())["seqs"].empty());
+}
+
+// Two `kvmig serve` processes: the second move goes on the first's kept
+// control connection. Then the destination is killed: the third move is an
+// error (the kept connection is found closed and a new one is refused),
+// the request stays at the source, and moves to another agent go on.
+TEST(MigrateE2E, KeptConnectionToAKilledDestinationIsAnError) {
+  auto src = AgentProcess::start({"--populate", "3:40"});
+  auto dst = AgentProcess::start({});
+  auto other = AgentProcess::start({});
+  ASSERT_TRUE(src && dst && other);
+  const auto before = digests(status_of(src->address()));
+  int code = -1;
+  for (const char* id : {"1", "2"}) {
+    json r = migrate(src->address(), dst->address(), {"--seqs", id}, &code);
+    ASSERT_EQ(code, 0) << r.dump() << src->child().err();
+    EXPECT_EQ(r["kept_connection"], std::string(id) == "2") << r.dump();
+  }
+  dst->child().kill(SIGKILL);
+  json r = migrate(src->address(), dst->address(), {"--seqs", "3"}, &code);
+  EXPECT_EQ(code, 1) << r.dump();
+  EXPECT_EQ(r["ok"], false) << r.dump();
+  const auto left = digests(status_of(src->address()));
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left.begin()->second, before.at(left.begin()->first));
+  r = migrate(src->address(), other->address(), {"--seqs", "3"}, &code);
+  ASSERT_EQ(code, 0) << r.dump() << src->child().err();
+  EXPECT_EQ(r["kept_connection"], false) << r.dump();
   EXPECT_TRUE(status_of(src->address())["seqs"].empty());
 }
 

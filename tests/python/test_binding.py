@@ -238,6 +238,30 @@ def test_small_moves_go_inline_unless_turned_off(cpp_agent):
         assert all(after[k] == v for k, v in before.items())
 
 
+def test_second_move_to_an_agent_keeps_the_connection(cpp_agent):
+    # A committed move's control connection carries the next move to the
+    # same agent (kept_idle_ms, default 30 s); kept_idle_ms=0 connects each
+    # time; a negative one is refused at creation.
+    dst = cpp_agent("--preset", "tiny", "--capacity-pages", "16")
+    client = kvmig.Client(dst.address)
+    for ids, idle, kept in (((1, 2), None, True), ((3, 4), 0, False)):
+        pager = NumpyPager(TINY, 16)
+        for seq in ids:
+            pager.populate(seq, 16, seed=seq)
+        kw = {} if idle is None else {"kept_idle_ms": idle}
+        with kvmig.Agent(pager, **kw) as agent:
+            before = digests(agent.status())
+            first = agent.migrate(to=dst.address, seqs=[ids[0]])
+            second = agent.migrate(to=dst.address, seqs=[ids[1]])
+        assert first["kept_connection"] is False
+        assert second["kept_connection"] is kept
+        after = digests(client.status())
+        assert all(after[k] == v for k, v in before.items())
+    with pytest.raises(kvmig.Error) as e:
+        kvmig.Agent(NumpyPager(TINY, 4), kept_idle_ms=-1)
+    assert "kept_idle_ms" in str(e.value), str(e.value)
+
+
 def test_report_fields_match_the_cli(cpp_agent):
     # agent.migrate() returns the fields of `kvmig migrate --json`.
     import json

@@ -132,7 +132,8 @@ class PyAgent {
           int64_t peer_timeout_ms, uint64_t staging_bytes,
           const std::string& bind_host,
           const std::optional<std::string>& snapshot_dir,
-          uint32_t max_migrations, uint32_t inline_page_bytes)
+          uint32_t max_migrations, uint32_t inline_page_bytes,
+          int64_t kept_idle_ms)
       : pager_obj_(std::move(pager)) {
     if (!py::isinstance<CachePager>(pager_obj_)) {
       raise_status(Status::invalid_argument(
@@ -155,6 +156,11 @@ class PyAgent {
     options.snapshot_dir = snapshot_dir.value_or("");
     options.max_migrations = max_migrations;
     options.inline_page_bytes = inline_page_bytes;
+    if (kept_idle_ms < 0) {
+      raise_status(Status::invalid_argument(
+          "kept_idle_ms must be at least 0 (0: a connection per migration)"));
+    }
+    options.kept_connection_idle = std::chrono::milliseconds(kept_idle_ms);
     Result<std::unique_ptr<Agent>> agent = [&] {
       py::gil_scoped_release release;
       return Agent::create(*pager_ptr, std::move(options));
@@ -552,7 +558,7 @@ PYBIND11_MODULE(_kvmig, m) {
       .def(py::init<py::object, const std::string&, std::vector<std::string>,
                     const std::optional<std::string>&, bool, int64_t, uint64_t,
                     const std::string&, const std::optional<std::string>&,
-                    uint32_t, uint32_t>(),
+                    uint32_t, uint32_t, int64_t>(),
            py::arg("pager"), py::kw_only(), py::arg("listen") = "127.0.0.1:0",
            py::arg("transports") = std::vector<std::string>{"tcp"},
            py::arg("secret_file") = py::none(), py::arg("insecure") = false,
@@ -560,7 +566,8 @@ PYBIND11_MODULE(_kvmig, m) {
            py::arg("staging_bytes") = uint64_t{64} << 20,
            py::arg("bind_host") = "", py::arg("snapshot_dir") = py::none(),
            py::arg("max_migrations") = 4,
-           py::arg("inline_page_bytes") = uint32_t{64} << 10)
+           py::arg("inline_page_bytes") = uint32_t{64} << 10,
+           py::arg("kept_idle_ms") = 30'000)
       .def("start", &PyAgent::start, "serve on a thread of the agent's own")
       .def("stop", &PyAgent::close,
            "stop serving (open migrations roll back); idempotent")

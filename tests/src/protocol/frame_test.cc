@@ -37,7 +37,7 @@ TEST(FrameTest, RejectsBadHeaders) {
   };
   for (const Case& c :
        {Case{0, 0x00, StatusCode::kProtocol, "magic"},
-        Case{4, 0x09, StatusCode::kProtocol, "version"},
+        Case{4, kProtocolVersion + 1, StatusCode::kProtocol, "version"},
         Case{6, 0x63, StatusCode::kProtocol, "type"},
         Case{12, 0x01, StatusCode::kProtocol, "reserved"},
         Case{11, 0x7f, StatusCode::kResourceExhausted, "limit"}}) {

@@ -1,0 +1,46 @@
+#include "kept_channels.h"
+
+#include <algorithm>
+#include <utility>
+
+namespace kvmig {
+
+bool KeptChannels::usable(Kept& k, Clock::time_point now) const {
+  return now - k.since < idle_ && !k.channel.peer_closed();
+}
+
+std::optional<FrameChannel> KeptChannels::take(const std::string& peer) {
+  auto it = kept_.find(peer);
+  if (it == kept_.end()) return std::nullopt;
+  std::vector<Kept>& list = it->second;
+  const auto now = Clock::now();
+  std::optional<FrameChannel> found;
+  while (!list.empty() && !found) {
+    Kept k = std::move(list.back());  // the newest: the least likely stale
+    list.pop_back();
+    if (usable(k, now)) found.emplace(std::move(k.channel));
+    // else: k closes here
+  }
+  if (list.empty()) kept_.erase(it);
+  return found;
+}
+
+void KeptChannels::put(const std::string& peer, FrameChannel channel) {
+  if (!enabled()) return;
+  const auto now = Clock::now();
+  for (auto it = kept_.begin(); it != kept_.end();) {
+    std::erase_if(it->second, [&](Kept& k) { return !usable(k, now); });
+    it = it->second.empty() ? kept_.erase(it) : std::next(it);
+  }
+  std::vector<Kept>& list = kept_[peer];
+  if (list.size() >= per_peer_) list.erase(list.begin());
+  list.push_back(Kept{std::move(channel), now});
+}
+
+size_t KeptChannels::size() const {
+  size_t n = 0;
+  for (const auto& [peer, list] : kept_) n += list.size();
+  return n;
+}
+
+}  // namespace kvmig

@@ -1,0 +1,179 @@
+// Kept control connections (AgentOptions::kept_connection_idle), with two
+// agents in this process on loopback: a committed migration's connection
+// carries the next migration to the same destination; a kept connection
+// the destination closed is connected anew, before anything started there,
+// also when it closes just as HELLO goes out.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvmig/kvmig.h"
+#include "synthetic_pager.h"
+#include "testutil.h"
+
+namespace kvmig {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Side {
+  std::unique_ptr<SyntheticPager> pager;
+  std::unique_ptr<Agent> agent;
+};
+
+// An agent over a tiny pool of 64 pages with `seqs` requests of 40 tokens
+// (3 pages each), serving on a thread of its own.
+Result<Side> start_side(uint32_t seqs, AgentOptions options,
+                        std::string transport = "tcp") {
+  KVMIG_ASSIGN_OR_RETURN(CacheMeta meta, preset_meta("tiny"));
+  Side s;
+  KVMIG_ASSIGN_OR_RETURN(s.pager,
+                         SyntheticPager::create(meta, PoolLayout::kPage, 64));
+  if (seqs > 0) KVMIG_RETURN_IF_ERROR(s.pager->populate(seqs, 40, 5));
+  options.listen_host = "127.0.0.1";
+  options.transports = {std::move(transport)};
+  options.peer_timeout = 5s;
+  KVMIG_ASSIGN_OR_RETURN(s.agent, Agent::create(*s.pager, options));
+  KVMIG_RETURN_IF_ERROR(s.agent->start());
+  return s;
+}
+
+std::map<SeqId, std::string> digests_of(Agent& agent) {
+  std::map<SeqId, std::string> out;
+  auto st = agent.status();
+  EXPECT_OK(st.status());
+  if (st.ok()) {
+    for (const SeqStatus& s : st->seqs) out[s.id] = s.digest;
+  }
+  return out;
+}
+
+Result<MigrationReport> move(Agent& from, Agent& to, SeqId id) {
+  MigrateRequest req;
+  req.to = to.address();
+  req.seqs = {id};
+  return from.migrate(req);
+}
+
+class KeptConnection : public ::testing::TestWithParam<std::string> {};
+
+// Each move to the same destination after the first goes on the first's
+// connection; a move back (the other direction) opens its own; a source
+// that keeps nothing connects every time. Every request arrives intact.
+TEST_P(KeptConnection, NextMigrationToTheSameAgentUsesIt) {
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(4, {}, GetParam()));
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, {}, GetParam()));
+  const auto before = digests_of(*a.agent);
+  ASSERT_EQ(before.size(), 4u);
+  for (SeqId id : {1, 2, 3}) {
+    ASSERT_OK_AND_ASSIGN(MigrationReport r, move(*a.agent, *b.agent, id));
+    EXPECT_EQ(r.kept_connection, id > 1) << "request " << id;
+  }
+  ASSERT_OK_AND_ASSIGN(MigrationReport back, move(*b.agent, *a.agent, 2));
+  EXPECT_FALSE(back.kept_connection);
+  ASSERT_OK_AND_ASSIGN(back, move(*b.agent, *a.agent, 3));
+  EXPECT_TRUE(back.kept_connection);
+  auto at_a = digests_of(*a.agent);
+  auto at_b = digests_of(*b.agent);
+  EXPECT_EQ(at_b.size(), 1u);
+  at_a.insert(at_b.begin(), at_b.end());
+  EXPECT_EQ(at_a, before);
+
+  AgentOptions keeps_nothing;
+  keeps_nothing.kept_connection_idle = 0ms;
+  ASSERT_OK_AND_ASSIGN(Side c, start_side(2, keeps_nothing, GetParam()));
+  ASSERT_OK_AND_ASSIGN(Side d, start_side(0, {}, GetParam()));
+  for (SeqId id : {1, 2}) {
+    ASSERT_OK_AND_ASSIGN(MigrationReport r, move(*c.agent, *d.agent, id));
+    EXPECT_FALSE(r.kept_connection) << "request " << id;
+  }
+  EXPECT_EQ(digests_of(*d.agent).size(), 2u);
+  a.agent->stop();
+  b.agent->stop();
+  c.agent->stop();
+  d.agent->stop();
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, KeptConnection,
+                         ::testing::Values("tcp", "ucx"),
+                         [](const auto& info) { return info.param; });
+
+// The destination may keep one connection only (max_connections 1). As the
+// source takes its kept connection for the second move, a status query
+// reaches the destination: to admit it, the destination closes the idle
+// kept connection (the query is answered, not refused). HELLO then goes
+// out on a closed connection: the source connects again, once, and the
+// move commits on the new connection with the request intact.
+TEST(KeptConnectionRace, ClosedAsHelloGoesOutIsConnectedAgain) {
+  std::atomic<bool> armed{false};
+  std::atomic<int> retries{0};
+  std::string b_address;
+  Status queried = Status::internal("no query");
+  AgentOptions a_options;
+  a_options.fault_hook = [&](std::string_view point) {
+    if (point == "src.kept_retry") ++retries;
+    if (point != "src.kept_taken" || !armed.exchange(false)) return;
+    queried = query_status(b_address).status();
+  };
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(2, a_options));
+  AgentOptions b_options;
+  b_options.max_connections = 1;
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, b_options));
+  b_address = b.agent->address();
+  const auto before = digests_of(*a.agent);
+
+  ASSERT_OK_AND_ASSIGN(MigrationReport first, move(*a.agent, *b.agent, 1));
+  EXPECT_FALSE(first.kept_connection);
+  armed = true;
+  ASSERT_OK_AND_ASSIGN(MigrationReport second, move(*a.agent, *b.agent, 2));
+  EXPECT_OK(queried);
+  EXPECT_EQ(retries.load(), 1);
+  EXPECT_FALSE(second.kept_connection);  // the new one
+  EXPECT_EQ(digests_of(*b.agent), before);
+  EXPECT_TRUE(digests_of(*a.agent).empty());
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, b.agent->status());
+  EXPECT_EQ(st.free_pages, st.capacity_pages - 6);
+  a.agent->stop();
+  b.agent->stop();
+}
+
+// A destination that stopped closed its end of the kept connection: the
+// next move there fails as any move to an unreachable agent does (the
+// request stays and runs); once an agent serves that address again, the
+// source connects to it anew.
+TEST(KeptConnectionRace, StoppedDestinationIsAnErrorThenConnectedAnew) {
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(2, {}));
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, {}));
+  const auto before = digests_of(*a.agent);
+  ASSERT_OK(move(*a.agent, *b.agent, 1).status());
+  const uint16_t port = b.agent->port();
+  b.agent->stop();
+  MigrateRequest req;
+  req.to = "127.0.0.1:" + std::to_string(port);
+  req.seqs = {2};
+  auto failed = a.agent->migrate(req);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), StatusCode::kUnavailable)
+      << failed.status().to_string();
+  auto left = digests_of(*a.agent);
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left.at(2), before.at(2));
+
+  AgentOptions same_port;
+  same_port.listen_port = port;
+  ASSERT_OK_AND_ASSIGN(Side b2, start_side(0, same_port));
+  ASSERT_OK_AND_ASSIGN(MigrationReport r, move(*a.agent, *b2.agent, 2));
+  EXPECT_FALSE(r.kept_connection);
+  EXPECT_EQ(digests_of(*b2.agent).at(2), before.at(2));
+  a.agent->stop();
+  b2.agent->stop();
+}
+
+}  // namespace
+}  // namespace kvmig

@@ -1,0 +1,123 @@
+#include "kept_channels.h"
+
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+// KeptChannels over real loopback connections: what is taken is what was
+// put, newest first, per peer; a connection its peer closed, one past its
+// idle time, one beyond the per-peer bound and anything put while keeping
+// is off are closed, never handed out.
+namespace kvmig {
+namespace {
+
+using namespace std::chrono_literals;
+
+class KeptChannelsTest : public ::testing::Test {
+ protected:
+  // A connected pair: the kept end (a channel) and the peer's socket.
+  std::pair<FrameChannel, asio::ip::tcp::socket> pair() {
+    asio::ip::tcp::socket client(io_);
+    client.connect(acceptor_.local_endpoint());
+    asio::ip::tcp::socket server = acceptor_.accept();
+    return {FrameChannel(std::move(client), 1 << 20), std::move(server)};
+  }
+
+  // Polls (up to 5 s) until the socket reads end of stream: its peer
+  // closed. False if it never did.
+  static bool sees_close(asio::ip::tcp::socket& s) {
+    const auto until = Clock::now() + 5s;
+    while (Clock::now() < until) {
+      char byte = 0;
+      const ssize_t n =
+          ::recv(s.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n == 0) return true;
+      std::this_thread::sleep_for(1ms);
+    }
+    return false;
+  }
+
+  asio::io_context io_;
+  asio::ip::tcp::acceptor acceptor_{io_,
+                                    {asio::ip::make_address("127.0.0.1"), 0}};
+};
+
+TEST_F(KeptChannelsTest, TakesWhatWasPutNewestFirstPerPeer) {
+  KeptChannels kept(4, 60s);
+  auto [c1, s1] = pair();
+  auto [c2, s2] = pair();
+  auto [c3, s3] = pair();
+  kept.put("a:1", std::move(c1));
+  kept.put("a:1", std::move(c2));
+  kept.put("b:2", std::move(c3));
+  EXPECT_EQ(kept.size(), 3u);
+  EXPECT_FALSE(kept.take("c:3"));
+  auto t = kept.take("a:1");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->socket().local_endpoint(), s2.remote_endpoint());
+  t = kept.take("a:1");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->socket().local_endpoint(), s1.remote_endpoint());
+  EXPECT_FALSE(kept.take("a:1"));
+  EXPECT_TRUE(kept.take("b:2"));
+  EXPECT_EQ(kept.size(), 0u);
+}
+
+TEST_F(KeptChannelsTest, AConnectionItsPeerClosedIsNotTaken) {
+  KeptChannels kept(4, 60s);
+  auto [c, s] = pair();
+  s.close();
+  // Wait for the close to reach this end (a peek, consuming nothing).
+  ASSERT_TRUE(c.peer_closed() || [&] {
+    const auto until = Clock::now() + 5s;
+    while (Clock::now() < until && !c.peer_closed()) {
+      std::this_thread::sleep_for(1ms);
+    }
+    return c.peer_closed();
+  }());
+  kept.put("a:1", std::move(c));
+  EXPECT_FALSE(kept.take("a:1"));
+  EXPECT_EQ(kept.size(), 0u);
+}
+
+TEST_F(KeptChannelsTest, BeyondThePerPeerBoundTheOldestIsClosed) {
+  KeptChannels kept(2, 60s);
+  auto [c1, s1] = pair();
+  auto [c2, s2] = pair();
+  auto [c3, s3] = pair();
+  kept.put("a:1", std::move(c1));
+  kept.put("a:1", std::move(c2));
+  kept.put("a:1", std::move(c3));
+  EXPECT_EQ(kept.size(), 2u);
+  EXPECT_TRUE(sees_close(s1));  // its peer (the kept end) closed it
+  EXPECT_TRUE(kept.take("a:1"));
+  EXPECT_TRUE(kept.take("a:1"));
+  EXPECT_FALSE(kept.take("a:1"));
+}
+
+TEST_F(KeptChannelsTest, PastItsIdleTimeAConnectionIsClosed) {
+  KeptChannels kept(4, 20ms);
+  auto [c, s] = pair();
+  kept.put("a:1", std::move(c));
+  std::this_thread::sleep_for(40ms);  // the idle time passing is the input
+  EXPECT_FALSE(kept.take("a:1"));
+  EXPECT_TRUE(sees_close(s));
+}
+
+TEST_F(KeptChannelsTest, KeepingOffClosesWhatIsPut) {
+  KeptChannels kept(4, 0ms);
+  EXPECT_FALSE(kept.enabled());
+  auto [c, s] = pair();
+  kept.put("a:1", std::move(c));
+  EXPECT_EQ(kept.size(), 0u);
+  EXPECT_TRUE(sees_close(s));
+}
+
+}  // namespace
+}  // namespace kvmig
