@@ -282,8 +282,10 @@ asio::awaitable<bool> dispatch(AgentImpl& impl, FrameChannel& channel,
       co_return false;
     case MsgType::kHello: {
       const bool committed = co_await serve_hello(ctx, channel, first);
-      co_return committed&& ctx.options.kept_connection_idle.count() > 0 &&
-          !ctx.stopping;
+      const bool keep = committed &&
+                        ctx.options.kept_connection_idle.count() > 0 &&
+                        !ctx.stopping;
+      co_return keep;
     }
     case MsgType::kOutcomeReq:
       co_await serve_outcome_query(ctx, channel, first);
