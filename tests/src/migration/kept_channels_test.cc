@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 
+#include <array>
 #include <chrono>
 #include <optional>
 #include <string>
@@ -29,6 +30,19 @@ class KeptChannelsTest : public ::testing::Test {
     return {FrameChannel(std::move(client), 1 << 20), std::move(server)};
   }
 
+  // Puts three new connections, the i-th under peers[i], and returns
+  // their peers' ends in that order.
+  std::vector<asio::ip::tcp::socket> put_three(
+      KeptChannels& kept, const std::array<std::string, 3>& peers) {
+    std::vector<asio::ip::tcp::socket> ends;
+    for (const std::string& peer : peers) {
+      auto [c, s] = pair();
+      kept.put(peer, std::move(c));
+      ends.push_back(std::move(s));
+    }
+    return ends;
+  }
+
   // Polls (up to 5 s) until the socket reads end of stream: its peer
   // closed. False if it never did.
   static bool sees_close(asio::ip::tcp::socket& s) {
@@ -50,20 +64,15 @@ class KeptChannelsTest : public ::testing::Test {
 
 TEST_F(KeptChannelsTest, TakesWhatWasPutNewestFirstPerPeer) {
   KeptChannels kept(4, 60s);
-  auto [c1, s1] = pair();
-  auto [c2, s2] = pair();
-  auto [c3, s3] = pair();
-  kept.put("a:1", std::move(c1));
-  kept.put("a:1", std::move(c2));
-  kept.put("b:2", std::move(c3));
+  auto ends = put_three(kept, {"a:1", "a:1", "b:2"});
   EXPECT_EQ(kept.size(), 3u);
   EXPECT_FALSE(kept.take("c:3"));
   auto t = kept.take("a:1");
   ASSERT_TRUE(t);
-  EXPECT_EQ(t->socket().local_endpoint(), s2.remote_endpoint());
+  EXPECT_EQ(t->socket().local_endpoint(), ends[1].remote_endpoint());
   t = kept.take("a:1");
   ASSERT_TRUE(t);
-  EXPECT_EQ(t->socket().local_endpoint(), s1.remote_endpoint());
+  EXPECT_EQ(t->socket().local_endpoint(), ends[0].remote_endpoint());
   EXPECT_FALSE(kept.take("a:1"));
   EXPECT_TRUE(kept.take("b:2"));
   EXPECT_EQ(kept.size(), 0u);
@@ -74,13 +83,11 @@ TEST_F(KeptChannelsTest, AConnectionItsPeerClosedIsNotTaken) {
   auto [c, s] = pair();
   s.close();
   // Wait for the close to reach this end (a peek, consuming nothing).
-  ASSERT_TRUE(c.peer_closed() || [&] {
-    const auto until = Clock::now() + 5s;
-    while (Clock::now() < until && !c.peer_closed()) {
-      std::this_thread::sleep_for(1ms);
-    }
-    return c.peer_closed();
-  }());
+  const auto until = Clock::now() + 5s;
+  while (!c.peer_closed() && Clock::now() < until) {
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_TRUE(c.peer_closed());
   kept.put("a:1", std::move(c));
   EXPECT_FALSE(kept.take("a:1"));
   EXPECT_EQ(kept.size(), 0u);
@@ -88,14 +95,9 @@ TEST_F(KeptChannelsTest, AConnectionItsPeerClosedIsNotTaken) {
 
 TEST_F(KeptChannelsTest, BeyondThePerPeerBoundTheOldestIsClosed) {
   KeptChannels kept(2, 60s);
-  auto [c1, s1] = pair();
-  auto [c2, s2] = pair();
-  auto [c3, s3] = pair();
-  kept.put("a:1", std::move(c1));
-  kept.put("a:1", std::move(c2));
-  kept.put("a:1", std::move(c3));
+  auto ends = put_three(kept, {"a:1", "a:1", "a:1"});
   EXPECT_EQ(kept.size(), 2u);
-  EXPECT_TRUE(sees_close(s1));  // its peer (the kept end) closed it
+  EXPECT_TRUE(sees_close(ends[0]));  // its peer (the kept end) closed it
   EXPECT_TRUE(kept.take("a:1"));
   EXPECT_TRUE(kept.take("a:1"));
   EXPECT_FALSE(kept.take("a:1"));
