@@ -5,8 +5,8 @@
 
 namespace kvmig {
 
-bool KeptChannels::usable(Kept& k, Clock::time_point now) const {
-  return now - k.since < idle_ && !k.channel.peer_closed();
+bool KeptChannels::fresh(const Kept& k, Clock::time_point now) const {
+  return now - k.since < idle_;
 }
 
 std::optional<FrameChannel> KeptChannels::take(const std::string& peer) {
@@ -18,7 +18,9 @@ std::optional<FrameChannel> KeptChannels::take(const std::string& peer) {
   while (!list.empty() && !found) {
     Kept k = std::move(list.back());  // the newest: the least likely stale
     list.pop_back();
-    if (usable(k, now)) found.emplace(std::move(k.channel));
+    if (fresh(k, now) && !k.channel.peer_closed()) {
+      found.emplace(std::move(k.channel));
+    }
     // else: k closes here
   }
   if (list.empty()) kept_.erase(it);
@@ -29,7 +31,7 @@ void KeptChannels::put(const std::string& peer, FrameChannel channel) {
   if (!enabled()) return;
   const auto now = Clock::now();
   for (auto it = kept_.begin(); it != kept_.end();) {
-    std::erase_if(it->second, [&](Kept& k) { return !usable(k, now); });
+    std::erase_if(it->second, [&](const Kept& k) { return !fresh(k, now); });
     it = it->second.empty() ? kept_.erase(it) : std::next(it);
   }
   std::vector<Kept>& list = kept_[peer];

@@ -35,8 +35,10 @@ class KeptChannels {
 
   // Keeps `channel` (nothing pending on it: the migration on it ended
   // with DONE_ACK) for the next migration to `peer`; beyond per_peer, the
-  // oldest goes. Also forgets every stale or closed connection to any peer,
-  // so that what is kept stays bounded by the peers still in use.
+  // oldest goes. Also forgets every connection past its idle time, to any
+  // peer, so that what is kept stays bounded by the peers still in use: by
+  // the clock alone (no system call per kept connection on a migration's
+  // path); one its peer closed sooner is found at take().
   void put(const std::string& peer, FrameChannel channel);
 
   // Closes every kept connection (the agent stops).
@@ -49,7 +51,7 @@ class KeptChannels {
     FrameChannel channel;
     Clock::time_point since;
   };
-  bool usable(Kept& k, Clock::time_point now) const;
+  bool fresh(const Kept& k, Clock::time_point now) const;
 
   size_t per_peer_;
   std::chrono::milliseconds idle_;
