@@ -406,7 +406,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
       (check_live || ctx_.pager_holds_seqs.load(std::memory_order_relaxed))) {
     early = start_pause(false, check_live);
   }
-  auto connected = co_await open_channel();
+  auto connected = co_await open_channel(true);
   Status s = cancel_status();
   if (s.ok() && !connected.ok()) {
     s = connected.status().with_context("destination");
@@ -452,11 +452,13 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
   co_return co_await commit();
 }
 
-asio::awaitable<Result<FrameChannel>> SourceRun::open_channel() {
-  if (std::optional<FrameChannel> kept = ctx_.kept_channels.take(req_.to)) {
-    kept_connection_ = true;
-    ctx_.fault("src.kept_taken");
-    co_return std::move(*kept);
+asio::awaitable<Result<FrameChannel>> SourceRun::open_channel(bool may_reuse) {
+  if (may_reuse) {
+    if (std::optional<FrameChannel> kept = ctx_.kept_channels.take(req_.to)) {
+      kept_connection_ = true;
+      ctx_.fault("src.kept_taken");
+      co_return std::move(*kept);
+    }
   }
   co_return co_await connect_channel(req_.to, ctx_.options.max_frame_bytes,
                                      ctx_.options.secret, deadline());
@@ -464,34 +466,35 @@ asio::awaitable<Result<FrameChannel>> SourceRun::open_channel() {
 
 asio::awaitable<Result<Frame>> SourceRun::exchange_hello(
     std::span<const uint8_t> payload) {
-  Status sent = co_await channel_->send(MsgType::kHello, payload, deadline());
-  Result<Frame> reply = Status::internal("HELLO not sent");
-  if (sent.ok()) {
-    reply = co_await channel_->receive(deadline());
-  } else {
-    reply = sent;
+  for (;;) {
+    Status sent = co_await channel_->send(MsgType::kHello, payload, deadline());
+    Result<Frame> reply = Status::internal("HELLO not sent");
+    if (sent.ok()) {
+      reply = co_await channel_->receive(deadline());
+    } else {
+      reply = sent;
+    }
+    if (reply.ok() || !kept_connection_ || cancelled_ ||
+        reply.status().code() != StatusCode::kUnavailable) {
+      co_return reply;
+    }
+    // The destination closed the kept connection (its idle time ran out,
+    // or it made room for another) as HELLO went out. It closes one only
+    // while it waits for a next frame, never with a migration on it: HELLO
+    // was not read, nothing was started there. Again, once (a new
+    // connection is not kept_connection_), on a new connection.
+    ctx_.log->info("{} kept connection to {} closed ({}): connecting again",
+                   tag_, req_.to, reply.status().message());
+    channel_->close();
+    channel_.reset();
+    kept_connection_ = false;
+    ctx_.fault("src.kept_retry");
+    auto connected = co_await open_channel(false);
+    if (!connected.ok()) {
+      co_return connected.status().with_context("destination");
+    }
+    channel_.emplace(std::move(*connected));
   }
-  if (reply.ok() || !kept_connection_ || cancelled_ ||
-      reply.status().code() != StatusCode::kUnavailable) {
-    co_return reply;
-  }
-  // The destination closed the kept connection (its idle time ran out, or
-  // it made room for another) as HELLO went out. It closes one only while
-  // it waits for a next frame, never with a migration on it: HELLO was not
-  // read, nothing was started there. Again, once, on a new connection.
-  ctx_.log->info("{} kept connection to {} closed ({}): connecting again", tag_,
-                 req_.to, reply.status().message());
-  channel_->close();
-  channel_.reset();
-  kept_connection_ = false;
-  ctx_.fault("src.kept_retry");
-  auto connected = co_await connect_channel(
-      req_.to, ctx_.options.max_frame_bytes, ctx_.options.secret, deadline());
-  if (!connected.ok()) co_return connected.status().with_context("destination");
-  channel_.emplace(std::move(*connected));
-  sent = co_await channel_->send(MsgType::kHello, payload, deadline());
-  if (!sent.ok()) co_return sent;
-  co_return co_await channel_->receive(deadline());
 }
 
 asio::awaitable<Status> SourceRun::run_live_rounds() {

@@ -148,9 +148,9 @@ class SourceRun {
   // data job (connect_data_path()), not on a trip of its own.
   asio::awaitable<Result<std::vector<PageIndex>>> hello_and_offer(
       uint32_t n_pages);
-  // The control connection: one kept from an earlier migration to the
-  // same destination, else a new one.
-  asio::awaitable<Result<FrameChannel>> open_channel();
+  // The control connection: with may_reuse, one kept from an earlier
+  // migration to the same destination if there is one; else a new one.
+  asio::awaitable<Result<FrameChannel>> open_channel(bool may_reuse);
   // Sends HELLO and receives the answer, on a new connection once more if
   // a kept one turns out closed.
   asio::awaitable<Result<Frame>> exchange_hello(
