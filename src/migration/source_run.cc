@@ -771,11 +771,10 @@ bool SourceRun::may_inline(uint32_t n_pages) const {
          uint64_t{n_pages} * page_total_ <= ctx_.options.inline_page_bytes;
 }
 
-asio::awaitable<Status> SourceRun::send_inline(
-    const std::vector<uint32_t>& positions) {
+Status SourceRun::read_inline(const std::vector<uint32_t>& positions) {
   // A few pages' bytes, read from host memory on this thread: cheaper
-  // than a trip to the data pool. The destination copies them into place
-  // before COMMIT, which follows on the same connection.
+  // than a trip to the data pool. They go out with COMMIT (send_commit),
+  // and the destination copies them into place before it reads COMMIT.
   const auto t0 = Clock::now();
   const uint64_t n_bytes = positions.size() * page_total_;
   // Built in place: the positions, then each page read straight into the
@@ -787,28 +786,27 @@ asio::awaitable<Status> SourceRun::send_inline(
     const std::span<uint8_t> page(out, page_total_);
     // As plan_writes() checks the data path's: a page the pager named
     // beyond its own layout is its error, not a read out of bounds.
-    KVMIG_CO_RETURN_IF_ERROR(
+    KVMIG_RETURN_IF_ERROR(
         read_host_page(*ctx_.layout, precopy_.source_page_at(pos), page));
     // == page_checksum(): XXH3 of K then V in canonical order.
     if (req_.verify) sums.push_back(XXH3_64bits(page.data(), page.size()));
     out += page_total_;
   }
-  KVMIG_CO_RETURN_IF_ERROR(
-      co_await channel_->send(MsgType::kPages, payload, deadline()));
+  pages_frame_ = std::move(payload);
   writes_ += positions.size();
   bytes_ += n_bytes;
   progress_.bytes.fetch_add(n_bytes, std::memory_order_relaxed);
   data_seconds_ += seconds_since(t0);
   // Paused: the checksums go with COMMIT.
   if (req_.verify) paused_round_sums_ = VerifyMsg{positions, std::move(sums)};
-  co_return Status();
+  return Status();
 }
 
 asio::awaitable<Status> SourceRun::send_positions(
     const std::vector<uint32_t>& positions) {
   if (positions.empty()) co_return Status();
   enter_phase("data");
-  if (inline_pages_) co_return co_await send_inline(positions);
+  if (inline_pages_) co_return read_inline(positions);
   const auto t0 = Clock::now();
   KVMIG_CO_RETURN_IF_ERROR(ensure_source_geometry());
   std::vector<uint64_t> sums(req_.verify ? positions.size() : 0);
@@ -903,7 +901,11 @@ CommitMsg SourceRun::commit_tables() const {
 asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
                                                 Status& why) {
   const std::vector<uint8_t> payload = encode(msg);
-  Status sent = co_await channel_->send(MsgType::kCommit, payload, deadline());
+  // With the inline pages, if any: PAGES then COMMIT in one write.
+  std::vector<FrameChannel::OutFrame> frames;
+  if (!pages_frame_.empty()) frames.push_back({MsgType::kPages, pages_frame_});
+  frames.push_back({MsgType::kCommit, payload});
+  Status sent = co_await channel_->send_all(frames, deadline());
   if (!sent.ok()) {
     why = sent;
     co_return Outcome::kUnknown;

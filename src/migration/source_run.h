@@ -165,8 +165,9 @@ class SourceRun {
   // Whether HELLO asks to send a first round of n_pages in PAGES frames
   // (AgentOptions::inline_page_bytes).
   bool may_inline(uint32_t n_pages) const;
-  // The paused round's pages in a PAGES frame (OFFER took them inline).
-  asio::awaitable<Status> send_inline(const std::vector<uint32_t>& positions);
+  // The paused round's pages in a PAGES frame (OFFER took them inline),
+  // built into pages_frame_: COMMIT takes it along.
+  Status read_inline(const std::vector<uint32_t>& positions);
   // Connects the initiator to OFFER's target once (data pool); later calls
   // return the first call's result. Then hands it the window updates of
   // the ROUND_OFFERs received since.
@@ -225,6 +226,9 @@ class SourceRun {
   std::vector<uint64_t> round_pages_;
   // With verify: the paused round's checksums, sent with COMMIT.
   VerifyMsg paused_round_sums_;
+  // The paused round's PAGES payload (inline pages), sent in one write
+  // with COMMIT: the destination wakes once for both. Empty otherwise.
+  std::vector<uint8_t> pages_frame_;
   // The mark behind the paused round's writes, sent with COMMIT (0: they
   // were flushed).
   uint64_t data_mark_ = 0;

@@ -6,6 +6,7 @@
 #include <array>
 #include <cerrno>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "errors.h"
@@ -83,35 +84,51 @@ FrameChannel::FrameChannel(asio::ip::tcp::socket socket, uint32_t max_payload)
 asio::awaitable<Status> FrameChannel::send(MsgType type,
                                            std::span<const uint8_t> payload,
                                            Deadline deadline) {
-  const auto header = encode_frame_header(type, payload);
-  const std::array<asio::const_buffer, 2> frame = {
-      asio::buffer(header), asio::buffer(payload.data(), payload.size())};
-  const size_t total = header.size() + payload.size();
+  const OutFrame frame[] = {{type, payload}};
+  co_return co_await send_all(frame, deadline);
+}
+
+asio::awaitable<Status> FrameChannel::send_all(std::span<const OutFrame> frames,
+                                               Deadline deadline) {
+  std::vector<std::array<uint8_t, kFrameHeaderBytes>> headers;
+  std::vector<asio::const_buffer> buffers;
+  headers.reserve(frames.size());
+  buffers.reserve(2 * frames.size());
+  size_t total = 0;
+  for (const OutFrame& f : frames) {
+    headers.push_back(encode_frame_header(f.type, f.payload));
+    buffers.push_back(asio::buffer(headers.back()));
+    buffers.push_back(asio::buffer(f.payload.data(), f.payload.size()));
+    total += headers.back().size() + f.payload.size();
+  }
+  auto what = [&] {
+    std::string names;
+    for (const OutFrame& f : frames) {
+      names += (names.empty() ? "" : " and ") + msg_type_name(f.type);
+    }
+    return "sending " + names + " to " + peer_;
+  };
   error_code ec;
   // Most frames fit the socket's send buffer: one sendmsg, no timer.
-  size_t sent = socket_.write_some(frame, ec);
+  size_t sent = socket_.write_some(buffers, ec);
   if (ec == asio::error::would_block || ec == asio::error::try_again) {
     sent = 0;
     ec = {};
   }
   if (!ec && sent < total) {
-    std::array<asio::const_buffer, 2> rest = frame;
-    for (auto& b : rest) {
+    for (auto& b : buffers) {
       const size_t skip = std::min(sent, b.size());
       b += skip;
       sent -= skip;
     }
     Watchdog dog(socket_, deadline);
-    co_await asio::async_write(socket_, rest,
+    co_await asio::async_write(socket_, buffers,
                                asio::redirect_error(asio::use_awaitable, ec));
     if (dog.disarm()) {
-      co_return Status::deadline_exceeded("sending " + msg_type_name(type) +
-                                          " to " + peer_ + ": deadline passed");
+      co_return Status::deadline_exceeded(what() + ": deadline passed");
     }
   }
-  if (ec)
-    co_return status_from_error(
-        ec, "sending " + msg_type_name(type) + " to " + peer_);
+  if (ec) co_return status_from_error(ec, what());
   co_return Status();
 }
 

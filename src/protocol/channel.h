@@ -7,8 +7,8 @@
 // send buffer, one already received) completes without waiting: no timer is
 // armed and the coroutine is not suspended; only a wait arms the deadline.
 // Receives read ahead: one recv of up to kReadAhead bytes may hold the next
-// frames too (PAGES then COMMIT arrive in one segment), which later
-// receives take from memory.
+// frames too (PAGES then COMMIT, sent together), which later receives
+// take from memory.
 #ifndef KVMIG_SRC_CHANNEL_H_
 #define KVMIG_SRC_CHANNEL_H_
 
@@ -41,6 +41,14 @@ class FrameChannel {
 
   asio::awaitable<Status> send(MsgType type, std::span<const uint8_t> payload,
                                Deadline deadline);
+  // Frames back to back, in one system call where the socket takes them
+  // all: the peer wakes once for them (PAGES and COMMIT).
+  struct OutFrame {
+    MsgType type;
+    std::span<const uint8_t> payload;
+  };
+  asio::awaitable<Status> send_all(std::span<const OutFrame> frames,
+                                   Deadline deadline);
   // The next frame, validated (header, length limit, checksum).
   asio::awaitable<Result<Frame>> receive(Deadline deadline);
 

@@ -105,6 +105,46 @@ TEST_F(ChannelTest, FramesOfEverySizeArriveWholeAndInOrder) {
   }
 }
 
+TEST_F(ChannelTest, FramesSentTogetherArriveWholeAndInOrder) {
+  // A small frame, one larger than the socket buffers (the write goes on
+  // after a partial one), an empty one: received one by one, in order.
+  const std::vector<uint8_t> small = pattern(100, 1);
+  const std::vector<uint8_t> big = pattern(2 << 20, 2);
+  const std::vector<FrameChannel::OutFrame> frames = {
+      {MsgType::kPages, small},
+      {MsgType::kCommit, big},
+      {MsgType::kDone, {}},
+  };
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  std::optional<Status> sent;
+  std::vector<Result<Frame>> got;
+  asio::co_spawn(
+      io_,
+      [&]() -> asio::awaitable<void> {
+        sent = co_await a_->send_all(frames, deadline);
+      },
+      asio::detached);
+  asio::co_spawn(
+      io_,
+      [&]() -> asio::awaitable<void> {
+        for (size_t i = 0; i < frames.size(); ++i) {
+          got.push_back(co_await b_->receive(deadline));
+        }
+      },
+      asio::detached);
+  run();
+  ASSERT_TRUE(sent.has_value());
+  ASSERT_OK(*sent);
+  ASSERT_EQ(got.size(), 3u);
+  for (const auto& g : got) ASSERT_OK(g.status());
+  EXPECT_EQ(got[0]->type, MsgType::kPages);
+  EXPECT_EQ(got[0]->payload, small);
+  EXPECT_EQ(got[1]->type, MsgType::kCommit);
+  EXPECT_EQ(got[1]->payload, big);
+  EXPECT_EQ(got[2]->type, MsgType::kDone);
+  EXPECT_TRUE(got[2]->payload.empty());
+}
+
 TEST_F(ChannelTest, FramesReadAheadAreUnreadUntilReceived) {
   // Two frames in one write, then the peer closes: the first receive reads
   // both; the second frame still counts as unread.
@@ -188,6 +228,16 @@ TEST_F(ChannelTest, ASendThePeerNeverReadsEndsAtItsDeadline) {
       run_one(a_->send(MsgType::kPages, big, Clock::now() + milliseconds(100)));
   EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.to_string();
   EXPECT_NE(s.message().find("sending PAGES"), std::string::npos)
+      << s.to_string();
+}
+
+TEST_F(ChannelTest, FramesSentTogetherNameThemAllAtTheDeadline) {
+  const std::vector<uint8_t> big = pattern(kMaxPayload, 5);
+  const std::vector<FrameChannel::OutFrame> frames = {{MsgType::kPages, big},
+                                                      {MsgType::kCommit, {}}};
+  Status s = run_one(a_->send_all(frames, Clock::now() + milliseconds(100)));
+  EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.to_string();
+  EXPECT_NE(s.message().find("sending PAGES and COMMIT to "), std::string::npos)
       << s.to_string();
 }
 
