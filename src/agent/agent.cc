@@ -226,9 +226,11 @@ Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
   }
   asio::co_spawn(
       io,
-      [call, make = std::move(make)]() -> asio::awaitable<void> {
+      [call, make = std::move(make),
+       &ctx = impl.ctx]() -> asio::awaitable<void> {
         Result<T> result = co_await make();
         call->finish(std::move(result));
+        co_await ctx.run_after_reply();
       },
       [call, log = impl.ctx.log,
        what = std::string(what)](std::exception_ptr e) {

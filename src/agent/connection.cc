@@ -108,9 +108,10 @@ asio::awaitable<void> serve_migrate(MigrationContext& ctx,
   if (!report.ok()) {
     Status error = report.status();
     co_await reply_error(ctx, channel, error);
-    co_return;
+  } else {
+    co_await reply(ctx, channel, MsgType::kMigrateResp, encode(*report));
   }
-  co_await reply(ctx, channel, MsgType::kMigrateResp, encode(*report));
+  co_await ctx.run_after_reply();
 }
 
 asio::awaitable<void> serve_cancel(MigrationContext& ctx, FrameChannel& channel,

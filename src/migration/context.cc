@@ -45,6 +45,14 @@ void MigrationContext::source_ended(const std::string& id) {
   for (auto it = first; it != last; ++it) it->second->cancel();
 }
 
+asio::awaitable<void> MigrationContext::run_after_reply() {
+  while (!after_reply.empty()) {
+    asio::awaitable<void> next = std::move(after_reply.front());
+    after_reply.pop_front();
+    co_await std::move(next);
+  }
+}
+
 namespace {
 
 // The memory to register for a layout: its regions' spans, merged where

@@ -13,6 +13,7 @@
 #define KVMIG_SRC_MIGRATION_CONTEXT_H_
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -166,6 +167,12 @@ class MigrationContext {
   // Control connections kept for the next migration to the same
   // destination (io thread). Declared after io: closed before it goes.
   KeptChannels kept_channels;
+  // Work a run leaves for after its caller has the reply (a committed
+  // run's DONE_ACK): the caller's wake-up and this work overlap. Whoever
+  // replies (the in-process calls, serve_migrate) runs it right after, on
+  // the same turn of the io thread, so a next call finds it done.
+  std::deque<asio::awaitable<void>> after_reply;
+  asio::awaitable<void> run_after_reply();
   // wait_source_end's timers, by migration id (io thread). Declared after
   // io: destroyed before it.
   std::multimap<std::string, std::shared_ptr<asio::steady_timer>> end_waiters;

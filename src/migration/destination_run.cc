@@ -1,5 +1,7 @@
 #include "destination_run.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -123,6 +125,8 @@ asio::awaitable<bool> DestinationRun::run() {
   ctx_.fault("dst.before_done");
   Status sent =
       co_await channel_.send(MsgType::kDone, {}, ctx_.peer_deadline());
+  // Logged once DONE is out: the line's write is off the source's wait.
+  ctx_.log->info("{} {}", tag_, installed_line_);
   if (!sent.ok()) {
     // Committed all the same: the source learns it by asking.
     ctx_.log->warn("{} DONE not delivered: {}", tag_, sent.to_string());
@@ -671,8 +675,9 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
                       released.to_string());
     }
   }
-  ctx_.log->info("{} installed {} requests in {} slots ({} PROGRESS frames)",
-                 tag_, commit.seqs.size(), used, progress_frames_);
+  installed_line_ =
+      fmt::format("installed {} requests in {} slots ({} PROGRESS frames)",
+                  commit.seqs.size(), used, progress_frames_);
   co_return Status();
 }
 

@@ -146,6 +146,7 @@ class DestinationRun {
   uint64_t batched_pages_ = 0;
   uint64_t installed_pages_ = 0;
   uint64_t progress_frames_ = 0;  // PROGRESS frames received
+  std::string installed_line_;    // install()'s log line, logged after DONE
   const Clock::time_point t_start_ = Clock::now();
   std::optional<Status> cancelled_;  // cancel()'s reason
   bool deciding_ = false;            // COMMIT accepted: too late to cancel

@@ -913,16 +913,32 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
   auto done = co_await channel_->receive(
       deadline() + check_time(msg.verify.positions.size()));
   if (done.ok() && done->type == MsgType::kDone) {
-    // Lets the destination forget the record: nobody will ask about it.
-    Status acked = co_await channel_->send(MsgType::kDoneAck, {}, deadline());
-    if (!acked.ok()) ctx_.log->info("{} DONE_ACK: {}", tag_, acked.message());
-    done_acked_ = acked.ok();
+    done_received_ = true;  // commit() has DONE_ACK sent
     co_return Outcome::kCommitted;
   }
   why = done.ok() ? reply_status(*done, ctx_.limits, "COMMIT") : done.status();
   co_return done.ok() && done->type == MsgType::kAbort ? Outcome::kAborted
                                                        : Outcome::kUnknown;
 }
+
+namespace {
+
+// Lets the destination forget the outcome record (nobody will ask about
+// it), then keeps the connection, idle again, for the next migration to
+// `peer`: a failed ack closes it, as does a stopping agent.
+asio::awaitable<void> acknowledge_done(MigrationContext& ctx, std::string peer,
+                                       std::string tag, FrameChannel channel) {
+  Status acked =
+      co_await channel.send(MsgType::kDoneAck, {}, ctx.peer_deadline());
+  if (!acked.ok()) {
+    ctx.log->info("{} DONE_ACK: {}", tag, acked.message());
+    co_return;
+  }
+  if (ctx.stopping) co_return;
+  ctx.kept_channels.put(peer, std::move(channel));
+}
+
+}  // namespace
 
 asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   enter_phase("commit");
@@ -969,9 +985,12 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   timeout_timer_.cancel();
   Status failure;
   Outcome outcome = co_await send_commit(msg, failure);
-  if (outcome == Outcome::kCommitted && done_acked_) {
-    // Nothing is pending on it: the next migration there may use it.
-    ctx_.kept_channels.put(req_.to, std::move(*channel_));
+  if (outcome == Outcome::kCommitted && done_received_) {
+    // DONE_ACK, then the connection back for the next migration there,
+    // once the caller has its report (its wake-up and the ack's system
+    // call overlap), before the io thread takes its next call.
+    ctx_.after_reply.push_back(
+        acknowledge_done(ctx_, req_.to, tag_, std::move(*channel_)));
     channel_.reset();
   } else {
     channel_->close();

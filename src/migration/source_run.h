@@ -217,7 +217,7 @@ class SourceRun {
 
   std::optional<FrameChannel> channel_;
   bool kept_connection_ = false;  // channel_ came from ctx_.kept_channels
-  bool done_acked_ = false;       // DONE_ACK went out: nothing pending
+  bool done_received_ = false;    // DONE came: commit() sends DONE_ACK
   std::unique_ptr<TransportInitiator> init_;
   PrecopyState precopy_;
   EnginePause pause_;
