@@ -175,5 +175,49 @@ TEST(KeptConnectionRace, StoppedDestinationIsAnErrorThenConnectedAnew) {
   b2.agent->stop();
 }
 
+// The kept connection is open when the source takes it, and the
+// destination stops right then: HELLO finds it closed, and the one
+// connect again finds nothing listening. The move fails as a move to an
+// unreachable agent does, naming the destination; the request stays and
+// runs, and the next move (to an agent that serves) commits.
+TEST(KeptConnectionRace, StoppedAsHelloGoesOutAndNotThereToReconnect) {
+  std::atomic<bool> armed{false};
+  std::atomic<int> retries{0};
+  Agent* stop_me = nullptr;
+  AgentOptions a_options;
+  a_options.fault_hook = [&](std::string_view point) {
+    if (point == "src.kept_retry") ++retries;
+    if (point != "src.kept_taken" || !armed.exchange(false)) return;
+    stop_me->stop();
+  };
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(2, a_options));
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, {}));
+  stop_me = b.agent.get();
+  const auto before = digests_of(*a.agent);
+  ASSERT_OK(move(*a.agent, *b.agent, 1).status());
+
+  armed = true;
+  MigrateRequest req;
+  req.to = b.agent->address();
+  req.seqs = {2};
+  auto failed = a.agent->migrate(req);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), StatusCode::kUnavailable)
+      << failed.status().to_string();
+  EXPECT_NE(failed.status().message().find("destination"), std::string::npos)
+      << failed.status().to_string();
+  EXPECT_EQ(retries.load(), 1);
+  auto left = digests_of(*a.agent);
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left.at(2), before.at(2));
+
+  ASSERT_OK_AND_ASSIGN(Side c, start_side(0, {}));
+  ASSERT_OK(move(*a.agent, *c.agent, 2).status());
+  EXPECT_EQ(digests_of(*c.agent).at(2), before.at(2));
+  EXPECT_TRUE(digests_of(*a.agent).empty());
+  a.agent->stop();
+  c.agent->stop();
+}
+
 }  // namespace
 }  // namespace kvmig
