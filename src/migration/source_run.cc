@@ -912,10 +912,8 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
   }
   auto done = co_await channel_->receive(
       deadline() + check_time(msg.verify.positions.size()));
-  if (done.ok() && done->type == MsgType::kDone) {
-    done_received_ = true;  // commit() has DONE_ACK sent
-    co_return Outcome::kCommitted;
-  }
+  // DONE: commit() has DONE_ACK sent.
+  if (done.ok() && done->type == MsgType::kDone) co_return Outcome::kCommitted;
   why = done.ok() ? reply_status(*done, ctx_.limits, "COMMIT") : done.status();
   co_return done.ok() && done->type == MsgType::kAbort ? Outcome::kAborted
                                                        : Outcome::kUnknown;
@@ -985,7 +983,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   timeout_timer_.cancel();
   Status failure;
   Outcome outcome = co_await send_commit(msg, failure);
-  if (outcome == Outcome::kCommitted && done_received_) {
+  if (outcome == Outcome::kCommitted) {  // DONE came on the connection
     // DONE_ACK, then the connection back for the next migration there,
     // once the caller has its report (its wake-up and the ack's system
     // call overlap), before the io thread takes its next call.

@@ -217,7 +217,6 @@ class SourceRun {
 
   std::optional<FrameChannel> channel_;
   bool kept_connection_ = false;  // channel_ came from ctx_.kept_channels
-  bool done_received_ = false;    // DONE came: commit() sends DONE_ACK
   std::unique_ptr<TransportInitiator> init_;
   PrecopyState precopy_;
   EnginePause pause_;
