@@ -81,18 +81,12 @@ FrameChannel::FrameChannel(asio::ip::tcp::socket socket, uint32_t max_payload)
   socket_.non_blocking(true, ec);
 }
 
-asio::awaitable<Status> FrameChannel::send(MsgType type,
-                                           std::span<const uint8_t> payload,
-                                           Deadline deadline) {
-  const OutFrame frame[] = {{type, payload}};
-  co_return co_await send_all(frame, deadline);
-}
-
-asio::awaitable<Status> FrameChannel::send_all(std::span<const OutFrame> frames,
-                                               Deadline deadline) {
-  std::vector<std::array<uint8_t, kFrameHeaderBytes>> headers;
-  std::vector<asio::const_buffer> buffers;
-  headers.reserve(frames.size());
+asio::awaitable<Status> FrameChannel::send_frames(OutFrames frames,
+                                                  Deadline deadline) {
+  boost::container::small_vector<std::array<uint8_t, kFrameHeaderBytes>, 2>
+      headers;
+  boost::container::small_vector<asio::const_buffer, 4> buffers;
+  headers.reserve(frames.size());  // no reallocation: buffers point in
   buffers.reserve(2 * frames.size());
   size_t total = 0;
   for (const OutFrame& f : frames) {

@@ -12,6 +12,7 @@
 #ifndef KVMIG_SRC_CHANNEL_H_
 #define KVMIG_SRC_CHANNEL_H_
 
+#include <boost/container/small_vector.hpp>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -40,7 +41,9 @@ class FrameChannel {
   FrameChannel(asio::ip::tcp::socket socket, uint32_t max_payload);
 
   asio::awaitable<Status> send(MsgType type, std::span<const uint8_t> payload,
-                               Deadline deadline);
+                               Deadline deadline) {
+    return send_frames(OutFrames{{type, payload}}, deadline);
+  }
   // Frames back to back, in one system call where the socket takes them
   // all: the peer wakes once for them (PAGES and COMMIT).
   struct OutFrame {
@@ -48,7 +51,9 @@ class FrameChannel {
     std::span<const uint8_t> payload;
   };
   asio::awaitable<Status> send_all(std::span<const OutFrame> frames,
-                                   Deadline deadline);
+                                   Deadline deadline) {
+    return send_frames(OutFrames(frames.begin(), frames.end()), deadline);
+  }
   // The next frame, validated (header, length limit, checksum).
   asio::awaitable<Result<Frame>> receive(Deadline deadline);
 
@@ -68,6 +73,10 @@ class FrameChannel {
   asio::ip::tcp::socket& socket() { return socket_; }
 
  private:
+  // One frame or two (PAGES and COMMIT) on the hot path: kept inline, no
+  // allocation per control frame.
+  using OutFrames = boost::container::small_vector<OutFrame, 2>;
+  asio::awaitable<Status> send_frames(OutFrames frames, Deadline deadline);
   // Fills out: from the bytes read ahead, then from the socket, arming
   // `dog` (for the deadline) the first time it must wait.
   asio::awaitable<boost::system::error_code> read_exact(
