@@ -3,6 +3,7 @@
 #ifndef KVMIG_TRANSPORT_TRANSPORT_UTIL_H_
 #define KVMIG_TRANSPORT_TRANSPORT_UTIL_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -188,6 +189,34 @@ inline Status check_write_ops(std::span<const WriteOp> ops,
     }
   }
   return Status();
+}
+
+// Ranges sorted by region and offset, with those that touch or overlap
+// joined and empty ones dropped: what a target keeps of TransportTarget::
+// allow(). A migration's slots come in the pager's order (random, for a
+// fragmented pool), one range per slot and region; joined they are often a
+// handful of ranges, kept and looked up at far less cost.
+inline std::vector<WriteWindow> coalesce_windows(
+    std::vector<WriteWindow> ranges) {
+  std::erase_if(ranges, [](const WriteWindow& w) { return w.length == 0; });
+  const auto before = [](const WriteWindow& a, const WriteWindow& b) {
+    return a.region != b.region ? a.region < b.region : a.offset < b.offset;
+  };
+  if (!std::is_sorted(ranges.begin(), ranges.end(), before)) {
+    std::sort(ranges.begin(), ranges.end(), before);
+  }
+  std::vector<WriteWindow> runs;
+  for (const WriteWindow& w : ranges) {
+    if (!runs.empty() && runs.back().region == w.region &&
+        w.offset <= runs.back().offset + runs.back().length) {
+      WriteWindow& last = runs.back();
+      last.length = std::max(last.offset + last.length, w.offset + w.length) -
+                    last.offset;
+    } else {
+      runs.push_back(w);
+    }
+  }
+  return runs;
 }
 
 }  // namespace kvmig

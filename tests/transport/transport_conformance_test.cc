@@ -646,6 +646,46 @@ TEST_P(CheckingConformanceTest, LaterRoundsAddWindows) {
   expect_dst_equals(expected);
 }
 
+// A migration's slots come in the pager's order, random for a fragmented
+// pool: 48 slots of 4 KiB, every other one of 96, allowed in shuffled
+// order in both regions. A write spanning two allowed slots that are
+// neighbours lands; one spanning the slot between them, or any slot left
+// out, is refused and nothing lands.
+TEST_P(CheckingConformanceTest, ShuffledSlotsAreAllowedExactly) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  constexpr uint64_t kSlot = 4096;
+  std::vector<WriteWindow> windows;
+  for (uint32_t region : {0u, 1u}) {
+    for (uint64_t slot = 0; slot < 96; slot += 2) {
+      windows.push_back({region, slot * kSlot, kSlot});
+    }
+    // Slots 40 and 41 both: two neighbours one write may span.
+    windows.push_back({region, 41 * kSlot, kSlot});
+  }
+  std::shuffle(windows.begin(), windows.end(), std::mt19937(7));
+  ASSERT_NO_FATAL_FAILURE(restrict(*target, *init, windows));
+  auto expected = dst_copy();
+  std::vector<WriteOp> ops = {{src_at(0), 0, 0, kSlot},
+                              {src_at(kSlot), 1, 94 * kSlot, kSlot},
+                              {src_at(3 * kSlot), 0, 40 * kSlot, 2 * kSlot},
+                              {src_at(7 * kSlot), 1, 40 * kSlot, 2 * kSlot}};
+  ASSERT_OK(init->write(ops, in(seconds(10))));
+  ASSERT_OK(init->flush(in(seconds(10))));
+  apply(ops, expected);
+  expect_dst_equals(expected);
+  ASSERT_OK(target->health());
+  // Slot 43 of region 1 was never allowed (42 and 44 were).
+  ops = {{src_at(0), 1, 42 * kSlot, 2 * kSlot}};
+  const auto deadline = in(seconds(3));
+  Status ws = init->write(ops, deadline);
+  EXPECT_FALSE(ws.ok() ? init->flush(deadline).ok() : false);
+  init.reset();
+  target->revoke();
+  expect_dst_equals(expected);
+}
+
 // Verbs only: a source that writes with keys it was not given, here those
 // of another migration to the same target agent, is refused by the target's
 // device (a type 2 window answers only on the queue pair it was bound to):
@@ -1770,6 +1810,31 @@ TEST(UcxIdleTest, NoWakeUpsWithNothingOpen) {
 
 // The kept-initiator cache both transports share: one per peer, the
 // oldest past the bound handed back, nothing handed out twice.
+// What a target keeps of allow(): sorted by region and offset, touching
+// and overlapping ranges joined, empty ones dropped, regions never joined.
+TEST(CoalesceWindowsTest, SortsJoinsAndDropsEmpty) {
+  const std::vector<WriteWindow> in = {
+      {1, 100, 50},  // region 1: 100-150
+      {0, 30, 10},   // region 0: 30-40, touches 40-60
+      {0, 0, 10},    // region 0: 0-10
+      {0, 40, 20},   //
+      {0, 50, 5},    // inside 40-60
+      {0, 70, 0},    // empty
+      {1, 0, 100},   // touches region 1's 100-150
+      {0, 55, 20},   // overlaps: 30-75
+  };
+  const std::vector<WriteWindow> runs = coalesce_windows(in);
+  ASSERT_EQ(runs.size(), 3u);
+  auto same = [](const WriteWindow& w, uint32_t r, uint64_t off, uint64_t len) {
+    return w.region == r && w.offset == off && w.length == len;
+  };
+  EXPECT_TRUE(same(runs[0], 0, 0, 10));
+  EXPECT_TRUE(same(runs[1], 0, 30, 45));
+  EXPECT_TRUE(same(runs[2], 1, 0, 150));
+  EXPECT_TRUE(coalesce_windows({}).empty());
+  EXPECT_TRUE(coalesce_windows({{0, 5, 0}}).empty());
+}
+
 TEST(KeptByPeerTest, OnePerPeerBoundedOldestGoesFirst) {
   KeptByPeer<std::unique_ptr<int>> kept(2);
   EXPECT_TRUE(kept.put("a", std::make_unique<int>(1)).empty());

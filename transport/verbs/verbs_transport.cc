@@ -799,8 +799,6 @@ class VerbsTarget final : public TransportTarget {
   // for a range outside its region.
   Result<std::vector<WriteWindow>> merge(
       std::span<const WriteWindow> ranges) const {
-    std::vector<WriteWindow> sorted;
-    sorted.reserve(ranges.size());
     for (const WriteWindow& w : ranges) {
       if (w.length == 0) continue;
       if (w.region >= regions_.size() ||
@@ -811,23 +809,8 @@ class VerbsTarget final : public TransportTarget {
             std::to_string(w.length) + ") is not inside target region " +
             std::to_string(w.region));
       }
-      sorted.push_back(w);
     }
-    std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) {
-      return a.region != b.region ? a.region < b.region : a.offset < b.offset;
-    });
-    std::vector<WriteWindow> runs;
-    for (const WriteWindow& w : sorted) {
-      if (!runs.empty() && runs.back().region == w.region &&
-          w.offset <= runs.back().offset + runs.back().length) {
-        WriteWindow& last = runs.back();
-        last.length = std::max(last.offset + last.length, w.offset + w.length) -
-                      last.offset;
-      } else {
-        runs.push_back(w);
-      }
-    }
-    return runs;
+    return coalesce_windows({ranges.begin(), ranges.end()});
   }
 
   // Allocates a type 2 window per range and QP and binds it on that QP,
