@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <map>
 #include <memory>
 #include <string>
 #include <unordered_set>
@@ -26,13 +25,17 @@ Status check_positions(const std::vector<uint32_t>& positions, size_t n,
 }
 
 // Where `slots` lie in each region of the layout: the only bytes a source
-// may write (TransportTarget::allow).
+// may write (TransportTarget::allow). In region and offset order (the
+// slots sorted once, not the windows: a tenth of the work), which the
+// targets keep as is.
 std::vector<WriteWindow> windows_for(const PagerLayout& layout,
                                      std::span<const PageIndex> slots) {
+  std::vector<PageIndex> sorted(slots.begin(), slots.end());
+  std::sort(sorted.begin(), sorted.end());
   std::vector<WriteWindow> out;
-  out.reserve(layout.size() * slots.size());
+  out.reserve(layout.size() * sorted.size());
   for (uint32_t r = 0; r < layout.size(); ++r) {
-    for (PageIndex s : slots) {
+    for (PageIndex s : sorted) {
       out.push_back({r, uint64_t{s} * layout[r].stride, layout[r].chunk});
     }
   }
@@ -561,10 +564,13 @@ Status DestinationRun::check_commit(const CommitMsg& commit) {
 }
 
 Status DestinationRun::check_tables(const CommitMsg& commit) {
-  std::map<PageIndex, uint32_t> position_of;
+  // (slot, position), sorted by slot: a lookup per page of every table.
+  std::vector<std::pair<PageIndex, uint32_t>> position_of;
+  position_of.reserve(slots_.size());
   for (uint32_t pos = 0; pos < slots_.size(); ++pos) {
-    position_of[slots_[pos]] = pos;
+    position_of.emplace_back(slots_[pos], pos);
   }
+  std::sort(position_of.begin(), position_of.end());
   std::vector<bool> used(slots_.size(), false);
   for (const LogicalSeq& s : commit.seqs) {
     const std::string which = "request " + std::to_string(s.seq_id);
@@ -581,19 +587,20 @@ Status DestinationRun::check_tables(const CommitMsg& commit) {
           std::to_string(meta_.page_size_tokens) + " tokens");
     }
     for (PageIndex p : s.pages) {
-      const std::string at = which + " points at slot " + std::to_string(p);
-      auto it = position_of.find(p);
-      if (it == position_of.end()) {
-        return Status::protocol(at + ", not one allocated for it");
+      auto at = [&] { return which + " points at slot " + std::to_string(p); };
+      auto it = std::lower_bound(position_of.begin(), position_of.end(),
+                                 std::pair<PageIndex, uint32_t>{p, 0});
+      if (it == position_of.end() || it->first != p) {
+        return Status::protocol(at() + ", not one allocated for it");
       }
       if (hello_.verify && !verified_[it->second]) {
-        return Status::protocol(at + ", which no checksum covered");
+        return Status::protocol(at() + ", which no checksum covered");
       }
       if (staging_ && !landed_[it->second]) {
-        return Status::protocol(at + ", which no BATCH filled");
+        return Status::protocol(at() + ", which no BATCH filled");
       }
       if (inline_pages_ && !landed_[it->second]) {
-        return Status::protocol(at + ", which no PAGES filled");
+        return Status::protocol(at() + ", which no PAGES filled");
       }
       used[it->second] = true;
     }

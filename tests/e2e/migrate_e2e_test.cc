@@ -1557,6 +1557,21 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     expect_abort(fd, b.why);
   }
   {
+    // The page filled, and the table points past it, at a slot this
+    // migration was not offered.
+    SCOPED_TRACE("slot not offered");
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    OfferMsg offer = hello(fd, 1, true);
+    send(fd, MsgType::kPages,
+         encode(PagesMsg{{0}, std::vector<uint8_t>(page, 0x5a)}));
+    offer.slots[0] += 1;
+    send(fd, MsgType::kCommit, commit(offer));
+    expect_abort(fd, "points at slot " + std::to_string(offer.slots[0]) +
+                         ", not one allocated for it");
+  }
+  {
     SCOPED_TRACE("good");
     const int fd = raw_connect(agent->address());
     ASSERT_GE(fd, 0);
