@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <string>
-#include <tuple>
 
 namespace kvmig {
 namespace {
@@ -54,8 +53,22 @@ Result<std::vector<PlannedWrite>> plan_writes(
   KVMIG_RETURN_IF_ERROR(check_geometry(src, page_total_bytes, "source"));
   KVMIG_RETURN_IF_ERROR(check_geometry(dst, page_total_bytes, "destination"));
 
-  std::vector<PlannedWrite> pieces;
-  pieces.reserve(pairs.size() * std::max(src.size(), dst.size()));
+  // Every page is cut the same way: walk one page's canonical bytes once,
+  // cutting wherever either side's chunk ends (offsets within the slot).
+  std::vector<PlannedWrite> cuts;
+  {
+    size_t i = 0, j = 0;
+    uint64_t in_src = 0, in_dst = 0;
+    while (i < src.size() && j < dst.size()) {
+      uint64_t len = std::min(src[i].chunk - in_src, dst[j].chunk - in_dst);
+      cuts.push_back({static_cast<uint32_t>(i), in_src,
+                      static_cast<uint32_t>(j), in_dst, len});
+      in_src += len;
+      in_dst += len;
+      if (in_src == src[i].chunk) ++i, in_src = 0;
+      if (in_dst == dst[j].chunk) ++j, in_dst = 0;
+    }
+  }
   for (const PagePair& pair : pairs) {
     if (pair.src >= src[0].slots || pair.dst >= dst[0].slots) {
       return Status::invalid_argument(
@@ -64,27 +77,38 @@ Result<std::vector<PlannedWrite>> plan_writes(
           std::to_string(src[0].slots) + " slots, destination " +
           std::to_string(dst[0].slots) + ")");
     }
-    // Walk the page's canonical bytes; cut wherever either side's chunk ends.
-    size_t i = 0, j = 0;
-    uint64_t in_src = 0, in_dst = 0;
-    while (i < src.size() && j < dst.size()) {
-      uint64_t len = std::min(src[i].chunk - in_src, dst[j].chunk - in_dst);
-      pieces.push_back({static_cast<uint32_t>(i),
-                        uint64_t{pair.src} * src[i].stride + in_src,
-                        static_cast<uint32_t>(j),
-                        uint64_t{pair.dst} * dst[j].stride + in_dst, len});
-      in_src += len;
-      in_dst += len;
-      if (in_src == src[i].chunk) ++i, in_src = 0;
-      if (in_dst == dst[j].chunk) ++j, in_dst = 0;
-    }
   }
-
-  std::sort(pieces.begin(), pieces.end(),
-            [](const PlannedWrite& a, const PlannedWrite& b) {
-              return std::tie(a.src_region, a.src_offset) <
-                     std::tie(b.src_region, b.src_offset);
-            });
+  // In source order: region by region, and in each, the pairs by source
+  // slot (a chunk fits its stride, so that is source-offset order), each
+  // pair's cuts in that region in walk order. Sorting the pairs, not the
+  // pieces (a few per page and region), is the cheaper sort.
+  std::vector<PagePair> by_src(pairs.begin(), pairs.end());
+  const auto src_before = [](const PagePair& a, const PagePair& b) {
+    return a.src < b.src;
+  };
+  if (!std::is_sorted(by_src.begin(), by_src.end(), src_before)) {
+    std::sort(by_src.begin(), by_src.end(), src_before);
+  }
+  std::vector<PlannedWrite> pieces;
+  pieces.reserve(pairs.size() * cuts.size());
+  for (size_t c0 = 0; c0 < cuts.size();) {
+    size_t c1 = c0;  // [c0, c1): the cuts of source region cuts[c0]
+    while (c1 < cuts.size() && cuts[c1].src_region == cuts[c0].src_region) {
+      ++c1;
+    }
+    for (const PagePair& pair : by_src) {
+      for (size_t c = c0; c < c1; ++c) {
+        const PlannedWrite& cut = cuts[c];
+        pieces.push_back(
+            {cut.src_region,
+             uint64_t{pair.src} * src[cut.src_region].stride + cut.src_offset,
+             cut.dst_region,
+             uint64_t{pair.dst} * dst[cut.dst_region].stride + cut.dst_offset,
+             cut.length});
+      }
+    }
+    c0 = c1;
+  }
   // Merged in place: pieces[0, n) are the writes so far.
   size_t n = 0;
   bool too_long = false;

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -72,6 +73,48 @@ TEST(PlannerTest, EveryLayoutCombinationMovesPagesIntact) {
       check_plan_moves_pages(src, dst, pairs, 0);
       check_plan_moves_pages(src, dst, pairs, 1000);
     }
+  }
+}
+
+// Pairs in any order (a destination's slots come in the pager's order):
+// the plan is in source order (region, then offset), moves every page
+// intact, and still merges what is contiguous on both sides.
+TEST(PlannerTest, PairsInAnyOrderArePlannedInSourceOrder) {
+  std::vector<PagePair> pairs;
+  for (uint32_t k = 0; k < kSlots; ++k) pairs.push_back({k, k});
+  std::mt19937 rng(11);
+  std::vector<uint32_t> dst_slots(kSlots);
+  for (uint32_t k = 0; k < kSlots; ++k) dst_slots[k] = k;
+  std::shuffle(dst_slots.begin(), dst_slots.end(), rng);
+  for (uint32_t k = 0; k < kSlots; ++k) pairs[k].dst = dst_slots[k];
+  std::shuffle(pairs.begin(), pairs.end(), rng);
+  for (auto src : {page_geometry(), layer_geometry()}) {
+    for (auto dst : {page_geometry(), layer_geometry()}) {
+      for (uint64_t max_write : {uint64_t{0}, uint64_t{1000}}) {
+        check_plan_moves_pages(src, dst, pairs, max_write);
+        ASSERT_OK_AND_ASSIGN(
+            auto plan, plan_writes(src, dst, pairs, 2 * kPage, max_write));
+        for (size_t w = 1; w < plan.size(); ++w) {
+          const PlannedWrite& a = plan[w - 1];
+          const PlannedWrite& b = plan[w];
+          EXPECT_TRUE(a.src_region < b.src_region ||
+                      (a.src_region == b.src_region &&
+                       a.src_offset + a.length <= b.src_offset))
+              << "write " << w;
+        }
+      }
+    }
+  }
+  // Slots 3, 4 and 5 to 7, 8 and 9, given out of order: one write per
+  // layer region.
+  const std::vector<PagePair> run = {{5, 9}, {3, 7}, {4, 8}};
+  ASSERT_OK_AND_ASSIGN(
+      auto plan,
+      plan_writes(layer_geometry(), layer_geometry(), run, 2 * kPage, 0));
+  ASSERT_EQ(plan.size(), 4u);
+  for (uint32_t r = 0; r < 4; ++r) {
+    EXPECT_EQ(plan[r],
+              (PlannedWrite{r, 3 * kChunk, r, 7 * kChunk, 3 * kChunk}));
   }
 }
 
