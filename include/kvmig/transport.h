@@ -153,6 +153,10 @@ class TransportTarget {
     (void)ranges;
     return false;
   }
+  // False when allow() would restrict nothing (and answer false): a
+  // destination then does not build a migration's ranges at all (one per
+  // slot and region: thousands for a large migration). Default true.
+  virtual bool restricts_writes() const { return true; }
 
   // What the initiator needs to write into the ranges allowed since the
   // last address() or window_update() (verbs: the windows' keys), for

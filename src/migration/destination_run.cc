@@ -272,7 +272,7 @@ Status DestinationRun::open_target(
   target_ = std::move(*opened);
   // Zero-copy into the pool: the source may write its own slots only (a
   // staging buffer is this migration's alone).
-  if (ctx_.layout) {
+  if (ctx_.layout && target_->restricts_writes()) {
     auto allowed = target_->allow(windows_for(*ctx_.layout, slots_.slots()));
     if (!allowed.ok()) {
       return allowed.status().with_context("restricting the data path");
@@ -400,7 +400,7 @@ asio::awaitable<Status> DestinationRun::on_round(const Frame& frame) {
   auto more = co_await ctx_.bookkeeping(
       [&] {
         auto got = ctx_.pager.allocate_pages(round->n_pages);
-        if (got.ok() && ctx_.layout && target_) {
+        if (got.ok() && ctx_.layout && target_ && target_->restricts_writes()) {
           allowed = target_->allow(windows_for(*ctx_.layout, *got)).status();
         }
         return got;

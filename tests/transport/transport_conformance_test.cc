@@ -555,14 +555,17 @@ std::vector<std::string> checking_transports() {
 }
 
 // allow() says whether the transport checks writes one by one: tcp and
-// verbs do; ucx cannot (revoke() is its cut-off), and says so.
+// verbs do; ucx cannot (revoke() is its cut-off), and says so, also
+// beforehand (restricts_writes()).
 TEST_P(TransportConformanceTest, AllowSaysWhetherWritesAreChecked) {
   std::unique_ptr<TransportTarget> target;
   std::unique_ptr<TransportInitiator> init;
   ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
   const WriteWindow window[] = {{0, 0, 65536}};
+  const bool restricts = target->restricts_writes();
   ASSERT_OK_AND_ASSIGN(bool checked, target->allow(window));
   EXPECT_EQ(checked, GetParam() != "ucx");
+  EXPECT_EQ(restricts, checked);  // said before allow(), as it answers
   EXPECT_OK(init->add_windows(target->window_update()));
 }
 

@@ -143,6 +143,10 @@ class UcxTarget final : public TransportTarget {
 
   std::vector<uint8_t> address() const override { return address_; }
 
+  // One-sided puts into memory registered once: allow() cannot restrict
+  // them (revoke() is the cut-off).
+  bool restricts_writes() const override { return false; }
+
   void revoke() override {
     // Held for the whole teardown: a second caller returns only once the
     // first has closed the endpoint.

@@ -722,8 +722,13 @@ class VerbsTarget final : public TransportTarget {
     return w.take();
   }
 
+  // Without type 2 memory windows on the device, nothing.
+  bool restricts_writes() const override {
+    return core_->max_window_keys() > 0;
+  }
+
   Result<bool> allow(std::span<const WriteWindow> ranges) override {
-    if (core_->max_window_keys() == 0) return false;
+    if (!restricts_writes()) return false;
     std::lock_guard lock(mu_);
     if (revoked_) {
       return Status::failed_precondition("verbs: target already revoked");
