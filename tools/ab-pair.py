@@ -11,23 +11,13 @@
 # median [range] of B/A taken repetition by repetition (a pair shares the
 # machine's phase, so the ratio is steadier than either median), and the
 # 1-page runs' per-phase p50s (phases_ms), medians over the repetitions.
-import json, os, re, statistics, subprocess, sys, time
+import json, os, statistics, subprocess, sys
+
+from ab_common import server, span
 
 n = int(sys.argv[1])
 vers = sys.argv[2:4]
 transport = sys.argv[4] if len(sys.argv) > 4 else "tcp"
-
-
-def server(v):
-    log = f"{v}/server.log"
-    p = subprocess.Popen([f"{v}/kvmig", "perf", "--server", "--listen", "127.0.0.1:0"],
-                         env=dict(os.environ, LD_LIBRARY_PATH=v),
-                         stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    while True:
-        time.sleep(0.2)
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", open(log).read())
-        if m:
-            return p, m.group(1)
 
 
 def run(v, addr, pages):
@@ -37,10 +27,6 @@ def run(v, addr, pages):
                          env=dict(os.environ, LD_LIBRARY_PATH=v),
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out)
-
-
-def span(xs):
-    return f"{statistics.median(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]"
 
 
 servers = {v: server(v) for v in vers}

@@ -13,29 +13,14 @@
 # the offer and commit phases' p50 (ms: where the per-page control costs
 # show), and B/A of the whole migration's GB/s taken repetition by
 # repetition.
-import json, os, re, statistics, subprocess, sys, time
+import json, os, subprocess, sys
+
+from ab_common import server, span
 
 n = int(sys.argv[1])
 vers = sys.argv[2:4]
 transport = sys.argv[4] if len(sys.argv) > 4 else "tcp"
 order = sys.argv[5] if len(sys.argv) > 5 else "random"
-
-
-def server(v):
-    log = f"{v}/server.log"
-    p = subprocess.Popen([f"{v}/kvmig", "perf", "--server", "--listen", "127.0.0.1:0"],
-                         env=dict(os.environ, LD_LIBRARY_PATH=v),
-                         stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    while True:
-        time.sleep(0.2)
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", open(log).read())
-        if m:
-            return p, m.group(1)
-
-
-def span(xs):
-    return f"{statistics.median(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]"
-
 
 servers = {v: server(v) for v in vers}
 runs = {v: [] for v in vers}

@@ -544,6 +544,19 @@ class CheckingConformanceTest : public TransportConformanceTest {
     ASSERT_TRUE(checked);
     ASSERT_OK(init.add_windows(target.window_update()));
   }
+  // Writes outside every allowed range fail (at the write or its flush),
+  // and the target's memory is still `expected` once it is revoked.
+  void expect_refused(TransportTarget& target,
+                      std::unique_ptr<TransportInitiator>& init,
+                      const std::vector<WriteOp>& outside,
+                      const std::vector<std::byte>& expected) {
+    const auto deadline = in(seconds(3));
+    Status ws = init->write(outside, deadline);
+    EXPECT_FALSE(ws.ok() ? init->flush(deadline).ok() : false);
+    init.reset();
+    target.revoke();
+    expect_dst_equals(expected);
+  }
 };
 
 std::vector<std::string> checking_transports() {
@@ -641,12 +654,7 @@ TEST_P(CheckingConformanceTest, LaterRoundsAddWindows) {
   expect_dst_equals(expected);
   // Slot 2 of region 0 was never allowed.
   ops = {{src_at(0), 0, 2 * 65536, 65536}};
-  const auto deadline = in(seconds(3));
-  Status ws = init->write(ops, deadline);
-  EXPECT_FALSE(ws.ok() ? init->flush(deadline).ok() : false);
-  init.reset();
-  target->revoke();
-  expect_dst_equals(expected);
+  expect_refused(*target, init, ops, expected);
 }
 
 // A migration's slots come in the pager's order, random for a fragmented
@@ -681,12 +689,7 @@ TEST_P(CheckingConformanceTest, ShuffledSlotsAreAllowedExactly) {
   ASSERT_OK(target->health());
   // Slot 43 of region 1 was never allowed (42 and 44 were).
   ops = {{src_at(0), 1, 42 * kSlot, 2 * kSlot}};
-  const auto deadline = in(seconds(3));
-  Status ws = init->write(ops, deadline);
-  EXPECT_FALSE(ws.ok() ? init->flush(deadline).ok() : false);
-  init.reset();
-  target->revoke();
-  expect_dst_equals(expected);
+  expect_refused(*target, init, ops, expected);
 }
 
 // Verbs only: a source that writes with keys it was not given, here those
