@@ -26,8 +26,8 @@ Status check_positions(const std::vector<uint32_t>& positions, size_t n,
 
 // Where `slots` lie in each region of the layout: the only bytes a source
 // may write (TransportTarget::allow). In region and offset order (the
-// slots sorted once, not the windows: a tenth of the work), which the
-// targets keep as is.
+// slots sorted once rather than the windows, one per slot and region), so
+// that a target finds them sorted.
 std::vector<WriteWindow> windows_for(const PagerLayout& layout,
                                      std::span<const PageIndex> slots) {
   std::vector<PageIndex> sorted(slots.begin(), slots.end());
