@@ -658,10 +658,10 @@ TEST_P(CheckingConformanceTest, LaterRoundsAddWindows) {
 }
 
 // A migration's slots come in the pager's order, random for a fragmented
-// pool: 48 slots of 4 KiB, every other one of 96, allowed in shuffled
-// order in both regions. A write spanning two allowed slots that are
-// neighbours lands; one spanning the slot between them, or any slot left
-// out, is refused and nothing lands.
+// pool: 48 slots of 4 KiB, every other one of 96, and the neighbour of
+// one, allowed in shuffled order in both regions. Writes into allowed
+// slots land, one spanning the two neighbours too; one reaching into a
+// slot left out is refused and nothing of it lands.
 TEST_P(CheckingConformanceTest, ShuffledSlotsAreAllowedExactly) {
   std::unique_ptr<TransportTarget> target;
   std::unique_ptr<TransportInitiator> init;
@@ -1814,8 +1814,6 @@ TEST(UcxIdleTest, NoWakeUpsWithNothingOpen) {
   EXPECT_OK(b->deregister_memory(dst.span()));
 }
 
-// The kept-initiator cache both transports share: one per peer, the
-// oldest past the bound handed back, nothing handed out twice.
 // What a target keeps of allow(): sorted by region and offset, touching
 // and overlapping ranges joined, empty ones dropped, regions never joined.
 TEST(CoalesceWindowsTest, SortsJoinsAndDropsEmpty) {
@@ -1841,6 +1839,8 @@ TEST(CoalesceWindowsTest, SortsJoinsAndDropsEmpty) {
   EXPECT_TRUE(coalesce_windows({{0, 5, 0}}).empty());
 }
 
+// The kept-initiator cache both transports share: one per peer, the
+// oldest past the bound handed back, nothing handed out twice.
 TEST(KeptByPeerTest, OnePerPeerBoundedOldestGoesFirst) {
   KeptByPeer<std::unique_ptr<int>> kept(2);
   EXPECT_TRUE(kept.put("a", std::make_unique<int>(1)).empty());
