@@ -573,21 +573,24 @@ Status DestinationRun::check_tables(const CommitMsg& commit) {
   std::sort(position_of.begin(), position_of.end());
   std::vector<bool> used(slots_.size(), false);
   for (const LogicalSeq& s : commit.seqs) {
-    const std::string which = "request " + std::to_string(s.seq_id);
+    // Named only when refused: no string per request on the way through.
+    auto which = [&] { return "request " + std::to_string(s.seq_id); };
     // Refused before anything is installed (the slots go back on ABORT).
     if (s.n_tokens == 0) {
-      return Status::invalid_argument(which + " has no tokens");
+      return Status::invalid_argument(which() + " has no tokens");
     }
     if (s.pages.size() != meta_.pages_for_tokens(s.n_tokens)) {
       return Status::invalid_argument(
-          which + " has " + std::to_string(s.n_tokens) + " tokens in " +
+          which() + " has " + std::to_string(s.n_tokens) + " tokens in " +
           std::to_string(s.pages.size()) + " pages; " +
           std::to_string(s.n_tokens) + " tokens need " +
           std::to_string(meta_.pages_for_tokens(s.n_tokens)) + " pages of " +
           std::to_string(meta_.page_size_tokens) + " tokens");
     }
     for (PageIndex p : s.pages) {
-      auto at = [&] { return which + " points at slot " + std::to_string(p); };
+      auto at = [&] {
+        return which() + " points at slot " + std::to_string(p);
+      };
       auto it = std::lower_bound(position_of.begin(), position_of.end(),
                                  std::pair<PageIndex, uint32_t>{p, 0});
       if (it == position_of.end() || it->first != p) {

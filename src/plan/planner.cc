@@ -69,6 +69,14 @@ Result<std::vector<PlannedWrite>> plan_writes(
       if (in_dst == dst[j].chunk) ++j, in_dst = 0;
     }
   }
+  // In source order: region by region, and in each, the pairs by source
+  // slot (a chunk fits its stride, so that is source-offset order), each
+  // pair's cuts in that region in walk order. Sorting the pairs, not the
+  // pieces (a few per page and region), is the cheaper sort. One walk over
+  // the pairs copies, range-checks and notes whether they need the sort.
+  std::vector<PagePair> by_src;
+  by_src.reserve(pairs.size());
+  bool sorted = true;
   for (const PagePair& pair : pairs) {
     if (pair.src >= src[0].slots || pair.dst >= dst[0].slots) {
       return Status::invalid_argument(
@@ -77,17 +85,13 @@ Result<std::vector<PlannedWrite>> plan_writes(
           std::to_string(src[0].slots) + " slots, destination " +
           std::to_string(dst[0].slots) + ")");
     }
+    sorted &= by_src.empty() || by_src.back().src <= pair.src;
+    by_src.push_back(pair);
   }
-  // In source order: region by region, and in each, the pairs by source
-  // slot (a chunk fits its stride, so that is source-offset order), each
-  // pair's cuts in that region in walk order. Sorting the pairs, not the
-  // pieces (a few per page and region), is the cheaper sort.
-  std::vector<PagePair> by_src(pairs.begin(), pairs.end());
-  const auto src_before = [](const PagePair& a, const PagePair& b) {
-    return a.src < b.src;
-  };
-  if (!std::is_sorted(by_src.begin(), by_src.end(), src_before)) {
-    std::sort(by_src.begin(), by_src.end(), src_before);
+  if (!sorted) {
+    std::sort(
+        by_src.begin(), by_src.end(),
+        [](const PagePair& a, const PagePair& b) { return a.src < b.src; });
   }
   std::vector<PlannedWrite> pieces;
   pieces.reserve(pairs.size() * cuts.size());
