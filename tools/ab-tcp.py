@@ -14,24 +14,14 @@
 # With `latency`: only the tiny page, 1 page and 64 pages (1 MiB), and
 # DIR_A's rtt_ref (a loopback round trip) in every repetition, each p50
 # also in round trips of that repetition's reference.
-import json, os, re, statistics, subprocess, sys, time
+import json, os, statistics, subprocess, sys
+
+from ab_common import server
 
 n = int(sys.argv[1])
 vers = sys.argv[2:4]
 transport = sys.argv[4] if len(sys.argv) > 4 else "tcp"
 latency = len(sys.argv) > 5 and sys.argv[5] == "latency"
-
-
-def server(v):
-    env = dict(os.environ, LD_LIBRARY_PATH=v)
-    log = f"{v}/server.log"
-    p = subprocess.Popen([f"{v}/kvmig", "perf", "--server", "--listen", "127.0.0.1:0"],
-                         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    while True:
-        time.sleep(0.2)
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", open(log).read())
-        if m:
-            return p, m.group(1)
 
 
 def run(v, addr, args):

@@ -11,15 +11,12 @@
 # each case's p50 latency and data-phase GB/s, median [range] over the
 # repetitions, and the median of each phase. Under emulation only the
 # difference between A and B means much.
-import json, os, statistics, subprocess, sys, re
+import json, os, statistics, subprocess, sys
+from ab_common import server
 N = int(sys.argv[1]); vers = sys.argv[2:4]
 ip = os.environ["RXEVM_IP"]
-def server(v):
-    p = subprocess.Popen([f"{v}/tools/kvmig", "perf", "--server", "--listen", f"{ip}:0", "--insecure", "--transports", "tcp,verbs"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in p.stdout:
-        m = re.search(r"listening on (\S+)", line)
-        if m: return p, m.group(1)
-srv = {v: server(v) for v in vers}
+srv = {v: server(v, kvmig=f"{v}/tools/kvmig", listen=f"{ip}:0",
+                 extra=("--insecure", "--transports", "tcp,verbs")) for v in vers}
 cases = {"1page": ["--preset", "tiny", "--pages", "1", "--iters", "100", "--warmup", "10"],
          "rand1024": ["--preset", "tiny", "--src-layout", "layer", "--dst-layout", "layer", "--dst-order", "random", "--pages", "1024", "--iters", "5", "--warmup", "1"]}
 lat = {(v, c): [] for v in vers for c in cases}; ph = {(v, c): [] for v in vers for c in cases}; gb = {(v, c): [] for v in vers for c in cases}
