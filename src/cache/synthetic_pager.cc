@@ -367,40 +367,49 @@ Status SyntheticPager::install_logical_seqs(
   std::lock_guard lock(state_->mu);
   State& st = *state_;
   std::set<SeqId> batch_ids;
+  // The slots of the request being checked: a bit per pool slot, cleared
+  // again after each request (a slot may be in several requests, never
+  // twice in one).
+  std::vector<bool> in_seq(capacity_, false);
   for (const LogicalSeq& seq : seqs) {
-    const std::string where =
-        "install_logical_seqs: seq " + std::to_string(seq.seq_id);
+    auto where = [&] {
+      return "install_logical_seqs: seq " + std::to_string(seq.seq_id);
+    };
     if (st.seqs.count(seq.seq_id) != 0) {
-      return Status::already_exists(where + " is already live");
+      return Status::already_exists(where() + " is already live");
     }
     if (!batch_ids.insert(seq.seq_id).second) {
-      return Status::invalid_argument(where + " appears twice in the batch");
+      return Status::invalid_argument(where() + " appears twice in the batch");
     }
     if (seq.n_tokens == 0) {
-      return Status::invalid_argument(where + " has no tokens");
+      return Status::invalid_argument(where() + " has no tokens");
     }
     if (seq.pages.size() != meta_.pages_for_tokens(seq.n_tokens)) {
       return Status::invalid_argument(
-          where + " has " + std::to_string(seq.pages.size()) + " pages, " +
+          where() + " has " + std::to_string(seq.pages.size()) + " pages, " +
           std::to_string(seq.n_tokens) + " tokens need " +
           std::to_string(meta_.pages_for_tokens(seq.n_tokens)));
     }
-    std::set<PageIndex> seen;
+    Status bad;
+    size_t checked = 0;
     for (PageIndex ix : seq.pages) {
       if (ix >= capacity_) {
-        return Status::out_of_range(where + ": page index " + ix_str(ix) +
-                                    " out of range (capacity " +
-                                    std::to_string(capacity_) + ")");
+        bad = Status::out_of_range(where() + ": page index " + ix_str(ix) +
+                                   " out of range (capacity " +
+                                   std::to_string(capacity_) + ")");
+      } else if (st.slot_state[ix] == SlotState::kFree) {
+        bad = Status::failed_precondition(where() + ": slot " + ix_str(ix) +
+                                          " is free");
+      } else if (in_seq[ix]) {
+        bad = Status::invalid_argument(where() + ": slot " + ix_str(ix) +
+                                       " appears twice");
       }
-      if (st.slot_state[ix] == SlotState::kFree) {
-        return Status::failed_precondition(where + ": slot " + ix_str(ix) +
-                                           " is free");
-      }
-      if (!seen.insert(ix).second) {
-        return Status::invalid_argument(where + ": slot " + ix_str(ix) +
-                                        " appears twice");
-      }
+      if (!bad.ok()) break;
+      in_seq[ix] = true;
+      ++checked;
     }
+    for (size_t i = 0; i < checked; ++i) in_seq[seq.pages[i]] = false;
+    if (!bad.ok()) return bad;
   }
   for (const LogicalSeq& seq : seqs) {
     for (PageIndex ix : seq.pages) {

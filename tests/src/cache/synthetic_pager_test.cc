@@ -133,6 +133,37 @@ TEST(SyntheticPagerTest, ErrorMessagesNameIndexAndBound) {
             "write_page: slot 14 is free");
 }
 
+TEST(SyntheticPagerTest, InstallRefusesBadTablesAndInstallsNothing) {
+  auto pager = make(PoolLayout::kPage, 16);
+  ASSERT_OK_AND_ASSIGN(auto p, pager->allocate_pages(3));  // 0, 1, 2
+  const uint64_t two_pages = tiny().page_size_tokens + 1;
+  struct Case {
+    std::vector<LogicalSeq> seqs;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{{1, two_pages, {p[0], 5000}}},
+       "install_logical_seqs: seq 1: page index 5000 out of range "
+       "(capacity 16)"},
+      {{{1, two_pages, {p[0], 9}}},
+       "install_logical_seqs: seq 1: slot 9 is free"},
+      {{{1, two_pages, {p[1], p[1]}}},
+       "install_logical_seqs: seq 1: slot 1 appears twice"},
+      // The second request is refused after the first was checked.
+      {{{1, two_pages, {p[0], p[1]}}, {2, two_pages, {p[2], p[2]}}},
+       "install_logical_seqs: seq 2: slot 2 appears twice"},
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(pager->install_logical_seqs(c.seqs).message(), c.message);
+    EXPECT_TRUE(seqs_of(*pager).empty()) << c.message;
+  }
+  // Nothing a refusal marked is left behind: two requests that share a
+  // slot (as a shared prefix does) install.
+  ASSERT_OK(pager->install_logical_seqs(
+      {{1, two_pages, {p[0], p[1]}}, {2, two_pages, {p[1], p[2]}}}));
+  EXPECT_EQ(seqs_of(*pager).size(), 2u);
+}
+
 TEST(SyntheticPagerTest, AllocatesLowestFreeSlotsFirst) {
   auto pager = make(PoolLayout::kLayer, 16);
   ASSERT_OK_AND_ASSIGN(auto a, pager->allocate_pages(4));
