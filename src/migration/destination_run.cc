@@ -9,6 +9,8 @@
 #include <string>
 #include <unordered_set>
 
+#include "slot_positions.h"
+
 namespace kvmig {
 namespace {
 
@@ -564,13 +566,7 @@ Status DestinationRun::check_commit(const CommitMsg& commit) {
 }
 
 Status DestinationRun::check_tables(const CommitMsg& commit) {
-  // (slot, position), sorted by slot: a lookup per page of every table.
-  std::vector<std::pair<PageIndex, uint32_t>> position_of;
-  position_of.reserve(slots_.size());
-  for (uint32_t pos = 0; pos < slots_.size(); ++pos) {
-    position_of.emplace_back(slots_[pos], pos);
-  }
-  std::sort(position_of.begin(), position_of.end());
+  const SlotPositions position_of(slots_.slots());
   std::vector<bool> used(slots_.size(), false);
   for (const LogicalSeq& s : commit.seqs) {
     // Named only when refused: no string per request on the way through.
@@ -591,21 +587,20 @@ Status DestinationRun::check_tables(const CommitMsg& commit) {
       auto at = [&] {
         return which() + " points at slot " + std::to_string(p);
       };
-      auto it = std::lower_bound(position_of.begin(), position_of.end(),
-                                 std::pair<PageIndex, uint32_t>{p, 0});
-      if (it == position_of.end() || it->first != p) {
+      const uint32_t pos = position_of.find(p);
+      if (pos == SlotPositions::kNone) {
         return Status::protocol(at() + ", not one allocated for it");
       }
-      if (hello_.verify && !verified_[it->second]) {
+      if (hello_.verify && !verified_[pos]) {
         return Status::protocol(at() + ", which no checksum covered");
       }
-      if (staging_ && !landed_[it->second]) {
+      if (staging_ && !landed_[pos]) {
         return Status::protocol(at() + ", which no BATCH filled");
       }
-      if (inline_pages_ && !landed_[it->second]) {
+      if (inline_pages_ && !landed_[pos]) {
         return Status::protocol(at() + ", which no PAGES filled");
       }
-      used[it->second] = true;
+      used[pos] = true;
     }
   }
   for (uint32_t pos = 0; pos < slots_.size(); ++pos) {
