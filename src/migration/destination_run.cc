@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "slot_positions.h"
+#include "write_windows.h"
 
 namespace kvmig {
 namespace {
@@ -24,24 +25,6 @@ Status check_positions(const std::vector<uint32_t>& positions, size_t n,
     }
   }
   return Status();
-}
-
-// Where `slots` lie in each region of the layout: the only bytes a source
-// may write (TransportTarget::allow). In region and offset order (the
-// slots sorted once rather than the windows, one per slot and region), so
-// that a target finds them sorted.
-std::vector<WriteWindow> windows_for(const PagerLayout& layout,
-                                     std::span<const PageIndex> slots) {
-  std::vector<PageIndex> sorted(slots.begin(), slots.end());
-  std::sort(sorted.begin(), sorted.end());
-  std::vector<WriteWindow> out;
-  out.reserve(layout.size() * sorted.size());
-  for (uint32_t r = 0; r < layout.size(); ++r) {
-    for (PageIndex s : sorted) {
-      out.push_back({r, uint64_t{s} * layout[r].stride, layout[r].chunk});
-    }
-  }
-  return out;
 }
 
 }  // namespace
