@@ -34,6 +34,17 @@ TEST(PrecopyTest, PausedRoundSendsEveryPageOnceIncludingSharedOnes) {
   EXPECT_EQ(st.plan(cur, {1, 2}, kPaused).pages(), 2u);  // the two tails
 }
 
+TEST(PrecopyTest, SharedPagesAreNewOnceWhereFirstSeen) {
+  PrecopyState st(kPageTokens);
+  std::vector<LogicalSeq> cur = {
+      {1, 40, {9, 3, 20}}, {2, 40, {3, 5, 9}}, {3, 40, {20, 9, 1}}};
+  auto r = st.plan(cur, {1, 2, 3}, kPaused);
+  EXPECT_EQ(r.new_pages, (std::vector<PageIndex>{9, 3, 20, 5, 1}));
+  // Without sharing, in table order.
+  EXPECT_EQ(st.plan(cur, {3}, kPaused).new_pages,
+            (std::vector<PageIndex>{20, 9, 1}));
+}
+
 TEST(PrecopyTest, RunningRoundsSendOnlyFullPagesTheTailWaitsForThePause) {
   PrecopyState st(kPageTokens);
   // 40 tokens: pages 7 and 8 full, 9 holds 8 tokens and is being written.
