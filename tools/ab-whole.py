@@ -10,7 +10,7 @@
 # tiny layer -> layer, 4096 pages (64 MiB, 4 KiB writes) into random (or
 # contiguous) slots, 8 migrations each. Prints each version's median
 # [range] of the whole migration's GB/s, the data phase's, the p50 and
-# the offer and commit phases' p50 (ms: where the per-page control costs
+# the pause, offer and commit phases' p50 (ms: where the per-page control costs
 # show), and B/A of the whole migration's GB/s taken repetition by
 # repetition. With `ref`: every repetition first runs DIR_A's ucx_put_ref
 # on the same bytes in the same writes (`--bytes 67108864 --chunk 4096
