@@ -33,6 +33,10 @@
 #   memcpy_ref           one thread's memcpy: the single-host ceiling
 #   rtt_ref              a 64-byte TCP ping-pong between two processes on
 #                        loopback (Nagle off): p50 of 2000 round trips
+#   rtt_ref --bytes      (kvmig tcp up to 16 MiB) one transfer of the
+#                        migration's bytes and a 64-byte answer, blocking
+#                        sockets: what moving that much in one go costs
+#                        at least (iperf3's stream never waits for an end)
 # kvmig's GB/s is `kvmig perf`'s: payload bytes over each migration's whole
 # wall time (HELLO to DONE, control round trips and commit included).
 #
@@ -54,7 +58,7 @@ while (($#)); do
     --device) QUICK=4 ;;
     --reps) REPS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    *) sed -n '2,42p' "$0"; exit 2 ;;
+    *) sed -n '2,46p' "$0"; exit 2 ;;
   esac
   shift
 done
@@ -163,6 +167,10 @@ def memcpy_ref(c):
     return run_json([MEM_REF, "--bytes", str(c["bytes"]), "--chunk", str(chunk_of(c)),
                      "--iters", str(iters_for(c["bytes"]))])["gbps"]
 
+def one_transfer(c):
+    return run_json([RTT_REF, "--bytes", str(c["bytes"]),
+                     "--iters", str(iters_for(c["bytes"])), "--warmup", "3"])["gbps"]
+
 def iperf(c):
     total = c["bytes"] * iters_for(c["bytes"])
     j = run_json(["iperf3", "-c", "127.0.0.1", "-p", iperf_port, "-l", "1M",
@@ -222,6 +230,8 @@ def groups(c, big):
     t = [("kvmig tcp", lambda: kvmig(c, "tcp"))]
     t.append(("iperf3 -l 1M", lambda: iperf(c)) if big
              else ("memcpy_ref", lambda: memcpy_ref(c)))
+    if big and c["bytes"] <= 16 * MiB:
+        t.append(("rtt_ref --bytes", lambda: one_transfer(c)))
     return [t, g, u] if big else [t, g]
 
 rows, results = [], []

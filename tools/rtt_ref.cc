@@ -1,8 +1,17 @@
 // rtt_ref: the unit of a migration's fixed cost in the benchmarks. Two
 // processes (this one and a forked child) on loopback TCP with Nagle off
 // send one 64-byte message back and forth, --iters times after --warmup
-// unmeasured ones; each round trip is timed on its own. Prints one JSON
-// line: {"p50_us":P,"min_us":M,"p99_us":Q,"iters":I}.
+// unmeasured ones; each round trip is timed on its own.
+//
+// --bytes N makes the request N bytes (the answer stays 64): one transfer
+// of N bytes on a warm connection, from the first byte sent to its answer,
+// with blocking sockets and nothing else to do. That is the floor of a
+// migration moving N bytes in one go (a stream like iperf3's never waits
+// for an answer, so it hides what one transfer costs to start and finish).
+//
+// Prints one JSON line: {"p50_us":P,"min_us":M,"p99_us":Q,"iters":I,
+// "bytes":N,"gbps":G}, G being N times the iterations over their summed
+// time (10^9 bytes/s), as `kvmig perf` counts its GB/s.
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -19,7 +28,8 @@
 
 namespace {
 
-constexpr size_t kMessage = 64;
+constexpr size_t kAnswer = 64;
+constexpr size_t kMaxBytes = size_t{1} << 30;
 
 [[noreturn]] void die(const char* what) {
   std::perror(what);
@@ -66,11 +76,18 @@ bool recv_all(int fd, char* p, size_t n) {
 int main(int argc, char** argv) {
   size_t iters = 2000;
   size_t warmup = 200;
+  size_t bytes = kAnswer;
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
-    size_t* dst = a == "--iters" ? &iters : a == "--warmup" ? &warmup : nullptr;
-    if (dst == nullptr || i + 1 >= argc || !parse_count(argv[++i], *dst)) {
-      std::fprintf(stderr, "usage: rtt_ref [--iters N] [--warmup N]\n");
+    size_t* dst = a == "--iters"    ? &iters
+                  : a == "--warmup" ? &warmup
+                  : a == "--bytes"  ? &bytes
+                                    : nullptr;
+    if (dst == nullptr || i + 1 >= argc || !parse_count(argv[++i], *dst) ||
+        bytes > kMaxBytes) {
+      std::fprintf(stderr,
+                   "usage: rtt_ref [--iters N] [--warmup N] [--bytes N (at "
+                   "most 1 GiB)]\n");
       return 2;
     }
   }
@@ -87,13 +104,14 @@ int main(int argc, char** argv) {
   }
   const pid_t child = fork();
   if (child < 0) die("rtt_ref: fork");
-  std::array<char, kMessage> buf{};
-  if (child == 0) {  // echoes until the parent closes
+  std::vector<char> request(bytes);
+  std::array<char, kAnswer> answer{};
+  if (child == 0) {  // answers each request until the parent closes
     const int fd = accept(lfd, nullptr, nullptr);
     if (fd < 0) die("rtt_ref: accept");
     no_delay(fd);
-    while (recv_all(fd, buf.data(), buf.size())) {
-      send_all(fd, buf.data(), buf.size());
+    while (recv_all(fd, request.data(), request.size())) {
+      send_all(fd, answer.data(), answer.size());
     }
     _exit(0);
   }
@@ -108,8 +126,8 @@ int main(int argc, char** argv) {
   us.reserve(iters);
   for (size_t i = 0; i < warmup + iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    send_all(fd, buf.data(), buf.size());
-    if (!recv_all(fd, buf.data(), buf.size())) die("rtt_ref: recv");
+    send_all(fd, request.data(), request.size());
+    if (!recv_all(fd, answer.data(), answer.size())) die("rtt_ref: recv");
     const auto t1 = std::chrono::steady_clock::now();
     if (i >= warmup) {
       us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
@@ -118,9 +136,15 @@ int main(int argc, char** argv) {
   close(fd);
   int status = 0;
   waitpid(child, &status, 0);
+  double total_us = 0;
+  for (double u : us) total_us += u;
+  const double gbps = static_cast<double>(bytes) *
+                      static_cast<double>(us.size()) / total_us / 1e3;
   std::sort(us.begin(), us.end());
   std::printf(
-      "{\"p50_us\":%.2f,\"min_us\":%.2f,\"p99_us\":%.2f,\"iters\":%zu}\n",
-      us[us.size() / 2], us.front(), us[us.size() * 99 / 100], us.size());
+      "{\"p50_us\":%.2f,\"min_us\":%.2f,\"p99_us\":%.2f,\"iters\":%zu,"
+      "\"bytes\":%zu,\"gbps\":%.3f}\n",
+      us[us.size() / 2], us.front(), us[us.size() * 99 / 100], us.size(), bytes,
+      gbps);
   return 0;
 }
