@@ -552,7 +552,7 @@ void add_perf_flags(CLI::App* app, PerfFlags& f) {
                   "client: a migration of at most this many KiB of pages "
                   "sends them on the control connection (0: always the data "
                   "path; at most 1024)")
-      ->check(CLI::Range(0u, 1024u));
+      ->check(CLI::Range(0u, kMaxPerfInlineBytes >> 10));
   app->add_option("--kept-idle-ms", f.kept_idle_ms,
                   "client: keep a committed migration's control connection "
                   "for the next one for at most this long idle (0: a "

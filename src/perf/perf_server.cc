@@ -41,6 +41,7 @@ Result<std::unique_ptr<Target>> build_target(const AgentOptions& base,
   target->pager->set_allocation_order(setup.order, setup.seed);
   AgentOptions options = base;
   options.listen_port = 0;
+  options.inline_page_bytes = kMaxPerfInlineBytes;
   KVMIG_ASSIGN_OR_RETURN(target->agent, Agent::create(*target->pager, options));
   KVMIG_RETURN_IF_ERROR(target->agent->start());
   return target;

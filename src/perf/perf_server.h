@@ -33,6 +33,11 @@ namespace kvmig {
 
 // Largest pool a perf session may ask for, K and V included.
 inline constexpr uint64_t kMaxPerfPoolBytes = 32ull << 30;
+// The most page bytes `kvmig perf --inline-kib` may ask to send inline. A
+// session's target agrees to any migration up to it: the client's flag
+// decides (the server's own default, 64 KiB, would silently send larger
+// ones through the data path).
+inline constexpr uint32_t kMaxPerfInlineBytes = 1u << 20;
 
 // Makes agent serve perf sessions (kvmig perf --server, serve
 // --allow-perf): connections whose first frame is PERF_SETUP. Call before

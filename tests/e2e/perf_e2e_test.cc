@@ -120,6 +120,16 @@ TEST_P(PerfTransport, TinyRunReportsSaneJson) {
     EXPECT_EQ(j["inline_pages"], kib != "0") << one.out;
     EXPECT_EQ(j["bytes"], 2 * 8192);
   }
+  // The client's --inline-kib decides above the server's own 64 KiB too:
+  // 16 pages go inline with 1024.
+  CliResult big = run_kvmig(
+      {"perf", server->address(), "--transport", GetParam(), "--preset", "tiny",
+       "--iters", "3", "--pages", "16", "--inline-kib", "1024", "--json"});
+  ASSERT_EQ(big.code, 0) << big.out << big.err << server->child().err();
+  json jb = json::parse(big.out, nullptr, false);
+  ASSERT_TRUE(jb.is_object()) << big.out;
+  EXPECT_EQ(jb["inline_pages"], true) << big.out;
+  EXPECT_EQ(jb["bytes"], 16 * 2 * 8192);
   // The human table, when not a terminal: a header and one row, no
   // progress line.
   CliResult r = run_kvmig({"perf", server->address(), "--transport", GetParam(),
