@@ -249,6 +249,11 @@ struct AgentStatus {
   std::vector<SharedGroup> shared_groups;
   // Control connections open now (schedulers, peers, queries).
   uint32_t control_connections = 0;
+  // Control connections this agent keeps open as a source, each for its
+  // next migration to the same destination (AgentOptions::
+  // kept_connection_idle; at most max_migrations per destination). Those
+  // closed by their destination are closed, and not counted.
+  uint32_t kept_connections = 0;
   // Migrations under way here, either role.
   struct Migration {
     std::string migration_id;

@@ -55,7 +55,8 @@ json status_json(const AgentStatus& st) {
           {"memory", st.memory},
           {"in_doubt", in_doubt},
           {"shared_groups", groups},
-          {"control_connections", st.control_connections}};
+          {"control_connections", st.control_connections},
+          {"kept_connections", st.kept_connections}};
 }
 
 json migration_json(const MigrationReport& r) {

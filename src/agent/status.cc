@@ -96,6 +96,7 @@ asio::awaitable<Result<AgentStatus>> Agent::Impl::compute_status(bool digests) {
   st.seqs = std::move(seqs->seqs);
   st.shared_groups = std::move(seqs->groups);
   st.control_connections = open_connections;
+  st.kept_connections = static_cast<uint32_t>(ctx.kept_channels.sweep());
   // When each request arrived (if it did by migration); forget the rest.
   std::unordered_map<SeqId, Clock::time_point> still_here;
   const auto now = Clock::now();

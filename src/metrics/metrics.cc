@@ -157,6 +157,12 @@ class AgentGauges : public prometheus::Collectable {
       connections.metric.push_back(
           gauge_value(double(st->control_connections)));
       out.push_back(std::move(connections));
+      auto kept = gauge_family(
+          "kvmig_kept_connections",
+          "Control connections kept open, as a source, for the next "
+          "migration to a destination");
+      kept.metric.push_back(gauge_value(double(st->kept_connections)));
+      out.push_back(std::move(kept));
     } else {
       logger("metrics")->debug("scrape without status gauges: {}",
                                st.status().to_string());

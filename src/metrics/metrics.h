@@ -13,7 +13,7 @@
 // Read from Agent::status (no digests: no page read, no pause) at scrape
 // time; left out of a scrape when the status fails:
 //   kvmig_pages{state="free|used"}, kvmig_requests, kvmig_in_doubt_requests,
-//   kvmig_control_connections
+//   kvmig_control_connections, kvmig_kept_connections
 // and always: kvmig_etcd_registered (0 or 1).
 //
 // Built only with prometheus-cpp (meson option `metrics`); without it,

@@ -11,7 +11,7 @@ MigrationContext::MigrationContext(CachePager& pager_in,
     : pager(pager_in),
       options(std::move(options_in)),
       log(logger("control")),
-      kept_channels(options.max_migrations, options.kept_connection_idle) {
+      kept_channels(io, options.max_migrations, options.kept_connection_idle) {
   limits.max_pages = options.max_pages_per_migration;
   limits.max_seqs = options.max_seqs_per_migration;
 }

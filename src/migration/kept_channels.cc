@@ -37,6 +37,41 @@ void KeptChannels::put(const std::string& peer, FrameChannel channel) {
   std::vector<Kept>& list = kept_[peer];
   if (list.size() >= per_peer_) list.erase(list.begin());
   list.push_back(Kept{std::move(channel), now});
+  arm();
+}
+
+void KeptChannels::clear() {
+  kept_.clear();
+  if (timer_) timer_->cancel();
+  armed_ = false;
+}
+
+void KeptChannels::arm() {
+  if (armed_ || kept_.empty()) return;
+  Clock::time_point oldest = Clock::time_point::max();
+  for (const auto& [peer, list] : kept_) {
+    oldest = std::min(oldest, list.front().since);
+  }
+  if (!timer_) timer_.emplace(io_);
+  timer_->expires_at(oldest + idle_);
+  armed_ = true;
+  timer_->async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;  // cleared, or destroyed with the agent
+    armed_ = false;
+    sweep();
+    arm();
+  });
+}
+
+size_t KeptChannels::sweep() {
+  const auto now = Clock::now();
+  for (auto it = kept_.begin(); it != kept_.end();) {
+    std::erase_if(it->second, [&](Kept& k) {
+      return !fresh(k, now) || k.channel.peer_closed();
+    });
+    it = it->second.empty() ? kept_.erase(it) : std::next(it);
+  }
+  return size();
 }
 
 size_t KeptChannels::size() const {

@@ -313,6 +313,7 @@ std::vector<uint8_t> encode(const AgentStatus& m) {
     w.put(g.pages);
   }
   w.put(m.control_connections);
+  w.put(m.kept_connections);
   w.put(static_cast<uint32_t>(m.migrations.size()));
   for (const auto& g : m.migrations) {
     w.put_string(g.migration_id);
@@ -373,6 +374,8 @@ Result<AgentStatus> decode_agent_status(std::span<const uint8_t> p,
         }
         KVMIG_ASSIGN_OR_RETURN(m.control_connections,
                                r.get<uint32_t>("control connections"));
+        KVMIG_ASSIGN_OR_RETURN(m.kept_connections,
+                               r.get<uint32_t>("kept connections"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nm,
                                get_count(r, 1u << 16, 40, "migration count"));
         m.migrations.resize(nm);

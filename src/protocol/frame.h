@@ -40,7 +40,8 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // mark or thread of the data path between OFFER and COMMIT.
 // 9: a committed migration's control connection may carry the next HELLO
 // (both sides keep it); MIGRATE_RESP's data path flags say so (4).
-inline constexpr uint16_t kProtocolVersion = 9;
+// 10: STATUS_RESP counts the control connections a source keeps.
+inline constexpr uint16_t kProtocolVersion = 10;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

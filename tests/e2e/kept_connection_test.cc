@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "kvmig/kvmig.h"
@@ -98,6 +99,58 @@ TEST_P(KeptConnection, NextMigrationToTheSameAgentUsesIt) {
   b.agent->stop();
   c.agent->stop();
   d.agent->stop();
+}
+
+// Status counts the connections a source keeps: one per destination
+// after a committed move, none where nothing is kept; one past its idle
+// time, or whose destination stopped, is closed and no longer counted.
+TEST(KeptConnectionStatus, CountsWhatTheSourceKeeps) {
+  auto kept = [](Agent& agent) -> uint32_t {
+    auto st = agent.status(StatusOptions{.digests = false});
+    EXPECT_OK(st.status());
+    return st.ok() ? st->kept_connections : 99;
+  };
+  // Polls until `agent` keeps `n`, for at most 10 s.
+  auto settles_at = [&](Agent& agent, uint32_t n) {
+    const auto until = std::chrono::steady_clock::now() + 10s;
+    while (kept(agent) != n) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      std::this_thread::sleep_for(20ms);
+    }
+    return true;
+  };
+  AgentOptions short_idle;
+  short_idle.kept_connection_idle = 300ms;
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(3, short_idle));
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, {}));
+  ASSERT_OK_AND_ASSIGN(Side c, start_side(0, {}));
+  EXPECT_EQ(kept(*a.agent), 0u);
+  ASSERT_OK(move(*a.agent, *b.agent, 1).status());
+  // DONE_ACK goes out before the io thread takes the status call.
+  EXPECT_EQ(kept(*a.agent), 1u);
+  EXPECT_EQ(kept(*b.agent), 0u);  // a destination keeps nothing as a source
+  ASSERT_OK(move(*a.agent, *c.agent, 2).status());
+  EXPECT_EQ(kept(*a.agent), 2u);
+  // Idle past 300 ms: closed when counted.
+  EXPECT_TRUE(settles_at(*a.agent, 0));
+
+  ASSERT_OK_AND_ASSIGN(Side d, start_side(1, {}));
+  ASSERT_OK_AND_ASSIGN(Side f, start_side(0, {}));
+  ASSERT_OK(move(*d.agent, *f.agent, 1).status());
+  EXPECT_EQ(kept(*d.agent), 1u);
+  f.agent->stop();  // closes its end of the kept connection
+  EXPECT_TRUE(settles_at(*d.agent, 0));
+
+  AgentOptions keeps_nothing;
+  keeps_nothing.kept_connection_idle = 0ms;
+  ASSERT_OK_AND_ASSIGN(Side e, start_side(1, keeps_nothing));
+  ASSERT_OK(move(*e.agent, *c.agent, 1).status());
+  EXPECT_EQ(kept(*e.agent), 0u);
+  a.agent->stop();
+  b.agent->stop();
+  c.agent->stop();
+  d.agent->stop();
+  e.agent->stop();
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, KeptConnection,

@@ -193,6 +193,8 @@ void expect_gauges_match_status(const std::vector<Sample>& m,
   EXPECT_EQ(sample(m, "kvmig_requests"), double(status["seqs"].size()));
   EXPECT_EQ(sample(m, "kvmig_in_doubt_requests"), 0);
   EXPECT_GE(sample(m, "kvmig_control_connections"), 0);
+  EXPECT_EQ(sample(m, "kvmig_kept_connections"),
+            status["kept_connections"].get<double>());
   EXPECT_EQ(sample(m, "kvmig_etcd_registered"), 0);
 }
 

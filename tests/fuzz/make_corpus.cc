@@ -138,6 +138,7 @@ int run(const fs::path& root) {
   st.in_doubt = {{hello.migration_id, {2}, "127.0.0.1:7471", "seqs"}};
   st.shared_groups = {{{1, 2}, 4}};
   st.control_connections = 2;
+  st.kept_connections = 1;
   st.migrations = {{hello.migration_id,
                     "source",
                     "127.0.0.1:7471",

@@ -282,7 +282,8 @@ def test_report_fields_match_the_cli(cpp_agent):
         assert list(status) == ["meta", "capacity_pages", "free_pages", "seqs",
                                 "migrations", "transports", "memory",
                                 "in_doubt",
-                                "shared_groups", "control_connections"]
+                                "shared_groups", "control_connections",
+                                "kept_connections"]
         assert status["migrations"] == []
         assert status["free_pages"] == 16 - 2 * 3
         light = agent.status(digests=False)

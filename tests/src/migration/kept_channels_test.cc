@@ -14,7 +14,8 @@
 // KeptChannels over real loopback connections: what is taken is what was
 // put, newest first, per peer; a connection its peer closed, one past its
 // idle time, one beyond the per-peer bound and anything put while keeping
-// is off are closed, never handed out.
+// is off are closed, never handed out; the timer closes each at the end of
+// its idle time, and a sweep what its peer closed.
 namespace kvmig {
 namespace {
 
@@ -63,7 +64,7 @@ class KeptChannelsTest : public ::testing::Test {
 };
 
 TEST_F(KeptChannelsTest, TakesWhatWasPutNewestFirstPerPeer) {
-  KeptChannels kept(4, 60s);
+  KeptChannels kept(io_, 4, 60s);
   auto ends = put_three(kept, {"a:1", "a:1", "b:2"});
   EXPECT_EQ(kept.size(), 3u);
   EXPECT_FALSE(kept.take("c:3"));
@@ -79,7 +80,7 @@ TEST_F(KeptChannelsTest, TakesWhatWasPutNewestFirstPerPeer) {
 }
 
 TEST_F(KeptChannelsTest, AConnectionItsPeerClosedIsNotTaken) {
-  KeptChannels kept(4, 60s);
+  KeptChannels kept(io_, 4, 60s);
   auto [c, s] = pair();
   s.close();
   // Wait for the close to reach this end (a peek, consuming nothing).
@@ -94,7 +95,7 @@ TEST_F(KeptChannelsTest, AConnectionItsPeerClosedIsNotTaken) {
 }
 
 TEST_F(KeptChannelsTest, BeyondThePerPeerBoundTheOldestIsClosed) {
-  KeptChannels kept(2, 60s);
+  KeptChannels kept(io_, 2, 60s);
   auto ends = put_three(kept, {"a:1", "a:1", "a:1"});
   EXPECT_EQ(kept.size(), 2u);
   EXPECT_TRUE(sees_close(ends[0]));  // its peer (the kept end) closed it
@@ -104,7 +105,7 @@ TEST_F(KeptChannelsTest, BeyondThePerPeerBoundTheOldestIsClosed) {
 }
 
 TEST_F(KeptChannelsTest, PastItsIdleTimeAConnectionIsClosed) {
-  KeptChannels kept(4, 20ms);
+  KeptChannels kept(io_, 4, 20ms);
   auto [c, s] = pair();
   kept.put("a:1", std::move(c));
   std::this_thread::sleep_for(40ms);  // the idle time passing is the input
@@ -112,8 +113,47 @@ TEST_F(KeptChannelsTest, PastItsIdleTimeAConnectionIsClosed) {
   EXPECT_TRUE(sees_close(s));
 }
 
+TEST_F(KeptChannelsTest, TheTimerClosesEachAtTheEndOfItsIdleTime) {
+  KeptChannels kept(io_, 4, 50ms);
+  auto first = put_three(kept, {"a:1", "b:2", "a:1"});
+  std::this_thread::sleep_for(20ms);
+  auto [c, s] = pair();
+  kept.put("c:3", std::move(c));  // a later idle end: the timer arms again
+  EXPECT_EQ(kept.size(), 4u);
+  // Runs until no timer is left: every connection was closed by it.
+  io_.run_for(10s);
+  EXPECT_TRUE(io_.stopped());
+  EXPECT_EQ(kept.size(), 0u);
+  for (auto& end : first) EXPECT_TRUE(sees_close(end));
+  EXPECT_TRUE(sees_close(s));
+}
+
+TEST_F(KeptChannelsTest, ClearStopsTheTimer) {
+  KeptChannels kept(io_, 4, 60s);
+  auto ends = put_three(kept, {"a:1", "b:2", "c:3"});
+  kept.clear();
+  io_.run_for(10s);  // returns at once: the cancelled wait is all there is
+  EXPECT_TRUE(io_.stopped());
+  for (auto& end : ends) EXPECT_TRUE(sees_close(end));
+}
+
+TEST_F(KeptChannelsTest, SweepClosesWhatItsPeerClosed) {
+  KeptChannels kept(io_, 4, 60s);
+  auto ends = put_three(kept, {"a:1", "a:1", "b:2"});
+  EXPECT_EQ(kept.sweep(), 3u);
+  ends[1].close();
+  const auto until = Clock::now() + 5s;
+  while (kept.sweep() != 2 && Clock::now() < until) {
+    std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_EQ(kept.size(), 2u);
+  auto t = kept.take("a:1");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->socket().local_endpoint(), ends[0].remote_endpoint());
+}
+
 TEST_F(KeptChannelsTest, KeepingOffClosesWhatIsPut) {
-  KeptChannels kept(4, 0ms);
+  KeptChannels kept(io_, 4, 0ms);
   EXPECT_FALSE(kept.enabled());
   auto [c, s] = pair();
   kept.put("a:1", std::move(c));

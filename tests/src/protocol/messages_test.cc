@@ -139,9 +139,13 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   st.transports = {"tcp"};
   st.memory = "cuda+host";
   st.in_doubt = {{"m", {1}, "10.0.0.2:7000", "seqs"}};
+  st.control_connections = 3;
+  st.kept_connections = 2;
   ASSERT_OK_AND_ASSIGN(AgentStatus sb,
                        decode_agent_status(encode(st), limits()));
   EXPECT_EQ(sb.seqs[0].digest, "ff");
+  EXPECT_EQ(sb.control_connections, 3u);
+  EXPECT_EQ(sb.kept_connections, 2u);
   EXPECT_EQ(sb.memory, "cuda+host");
   EXPECT_EQ(sb.in_doubt[0].seqs, std::vector<SeqId>{1});
   EXPECT_EQ(sb.in_doubt[0].to, "10.0.0.2:7000");
