@@ -29,14 +29,10 @@ std::optional<FrameChannel> KeptChannels::take(const std::string& peer) {
 
 void KeptChannels::put(const std::string& peer, FrameChannel channel) {
   if (!enabled()) return;
-  const auto now = Clock::now();
-  for (auto it = kept_.begin(); it != kept_.end();) {
-    std::erase_if(it->second, [&](const Kept& k) { return !fresh(k, now); });
-    it = it->second.empty() ? kept_.erase(it) : std::next(it);
-  }
+  forget(false);
   std::vector<Kept>& list = kept_[peer];
   if (list.size() >= per_peer_) list.erase(list.begin());
-  list.push_back(Kept{std::move(channel), now});
+  list.push_back(Kept{std::move(channel), Clock::now()});
   arm();
 }
 
@@ -64,14 +60,18 @@ void KeptChannels::arm() {
 }
 
 size_t KeptChannels::sweep() {
+  forget(true);
+  return size();
+}
+
+void KeptChannels::forget(bool closed_by_peer_too) {
   const auto now = Clock::now();
   for (auto it = kept_.begin(); it != kept_.end();) {
     std::erase_if(it->second, [&](Kept& k) {
-      return !fresh(k, now) || k.channel.peer_closed();
+      return !fresh(k, now) || (closed_by_peer_too && k.channel.peer_closed());
     });
     it = it->second.empty() ? kept_.erase(it) : std::next(it);
   }
-  return size();
 }
 
 size_t KeptChannels::size() const {

@@ -60,6 +60,10 @@ class KeptChannels {
     Clock::time_point since;
   };
   bool fresh(const Kept& k, Clock::time_point now) const;
+  // Closes and forgets every connection past its idle time and, with
+  // closed_by_peer_too, every one its destination closed (a system call
+  // each).
+  void forget(bool closed_by_peer_too);
   // Unless armed: the timer for the end of the oldest connection's idle
   // time, which sweeps and arms again while any is left.
   void arm();

@@ -103,7 +103,8 @@ TEST_P(KeptConnection, NextMigrationToTheSameAgentUsesIt) {
 
 // Status counts the connections a source keeps: one per destination
 // after a committed move, none where nothing is kept; one past its idle
-// time, or whose destination stopped, is closed and no longer counted.
+// time (the timer) or whose destination stopped (status) is closed and no
+// longer counted.
 TEST(KeptConnectionStatus, CountsWhatTheSourceKeeps) {
   auto kept = [](Agent& agent) -> uint32_t {
     auto st = agent.status(StatusOptions{.digests = false});
@@ -131,7 +132,7 @@ TEST(KeptConnectionStatus, CountsWhatTheSourceKeeps) {
   EXPECT_EQ(kept(*b.agent), 0u);  // a destination keeps nothing as a source
   ASSERT_OK(move(*a.agent, *c.agent, 2).status());
   EXPECT_EQ(kept(*a.agent), 2u);
-  // Idle past 300 ms: closed when counted.
+  // Idle past 300 ms: closed by the timer.
   EXPECT_TRUE(settles_at(*a.agent, 0));
 
   ASSERT_OK_AND_ASSIGN(Side d, start_side(1, {}));
