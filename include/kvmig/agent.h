@@ -185,6 +185,10 @@ struct MigrationReport {
   // The control connection was one kept from an earlier migration to the
   // same destination (AgentOptions::kept_connection_idle): no connect.
   bool kept_connection = false;
+  // HELLO, the pages and COMMIT went out together on a kept connection and
+  // DONE came back: one exchange, no OFFER (inline pages whose size that
+  // connection's OFFER allowed).
+  bool one_exchange = false;
   // Requests asked for but left at the source: they finished or changed
   // shape during a live migration.
   std::vector<SeqId> left_behind;

@@ -77,6 +77,7 @@ json migration_json(const MigrationReport& r) {
       {"staged", r.staged},
       {"inline_pages", r.inline_pages},
       {"kept_connection", r.kept_connection},
+      {"one_exchange", r.one_exchange},
       {"memory", {{"source", r.src_memory}, {"destination", r.dst_memory}}},
       {"left_behind", r.left_behind}};
   json phases = json::object();

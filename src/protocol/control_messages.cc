@@ -217,7 +217,8 @@ std::vector<uint8_t> encode(const MigrationReport& m) {
   for (uint64_t n : m.round_pages) w.put(n);
   w.put_string(m.transport);
   w.put(static_cast<uint8_t>((m.staged ? 1 : 0) | (m.inline_pages ? 2 : 0) |
-                             (m.kept_connection ? 4 : 0)));
+                             (m.kept_connection ? 4 : 0) |
+                             (m.one_exchange ? 8 : 0)));
   put_ids(w, m.left_behind);
   w.put(static_cast<uint32_t>(m.digests.size()));
   for (const auto& [id, hex] : m.digests) {
@@ -258,10 +259,11 @@ Result<MigrationReport> decode_migration_report(std::span<const uint8_t> p,
         }
         KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
         KVMIG_ASSIGN_OR_RETURN(uint8_t how, r.get<uint8_t>("data path flags"));
-        if (how > 7) return Status::data_loss("unknown data path flags");
+        if (how > 15) return Status::data_loss("unknown data path flags");
         m.staged = how & 1;
         m.inline_pages = how & 2;
         m.kept_connection = how & 4;
+        m.one_exchange = how & 8;
         KVMIG_ASSIGN_OR_RETURN(m.left_behind, get_ids(r, l));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nd,
                                get_count(r, l.max_seqs, 12, "digest count"));

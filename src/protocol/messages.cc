@@ -10,7 +10,8 @@ std::vector<uint8_t> encode(const HelloMsg& m) {
   w.put_string(m.migration_id);
   put_meta(w, m.meta);
   w.put(static_cast<uint8_t>((m.live ? 1 : 0) | (m.verify ? 2 : 0) |
-                             (m.inline_pages ? 4 : 0)));
+                             (m.inline_pages ? 4 : 0) |
+                             (m.pages_follow ? 8 : 0)));
   w.put(m.n_pages);
   w.put(m.n_seqs);
   w.put(static_cast<uint32_t>(m.transports.size()));
@@ -28,10 +29,15 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
                                r.get_string(l.max_string, "migration id"));
         KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
         KVMIG_ASSIGN_OR_RETURN(uint8_t flags, r.get<uint8_t>("flags"));
-        if (flags > 7) return Status::data_loss("unknown HELLO flags");
+        if (flags > 15) return Status::data_loss("unknown HELLO flags");
         m.live = flags & 1;
         m.verify = flags & 2;
         m.inline_pages = flags & 4;
+        m.pages_follow = flags & 8;
+        if (m.pages_follow && (!m.inline_pages || m.live)) {
+          return Status::data_loss(
+              "HELLO has pages follow without inline pages, or live");
+        }
         KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
         KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nt,
@@ -68,6 +74,7 @@ std::vector<uint8_t> encode(const OfferMsg& m) {
   w.put_blob(m.target_address);
   w.put_string(m.memory);
   w.put(static_cast<uint8_t>(m.inline_pages ? 1 : 0));
+  w.put(m.inline_limit);
   return w.take();
 }
 
@@ -98,6 +105,7 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
         KVMIG_ASSIGN_OR_RETURN(uint8_t flags, r.get<uint8_t>("flags"));
         if (flags > 1) return Status::data_loss("unknown OFFER flags");
         m.inline_pages = flags & 1;
+        KVMIG_ASSIGN_OR_RETURN(m.inline_limit, r.get<uint64_t>("inline limit"));
         return m;
       });
 }

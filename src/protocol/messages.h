@@ -33,6 +33,12 @@ struct HelloMsg {
   // The source would rather send the pages in PAGES frames (a small
   // stop-and-copy): no data path to open, write or mark.
   bool inline_pages = false;
+  // With inline_pages: PAGES and COMMIT follow HELLO at once, unasked, and
+  // no OFFER answers it (one exchange, HELLO ... DONE). Their slots are slot
+  // positions (0 .. n_pages - 1): the destination maps them to the slots it
+  // allocates. A source sends this only on a kept connection whose OFFER
+  // said the pages fit the destination's inline_limit.
+  bool pages_follow = false;
 };
 
 // Slot positions: every slot the destination allocates for a migration gets
@@ -52,6 +58,10 @@ struct OfferMsg {
   // HELLO's inline_pages taken: the pages come in PAGES frames, there is no
   // data path (target_address is empty).
   bool inline_pages = false;
+  // The most page bytes this destination takes inline (0: none, its pages
+  // are not host memory): what a source may send later on this connection
+  // with HELLO's pages_follow.
+  uint64_t inline_limit = 0;
 };
 
 // A live round asks for n more slots.

@@ -61,6 +61,9 @@ int run(const fs::path& root) {
   s.add(1, MsgType::kHello, encode(hello));
   hello.inline_pages = true;
   s.add(1, MsgType::kHello, encode(hello));
+  hello.pages_follow = true;
+  s.add(1, MsgType::kHello, encode(hello));
+  hello.pages_follow = false;
   hello.inline_pages = false;
   hello.live = hello.verify = true;
   hello.meta = {16, 32, 8, 128, Dtype::kBf16};
@@ -73,10 +76,11 @@ int run(const fs::path& root) {
                         0,
                         {1, 2},
                         "host",
-                        false}));
+                        false,
+                        0}));
   s.add(2, MsgType::kOffer,
         encode(OfferMsg{
-            "tcp", {3, 4}, {{32768, 32768, 64}}, 0, {}, "host", true}));
+            "tcp", {3, 4}, {{32768, 32768, 64}}, 0, {}, "host", true, 65536}));
   s.add(2, MsgType::kOffer,
         encode(OfferMsg{"ucx",
                         {9, 8},
@@ -84,7 +88,8 @@ int run(const fs::path& root) {
                         4,
                         std::vector<uint8_t>(40, 0xab),
                         "cuda",
-                        false}));
+                        false,
+                        0}));
   s.add(3, MsgType::kCommit, encode(CommitMsg{{{1, 20, {5, 6}}}, {}, 0}));
   s.add(3, MsgType::kCommit,
         encode(CommitMsg{{{1, 40, {0, 1, 2}}, {2, 33, {0, 1, 3}}},

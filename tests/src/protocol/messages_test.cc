@@ -34,7 +34,21 @@ TEST(MessagesTest, HelloRoundTrip) {
   m.inline_pages = true;
   ASSERT_OK_AND_ASSIGN(back, decode_hello(encode(m), limits()));
   EXPECT_TRUE(back.inline_pages);
-  EXPECT_FALSE(back.live || back.verify);
+  EXPECT_FALSE(back.live || back.verify || back.pages_follow);
+  // Protocol 11: the pages follow HELLO unasked; only with inline pages,
+  // never live.
+  m.pages_follow = true;
+  ASSERT_OK_AND_ASSIGN(back, decode_hello(encode(m), limits()));
+  EXPECT_TRUE(back.pages_follow);
+  m.inline_pages = false;
+  EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
+            StatusCode::kDataLoss);
+  m.inline_pages = true;
+  m.live = true;
+  EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
+            StatusCode::kDataLoss);
+  m.live = false;
+  m.pages_follow = false;
   // The ids must be as many as the count.
   m.seqs = {7};
   EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
@@ -42,8 +56,9 @@ TEST(MessagesTest, HelloRoundTrip) {
 }
 
 TEST(MessagesTest, OfferAndCommitRoundTrip) {
-  OfferMsg o{"tcp",  {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}}, 0, {7, 7},
-             "cuda", false};
+  OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}},
+             0,     {7, 7},    "cuda",
+             false, 0};
   ASSERT_OK_AND_ASSIGN(OfferMsg ob, decode_offer(encode(o), limits()));
   EXPECT_EQ(ob.memory, "cuda");
   EXPECT_EQ(ob.slots, o.slots);
@@ -53,10 +68,12 @@ TEST(MessagesTest, OfferAndCommitRoundTrip) {
   // Protocol 8: the pages inline, no data path; an unknown flag is refused.
   o.inline_pages = true;
   o.target_address.clear();
+  o.inline_limit = 64 << 10;
   ASSERT_OK_AND_ASSIGN(ob, decode_offer(encode(o), limits()));
   EXPECT_TRUE(ob.inline_pages);
+  EXPECT_EQ(ob.inline_limit, 64u << 10);
   std::vector<uint8_t> flagged = encode(o);
-  flagged.back() = 2;
+  flagged[flagged.size() - 9] = 2;  // the flags, before the inline limit
   EXPECT_EQ(decode_offer(flagged, limits()).status().code(),
             StatusCode::kDataLoss);
   CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}, {}, 0};
@@ -120,9 +137,12 @@ TEST(MessagesTest, ReportStatusAndErrorRoundTrip) {
   r.phases_ms = {{"connect", 0.25}, {"data", 3.5}};
   r.src_memory = "cuda";
   r.dst_memory = "host";
+  r.inline_pages = r.kept_connection = r.one_exchange = true;
   ASSERT_OK_AND_ASSIGN(MigrationReport rb,
                        decode_migration_report(encode(r), limits()));
   EXPECT_EQ(rb.seqs, r.seqs);
+  EXPECT_TRUE(rb.inline_pages && rb.kept_connection && rb.one_exchange);
+  EXPECT_FALSE(rb.staged);
   EXPECT_EQ(rb.src_memory, "cuda");
   EXPECT_EQ(rb.dst_memory, "host");
   EXPECT_DOUBLE_EQ(rb.gbps, 1.5);
