@@ -351,6 +351,7 @@ struct Summary {
   bool staged = false;
   bool inline_pages = false;  // some migration sent its pages inline
   size_t kept = 0;            // migrations on a kept control connection
+  size_t one_exchange = 0;    // ... of them in one exchange (no OFFER)
   std::string transport;
   // Each phase's milliseconds per migration (MigrationReport::phases_ms),
   // in the order first seen.
@@ -375,6 +376,7 @@ Summary summarize(const std::vector<Sample>& samples) {
     s.staged = s.staged || x.report.staged;
     s.inline_pages = s.inline_pages || x.report.inline_pages;
     s.kept += x.report.kept_connection ? 1 : 0;
+    s.one_exchange += x.report.one_exchange ? 1 : 0;
     for (const auto& [name, ms] : x.report.phases_ms) {
       auto it = std::find_if(s.phases.begin(), s.phases.end(),
                              [&](const auto& e) { return e.first == name; });
@@ -418,6 +420,7 @@ json report_json(const PerfFlags& f, const ClientPlan& plan,
       {"staged", s.staged},
       {"inline_pages", s.inline_pages},
       {"kept_connections", s.kept},
+      {"one_exchanges", s.one_exchange},
       {"pages", static_cast<uint64_t>(p50(s.pages))},
       {"bytes", static_cast<uint64_t>(p50(s.bytes))},
       {"writes", static_cast<uint64_t>(p50(s.writes))},
@@ -464,10 +467,11 @@ void print_report(const PerfFlags& f, const ClientPlan& plan,
   }
   std::printf(
       "(latencies and pauses in ms per migration; GB/s = 10^9 bytes/s "
-      "over the migrations' wall time%s%s)\n",
+      "over the migrations' wall time%s%s%s)\n",
       s.staged ? "; some side staged its pages" : "",
       s.inline_pages ? "; pages sent on the control connection (--inline-kib)"
-                     : "");
+                     : "",
+      s.one_exchange > 0 ? "; HELLO, pages and COMMIT in one exchange" : "");
 }
 
 int run_client(const PerfFlags& f) {

@@ -75,6 +75,16 @@ asio::awaitable<bool> DestinationRun::run() {
   Status s = check_hello();
   if (s.ok()) s = register_id();
   inline_pages_ = s.ok() && takes_inline();
+  if (s.ok() && hello_.pages_follow && !inline_pages_) {
+    s = Status::invalid_argument(
+        "HELLO sends " + std::to_string(hello_.n_pages) +
+        " pages with it, but this agent takes " +
+        (ctx_.host_layout
+             ? "at most " + std::to_string(ctx_.options.inline_page_bytes) +
+                   " bytes of pages"
+             : std::string("no pages")) +
+        " inline");
+  }
   if (s.ok()) {
     const bool quick =
         !ctx_.layout || inline_pages_ || transport_->targets_open_at_once();
@@ -89,7 +99,13 @@ asio::awaitable<bool> DestinationRun::run() {
         },
         quick);
   }
-  if (s.ok()) s = co_await open_and_offer();
+  // One exchange: PAGES and COMMIT are on their way already. (Not a ?:
+  // around co_await: GCC 12 miscompiles that.)
+  if (s.ok() && hello_.pages_follow) {
+    s = take_pages_unasked();
+  } else if (s.ok()) {
+    s = co_await open_and_offer();
+  }
   if (cancelled_) s = *cancelled_;
   if (!s.ok()) {
     co_await fail(s);
@@ -300,6 +316,7 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
   }
   if (target_) offer.target_address = target_->address();
   offer.memory = ctx_.memory;
+  if (ctx_.host_layout) offer.inline_limit = ctx_.options.inline_page_bytes;
   const std::vector<uint8_t> payload = encode(offer);
   Status sent =
       co_await channel_.send(MsgType::kOffer, payload, ctx_.peer_deadline());
@@ -310,6 +327,14 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
                  staging_ ? " (staged)" : "");
   ctx_.fault("dst.after_offer");
   co_return Status();
+}
+
+Status DestinationRun::take_pages_unasked() {
+  progress_.transport = std::string(transport_->name());
+  ctx_.log->info("{} took {} slots with HELLO over the control connection",
+                 tag_, slots_.size());
+  ctx_.fault("dst.hello_taken");
+  return Status();
 }
 
 asio::awaitable<Result<Frame>> DestinationRun::receive_until_commit() {
@@ -533,6 +558,20 @@ Result<CommitMsg> DestinationRun::open_commit(const Frame& frame) {
     return Status::protocol("COMMIT names data mark " +
                             std::to_string(commit.data_mark) +
                             ", but this migration's writes are staged");
+  }
+  if (hello_.pages_follow) {
+    // Sent before the slots were known: slot positions, mapped here.
+    for (LogicalSeq& seq : commit.seqs) {
+      for (PageIndex& p : seq.pages) {
+        if (p >= slots_.size()) {
+          return Status::protocol("COMMIT of request " +
+                                  std::to_string(seq.seq_id) +
+                                  " names slot position " + std::to_string(p) +
+                                  " of " + std::to_string(slots_.size()));
+        }
+        p = slots_[p];
+      }
+    }
   }
   return commit;
 }

@@ -76,6 +76,8 @@ class DestinationRun {
   Status open_target(const std::vector<std::span<std::byte>>& regions);
   // Opens the data path unless the first trip did, and sends OFFER.
   asio::awaitable<Status> open_and_offer();
+  // HELLO's pages_follow: no OFFER; PAGES and COMMIT come next.
+  Status take_pages_unasked();
   // Serves live rounds, VERIFY and staged batches until COMMIT arrives.
   asio::awaitable<Result<Frame>> receive_until_commit();
   asio::awaitable<Status> on_round(const Frame& frame);

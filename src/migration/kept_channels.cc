@@ -9,17 +9,17 @@ bool KeptChannels::fresh(const Kept& k, Clock::time_point now) const {
   return now - k.since < idle_;
 }
 
-std::optional<FrameChannel> KeptChannels::take(const std::string& peer) {
+std::optional<KeptChannels::Taken> KeptChannels::take(const std::string& peer) {
   auto it = kept_.find(peer);
   if (it == kept_.end()) return std::nullopt;
   std::vector<Kept>& list = it->second;
   const auto now = Clock::now();
-  std::optional<FrameChannel> found;
+  std::optional<Taken> found;
   while (!list.empty() && !found) {
     Kept k = std::move(list.back());  // the newest: the least likely stale
     list.pop_back();
     if (fresh(k, now) && !k.channel.peer_closed()) {
-      found.emplace(std::move(k.channel));
+      found.emplace(Taken{std::move(k.channel), k.inline_limit});
     }
     // else: k closes here
   }
@@ -27,12 +27,13 @@ std::optional<FrameChannel> KeptChannels::take(const std::string& peer) {
   return found;
 }
 
-void KeptChannels::put(const std::string& peer, FrameChannel channel) {
+void KeptChannels::put(const std::string& peer, FrameChannel channel,
+                       uint64_t inline_limit) {
   if (!enabled()) return;
   forget(false);
   std::vector<Kept>& list = kept_[peer];
   if (list.size() >= per_peer_) list.erase(list.begin());
-  list.push_back(Kept{std::move(channel), Clock::now()});
+  list.push_back(Kept{std::move(channel), inline_limit, Clock::now()});
   arm();
 }
 

@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
@@ -23,6 +24,14 @@ namespace kvmig {
 
 class KeptChannels {
  public:
+  // A kept connection, and what its destination's OFFER said it takes
+  // inline (OfferMsg::inline_limit): the same process is at the other end
+  // for as long as the connection lasts.
+  struct Taken {
+    FrameChannel channel;
+    uint64_t inline_limit = 0;
+  };
+
   // At most per_peer connections per destination, each kept at most idle
   // (0: nothing is ever kept); the timer that closes them runs on io.
   KeptChannels(asio::io_context& io, size_t per_peer,
@@ -34,7 +43,7 @@ class KeptChannels {
   // A kept connection to `peer` that is still open and not past its idle
   // time, or nothing. Connections found closed by the destination, or
   // stale, are closed and forgotten on the way.
-  std::optional<FrameChannel> take(const std::string& peer);
+  std::optional<Taken> take(const std::string& peer);
 
   // Keeps `channel` (nothing pending on it: the migration on it ended
   // with DONE_ACK) for the next migration to `peer`; beyond per_peer, the
@@ -42,7 +51,8 @@ class KeptChannels {
   // peer, by the clock alone (no system call per kept connection on a
   // migration's path); one its peer closed sooner is found at take() or
   // sweep(). Arms the timer for the oldest one's idle end.
-  void put(const std::string& peer, FrameChannel channel);
+  void put(const std::string& peer, FrameChannel channel,
+           uint64_t inline_limit = 0);
 
   // Closes every kept connection and stops the timer (the agent stops).
   void clear();
@@ -57,6 +67,7 @@ class KeptChannels {
  private:
   struct Kept {
     FrameChannel channel;
+    uint64_t inline_limit;
     Clock::time_point since;
   };
   bool fresh(const Kept& k, Clock::time_point now) const;

@@ -454,10 +454,11 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
 
 asio::awaitable<Result<FrameChannel>> SourceRun::open_channel(bool may_reuse) {
   if (may_reuse) {
-    if (std::optional<FrameChannel> kept = ctx_.kept_channels.take(req_.to)) {
+    if (auto kept = ctx_.kept_channels.take(req_.to)) {
       kept_connection_ = true;
+      dst_inline_limit_ = kept->inline_limit;
       ctx_.fault("src.kept_taken");
-      co_return std::move(*kept);
+      co_return std::move(kept->channel);
     }
   }
   co_return co_await connect_channel(req_.to, ctx_.options.max_frame_bytes,
@@ -488,6 +489,7 @@ asio::awaitable<Result<Frame>> SourceRun::exchange_hello(
     channel_->close();
     channel_.reset();
     kept_connection_ = false;
+    dst_inline_limit_ = 0;
     ctx_.fault("src.kept_retry");
     auto connected = co_await open_channel(false);
     if (!connected.ok()) {
@@ -613,10 +615,22 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
   hello.transports = {std::string(transport_.name())};
   hello.initiator_address = init_->address();
   hello.inline_pages = may_inline(n_pages);
+  // One exchange: this connection's OFFER said the pages fit.
+  hello.pages_follow = hello.inline_pages && kept_connection_ &&
+                       uint64_t{n_pages} * page_total_ <= dst_inline_limit_;
   ctx_.log->info("{} {} {} requests{}, {} pages over {}", tag_,
                  req_.mode == MigrationMode::kMove ? "moving" : "copying",
                  moving_.size(), req_.live ? " live" : "", n_pages,
-                 transport_.name());
+                 hello.pages_follow ? std::string_view("the control connection")
+                                    : transport_.name());
+  if (hello.pages_follow) {
+    hello_frame_ = encode(hello);
+    inline_pages_ = true;
+    dst_memory_ = "host";  // inline pages go into host memory only
+    std::vector<PageIndex> positions(n_pages);
+    for (uint32_t k = 0; k < n_pages; ++k) positions[k] = k;
+    co_return positions;
+  }
   const std::vector<uint8_t> payload = encode(hello);
   auto reply = co_await exchange_hello(payload);
   if (!reply.ok()) co_return reply.status().with_context("waiting for OFFER");
@@ -645,6 +659,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
             : "OFFER takes the pages inline; HELLO did not ask");
   }
   inline_pages_ = offer->inline_pages;
+  dst_inline_limit_ = offer->inline_limit;
   dst_regions_ = std::move(offer->regions);
   dst_staging_slots_ = offer->staging_slots;
   dst_memory_ = std::move(offer->memory);
@@ -901,8 +916,10 @@ CommitMsg SourceRun::commit_tables() const {
 asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
                                                 Status& why) {
   const std::vector<uint8_t> payload = encode(msg);
-  // With the inline pages, if any: PAGES then COMMIT in one write.
+  // With the inline pages, if any: PAGES then COMMIT in one write; one
+  // exchange: HELLO, PAGES, COMMIT.
   std::vector<FrameChannel::OutFrame> frames;
+  if (!hello_frame_.empty()) frames.push_back({MsgType::kHello, hello_frame_});
   if (!pages_frame_.empty()) frames.push_back({MsgType::kPages, pages_frame_});
   frames.push_back({MsgType::kCommit, payload});
   Status sent = co_await channel_->send_all(frames, deadline());
@@ -914,9 +931,37 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
       deadline() + check_time(msg.verify.positions.size()));
   // DONE: commit() has DONE_ACK sent.
   if (done.ok() && done->type == MsgType::kDone) co_return Outcome::kCommitted;
-  why = done.ok() ? reply_status(*done, ctx_.limits, "COMMIT") : done.status();
+  const char* asked = hello_frame_.empty() ? "COMMIT" : "HELLO";
+  why = done.ok() ? reply_status(*done, ctx_.limits, asked) : done.status();
   co_return done.ok() && done->type == MsgType::kAbort ? Outcome::kAborted
                                                        : Outcome::kUnknown;
+}
+
+asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
+                                                      Status& why) {
+  // The destination closes a kept connection only while it waits for a
+  // next frame: closed as the exchange went out, it read nothing, and says
+  // so when asked (kUnknown: no record of this id). Anything else is its
+  // answer, or no answer (the caller asks on, in doubt if it must).
+  channel_->close();
+  auto asked = co_await query_outcome(ctx_, req_.to, id_, deadline());
+  if (!asked.ok() || *asked != Outcome::kUnknown) {
+    ctx_.log->warn("{} kept connection to {} failed during the exchange ({})",
+                   tag_, req_.to, why.to_string());
+    co_return Outcome::kUnknown;
+  }
+  ctx_.log->info("{} kept connection to {} closed ({}): sending again", tag_,
+                 req_.to, why.message());
+  kept_connection_ = false;
+  ctx_.fault("src.kept_retry");
+  auto connected = co_await open_channel(false);
+  if (!connected.ok()) {
+    why = connected.status().with_context("destination");
+    // Nothing reached it: nothing to decide there.
+    co_return Outcome::kAborted;
+  }
+  channel_.emplace(std::move(*connected));
+  co_return co_await send_commit(msg, why);
 }
 
 namespace {
@@ -925,7 +970,8 @@ namespace {
 // it), then keeps the connection, idle again, for the next migration to
 // `peer`: a failed ack closes it, as does a stopping agent.
 asio::awaitable<void> acknowledge_done(MigrationContext& ctx, std::string peer,
-                                       std::string tag, FrameChannel channel) {
+                                       std::string tag, FrameChannel channel,
+                                       uint64_t inline_limit) {
   Status acked =
       co_await channel.send(MsgType::kDoneAck, {}, ctx.peer_deadline());
   if (!acked.ok()) {
@@ -933,7 +979,7 @@ asio::awaitable<void> acknowledge_done(MigrationContext& ctx, std::string peer,
     co_return;
   }
   if (ctx.stopping) co_return;
-  ctx.kept_channels.put(peer, std::move(channel));
+  ctx.kept_channels.put(peer, std::move(channel), inline_limit);
 }
 
 }  // namespace
@@ -965,6 +1011,24 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   // A destination that has already closed its end can never read COMMIT:
   // the migration is certainly not committed, so roll back now rather than
   // leave the requests in doubt.
+  if (channel_->peer_closed() && !hello_frame_.empty()) {
+    // One exchange, nothing sent yet: the destination closed the kept
+    // connection (its idle time ran out, or it made room for another) and
+    // knows nothing of this migration. Once, on a new connection
+    // (kept_connection_ goes false).
+    ctx_.log->info("{} kept connection to {} closed: connecting again", tag_,
+                   req_.to);
+    channel_->close();
+    kept_connection_ = false;
+    ctx_.fault("src.kept_retry");
+    auto connected = co_await open_channel(false);
+    if (!connected.ok()) {
+      Status gone = connected.status().with_context("destination");
+      co_await resume_engine();
+      co_return gone;
+    }
+    channel_.emplace(std::move(*connected));
+  }
   if (channel_->peer_closed()) {
     Status gone = Status::unavailable("destination " + req_.to +
                                       " closed the connection before COMMIT");
@@ -982,13 +1046,18 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   committing_ = true;
   timeout_timer_.cancel();
   Status failure;
+  if (!hello_frame_.empty()) ctx_.fault("src.one_exchange");
   Outcome outcome = co_await send_commit(msg, failure);
+  if (outcome == Outcome::kUnknown && !hello_frame_.empty() &&
+      kept_connection_ && failure.code() == StatusCode::kUnavailable) {
+    outcome = co_await send_commit_again(msg, failure);
+  }
   if (outcome == Outcome::kCommitted) {  // DONE came on the connection
     // DONE_ACK, then the connection back for the next migration there,
     // once the caller has its report (its wake-up and the ack's system
     // call overlap), before the io thread takes its next call.
-    ctx_.after_reply.push_back(
-        acknowledge_done(ctx_, req_.to, tag_, std::move(*channel_)));
+    ctx_.after_reply.push_back(acknowledge_done(
+        ctx_, req_.to, tag_, std::move(*channel_), dst_inline_limit_));
     channel_.reset();
   } else {
     channel_->close();
@@ -1106,6 +1175,7 @@ Result<MigrationReport> SourceRun::finish(
   report.staged = !ctx_.layout || dst_staging_slots_ > 0;
   report.inline_pages = inline_pages_;
   report.kept_connection = kept_connection_;
+  report.one_exchange = !hello_frame_.empty();
   report.left_behind = left_behind_;
   report.digests = std::move(digests);
   report.phases_ms = phases_ms_;

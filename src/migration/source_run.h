@@ -145,7 +145,9 @@ class SourceRun {
   // Drops requests that no longer extend what was copied (live only).
   Status leave_behind(const std::vector<SeqId>& dropped);
   // The first round: HELLO, OFFER. The data path connects on the first
-  // data job (connect_data_path()), not on a trip of its own.
+  // data job (connect_data_path()), not on a trip of its own. One exchange
+  // instead where the kept connection's OFFER allows (HELLO then goes with
+  // COMMIT): the slots are the slot positions.
   asio::awaitable<Result<std::vector<PageIndex>>> hello_and_offer(
       uint32_t n_pages);
   // The control connection: with may_reuse, one kept from an earlier
@@ -191,9 +193,14 @@ class SourceRun {
 
   asio::awaitable<Result<MigrationReport>> commit();
   CommitMsg commit_tables() const;
-  // Sends COMMIT and reads the answer: kCommitted, kAborted (with why) or
-  // kUnknown (with why) when no answer came.
+  // Sends COMMIT (with PAGES and, one exchange, HELLO before it) and reads
+  // the answer: kCommitted, kAborted (with why) or kUnknown (with why) when
+  // no answer came.
   asio::awaitable<Outcome> send_commit(const CommitMsg& msg, Status& why);
+  // One exchange on a kept connection that failed with no answer: whether
+  // the destination never read it (the connection closed as it went out),
+  // asked on a new connection; if so, sends it again on that one.
+  asio::awaitable<Outcome> send_commit_again(const CommitMsg& msg, Status& why);
   // The requests stay here, held (`held`: hold_seqs' result for a move),
   // until the destination answers.
   Status enter_in_doubt(const std::vector<SeqId>& ids, const Status& why,
@@ -217,6 +224,13 @@ class SourceRun {
 
   std::optional<FrameChannel> channel_;
   bool kept_connection_ = false;  // channel_ came from ctx_.kept_channels
+  // The page bytes the destination takes inline, as the OFFER on channel_
+  // said (KeptChannels::Taken::inline_limit; this run's own OFFER): kept
+  // with the connection.
+  uint64_t dst_inline_limit_ = 0;
+  // One exchange (HELLO's pages_follow): HELLO's payload, sent with PAGES
+  // and COMMIT; empty otherwise.
+  std::vector<uint8_t> hello_frame_;
   std::unique_ptr<TransportInitiator> init_;
   PrecopyState precopy_;
   EnginePause pause_;

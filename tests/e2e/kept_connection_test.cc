@@ -1,8 +1,9 @@
 // Kept control connections (AgentOptions::kept_connection_idle), with two
 // agents in this process on loopback: a committed migration's connection
-// carries the next migration to the same destination; a kept connection
-// the destination closed is connected anew, before anything started there,
-// also when it closes just as HELLO goes out.
+// carries the next migration to the same destination (a small one in one
+// exchange: HELLO, PAGES and COMMIT out, DONE back); a kept connection the
+// destination closed is connected anew, before anything started there,
+// also when it closes just as HELLO (or the whole exchange) goes out.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -75,6 +76,9 @@ TEST_P(KeptConnection, NextMigrationToTheSameAgentUsesIt) {
   for (SeqId id : {1, 2, 3}) {
     ASSERT_OK_AND_ASSIGN(MigrationReport r, move(*a.agent, *b.agent, id));
     EXPECT_EQ(r.kept_connection, id > 1) << "request " << id;
+    // 3 pages of 16 KiB, under the 64 KiB the first OFFER allowed.
+    EXPECT_EQ(r.one_exchange, id > 1) << "request " << id;
+    EXPECT_TRUE(r.inline_pages) << "request " << id;
   }
   ASSERT_OK_AND_ASSIGN(MigrationReport back, move(*b.agent, *a.agent, 2));
   EXPECT_FALSE(back.kept_connection);
@@ -93,6 +97,7 @@ TEST_P(KeptConnection, NextMigrationToTheSameAgentUsesIt) {
   for (SeqId id : {1, 2}) {
     ASSERT_OK_AND_ASSIGN(MigrationReport r, move(*c.agent, *d.agent, id));
     EXPECT_FALSE(r.kept_connection) << "request " << id;
+    EXPECT_FALSE(r.one_exchange) << "request " << id;
   }
   EXPECT_EQ(digests_of(*d.agent).size(), 2u);
   a.agent->stop();
@@ -164,12 +169,24 @@ INSTANTIATE_TEST_SUITE_P(Transports, KeptConnection,
 // kept connection (the query is answered, not refused). HELLO then goes
 // out on a closed connection: the source connects again, once, and the
 // move commits on the new connection with the request intact.
-TEST(KeptConnectionRace, ClosedAsHelloGoesOutIsConnectedAgain) {
+// The races run both ways: HELLO alone (the source sends no page inline,
+// so HELLO/OFFER comes first) and in one exchange (HELLO with the pages
+// and COMMIT).
+class KeptConnectionRace : public ::testing::TestWithParam<bool> {
+ protected:
+  AgentOptions source_options() const {
+    AgentOptions o;
+    if (!GetParam()) o.inline_page_bytes = 0;
+    return o;
+  }
+};
+
+TEST_P(KeptConnectionRace, ClosedAsHelloGoesOutIsConnectedAgain) {
   std::atomic<bool> armed{false};
   std::atomic<int> retries{0};
   std::string b_address;
   Status queried = Status::internal("no query");
-  AgentOptions a_options;
+  AgentOptions a_options = source_options();
   a_options.fault_hook = [&](std::string_view point) {
     if (point == "src.kept_retry") ++retries;
     if (point != "src.kept_taken" || !armed.exchange(false)) return;
@@ -189,6 +206,7 @@ TEST(KeptConnectionRace, ClosedAsHelloGoesOutIsConnectedAgain) {
   EXPECT_OK(queried);
   EXPECT_EQ(retries.load(), 1);
   EXPECT_FALSE(second.kept_connection);  // the new one
+  EXPECT_EQ(second.one_exchange, GetParam());
   EXPECT_EQ(digests_of(*b.agent), before);
   EXPECT_TRUE(digests_of(*a.agent).empty());
   ASSERT_OK_AND_ASSIGN(AgentStatus st, b.agent->status());
@@ -201,8 +219,8 @@ TEST(KeptConnectionRace, ClosedAsHelloGoesOutIsConnectedAgain) {
 // next move there fails as any move to an unreachable agent does (the
 // request stays and runs); once an agent serves that address again, the
 // source connects to it anew.
-TEST(KeptConnectionRace, StoppedDestinationIsAnErrorThenConnectedAnew) {
-  ASSERT_OK_AND_ASSIGN(Side a, start_side(2, {}));
+TEST_P(KeptConnectionRace, StoppedDestinationIsAnErrorThenConnectedAnew) {
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(2, source_options()));
   ASSERT_OK_AND_ASSIGN(Side b, start_side(0, {}));
   const auto before = digests_of(*a.agent);
   ASSERT_OK(move(*a.agent, *b.agent, 1).status());
@@ -234,11 +252,11 @@ TEST(KeptConnectionRace, StoppedDestinationIsAnErrorThenConnectedAnew) {
 // connect again finds nothing listening. The move fails as a move to an
 // unreachable agent does, naming the destination; the request stays and
 // runs, and the next move (to an agent that serves) commits.
-TEST(KeptConnectionRace, StoppedAsHelloGoesOutAndNotThereToReconnect) {
+TEST_P(KeptConnectionRace, StoppedAsHelloGoesOutAndNotThereToReconnect) {
   std::atomic<bool> armed{false};
   std::atomic<int> retries{0};
   Agent* stop_me = nullptr;
-  AgentOptions a_options;
+  AgentOptions a_options = source_options();
   a_options.fault_hook = [&](std::string_view point) {
     if (point == "src.kept_retry") ++retries;
     if (point != "src.kept_taken" || !armed.exchange(false)) return;
@@ -271,6 +289,83 @@ TEST(KeptConnectionRace, StoppedAsHelloGoesOutAndNotThereToReconnect) {
   EXPECT_TRUE(digests_of(*a.agent).empty());
   a.agent->stop();
   c.agent->stop();
+}
+
+INSTANTIATE_TEST_SUITE_P(HelloAloneAndOneExchange, KeptConnectionRace,
+                         ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "OneExchange" : "HelloAlone";
+                         });
+
+// One exchange: the kept connection is open when the source checks it, and
+// the destination closes it (to admit a status query: it keeps one
+// connection only) right as HELLO, the pages and COMMIT go out. The
+// destination read none of it, and says so when asked on a new
+// connection: the source sends the exchange again there, once, and the
+// move commits with the request intact.
+TEST(KeptConnectionRace, ClosedAsTheExchangeGoesOutIsSentAgain) {
+  std::atomic<bool> armed{false};
+  std::atomic<int> retries{0};
+  std::string b_address;
+  Status queried = Status::internal("no query");
+  AgentOptions a_options;
+  a_options.fault_hook = [&](std::string_view point) {
+    if (point == "src.kept_retry") ++retries;
+    if (point != "src.one_exchange" || !armed.exchange(false)) return;
+    queried = query_status(b_address).status();
+  };
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(2, a_options));
+  AgentOptions b_options;
+  b_options.max_connections = 1;
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, b_options));
+  b_address = b.agent->address();
+  const auto before = digests_of(*a.agent);
+
+  ASSERT_OK_AND_ASSIGN(MigrationReport first, move(*a.agent, *b.agent, 1));
+  EXPECT_FALSE(first.one_exchange);
+  armed = true;
+  ASSERT_OK_AND_ASSIGN(MigrationReport second, move(*a.agent, *b.agent, 2));
+  EXPECT_OK(queried);
+  EXPECT_EQ(retries.load(), 1);
+  EXPECT_TRUE(second.one_exchange);
+  EXPECT_FALSE(second.kept_connection);  // sent again on a new one
+  EXPECT_EQ(digests_of(*b.agent), before);
+  EXPECT_TRUE(digests_of(*a.agent).empty());
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, b.agent->status());
+  EXPECT_EQ(st.free_pages, st.capacity_pages - 6);
+  a.agent->stop();
+  b.agent->stop();
+}
+
+// One exchange into a destination with too few free slots: it refuses at
+// HELLO (ABORT), before it reads the pages; the source rolls back (the
+// request stays and runs, nothing is taken there) and the next move there,
+// connected anew, asks with HELLO/OFFER again.
+TEST(OneExchange, RefusedByAFullDestinationChangesNothing) {
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(3, {}));
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, {}));
+  const auto before = digests_of(*a.agent);
+  ASSERT_OK_AND_ASSIGN(MigrationReport first, move(*a.agent, *b.agent, 1));
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, b.agent->status());
+  // Leave 2 free slots there: request 2 needs 3.
+  ASSERT_OK_AND_ASSIGN(auto filler, b.pager->allocate_pages(st.free_pages - 2));
+  auto refused = move(*a.agent, *b.agent, 2);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("destination full"),
+            std::string::npos)
+      << refused.status().to_string();
+  EXPECT_EQ(digests_of(*a.agent).at(2), before.at(2));
+  ASSERT_OK_AND_ASSIGN(st, b.agent->status());
+  EXPECT_EQ(st.free_pages, 2u);
+  ASSERT_OK(b.pager->release_pages(filler));
+  ASSERT_OK_AND_ASSIGN(MigrationReport third, move(*a.agent, *b.agent, 2));
+  EXPECT_FALSE(third.kept_connection);
+  EXPECT_FALSE(third.one_exchange);
+  ASSERT_OK_AND_ASSIGN(third, move(*a.agent, *b.agent, 3));
+  EXPECT_TRUE(third.one_exchange);
+  EXPECT_EQ(digests_of(*b.agent), before);
+  a.agent->stop();
+  b.agent->stop();
 }
 
 }  // namespace

@@ -770,6 +770,81 @@ TEST(MigrateE2E, KeptConnectionToAKilledDestinationIsAnError) {
   EXPECT_TRUE(status_of(src->address())["seqs"].empty());
 }
 
+// One exchange (a kept connection, pages inline): the destination is
+// killed after it read HELLO, the pages and COMMIT, before it answers (at
+// allocation, or installed with DONE not yet out). The source cannot tell
+// whether it committed: the request stays here, held, in doubt, until the
+// destination is back where it was; the restarted agent holds nothing of
+// it, so the source rolls back and the request runs here again, intact.
+class OneExchangeDeath : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(OneExchangeDeath, LeavesTheRequestInDoubtUntilTheDestinationAnswers) {
+  // The destination stops at the point once `pass` is gone: the first
+  // move (HELLO/OFFER, which makes the kept connection) passes it.
+  char dir_tmpl[] = "/tmp/kvmig-one-exchange-XXXXXX";
+  const std::string dir = mkdtemp(dir_tmpl);
+  const std::string pass = dir + "/pass";
+  ScopeExit cleanup([&] { std::filesystem::remove_all(dir); });
+  std::ofstream(pass).put('\n');
+  auto src = AgentProcess::start({"--populate", "2:40", "--peer-timeout-ms",
+                                  "1000", "--inline-kib", "64"});
+  auto dst =
+      AgentProcess::start({"--peer-timeout-ms", "1000", "--inline-kib", "64",
+                           "--fault", GetParam() + "=hold:" + pass});
+  ASSERT_TRUE(src && dst);
+  const auto before = digests(status_of(src->address()));
+  int code = -1;
+  json r = migrate(src->address(), dst->address(), {"--seqs", "1"}, &code);
+  ASSERT_EQ(code, 0) << r.dump();
+  EXPECT_EQ(r["one_exchange"], false) << r.dump();
+  std::filesystem::remove(pass);
+  const int reached = GetParam() == "dst.before_done" ? 2 : 1;
+  auto cli = Child::spawn({kvmig_bin(), "migrate", "--agent", src->address(),
+                           "--to", dst->address(), "--seqs", "2", "--json"});
+  ASSERT_TRUE(cli);
+  ASSERT_TRUE(wait_for_count(*dst, "reached " + GetParam(), reached, 30s))
+      << dst->child().err();
+  // The path the case names: no OFFER for the second move.
+  EXPECT_NE(dst->child().err().find("slots with HELLO over the control"),
+            std::string::npos)
+      << dst->child().err();
+  dst->child().kill(SIGKILL);
+  ASSERT_TRUE(dst->child().wait_exit(30s));
+  ASSERT_TRUE(cli->wait_exit(30s));
+  EXPECT_EQ(cli->exit_code(), 1) << cli->out();
+  r = json::parse(cli->out(), nullptr, false);
+  const std::string err = r.value("error", "");
+  EXPECT_NE(err.find("in doubt"), std::string::npos) << cli->out();
+  json s = status_of(src->address());
+  ASSERT_EQ(s["in_doubt"].size(), 1u) << s.dump();
+  EXPECT_EQ(s["in_doubt"][0]["seqs"], json(std::vector<uint64_t>{2}));
+  EXPECT_EQ(s["in_doubt"][0]["hold"], "seqs");
+  EXPECT_EQ(digests(s).at(2), before.at(2));
+
+  auto restarted = AgentProcess::start({"--inline-kib", "64"}, dst->address());
+  ASSERT_TRUE(restarted);
+  const auto end = std::chrono::steady_clock::now() + 20s;
+  while (!s["in_doubt"].empty() && std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(100ms);
+    s = status_of(src->address());
+  }
+  ASSERT_TRUE(s["in_doubt"].empty()) << s.dump() << src->child().err();
+  EXPECT_EQ(digests(s).at(2), before.at(2));
+  EXPECT_TRUE(status_of(restarted->address())["seqs"].empty());
+  // It runs here again: the next move takes it.
+  r = migrate(src->address(), restarted->address(), {"--seqs", "2"}, &code);
+  ASSERT_EQ(code, 0) << r.dump();
+  EXPECT_EQ(digests(status_of(restarted->address())).at(2), before.at(2));
+}
+
+INSTANTIATE_TEST_SUITE_P(AtAllocationAndBeforeDone, OneExchangeDeath,
+                         ::testing::Values("dst.hello_taken",
+                                           "dst.before_done"),
+                         [](const ::testing::TestParamInfo<std::string>& i) {
+                           return i.param == "dst.hello_taken" ? "HelloTaken"
+                                                               : "BeforeDone";
+                         });
+
 TEST(MigrateE2E, FullDestinationIsRefused) {
   auto src = AgentProcess::start({"--populate", "4:160"});
   auto dst = AgentProcess::start({"--capacity-pages", "16"});
@@ -1625,6 +1700,148 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
                          decode_offer(offered.second, WireLimits{}));
     EXPECT_FALSE(offer.inline_pages);
     EXPECT_FALSE(offer.target_address.empty());
+    refusing->stop();
+  }
+}
+
+// One exchange (protocol 11): a hand-made source sends HELLO with
+// pages_follow, PAGES and COMMIT at once, its page tables in slot positions
+// (it has seen no OFFER). The destination maps each position to the slot it
+// allocated and installs the very bytes sent; no OFFER comes, DONE does. A
+// position beyond the allocation, pages over the destination's inline limit,
+// or an agent that takes none inline: an ABORT naming what was wrong, and
+// every slot free again. OFFER says what the limit is.
+TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
+  ASSERT_OK_AND_ASSIGN(CacheMeta meta, preset_meta("tiny"));
+  AgentOptions options;
+  options.peer_timeout = 5s;
+  ASSERT_OK_AND_ASSIGN(LocalAgent local,
+                       local_agent(PoolLayout::kLayer, options));
+  Agent* agent = local.agent.get();
+  SyntheticPager* pager = local.pager.get();
+  const uint64_t page = 2 * meta.page_bytes();
+  int n = 0;
+  // HELLO, PAGES for positions {1, 0} (bytes made from their index) and
+  // COMMIT naming `table` for request 77, in one write.
+  auto exchange = [&](int fd, uint32_t pages,
+                      const std::vector<PageIndex>& table) {
+    HelloMsg h;
+    h.migration_id = "follow-" + std::to_string(++n);
+    h.meta = meta;
+    h.n_pages = pages;
+    h.n_seqs = 1;
+    h.transports = {"tcp"};
+    h.seqs = {77};
+    h.inline_pages = true;
+    h.pages_follow = true;
+    std::vector<uint32_t> positions;
+    for (uint32_t k = pages; k > 0; --k) positions.push_back(k - 1);
+    std::vector<uint8_t> bytes(pages * page);
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      bytes[i] = static_cast<uint8_t>(i * 7 + i / page);
+    }
+    CommitMsg c;
+    c.seqs = {{77, meta.page_size_tokens * table.size(), table}};
+    std::vector<uint8_t> out = encode_frame(MsgType::kHello, encode(h));
+    for (const auto& f :
+         {encode_frame(MsgType::kPages, encode(PagesMsg{positions, bytes})),
+          encode_frame(MsgType::kCommit, encode(c))}) {
+      out.insert(out.end(), f.begin(), f.end());
+    }
+    // Written whole before anything is read: the destination answers only
+    // once it has read COMMIT, or refused.
+    EXPECT_EQ(write(fd, out.data(), out.size()), ssize_t(out.size()));
+    return bytes;
+  };
+  auto expect_abort = [&](Agent* at, int fd, const std::string& why) {
+    auto reply = read_frame(fd);
+    ASSERT_TRUE(reply.ok()) << reply.status().to_string();
+    ASSERT_EQ(reply->first, MsgType::kAbort) << msg_type_name(reply->first);
+    ASSERT_OK_AND_ASSIGN(AbortMsg abort,
+                         decode_abort(reply->second, WireLimits{}));
+    EXPECT_NE(abort.reason.find(why), std::string::npos) << abort.reason;
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, at->status());
+    EXPECT_TRUE(st.seqs.empty());
+    EXPECT_EQ(st.free_pages, st.capacity_pages);
+  };
+  {
+    SCOPED_TRACE("position beyond the allocation");
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    exchange(fd, 2, {0, 2});
+    expect_abort(agent, fd, "names slot position 2 of 2");
+  }
+  {
+    SCOPED_TRACE("over the limit");
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    const auto pages =
+        static_cast<uint32_t>(options.inline_page_bytes / page + 1);
+    std::vector<PageIndex> table(pages);
+    for (uint32_t k = 0; k < pages; ++k) table[k] = k;
+    exchange(fd, pages, table);
+    expect_abort(agent, fd,
+                 "takes at most " + std::to_string(options.inline_page_bytes) +
+                     " bytes of pages inline");
+  }
+  {
+    SCOPED_TRACE("good");
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    const std::vector<uint8_t> bytes = exchange(fd, 2, {0, 1});
+    ASSERT_OK_AND_ASSIGN(auto done, read_frame(fd));
+    ASSERT_EQ(done.first, MsgType::kDone) << msg_type_name(done.first);
+    ASSERT_OK_AND_ASSIGN(auto seqs, pager->logical_seqs());
+    ASSERT_EQ(seqs.size(), 1u);
+    ASSERT_EQ(seqs[0].seq_id, 77u);
+    ASSERT_EQ(seqs[0].pages.size(), 2u);
+    // PAGES sent position 1 first: bytes [0, page) are position 1's.
+    for (uint32_t pos = 0; pos < 2; ++pos) {
+      ASSERT_OK_AND_ASSIGN(PageBytes got, pager->read_page(seqs[0].pages[pos]));
+      const auto* want =
+          reinterpret_cast<const std::byte*>(bytes.data()) + (1 - pos) * page;
+      EXPECT_TRUE(std::equal(got.k.begin(), got.k.end(), want));
+      EXPECT_TRUE(
+          std::equal(got.v.begin(), got.v.end(), want + meta.page_bytes()));
+    }
+  }
+  {
+    SCOPED_TRACE("the limit in OFFER");
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    HelloMsg h;
+    h.migration_id = "follow-offer";
+    h.meta = meta;
+    h.n_pages = 1;
+    h.n_seqs = 1;
+    h.transports = {"tcp"};
+    h.seqs = {78};
+    h.inline_pages = true;
+    const auto f = encode_frame(MsgType::kHello, encode(h));
+    ASSERT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
+    ASSERT_OK_AND_ASSIGN(auto offered, read_frame(fd));
+    ASSERT_EQ(offered.first, MsgType::kOffer) << msg_type_name(offered.first);
+    ASSERT_OK_AND_ASSIGN(OfferMsg offer,
+                         decode_offer(offered.second, WireLimits{}));
+    EXPECT_TRUE(offer.inline_pages);
+    EXPECT_EQ(offer.inline_limit, options.inline_page_bytes);
+  }
+  agent->stop();
+  {
+    SCOPED_TRACE("limit 0");
+    options.inline_page_bytes = 0;
+    ASSERT_OK_AND_ASSIGN(LocalAgent other,
+                         local_agent(PoolLayout::kPage, options));
+    Agent* refusing = other.agent.get();
+    const int fd = raw_connect(refusing->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    exchange(fd, 1, {0});
+    expect_abort(refusing, fd, "takes at most 0 bytes of pages inline");
     refusing->stop();
   }
 }

@@ -118,6 +118,9 @@ TEST_P(PerfTransport, TinyRunReportsSaneJson) {
     json j = json::parse(one.out, nullptr, false);
     ASSERT_TRUE(j.is_object()) << one.out;
     EXPECT_EQ(j["inline_pages"], kib != "0") << one.out;
+    // Inline on a kept connection: one exchange, no OFFER.
+    EXPECT_EQ(j["one_exchanges"], kib != "0" ? j["kept_connections"] : json(0))
+        << one.out;
     EXPECT_EQ(j["bytes"], 2 * 8192);
   }
   // The client's --inline-kib decides above the server's own 64 KiB too:

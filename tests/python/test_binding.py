@@ -255,6 +255,10 @@ def test_second_move_to_an_agent_keeps_the_connection(cpp_agent):
             second = agent.migrate(to=dst.address, seqs=[ids[1]])
         assert first["kept_connection"] is False
         assert second["kept_connection"] is kept
+        # One tiny page fits the first OFFER's inline limit: on the kept
+        # connection the second move is one exchange (no OFFER).
+        assert first["one_exchange"] is False
+        assert second["one_exchange"] is kept
         after = digests(client.status())
         assert all(after[k] == v for k, v in before.items())
     with pytest.raises(kvmig.Error) as e:

@@ -70,10 +70,10 @@ TEST_F(KeptChannelsTest, TakesWhatWasPutNewestFirstPerPeer) {
   EXPECT_FALSE(kept.take("c:3"));
   auto t = kept.take("a:1");
   ASSERT_TRUE(t);
-  EXPECT_EQ(t->socket().local_endpoint(), ends[1].remote_endpoint());
+  EXPECT_EQ(t->channel.socket().local_endpoint(), ends[1].remote_endpoint());
   t = kept.take("a:1");
   ASSERT_TRUE(t);
-  EXPECT_EQ(t->socket().local_endpoint(), ends[0].remote_endpoint());
+  EXPECT_EQ(t->channel.socket().local_endpoint(), ends[0].remote_endpoint());
   EXPECT_FALSE(kept.take("a:1"));
   EXPECT_TRUE(kept.take("b:2"));
   EXPECT_EQ(kept.size(), 0u);
@@ -149,7 +149,23 @@ TEST_F(KeptChannelsTest, SweepClosesWhatItsPeerClosed) {
   EXPECT_EQ(kept.size(), 2u);
   auto t = kept.take("a:1");
   ASSERT_TRUE(t);
-  EXPECT_EQ(t->socket().local_endpoint(), ends[0].remote_endpoint());
+  EXPECT_EQ(t->channel.socket().local_endpoint(), ends[0].remote_endpoint());
+}
+
+TEST_F(KeptChannelsTest, EachConnectionKeepsItsInlineLimit) {
+  KeptChannels kept(io_, 4, 60s);
+  auto [c1, s1] = pair();
+  auto [c2, s2] = pair();
+  kept.put("a:1", std::move(c1), 64 << 10);
+  kept.put("a:1", std::move(c2));
+  auto t = kept.take("a:1");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->channel.socket().local_endpoint(), s2.remote_endpoint());
+  EXPECT_EQ(t->inline_limit, 0u);
+  t = kept.take("a:1");
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->channel.socket().local_endpoint(), s1.remote_endpoint());
+  EXPECT_EQ(t->inline_limit, 64u << 10);
 }
 
 TEST_F(KeptChannelsTest, KeepingOffClosesWhatIsPut) {
