@@ -180,8 +180,9 @@ asio::awaitable<void> serve_outcome_query(MigrationContext& ctx,
     co_return;
   }
   ctx.fault("dst.outcome_query");
-  const OutcomeRespMsg resp =
+  OutcomeRespMsg resp =
       ctx.dst_records.answer_query(req->migration_id, ctx.log);
+  resp.incarnation = ctx.incarnation;
   co_await reply(ctx, channel, MsgType::kOutcomeResp, encode(resp));
 }
 

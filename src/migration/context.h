@@ -34,6 +34,7 @@
 #include "messages.h"
 #include "offload.h"
 #include "outcome_records.h"
+#include "random.h"
 
 namespace kvmig {
 
@@ -133,7 +134,10 @@ class MigrationContext {
   // memory, with the reason (migrations over them are refused with it).
   std::map<std::string, Status, std::less<>> unusable;
   OutcomeRecords dst_records;  // io thread
-  InDoubtSet in_doubt;         // io thread
+  // Drawn when the agent is made: which agent answers (OFFER, OUTCOME_RESP),
+  // so a source tells this one from another at the same address.
+  const uint64_t incarnation = random_token();
+  InDoubtSet in_doubt;  // io thread
   // Source runs under way, from the request's checks to the end (at most
   // options.max_migrations), and the requests they move, with the id of
   // the migration moving each (io thread).

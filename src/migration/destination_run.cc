@@ -317,6 +317,7 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
   if (target_) offer.target_address = target_->address();
   offer.memory = ctx_.memory;
   if (ctx_.host_layout) offer.inline_limit = ctx_.options.inline_page_bytes;
+  offer.incarnation = ctx_.incarnation;
   const std::vector<uint8_t> payload = encode(offer);
   Status sent =
       co_await channel_.send(MsgType::kOffer, payload, ctx_.peer_deadline());

@@ -15,10 +15,10 @@ std::set<SeqId> InDoubtSet::held_seqs() const {
   return held;
 }
 
-asio::awaitable<Result<Outcome>> query_outcome(MigrationContext& ctx,
-                                               const std::string& to,
-                                               const std::string& id,
-                                               Deadline deadline) {
+asio::awaitable<Result<OutcomeRespMsg>> query_outcome(MigrationContext& ctx,
+                                                      const std::string& to,
+                                                      const std::string& id,
+                                                      Deadline deadline) {
   auto connected = co_await connect_channel(to, ctx.options.max_frame_bytes,
                                             ctx.options.secret, deadline);
   if (!connected.ok()) co_return connected.status();
@@ -32,17 +32,18 @@ asio::awaitable<Result<Outcome>> query_outcome(MigrationContext& ctx,
     co_return Status::protocol("OUTCOME_REQ answered with " +
                                msg_type_name(resp->type));
   }
-  auto o = decode_outcome_resp(resp->payload);
-  if (!o.ok()) co_return o.status();
-  co_return o->outcome;
+  co_return decode_outcome_resp(resp->payload);
 }
 
 asio::awaitable<Outcome> ask_outcome(MigrationContext& ctx,
                                      const std::string& to,
                                      const std::string& id, Deadline deadline) {
-  auto o = co_await query_outcome(ctx, to, id, deadline);
-  if (!o.ok() || *o == Outcome::kPending) co_return Outcome::kUnknown;
-  if (*o == Outcome::kForgotten) {
+  auto resp = co_await query_outcome(ctx, to, id, deadline);
+  if (!resp.ok() || resp->outcome == Outcome::kPending) {
+    co_return Outcome::kUnknown;
+  }
+  const Outcome o = resp->outcome;
+  if (o == Outcome::kForgotten) {
     ctx.log->error(
         "[{}] {} cannot tell how migration {} ended (it forgot, or it "
         "restarted over a pager that kept its requests): staying in doubt; "
@@ -53,7 +54,7 @@ asio::awaitable<Outcome> ask_outcome(MigrationContext& ctx,
   }
   // Unknown: never installed there (it restarted over an empty pager, or
   // never got the COMMIT): the requests belong here.
-  co_return *o == Outcome::kCommitted ? Outcome::kCommitted : Outcome::kAborted;
+  co_return o == Outcome::kCommitted ? Outcome::kCommitted : Outcome::kAborted;
 }
 
 asio::awaitable<Outcome> resolve_outcome(MigrationContext& ctx,

@@ -53,10 +53,9 @@ class InDoubtSet {
 
 // The destination's answer, as it gives it, to an OUTCOME_REQ about
 // migration_id (kUnknown: it has no record of it), or why none came.
-asio::awaitable<Result<Outcome>> query_outcome(MigrationContext& ctx,
-                                               const std::string& to,
-                                               const std::string& migration_id,
-                                               Deadline deadline);
+asio::awaitable<Result<OutcomeRespMsg>> query_outcome(
+    MigrationContext& ctx, const std::string& to,
+    const std::string& migration_id, Deadline deadline);
 
 // Asks the destination `to` once for the outcome of migration_id, by
 // `deadline`. kCommitted, kAborted (the destination rolled back, or holds

@@ -19,7 +19,7 @@ std::optional<KeptChannels::Taken> KeptChannels::take(const std::string& peer) {
     Kept k = std::move(list.back());  // the newest: the least likely stale
     list.pop_back();
     if (fresh(k, now) && !k.channel.peer_closed()) {
-      found.emplace(Taken{std::move(k.channel), k.inline_limit});
+      found.emplace(Taken{std::move(k.channel), k.terms});
     }
     // else: k closes here
   }
@@ -28,12 +28,12 @@ std::optional<KeptChannels::Taken> KeptChannels::take(const std::string& peer) {
 }
 
 void KeptChannels::put(const std::string& peer, FrameChannel channel,
-                       uint64_t inline_limit) {
+                       KeptTerms terms) {
   if (!enabled()) return;
   forget(false);
   std::vector<Kept>& list = kept_[peer];
   if (list.size() >= per_peer_) list.erase(list.begin());
-  list.push_back(Kept{std::move(channel), inline_limit, Clock::now()});
+  list.push_back(Kept{std::move(channel), terms, Clock::now()});
   arm();
 }
 

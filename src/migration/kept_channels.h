@@ -22,14 +22,18 @@
 
 namespace kvmig {
 
+// What the OFFER on a kept connection said of its destination: the same
+// agent is at the other end for as long as the connection lasts.
+struct KeptTerms {
+  uint64_t inline_limit = 0;  // OfferMsg::inline_limit
+  uint64_t incarnation = 0;   // OfferMsg::incarnation
+};
+
 class KeptChannels {
  public:
-  // A kept connection, and what its destination's OFFER said it takes
-  // inline (OfferMsg::inline_limit): the same process is at the other end
-  // for as long as the connection lasts.
   struct Taken {
     FrameChannel channel;
-    uint64_t inline_limit = 0;
+    KeptTerms terms;
   };
 
   // At most per_peer connections per destination, each kept at most idle
@@ -51,8 +55,7 @@ class KeptChannels {
   // peer, by the clock alone (no system call per kept connection on a
   // migration's path); one its peer closed sooner is found at take() or
   // sweep(). Arms the timer for the oldest one's idle end.
-  void put(const std::string& peer, FrameChannel channel,
-           uint64_t inline_limit = 0);
+  void put(const std::string& peer, FrameChannel channel, KeptTerms terms = {});
 
   // Closes every kept connection and stops the timer (the agent stops).
   void clear();
@@ -67,7 +70,7 @@ class KeptChannels {
  private:
   struct Kept {
     FrameChannel channel;
-    uint64_t inline_limit;
+    KeptTerms terms;
     Clock::time_point since;
   };
   bool fresh(const Kept& k, Clock::time_point now) const;

@@ -60,19 +60,24 @@ void OutcomeRecords::evict() {
 
 OutcomeRespMsg OutcomeRecords::answer_query(
     const std::string& id, const std::shared_ptr<spdlog::logger>& log) {
+  OutcomeRespMsg resp;
+  resp.remembers_all = !forgot_committed_;
   auto it = records_.find(id);
   if (it == records_.end()) {
     // Never installed here, unless it could have been and was forgotten.
     const bool unsure = started_with_requests_ || forgot_committed_;
-    return {unsure ? Outcome::kForgotten : Outcome::kUnknown};
+    resp.outcome = unsure ? Outcome::kForgotten : Outcome::kUnknown;
+    return resp;
   }
   Record& rec = it->second;
   if (rec.outcome == Outcome::kPending && !rec.committing) {
     rec.fenced = true;
     log->warn("[{}] outcome query before COMMIT: fenced as aborted", id);
-    return {Outcome::kAborted};
+    resp.outcome = Outcome::kAborted;
+    return resp;
   }
-  return {rec.outcome};
+  resp.outcome = rec.outcome;
+  return resp;
 }
 
 bool OutcomeRecords::begin_commit(const std::string& id) {

@@ -456,7 +456,7 @@ asio::awaitable<Result<FrameChannel>> SourceRun::open_channel(bool may_reuse) {
   if (may_reuse) {
     if (auto kept = ctx_.kept_channels.take(req_.to)) {
       kept_connection_ = true;
-      dst_inline_limit_ = kept->inline_limit;
+      dst_terms_ = kept->terms;
       ctx_.fault("src.kept_taken");
       co_return std::move(kept->channel);
     }
@@ -489,7 +489,7 @@ asio::awaitable<Result<Frame>> SourceRun::exchange_hello(
     channel_->close();
     channel_.reset();
     kept_connection_ = false;
-    dst_inline_limit_ = 0;
+    dst_terms_ = {};
     ctx_.fault("src.kept_retry");
     auto connected = co_await open_channel(false);
     if (!connected.ok()) {
@@ -616,8 +616,9 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
   hello.initiator_address = init_->address();
   hello.inline_pages = may_inline(n_pages);
   // One exchange: this connection's OFFER said the pages fit.
-  hello.pages_follow = hello.inline_pages && kept_connection_ &&
-                       uint64_t{n_pages} * page_total_ <= dst_inline_limit_;
+  hello.pages_follow =
+      hello.inline_pages && kept_connection_ &&
+      uint64_t{n_pages} * page_total_ <= dst_terms_.inline_limit;
   ctx_.log->info("{} {} {} requests{}, {} pages over {}", tag_,
                  req_.mode == MigrationMode::kMove ? "moving" : "copying",
                  moving_.size(), req_.live ? " live" : "", n_pages,
@@ -659,7 +660,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
             : "OFFER takes the pages inline; HELLO did not ask");
   }
   inline_pages_ = offer->inline_pages;
-  dst_inline_limit_ = offer->inline_limit;
+  dst_terms_ = {offer->inline_limit, offer->incarnation};
   dst_regions_ = std::move(offer->regions);
   dst_staging_slots_ = offer->staging_slots;
   dst_memory_ = std::move(offer->memory);
@@ -941,11 +942,19 @@ asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
                                                       Status& why) {
   // The destination closes a kept connection only while it waits for a
   // next frame: closed as the exchange went out, it read nothing, and says
-  // so when asked (kUnknown: no record of this id). Anything else is its
-  // answer, or no answer (the caller asks on, in doubt if it must).
+  // so when asked: no record of this id (kUnknown; or kForgotten from an
+  // agent that started over requests of its own, when it is the very agent
+  // that made this connection's OFFER and never forgot a commit). Anything
+  // else is its answer, or no answer (the caller asks on, in doubt if it
+  // must).
   channel_->close();
   auto asked = co_await query_outcome(ctx_, req_.to, id_, deadline());
-  if (!asked.ok() || *asked != Outcome::kUnknown) {
+  const bool never_read =
+      asked.ok() &&
+      (asked->outcome == Outcome::kUnknown ||
+       (asked->outcome == Outcome::kForgotten && asked->remembers_all &&
+        asked->incarnation == dst_terms_.incarnation));
+  if (!never_read) {
     ctx_.log->warn("{} kept connection to {} failed during the exchange ({})",
                    tag_, req_.to, why.to_string());
     co_return Outcome::kUnknown;
@@ -971,7 +980,7 @@ namespace {
 // `peer`: a failed ack closes it, as does a stopping agent.
 asio::awaitable<void> acknowledge_done(MigrationContext& ctx, std::string peer,
                                        std::string tag, FrameChannel channel,
-                                       uint64_t inline_limit) {
+                                       KeptTerms terms) {
   Status acked =
       co_await channel.send(MsgType::kDoneAck, {}, ctx.peer_deadline());
   if (!acked.ok()) {
@@ -979,7 +988,7 @@ asio::awaitable<void> acknowledge_done(MigrationContext& ctx, std::string peer,
     co_return;
   }
   if (ctx.stopping) co_return;
-  ctx.kept_channels.put(peer, std::move(channel), inline_limit);
+  ctx.kept_channels.put(peer, std::move(channel), terms);
 }
 
 }  // namespace
@@ -1057,7 +1066,7 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     // once the caller has its report (its wake-up and the ack's system
     // call overlap), before the io thread takes its next call.
     ctx_.after_reply.push_back(acknowledge_done(
-        ctx_, req_.to, tag_, std::move(*channel_), dst_inline_limit_));
+        ctx_, req_.to, tag_, std::move(*channel_), dst_terms_));
     channel_.reset();
   } else {
     channel_->close();

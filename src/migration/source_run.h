@@ -224,10 +224,9 @@ class SourceRun {
 
   std::optional<FrameChannel> channel_;
   bool kept_connection_ = false;  // channel_ came from ctx_.kept_channels
-  // The page bytes the destination takes inline, as the OFFER on channel_
-  // said (KeptChannels::Taken::inline_limit; this run's own OFFER): kept
-  // with the connection.
-  uint64_t dst_inline_limit_ = 0;
+  // What the OFFER on channel_ said of the destination (its inline limit,
+  // its incarnation): kept with the connection for the next migration.
+  KeptTerms dst_terms_;
   // One exchange (HELLO's pages_follow): HELLO's payload, sent with PAGES
   // and COMMIT; empty otherwise.
   std::vector<uint8_t> hello_frame_;

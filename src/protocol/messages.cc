@@ -75,6 +75,7 @@ std::vector<uint8_t> encode(const OfferMsg& m) {
   w.put_string(m.memory);
   w.put(static_cast<uint8_t>(m.inline_pages ? 1 : 0));
   w.put(m.inline_limit);
+  w.put(m.incarnation);
   return w.take();
 }
 
@@ -106,6 +107,7 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
         if (flags > 1) return Status::data_loss("unknown OFFER flags");
         m.inline_pages = flags & 1;
         KVMIG_ASSIGN_OR_RETURN(m.inline_limit, r.get<uint64_t>("inline limit"));
+        KVMIG_ASSIGN_OR_RETURN(m.incarnation, r.get<uint64_t>("incarnation"));
         return m;
       });
 }
@@ -309,6 +311,8 @@ Result<OutcomeReqMsg> decode_outcome_req(std::span<const uint8_t> p,
 std::vector<uint8_t> encode(const OutcomeRespMsg& m) {
   ByteWriter w;
   w.put(static_cast<uint8_t>(m.outcome));
+  w.put(m.incarnation);
+  w.put(static_cast<uint8_t>(m.remembers_all ? 1 : 0));
   return w.take();
 }
 
@@ -320,7 +324,13 @@ Result<OutcomeRespMsg> decode_outcome_resp(std::span<const uint8_t> p) {
           return Status::data_loss("outcome " + std::to_string(o) +
                                    " out of range");
         }
-        return OutcomeRespMsg{static_cast<Outcome>(o)};
+        OutcomeRespMsg m;
+        m.outcome = static_cast<Outcome>(o);
+        KVMIG_ASSIGN_OR_RETURN(m.incarnation, r.get<uint64_t>("incarnation"));
+        KVMIG_ASSIGN_OR_RETURN(uint8_t flags, r.get<uint8_t>("flags"));
+        if (flags > 1) return Status::data_loss("unknown OUTCOME_RESP flags");
+        m.remembers_all = flags & 1;
+        return m;
       });
 }
 

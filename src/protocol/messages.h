@@ -62,6 +62,9 @@ struct OfferMsg {
   // are not host memory): what a source may send later on this connection
   // with HELLO's pages_follow.
   uint64_t inline_limit = 0;
+  // A random id this agent drew when it started: which agent made the
+  // connection's OFFERs (OutcomeRespMsg::incarnation).
+  uint64_t incarnation = 0;
 };
 
 // A live round asks for n more slots.
@@ -140,6 +143,13 @@ struct OutcomeReqMsg {
 };
 struct OutcomeRespMsg {
   Outcome outcome = Outcome::kUnknown;
+  // The answering agent's incarnation (MigrationContext::incarnation, as in
+  // its OFFERs), and whether it still holds the record of every commit it
+  // made (none evicted unacknowledged). With both, "no record" from the
+  // agent a source sent a migration to means that agent never read its
+  // HELLO, whatever it started over (protocol 11).
+  uint64_t incarnation = 0;
+  bool remembers_all = false;
 };
 
 std::vector<uint8_t> encode(const HelloMsg& m);

@@ -77,10 +77,18 @@ int run(const fs::path& root) {
                         {1, 2},
                         "host",
                         false,
+                        0,
                         0}));
   s.add(2, MsgType::kOffer,
-        encode(OfferMsg{
-            "tcp", {3, 4}, {{32768, 32768, 64}}, 0, {}, "host", true, 65536}));
+        encode(OfferMsg{"tcp",
+                        {3, 4},
+                        {{32768, 32768, 64}},
+                        0,
+                        {},
+                        "host",
+                        true,
+                        65536,
+                        99}));
   s.add(2, MsgType::kOffer,
         encode(OfferMsg{"ucx",
                         {9, 8},
@@ -89,6 +97,7 @@ int run(const fs::path& root) {
                         std::vector<uint8_t>(40, 0xab),
                         "cuda",
                         false,
+                        0,
                         0}));
   s.add(3, MsgType::kCommit, encode(CommitMsg{{{1, 20, {5, 6}}}, {}, 0}));
   s.add(3, MsgType::kCommit,
@@ -106,7 +115,8 @@ int run(const fs::path& root) {
   s.add(9, MsgType::kError, encode(ErrorMsg{Status::not_found("no such id")}));
   s.add(9, MsgType::kError, encode(ErrorMsg{Status::protocol("bad frame")}));
   s.add(10, MsgType::kOutcomeReq, encode(OutcomeReqMsg{hello.migration_id}));
-  s.add(11, MsgType::kOutcomeResp, encode(OutcomeRespMsg{Outcome::kCommitted}));
+  s.add(11, MsgType::kOutcomeResp,
+        encode(OutcomeRespMsg{Outcome::kCommitted, 0x1234, true}));
   MigrateRequest req;
   req.to = "127.0.0.1:7470";
   req.seqs = {1, 2, 3};
@@ -161,7 +171,8 @@ int run(const fs::path& root) {
       encode(CancelReport{hello.migration_id, "aborted", "destination full"}));
   s.add(19, MsgType::kSettleReq,
         encode(SettleReqMsg{hello.migration_id, true}));
-  s.add(11, MsgType::kOutcomeResp, encode(OutcomeRespMsg{Outcome::kForgotten}));
+  s.add(11, MsgType::kOutcomeResp,
+        encode(OutcomeRespMsg{Outcome::kForgotten, 7, false}));
   s.add(0, MsgType::kStatusReq, {});
   s.add(0, MsgType::kDone, {});
   s.add(15, MsgType::kSnapshotResp,

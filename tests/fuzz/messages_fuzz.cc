@@ -64,7 +64,8 @@ bool same(const OutcomeReqMsg& a, const OutcomeReqMsg& b) {
   return a.migration_id == b.migration_id;
 }
 bool same(const OutcomeRespMsg& a, const OutcomeRespMsg& b) {
-  return a.outcome == b.outcome;
+  return a.outcome == b.outcome && a.incarnation == b.incarnation &&
+         a.remembers_all == b.remembers_all;
 }
 bool same(const MigrateRequest& a, const MigrateRequest& b) {
   return a.to == b.to && a.seqs == b.seqs && a.all == b.all &&

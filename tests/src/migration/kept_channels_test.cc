@@ -152,20 +152,22 @@ TEST_F(KeptChannelsTest, SweepClosesWhatItsPeerClosed) {
   EXPECT_EQ(t->channel.socket().local_endpoint(), ends[0].remote_endpoint());
 }
 
-TEST_F(KeptChannelsTest, EachConnectionKeepsItsInlineLimit) {
+TEST_F(KeptChannelsTest, EachConnectionKeepsItsOffersTerms) {
   KeptChannels kept(io_, 4, 60s);
   auto [c1, s1] = pair();
   auto [c2, s2] = pair();
-  kept.put("a:1", std::move(c1), 64 << 10);
+  kept.put("a:1", std::move(c1), {64 << 10, 7});
   kept.put("a:1", std::move(c2));
   auto t = kept.take("a:1");
   ASSERT_TRUE(t);
   EXPECT_EQ(t->channel.socket().local_endpoint(), s2.remote_endpoint());
-  EXPECT_EQ(t->inline_limit, 0u);
+  EXPECT_EQ(t->terms.inline_limit, 0u);
+  EXPECT_EQ(t->terms.incarnation, 0u);
   t = kept.take("a:1");
   ASSERT_TRUE(t);
   EXPECT_EQ(t->channel.socket().local_endpoint(), s1.remote_endpoint());
-  EXPECT_EQ(t->inline_limit, 64u << 10);
+  EXPECT_EQ(t->terms.inline_limit, 64u << 10);
+  EXPECT_EQ(t->terms.incarnation, 7u);
 }
 
 TEST_F(KeptChannelsTest, KeepingOffClosesWhatIsPut) {

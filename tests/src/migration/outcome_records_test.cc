@@ -19,6 +19,10 @@ TEST(OutcomeRecords, AnUnknownIdWasNeverInstalledOverAFreshPager) {
   OutcomeRecords recreated;  // an agent recreated over a pager with requests
   recreated.set_started_with_requests(true);
   EXPECT_EQ(ask(recreated, "never"), Outcome::kForgotten);
+  // Forgotten for what an earlier agent may have done; this one forgot
+  // nothing of its own.
+  EXPECT_TRUE(recreated.answer_query("never", logger("control")).remembers_all);
+  EXPECT_TRUE(records.answer_query("never", logger("control")).remembers_all);
 }
 
 TEST(OutcomeRecords, AQueryBeforeCommitFencesTheMigration) {
@@ -66,6 +70,8 @@ TEST(OutcomeRecords, ForgettingAnUnacknowledgedCommitMakesUnknownIdsForgotten) {
   EXPECT_EQ(ask(records, "c-0"), Outcome::kForgotten);
   EXPECT_EQ(ask(records, "never"), Outcome::kForgotten);
   EXPECT_EQ(ask(records, "c-1"), Outcome::kCommitted);
+  // And it says so: its "no record" no longer means "never read".
+  EXPECT_FALSE(records.answer_query("never", logger("control")).remembers_all);
 }
 
 }  // namespace

@@ -58,7 +58,7 @@ TEST(MessagesTest, HelloRoundTrip) {
 TEST(MessagesTest, OfferAndCommitRoundTrip) {
   OfferMsg o{"tcp", {5, 6, 9}, {{64, 32, 100}, {64, 32, 100}},
              0,     {7, 7},    "cuda",
-             false, 0};
+             false, 0,         0};
   ASSERT_OK_AND_ASSIGN(OfferMsg ob, decode_offer(encode(o), limits()));
   EXPECT_EQ(ob.memory, "cuda");
   EXPECT_EQ(ob.slots, o.slots);
@@ -72,8 +72,11 @@ TEST(MessagesTest, OfferAndCommitRoundTrip) {
   ASSERT_OK_AND_ASSIGN(ob, decode_offer(encode(o), limits()));
   EXPECT_TRUE(ob.inline_pages);
   EXPECT_EQ(ob.inline_limit, 64u << 10);
+  o.incarnation = 0xabcdef;
+  ASSERT_OK_AND_ASSIGN(ob, decode_offer(encode(o), limits()));
+  EXPECT_EQ(ob.incarnation, 0xabcdefu);
   std::vector<uint8_t> flagged = encode(o);
-  flagged[flagged.size() - 9] = 2;  // the flags, before the inline limit
+  flagged[flagged.size() - 17] = 2;  // the flags, before limit, incarnation
   EXPECT_EQ(decode_offer(flagged, limits()).status().code(),
             StatusCode::kDataLoss);
   CommitMsg c{{{1, 20, {5, 6}}, {2, 3, {5}}}, {}, 0};
@@ -305,6 +308,20 @@ TEST(MessagesTest, BadEnumsAreErrors) {
             StatusCode::kDataLoss);
   std::vector<uint8_t> outcome = {9};
   EXPECT_FALSE(decode_outcome_resp(outcome).ok());
+}
+
+TEST(MessagesTest, OutcomeRespCarriesTheIncarnation) {
+  OutcomeRespMsg m{Outcome::kForgotten, 0x0102030405060708, true};
+  ASSERT_OK_AND_ASSIGN(OutcomeRespMsg back, decode_outcome_resp(encode(m)));
+  EXPECT_EQ(back.outcome, Outcome::kForgotten);
+  EXPECT_EQ(back.incarnation, m.incarnation);
+  EXPECT_TRUE(back.remembers_all);
+  std::vector<uint8_t> flagged = encode(m);
+  flagged.back() = 2;
+  EXPECT_EQ(decode_outcome_resp(flagged).status().code(),
+            StatusCode::kDataLoss);
+  flagged.pop_back();
+  EXPECT_FALSE(decode_outcome_resp(flagged).ok());
 }
 
 TEST(MessagesTest, RandomBytesNeverCrashDecoders) {
