@@ -41,9 +41,11 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // 9: a committed migration's control connection may carry the next HELLO
 // (both sides keep it); MIGRATE_RESP's data path flags say so (4).
 // 10: STATUS_RESP counts the control connections a source keeps.
-// 11: OFFER says how many page bytes the destination takes inline; on a kept
-// connection, a small stop-and-copy sends HELLO, PAGES and COMMIT at once
-// (HELLO's pages_follow) and waits for DONE alone: one exchange.
+// 11: OFFER says how many page bytes the destination takes inline, and which
+// agent it is (incarnation); on a kept connection, a small stop-and-copy
+// sends HELLO, PAGES and COMMIT at once (HELLO's pages_follow) and waits for
+// DONE alone: one exchange. OUTCOME_RESP names the agent that answers and
+// whether it still holds every commit it made.
 inline constexpr uint16_t kProtocolVersion = 11;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
