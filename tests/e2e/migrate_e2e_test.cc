@@ -1581,6 +1581,8 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     EXPECT_EQ(offer.slots.size(), pages);
     EXPECT_EQ(offer.inline_pages, inline_pages);
     EXPECT_EQ(offer.target_address.empty(), inline_pages);
+    // Protocol 11: what a later HELLO on this connection may send with it.
+    EXPECT_EQ(offer.inline_limit, options.inline_page_bytes);
     return offer;
   };
   auto send = [](int fd, MsgType type, const std::vector<uint8_t>& payload) {
@@ -1700,6 +1702,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
                          decode_offer(offered.second, WireLimits{}));
     EXPECT_FALSE(offer.inline_pages);
     EXPECT_FALSE(offer.target_address.empty());
+    EXPECT_EQ(offer.inline_limit, 0u);
     refusing->stop();
   }
 }
@@ -1710,7 +1713,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
 // allocated and installs the very bytes sent; no OFFER comes, DONE does. A
 // position beyond the allocation, pages over the destination's inline limit,
 // or an agent that takes none inline: an ABORT naming what was wrong, and
-// every slot free again. OFFER says what the limit is.
+// every slot free again.
 TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
   ASSERT_OK_AND_ASSIGN(CacheMeta meta, preset_meta("tiny"));
   AgentOptions options;
@@ -1807,28 +1810,6 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
       EXPECT_TRUE(
           std::equal(got.v.begin(), got.v.end(), want + meta.page_bytes()));
     }
-  }
-  {
-    SCOPED_TRACE("the limit in OFFER");
-    const int fd = raw_connect(agent->address());
-    ASSERT_GE(fd, 0);
-    ScopeExit close_fd([fd] { close(fd); });
-    HelloMsg h;
-    h.migration_id = "follow-offer";
-    h.meta = meta;
-    h.n_pages = 1;
-    h.n_seqs = 1;
-    h.transports = {"tcp"};
-    h.seqs = {78};
-    h.inline_pages = true;
-    const auto f = encode_frame(MsgType::kHello, encode(h));
-    ASSERT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
-    ASSERT_OK_AND_ASSIGN(auto offered, read_frame(fd));
-    ASSERT_EQ(offered.first, MsgType::kOffer) << msg_type_name(offered.first);
-    ASSERT_OK_AND_ASSIGN(OfferMsg offer,
-                         decode_offer(offered.second, WireLimits{}));
-    EXPECT_TRUE(offer.inline_pages);
-    EXPECT_EQ(offer.inline_limit, options.inline_page_bytes);
   }
   agent->stop();
   {
