@@ -319,13 +319,16 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
   if (ctx_.host_layout) offer.inline_limit = ctx_.options.inline_page_bytes;
   offer.incarnation = ctx_.incarnation;
   const std::vector<uint8_t> payload = encode(offer);
-  Status sent =
-      co_await channel_.send(MsgType::kOffer, payload, ctx_.peer_deadline());
-  if (!sent.ok()) co_return sent;
+  // Logged before the frame goes out: once the source has OFFER it may
+  // act on it (a test may kill this agent), so a line written after the
+  // send could be lost to the race.
   ctx_.log->info("{} offered {} slots over {}{}", tag_, slots_.size(),
                  inline_pages_ ? "the control connection"
                                : std::string(transport_->name()),
                  staging_ ? " (staged)" : "");
+  Status sent =
+      co_await channel_.send(MsgType::kOffer, payload, ctx_.peer_deadline());
+  if (!sent.ok()) co_return sent;
   ctx_.fault("dst.after_offer");
   co_return Status();
 }
