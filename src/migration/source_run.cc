@@ -465,6 +465,18 @@ asio::awaitable<Result<FrameChannel>> SourceRun::open_channel(bool may_reuse) {
                                      ctx_.options.secret, deadline());
 }
 
+asio::awaitable<Status> SourceRun::reconnect() {
+  channel_->close();
+  kept_connection_ = false;
+  ctx_.fault("src.kept_retry");
+  auto connected = co_await open_channel(false);
+  if (!connected.ok()) {
+    co_return connected.status().with_context("destination");
+  }
+  channel_.emplace(std::move(*connected));
+  co_return Status();
+}
+
 asio::awaitable<Result<Frame>> SourceRun::exchange_hello(
     std::span<const uint8_t> payload) {
   for (;;) {
@@ -486,16 +498,8 @@ asio::awaitable<Result<Frame>> SourceRun::exchange_hello(
     // connection is not kept_connection_), on a new connection.
     ctx_.log->info("{} kept connection to {} closed ({}): connecting again",
                    tag_, req_.to, reply.status().message());
-    channel_->close();
-    channel_.reset();
-    kept_connection_ = false;
-    dst_terms_ = {};
-    ctx_.fault("src.kept_retry");
-    auto connected = co_await open_channel(false);
-    if (!connected.ok()) {
-      co_return connected.status().with_context("destination");
-    }
-    channel_.emplace(std::move(*connected));
+    dst_terms_ = {};  // the new connection's OFFER says them again
+    KVMIG_CO_RETURN_IF_ERROR(co_await reconnect());
   }
 }
 
@@ -961,15 +965,16 @@ asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
   }
   ctx_.log->info("{} kept connection to {} closed ({}): sending again", tag_,
                  req_.to, why.message());
-  kept_connection_ = false;
-  ctx_.fault("src.kept_retry");
-  auto connected = co_await open_channel(false);
-  if (!connected.ok()) {
-    why = connected.status().with_context("destination");
+  if (asked->incarnation != dst_terms_.incarnation) {
+    // Another agent answers there now (restarted): what the old one
+    // offered says nothing of it, and is not kept for the next migration.
+    dst_terms_ = {};
+  }
+  if (Status again = co_await reconnect(); !again.ok()) {
+    why = again;
     // Nothing reached it: nothing to decide there.
     co_return Outcome::kAborted;
   }
-  channel_.emplace(std::move(*connected));
   co_return co_await send_commit(msg, why);
 }
 
@@ -1027,16 +1032,10 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
     // (kept_connection_ goes false).
     ctx_.log->info("{} kept connection to {} closed: connecting again", tag_,
                    req_.to);
-    channel_->close();
-    kept_connection_ = false;
-    ctx_.fault("src.kept_retry");
-    auto connected = co_await open_channel(false);
-    if (!connected.ok()) {
-      Status gone = connected.status().with_context("destination");
+    if (Status gone = co_await reconnect(); !gone.ok()) {
       co_await resume_engine();
       co_return gone;
     }
-    channel_.emplace(std::move(*connected));
   }
   if (channel_->peer_closed()) {
     Status gone = Status::unavailable("destination " + req_.to +

@@ -153,6 +153,10 @@ class SourceRun {
   // The control connection: with may_reuse, one kept from an earlier
   // migration to the same destination if there is one; else a new one.
   asio::awaitable<Result<FrameChannel>> open_channel(bool may_reuse);
+  // Closes a kept channel_ the destination closed and opens a new one in
+  // its place, not kept (so a second failure is not retried). On failure
+  // channel_ stays, closed.
+  asio::awaitable<Status> reconnect();
   // Sends HELLO and receives the answer, on a new connection once more if
   // a kept one turns out closed.
   asio::awaitable<Result<Frame>> exchange_hello(

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -356,6 +357,68 @@ INSTANTIATE_TEST_SUITE_P(DestinationStartedEmptyOrNot, ExchangeRace,
                          [](const ::testing::TestParamInfo<bool>& info) {
                            return info.param ? "OverItsOwnRequest" : "Empty";
                          });
+
+// One exchange, and the destination is replaced as it goes out: the agent
+// that made the kept connection's OFFER (inline limit 256 KiB) stops, and
+// another starts at its address with a limit of 64 KiB. The new agent has
+// no record of the id, so the exchange goes to it again and commits. What
+// the old agent offered is not kept with the new connection: the next
+// move there (two requests, 96 KiB) does not send its pages unasked on
+// the strength of the old limit (the new agent would refuse them), but
+// asks with HELLO, and the new agent takes them over the data path.
+TEST(ExchangeRestart, TheNewAgentsOfferGovernsTheNextMove) {
+  std::atomic<bool> armed{false};
+  std::atomic<int> retries{0};
+  Agent* stop_me = nullptr;
+  std::optional<Side> b2;
+  Status restarted = Status::internal("not restarted");
+  AgentOptions a_options;
+  a_options.inline_page_bytes = 256u << 10;
+  a_options.fault_hook = [&](std::string_view point) {
+    if (point == "src.kept_retry") ++retries;
+    if (point != "src.one_exchange" || !armed.exchange(false)) return;
+    const uint16_t port = stop_me->port();
+    stop_me->stop();
+    AgentOptions same_port;
+    same_port.listen_port = port;
+    same_port.inline_page_bytes = 64u << 10;
+    auto started = start_side(0, same_port);
+    restarted = started.status();
+    if (started.ok()) b2.emplace(std::move(*started));
+  };
+  ASSERT_OK_AND_ASSIGN(Side a, start_side(4, a_options));
+  AgentOptions b_options;
+  b_options.inline_page_bytes = 256u << 10;
+  ASSERT_OK_AND_ASSIGN(Side b, start_side(0, b_options));
+  stop_me = b.agent.get();
+  const auto before = digests_of(*a.agent);
+
+  ASSERT_OK_AND_ASSIGN(MigrationReport first, move(*a.agent, *b.agent, 1));
+  EXPECT_FALSE(first.one_exchange);
+  armed = true;
+  MigrateRequest req;
+  req.to = b.agent->address();
+  req.seqs = {2};
+  ASSERT_OK_AND_ASSIGN(MigrationReport second, a.agent->migrate(req));
+  ASSERT_OK(restarted);
+  EXPECT_EQ(retries.load(), 1);
+  EXPECT_TRUE(second.one_exchange);
+  EXPECT_FALSE(second.kept_connection);  // sent again on a new one
+
+  req.seqs = {3, 4};  // 6 pages of 16 KiB: over the new agent's limit
+  ASSERT_OK_AND_ASSIGN(MigrationReport third, a.agent->migrate(req));
+  EXPECT_TRUE(third.kept_connection);
+  EXPECT_FALSE(third.one_exchange);
+  EXPECT_FALSE(third.inline_pages);
+  auto at_b2 = digests_of(*b2->agent);
+  ASSERT_EQ(at_b2.size(), 3u);
+  for (SeqId id : {2, 3, 4}) EXPECT_EQ(at_b2.at(id), before.at(id)) << id;
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, a.agent->status());
+  EXPECT_TRUE(st.in_doubt.empty());
+  ASSERT_EQ(st.seqs.size(), 0u);
+  a.agent->stop();
+  b2->agent->stop();
+}
 
 // One exchange into a destination with too few free slots: it refuses at
 // HELLO (ABORT), before it reads the pages; the source rolls back (the
