@@ -42,6 +42,16 @@ Status reply_status(const Frame& f, const WireLimits& limits,
                           msg_type_name(f.type));
 }
 
+// "No record of this id" from the agent of `incarnation`: kUnknown; or
+// kForgotten from an agent that started over requests of its own, when it
+// is that very agent and never forgot a commit.
+bool no_record(const Result<OutcomeRespMsg>& answer, uint64_t incarnation) {
+  return answer.ok() &&
+         (answer->outcome == Outcome::kUnknown ||
+          (answer->outcome == Outcome::kForgotten && answer->remembers_all &&
+           answer->incarnation == incarnation));
+}
+
 // NotFound naming the ids (in the order asked, once each) that `live`
 // does not list; OK when it lists them all.
 Status refuse_unknown(const std::vector<LogicalSeq>& live,
@@ -946,19 +956,12 @@ asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
                                                       Status& why) {
   // The destination closes a kept connection only while it waits for a
   // next frame: closed as the exchange went out, it read nothing, and says
-  // so when asked: no record of this id (kUnknown; or kForgotten from an
-  // agent that started over requests of its own, when it is the very agent
-  // that made this connection's OFFER and never forgot a commit). Anything
-  // else is its answer, or no answer (the caller asks on, in doubt if it
-  // must).
+  // so when asked: no record of this id from the agent of this
+  // connection's OFFER. Anything else is its answer, or no answer (the
+  // caller asks on, in doubt if it must).
   channel_->close();
   auto asked = co_await query_outcome(ctx_, req_.to, id_, deadline());
-  const bool never_read =
-      asked.ok() &&
-      (asked->outcome == Outcome::kUnknown ||
-       (asked->outcome == Outcome::kForgotten && asked->remembers_all &&
-        asked->incarnation == dst_terms_.incarnation));
-  if (!never_read) {
+  if (!no_record(asked, dst_terms_.incarnation)) {
     ctx_.log->warn("{} kept connection to {} failed during the exchange ({})",
                    tag_, req_.to, why.to_string());
     co_return Outcome::kUnknown;
@@ -975,7 +978,21 @@ asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
     // Nothing reached it: nothing to decide there.
     co_return Outcome::kAborted;
   }
-  co_return co_await send_commit(msg, why);
+  const Outcome again = co_await send_commit(msg, why);
+  if (again != Outcome::kAborted) co_return again;
+  // Refused. Mostly for what the ABORT says; but if the close was not the
+  // destination's own (a reset on the way) the first exchange may have
+  // reached it after all, late: then the id was "seen before", or its
+  // requests are "already live" there. Only a second "no record" (the
+  // query also fences a late exchange still under way), or "aborted",
+  // confirms the refusal; else the caller asks until the destination
+  // knows.
+  auto after = co_await query_outcome(ctx_, req_.to, id_, deadline());
+  if (no_record(after, asked->incarnation) ||
+      (after.ok() && after->outcome == Outcome::kAborted)) {
+    co_return Outcome::kAborted;
+  }
+  co_return Outcome::kUnknown;
 }
 
 namespace {

@@ -20,6 +20,8 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -33,6 +35,7 @@
 #include "agent_cli.h"
 #include "kvmig/transport.h"
 #include "process.h"
+#include "scope_exit.h"
 
 namespace kvmig::testing {
 namespace {
@@ -118,6 +121,23 @@ class ControlProxy {
     armed_action_ = action;
   }
 
+  // A reset on the way: frames k to k+n-1 towards the destination on the
+  // first connection are kept back, and once the last of them is in, the
+  // source's side is closed (the destination's stays open, and sees
+  // nothing). release_held() delivers them to the destination, late.
+  void arm_delay(int k, int n) {
+    std::lock_guard lock(mu_);
+    delay_from_ = k;
+    delay_frames_ = n;
+  }
+
+  // Delivers the frames arm_delay() kept back.
+  void release_held() {
+    std::lock_guard lock(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
   // Acts on every open connection now; corrupt flips a byte of the next
   // frame of the first connection, either way.
   void act(Action action) {
@@ -155,6 +175,7 @@ class ControlProxy {
     bool frozen = false;   // hold: closes wait for release_closes()
     bool stalled = false;  // stall: closes are never passed on
     bool corrupt_next = false;
+    std::vector<std::vector<uint8_t>> delayed;  // arm_delay(): kept back
     int frames[2] = {0, 0};
     std::vector<std::thread> threads;
     void shut() const {
@@ -236,9 +257,18 @@ class ControlProxy {
     for (;;) {
       ssize_t n = recv(from, chunk, sizeof chunk, 0);
       if (n <= 0) {
+        std::unique_lock lock(mu_);
+        if (!c->delayed.empty()) {
+          // Closed by arm_delay(): the kept frames go on once released,
+          // and the destination's side stays open.
+          cv_.wait(lock, [&] { return released_ || stopping_; });
+          auto late = std::move(c->delayed);
+          lock.unlock();
+          for (const auto& f : late) send_all(to, f.data(), f.size());
+          return;
+        }
         // A side that closed is closed on the other: at once, after
         // release_closes() when held, never when stalled.
-        std::unique_lock lock(mu_);
         cv_.wait(lock,
                  [&] { return !c->frozen || release_closes_ || stopping_; });
         if (!c->stalled) shutdown(to, SHUT_RDWR);
@@ -279,6 +309,16 @@ class ControlProxy {
           // A payload byte, or else a checksum byte (offset 16).
           if (corrupt) frame[len > 0 ? 24 + len / 2 : 16] ^= 0x5a;
           forward = !c->held;
+          if (c->first && dir == Dir::kToDestination && delay_frames_ > 0 &&
+              k >= delay_from_ && type != kProgressType) {
+            c->delayed.push_back(std::move(frame));
+            forward = false;
+            if (--delay_frames_ == 0) {
+              fired_ = true;
+              cv_.notify_all();
+              shutdown(c->client, SHUT_RDWR);
+            }
+          }
         }
         if (forward && !send_all(to, frame.data(), frame.size())) {
           shutdown(from, SHUT_RDWR);
@@ -303,6 +343,9 @@ class ControlProxy {
   bool release_closes_ = false;
   bool fired_ = false;
   bool armed_ = false;
+  int delay_from_ = 0;
+  int delay_frames_ = 0;
+  bool released_ = false;
   Dir armed_dir_ = Dir::kToSource;
   int armed_frame_ = 0;
   Action armed_action_ = Action::kHold;
@@ -771,6 +814,213 @@ INSTANTIATE_TEST_SUITE_P(
         FaultCase{Fault::kCorrupt, Point::kCommitInFlight, "tcp",
                   "host-inline"}),
     fault_case_name);
+
+// --- one exchange -----------------------------------------------------------
+
+// One exchange (protocol 11) under the control connection's faults. A first
+// move (request 3, inline) goes through the proxy and leaves its connection
+// kept at the source; the next (requests 1 and 2, 6 pages) goes on it as
+// HELLO, PAGES and COMMIT in one write, and the fault lands on HELLO
+// (nothing of the exchange forwarded), on COMMIT (HELLO and PAGES forwarded:
+// the destination took slots) or on DONE (it installed). Afterwards every
+// request lives in exactly one place with its digest, what was in doubt
+// settles once the network heals, and both agents take new moves.
+enum class ExchangeFrame { kHello, kCommit, kDone };
+using ExchangeCase = std::tuple<Fault, ExchangeFrame>;
+
+// The first connection's frames before the exchange: HELLO, PAGES, COMMIT
+// and DONE_ACK to the destination, OFFER and DONE back.
+constexpr int kWarmUpToDestination = 4;
+constexpr int kWarmUpToSource = 2;
+
+Expect expected_of_exchange(Fault f, ExchangeFrame at) {
+  switch (at) {
+    case ExchangeFrame::kHello:
+      // Cut or corrupt: the destination read nothing of it (a bad frame
+      // closes the connection), and says "no record" when asked on a new
+      // connection: the exchange goes there again and commits. Stalled: no
+      // answer, no query answered, in doubt until the network heals; the
+      // destination never saw it.
+      return f == Fault::kStall ? Expect::kInDoubt : Expect::kCommitted;
+    case ExchangeFrame::kCommit:
+      // The destination took slots with HELLO and gives them back when
+      // COMMIT never comes: the source's query finds it aborted (or fences
+      // it so). Stalled: in doubt first.
+      return f == Fault::kStall ? Expect::kInDoubt : Expect::kRolledBack;
+    case ExchangeFrame::kDone:
+      return f == Fault::kStall ? Expect::kInDoubt : Expect::kCommitted;
+  }
+  return Expect::kRolledBack;
+}
+
+struct ExchangeAgents {
+  std::unique_ptr<AgentProcess> src, dst;
+  std::unique_ptr<ControlProxy> proxy;
+  std::map<uint64_t, std::string> original;  // of requests 1, 2 and 3
+};
+
+// Source (requests 1 to 3) and destination with 128 KiB inline, the proxy,
+// and the warm-up move of request 3 through it.
+void start_exchange_agents(ExchangeAgents& a,
+                           std::vector<std::string> src_flags = {}) {
+  src_flags.insert(src_flags.end(),
+                   {"--capacity-pages", "64", "--populate", "3:40", "--seed",
+                    "11", "--peer-timeout-ms", kPeerTimeoutMs, "--inline-kib",
+                    "128", "--transports", "tcp"});
+  a.src = AgentProcess::start(src_flags);
+  a.dst = AgentProcess::start({"--capacity-pages", "64", "--peer-timeout-ms",
+                               kPeerTimeoutMs, "--inline-kib", "128",
+                               "--transports", "tcp"});
+  ASSERT_TRUE(a.src && a.dst);
+  a.proxy = ControlProxy::start(a.dst->address());
+  ASSERT_TRUE(a.proxy);
+  a.original = digests(status_of(a.src->address()));
+  ASSERT_EQ(a.original.size(), 3u);
+  int code = -1;
+  json warm = migrate(a.src->address(), a.proxy->address(), {3}, &code);
+  ASSERT_EQ(code, 0) << warm.dump();
+  ASSERT_FALSE(warm.value("one_exchange", true)) << warm.dump();
+}
+
+// Each request in exactly one place with its original digest: 1 and 2 at
+// the destination when the exchange committed, else at the source; both
+// pools' free pages match; and the requests move on (the destination's
+// digests would show a late write into the slots it gave back).
+void expect_one_place(ExchangeAgents& a, bool committed) {
+  const std::set<uint64_t> at_src =
+      committed ? std::set<uint64_t>{} : std::set<uint64_t>{1, 2};
+  const std::set<uint64_t> at_dst = committed ? kAll : std::set<uint64_t>{3};
+  json s = status_of(a.src->address());
+  EXPECT_EQ(digests(s), only(a.original, at_src)) << s.dump();
+  EXPECT_EQ(s["free_pages"],
+            64 - static_cast<int64_t>(at_src.size()) * kPagesPerSeq);
+  EXPECT_TRUE(s["in_doubt"].empty()) << s.dump();
+  const int64_t dst_free =
+      64 - static_cast<int64_t>(at_dst.size()) * kPagesPerSeq;
+  json d = wait_for_free_pages(a.dst->address(), dst_free, 10s);
+  EXPECT_EQ(d["free_pages"], dst_free) << d.dump() << a.dst->child().err();
+  EXPECT_EQ(digests(d), only(a.original, at_dst));
+  // Onward, straight (not through the proxy): 1 and 2 to the destination
+  // if they are not there, then 1 back to the source.
+  int code = -1;
+  if (!committed) {
+    json r = migrate(a.src->address(), a.dst->address(), {1, 2}, &code);
+    ASSERT_EQ(code, 0) << r.dump();
+  }
+  json r = migrate(a.dst->address(), a.src->address(), {1}, &code);
+  ASSERT_EQ(code, 0) << r.dump();
+  EXPECT_EQ(digests(status_of(a.src->address())), only(a.original, {1}));
+  EXPECT_EQ(digests(status_of(a.dst->address())), only(a.original, {2, 3}));
+}
+
+class OneExchangeFaultMatrix : public ::testing::TestWithParam<ExchangeCase> {};
+
+TEST_P(OneExchangeFaultMatrix, EveryRequestLivesInExactlyOnePlace) {
+  const auto [fault, at] = GetParam();
+  using Action = ControlProxy::Action;
+  using Dir = ControlProxy::Dir;
+  ExchangeAgents a;
+  start_exchange_agents(a);
+  LogsOnFailure logs({{"source", a.src.get()}, {"destination", a.dst.get()}});
+  if (HasFatalFailure()) return;
+  const Action action = fault == Fault::kCut     ? Action::kCut
+                        : fault == Fault::kStall ? Action::kStall
+                                                 : Action::kCorrupt;
+  switch (at) {
+    case ExchangeFrame::kHello:
+      a.proxy->arm(Dir::kToDestination, kWarmUpToDestination + 1, action);
+      break;
+    case ExchangeFrame::kCommit:
+      a.proxy->arm(Dir::kToDestination, kWarmUpToDestination + 3, action);
+      break;
+    case ExchangeFrame::kDone:
+      a.proxy->arm(Dir::kToSource, kWarmUpToSource + 1, action);
+      break;
+  }
+  int code = -1;
+  json r = migrate(a.src->address(), a.proxy->address(), kMoved, &code);
+  ASSERT_TRUE(a.proxy->wait_fired(0s)) << r.dump();
+  // It went as one exchange (the warm-up did not).
+  EXPECT_NE(a.src->child().err().find("6 pages over the control connection"),
+            std::string::npos);
+  const Expect expect = expected_of_exchange(fault, at);
+  bool committed = expect == Expect::kCommitted;
+  if (expect == Expect::kInDoubt) {
+    ASSERT_EQ(code, 1) << r.dump();
+    ASSERT_NE(r.value("error", "").find("in doubt"), std::string::npos)
+        << r.dump();
+    a.proxy->heal();
+    committed = at == ExchangeFrame::kDone;
+    json s = status_of(a.src->address());
+    auto end = std::chrono::steady_clock::now() + 20s;
+    while (!s["in_doubt"].empty() && std::chrono::steady_clock::now() < end) {
+      std::this_thread::sleep_for(100ms);
+      s = status_of(a.src->address());
+    }
+    ASSERT_TRUE(s["in_doubt"].empty()) << s.dump();
+  } else {
+    ASSERT_EQ(code, committed ? 0 : 1) << r.dump();
+    if (committed) {
+      EXPECT_TRUE(r.value("one_exchange", false)) << r.dump();
+    }
+  }
+  expect_one_place(a, committed);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Connection, OneExchangeFaultMatrix,
+    ::testing::Combine(
+        ::testing::Values(Fault::kCut, Fault::kStall, Fault::kCorrupt),
+        ::testing::Values(ExchangeFrame::kHello, ExchangeFrame::kCommit,
+                          ExchangeFrame::kDone)),
+    [](const ::testing::TestParamInfo<ExchangeCase>& info) {
+      const ExchangeFrame at = std::get<1>(info.param);
+      return fault_name(std::get<0>(info.param)) + "_" +
+             (at == ExchangeFrame::kHello    ? "Hello"
+              : at == ExchangeFrame::kCommit ? "Commit"
+                                             : "Done");
+    });
+
+// A reset on the way, not the destination's close: the source sees its
+// kept connection closed as the exchange goes out, asks, hears "no record",
+// and sends the exchange again; but the first exchange reaches the
+// destination late, before the second, and commits there. The second is
+// refused (its id was seen before): that refusal is not a rollback (the
+// requests would then live in two places). The source asks again and
+// learns "committed".
+TEST(OneExchangeFaultMatrix, ExchangeThatArrivesLateIsNotUndoneByTheResent) {
+  char dir_tmpl[] = "/tmp/kvmig-late-XXXXXX";
+  const std::string dir = mkdtemp(dir_tmpl);
+  const std::string release = dir + "/release";
+  ScopeExit cleanup([&] { std::filesystem::remove_all(dir); });
+  ScopeExit let_go([&] { std::ofstream(release).put('\n'); });
+  ExchangeAgents a;
+  start_exchange_agents(a, {"--fault", "src.kept_retry=hold:" + release});
+  LogsOnFailure logs({{"source", a.src.get()}, {"destination", a.dst.get()}});
+  if (HasFatalFailure()) return;
+  a.proxy->arm_delay(kWarmUpToDestination + 1, 3);  // HELLO, PAGES, COMMIT
+  auto cli =
+      Child::spawn({kvmig_bin(), "migrate", "--agent", a.src->address(), "--to",
+                    a.proxy->address(), "--seqs", join(kMoved), "--json"});
+  ASSERT_TRUE(cli);
+  // Asked, "no record": about to connect again.
+  ASSERT_TRUE(a.src->child().wait_for("reached src.kept_retry", 30s, true))
+      << a.src->child().err();
+  a.proxy->release_held();
+  auto end = std::chrono::steady_clock::now() + 10s;
+  while (digests(status_of(a.dst->address())).size() < 3 &&
+         std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_EQ(digests(status_of(a.dst->address())), a.original);
+  std::ofstream(release).put('\n');
+  ASSERT_TRUE(cli->wait_exit(30s));
+  json r = json::parse(cli->out(), nullptr, false);
+  ASSERT_TRUE(r.is_object()) << cli->out() << cli->err();
+  EXPECT_EQ(cli->exit_code(), 0) << r.dump();
+  EXPECT_TRUE(r.value("ok", false)) << r.dump();
+  expect_one_place(a, true);
+}
 
 // --- in doubt while the engine runs -----------------------------------------
 
