@@ -955,10 +955,11 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
 asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
                                                       Status& why) {
   // The destination closes a kept connection only while it waits for a
-  // next frame: closed as the exchange went out, it read nothing, and says
-  // so when asked: no record of this id from the agent of this
-  // connection's OFFER. Anything else is its answer, or no answer (the
-  // caller asks on, in doubt if it must).
+  // next frame: closed as the exchange went out, it read nothing (unless
+  // the close was a reset on the way: below), and says so when asked: no
+  // record of this id from the agent of this connection's OFFER. Anything
+  // else is its answer, or no answer (the caller asks on, in doubt if it
+  // must).
   channel_->close();
   auto asked = co_await query_outcome(ctx_, req_.to, id_, deadline());
   if (!no_record(asked, dst_terms_.incarnation)) {
