@@ -201,7 +201,11 @@ class UcxInitiator final : public TransportInitiator {
     // A kept connection never used (the migration ended before OFFER) is
     // still good: back to the parking.
     if (adopted_ && !connect_called_) keep_unused();
-    if (!kept_) close_and_wait();
+    // A fresh state never connected (the migration needed no data path: its
+    // pages went inline, or it ended before OFFER) has nothing on the
+    // progress thread to close: no hand-off there, which would put two
+    // thread wake-ups on the migration's end and set the thread polling.
+    if (!kept_ && (adopted_ || connect_called_)) close_and_wait();
     ucx_log()->debug("initiator to {} closed: {} ops, {} bytes, {} flushes",
                      state_->peer.empty() ? "nobody" : state_->peer,
                      ops_posted_, bytes_written_, flushes_requested_);
