@@ -183,7 +183,7 @@ void DestinationRun::report_end(const char* outcome) const {
 
 Status DestinationRun::check_hello() {
   const AgentOptions& options = ctx_.options;
-  if (ctx_.dst_records.contains(id_)) {
+  if (!ctx_.dst_records.admits(id_, hello_.resent)) {
     return Status::already_exists("migration id " + id_ + " seen before");
   }
   if (ctx_.active.count({id_, true})) {
@@ -220,7 +220,7 @@ Status DestinationRun::check_hello() {
 
 Status DestinationRun::register_id() {
   // Checked again: another HELLO with this id may have come meanwhile.
-  if (ctx_.dst_records.contains(id_)) {
+  if (!ctx_.dst_records.admits(id_, hello_.resent)) {
     return Status::already_exists("migration id " + id_ + " seen before");
   }
   ctx_.dst_records.remember(id_, Outcome::kPending);

@@ -5,7 +5,11 @@ namespace kvmig {
 void OutcomeRecords::remember(const std::string& id, Outcome outcome) {
   auto [it, inserted] = records_.try_emplace(id);
   Record& rec = it->second;
-  if (!inserted) {
+  if (rec.queried_only) {
+    // A query's fence (aborted: counted as neither) gives way to the
+    // migration it let in.
+    rec = Record{};
+  } else if (!inserted) {
     unacknowledged_ -= kept_for_source(rec);
     pending_ -= rec.outcome == Outcome::kPending;
   }
@@ -58,15 +62,29 @@ void OutcomeRecords::evict() {
   while (unacknowledged_ > kMaxUnacknowledged) drop_front(true);
 }
 
+bool OutcomeRecords::admits(const std::string& id, bool resent) const {
+  auto it = records_.find(id);
+  return it == records_.end() || (resent && it->second.queried_only);
+}
+
 OutcomeRespMsg OutcomeRecords::answer_query(
     const std::string& id, const std::shared_ptr<spdlog::logger>& log) {
   OutcomeRespMsg resp;
   resp.remembers_all = !forgot_committed_;
   auto it = records_.find(id);
-  if (it == records_.end()) {
+  if (it == records_.end() || it->second.queried_only) {
     // Never installed here, unless it could have been and was forgotten.
     const bool unsure = started_with_requests_ || forgot_committed_;
     resp.outcome = unsure ? Outcome::kForgotten : Outcome::kUnknown;
+    if (it == records_.end()) {
+      // Fenced: the source may now take it for never started.
+      Record& rec = records_[id];
+      rec.outcome = Outcome::kAborted;
+      rec.fenced = true;
+      rec.queried_only = true;
+      order_.push_back(id);
+      evict();
+    }
     return resp;
   }
   Record& rec = it->second;

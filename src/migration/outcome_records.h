@@ -24,6 +24,10 @@ class OutcomeRecords {
   static constexpr size_t kMaxUnacknowledged = 1u << 16;
 
   bool contains(const std::string& id) const { return records_.count(id); }
+  // Whether a HELLO with id may start a migration here: no record of it, or
+  // only an outcome query's fence and the HELLO is a resent one exchange
+  // (HelloMsg::resent).
+  bool admits(const std::string& id, bool resent) const;
 
   // The agent started over a pager that already held requests: what it does
   // not remember may have been installed by an earlier agent over it.
@@ -37,7 +41,10 @@ class OutcomeRecords {
 
   // The answer to a source's OUTCOME_REQ. A migration still pending before
   // its COMMIT was accepted is decided aborted now (fenced), so a COMMIT
-  // still in flight is refused.
+  // still in flight is refused. An id with no record is fenced too: a HELLO
+  // with it that comes later (a one exchange held on the way while its
+  // source heard "no record" and rolled back) is refused, unless it is
+  // the source's resend (admits()).
   OutcomeRespMsg answer_query(const std::string& id,
                               const std::shared_ptr<spdlog::logger>& log);
 
@@ -51,6 +58,9 @@ class OutcomeRecords {
     bool committing = false;  // COMMIT accepted, install under way
     bool fenced = false;      // an outcome query decided "aborted" first
     bool acknowledged = false;
+    // Made by an outcome query about an id never seen here: answered as no
+    // record, and kept only to refuse a HELLO that comes later.
+    bool queried_only = false;
   };
   // A commit whose source may still ask about it.
   static bool kept_for_source(const Record& r) {

@@ -974,6 +974,16 @@ asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
     // offered says nothing of it, and is not kept for the next migration.
     dst_terms_ = {};
   }
+  // That answer fenced the id there (a first exchange still on its way is
+  // refused when it comes): this one says it is the resend, which the
+  // fence lets in.
+  auto hello = decode_hello(hello_frame_, ctx_.limits);
+  if (!hello.ok()) {
+    why = hello.status();
+    co_return Outcome::kAborted;
+  }
+  hello->resent = true;
+  hello_frame_ = encode(*hello);
   if (Status again = co_await reconnect(); !again.ok()) {
     why = again;
     // Nothing reached it: nothing to decide there.
@@ -981,13 +991,11 @@ asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
   }
   const Outcome again = co_await send_commit(msg, why);
   if (again != Outcome::kAborted) co_return again;
-  // Refused. Mostly for what the ABORT says; but if the close was not the
-  // destination's own (a reset on the way) the first exchange may have
-  // reached it after all, late: then the id was "seen before", or its
-  // requests are "already live" there. Only a second "no record" (the
-  // query also fences a late exchange still under way), or "aborted",
-  // confirms the refusal; else the caller asks until the destination
-  // knows.
+  // Refused, for what the ABORT says. The fence keeps the first exchange
+  // from having started there since the answer; a second query confirms
+  // the refusal all the same (a refusal once meant the first exchange had
+  // committed, before the fence): only "no record" or "aborted" rolls
+  // back, anything else has the caller ask until the destination knows.
   auto after = co_await query_outcome(ctx_, req_.to, id_, deadline());
   if (no_record(after, asked->incarnation) ||
       (after.ok() && after->outcome == Outcome::kAborted)) {

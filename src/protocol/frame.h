@@ -46,7 +46,10 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // sends HELLO, PAGES and COMMIT at once (HELLO's pages_follow) and waits for
 // DONE alone: one exchange. OUTCOME_RESP names the agent that answers and
 // whether it still holds every commit it made.
-inline constexpr uint16_t kProtocolVersion = 11;
+// 12: an outcome query about an id the destination has no record of fences
+// that id (a HELLO with it that comes later is refused), and a one exchange
+// the source sends again after such an answer says so (HELLO's resent).
+inline constexpr uint16_t kProtocolVersion = 12;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {

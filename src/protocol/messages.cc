@@ -11,7 +11,7 @@ std::vector<uint8_t> encode(const HelloMsg& m) {
   put_meta(w, m.meta);
   w.put(static_cast<uint8_t>((m.live ? 1 : 0) | (m.verify ? 2 : 0) |
                              (m.inline_pages ? 4 : 0) |
-                             (m.pages_follow ? 8 : 0)));
+                             (m.pages_follow ? 8 : 0) | (m.resent ? 16 : 0)));
   w.put(m.n_pages);
   w.put(m.n_seqs);
   w.put(static_cast<uint32_t>(m.transports.size()));
@@ -29,14 +29,18 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
                                r.get_string(l.max_string, "migration id"));
         KVMIG_ASSIGN_OR_RETURN(m.meta, get_meta(r));
         KVMIG_ASSIGN_OR_RETURN(uint8_t flags, r.get<uint8_t>("flags"));
-        if (flags > 15) return Status::data_loss("unknown HELLO flags");
+        if (flags > 31) return Status::data_loss("unknown HELLO flags");
         m.live = flags & 1;
         m.verify = flags & 2;
         m.inline_pages = flags & 4;
         m.pages_follow = flags & 8;
+        m.resent = flags & 16;
         if (m.pages_follow && (!m.inline_pages || m.live)) {
           return Status::data_loss(
               "HELLO has pages follow without inline pages, or live");
+        }
+        if (m.resent && !m.pages_follow) {
+          return Status::data_loss("HELLO is resent without pages follow");
         }
         KVMIG_ASSIGN_OR_RETURN(m.n_pages, r.get<uint32_t>("page count"));
         KVMIG_ASSIGN_OR_RETURN(m.n_seqs, r.get<uint32_t>("seq count"));

@@ -39,6 +39,12 @@ struct HelloMsg {
   // allocates. A source sends this only on a kept connection whose OFFER
   // said the pages fit the destination's inline_limit.
   bool pages_follow = false;
+  // With pages_follow: the source sends this exchange a second time, on a
+  // new connection, because the destination answered an outcome query
+  // about its id with "no record". That query fenced the id (a first
+  // exchange still on its way is refused when it comes); the fence lets
+  // this one in (protocol 12).
+  bool resent = false;
 };
 
 // Slot positions: every slot the destination allocates for a migration gets

@@ -63,6 +63,9 @@ int run(const fs::path& root) {
   s.add(1, MsgType::kHello, encode(hello));
   hello.pages_follow = true;
   s.add(1, MsgType::kHello, encode(hello));
+  hello.resent = true;
+  s.add(1, MsgType::kHello, encode(hello));
+  hello.resent = false;
   hello.pages_follow = false;
   hello.inline_pages = false;
   hello.live = hello.verify = true;

@@ -37,6 +37,34 @@ TEST(OutcomeRecords, AQueryBeforeCommitFencesTheMigration) {
   EXPECT_EQ(ask(records, "n"), Outcome::kCommitted);
 }
 
+// Protocol 12: a query about an id never seen here answers "no record"
+// and fences the id: a HELLO with it that comes later (a one exchange held
+// on the way) is refused, unless it is the source's resend, which then
+// runs as any migration. Fences are bounded like other records.
+TEST(OutcomeRecords, AQueryAboutAnUnknownIdFencesAllButTheResend) {
+  OutcomeRecords records;
+  EXPECT_TRUE(records.admits("x", false));
+  EXPECT_EQ(ask(records, "x"), Outcome::kUnknown);
+  EXPECT_FALSE(records.admits("x", false));
+  EXPECT_TRUE(records.admits("x", true));
+  EXPECT_EQ(ask(records, "x"), Outcome::kUnknown);  // still no record
+  records.remember("x", Outcome::kPending);         // the resend registers
+  EXPECT_FALSE(records.admits("x", true));
+  EXPECT_EQ(ask(records, "x"), Outcome::kAborted);  // fenced as any pending
+  records.remember("y", Outcome::kPending);
+  EXPECT_FALSE(records.admits("y", true));  // a real record is never resent
+  EXPECT_EQ(ask(records, "z"), Outcome::kUnknown);
+  records.remember("z", Outcome::kPending);
+  EXPECT_TRUE(records.begin_commit("z"));  // the fence went with it
+  records.remember("z", Outcome::kCommitted);
+  EXPECT_EQ(ask(records, "z"), Outcome::kCommitted);
+  for (size_t i = 0; i < OutcomeRecords::kMaxRecords + 10; ++i) {
+    ask(records, "q-" + std::to_string(i));
+  }
+  EXPECT_FALSE(records.contains("q-0"));
+  EXPECT_TRUE(records.contains("z"));  // committed, not acknowledged
+}
+
 TEST(OutcomeRecords, UnacknowledgedCommitsOutliveTheBound) {
   OutcomeRecords records;
   records.remember("committed-unacked", Outcome::kCommitted);

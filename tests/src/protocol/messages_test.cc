@@ -48,7 +48,14 @@ TEST(MessagesTest, HelloRoundTrip) {
   EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
             StatusCode::kDataLoss);
   m.live = false;
+  // Protocol 12: a resent one exchange says so; only with pages follow.
+  m.resent = true;
+  ASSERT_OK_AND_ASSIGN(back, decode_hello(encode(m), limits()));
+  EXPECT_TRUE(back.resent && back.pages_follow);
   m.pages_follow = false;
+  EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
+            StatusCode::kDataLoss);
+  m.resent = false;
   // The ids must be as many as the count.
   m.seqs = {7};
   EXPECT_EQ(decode_hello(encode(m), limits()).status().code(),
