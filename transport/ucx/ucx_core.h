@@ -51,6 +51,17 @@
 // (not UCX-allocated) then run as emulated RMA over the sysv active-message
 // lane, which carries the endpoint id, so a closed endpoint stops them as
 // it does on tcp. With no RDMA device an endpoint to another host gets tcp.
+//
+// Closing. Emulated RMA acknowledges every put fragment with a message from
+// the target. UCX 1.13 cannot drop such an acknowledgement that is still
+// queued when the target's endpoint fails: purging it reads fields the
+// request never set (ucp_request_send_state_ff -> ucp_request_memory_dereg),
+// and the target's process died of SIGSEGV in CI when an initiator gave up
+// at its deadline and force-closed mid-transfer. So an initiator closing
+// with puts not yet flushed first flushes, for at most kDrainGrace: once the
+// flush completes, the target has nothing queued for it. An initiator that
+// dies mid-transfer, or a target revoked while a live initiator is still
+// writing, can still leave acknowledgements queued; README, "Status".
 #ifndef KVMIG_TRANSPORT_UCX_UCX_CORE_H_
 #define KVMIG_TRANSPORT_UCX_UCX_CORE_H_
 
@@ -83,6 +94,9 @@ namespace kvmig::ucx {
 
 // How long teardown waits for UCX to finish closing an endpoint.
 constexpr auto kCloseGrace = std::chrono::seconds(2);
+// How long an initiator closing mid-transfer waits for its puts to be
+// acknowledged before it force-closes (see "Closing" above).
+constexpr auto kDrainGrace = std::chrono::milliseconds(500);
 
 // The "ucx" logger. Thread-safe.
 std::shared_ptr<spdlog::logger> ucx_log();

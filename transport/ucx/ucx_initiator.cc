@@ -117,6 +117,9 @@ void InitState::on_flushed(void* req, ucs_status_t s, void* user) {
   auto* st = static_cast<InitState*>(user);
   if (req) ucp_request_free(req);
   if (s != UCS_OK) return st->fail(status_from_ucs(s, "flush to " + st->peer));
+  // The caller flushes only after its writes were posted, and waits for
+  // the flush before writing again: this one covered every put.
+  st->unflushed = false;
   std::lock_guard lock(st->mu);
   ++st->flushes_done;
   st->cv.notify_all();
@@ -132,6 +135,7 @@ void InitState::on_put_done(void* req, ucs_status_t s, void* user) {
 
 void InitState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
   auto* st = static_cast<InitState*>(arg);
+  st->ep_failed = true;
   st->fail(status_from_ucs(s, "connection to target " + st->peer));
   st->close(nullptr);  // a failed endpoint is only good for closing
 }
@@ -154,6 +158,7 @@ void InitState::pump() {
     }
     ucs_status_ptr_t r = ucp_put_nbx(ep.get(), put.src, put.length, put.remote,
                                      rkeys[put.region].get(), &p);
+    unflushed = true;
     if (UCS_PTR_IS_PTR(r)) {
       ++in_flight;
     } else if (UCS_PTR_STATUS(r) != UCS_OK) {
@@ -172,6 +177,40 @@ void InitState::pump() {
 void InitState::close(std::function<void()> on_closed) {
   closing = true;
   batch.reset();
+  if (draining) {
+    drain_waiters.push_back(std::move(on_closed));
+    return;
+  }
+  if (ep && unflushed && !ep_failed) {
+    unflushed = false;
+    ucp_request_param_t p{};
+    ucs_status_ptr_t r = ucp_ep_flush_nbx(ep.get(), &p);
+    if (UCS_PTR_IS_PTR(r)) {
+      draining = true;
+      drain_waiters.push_back(std::move(on_closed));
+      const auto t0 = Clock::now();
+      core->add_poller([st = shared_from_this(), r, t0] {
+        const ucs_status_t s = ucp_request_check_status(r);
+        if (s == UCS_INPROGRESS && !st->ep_failed &&
+            Clock::now() < t0 + kDrainGrace) {
+          return false;
+        }
+        ucx_log()->debug(
+            "initiator to {}: drained for {} us before closing: {}", st->peer,
+            std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() -
+                                                                  t0)
+                .count(),
+            ucs_status_string(s));
+        ucp_request_free(r);  // still in progress: the close completes it
+        st->draining = false;
+        auto waiters = std::move(st->drain_waiters);
+        st->drain_waiters.clear();
+        for (auto& w : waiters) st->close(std::move(w));
+        return true;
+      });
+      return;
+    }
+  }
   ep_close.request(core, ep, shared_from_this(), std::move(on_closed),
                    [this] { rkeys.clear(); });
 }
@@ -389,9 +428,11 @@ class UcxInitiator final : public TransportInitiator {
     auto closed = done->get_future();
     core_->post(
         [st = state_, done] { st->close([done] { done->set_value(); }); });
-    if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
-      ucx_log()->warn("initiator: closing the endpoint to {} took over {}s",
-                      state_->peer, kCloseGrace.count());
+    if (closed.wait_for(kDrainGrace + kCloseGrace) !=
+        std::future_status::ready) {
+      ucx_log()->warn(
+          "initiator: closing the endpoint to {} took over {} ms", state_->peer,
+          std::chrono::milliseconds(kDrainGrace + kCloseGrace).count());
     }
   }
 

@@ -111,7 +111,10 @@ struct InitState : std::enable_shared_from_this<InitState> {
   void pump();
 
   // Progress thread: force-closes the endpoint; the remote keys go once UCX
-  // has finished with it (no request refers to them any more).
+  // has finished with it (no request refers to them any more). Puts sent
+  // since the last flush are drained first, for at most kDrainGrace, unless
+  // the endpoint failed: the target must not be left holding
+  // acknowledgements it cannot send (see ucx_core.h, "Closing").
   void close(std::function<void()> on_closed);
 
   UcxCore* const core;
@@ -128,6 +131,10 @@ struct InitState : std::enable_shared_from_this<InitState> {
   size_t next = 0;
   uint32_t in_flight = 0;
   bool closing = false;
+  bool unflushed = false;  // a put was posted that no flush has covered yet
+  bool ep_failed = false;  // UCX reported the endpoint failed
+  bool draining = false;   // close() waits for the drain's flush
+  std::vector<std::function<void()>> drain_waiters;  // their close() calls
 
   std::mutex mu;
   std::condition_variable cv;
