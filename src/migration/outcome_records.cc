@@ -80,7 +80,6 @@ OutcomeRespMsg OutcomeRecords::answer_query(
       // Fenced: the source may now take it for never started.
       Record& rec = records_[id];
       rec.outcome = Outcome::kAborted;
-      rec.fenced = true;
       rec.queried_only = true;
       order_.push_back(id);
       evict();

@@ -640,6 +640,7 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
                                     : transport_.name());
   if (hello.pages_follow) {
     hello_frame_ = encode(hello);
+    hello_ = std::move(hello);
     inline_pages_ = true;
     dst_memory_ = "host";  // inline pages go into host memory only
     std::vector<PageIndex> positions(n_pages);
@@ -977,13 +978,8 @@ asio::awaitable<Outcome> SourceRun::send_commit_again(const CommitMsg& msg,
   // That answer fenced the id there (a first exchange still on its way is
   // refused when it comes): this one says it is the resend, which the
   // fence lets in.
-  auto hello = decode_hello(hello_frame_, ctx_.limits);
-  if (!hello.ok()) {
-    why = hello.status();
-    co_return Outcome::kAborted;
-  }
-  hello->resent = true;
-  hello_frame_ = encode(*hello);
+  hello_.resent = true;
+  hello_frame_ = encode(hello_);
   if (Status again = co_await reconnect(); !again.ok()) {
     why = again;
     // Nothing reached it: nothing to decide there.

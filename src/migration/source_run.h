@@ -20,6 +20,7 @@
 #include "channel.h"
 #include "context.h"
 #include "kvmig/agent.h"
+#include "messages.h"
 #include "planner.h"
 #include "precopy.h"
 #include "staging.h"
@@ -231,8 +232,10 @@ class SourceRun {
   // What the OFFER on channel_ said of the destination (its inline limit,
   // its incarnation): kept with the connection for the next migration.
   KeptTerms dst_terms_;
-  // One exchange (HELLO's pages_follow): HELLO's payload, sent with PAGES
-  // and COMMIT; empty otherwise.
+  // One exchange (HELLO's pages_follow): HELLO, and its payload sent with
+  // PAGES and COMMIT (encoded again when the exchange is resent); empty
+  // otherwise.
+  HelloMsg hello_;
   std::vector<uint8_t> hello_frame_;
   std::unique_ptr<TransportInitiator> init_;
   PrecopyState precopy_;
