@@ -54,14 +54,16 @@
 //
 // Closing. Emulated RMA acknowledges every put fragment with a message from
 // the target. UCX 1.13 cannot drop such an acknowledgement that is still
-// queued when the target's endpoint fails: purging it reads fields the
-// request never set (ucp_request_send_state_ff -> ucp_request_memory_dereg),
-// and the target's process died of SIGSEGV in CI when an initiator gave up
-// at its deadline and force-closed mid-transfer. So an initiator closing
-// with puts not yet flushed first flushes, for at most kDrainGrace: once the
-// flush completes, the target has nothing queued for it. An initiator that
-// dies mid-transfer, or a target revoked while a live initiator is still
-// writing, can still leave acknowledgements queued; README, "Status".
+// owed when the target's endpoint fails: over shared memory, purging it
+// reads fields the request never set (ucp_request_send_state_ff ->
+// ucp_request_memory_dereg), and the target's process died of SIGSEGV in CI
+// when an initiator gave up at its deadline and force-closed mid-transfer;
+// over tcp the target aborts ("Endpoint timeout" in ucp_put_handler). So an
+// initiator closing with puts not yet flushed first flushes, for at most
+// kDrainGrace: once the flush completes, the target owes it nothing. An
+// initiator that dies mid-transfer, or a target revoked while a live
+// initiator is still writing, can still leave acknowledgements owed
+// (README, "Status").
 #ifndef KVMIG_TRANSPORT_UCX_UCX_CORE_H_
 #define KVMIG_TRANSPORT_UCX_UCX_CORE_H_
 
