@@ -1542,6 +1542,44 @@ TEST(MigrateE2E, CommitNamingAMarkThatNeverArrivesIsAborted) {
   agent->stop();
 }
 
+// A HELLO from a hand-made source for request `seq`'s `pages` pages over
+// tcp, asking for them inline.
+HelloMsg inline_hello(const CacheMeta& meta, std::string id, uint32_t pages,
+                      SeqId seq) {
+  HelloMsg h;
+  h.migration_id = std::move(id);
+  h.meta = meta;
+  h.n_pages = pages;
+  h.n_seqs = 1;
+  h.transports = {"tcp"};
+  h.seqs = {seq};
+  h.inline_pages = true;
+  return h;
+}
+
+// `pages` pages of bytes that differ within and between pages.
+std::vector<uint8_t> patterned_pages(uint32_t pages, uint64_t page) {
+  std::vector<uint8_t> bytes(pages * page);
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    bytes[i] = static_cast<uint8_t>(i * 7 + i / page);
+  }
+  return bytes;
+}
+
+// The next frame on fd is an ABORT naming `why`, and the agent took
+// nothing: no request, every slot free.
+void expect_refused(Agent* at, int fd, const std::string& why) {
+  auto reply = read_frame(fd);
+  ASSERT_TRUE(reply.ok()) << reply.status().to_string();
+  ASSERT_EQ(reply->first, MsgType::kAbort) << msg_type_name(reply->first);
+  ASSERT_OK_AND_ASSIGN(AbortMsg abort,
+                       decode_abort(reply->second, WireLimits{}));
+  EXPECT_NE(abort.reason.find(why), std::string::npos) << abort.reason;
+  ASSERT_OK_AND_ASSIGN(AgentStatus st, at->status());
+  EXPECT_TRUE(st.seqs.empty());
+  EXPECT_EQ(st.free_pages, st.capacity_pages);
+}
+
 // A hand-made source asks for its pages inline (PAGES on the control
 // connection) and sends bad ones: the wrong size, a position not offered,
 // one position twice, PAGES where OFFER opened a data path, or none at all
@@ -1560,13 +1598,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
   int n = 0;
   // HELLO for `pages` pages (inline if asked); OFFER back, checked.
   auto hello = [&](int fd, uint32_t pages, bool inline_pages) {
-    HelloMsg h;
-    h.migration_id = "inline-" + std::to_string(++n);
-    h.meta = meta;
-    h.n_pages = pages;
-    h.n_seqs = 1;
-    h.transports = {"tcp"};
-    h.seqs = {77};
+    HelloMsg h = inline_hello(meta, "inline-" + std::to_string(++n), pages, 77);
     h.inline_pages = inline_pages;
     const auto f = encode_frame(MsgType::kHello, encode(h));
     EXPECT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
@@ -1595,15 +1627,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     return encode(c);
   };
   auto expect_abort = [&](int fd, const std::string& why) {
-    auto reply = read_frame(fd);
-    ASSERT_TRUE(reply.ok()) << reply.status().to_string();
-    ASSERT_EQ(reply->first, MsgType::kAbort) << msg_type_name(reply->first);
-    ASSERT_OK_AND_ASSIGN(AbortMsg abort,
-                         decode_abort(reply->second, WireLimits{}));
-    EXPECT_NE(abort.reason.find(why), std::string::npos) << abort.reason;
-    ASSERT_OK_AND_ASSIGN(AgentStatus st, agent->status());
-    EXPECT_TRUE(st.seqs.empty());
-    EXPECT_EQ(st.free_pages, st.capacity_pages);
+    expect_refused(agent, fd, why);
   };
   struct Bad {
     const char* name;
@@ -1654,11 +1678,8 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });
     const OfferMsg offer = hello(fd, 2, true);
-    std::vector<uint8_t> bytes(2 * page);
-    for (size_t i = 0; i < bytes.size(); ++i) {
-      bytes[i] = static_cast<uint8_t>(i * 7 + i / page);
-    }
-    const PagesMsg pages{{1, 0}, bytes};
+    const std::vector<uint8_t> bytes = patterned_pages(2, page);
+    const PagesMsg pages{{1, 0}, bytes};  // views bytes
     send(fd, MsgType::kPages, encode(pages));
     send(fd, MsgType::kCommit, commit(offer));
     ASSERT_OK_AND_ASSIGN(auto done, read_frame(fd));
@@ -1687,15 +1708,8 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     const int fd = raw_connect(refusing->address());
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });
-    HelloMsg h;
-    h.migration_id = "inline-refused";
-    h.meta = meta;
-    h.n_pages = 1;
-    h.n_seqs = 1;
-    h.transports = {"tcp"};
-    h.seqs = {78};
-    h.inline_pages = true;
-    send(fd, MsgType::kHello, encode(h));
+    send(fd, MsgType::kHello,
+         encode(inline_hello(meta, "inline-refused", 1, 78)));
     ASSERT_OK_AND_ASSIGN(auto offered, read_frame(fd));
     ASSERT_EQ(offered.first, MsgType::kOffer) << msg_type_name(offered.first);
     ASSERT_OK_AND_ASSIGN(OfferMsg offer,
@@ -1728,21 +1742,11 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
   // COMMIT naming `table` for request 77, in one write.
   auto exchange = [&](int fd, uint32_t pages,
                       const std::vector<PageIndex>& table) {
-    HelloMsg h;
-    h.migration_id = "follow-" + std::to_string(++n);
-    h.meta = meta;
-    h.n_pages = pages;
-    h.n_seqs = 1;
-    h.transports = {"tcp"};
-    h.seqs = {77};
-    h.inline_pages = true;
+    HelloMsg h = inline_hello(meta, "follow-" + std::to_string(++n), pages, 77);
     h.pages_follow = true;
     std::vector<uint32_t> positions;
     for (uint32_t k = pages; k > 0; --k) positions.push_back(k - 1);
-    std::vector<uint8_t> bytes(pages * page);
-    for (size_t i = 0; i < bytes.size(); ++i) {
-      bytes[i] = static_cast<uint8_t>(i * 7 + i / page);
-    }
+    std::vector<uint8_t> bytes = patterned_pages(pages, page);
     CommitMsg c;
     c.seqs = {{77, meta.page_size_tokens * table.size(), table}};
     std::vector<uint8_t> out = encode_frame(MsgType::kHello, encode(h));
@@ -1756,24 +1760,13 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
     EXPECT_EQ(write(fd, out.data(), out.size()), ssize_t(out.size()));
     return bytes;
   };
-  auto expect_abort = [&](Agent* at, int fd, const std::string& why) {
-    auto reply = read_frame(fd);
-    ASSERT_TRUE(reply.ok()) << reply.status().to_string();
-    ASSERT_EQ(reply->first, MsgType::kAbort) << msg_type_name(reply->first);
-    ASSERT_OK_AND_ASSIGN(AbortMsg abort,
-                         decode_abort(reply->second, WireLimits{}));
-    EXPECT_NE(abort.reason.find(why), std::string::npos) << abort.reason;
-    ASSERT_OK_AND_ASSIGN(AgentStatus st, at->status());
-    EXPECT_TRUE(st.seqs.empty());
-    EXPECT_EQ(st.free_pages, st.capacity_pages);
-  };
   {
     SCOPED_TRACE("position beyond the allocation");
     const int fd = raw_connect(agent->address());
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });
     exchange(fd, 2, {0, 2});
-    expect_abort(agent, fd, "names slot position 2 of 2");
+    expect_refused(agent, fd, "names slot position 2 of 2");
   }
   {
     SCOPED_TRACE("over the limit");
@@ -1785,9 +1778,10 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
     std::vector<PageIndex> table(pages);
     for (uint32_t k = 0; k < pages; ++k) table[k] = k;
     exchange(fd, pages, table);
-    expect_abort(agent, fd,
-                 "takes at most " + std::to_string(options.inline_page_bytes) +
-                     " bytes of pages inline");
+    expect_refused(agent, fd,
+                   "takes at most " +
+                       std::to_string(options.inline_page_bytes) +
+                       " bytes of pages inline");
   }
   {
     SCOPED_TRACE("good");
@@ -1822,7 +1816,7 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });
     exchange(fd, 1, {0});
-    expect_abort(refusing, fd, "takes at most 0 bytes of pages inline");
+    expect_refused(refusing, fd, "takes at most 0 bytes of pages inline");
     refusing->stop();
   }
 }
