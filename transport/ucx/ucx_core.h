@@ -58,12 +58,18 @@
 // reads fields the request never set (ucp_request_send_state_ff ->
 // ucp_request_memory_dereg), and the target's process died of SIGSEGV in CI
 // when an initiator gave up at its deadline and force-closed mid-transfer;
-// over tcp the target aborts ("Endpoint timeout" in ucp_put_handler). So an
-// initiator closing with puts not yet flushed first flushes, for at most
-// kDrainGrace: once the flush completes, the target owes it nothing. An
-// initiator that dies mid-transfer, or a target revoked while a live
-// initiator is still writing, can still leave acknowledgements owed
-// (README, "Status").
+// over tcp the target aborts ("Endpoint timeout" in ucp_put_handler). So
+// each side drains its endpoint before force-closing it, for at most
+// kDrainGrace (EpDrain): an initiator with puts not yet flushed, until its
+// flush completes (then the target owes it nothing); a target whose
+// initiator may still be writing (revoke() mid-transfer), until a flush
+// finishes at once, which shows that no acknowledgement is pending right
+// then, and it closes before UCX can queue another (a put that arrives
+// after the close names an endpoint id UCX has released: UCX drops it and
+// owes nothing). Without that, a revoke mid-transfer left acknowledgements
+// owed in most runs (RevokeMidTransferCutsOffAndLeavesNothingOwed). An
+// initiator that dies mid-transfer can still leave them owed (README,
+// "Status").
 #ifndef KVMIG_TRANSPORT_UCX_UCX_CORE_H_
 #define KVMIG_TRANSPORT_UCX_UCX_CORE_H_
 
@@ -294,6 +300,72 @@ class EpClose {
   }
 
   bool in_progress_ = false;
+  std::vector<std::function<void()>> waiters_;
+};
+
+// Drains an endpoint before it is force-closed (see "Closing" above): flushes
+// it until a flush finishes at once, which shows that nothing is pending on
+// it right then, for at most kDrainGrace; the close() calls made meanwhile
+// wait. Progress thread only.
+class EpDrain {
+ public:
+  // True while a drain runs: the owner's close() then waits (wait()).
+  bool running() const { return !waiters_.empty(); }
+  void wait(std::function<void()> on_closed) {
+    waiters_.push_back(std::move(on_closed));
+  }
+
+  // Starts draining ep. True: the drain runs and holds on_closed (moved
+  // from); false: nothing was pending, on_closed is untouched and the
+  // caller closes now. The drain ends when a flush finishes at once or
+  // fails, once owner->ep_failed is set, or after kDrainGrace; then each
+  // waiter goes to owner->close(), which must not drain again. The poller
+  // that ends it runs between two progress calls, so the close follows
+  // the empty flush before UCX can queue anything new.
+  template <typename Owner>
+  bool start(UcxCore* core, ucp_ep_h ep, std::shared_ptr<Owner> owner,
+             std::string who, std::function<void()>& on_closed) {
+    ucs_status_ptr_t r = flush(ep);
+    if (!UCS_PTR_IS_PTR(r)) return false;
+    waiters_.push_back(std::move(on_closed));
+    const auto t0 = Clock::now();
+    core->add_poller([this, owner = std::move(owner), who = std::move(who), ep,
+                      r, t0, flushes = 1]() mutable {
+      ucs_status_t s = ucp_request_check_status(r);
+      if (s == UCS_OK && !owner->ep_failed) {
+        // What was pending when that flush began has gone; more may have
+        // come since (puts that arrived meanwhile owe acknowledgements).
+        ucp_request_free(r);
+        r = flush(ep);
+        ++flushes;
+        s = UCS_PTR_IS_PTR(r) ? UCS_INPROGRESS : UCS_PTR_STATUS(r);
+        if (!UCS_PTR_IS_PTR(r)) r = nullptr;
+      }
+      if (s == UCS_INPROGRESS && !owner->ep_failed &&
+          Clock::now() < t0 + kDrainGrace) {
+        return false;
+      }
+      ucx_log()->debug("{}: drained in {} flushes and {} us before closing: {}",
+                       who, flushes,
+                       std::chrono::duration_cast<std::chrono::microseconds>(
+                           Clock::now() - t0)
+                           .count(),
+                       ucs_status_string(s));
+      if (r != nullptr) ucp_request_free(r);  // the close completes it
+      auto waiters = std::move(waiters_);
+      waiters_.clear();
+      for (auto& w : waiters) owner->close(std::move(w));
+      return true;
+    });
+    return true;
+  }
+
+ private:
+  static ucs_status_ptr_t flush(ucp_ep_h ep) {
+    ucp_request_param_t p{};
+    return ucp_ep_flush_nbx(ep, &p);
+  }
+
   std::vector<std::function<void()>> waiters_;
 };
 

@@ -177,37 +177,11 @@ void InitState::pump() {
 void InitState::close(std::function<void()> on_closed) {
   closing = true;
   batch.reset();
-  if (draining) {
-    drain_waiters.push_back(std::move(on_closed));
-    return;
-  }
+  if (drain.running()) return drain.wait(std::move(on_closed));
   if (ep && unflushed && !ep_failed) {
     unflushed = false;
-    ucp_request_param_t p{};
-    ucs_status_ptr_t r = ucp_ep_flush_nbx(ep.get(), &p);
-    if (UCS_PTR_IS_PTR(r)) {
-      draining = true;
-      drain_waiters.push_back(std::move(on_closed));
-      const auto t0 = Clock::now();
-      core->add_poller([st = shared_from_this(), r, t0] {
-        const ucs_status_t s = ucp_request_check_status(r);
-        if (s == UCS_INPROGRESS && !st->ep_failed &&
-            Clock::now() < t0 + kDrainGrace) {
-          return false;
-        }
-        ucx_log()->debug(
-            "initiator to {}: drained for {} us before closing: {}", st->peer,
-            std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() -
-                                                                  t0)
-                .count(),
-            ucs_status_string(s));
-        ucp_request_free(r);  // still in progress: the close completes it
-        st->draining = false;
-        auto waiters = std::move(st->drain_waiters);
-        st->drain_waiters.clear();
-        for (auto& w : waiters) st->close(std::move(w));
-        return true;
-      });
+    if (drain.start(core, ep.get(), shared_from_this(), "initiator to " + peer,
+                    on_closed)) {
       return;
     }
   }

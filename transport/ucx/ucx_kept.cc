@@ -101,9 +101,10 @@ void Parking::clear() {
         }
         for (const auto& st : inits) st->close(one_closed);
       });
-  if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
-    ucx_log()->warn("closing the kept connections took over {}s",
-                    kCloseGrace.count());
+  if (closed.wait_for(kDrainGrace + kCloseGrace) != std::future_status::ready) {
+    ucx_log()->warn(
+        "closing the kept connections took over {} ms",
+        std::chrono::milliseconds(kDrainGrace + kCloseGrace).count());
   }
 }
 

@@ -41,7 +41,10 @@ struct TargetState : std::enable_shared_from_this<TargetState> {
   static void on_conn_request(ucp_conn_request_h req, void* arg);
   static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t s);
 
-  // Progress thread: force-closes the initiator's endpoint, if any.
+  // Progress thread: force-closes the initiator's endpoint, if any. A
+  // healthy one is drained first, once, for at most kDrainGrace: the
+  // acknowledgements of the puts it received must not be left owed (see
+  // ucx_core.h, "Closing").
   void close(std::function<void()> done);
 
   bool healthy();
@@ -52,7 +55,10 @@ struct TargetState : std::enable_shared_from_this<TargetState> {
   ListenerPtr listener;
   EpPtr ep;
   EpClose ep_close;
+  EpDrain drain;
   bool revoked = false;
+  bool ep_failed = false;  // UCX reported the endpoint failed
+  bool drained = false;    // close() has drained the endpoint
 
   std::mutex mu;
   Status health;     // guarded by mu
@@ -133,8 +139,7 @@ struct InitState : std::enable_shared_from_this<InitState> {
   bool closing = false;
   bool unflushed = false;  // a put was posted that no flush has covered yet
   bool ep_failed = false;  // UCX reported the endpoint failed
-  bool draining = false;   // close() waits for the drain's flush
-  std::vector<std::function<void()>> drain_waiters;  // their close() calls
+  EpDrain drain;
 
   std::mutex mu;
   std::condition_variable cv;

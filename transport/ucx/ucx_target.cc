@@ -69,6 +69,7 @@ void TargetState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
   Status status = status_from_ucs(s, "connection from initiator " + peer);
   ucx_log()->info("target: {}", status.to_string());
   st->set_health(std::move(status));
+  st->ep_failed = true;
   // A failed endpoint is only good for closing; close it at once.
   // Known UCX 1.13 limit (seen under TSan with UCX_TLS=tcp, about one run
   // in five): when the initiator vanishes mid-transfer, software-RMA puts
@@ -80,6 +81,18 @@ void TargetState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
 }
 
 void TargetState::close(std::function<void()> done) {
+  if (drain.running()) return drain.wait(std::move(done));
+  if (ep && !drained && !ep_failed) {
+    drained = true;
+    std::string who;
+    {
+      std::lock_guard lock(mu);
+      who = "target of " + peer;
+    }
+    if (drain.start(core, ep.get(), shared_from_this(), std::move(who), done)) {
+      return;
+    }
+  }
   ep_close.request(core, ep, shared_from_this(), std::move(done));
 }
 
@@ -166,9 +179,11 @@ class UcxTarget final : public TransportTarget {
       st->listener.reset();
       st->close([done] { done->set_value(); });
     });
-    if (closed.wait_for(kCloseGrace) != std::future_status::ready) {
-      ucx_log()->warn("target: closing the initiator's endpoint took over {}s",
-                      kCloseGrace.count());
+    if (closed.wait_for(kDrainGrace + kCloseGrace) !=
+        std::future_status::ready) {
+      ucx_log()->warn(
+          "target: closing the initiator's endpoint took over {} ms",
+          std::chrono::milliseconds(kDrainGrace + kCloseGrace).count());
     }
   }
 
