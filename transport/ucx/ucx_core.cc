@@ -16,6 +16,11 @@ constexpr uint32_t kMaxRegions = 1u << 20;
 constexpr uint32_t kMaxRkeyLen = 64 * 1024;
 constexpr auto kSpinAfterActivity = std::chrono::milliseconds(2);
 constexpr auto kMaxIdleSleep = std::chrono::milliseconds(1);
+// Progress calls in a row before the thread turns to its tasks and pollers.
+// Unbounded, a peer that never stops writing (puts over UCX's tcp always
+// have another message waiting) kept a target's revoke() from running
+// until the writes ended.
+constexpr int kProgressBurst = 64;
 // An initiator address that presents a kept connection: this byte, then the
 // connection's token (u64).
 constexpr uint8_t kKeptConnection = 1;
@@ -263,7 +268,10 @@ void UcxCore::run(std::promise<Status>& started) {
     bool active = !batch.empty();
     for (auto& task : batch) task();
     batch.clear();
-    while (ucp_worker_progress(worker_.get()) != 0) active = true;
+    for (int i = 0; i < kProgressBurst && ucp_worker_progress(worker_.get());
+         ++i) {
+      active = true;
+    }
     if (!pollers_.empty()) {
       active = true;
       run_pollers();
