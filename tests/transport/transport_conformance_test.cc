@@ -183,6 +183,20 @@ class TransportConformanceTest : public ::testing::TestWithParam<std::string> {
     ASSERT_OK(init->connect(target->address(), in(seconds(10))));
   }
 
+  // A fresh pair moves 64 KiB byte-exact (after a failure: the transports
+  // are still usable).
+  void expect_a_new_pair_works() {
+    std::unique_ptr<TransportTarget> target;
+    std::unique_ptr<TransportInitiator> init;
+    ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+    const std::vector<WriteOp> ops = {{src_at(4321), 0, 1000, 64 * 1024}};
+    auto expected = dst_copy();
+    apply(ops, expected);
+    ASSERT_OK(init->write(ops, in(seconds(10))));
+    ASSERT_OK(init->flush(in(seconds(10))));
+    expect_dst_equals(expected);
+  }
+
   // Applies ops to `expected` (a copy of the target memory) as the target
   // should.
   void apply(std::span<const WriteOp> ops, std::vector<std::byte>& expected) {
@@ -1157,15 +1171,7 @@ TEST_P(TransportConformanceTest, DeadlineMidTransferLeavesTheTargetUsable) {
     target->revoke();
   }
   EXPECT_GT(expired, 0) << "no budget ended mid-transfer";
-  std::unique_ptr<TransportTarget> target;
-  std::unique_ptr<TransportInitiator> init;
-  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
-  const std::vector<WriteOp> ops = {{src_at(4321), 0, 1000, 64 * 1024}};
-  auto expected = dst_copy();
-  apply(ops, expected);
-  ASSERT_OK(init->write(ops, in(seconds(10))));
-  ASSERT_OK(init->flush(in(seconds(10))));
-  expect_dst_equals(expected);
+  expect_a_new_pair_works();
 }
 
 // The destination aborts while the source is still writing: revoke()
@@ -1215,19 +1221,9 @@ TEST_P(TransportConformanceTest, RevokeMidTransferCutsOffAndLeavesNothingOwed) {
     expect_dst_equals(at_revoke);
     target.reset();
   }
-  std::unique_ptr<TransportTarget> target;
-  std::unique_ptr<TransportInitiator> init;
-  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
-  const std::vector<WriteOp> ops = {{src_at(4321), 0, 1000, 64 * 1024}};
-  auto expected = dst_copy();
-  apply(ops, expected);
-  ASSERT_OK(init->write(ops, in(seconds(10))));
-  ASSERT_OK(init->flush(in(seconds(10))));
-  expect_dst_equals(expected);
+  expect_a_new_pair_works();
 #if KVMIG_TEST_UCX_LOG
   if (GetParam() == "ucx") {
-    init.reset();
-    target.reset();
     ASSERT_OK(src_->deregister_memory(src_mem_.span()));
     ASSERT_OK(dst_->deregister_memory(dst_mem_.span()));
     src_.reset();  // destroys its UCX worker, which reports what leaked
