@@ -34,6 +34,13 @@ std::shared_ptr<spdlog::logger> ucx_log() {
   return log;
 }
 
+void wait_for_close(std::future<void>& closed, std::string_view what) {
+  constexpr auto kWait = kDrainGrace + kCloseGrace;
+  if (closed.wait_for(kWait) == std::future_status::ready) return;
+  ucx_log()->warn("closing {} took over {} ms", what,
+                  std::chrono::milliseconds(kWait).count());
+}
+
 // ------------------------------------------------------------- sockaddrs
 
 Result<sockaddr_storage> make_sockaddr(const std::string& host, uint16_t port) {

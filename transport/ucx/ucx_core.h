@@ -88,6 +88,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -102,12 +103,17 @@ namespace kvmig::ucx {
 
 // How long teardown waits for UCX to finish closing an endpoint.
 constexpr auto kCloseGrace = std::chrono::seconds(2);
-// How long an initiator closing mid-transfer waits for its puts to be
-// acknowledged before it force-closes (see "Closing" above).
+// How long either side drains its endpoint before it force-closes it (see
+// "Closing" above).
 constexpr auto kDrainGrace = std::chrono::milliseconds(500);
 
 // The "ucx" logger. Thread-safe.
 std::shared_ptr<spdlog::logger> ucx_log();
+
+// Waits until `closed` is ready (a close() posted to the progress thread
+// has finished), for at most a drain and a close; past that, warns that
+// closing `what` took longer, and returns. Not on the progress thread.
+void wait_for_close(std::future<void>& closed, std::string_view what);
 
 // Owning handles for UCP objects. Each is destroyed on the progress thread
 // by whoever owns it there; not thread-safe.

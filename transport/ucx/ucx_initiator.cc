@@ -402,12 +402,7 @@ class UcxInitiator final : public TransportInitiator {
     auto closed = done->get_future();
     core_->post(
         [st = state_, done] { st->close([done] { done->set_value(); }); });
-    if (closed.wait_for(kDrainGrace + kCloseGrace) !=
-        std::future_status::ready) {
-      ucx_log()->warn(
-          "initiator: closing the endpoint to {} took over {} ms", state_->peer,
-          std::chrono::milliseconds(kDrainGrace + kCloseGrace).count());
-    }
+    wait_for_close(closed, "the initiator's endpoint to " + state_->peer);
   }
 
   const std::shared_ptr<UcxCore> core_;

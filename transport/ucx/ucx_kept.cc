@@ -6,11 +6,7 @@
 namespace kvmig::ucx {
 
 void Parking::close_async(std::shared_ptr<TargetState> st) {
-  core_->post([st] {
-    st->revoked = true;
-    st->listener.reset();
-    st->close(nullptr);
-  });
+  core_->post([st] { st->shut(nullptr); });
 }
 
 void Parking::close_async(std::shared_ptr<InitState> st) {
@@ -94,18 +90,10 @@ void Parking::clear() {
   };
   core_->post(
       [targets = std::move(targets), inits = std::move(inits), one_closed] {
-        for (const auto& st : targets) {
-          st->revoked = true;
-          st->listener.reset();
-          st->close(one_closed);
-        }
+        for (const auto& st : targets) st->shut(one_closed);
         for (const auto& st : inits) st->close(one_closed);
       });
-  if (closed.wait_for(kDrainGrace + kCloseGrace) != std::future_status::ready) {
-    ucx_log()->warn(
-        "closing the kept connections took over {} ms",
-        std::chrono::milliseconds(kDrainGrace + kCloseGrace).count());
-  }
+  wait_for_close(closed, "the kept connections");
 }
 
 }  // namespace kvmig::ucx

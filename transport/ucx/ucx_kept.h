@@ -46,6 +46,9 @@ struct TargetState : std::enable_shared_from_this<TargetState> {
   // acknowledgements of the puts it received must not be left owed (see
   // ucx_core.h, "Closing").
   void close(std::function<void()> done);
+  // Progress thread: takes no further connection (revoked, the listener
+  // gone), then close().
+  void shut(std::function<void()> done);
 
   bool healthy();
 

@@ -96,6 +96,12 @@ void TargetState::close(std::function<void()> done) {
   ep_close.request(core, ep, shared_from_this(), std::move(done));
 }
 
+void TargetState::shut(std::function<void()> done) {
+  revoked = true;
+  listener.reset();
+  close(std::move(done));
+}
+
 bool TargetState::healthy() {
   std::lock_guard lock(mu);
   return health.ok();
@@ -174,17 +180,9 @@ class UcxTarget final : public TransportTarget {
     }
     auto done = std::make_shared<std::promise<void>>();
     auto closed = done->get_future();
-    core_->post([st = state_, done] {
-      st->revoked = true;
-      st->listener.reset();
-      st->close([done] { done->set_value(); });
-    });
-    if (closed.wait_for(kDrainGrace + kCloseGrace) !=
-        std::future_status::ready) {
-      ucx_log()->warn(
-          "target: closing the initiator's endpoint took over {} ms",
-          std::chrono::milliseconds(kDrainGrace + kCloseGrace).count());
-    }
+    core_->post(
+        [st = state_, done] { st->shut([done] { done->set_value(); }); });
+    wait_for_close(closed, "the target's endpoint to its initiator");
   }
 
   bool keep() override {
