@@ -1626,9 +1626,6 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     c.seqs = {{77, meta.page_size_tokens * offer.slots.size(), offer.slots}};
     return encode(c);
   };
-  auto expect_abort = [&](int fd, const std::string& why) {
-    expect_refused(agent, fd, why);
-  };
   struct Bad {
     const char* name;
     uint32_t pages;
@@ -1655,7 +1652,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
       send(fd, MsgType::kPages, encode(PagesMsg{b.positions, bytes}));
     }
     send(fd, MsgType::kCommit, commit(offer));
-    expect_abort(fd, b.why);
+    expect_refused(agent, fd, b.why);
   }
   {
     // The page filled, and the table points past it, at a slot this
@@ -1669,8 +1666,9 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
          encode(PagesMsg{{0}, std::vector<uint8_t>(page, 0x5a)}));
     offer.slots[0] += 1;
     send(fd, MsgType::kCommit, commit(offer));
-    expect_abort(fd, "points at slot " + std::to_string(offer.slots[0]) +
-                         ", not one allocated for it");
+    expect_refused(agent, fd,
+                   "points at slot " + std::to_string(offer.slots[0]) +
+                       ", not one allocated for it");
   }
   {
     SCOPED_TRACE("good");
