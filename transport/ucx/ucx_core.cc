@@ -2,8 +2,13 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 
 #include "bytes.h"
 #include "ucx_error.h"
@@ -14,8 +19,16 @@ namespace {
 constexpr size_t kMaxHostLen = 255;
 constexpr uint32_t kMaxRegions = 1u << 20;
 constexpr uint32_t kMaxRkeyLen = 64 * 1024;
-constexpr auto kSpinAfterActivity = std::chrono::milliseconds(2);
-constexpr auto kMaxIdleSleep = std::chrono::milliseconds(1);
+// How long the idle thread sleeps, with endpoints or listeners open, before
+// it progresses UCX although no event came: a safety net, as every lane UCX
+// 1.13 selects here (shared memory, tcp, verbs) signals its messages.
+constexpr auto kMaxEventWait = std::chrono::milliseconds(10);
+// How long after UCX was last busy the thread keeps that safety net with
+// nothing open. A force-closed endpoint's connections go after the close
+// completes (UCX discards them from ucp_worker_progress, with no event to
+// wake it): sleeping until posted work at once left a revoked target's tcp
+// connection open and its source's flush waiting for its whole deadline.
+constexpr auto kSettle = std::chrono::milliseconds(100);
 // Progress calls in a row before the thread turns to its tasks and pollers.
 // Unbounded, a peer that never stops writing (puts over UCX's tcp always
 // have another message waiting) kept a target's revoke() from running
@@ -84,6 +97,11 @@ std::string sockaddr_string(const sockaddr_storage& ss) {
 
 Result<std::shared_ptr<UcxCore>> UcxCore::start() {
   std::shared_ptr<UcxCore> core(new UcxCore());
+  core->wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (core->wake_fd_ < 0) {
+    return Status::internal(std::string("ucx: eventfd: ") +
+                            std::strerror(errno));
+  }
   std::promise<Status> started;
   auto result = started.get_future();
   core->thread_ =
@@ -101,17 +119,24 @@ UcxCore::~UcxCore() {
     std::lock_guard lock(mu_);
     stopping_ = true;
     stop_by_ = Clock::now() + kCloseGrace;
+    wake_locked();
   }
-  cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  if (wake_fd_ >= 0) ::close(wake_fd_);
 }
 
 void UcxCore::post(std::function<void()> fn) {
-  {
-    std::lock_guard lock(mu_);
-    tasks_.push_back(std::move(fn));
-  }
-  cv_.notify_one();
+  std::lock_guard lock(mu_);
+  tasks_.push_back(std::move(fn));
+  wake_locked();
+}
+
+void UcxCore::wake_locked() {
+  if (!sleeping_) return;
+  sleeping_ = false;  // one write wakes it; the thread clears it anyway
+  const uint64_t one = 1;
+  // EAGAIN only when the counter is full: the thread is being woken then.
+  [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof(one));
 }
 
 void ListenerDeleter::operator()(ucp_listener_h l) const {
@@ -215,7 +240,7 @@ Status UcxCore::init() {
   KVMIG_ASSIGN_OR_RETURN(ConfigPtr config, read_config());
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
-  params.features = UCP_FEATURE_RMA;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
   params.name = "kvmig";
   ucp_context_h context = nullptr;
   ucs_status_t s = ucp_init(&params, config.get(), &context);
@@ -230,6 +255,12 @@ Status UcxCore::init() {
   s = ucp_worker_create(context_.get(), &wp, &worker);
   if (s != UCS_OK) return status_from_ucs(s, "ucp_worker_create");
   worker_.reset(worker);
+  s = ucp_worker_get_efd(worker_.get(), &event_fd_);
+  if (s != UCS_OK) {
+    event_fd_ = -1;
+    ucx_log()->warn("ucp_worker_get_efd: {}; polling every {} ms instead",
+                    ucs_status_string(s), kMaxEventWait.count());
+  }
   return Status();
 }
 
@@ -243,24 +274,23 @@ void UcxCore::run(std::promise<Status>& started) {
     context_.reset();
     return;
   }
-  auto last_activity = Clock::now();
   std::deque<std::function<void()>> batch;
+  bool more = false;  // the last progress burst ended with UCX still busy
+  auto last_busy = Clock::now();
   for (;;) {
     {
       std::unique_lock lock(mu_);
       if (tasks_.empty()) {
-        if (!stopping_ && pollers_.empty() &&
-            Clock::now() - last_activity > kSpinAfterActivity) {
-          if (open_objects_.load(std::memory_order_relaxed) == 0) {
-            // Nothing a peer can reach: only posted work can come.
-            cv_.wait(lock, [&] { return !tasks_.empty() || stopping_; });
-          } else {
-            cv_.wait_for(lock, kMaxIdleSleep);
-          }
+        if (!stopping_ && pollers_.empty() && !more) {
+          sleeping_ = true;
+          lock.unlock();
+          sleep_until_woken(Clock::now() - last_busy < kSettle);
+          lock.lock();
+          sleeping_ = false;
         } else {
-          // Polling (recent activity, endpoints closing), but not holding
-          // a core that a thread woken meanwhile (this agent's io thread or
-          // data pool, a peer on this host) needs: see ucx_core.h.
+          // Polling (UCX busy, endpoints closing), but not holding a core
+          // that a thread woken meanwhile (this agent's io thread or data
+          // pool, a peer on this host) needs: see ucx_core.h.
           lock.unlock();
           std::this_thread::yield();
           lock.lock();
@@ -272,18 +302,16 @@ void UcxCore::run(std::promise<Status>& started) {
         break;
       }
     }
-    bool active = !batch.empty();
+    bool busy = !batch.empty() || !pollers_.empty();
     for (auto& task : batch) task();
     batch.clear();
-    for (int i = 0; i < kProgressBurst && ucp_worker_progress(worker_.get());
-         ++i) {
-      active = true;
+    int calls = 0;
+    while (calls < kProgressBurst && ucp_worker_progress(worker_.get()) != 0) {
+      ++calls;
     }
-    if (!pollers_.empty()) {
-      active = true;
-      run_pollers();
-    }
-    if (active) last_activity = Clock::now();
+    more = calls == kProgressBurst;
+    if (!pollers_.empty()) run_pollers();
+    if (busy || calls > 0) last_busy = Clock::now();
   }
   if (!pollers_.empty()) {
     ucx_log()->warn("{} endpoint closes did not finish before shutdown",
@@ -297,6 +325,30 @@ void UcxCore::run(std::promise<Status>& started) {
   // Destroyed on the thread that created them, worker before context.
   worker_.reset();
   context_.reset();
+}
+
+void UcxCore::sleep_until_woken(bool settling) {
+  pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {event_fd_, POLLIN, 0}};
+  nfds_t n = 1;
+  int timeout_ms = -1;  // nothing a peer can reach: only posted work can come
+  if (settling || open_objects_.load(std::memory_order_relaxed) != 0) {
+    timeout_ms = static_cast<int>(kMaxEventWait.count());
+    if (event_fd_ >= 0) {
+      const ucs_status_t s = ucp_worker_arm(worker_.get());
+      if (s == UCS_ERR_BUSY) return;  // events came meanwhile: progress
+      if (s == UCS_OK) {
+        n = 2;
+      } else if (!arm_failed_) {
+        arm_failed_ = true;
+        ucx_log()->warn("ucp_worker_arm: {}; polling every {} ms instead",
+                        ucs_status_string(s), timeout_ms);
+      }
+    }
+  }
+  if (::poll(fds, n, timeout_ms) > 0 && (fds[0].revents & POLLIN) != 0) {
+    uint64_t count = 0;
+    [[maybe_unused]] const ssize_t r = ::read(wake_fd_, &count, sizeof(count));
+  }
 }
 
 void UcxCore::run_pollers() {

@@ -13,20 +13,23 @@
 // covers the worker but not our own state touched from callbacks; the cost
 // is one hand-off per write()/flush() call, not per put.
 //
-// The thread polls while there is activity and for kSpinAfterActivity after
-// it, then sleeps up to kMaxIdleSleep at a time (new work wakes it at once);
-// with no endpoint or listener open (nothing a peer can reach) it sleeps
-// until work is posted: an idle agent's ucx transport costs no wake-ups.
-// Between idle polls it yields the CPU (sched_yield): on a host with few
+// The thread progresses UCX while it makes progress, then sleeps until work is
+// posted (an eventfd) or, with an endpoint or a listener open, until UCX has an
+// event (UCP_FEATURE_WAKEUP: ucp_worker_arm, then poll on ucp_worker_get_efd
+// and the eventfd; at most kMaxEventWait): an idle agent's ucx transport wakes
+// only every kMaxEventWait with kept endpoints open, and never with none once
+// UCX has been idle for kSettle. The feature changes no lane UCX selects (in
+// 1.13 only a tag lane asks for event support), and every lane it selects here
+// raises events for what a target must progress: incoming emulated puts over
+// shared memory and tcp, completions over verbs. While UCX stays busy
+// (kProgressBurst calls in a row made progress) or endpoints are closing it
+// polls, yielding the CPU (sched_yield) between rounds: on a host with few
 // cores a progress thread that spins outright holds a core the agent's io
 // thread and data pool, and a peer agent's threads, must wait for at every
-// wake-up. Measured on this 2-vCPU VM against spinning outright (README,
-// "Performance", the UCX cases): a 1-page migration 1.19 -> 0.81 ms, 64 MiB
-// 4.96 -> 6.58 GB/s page->page and 4.92 -> 6.39 GB/s layer->layer.
-// Sleeping a short while instead (50 us) halved large migrations' rate.
-// It does not use UCP_FEATURE_WAKEUP: event fds would narrow the transports
-// UCX may select, and a target over tcp or software-emulated RMA must keep
-// progressing for incoming puts to land.
+// wake-up. Measured on this 2-vCPU VM (README, "Performance"): spinning
+// outright against yielding, a 1-page migration 1.19 -> 0.81 ms; yielding for 2
+// ms after activity against sleeping on events at once, 64 pages (1 MiB) 0.81
+// of the time and three quarters of the initiator's CPU.
 //
 // What revoke() can guarantee. The target destroys its listener and
 // force-closes its endpoint; the registration (ucp_mem_map) stays for the
@@ -78,7 +81,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -238,6 +240,13 @@ class UcxCore {
   void run(std::promise<Status>& started);
   // Progress thread: calls every poller once, keeping those not finished.
   void run_pollers();
+  // Progress thread, idle: blocks until work is posted or, with endpoints
+  // or listeners open or while `settling` (UCX was busy within kSettle),
+  // until UCX has an event (or kMaxEventWait passes).
+  void sleep_until_woken(bool settling);
+  // Wakes a sleeping progress thread. Called with mu_ held, so the thread
+  // cannot see stopping_ and exit before the write.
+  void wake_locked();
 
   // Progress thread only (created, used and destroyed there).
   ContextPtr context_;
@@ -247,13 +256,16 @@ class UcxCore {
   // Endpoints and listeners open: while there are none, the idle thread
   // sleeps until work is posted.
   std::atomic<int> open_objects_{0};
+  int event_fd_ = -1;  // the worker's (ucp_worker_get_efd), or -1
+  bool arm_failed_ = false;
 
   mutable std::mutex regions_mu_;
   RegionTable<MemhPtr> regions_;  // guarded by regions_mu_; memh on thread
 
   std::mutex mu_;
-  std::condition_variable cv_;
+  int wake_fd_ = -1;                         // eventfd; written by wake_locked
   std::deque<std::function<void()>> tasks_;  // guarded by mu_
+  bool sleeping_ = false;                    // guarded by mu_
   bool stopping_ = false;                    // guarded by mu_
   Clock::time_point stop_by_;                // guarded by mu_
 
