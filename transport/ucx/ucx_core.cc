@@ -4,11 +4,15 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <ucs/debug/log_def.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdarg>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <sstream>
 
 #include "bytes.h"
 #include "ucx_error.h"
@@ -40,11 +44,72 @@ constexpr uint8_t kKeptConnection = 1;
 // Transports whose RMA a closed endpoint cannot stop (see ucx_core.h).
 constexpr const char* kDefaultTls = "^cma";
 
+// Whether UCX_TLS as set (a comma list, "^" first to exclude) can select
+// a shared-memory transport, which reads MM_ERROR_HANDLING.
+bool tls_may_use_shared_memory(std::string_view tls) {
+  const bool excluding = !tls.empty() && tls.front() == '^';
+  if (excluding) tls.remove_prefix(1);
+  std::istringstream names{std::string(tls)};
+  bool named = false;
+  for (std::string name; std::getline(names, name, ',');) {
+    if (name == "all" && !excluding) return true;
+    if (name == "sm" || name == "shm" || name == "mm") {
+      if (excluding) return false;
+      named = true;
+    }
+    if (name == "posix" || name == "sysv") named = true;
+  }
+  return excluding || named;
+}
+
+// UCX's log, which writes to stdout (where `--json` output goes), sent to
+// this library's log instead, at the same level.
+ucs_log_func_rc_t forward_ucx_log(const char* file, unsigned line, const char*,
+                                  ucs_log_level_t level,
+                                  const ucs_log_component_config_t* component,
+                                  const char* format, va_list ap) {
+  if (level > component->log_level && level != UCS_LOG_LEVEL_PRINT) {
+    return UCS_LOG_FUNC_RC_STOP;
+  }
+  spdlog::level::level_enum to = spdlog::level::trace;
+  switch (level) {
+    case UCS_LOG_LEVEL_FATAL:
+    case UCS_LOG_LEVEL_ERROR:
+      to = spdlog::level::err;
+      break;
+    case UCS_LOG_LEVEL_WARN:
+      to = spdlog::level::warn;
+      break;
+    case UCS_LOG_LEVEL_DIAG:
+    case UCS_LOG_LEVEL_INFO:
+    case UCS_LOG_LEVEL_PRINT:
+      to = spdlog::level::info;
+      break;
+    case UCS_LOG_LEVEL_DEBUG:
+      to = spdlog::level::debug;
+      break;
+    default:
+      break;
+  }
+  const auto& log = ucx_log();
+  if (!log->should_log(to)) return UCS_LOG_FUNC_RC_STOP;
+  char text[1024];
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+  std::vsnprintf(text, sizeof text, format, ap);
+#pragma GCC diagnostic pop
+  const char* base = std::strrchr(file, '/');
+  log->log(to, "UCX {}:{}: {}", base ? base + 1 : file, line, text);
+  return UCS_LOG_FUNC_RC_STOP;
+}
+
 }  // namespace
 
 std::shared_ptr<spdlog::logger> ucx_log() {
-  static const auto log = logger("ucx");
-  return log;
+  // Never destroyed: UCX may log from its own destructors at exit.
+  static const auto* const log =
+      new std::shared_ptr<spdlog::logger>(logger("ucx"));
+  return *log;
 }
 
 void wait_for_close(std::future<void>& closed, std::string_view what) {
@@ -96,6 +161,8 @@ std::string sockaddr_string(const sockaddr_storage& ss) {
 // ------------------------------------------------------------------ core
 
 Result<std::shared_ptr<UcxCore>> UcxCore::start() {
+  static std::once_flag forwarding;
+  std::call_once(forwarding, [] { ucs_log_push_handler(forward_ucx_log); });
   std::shared_ptr<UcxCore> core(new UcxCore());
   core->wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (core->wake_fd_ < 0) {
@@ -229,7 +296,9 @@ Result<ConfigPtr> UcxCore::read_config() {
     s = ucp_config_modify(config.get(), "TLS", kDefaultTls);
     if (s != UCS_OK) return status_from_ucs(s, "set UCX_TLS");
   }
-  if (std::getenv("UCX_MM_ERROR_HANDLING") == nullptr) {
+  const char* tls = std::getenv("UCX_TLS");
+  if (std::getenv("UCX_MM_ERROR_HANDLING") == nullptr &&
+      (tls == nullptr || tls_may_use_shared_memory(tls))) {
     s = ucp_config_modify(config.get(), "MM_ERROR_HANDLING", "y");
     if (s != UCS_OK) return status_from_ucs(s, "set UCX_MM_ERROR_HANDLING");
   }

@@ -50,7 +50,9 @@
 // UCX 1.13's shared-memory transports (sysv, posix) offer it only with
 // UCX_MM_ERROR_HANDLING=y; without it such an endpoint gets tcp alone even
 // between two processes on one host (openucx/ucx#8477). So this transport
-// sets it unless the environment does. Puts into the agent's own memory
+// sets it unless the environment does, or names a UCX_TLS without a
+// shared-memory transport (UCX then warns that nothing read it). Puts into
+// the agent's own memory
 // (not UCX-allocated) then run as emulated RMA over the sysv active-message
 // lane, which carries the endpoint id, so a closed endpoint stops them as
 // it does on tcp. With no RDMA device an endpoint to another host gets tcp.
