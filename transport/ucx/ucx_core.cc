@@ -68,7 +68,8 @@ ucs_log_func_rc_t forward_ucx_log(const char* file, unsigned line, const char*,
                                   ucs_log_level_t level,
                                   const ucs_log_component_config_t* component,
                                   const char* format, va_list ap) {
-  if (level > component->log_level && level != UCS_LOG_LEVEL_PRINT) {
+  if (component != nullptr && level > component->log_level &&
+      level != UCS_LOG_LEVEL_PRINT) {
     return UCS_LOG_FUNC_RC_STOP;
   }
   spdlog::level::level_enum to = spdlog::level::trace;

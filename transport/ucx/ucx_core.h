@@ -46,16 +46,16 @@
 // UCX_TLS is set explicitly, which is then trusted; a deployment on dc must map
 // per migration.
 //
-// Shared memory. A listener-made endpoint asks for peer error handling, and
-// UCX 1.13's shared-memory transports (sysv, posix) offer it only with
+// Shared memory. A listener-made endpoint asks for peer error handling, and UCX
+// 1.13's shared-memory transports (sysv, posix) offer it only with
 // UCX_MM_ERROR_HANDLING=y; without it such an endpoint gets tcp alone even
-// between two processes on one host (openucx/ucx#8477). So this transport
-// sets it unless the environment does, or names a UCX_TLS without a
-// shared-memory transport (UCX then warns that nothing read it). Puts into
-// the agent's own memory
-// (not UCX-allocated) then run as emulated RMA over the sysv active-message
-// lane, which carries the endpoint id, so a closed endpoint stops them as
-// it does on tcp. With no RDMA device an endpoint to another host gets tcp.
+// between two processes on one host (openucx/ucx#8477). So this transport sets
+// it unless the environment does, or names a UCX_TLS without a shared-memory
+// transport (UCX then warns that nothing read it). Puts into the agent's own
+// memory (not UCX-allocated) then run as emulated RMA over the sysv
+// active-message lane, which carries the endpoint id, so a closed endpoint
+// stops them as it does on tcp. With no RDMA device an endpoint to another
+// host gets tcp.
 //
 // Closing. Emulated RMA acknowledges every put fragment with a message from
 // the target. UCX 1.13 cannot drop such an acknowledgement that is still
@@ -246,8 +246,8 @@ class UcxCore {
   // or listeners open or while `settling` (UCX was busy within kSettle),
   // until UCX has an event (or kMaxEventWait passes).
   void sleep_until_woken(bool settling);
-  // Wakes a sleeping progress thread. Called with mu_ held, so the thread
-  // cannot see stopping_ and exit before the write.
+  // Wakes the progress thread if it sleeps (writes wake_fd_). Called with
+  // mu_ held, which guards sleeping_.
   void wake_locked();
 
   // Progress thread only (created, used and destroyed there).
@@ -255,8 +255,8 @@ class UcxCore {
   WorkerPtr worker_;
   std::vector<std::function<bool()>> pollers_;
   std::thread::id thread_id_;
-  // Endpoints and listeners open: while there are none, the idle thread
-  // sleeps until work is posted.
+  // Endpoints and listeners open: while there are none (and UCX has
+  // settled), the idle thread sleeps until work is posted.
   std::atomic<int> open_objects_{0};
   int event_fd_ = -1;  // the worker's (ucp_worker_get_efd), or -1
   bool arm_failed_ = false;
