@@ -1912,8 +1912,8 @@ uint64_t wakeups_in_a_window() {
 // millisecond before: ~900 wake-ups a second per idle agent). While one is
 // open it sleeps on UCX's events, waking at most every kMaxEventWait (10
 // ms) without one (it polled before: over 100 wake-ups in the window), and
-// a peer's puts still wake it: a write after the quiet window lands.
-// Once all are closed (and UCX has settled) it sleeps again.
+// a write after the quiet window still lands. Once all are closed (and UCX
+// has settled) it sleeps again.
 TEST(UcxIdleTest, NoWakeUpsWithNothingOpen) {
   Mapping src(kMiB), dst(kMiB);
   ASSERT_TRUE(src.ok() && dst.ok());
