@@ -113,13 +113,6 @@ std::shared_ptr<spdlog::logger> ucx_log() {
   return *log;
 }
 
-void wait_for_close(std::future<void>& closed, std::string_view what) {
-  constexpr auto kWait = kDrainGrace + kCloseGrace;
-  if (closed.wait_for(kWait) == std::future_status::ready) return;
-  ucx_log()->warn("closing {} took over {} ms", what,
-                  std::chrono::milliseconds(kWait).count());
-}
-
 // ------------------------------------------------------------- sockaddrs
 
 Result<sockaddr_storage> make_sockaddr(const std::string& host, uint16_t port) {
@@ -205,6 +198,19 @@ void UcxCore::wake_locked() {
   const uint64_t one = 1;
   // EAGAIN only when the counter is full: the thread is being woken then.
   [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof(one));
+}
+
+void UcxCore::post_close_and_wait(
+    std::function<void(std::function<void()>)> close, std::string_view what) {
+  auto done = std::make_shared<std::promise<void>>();
+  auto closed = done->get_future();
+  post([close = std::move(close), done] {
+    close([done] { done->set_value(); });
+  });
+  constexpr auto kWait = kDrainGrace + kCloseGrace;
+  if (closed.wait_for(kWait) == std::future_status::ready) return;
+  ucx_log()->warn("closing {} took over {} ms", what,
+                  std::chrono::milliseconds(kWait).count());
 }
 
 void ListenerDeleter::operator()(ucp_listener_h l) const {

@@ -114,11 +114,6 @@ constexpr auto kDrainGrace = std::chrono::milliseconds(500);
 // The "ucx" logger. Thread-safe.
 std::shared_ptr<spdlog::logger> ucx_log();
 
-// Waits until `closed` is ready (a close() posted to the progress thread
-// has finished), for at most a drain and a close; past that, warns that
-// closing `what` took longer, and returns. Not on the progress thread.
-void wait_for_close(std::future<void>& closed, std::string_view what);
-
 // Owning handles for UCP objects. Each is destroyed on the progress thread
 // by whoever owns it there; not thread-safe.
 template <typename T>
@@ -209,6 +204,12 @@ class UcxCore {
   void object_closed() {
     open_objects_.fetch_sub(1, std::memory_order_relaxed);
   }
+
+  // Posts close(done) to the progress thread and waits until it has called
+  // done, for at most a drain and a close; past that, warns that closing
+  // `what` took longer, and returns. Not on the progress thread.
+  void post_close_and_wait(std::function<void(std::function<void()>)> close,
+                           std::string_view what);
 
   // Force-closes ep (outstanding requests complete with an error) and calls
   // on_closed, if set, once UCX has finished.

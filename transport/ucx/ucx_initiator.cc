@@ -398,11 +398,9 @@ class UcxInitiator final : public TransportInitiator {
   // Closes the endpoint and waits (bounded) until UCX let go of it, so no
   // put still reads the caller's memory.
   void close_and_wait() {
-    auto done = std::make_shared<std::promise<void>>();
-    auto closed = done->get_future();
-    core_->post(
-        [st = state_, done] { st->close([done] { done->set_value(); }); });
-    wait_for_close(closed, "the initiator's endpoint to " + state_->peer);
+    core_->post_close_and_wait(
+        [st = state_](auto done) { st->close(std::move(done)); },
+        "the initiator's endpoint to " + state_->peer);
   }
 
   const std::shared_ptr<UcxCore> core_;

@@ -81,19 +81,18 @@ void Parking::clear() {
     inits = inits_.take_all();
   }
   if (targets.empty() && inits.empty()) return;
-  auto left =
-      std::make_shared<std::atomic<size_t>>(targets.size() + inits.size());
-  auto done = std::make_shared<std::promise<void>>();
-  auto closed = done->get_future();
-  auto one_closed = [left, done] {
-    if (--*left == 0) done->set_value();
-  };
-  core_->post(
-      [targets = std::move(targets), inits = std::move(inits), one_closed] {
+  core_->post_close_and_wait(
+      [targets = std::move(targets),
+       inits = std::move(inits)](std::function<void()> done) {
+        auto left = std::make_shared<std::atomic<size_t>>(targets.size() +
+                                                          inits.size());
+        auto one_closed = [left, done = std::move(done)] {
+          if (--*left == 0) done();
+        };
         for (const auto& st : targets) st->shut(one_closed);
         for (const auto& st : inits) st->close(one_closed);
-      });
-  wait_for_close(closed, "the kept connections");
+      },
+      "the kept connections");
 }
 
 }  // namespace kvmig::ucx

@@ -178,11 +178,9 @@ class UcxTarget final : public TransportTarget {
       // migration has adopted it since.
       if (kept_ && !parking_->unpark_target(state_.get())) return;
     }
-    auto done = std::make_shared<std::promise<void>>();
-    auto closed = done->get_future();
-    core_->post(
-        [st = state_, done] { st->shut([done] { done->set_value(); }); });
-    wait_for_close(closed, "the target's endpoint to its initiator");
+    core_->post_close_and_wait(
+        [st = state_](auto done) { st->shut(std::move(done)); },
+        "the target's endpoint to its initiator");
   }
 
   bool keep() override {
