@@ -1,6 +1,7 @@
 #include "channel.h"
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -149,18 +150,20 @@ asio::awaitable<error_code> FrameChannel::read_exact(
     const asio::mutable_buffer into =
         ahead ? asio::buffer(ahead_)
               : asio::buffer(out.data() + got, out.size() - got);
-    const size_t n = socket_.read_some(into, ec);
+    size_t n = socket_.read_some(into, ec);
     if (ec == asio::error::would_block || ec == asio::error::try_again) {
       if (!dog) {
         dog.emplace(socket_, deadline);
       } else if (dog->fired()) {
         co_return asio::error::operation_aborted;  // nothing to cancel now
       }
-      co_await socket_.async_wait(
-          asio::ip::tcp::socket::wait_read,
-          asio::redirect_error(asio::use_awaitable, ec));
-      if (ec) co_return ec;
-      continue;
+      // A read, not a wait for readability: asio queues it on the socket's
+      // standing registration, where async_wait would re-register the
+      // socket with epoll (a system call, and a spurious EPOLLOUT wake-up)
+      // every time.
+      ec = {};
+      n = co_await socket_.async_read_some(
+          into, asio::redirect_error(asio::use_awaitable, ec));
     }
     if (ec) co_return ec;
     if (ahead) {
@@ -256,6 +259,20 @@ asio::awaitable<Result<asio::ip::tcp::socket>> connect_to(
       co_return Status::deadline_exceeded(
           "connecting to " + std::string(host_port) + ": deadline passed");
     }
+    co_return status_from_error(ec, "connecting to " + std::string(host_port));
+  }
+  // The connect left the socket registered with epoll for writability, and
+  // asio never drops that: every ACK that frees send space would then wake
+  // the io thread for nothing. A fresh registration watches what reads
+  // need (a send that fills the socket registers writability again).
+  const auto protocol = socket.local_endpoint(ec).protocol();
+  asio::ip::tcp::socket::native_handle_type fd = -1;
+  if (!ec) fd = socket.release(ec);
+  if (!ec) {
+    socket.assign(protocol, fd, ec);
+    if (ec) ::close(fd);  // released: ours to close
+  }
+  if (ec) {
     co_return status_from_error(ec, "connecting to " + std::string(host_port));
   }
   co_return std::move(socket);
