@@ -26,7 +26,14 @@ uint64_t random_token() {
 }
 
 std::string new_migration_id() {
-  return fmt::format("{:016x}{:016x}", random_token(), random_token());
+  // One draw: each RAND_bytes call takes the generator's lock and checks
+  // for a fork with a system call.
+  uint8_t b[16];
+  random_bytes(b);
+  uint64_t hi, lo;
+  std::memcpy(&hi, b, sizeof hi);
+  std::memcpy(&lo, b + 8, sizeof lo);
+  return fmt::format("{:016x}{:016x}", hi, lo);
 }
 
 }  // namespace kvmig
