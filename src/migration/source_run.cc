@@ -1047,7 +1047,8 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
   // A destination that has already closed its end can never read COMMIT:
   // the migration is certainly not committed, so roll back now rather than
   // leave the requests in doubt.
-  if (channel_->peer_closed() && !hello_frame_.empty()) {
+  bool closed = channel_->peer_closed();  // a system call: asked once
+  if (closed && !hello_frame_.empty()) {
     // One exchange, nothing sent yet: the destination closed the kept
     // connection (its idle time ran out, or it made room for another) and
     // knows nothing of this migration. Once, on a new connection
@@ -1058,8 +1059,9 @@ asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
       co_await resume_engine();
       co_return gone;
     }
+    closed = channel_->peer_closed();
   }
-  if (channel_->peer_closed()) {
+  if (closed) {
     Status gone = Status::unavailable("destination " + req_.to +
                                       " closed the connection before COMMIT");
     co_await abort_peer(gone);
