@@ -1,6 +1,12 @@
 // Agent: creation, the serving lifecycle, and the in-process calls
 // (migrate, status) that run on the agent's io thread.
-#include <future>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
 #include <string>
 
 #include "agent_impl.h"
@@ -187,20 +193,52 @@ void Agent::stop() {
 
 namespace {
 
+// The caller's end of a call: filled once (the first finish() wins) and
+// waited for on a futex. It costs the io thread one system call to wake a
+// sleeping caller, and none if the caller is not asleep yet: std::promise
+// costs two (pthread_once wakes too), a condition variable one more on the
+// caller's side (glibc re-takes the mutex as if contended).
+template <typename T>
+struct PendingCall {
+  enum : uint32_t { kEmpty, kSleeping, kFilled };
+  std::atomic<bool> claimed{false};
+  std::atomic<uint32_t> state{kEmpty};
+  std::optional<Result<T>> result;  // written once, before state is kFilled
+
+  void finish(Result<T> r) {
+    if (claimed.exchange(true, std::memory_order_acq_rel)) return;
+    result.emplace(std::move(r));
+    if (state.exchange(kFilled, std::memory_order_release) == kSleeping) {
+      syscall(SYS_futex, futex_word(), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr,
+              0);
+    }
+  }
+  Result<T> wait() {
+    uint32_t s = state.load(std::memory_order_acquire);
+    while (s != kFilled) {
+      if (s == kEmpty && !state.compare_exchange_weak(
+                             s, kSleeping, std::memory_order_acquire)) {
+        continue;  // s reloaded
+      }
+      // Returns at once unless state is still kSleeping.
+      syscall(SYS_futex, futex_word(), FUTEX_WAIT_PRIVATE, kSleeping, nullptr,
+              nullptr, 0);
+      s = state.load(std::memory_order_acquire);
+    }
+    return std::move(*result);
+  }
+
+ private:
+  uint32_t* futex_word() { return reinterpret_cast<uint32_t*>(&state); }
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) &&
+                std::atomic<uint32_t>::is_always_lock_free);
+};
+
 // Runs make() as a coroutine on the agent's io thread and waits for its
 // result. FailedPrecondition when nothing would ever run it (the agent is
 // not serving) or when called on one of the agent's threads (from a pager
 // method: it would wait for itself). If the agent stops first, the call returns
 // Aborted as soon as the io thread has stopped.
-template <typename T>
-struct PendingCall {
-  std::promise<Result<T>> promise;
-  std::atomic<bool> done{false};
-  void finish(Result<T> result) {
-    if (!done.exchange(true)) promise.set_value(std::move(result));
-  }
-};
-
 template <typename T, typename Make>
 Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
   asio::io_context& io = impl.ctx.io;
@@ -217,7 +255,6 @@ Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
         "would wait for itself");
   }
   auto call = std::make_shared<PendingCall<T>>();
-  auto future = call->promise.get_future();
   const Status stopped =
       Status::aborted("agent stopped before the call finished");
   uint64_t key = 0;
@@ -239,7 +276,7 @@ Result<T> run_on(AgentImpl& impl, std::string_view what, Make make) {
         log->error("{}: uncaught exception: {}", what, text);
         call->finish(Status::internal(what + " failed: " + text));
       });
-  Result<T> result = future.get();
+  Result<T> result = call->wait();
   impl.remove_pending(key);
   return result;
 }
