@@ -149,7 +149,11 @@ asio::awaitable<bool> DestinationRun::run() {
 }
 
 asio::awaitable<void> DestinationRun::fail(Status why) {
-  ctx_.log->warn("{} aborted: {}", tag_, why.to_string());
+  ctx_.log->warn("{} aborted{}: {}", tag_,
+                 took_with_hello_
+                     ? " (slots taken with HELLO over the control connection)"
+                     : "",
+                 why.to_string());
   if (target_) {
     co_await ctx_.offload([this] {
       target_->revoke();
@@ -335,8 +339,9 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
 
 Status DestinationRun::take_pages_unasked() {
   progress_.transport = std::string(transport_->name());
-  ctx_.log->info("{} took {} slots with HELLO over the control connection",
-                 tag_, slots_.size());
+  // No line of its own: a write here would sit on the source's wait for
+  // DONE. The line that ends the run says it.
+  took_with_hello_ = true;
   ctx_.fault("dst.hello_taken");
   return Status();
 }
@@ -706,9 +711,11 @@ asio::awaitable<Status> DestinationRun::install(const CommitMsg& commit) {
                       released.to_string());
     }
   }
-  installed_line_ =
-      fmt::format("installed {} requests in {} slots ({} PROGRESS frames)",
-                  commit.seqs.size(), used, progress_frames_);
+  installed_line_ = fmt::format(
+      "installed {} requests in {} slots{} ({} PROGRESS frames)",
+      commit.seqs.size(), used,
+      took_with_hello_ ? " taken with HELLO over the control connection" : "",
+      progress_frames_);
   co_return Status();
 }
 

@@ -149,6 +149,9 @@ class DestinationRun {
   uint64_t installed_pages_ = 0;
   uint64_t progress_frames_ = 0;  // PROGRESS frames received
   std::string installed_line_;    // install()'s log line, logged after DONE
+  // The slots were taken with HELLO (one exchange): said in the line that
+  // ends the run (installed, or aborted), not on its own before DONE.
+  bool took_with_hello_ = false;
   const Clock::time_point t_start_ = Clock::now();
   std::optional<Status> cancelled_;  // cancel()'s reason
   bool deciding_ = false;            // COMMIT accepted: too late to cancel
