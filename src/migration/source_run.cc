@@ -1,5 +1,6 @@
 #include "source_run.h"
 
+#include <fmt/format.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -1018,6 +1019,13 @@ asio::awaitable<void> acknowledge_done(MigrationContext& ctx, std::string peer,
   ctx.kept_channels.put(peer, std::move(channel), terms);
 }
 
+// Writes a line once the caller has its reply.
+asio::awaitable<void> log_after_reply(std::shared_ptr<spdlog::logger> log,
+                                      std::string line) {
+  log->info("{}", line);
+  co_return;
+}
+
 }  // namespace
 
 asio::awaitable<Result<MigrationReport>> SourceRun::commit() {
@@ -1213,11 +1221,16 @@ Result<MigrationReport> SourceRun::finish(
   report.phases_ms = phases_ms_;
   report.src_memory = ctx_.memory;
   report.dst_memory = dst_memory_;
-  ctx_.log->info(
-      "{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, {} round(s), "
-      "pause {:.1f} ms",
-      tag_, report.pages, bytes_, writes_, report.gbps, report.rounds,
-      pause_ms);
+  // Logged once the caller has the report: the line's write is off its
+  // wait.
+  if (ctx_.log->should_log(spdlog::level::info)) {
+    ctx_.after_reply.push_back(log_after_reply(
+        ctx_.log,
+        fmt::format("{} done: {} pages, {} bytes in {} writes, {:.3f} GB/s, "
+                    "{} round(s), pause {:.1f} ms",
+                    tag_, report.pages, bytes_, writes_, report.gbps,
+                    report.rounds, pause_ms)));
+  }
   return report;
 }
 
