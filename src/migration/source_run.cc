@@ -488,10 +488,17 @@ asio::awaitable<Status> SourceRun::reconnect() {
   co_return Status();
 }
 
+void SourceRun::log_start() {
+  if (start_line_.empty()) return;
+  ctx_.log->info("{}", start_line_);
+  start_line_.clear();
+}
+
 asio::awaitable<Result<Frame>> SourceRun::exchange_hello(
     std::span<const uint8_t> payload) {
   for (;;) {
     Status sent = co_await channel_->send(MsgType::kHello, payload, deadline());
+    log_start();
     Result<Frame> reply = Status::internal("HELLO not sent");
     if (sent.ok()) {
       reply = co_await channel_->receive(deadline());
@@ -634,11 +641,14 @@ asio::awaitable<Result<std::vector<PageIndex>>> SourceRun::hello_and_offer(
   hello.pages_follow =
       hello.inline_pages && kept_connection_ &&
       uint64_t{n_pages} * page_total_ <= dst_terms_.inline_limit;
-  ctx_.log->info("{} {} {} requests{}, {} pages over {}", tag_,
-                 req_.mode == MigrationMode::kMove ? "moving" : "copying",
-                 moving_.size(), req_.live ? " live" : "", n_pages,
-                 hello.pages_follow ? std::string_view("the control connection")
-                                    : transport_.name());
+  if (ctx_.log->should_log(spdlog::level::info)) {
+    start_line_ = fmt::format(
+        "{} {} {} requests{}, {} pages over {}", tag_,
+        req_.mode == MigrationMode::kMove ? "moving" : "copying",
+        moving_.size(), req_.live ? " live" : "", n_pages,
+        hello.pages_follow ? std::string_view("the control connection")
+                           : transport_.name());
+  }
   if (hello.pages_follow) {
     hello_frame_ = encode(hello);
     hello_ = std::move(hello);
@@ -940,6 +950,7 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
   if (!pages_frame_.empty()) frames.push_back({MsgType::kPages, pages_frame_});
   frames.push_back({MsgType::kCommit, payload});
   Status sent = co_await channel_->send_all(frames, deadline());
+  log_start();
   if (!sent.ok()) {
     why = sent;
     co_return Outcome::kUnknown;

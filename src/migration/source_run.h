@@ -224,6 +224,11 @@ class SourceRun {
   Transport& transport_;
   const std::string id_;
   const std::string tag_;
+  // The run's first line ("moving N requests..."), written right after
+  // HELLO goes out, while the destination answers, rather than on the way
+  // to it; empty once written.
+  std::string start_line_;
+  void log_start();
   const CacheMeta meta_;
   const uint64_t page_total_;
 

@@ -806,8 +806,8 @@ TEST_P(OneExchangeDeath, LeavesTheRequestInDoubtUntilTheDestinationAnswers) {
       << dst->child().err();
   // The path the case names: no OFFER for the second move (the source sent
   // its pages with HELLO; the destination says so only with the outcome).
-  EXPECT_NE(src->child().err().find("pages over the control connection"),
-            std::string::npos)
+  EXPECT_TRUE(
+      src->child().wait_for("pages over the control connection", 5s, true))
       << src->child().err();
   dst->child().kill(SIGKILL);
   ASSERT_TRUE(dst->child().wait_exit(30s));
