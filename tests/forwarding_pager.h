@@ -52,6 +52,9 @@ class ForwardingPager : public CachePager {
   Status hold_seqs(std::span<const SeqId> ids) override {
     return inner_.hold_seqs(ids);
   }
+  Status try_hold_seqs(std::span<const SeqId> ids) override {
+    return inner_.try_hold_seqs(ids);
+  }
   Status unhold_seqs(std::span<const SeqId> ids) override {
     return inner_.unhold_seqs(ids);
   }

@@ -551,6 +551,16 @@ Status SyntheticPager::hold_seqs(std::span<const SeqId> ids) {
   return Status();
 }
 
+Status SyntheticPager::try_hold_seqs(std::span<const SeqId> ids) {
+  std::unique_lock lock(state_->mu, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    return Status::unavailable("try_hold_seqs: a decode step is under way");
+  }
+  KVMIG_RETURN_IF_ERROR(all_live(state_->seqs, ids, "try_hold_seqs"));
+  state_->held.insert(ids.begin(), ids.end());
+  return Status();
+}
+
 Status SyntheticPager::unhold_seqs(std::span<const SeqId> ids) {
   std::lock_guard lock(state_->mu);
   KVMIG_RETURN_IF_ERROR(all_live(state_->seqs, ids, "unhold_seqs"));

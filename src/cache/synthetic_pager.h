@@ -80,6 +80,9 @@ class SyntheticPager final : public CachePager {
   Status release_pages(std::span<const PageIndex> ixs) override;
   Status drop_logical_seqs(std::span<const SeqId> ids) override;
   Status hold_seqs(std::span<const SeqId> ids) override;
+  // Holds at once unless a decode step (or another call) has the state:
+  // then Unavailable.
+  Status try_hold_seqs(std::span<const SeqId> ids) override;
   Status unhold_seqs(std::span<const SeqId> ids) override;
   std::optional<PagerCapacity> capacity() const override;
   Status copy_from_device(uint32_t region, uint64_t offset,

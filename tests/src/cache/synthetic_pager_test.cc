@@ -392,6 +392,44 @@ TEST(SyntheticPagerTest, HeldRequestsDoNotDecodeTheOthersDo) {
   EXPECT_EQ(seqs_of(*pager)[1].n_tokens, 6u);
 }
 
+TEST(SyntheticPagerTest, TryHoldHoldsAtOnceAllOrNothing) {
+  auto pager = make(PoolLayout::kPage, 16);
+  ASSERT_OK(pager->populate(3, 5, 3));
+  const std::vector<SeqId> held = {2};
+  ASSERT_OK(pager->try_hold_seqs(held));
+  const std::vector<SeqId> unknown = {1, 99};
+  Status s = pager->try_hold_seqs(unknown);
+  EXPECT_EQ(s.code(), StatusCode::kNotFound) << s.to_string();
+  EXPECT_EQ(pager->decode_step(), 2u);  // 1 is not held, 2 is
+  EXPECT_EQ(seqs_of(*pager)[1].n_tokens, 5u);
+  ASSERT_OK(pager->unhold_seqs(held));
+  EXPECT_EQ(pager->decode_step(), 3u);
+}
+
+// While a decode step has the state, try_hold_seqs says so instead of
+// waiting: with a decode thread stepping without pause, some try meets
+// one.
+TEST(SyntheticPagerTest, TryHoldDuringADecodeStepSaysItWouldWait) {
+  auto pager = make(PoolLayout::kPage, 4096);
+  ASSERT_OK(pager->populate(64, 5, 3));
+  pager->start_decoding(1e7);
+  const std::vector<SeqId> ids = {1};
+  int tries = 0;
+  Status s;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    ++tries;
+    s = pager->try_hold_seqs(ids);
+    if (s.code() == StatusCode::kUnavailable) break;
+    ASSERT_OK(s);
+    ASSERT_OK(pager->unhold_seqs(ids));
+  }
+  pager->stop_decoding();
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable)
+      << s.to_string() << " after " << tries << " tries";
+}
+
 TEST(SyntheticPagerTest, DecodeThreadStartsAndStops) {
   auto pager = make(PoolLayout::kPage, 64);
   ASSERT_OK(pager->populate(2, 5, 3));
