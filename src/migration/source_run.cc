@@ -68,6 +68,14 @@ Status refuse_unknown(const std::vector<LogicalSeq>& live,
   return Status::not_found("unknown request ids: " + join_ids(unknown));
 }
 
+// The selection's check against the pager's tables: the unknown ids, or
+// why the pager could not list them.
+Status check_selection(CachePager& pager, std::span<const SeqId> ids) {
+  auto live = pager.logical_seqs();
+  return live.ok() ? refuse_unknown(*live, ids)
+                   : live.status().with_context("logical_seqs");
+}
+
 }  // namespace
 
 const char* EnginePause::scope_name() const {
@@ -269,6 +277,29 @@ std::shared_ptr<SourceRun::PauseRace> SourceRun::start_pause(bool whole_engine,
   race->timer.expires_at(deadline());
   CachePager& pager = ctx_.pager;
   std::atomic<bool>& holds = ctx_.pager_holds_seqs;
+  // A pager whose bookkeeping never waits is asked here first, on the io
+  // thread: the selection's check, then a hold that does not wait
+  // (try_hold_seqs). Held at once, no trip. Any other answer sends the
+  // trip below, whose hold_seqs() decides.
+  if (ctx_.pager_never_waits && holds.load(std::memory_order_relaxed)) {
+    std::lock_guard lock(race->mu);
+    if (check_live) {
+      race->result = check_selection(pager, moving_);
+      if (!race->result.ok()) {
+        race->refused = true;
+        race->done = true;
+        return race;
+      }
+      check_live = false;  // checked: the trip need not ask again
+    }
+    if (pager.try_hold_seqs(moving_).ok()) {
+      race->scope = EnginePause::Scope::kSeqs;
+      race->paused_at = Clock::now();
+      race->seqs = pager.logical_seqs();  // the paused round's snapshot
+      race->done = true;
+      return race;
+    }
+  }
   // Only the requests that move, where the pager can hold them one by
   // one; the whole engine for a pager that cannot, or when one of them
   // has finished meanwhile (NotFound: the round then leaves it behind).
@@ -280,9 +311,7 @@ std::shared_ptr<SourceRun::PauseRace> SourceRun::start_pause(bool whole_engine,
     // The selection's check on the same trip: every id live, else nothing
     // is held and the run ends with the ids it does not know.
     if (check_live) {
-      auto live = pager.logical_seqs();
-      Status refused = live.ok() ? refuse_unknown(*live, ids)
-                                 : live.status().with_context("logical_seqs");
+      Status refused = check_selection(pager, ids);
       if (!refused.ok()) {
         std::lock_guard lock(race->mu);
         if (race->abandoned) return;
@@ -407,7 +436,9 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
   init_ = std::move(*initiator);
   // Stop-and-copy holds the requests that move while the control
   // connection opens: the pager's trip to the data pool overlaps the
-  // connect. Only a hold: the whole engine (a pager without hold_seqs)
+  // connect (or holds them at once: try_hold_seqs, a pager whose
+  // bookkeeping never waits). Only a hold: the whole engine (a pager
+  // without hold_seqs)
   // pauses once the destination has answered, so an unreachable one never
   // stalls every request here.
   // With check_live the trip goes even if the pager has since answered

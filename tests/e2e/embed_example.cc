@@ -348,6 +348,9 @@ class NoHoldPager final : public testing::ForwardingPager {
   Status hold_seqs(std::span<const SeqId> ids) override {
     return CachePager::hold_seqs(ids);
   }
+  Status try_hold_seqs(std::span<const SeqId> ids) override {
+    return CachePager::try_hold_seqs(ids);
+  }
   Status unhold_seqs(std::span<const SeqId> ids) override {
     return CachePager::unhold_seqs(ids);
   }
@@ -540,10 +543,13 @@ TEST(EmbedExample, CallsOnANonServingAgentFailAtOnce) {
 }
 
 // Counts the calls that stop and restart requests, forwarding them (with
-// or without hold_seqs, as the wrapped pager has it).
+// or without hold_seqs, as the wrapped pager has it). Says its bookkeeping
+// never waits when `quick`: kvmig then tries try_hold_seqs first.
 class PauseCountingPager final : public testing::ForwardingPager {
  public:
-  using ForwardingPager::ForwardingPager;
+  explicit PauseCountingPager(CachePager& inner, bool quick = false)
+      : ForwardingPager(inner), quick_(quick) {}
+  bool bookkeeping_never_waits() const override { return quick_; }
   Status pause() override {
     pauses++;
     return ForwardingPager::pause();
@@ -556,11 +562,20 @@ class PauseCountingPager final : public testing::ForwardingPager {
     holds++;
     return ForwardingPager::hold_seqs(ids);
   }
+  Status try_hold_seqs(std::span<const SeqId> ids) override {
+    Status s = ForwardingPager::try_hold_seqs(ids);
+    if (s.ok()) holds++;
+    return s;
+  }
   Status unhold_seqs(std::span<const SeqId> ids) override {
     unholds++;
     return ForwardingPager::unhold_seqs(ids);
   }
+  // holds: hold_seqs calls, and try_hold_seqs calls that held.
   std::atomic<int> pauses{0}, resumes{0}, holds{0}, unholds{0};
+
+ private:
+  const bool quick_;
 };
 
 // A stop-and-copy holds the requests that move while the control
@@ -569,14 +584,16 @@ class PauseCountingPager final : public testing::ForwardingPager {
 // requests is never paused at all, and after the first try kvmig stops
 // asking it to hold.
 TEST(EmbedExample, UnreachableDestinationLeavesTheEngineRunning) {
-  for (const bool can_hold : {true, false}) {
-    SCOPED_TRACE(can_hold ? "hold_seqs" : "no hold_seqs");
+  for (const auto& [can_hold, quick] :
+       {std::pair{true, false}, {false, false}, {true, true}, {false, true}}) {
+    SCOPED_TRACE(std::string(can_hold ? "hold_seqs" : "no hold_seqs") +
+                 (quick ? ", never waits" : ""));
     auto cache = make_cache(PoolLayout::kPage, 64);
     ASSERT_TRUE(cache);
     ASSERT_OK(cache->populate(3, 40, 4));
     std::unique_ptr<CachePager> no_hold;
     if (!can_hold) no_hold = std::make_unique<NoHoldPager>(*cache);
-    PauseCountingPager pager(no_hold ? *no_hold : *cache);
+    PauseCountingPager pager(no_hold ? *no_hold : *cache, quick);
     auto src = start_agent(pager, AgentOptions{});
     ASSERT_TRUE(src);
     MigrateRequest req;
@@ -617,64 +634,69 @@ class ListFailingPager final : public testing::ForwardingPager {
 };
 
 // Named requests moved stop-and-copy are checked against the pager on the
-// hold's trip, which overlaps the connect: an unknown id is the error
-// (before an unreachable destination's), and nothing is held, paused or
-// sent; a pager that cannot list its requests fails the move naming
+// hold's trip, which overlaps the connect (or on the control thread, before
+// try_hold_seqs, when the pager's bookkeeping never waits): an unknown id is
+// the error (before an unreachable destination's), and nothing is held, paused
+// or sent; a pager that cannot list its requests fails the move naming
 // logical_seqs, nothing held either.
 TEST(EmbedExample, UnknownIdsFailBeforeAnythingIsHeld) {
-  auto cache = make_cache(PoolLayout::kPage, 64);
-  auto dst_cache = make_cache(PoolLayout::kPage, 64);
-  ASSERT_TRUE(cache && dst_cache);
-  ASSERT_OK(cache->populate(3, 40, 4));
-  ListFailingPager listing(*cache);
-  PauseCountingPager pager(listing);
-  auto src = start_agent(pager, AgentOptions{});
-  auto dst = start_agent(*dst_cache, AgentOptions{});
-  ASSERT_TRUE(src && dst);
-  const auto before = digests(*src);  // pauses the engine once
-  pager.pauses = 0;
-  pager.resumes = 0;
-  MigrateRequest req;
-  req.seqs = {1, 99, 2, 98};
-  for (const bool reachable : {false, true}) {
-    SCOPED_TRACE(reachable ? "reachable destination" : "unreachable");
-    req.to = reachable ? dst->address() : "127.0.0.1:1";
+  for (const bool quick : {false, true}) {
+    SCOPED_TRACE(quick ? "never waits" : "may wait");
+    auto cache = make_cache(PoolLayout::kPage, 64);
+    auto dst_cache = make_cache(PoolLayout::kPage, 64);
+    ASSERT_TRUE(cache && dst_cache);
+    ASSERT_OK(cache->populate(3, 40, 4));
+    ListFailingPager listing(*cache);
+    PauseCountingPager pager(listing, quick);
+    auto src = start_agent(pager, AgentOptions{});
+    auto dst = start_agent(*dst_cache, AgentOptions{});
+    ASSERT_TRUE(src && dst);
+    const auto before = digests(*src);  // pauses the engine once
+    pager.pauses = 0;
+    pager.resumes = 0;
+    MigrateRequest req;
+    req.seqs = {1, 99, 2, 98};
+    for (const bool reachable : {false, true}) {
+      SCOPED_TRACE(reachable ? "reachable destination" : "unreachable");
+      req.to = reachable ? dst->address() : "127.0.0.1:1";
+      auto moved = src->migrate(req);
+      EXPECT_EQ(moved.status().code(), StatusCode::kNotFound)
+          << moved.status().to_string();
+      EXPECT_EQ(moved.status().message(), "unknown request ids: 99,98")
+          << moved.status().to_string();
+    }
+    listing.armed = true;
+    req.seqs = {1, 2};
     auto moved = src->migrate(req);
-    EXPECT_EQ(moved.status().code(), StatusCode::kNotFound)
+    EXPECT_EQ(moved.status().code(), StatusCode::kInternal)
         << moved.status().to_string();
-    EXPECT_EQ(moved.status().message(), "unknown request ids: 99,98")
+    EXPECT_NE(moved.status().message().find(
+                  "logical_seqs: the engine lost its tables"),
+              std::string::npos)
         << moved.status().to_string();
+    listing.armed = false;
+    EXPECT_EQ(pager.holds, 0);
+    EXPECT_EQ(pager.pauses, 0);
+    EXPECT_EQ(digests(*src), before);
+    EXPECT_TRUE(digests(*dst).empty());
+    ASSERT_OK_AND_ASSIGN(AgentStatus st, dst->status());
+    EXPECT_TRUE(st.migrations.empty());
+    // The requests still move afterwards.
+    ASSERT_OK(src->migrate(req).status());
+    EXPECT_EQ(digests(*dst).size(), 2u);
+    EXPECT_EQ(pager.holds, 1);
+    src->stop();
+    dst->stop();
   }
-  listing.armed = true;
-  req.seqs = {1, 2};
-  auto moved = src->migrate(req);
-  EXPECT_EQ(moved.status().code(), StatusCode::kInternal)
-      << moved.status().to_string();
-  EXPECT_NE(
-      moved.status().message().find("logical_seqs: the engine lost its tables"),
-      std::string::npos)
-      << moved.status().to_string();
-  listing.armed = false;
-  EXPECT_EQ(pager.holds, 0);
-  EXPECT_EQ(pager.pauses, 0);
-  EXPECT_EQ(digests(*src), before);
-  EXPECT_TRUE(digests(*dst).empty());
-  ASSERT_OK_AND_ASSIGN(AgentStatus st, dst->status());
-  EXPECT_TRUE(st.migrations.empty());
-  // The requests still move afterwards.
-  ASSERT_OK(src->migrate(req).status());
-  EXPECT_EQ(digests(*dst).size(), 2u);
-  EXPECT_EQ(pager.holds, 1);
-  src->stop();
-  dst->stop();
 }
 
-// Records the thread of each bookkeeping call it forwards, and says its
-// bookkeeping never waits when `quick`.
+// Records the thread of each bookkeeping call it forwards, says its
+// bookkeeping never waits when `quick`, and, when `busy`, that a hold
+// would wait (a step under way).
 class ThreadRecordingPager final : public testing::ForwardingPager {
  public:
-  ThreadRecordingPager(CachePager& inner, bool quick)
-      : ForwardingPager(inner), quick_(quick) {}
+  ThreadRecordingPager(CachePager& inner, bool quick, bool busy = false)
+      : ForwardingPager(inner), quick_(quick), busy_(busy) {}
   bool bookkeeping_never_waits() const override { return quick_; }
   Result<std::vector<PageIndex>> allocate_pages(uint32_t n) override {
     record("allocate_pages");
@@ -692,6 +714,11 @@ class ThreadRecordingPager final : public testing::ForwardingPager {
     record("hold_seqs");
     return ForwardingPager::hold_seqs(ids);
   }
+  Status try_hold_seqs(std::span<const SeqId> ids) override {
+    record("try_hold_seqs");
+    if (busy_) return Status::unavailable("a step is under way");
+    return ForwardingPager::try_hold_seqs(ids);
+  }
   // The thread of each call's last use; a default id for a call not made.
   std::thread::id thread_of(const std::string& call) const {
     std::lock_guard lock(mu_);
@@ -705,16 +732,19 @@ class ThreadRecordingPager final : public testing::ForwardingPager {
     threads_[call] = std::this_thread::get_id();
   }
   const bool quick_;
+  const bool busy_;
   mutable std::mutex mu_;
   std::map<std::string, std::thread::id> threads_;
 };
 
 // A pager whose bookkeeping never waits has it made on the agent's control
 // thread (the one that reports a migration's end), without the data pool's
-// trips: the source's drop, and over tcp, whose targets open at once, the
-// destination's allocation and install. Over ucx, whose target may wait
-// while it opens, those stay on a data thread, as does hold_seqs (it waits
-// for the engine's step) and every call of a pager that does not say so.
+// trips: the source's hold that does not wait (try_hold_seqs) and drop, and
+// over tcp, whose targets open at once, the destination's allocation and
+// install. Over ucx, whose target may wait while it opens, those stay on a
+// data thread, as does hold_seqs (it waits for the engine's step: called
+// when try_hold_seqs says it would wait) and every call of a pager that
+// does not say so.
 TEST(EmbedExample, BookkeepingThatNeverWaitsRunsOnTheControlThread) {
   std::vector<std::string> transports = {"tcp"};
   const auto built = built_transports();
@@ -722,13 +752,15 @@ TEST(EmbedExample, BookkeepingThatNeverWaitsRunsOnTheControlThread) {
     transports.push_back("ucx");
   }
   for (const std::string& transport : transports) {
-    for (const bool quick : {true, false}) {
-      SCOPED_TRACE(transport + (quick ? ", never waits" : ", may wait"));
+    for (const auto& [quick, busy] :
+         {std::pair{true, false}, {true, true}, {false, false}}) {
+      SCOPED_TRACE(transport + (quick ? ", never waits" : ", may wait") +
+                   (busy ? ", would wait to hold" : ""));
       auto src_cache = make_cache(PoolLayout::kPage, 64);
       auto dst_cache = make_cache(PoolLayout::kPage, 64);
       ASSERT_TRUE(src_cache && dst_cache);
       ASSERT_OK(src_cache->populate(3, 40, 4));
-      ThreadRecordingPager src_pager(*src_cache, quick);
+      ThreadRecordingPager src_pager(*src_cache, quick, busy);
       ThreadRecordingPager dst_pager(*dst_cache, quick);
       std::mutex mu;
       std::map<MigrationEvent::Role, std::thread::id> control;
@@ -758,8 +790,15 @@ TEST(EmbedExample, BookkeepingThatNeverWaitsRunsOnTheControlThread) {
       const auto dst_control = control[MigrationEvent::Role::kDestination];
       ASSERT_NE(src_control, std::thread::id());
       ASSERT_NE(dst_control, std::thread::id());
-      ASSERT_NE(src_pager.thread_of("hold_seqs"), std::thread::id());
-      EXPECT_NE(src_pager.thread_of("hold_seqs"), src_control);
+      // Held at once on the control thread, else on a data thread.
+      EXPECT_EQ(src_pager.thread_of("try_hold_seqs"),
+                quick ? src_control : std::thread::id());
+      if (quick && !busy) {
+        EXPECT_EQ(src_pager.thread_of("hold_seqs"), std::thread::id());
+      } else {
+        ASSERT_NE(src_pager.thread_of("hold_seqs"), std::thread::id());
+        EXPECT_NE(src_pager.thread_of("hold_seqs"), src_control);
+      }
       EXPECT_EQ(src_pager.thread_of("drop_logical_seqs") == src_control, quick);
       const bool dst_inline = quick && transport == "tcp";
       for (const char* call : {"allocate_pages", "install_logical_seqs"}) {

@@ -1835,6 +1835,9 @@ class PageBeyondLayoutPager final : public ForwardingPager {
   Status hold_seqs(std::span<const SeqId>) override {
     return Status::unimplemented("no holds");
   }
+  Status try_hold_seqs(std::span<const SeqId>) override {
+    return Status::unimplemented("no holds");
+  }
 };
 
 // Moving request 777 inline: the source refuses to read past its layout
