@@ -3,7 +3,8 @@
 // Use: include this header in exactly one test file of a binary and
 // instantiate the suite with factories that each produce an empty pager of
 // capacity >= 64 that supports the extensions (capacity(), release_pages(),
-// drop_logical_seqs(), hold_seqs(); layout() is checked when present):
+// drop_logical_seqs(), hold_seqs(); layout() and try_hold_seqs() are
+// checked when present):
 //
 //   INSTANTIATE_TEST_SUITE_P(Mine, PagerConformanceTest,
 //                            ::testing::Values(PagerFactory{"mine", make}),
@@ -327,6 +328,29 @@ TEST_P(PagerConformanceTest, HoldIsAllOrNothingAndDropsWithTheSeq) {
   ASSERT_OK(pager_->unhold_seqs(only_b));
   ASSERT_OK(pager_->unhold_seqs(only_b));  // not held: a no-op
   EXPECT_EQ(seqs(), std::vector<LogicalSeq>{b});
+}
+
+// try_hold_seqs(), where the pager has it: on a quiet pager (no step under
+// way) it holds at once, as hold_seqs() would, and it is NotFound for an
+// unknown id.
+TEST_P(PagerConformanceTest, TryHoldHoldsAtOnceOnAQuietPager) {
+  std::vector<PageIndex> p = allocate_written(2, 50);
+  LogicalSeq a{1, tokens_for_pages(1), {p[0]}};
+  LogicalSeq b{2, tokens_for_pages(1), {p[1]}};
+  ASSERT_OK(pager_->install_logical_seqs({a, b}));
+  const std::vector<SeqId> with_unknown = {1, 77};
+  Status tried = pager_->try_hold_seqs(with_unknown);
+  if (tried.code() == StatusCode::kUnimplemented) {
+    GTEST_SKIP() << "pager has no try_hold_seqs()";
+  }
+  EXPECT_EQ(tried.code(), StatusCode::kNotFound) << tried.to_string();
+  const std::vector<SeqId> both = {1, 2};
+  ASSERT_OK(pager_->try_hold_seqs(both));
+  ASSERT_OK(pager_->try_hold_seqs(both));  // holding again is a no-op
+  ASSERT_OK(pager_->hold_seqs(both));      // as is holding with hold_seqs
+  EXPECT_EQ(seqs(), (std::vector<LogicalSeq>{a, b}));
+  ASSERT_OK(pager_->unhold_seqs(both));
+  EXPECT_EQ(seqs(), (std::vector<LogicalSeq>{a, b}));
 }
 
 TEST_P(PagerConformanceTest, LayoutAgreesWithReadPage) {
