@@ -151,9 +151,8 @@ class CachePager {
   // price: while such a call runs, the agent's other connections and timers
   // wait. pause(), hold_seqs() and every page access (read_page, write_page,
   // the device copies) stay on the data threads, but for a try_hold_seqs()
-  // that holds at once. Default false. Constant for
-  // the pager's lifetime; a pager that wraps another does not inherit it (the
-  // wrapper may wait).
+  // that holds at once. Default false. Constant for the pager's lifetime; a
+  // pager that wraps another does not inherit it (the wrapper may wait).
   virtual bool bookkeeping_never_waits() const { return false; }
 
   // --- Device memory --------------------------------------------------------

@@ -438,9 +438,8 @@ asio::awaitable<Result<MigrationReport>> SourceRun::run(std::vector<SeqId> ids,
   // connection opens: the pager's trip to the data pool overlaps the
   // connect (or holds them at once: try_hold_seqs, a pager whose
   // bookkeeping never waits). Only a hold: the whole engine (a pager
-  // without hold_seqs)
-  // pauses once the destination has answered, so an unreachable one never
-  // stalls every request here.
+  // without hold_seqs) pauses once the destination has answered, so an
+  // unreachable one never stalls every request here.
   // With check_live the trip goes even if the pager has since answered
   // that it cannot hold (the flag may flip meanwhile): it checks the ids.
   std::shared_ptr<PauseRace> early;
