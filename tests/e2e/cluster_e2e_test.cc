@@ -67,10 +67,23 @@ class ClusterE2E : public ::testing::Test {
     return a;
   }
 
-  CliResult kvmig(std::vector<std::string> args) {
+  // args (a kvmig command and its flags) with this test's etcd flags after
+  // the command.
+  std::vector<std::string> with_etcd(std::vector<std::string> args) const {
     std::vector<std::string> flags = etcd_flags();
     args.insert(args.begin() + 1, flags.begin(), flags.end());
-    return run_kvmig(args);
+    return args;
+  }
+
+  CliResult kvmig(std::vector<std::string> args) {
+    return run_kvmig(with_etcd(std::move(args)));
+  }
+
+  // The same command as a child process, for a test that acts while it runs.
+  std::unique_ptr<Child> spawn_kvmig(std::vector<std::string> args) {
+    args = with_etcd(std::move(args));
+    args.insert(args.begin(), kvmig_bin());
+    return Child::spawn(args);
   }
 
   // `kvmig agents --json`: name -> record ({} when it failed).
@@ -192,11 +205,8 @@ TEST_F(ClusterE2E, AKilledAgentExpiresWithItsLeaseAndAStoppedOneAtOnce) {
 TEST_F(ClusterE2E, ADuplicateNameIsRefusedAtStart) {
   auto first = agent("same", {});
   ASSERT_TRUE(first);
-  std::vector<std::string> args = {kvmig_bin(), "serve", "--listen",
-                                   "127.0.0.1:0"};
-  for (const auto& f : etcd_flags()) args.push_back(f);
-  args.insert(args.end(), {"--name", "same"});
-  auto second = Child::spawn(args);
+  auto second =
+      spawn_kvmig({"serve", "--listen", "127.0.0.1:0", "--name", "same"});
   ASSERT_TRUE(second);
   ASSERT_TRUE(second->wait_exit(seconds(20)));
   EXPECT_EQ(second->exit_code(), 1);
@@ -353,10 +363,7 @@ TEST_F(ClusterE2E, DrainSkipsADestinationThatDiesMidMove) {
   ASSERT_TRUE(eventually([&] { return agents().size() == 3; }, seconds(10)));
   const auto before = where({src.get(), spare.get()});
 
-  std::vector<std::string> args = {kvmig_bin(), "drain"};
-  for (const auto& f : etcd_flags()) args.push_back(f);
-  for (const char* f : {"--agent", "src", "--json"}) args.push_back(f);
-  auto drain = Child::spawn(args);
+  auto drain = spawn_kvmig({"drain", "--agent", "src", "--json"});
   ASSERT_TRUE(drain);
   ASSERT_TRUE(src->child().wait_for("reached src.after_offer", seconds(30),
                                     /*in_stderr=*/true))
@@ -383,10 +390,7 @@ TEST_F(ClusterE2E, TwoRebalancersAtOnceNeverMoveARequestTwice) {
   ASSERT_EQ(before.size(), 16u);
 
   auto rebalancer = [&] {
-    std::vector<std::string> args = {kvmig_bin(), "rebalance"};
-    for (const auto& f : etcd_flags()) args.push_back(f);
-    args.insert(args.end(), {"--once", "--json", "--threshold", "0.1"});
-    return Child::spawn(args);
+    return spawn_kvmig({"rebalance", "--once", "--json", "--threshold", "0.1"});
   };
   auto r1 = rebalancer();
   auto r2 = rebalancer();
