@@ -88,13 +88,21 @@ asio::awaitable<Status> FrameChannel::send_frames(OutFrames frames,
       headers;
   boost::container::small_vector<asio::const_buffer, 4> buffers;
   headers.reserve(frames.size());  // no reallocation: buffers point in
-  buffers.reserve(2 * frames.size());
+  size_t n_buffers = 0;
+  for (const OutFrame& f : frames) n_buffers += 2 + f.bulk.size();
+  buffers.reserve(n_buffers);
   size_t total = 0;
   for (const OutFrame& f : frames) {
-    headers.push_back(encode_frame_header(f.type, f.payload));
+    size_t bulk = 0;
+    for (std::span<const uint8_t> piece : f.bulk) bulk += piece.size();
+    headers.push_back(
+        encode_frame_header(f.type, f.payload, static_cast<uint32_t>(bulk)));
     buffers.push_back(asio::buffer(headers.back()));
     buffers.push_back(asio::buffer(f.payload.data(), f.payload.size()));
-    total += headers.back().size() + f.payload.size();
+    for (std::span<const uint8_t> piece : f.bulk) {
+      buffers.push_back(asio::buffer(piece.data(), piece.size()));
+    }
+    total += headers.back().size() + f.payload.size() + bulk;
   }
   auto what = [&] {
     std::string names;
@@ -176,7 +184,39 @@ asio::awaitable<error_code> FrameChannel::read_exact(
   co_return error_code();
 }
 
-asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline) {
+asio::awaitable<error_code> FrameChannel::read_scattered(
+    std::vector<asio::mutable_buffer> out, Deadline deadline,
+    std::optional<Watchdog>& dog) {
+  size_t i = 0;  // out[i] is the first span not yet full
+  for (; i < out.size(); ++i) {
+    out[i] += take_ahead(
+        std::span(static_cast<uint8_t*>(out[i].data()), out[i].size()));
+    if (out[i].size() > 0) break;  // nothing more read ahead
+  }
+  while (i < out.size()) {
+    const std::span<const asio::mutable_buffer> rest =
+        std::span(out).subspan(i);
+    error_code ec;
+    size_t n = socket_.read_some(rest, ec);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) {
+      if (!dog) {
+        dog.emplace(socket_, deadline);
+      } else if (dog->fired()) {
+        co_return asio::error::operation_aborted;
+      }
+      ec = {};
+      n = co_await socket_.async_read_some(
+          rest, asio::redirect_error(asio::use_awaitable, ec));
+    }
+    if (ec) co_return ec;
+    for (; i < out.size() && n >= out[i].size(); ++i) n -= out[i].size();
+    if (i < out.size()) out[i] += n;
+  }
+  co_return error_code();
+}
+
+asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline,
+                                                     BulkPlacer place) {
   std::array<uint8_t, kFrameHeaderBytes> header_bytes;
   std::optional<Watchdog> dog;  // armed only if a read must wait
   error_code ec = co_await read_exact(header_bytes, deadline, dog);
@@ -193,19 +233,46 @@ asio::awaitable<Result<Frame>> FrameChannel::receive(Deadline deadline) {
   }
   Frame frame;
   frame.type = header->type;
-  frame.payload.resize(header->length);
-  ec = co_await read_exact(frame.payload, deadline, dog);
-  if (ec) {
+  auto read_failed = [&] {
     if (dog && dog->disarm()) {
-      co_return Status::deadline_exceeded("reading " +
-                                          msg_type_name(frame.type) + " from " +
-                                          peer_ + ": deadline passed");
+      return Status::deadline_exceeded("reading " + msg_type_name(frame.type) +
+                                       " from " + peer_ + ": deadline passed");
     }
-    co_return status_from_error(
+    return status_from_error(
         ec, "reading " + msg_type_name(frame.type) + " from " + peer_);
-  }
+  };
+  const size_t covered = header->length - header->bulk;
+  frame.payload.resize(covered);
+  ec = co_await read_exact(frame.payload, deadline, dog);
+  if (ec) co_return read_failed();
   Status valid = check_frame_payload(*header, frame.payload);
   if (!valid.ok()) co_return valid.with_context("frame from " + peer_);
+  if (!place) {
+    if (header->bulk == 0) co_return frame;
+    frame.payload.resize(header->length);
+    ec = co_await read_exact(std::span(frame.payload).subspan(covered),
+                             deadline, dog);
+    if (ec) co_return read_failed();
+    co_return frame;
+  }
+  auto into = place(frame, header->bulk);
+  if (!into.ok()) co_return into.status();
+  std::vector<asio::mutable_buffer> buffers;
+  buffers.reserve(into->size());
+  size_t placed = 0;
+  for (std::span<uint8_t> s : *into) {
+    buffers.push_back(asio::buffer(s.data(), s.size()));
+    placed += s.size();
+  }
+  if (placed != header->bulk) {
+    co_return Status::internal("placed " + std::to_string(placed) + " of " +
+                               msg_type_name(frame.type) + "'s " +
+                               std::to_string(header->bulk) + " bulk bytes");
+  }
+  if (!buffers.empty()) {
+    ec = co_await read_scattered(std::move(buffers), deadline, dog);
+    if (ec) co_return read_failed();
+  }
   co_return frame;
 }
 

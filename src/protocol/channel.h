@@ -8,13 +8,15 @@
 // armed and the coroutine is not suspended; only a wait arms the deadline.
 // Receives read ahead: one recv of up to kReadAhead bytes may hold the next
 // frames too (PAGES then COMMIT, sent together), which later receives
-// take from memory.
+// take from memory. A frame's bulk bytes (PAGES' pages) are sent from where
+// they lie and may be read straight into place (receive's BulkPlacer).
 #ifndef KVMIG_SRC_CHANNEL_H_
 #define KVMIG_SRC_CHANNEL_H_
 
 #include <boost/container/small_vector.hpp>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -49,13 +51,28 @@ class FrameChannel {
   struct OutFrame {
     MsgType type;
     std::span<const uint8_t> payload;
+    // Bulk bytes after the payload, outside its checksum, in this order
+    // (PAGES: each page's pieces, where they lie in page memory).
+    std::span<const std::span<const uint8_t>> bulk = {};
   };
   asio::awaitable<Status> send_all(std::span<const OutFrame> frames,
                                    Deadline deadline) {
     return send_frames(OutFrames(frames.begin(), frames.end()), deadline);
   }
-  // The next frame, validated (header, length limit, checksum).
-  asio::awaitable<Result<Frame>> receive(Deadline deadline);
+  // Where a frame's bulk bytes go. Called for every frame received with a
+  // placer, once its payload (the bulk excepted) has been read and checked,
+  // before any bulk byte is read: returns spans of exactly `bulk` bytes in
+  // all (none for a frame without bulk), or an error, which receive()
+  // returns with the bulk left unread (the connection is of no further
+  // use). It may refuse a frame that should have had bulk.
+  using BulkPlacer = std::function<Result<std::vector<std::span<uint8_t>>>(
+      const Frame& frame, uint32_t bulk)>;
+
+  // The next frame, validated (header, length limit, checksum). Without a
+  // placer, its bulk (if any) ends its payload; with one, the bulk went
+  // where the placer said and the payload is the rest.
+  asio::awaitable<Result<Frame>> receive(Deadline deadline,
+                                         BulkPlacer place = {});
 
   // True when the peer has closed its end (end of stream or a reset is
   // waiting to be read): nothing sent now can reach it. Does not block and
@@ -81,6 +98,11 @@ class FrameChannel {
   // `dog` (for the deadline) the first time it must wait.
   asio::awaitable<boost::system::error_code> read_exact(
       std::span<uint8_t> out, Deadline deadline,
+      std::optional<detail::Watchdog>& dog);
+  // Fills the spans in turn, from the bytes read ahead, then from the
+  // socket straight into them (scatter reads, nothing read ahead).
+  asio::awaitable<boost::system::error_code> read_scattered(
+      std::vector<asio::mutable_buffer> out, Deadline deadline,
       std::optional<detail::Watchdog>& dog);
   // Moves read-ahead bytes into out; returns how many.
   size_t take_ahead(std::span<uint8_t> out);

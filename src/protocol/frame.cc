@@ -141,27 +141,27 @@ std::string msg_type_name(MsgType type) {
 }
 
 std::array<uint8_t, kFrameHeaderBytes> encode_frame_header(
-    MsgType type, std::span<const uint8_t> payload) {
+    MsgType type, std::span<const uint8_t> payload, uint32_t bulk_bytes) {
   std::array<uint8_t, kFrameHeaderBytes> header{};
   store_le(header.data(), kFrameMagic);
   store_le(header.data() + 4, kProtocolVersion);
   store_le(header.data() + 6, static_cast<uint16_t>(type));
-  store_le(header.data() + 8, static_cast<uint32_t>(payload.size()));
-  store_le(header.data() + 12, uint32_t{0});
+  store_le(header.data() + 8,
+           static_cast<uint32_t>(payload.size() + bulk_bytes));
+  store_le(header.data() + 12, bulk_bytes);
   store_le(header.data() + 16,
            frame_checksum(std::span(header).first(16), payload));
   return header;
 }
 
 std::vector<uint8_t> encode_frame(MsgType type,
-                                  std::span<const uint8_t> payload) {
-  const auto header = encode_frame_header(type, payload);
-  std::vector<uint8_t> frame(kFrameHeaderBytes + payload.size());
-  std::memcpy(frame.data(), header.data(), kFrameHeaderBytes);
-  if (!payload.empty()) {
-    std::memcpy(frame.data() + kFrameHeaderBytes, payload.data(),
-                payload.size());
-  }
+                                  std::span<const uint8_t> payload,
+                                  std::span<const uint8_t> bulk) {
+  const auto header =
+      encode_frame_header(type, payload, static_cast<uint32_t>(bulk.size()));
+  std::vector<uint8_t> frame(header.begin(), header.end());
+  frame.insert(frame.end(), payload.begin(), payload.end());
+  frame.insert(frame.end(), bulk.begin(), bulk.end());
   return frame;
 }
 
@@ -172,7 +172,7 @@ Result<FrameHeader> decode_frame_header(
   KVMIG_ASSIGN_OR_RETURN(uint16_t version, r.get<uint16_t>("frame version"));
   KVMIG_ASSIGN_OR_RETURN(uint16_t type, r.get<uint16_t>("frame type"));
   KVMIG_ASSIGN_OR_RETURN(uint32_t length, r.get<uint32_t>("frame length"));
-  KVMIG_ASSIGN_OR_RETURN(uint32_t reserved, r.get<uint32_t>("frame reserved"));
+  KVMIG_ASSIGN_OR_RETURN(uint32_t bulk, r.get<uint32_t>("frame bulk"));
   KVMIG_ASSIGN_OR_RETURN(uint64_t checksum, r.get<uint64_t>("frame checksum"));
   if (magic != kFrameMagic) {
     return Status::protocol(
@@ -187,9 +187,15 @@ Result<FrameHeader> decode_frame_header(
     return Status::protocol("frame: unknown message type " +
                             std::to_string(type));
   }
-  if (reserved != 0) {
-    return Status::protocol("frame: reserved field is " +
-                            std::to_string(reserved) + ", must be 0");
+  if (bulk != 0 && static_cast<MsgType>(type) != MsgType::kPages) {
+    return Status::protocol(
+        "frame: " + msg_type_name(static_cast<MsgType>(type)) + " carries " +
+        std::to_string(bulk) + " bulk bytes; only PAGES may");
+  }
+  if (bulk > length) {
+    return Status::protocol("frame: " + std::to_string(bulk) +
+                            " bulk bytes in a payload of " +
+                            std::to_string(length));
   }
   if (length > max_payload) {
     return Status::resource_exhausted(
@@ -200,20 +206,21 @@ Result<FrameHeader> decode_frame_header(
   FrameHeader h;
   h.type = static_cast<MsgType>(type);
   h.length = length;
+  h.bulk = bulk;
   h.checksum = checksum;
   std::copy(bytes.begin(), bytes.begin() + 16, h.prefix.begin());
   return h;
 }
 
 Status check_frame_payload(const FrameHeader& header,
-                           std::span<const uint8_t> payload) {
-  if (payload.size() != header.length) {
+                           std::span<const uint8_t> covered) {
+  if (covered.size() != header.length - header.bulk) {
     return Status::data_loss("frame: " + msg_type_name(header.type) +
-                             " payload is " + std::to_string(payload.size()) +
+                             " payload is " + std::to_string(covered.size()) +
                              " bytes, header says " +
-                             std::to_string(header.length));
+                             std::to_string(header.length - header.bulk));
   }
-  if (frame_checksum(header.prefix, payload) != header.checksum) {
+  if (frame_checksum(header.prefix, covered) != header.checksum) {
     return Status::data_loss("frame: " + msg_type_name(header.type) +
                              " checksum mismatch");
   }

@@ -1,10 +1,15 @@
 // Control-plane framing: every message is a 24-byte header and a payload.
 //
 //   u32 magic "KVMG" | u16 version | u16 type | u32 payload length |
-//   u32 reserved (0) | u64 XXH3-64 over header bytes 0..15 and the payload
+//   u32 bulk length | u64 XXH3-64 over header bytes 0..15 and the payload
+//   but its bulk
 //
-// All little-endian. A receiver checks magic, version, type, reserved and the
-// length limit from the header alone, before reading the payload, then the
+// All little-endian. The payload's last `bulk length` bytes are bulk: page
+// bytes the checksum does not cover, which a receiver may read straight
+// into place (PAGES only; 0 for every other type). Like the data path's
+// writes, they rely on TCP's checksum and, with --verify, on the per-page
+// checksums. A receiver checks magic, version, type, bulk and the length
+// limit from the header alone, before reading the payload, then the
 // checksum. Stateless functions; thread-safe.
 #ifndef KVMIG_SRC_FRAME_H_
 #define KVMIG_SRC_FRAME_H_
@@ -49,7 +54,11 @@ inline constexpr uint32_t kFrameMagic = 0x474d564b;  // "KVMG"
 // 12: an outcome query about an id the destination has no record of fences
 // that id (a HELLO with it that comes later is refused), and a one exchange
 // the source sends again after such an answer says so (HELLO's resent).
-inline constexpr uint16_t kProtocolVersion = 12;
+// 13: a frame's bulk bytes (the former reserved field): PAGES carries its
+// pages outside the checksum, so neither side copies or hashes them (the
+// source sends them from its page memory, the destination reads them into
+// its slots).
+inline constexpr uint16_t kProtocolVersion = 13;
 inline constexpr size_t kFrameHeaderBytes = 24;
 
 enum class MsgType : uint16_t {
@@ -95,25 +104,30 @@ std::string msg_type_name(MsgType type);
 struct FrameHeader {
   MsgType type = MsgType::kError;
   uint32_t length = 0;
+  uint32_t bulk = 0;  // the payload's last bytes, outside the checksum
   uint64_t checksum = 0;
   std::array<uint8_t, 16> prefix{};  // header bytes 0..15, for the checksum
 };
 
-// The header of a frame carrying payload (its checksum covers the payload).
+// The header of a frame carrying payload then bulk_bytes of bulk (its
+// checksum covers the payload).
 std::array<uint8_t, kFrameHeaderBytes> encode_frame_header(
-    MsgType type, std::span<const uint8_t> payload);
-// The whole frame: header then payload.
+    MsgType type, std::span<const uint8_t> payload, uint32_t bulk_bytes = 0);
+// The whole frame: header, payload, bulk.
 std::vector<uint8_t> encode_frame(MsgType type,
-                                  std::span<const uint8_t> payload);
+                                  std::span<const uint8_t> payload,
+                                  std::span<const uint8_t> bulk = {});
 
-// Validates a header: Protocol for a bad magic, version, type or reserved
-// field; ResourceExhausted when length exceeds max_payload.
+// Validates a header: Protocol for a bad magic, version or type, or bulk
+// on a type other than PAGES or beyond the length; ResourceExhausted when
+// length exceeds max_payload.
 Result<FrameHeader> decode_frame_header(
     std::span<const uint8_t, kFrameHeaderBytes> bytes, uint32_t max_payload);
 
-// DataLoss unless payload has the header's length and checksum.
+// DataLoss unless `covered` (the payload but its bulk) has the header's
+// length less bulk and its checksum.
 Status check_frame_payload(const FrameHeader& header,
-                           std::span<const uint8_t> payload);
+                           std::span<const uint8_t> covered);
 
 }  // namespace kvmig
 

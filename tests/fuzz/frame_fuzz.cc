@@ -1,7 +1,8 @@
 // libFuzzer target: the control-plane frame header and payload checks on
 // arbitrary bytes. The first 24 bytes are the header, the rest the payload.
 // Property: a frame that passes both checks is exactly what encode_frame()
-// makes of its type and payload.
+// makes of its type, payload and bulk (the payload's last bytes, outside the
+// checksum).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -24,11 +25,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto header = decode_frame_header(head, kMaxPayload);
   if (!header.ok()) return 0;
   if (header->length > kMaxPayload) std::abort();
+  if (header->bulk > header->length) std::abort();
   std::span<const uint8_t> payload(data + kFrameHeaderBytes,
                                    size - kFrameHeaderBytes);
-  if (!check_frame_payload(*header, payload).ok()) return 0;
+  if (payload.size() != header->length) return 0;
+  const size_t covered = header->length - header->bulk;
+  if (!check_frame_payload(*header, payload.first(covered)).ok()) return 0;
   // Valid: the sender's encoding must reproduce these bytes exactly.
-  std::vector<uint8_t> again = encode_frame(header->type, payload);
+  std::vector<uint8_t> again = encode_frame(
+      header->type, payload.first(covered), payload.subspan(covered));
   if (again.size() != size || !std::equal(again.begin(), again.end(), data)) {
     std::abort();
   }

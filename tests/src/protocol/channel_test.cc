@@ -145,6 +145,94 @@ TEST_F(ChannelTest, FramesSentTogetherArriveWholeAndInOrder) {
   EXPECT_TRUE(got[2]->payload.empty());
 }
 
+// PAGES' bulk (protocol 13): sent from several pieces, read straight into
+// where the placer says, split otherwise than the sender's pieces, whether
+// it came with the read-ahead or not; the next frames arrive intact. A
+// receive without a placer gets the bulk at its payload's end, and a placer
+// that refuses ends the receive with its error.
+TEST_F(ChannelTest, BulkBytesAreReadWhereThePlacerSays) {
+  const std::vector<uint8_t> head = pattern(12, 3);
+  const std::vector<uint8_t> big = pattern(3 << 20, 4);  // > socket buffers
+  const std::vector<uint8_t> small = pattern(50, 5);
+  const std::vector<std::span<const uint8_t>> big_pieces = {
+      std::span(big).first(1), std::span(big).subspan(1, 100),
+      std::span(big).subspan(101, 16 << 10),
+      std::span(big).subspan(101 + (16 << 10))};
+  const std::vector<std::span<const uint8_t>> small_pieces = {small};
+  const std::vector<uint8_t> commit = pattern(30, 6);
+  const std::vector<FrameChannel::OutFrame> frames = {
+      {MsgType::kPages, head, big_pieces},   {MsgType::kCommit, commit},
+      {MsgType::kPages, head, small_pieces},  // bulk within the read-ahead
+      {MsgType::kPages, head, small_pieces},  // the same, no placer
+      {MsgType::kPages, head, small_pieces},  // the placer refuses
+  };
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  std::vector<uint8_t> big_in(big.size()), small_in(small.size());
+  // The receiver's spans: not the sender's pieces.
+  auto split = [](std::vector<uint8_t>& into) {
+    std::vector<std::span<uint8_t>> spans;
+    for (size_t at = 0, n = 7; at < into.size(); at += n, n *= 5) {
+      spans.push_back(
+          std::span(into).subspan(at, std::min(n, into.size() - at)));
+    }
+    return spans;
+  };
+  std::vector<uint32_t> bulk_seen;
+  auto placer = [&](const Frame& f,
+                    uint32_t bulk) -> Result<std::vector<std::span<uint8_t>>> {
+    bulk_seen.push_back(bulk);
+    if (f.type != MsgType::kPages) return std::vector<std::span<uint8_t>>{};
+    EXPECT_EQ(f.payload, head);  // checked, the bulk excepted
+    if (bulk_seen.size() == 1) return split(big_in);
+    return split(small_in);
+  };
+  std::optional<Status> sent;
+  std::vector<Result<Frame>> got;
+  asio::co_spawn(
+      io_,
+      [&]() -> asio::awaitable<void> {
+        sent = co_await a_->send_all(frames, deadline);
+      },
+      asio::detached);
+  asio::co_spawn(
+      io_,
+      [&]() -> asio::awaitable<void> {
+        for (int i = 0; i < 3; ++i) {
+          got.push_back(co_await b_->receive(deadline, placer));
+        }
+        got.push_back(co_await b_->receive(deadline));
+        got.push_back(co_await b_->receive(
+            deadline,
+            [](const Frame&,
+               uint32_t) -> Result<std::vector<std::span<uint8_t>>> {
+              return Status::protocol("not here");
+            }));
+      },
+      asio::detached);
+  run();
+  ASSERT_TRUE(sent.has_value());
+  ASSERT_OK(*sent);
+  ASSERT_EQ(got.size(), 5u);
+  EXPECT_EQ(bulk_seen, (std::vector<uint32_t>{uint32_t(big.size()), 0,
+                                              uint32_t(small.size())}));
+  for (int i = 0; i < 4; ++i) {
+    SCOPED_TRACE("frame " + std::to_string(i));
+    ASSERT_OK(got[i].status());
+  }
+  EXPECT_EQ(got[0]->type, MsgType::kPages);
+  EXPECT_EQ(got[0]->payload, head);
+  EXPECT_TRUE(big_in == big);
+  EXPECT_EQ(got[1]->type, MsgType::kCommit);
+  EXPECT_EQ(got[1]->payload, commit);
+  EXPECT_EQ(got[2]->payload, head);
+  EXPECT_EQ(small_in, small);
+  std::vector<uint8_t> whole = head;
+  whole.insert(whole.end(), small.begin(), small.end());
+  EXPECT_EQ(got[3]->payload, whole);
+  EXPECT_EQ(got[4].status().code(), StatusCode::kProtocol);
+  EXPECT_EQ(got[4].status().message(), "not here");
+}
+
 TEST_F(ChannelTest, FramesReadAheadAreUnreadUntilReceived) {
   // Two frames in one write, then the peer closes: the first receive reads
   // both; the second frame still counts as unread.

@@ -39,7 +39,8 @@ TEST(FrameTest, RejectsBadHeaders) {
        {Case{0, 0x00, StatusCode::kProtocol, "magic"},
         Case{4, kProtocolVersion + 1, StatusCode::kProtocol, "version"},
         Case{6, 0x63, StatusCode::kProtocol, "type"},
-        Case{12, 0x01, StatusCode::kProtocol, "reserved"},
+        // Bulk on a type other than PAGES.
+        Case{12, 0x01, StatusCode::kProtocol, "OFFER carries 1 bulk bytes"},
         Case{11, 0x7f, StatusCode::kResourceExhausted, "limit"}}) {
     auto bad = good;
     bad[c.byte] = c.value;
@@ -72,6 +73,51 @@ TEST(FrameTest, ChecksumCoversPayloadAndHeader) {
       check_frame_payload(h2, std::span(retyped).subspan(kFrameHeaderBytes))
           .code(),
       StatusCode::kDataLoss);
+}
+
+// PAGES' bulk (protocol 13): the payload's last bytes, which the checksum
+// leaves out, so a receiver can read them straight into place. The rest is
+// checked as before; bulk on another type, or longer than the payload, is
+// refused from the header alone.
+TEST(FrameTest, BulkBytesAreLeftOutOfTheChecksum) {
+  const std::vector<uint8_t> head = {1, 2, 3, 4};
+  const std::vector<uint8_t> bulk(64, 9);
+  auto frame = encode_frame(MsgType::kPages, head, bulk);
+  ASSERT_EQ(frame.size(), kFrameHeaderBytes + head.size() + bulk.size());
+  ASSERT_OK_AND_ASSIGN(FrameHeader h,
+                       decode_frame_header(header_of(frame), 1024));
+  EXPECT_EQ(h.length, head.size() + bulk.size());
+  EXPECT_EQ(h.bulk, bulk.size());
+  const auto covered = std::span(frame).subspan(kFrameHeaderBytes, head.size());
+  EXPECT_OK(check_frame_payload(h, covered));
+  // The whole payload is not what the checksum covers.
+  EXPECT_EQ(check_frame_payload(h, std::span(frame).subspan(kFrameHeaderBytes))
+                .code(),
+            StatusCode::kDataLoss);
+  // A covered byte changed: caught. A bulk byte: not the frame's to catch.
+  frame[kFrameHeaderBytes + 1] ^= 1;
+  EXPECT_EQ(check_frame_payload(h, covered).code(), StatusCode::kDataLoss);
+  frame[kFrameHeaderBytes + 1] ^= 1;
+  frame.back() ^= 1;
+  EXPECT_OK(check_frame_payload(h, covered));
+
+  // Bulk beyond the payload.
+  auto beyond = encode_frame(MsgType::kPages, head, bulk);
+  beyond[12] = 0xff;  // bulk 255, length 68
+  auto refused = decode_frame_header(header_of(beyond), 1024);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kProtocol);
+  EXPECT_NE(
+      refused.status().message().find("255 bulk bytes in a payload of 68"),
+      std::string::npos)
+      << refused.status().to_string();
+  // On another type.
+  auto other = encode_frame(MsgType::kCommit, head, bulk);
+  refused = decode_frame_header(header_of(other), 1024);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("COMMIT carries 64 bulk bytes"),
+            std::string::npos)
+      << refused.status().to_string();
 }
 
 }  // namespace
