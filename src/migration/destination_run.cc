@@ -355,8 +355,9 @@ asio::awaitable<Result<Frame>> DestinationRun::receive_until_commit() {
   uint64_t bytes_seen = 0;
   for (;;) {
     if (cancelled_) co_return *cancelled_;
-    auto frame =
-        co_await channel_.receive(last_progress + ctx_.options.peer_timeout);
+    auto frame = co_await channel_.receive(
+        last_progress + ctx_.options.peer_timeout,
+        [this](const Frame& f, uint32_t bulk) { return place_pages(f, bulk); });
     if (!frame.ok()) {
       if (frame.status().code() == StatusCode::kDeadlineExceeded) {
         co_return Status::deadline_exceeded(
@@ -388,8 +389,8 @@ asio::awaitable<Result<Frame>> DestinationRun::receive_until_commit() {
       ok = co_await on_verify(*frame);
     } else if (frame->type == MsgType::kBatch && staging_) {
       ok = co_await on_batch(*frame);
-    } else if (frame->type == MsgType::kPages && inline_pages_) {
-      ok = on_pages(*frame);
+    } else if (frame->type == MsgType::kPages) {
+      on_pages();  // place_pages() refused it unless inline_pages_
     } else {
       ok = Status::protocol("unexpected " + msg_type_name(frame->type) +
                             " during the data phase");
@@ -512,20 +513,30 @@ bool DestinationRun::takes_inline() const {
              ctx_.options.max_frame_bytes;
 }
 
-Status DestinationRun::on_pages(const Frame& frame) {
+Result<std::vector<std::span<uint8_t>>> DestinationRun::place_pages(
+    const Frame& frame, uint32_t bulk) {
+  std::vector<std::span<uint8_t>> chunks;
+  if (frame.type != MsgType::kPages) return chunks;
+  if (!inline_pages_) {
+    return Status::protocol("unexpected PAGES during the data phase");
+  }
   KVMIG_ASSIGN_OR_RETURN(PagesMsg pages,
                          decode_pages(frame.payload, ctx_.limits));
-  if (pages.positions.empty() ||
-      pages.bytes.size() != pages.positions.size() * page_total_) {
-    return Status::protocol("PAGES of " +
-                            std::to_string(pages.positions.size()) +
-                            " pages has " + std::to_string(pages.bytes.size()) +
-                            " bytes; a page is " + std::to_string(page_total_));
+  // The bytes are the frame's bulk, outside the checksum (protocol 13);
+  // the payload is the positions alone.
+  const uint64_t bytes = pages.bytes.size() + uint64_t{bulk};
+  if (pages.positions.empty() || !pages.bytes.empty() ||
+      bytes != pages.positions.size() * page_total_) {
+    return Status::protocol(
+        "PAGES of " + std::to_string(pages.positions.size()) + " pages has " +
+        std::to_string(bytes) + " bytes (" + std::to_string(bulk) +
+        " of them bulk); a page is " + std::to_string(page_total_));
   }
   KVMIG_RETURN_IF_ERROR(
       check_positions(pages.positions, slots_.size(), "PAGES"));
-  // Checked whole before any byte is copied: a bad frame changes nothing.
+  // Checked whole before any byte lands: a bad frame changes nothing.
   std::vector<bool> seen(slots_.size(), false);
+  chunks.reserve(pages.positions.size() * ctx_.layout->size());
   for (uint32_t pos : pages.positions) {
     if (landed_[pos] || seen[pos]) {
       return Status::protocol("PAGES sends slot position " +
@@ -533,18 +544,18 @@ Status DestinationRun::on_pages(const Frame& frame) {
     }
     seen[pos] = true;
     // The pager allocated a slot outside its own layout: its fault.
-    Status fits = page_in_layout(*ctx_.layout, slots_[pos]);
+    Status fits =
+        host_page_chunks(*ctx_.layout, slots_[pos], page_total_, chunks);
     if (!fits.ok()) return Status::internal("allocated " + fits.message());
   }
-  const uint8_t* in = pages.bytes.data();
-  for (uint32_t pos : pages.positions) {
-    KVMIG_RETURN_IF_ERROR(
-        write_host_page(*ctx_.layout, slots_[pos], std::span(in, page_total_)));
-    in += page_total_;
-    landed_[pos] = true;
-  }
-  batched_pages_ += pages.positions.size();
-  return Status();
+  placed_ = std::move(pages.positions);
+  return chunks;
+}
+
+void DestinationRun::on_pages() {
+  for (uint32_t pos : placed_) landed_[pos] = true;
+  batched_pages_ += placed_.size();
+  placed_.clear();
 }
 
 Result<CommitMsg> DestinationRun::open_commit(const Frame& frame) {

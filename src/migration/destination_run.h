@@ -90,9 +90,16 @@ class DestinationRun {
   asio::awaitable<Status> on_batch(const Frame& frame);
   // Whether OFFER takes HELLO's pages inline (PAGES frames, no data path).
   bool takes_inline() const;
-  // Copies a PAGES frame's pages into their slots (io thread: host memory,
-  // a few pages) and marks them landed.
-  Status on_pages(const Frame& frame);
+  // receive_until_commit()'s BulkPlacer: for PAGES, checks the positions
+  // (offered, none twice, the bulk exactly their pages) before a byte lands
+  // and returns where in the layout each page goes (host memory); keeps
+  // the positions for on_pages(). Refuses PAGES unasked; nothing for other
+  // frames.
+  Result<std::vector<std::span<uint8_t>>> place_pages(const Frame& frame,
+                                                      uint32_t bulk);
+  // A PAGES frame whose pages place_pages() had read into their slots:
+  // marks them landed.
+  void on_pages();
   // COMMIT, decoded once no outcome query has fenced the migration, with
   // its request count checked.
   Result<CommitMsg> open_commit(const Frame& frame);
@@ -137,9 +144,10 @@ class DestinationRun {
   Transport* transport_ = nullptr;
   bool registered_ = false;  // this run owns ctx_.dst_records[id_]
   SlotLease slots_;
-  std::vector<bool> landed_;    // staged or inline positions written
-  bool inline_pages_ = false;   // OFFER took the pages in PAGES frames
-  std::vector<bool> verified_;  // checked against VERIFY
+  std::vector<bool> landed_;      // staged or inline positions written
+  std::vector<uint32_t> placed_;  // the PAGES being read: its positions
+  bool inline_pages_ = false;     // OFFER took the pages in PAGES frames
+  std::vector<bool> verified_;    // checked against VERIFY
   std::vector<PageIndex> unused_;
   std::unique_ptr<StagingBuffer> staging_;
   // Pages known to have arrived: checked (VERIFY), written from staging

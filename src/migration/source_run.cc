@@ -1,7 +1,6 @@
 #include "source_run.h"
 
 #include <fmt/format.h>
-#include <xxhash.h>
 
 #include <algorithm>
 #include <chrono>
@@ -844,27 +843,28 @@ bool SourceRun::may_inline(uint32_t n_pages) const {
 }
 
 Status SourceRun::read_inline(const std::vector<uint32_t>& positions) {
-  // A few pages' bytes, read from host memory on this thread: cheaper
-  // than a trip to the data pool. They go out with COMMIT (send_commit),
-  // and the destination copies them into place before it reads COMMIT.
+  // The pages go out with COMMIT (send_commit) straight from host memory,
+  // held until the outcome is known, and the destination reads them
+  // straight into their slots before it reads COMMIT: neither side copies
+  // them (protocol 13: the frame's checksum does not cover them).
   const auto t0 = Clock::now();
   const uint64_t n_bytes = positions.size() * page_total_;
-  // Built in place: the positions, then each page read straight into the
-  // frame.
-  std::vector<uint8_t> payload = encode_pages_with_room(positions, n_bytes);
-  uint8_t* out = payload.data() + payload.size() - n_bytes;
+  std::vector<std::span<uint8_t>> chunks;
+  chunks.reserve(positions.size() * ctx_.layout->size());
   std::vector<uint64_t> sums;
   for (uint32_t pos : positions) {
-    const std::span<uint8_t> page(out, page_total_);
+    const PageIndex page = precopy_.source_page_at(pos);
     // As plan_writes() checks the data path's: a page the pager named
     // beyond its own layout is its error, not a read out of bounds.
     KVMIG_RETURN_IF_ERROR(
-        read_host_page(*ctx_.layout, precopy_.source_page_at(pos), page));
-    // == page_checksum(): XXH3 of K then V in canonical order.
-    if (req_.verify) sums.push_back(XXH3_64bits(page.data(), page.size()));
-    out += page_total_;
+        host_page_chunks(*ctx_.layout, page, page_total_, chunks));
+    if (!req_.verify) continue;
+    KVMIG_ASSIGN_OR_RETURN(uint64_t sum,
+                           pager_page_checksum(ctx_.pager, ctx_.layout, page));
+    sums.push_back(sum);
   }
-  pages_frame_ = std::move(payload);
+  pages_frame_ = encode(PagesMsg{positions, {}});
+  pages_bulk_.assign(chunks.begin(), chunks.end());
   writes_ += positions.size();
   bytes_ += n_bytes;
   progress_.bytes.fetch_add(n_bytes, std::memory_order_relaxed);
@@ -977,7 +977,9 @@ asio::awaitable<Outcome> SourceRun::send_commit(const CommitMsg& msg,
   // exchange: HELLO, PAGES, COMMIT.
   std::vector<FrameChannel::OutFrame> frames;
   if (!hello_frame_.empty()) frames.push_back({MsgType::kHello, hello_frame_});
-  if (!pages_frame_.empty()) frames.push_back({MsgType::kPages, pages_frame_});
+  if (!pages_frame_.empty()) {
+    frames.push_back({MsgType::kPages, pages_frame_, pages_bulk_});
+  }
   frames.push_back({MsgType::kCommit, payload});
   Status sent = co_await channel_->send_all(frames, deadline());
   log_start();

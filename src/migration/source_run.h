@@ -172,8 +172,9 @@ class SourceRun {
   // Whether HELLO asks to send a first round of n_pages in PAGES frames
   // (AgentOptions::inline_page_bytes).
   bool may_inline(uint32_t n_pages) const;
-  // The paused round's pages in a PAGES frame (OFFER took them inline),
-  // built into pages_frame_: COMMIT takes it along.
+  // The paused round's pages in a PAGES frame (OFFER took them inline):
+  // its positions in pages_frame_ and where each page lies in pages_bulk_.
+  // COMMIT takes it along.
   Status read_inline(const std::vector<uint32_t>& positions);
   // Connects the initiator to OFFER's target once (data pool); later calls
   // return the first call's result. Then hands it the window updates of
@@ -250,9 +251,12 @@ class SourceRun {
   std::vector<uint64_t> round_pages_;
   // With verify: the paused round's checksums, sent with COMMIT.
   VerifyMsg paused_round_sums_;
-  // The paused round's PAGES payload (inline pages), sent in one write
-  // with COMMIT: the destination wakes once for both. Empty otherwise.
+  // The paused round's PAGES frame (inline pages), sent in one write with
+  // COMMIT: the destination wakes once for both. Its payload (the
+  // positions), then its bulk: the held pages' bytes, sent from page
+  // memory. Empty otherwise.
   std::vector<uint8_t> pages_frame_;
+  std::vector<std::span<const uint8_t>> pages_bulk_;
   // The mark behind the paused round's writes, sent with COMMIT (0: they
   // were flushed).
   uint64_t data_mark_ = 0;

@@ -97,6 +97,15 @@ Status write_host_page(const PagerLayout& layout, PageIndex ix,
                         });
 }
 
+Status host_page_chunks(const PagerLayout& layout, PageIndex ix,
+                        uint64_t page_bytes,
+                        std::vector<std::span<uint8_t>>& chunks) {
+  return for_each_chunk(layout, ix, page_bytes,
+                        [&](std::byte* p, uint64_t, uint64_t n) {
+                          chunks.emplace_back(reinterpret_cast<uint8_t*>(p), n);
+                        });
+}
+
 Result<uint64_t> pager_page_checksum(CachePager& pager,
                                      const std::optional<PagerLayout>& layout,
                                      PageIndex ix) {

@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "kvmig/pager.h"
 #include "kvmig/transport.h"
@@ -62,6 +63,12 @@ Status read_host_page(const PagerLayout& layout, PageIndex ix,
                       std::span<uint8_t> bytes);
 Status write_host_page(const PagerLayout& layout, PageIndex ix,
                        std::span<const uint8_t> bytes);
+// Appends to `chunks` where page ix's bytes lie in such a layout, in
+// canonical order (one span per region), after the same checks: the page
+// is sent from there, or read into place, without a copy.
+Status host_page_chunks(const PagerLayout& layout, PageIndex ix,
+                        uint64_t page_bytes,
+                        std::vector<std::span<uint8_t>>& chunks);
 
 // XXH3-64 of page ix in canonical order (== page_checksum(read_page(ix))),
 // read through the layout when there is one, else through read_page().

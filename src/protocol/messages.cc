@@ -190,20 +190,11 @@ Result<BatchMsg> decode_batch(std::span<const uint8_t> p, const WireLimits& l) {
       });
 }
 
-std::vector<uint8_t> encode_pages_with_room(
-    const std::vector<uint32_t>& positions, uint64_t page_bytes) {
-  ByteWriter w;
-  put_u32s(w, positions);
-  std::vector<uint8_t> payload = w.take();
-  payload.resize(payload.size() + page_bytes);
-  return payload;
-}
-
 std::vector<uint8_t> encode(const PagesMsg& m) {
-  std::vector<uint8_t> payload =
-      encode_pages_with_room(m.positions, m.bytes.size());
-  std::copy(m.bytes.begin(), m.bytes.end(),
-            payload.end() - static_cast<ptrdiff_t>(m.bytes.size()));
+  ByteWriter w;
+  put_u32s(w, m.positions);
+  std::vector<uint8_t> payload = w.take();
+  payload.insert(payload.end(), m.bytes.begin(), m.bytes.end());
   return payload;
 }
 

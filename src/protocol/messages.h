@@ -114,6 +114,9 @@ struct BatchMsg {
 // holds, for each positions[k] in turn, that slot's page in canonical order
 // (the page's pieces in each region of the layout, in list order). bytes
 // is a view: into the frame decode_pages() read, or the caller's buffer.
+// On the wire the bytes are the frame's bulk (protocol 13): a source sends
+// them from page memory, a destination reads them into its slots, and
+// decode_pages() of the rest finds the positions and no bytes.
 struct PagesMsg {
   std::vector<uint32_t> positions;
   std::span<const uint8_t> bytes;
@@ -162,11 +165,10 @@ std::vector<uint8_t> encode(const HelloMsg& m);
 std::vector<uint8_t> encode(const OfferMsg& m);
 std::vector<uint8_t> encode(const CommitMsg& m);
 std::vector<uint8_t> encode(const BatchMsg& m);
+// The positions, then the bytes. On the wire the bytes are the frame's
+// bulk (encode_frame's, FrameChannel::OutFrame's): PAGES' payload is its
+// positions, checksummed, and its bulk the pages.
 std::vector<uint8_t> encode(const PagesMsg& m);
-// PAGES built in place: the positions, then `page_bytes` zero bytes at the
-// payload's end for the caller to fill with the pages (saves a copy).
-std::vector<uint8_t> encode_pages_with_room(
-    const std::vector<uint32_t>& positions, uint64_t page_bytes);
 std::vector<uint8_t> encode(const RoundMsg& m);
 std::vector<uint8_t> encode(const VerifyMsg& m);
 std::vector<uint8_t> encode(const RoundOfferMsg& m);

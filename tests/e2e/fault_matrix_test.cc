@@ -58,7 +58,9 @@ class ControlProxy {
     kCut,      // close both sides at once
     kStall,    // stop forwarding and never close: an unresponsive peer; new
                // connections are accepted and left unanswered too
-    kCorrupt,  // flip one byte of a frame (its checksum no longer matches)
+    kCorrupt,  // flip one byte in the middle of a frame: its checksum no
+               // longer matches, or, in PAGES' pages (outside the frame's
+               // checksum, protocol 13), the page's checksum in COMMIT
   };
 
   static std::unique_ptr<ControlProxy> start(const std::string& target) {
@@ -800,7 +802,9 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The pages inline (protocol 8) over tcp: kills and connection faults on
 // PAGES (DuringData), on COMMIT behind it (CommitInFlight) and on DONE, and
-// a kill while the source stalls before COMMIT. (No kill of the destination
+// a kill while the source stalls before COMMIT. A byte flipped in PAGES
+// lands in a page (the frame's bulk): `migrate` verifies by default, and
+// that page's checksum in COMMIT refuses it. (No kill of the destination
 // on PAGES: COMMIT follows PAGES at once, so whether it left before the
 // close showed is a race; CommitInFlight holds COMMIT itself.)
 INSTANTIATE_TEST_SUITE_P(

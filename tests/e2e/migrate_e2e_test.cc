@@ -1622,6 +1622,13 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     const auto f = encode_frame(type, payload);
     EXPECT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
   };
+  // PAGES as a source sends it: the positions, then the bytes as the
+  // frame's bulk (protocol 13).
+  auto send_pages = [](int fd, const PagesMsg& pages) {
+    const auto f = encode_frame(
+        MsgType::kPages, encode(PagesMsg{pages.positions, {}}), pages.bytes);
+    EXPECT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
+  };
   auto commit = [&](const OfferMsg& offer) {
     CommitMsg c;
     c.seqs = {{77, meta.page_size_tokens * offer.slots.size(), offer.slots}};
@@ -1634,6 +1641,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     std::vector<uint32_t> positions;
     uint64_t bytes;
     std::string why;
+    bool bulk = true;  // false: the bytes under the frame's checksum
   };
   const std::vector<Bad> bad = {
       {"short", 1, true, {0}, page - 1, "PAGES of 1 pages has"},
@@ -1641,6 +1649,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
       {"twice", 2, true, {0, 0}, 2 * page, "slot position 0 twice"},
       {"data path", 1, false, {0}, page, "unexpected PAGES"},
       {"none", 1, true, {}, 0, "which no PAGES filled"},
+      {"bytes checksummed", 1, true, {0}, page, "(0 of them bulk)", false},
   };
   for (const Bad& b : bad) {
     SCOPED_TRACE(b.name);
@@ -1650,7 +1659,11 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     const OfferMsg offer = hello(fd, b.pages, b.inline_pages);
     if (!b.positions.empty()) {
       const std::vector<uint8_t> bytes(b.bytes, 0x5a);
-      send(fd, MsgType::kPages, encode(PagesMsg{b.positions, bytes}));
+      if (b.bulk) {
+        send_pages(fd, PagesMsg{b.positions, bytes});
+      } else {
+        send(fd, MsgType::kPages, encode(PagesMsg{b.positions, bytes}));
+      }
     }
     send(fd, MsgType::kCommit, commit(offer));
     expect_refused(agent, fd, b.why);
@@ -1663,8 +1676,8 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });
     OfferMsg offer = hello(fd, 1, true);
-    send(fd, MsgType::kPages,
-         encode(PagesMsg{{0}, std::vector<uint8_t>(page, 0x5a)}));
+    const std::vector<uint8_t> bytes(page, 0x5a);
+    send_pages(fd, PagesMsg{{0}, bytes});
     offer.slots[0] += 1;
     send(fd, MsgType::kCommit, commit(offer));
     expect_refused(agent, fd,
@@ -1679,7 +1692,7 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     const OfferMsg offer = hello(fd, 2, true);
     const std::vector<uint8_t> bytes = patterned_pages(2, page);
     const PagesMsg pages{{1, 0}, bytes};  // views bytes
-    send(fd, MsgType::kPages, encode(pages));
+    send_pages(fd, pages);
     send(fd, MsgType::kCommit, commit(offer));
     ASSERT_OK_AND_ASSIGN(auto done, read_frame(fd));
     ASSERT_EQ(done.first, MsgType::kDone) << msg_type_name(done.first);
@@ -1750,7 +1763,7 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
     c.seqs = {{77, meta.page_size_tokens * table.size(), table}};
     std::vector<uint8_t> out = encode_frame(MsgType::kHello, encode(h));
     for (const auto& f :
-         {encode_frame(MsgType::kPages, encode(PagesMsg{positions, bytes})),
+         {encode_frame(MsgType::kPages, encode(PagesMsg{positions, {}}), bytes),
           encode_frame(MsgType::kCommit, encode(c))}) {
       out.insert(out.end(), f.begin(), f.end());
     }
