@@ -212,7 +212,7 @@ struct ServeFlags {
   std::string transports = "tcp";
   int peer_timeout_ms = 10'000;
   uint64_t staging_mib = 64;
-  uint32_t inline_kib = 64;
+  uint32_t inline_kib = 1024;
   int64_t kept_idle_ms = 30'000;
   std::vector<std::string> faults;
   LimitFlags limits;
@@ -274,7 +274,7 @@ CLI::App* add_serve_command(CLI::App& app, ServeFlags& f) {
       ->add_option("--inline-kib", f.inline_kib,
                    "a stop-and-copy of at most this many KiB of pages sends "
                    "them on the control connection, not the data path (0: "
-                   "never; at most 1024: the control thread copies them)")
+                   "never; at most 1024)")
       ->check(CLI::Range(0, 1024));
   serve
       ->add_option("--kept-idle-ms", f.kept_idle_ms,

@@ -48,7 +48,7 @@ struct PerfFlags {
   bool live = false;
   double decode_rate = 0;
   bool verify = false;
-  uint32_t inline_kib = 64;       // AgentOptions::inline_page_bytes, in KiB
+  uint32_t inline_kib = 1024;     // AgentOptions::inline_page_bytes, in KiB
   int64_t kept_idle_ms = 30'000;  // AgentOptions::kept_connection_idle
   int timeout_ms = 10'000;
   bool json = false;

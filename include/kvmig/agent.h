@@ -36,6 +36,10 @@ struct MigrationEvent {
   double pause_seconds = 0;  // source: engine or requests held; else 0
 };
 
+// The most page bytes a move over ucx or verbs sends inline, whatever
+// AgentOptions::inline_page_bytes allows (over tcp, the option alone).
+inline constexpr uint32_t kInlinePageBytesOverRdma = 64u << 10;
+
 // Plain options; every limit is enforced with a clear error.
 struct AgentOptions {
   // Where to listen. Port 0 picks a free port (see Agent::port()).
@@ -70,10 +74,15 @@ struct AgentOptions {
   uint64_t staging_bytes = 64ull << 20;
   // A stop-and-copy of at most this many page bytes (K and V), between
   // pagers whose layouts are in host memory, sends its pages on the control
-  // connection (PAGES) instead of opening and writing a data path: for
-  // tiny pages, no data-path round trip or thread hand-off. Both sides
-  // must allow the size (the source asks, the destination agrees). 0: never.
-  uint32_t inline_page_bytes = 64u << 10;
+  // connection (PAGES) instead of opening and writing a data path: no
+  // data-path round trip or thread hand-off, and no copy (the pages go
+  // from page memory to the socket, and from it into their slots). Both
+  // sides must allow the size (the source asks, the destination agrees).
+  // A move over ucx or verbs goes inline only up to
+  // kInlinePageBytesOverRdma as well: those data paths move pages without
+  // the CPU, so only a small move's fixed cost is worth saving there.
+  // 0: never. The serve flag takes at most 1 MiB.
+  uint32_t inline_page_bytes = 1u << 20;
   // A control connection whose migration committed stays open, on both
   // sides, for the next migration between the same two agents (no
   // connect, no handshake): for at most this long idle. A source keeps at

@@ -837,9 +837,14 @@ Status SourceRun::ensure_source_geometry() {
 bool SourceRun::may_inline(uint32_t n_pages) const {
   // Stop-and-copy (one round, paused) of pages this side reads itself from
   // host memory. (No "src.data.mid" fault point on this path: one frame
-  // has no middle.)
+  // has no middle.) Over tcp the control connection beats the data path
+  // at any size up to the limit: the same bytes, a round trip fewer.
+  const uint64_t limit =
+      transport_.name() == "tcp"
+          ? ctx_.options.inline_page_bytes
+          : std::min(ctx_.options.inline_page_bytes, kInlinePageBytesOverRdma);
   return !req_.live && n_pages > 0 && ctx_.host_layout &&
-         uint64_t{n_pages} * page_total_ <= ctx_.options.inline_page_bytes;
+         uint64_t{n_pages} * page_total_ <= limit;
 }
 
 Status SourceRun::read_inline(const std::vector<uint32_t>& positions) {

@@ -35,8 +35,8 @@ namespace kvmig {
 inline constexpr uint64_t kMaxPerfPoolBytes = 32ull << 30;
 // The most page bytes `kvmig perf --inline-kib` may ask to send inline. A
 // session's target agrees to any migration up to it: the client's flag
-// decides (the server's own default, 64 KiB, would silently send larger
-// ones through the data path).
+// decides (a server started with a smaller --inline-kib would silently send
+// larger ones through the data path).
 inline constexpr uint32_t kMaxPerfInlineBytes = 1u << 20;
 
 // Makes agent serve perf sessions (kvmig perf --server, serve

@@ -766,6 +766,7 @@ TEST(EmbedExample, BookkeepingThatNeverWaitsRunsOnTheControlThread) {
       std::map<MigrationEvent::Role, std::thread::id> control;
       AgentOptions options;
       options.transports = {transport};
+      options.inline_page_bytes = 0;  // the transport's data path
       options.on_migration_end = [&](const MigrationEvent& e) {
         std::lock_guard lock(mu);
         control[e.role] = std::this_thread::get_id();
@@ -936,6 +937,7 @@ struct GatedMove {
     ASSERT_OK(src_cache->populate(2, 100, 9));
     AgentOptions options;
     options.peer_timeout = std::chrono::seconds(5);
+    options.inline_page_bytes = 0;  // the data path, which has a middle
     options.fault_hook = [this](std::string_view point) {
       if (point == "src.data.mid") mid.reach();
     };
@@ -1083,6 +1085,7 @@ TEST(EmbedExample, CancelRollsBackBeforeTheDecisionPoint) {
   std::atomic<bool> gate_armed{true};
   AgentOptions options;
   options.peer_timeout = std::chrono::seconds(5);
+  options.inline_page_bytes = 0;  // the data path, which has a middle
   options.fault_hook = [&](std::string_view point) {
     if (point == "src.data.mid" && gate_armed) mid.reach();
   };

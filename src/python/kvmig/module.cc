@@ -566,7 +566,7 @@ PYBIND11_MODULE(_kvmig, m) {
            py::arg("staging_bytes") = uint64_t{64} << 20,
            py::arg("bind_host") = "", py::arg("snapshot_dir") = py::none(),
            py::arg("max_migrations") = 4,
-           py::arg("inline_page_bytes") = uint32_t{64} << 10,
+           py::arg("inline_page_bytes") = uint32_t{1} << 20,
            py::arg("kept_idle_ms") = 30'000)
       .def("start", &PyAgent::start, "serve on a thread of the agent's own")
       .def("stop", &PyAgent::close,
