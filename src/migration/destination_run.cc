@@ -80,8 +80,7 @@ asio::awaitable<bool> DestinationRun::run() {
         "HELLO sends " + std::to_string(hello_.n_pages) +
         " pages with it, but this agent takes " +
         (ctx_.host_layout
-             ? "at most " + std::to_string(ctx_.options.inline_page_bytes) +
-                   " bytes of pages"
+             ? "at most " + std::to_string(inline_limit()) + " bytes of pages"
              : std::string("no pages")) +
         " inline");
   }
@@ -320,7 +319,7 @@ asio::awaitable<Status> DestinationRun::open_and_offer() {
   }
   if (target_) offer.target_address = target_->address();
   offer.memory = ctx_.memory;
-  if (ctx_.host_layout) offer.inline_limit = ctx_.options.inline_page_bytes;
+  if (ctx_.host_layout) offer.inline_limit = inline_limit();
   offer.incarnation = ctx_.incarnation;
   const std::vector<uint8_t> payload = encode(offer);
   // Logged before the frame goes out: once the source has OFFER it may
@@ -504,13 +503,19 @@ asio::awaitable<Status> DestinationRun::on_batch(const Frame& frame) {
 }
 
 bool DestinationRun::takes_inline() const {
-  // The source asked; a stop-and-copy whose pages fit the limit and a
-  // frame, into host memory this thread may write.
+  // The source asked; a stop-and-copy whose pages fit the limit, into host
+  // memory this thread may write.
   const uint64_t bytes = uint64_t{hello_.n_pages} * page_total_;
   return hello_.inline_pages && !hello_.live && ctx_.host_layout &&
-         bytes <= ctx_.options.inline_page_bytes &&
-         bytes + 4 * uint64_t{hello_.n_pages} + 4 <=
-             ctx_.options.max_frame_bytes;
+         bytes <= inline_limit();
+}
+
+uint64_t DestinationRun::inline_limit() const {
+  // The option, within one PAGES frame: 4 bytes of position a page and 4
+  // of count besides the pages.
+  const uint64_t frame = ctx_.options.max_frame_bytes;
+  const uint64_t fit = frame < 4 ? 0 : (frame - 4) / (page_total_ + 4);
+  return std::min<uint64_t>(ctx_.options.inline_page_bytes, fit * page_total_);
 }
 
 Result<std::vector<std::span<uint8_t>>> DestinationRun::place_pages(

@@ -90,6 +90,9 @@ class DestinationRun {
   asio::awaitable<Status> on_batch(const Frame& frame);
   // Whether OFFER takes HELLO's pages inline (PAGES frames, no data path).
   bool takes_inline() const;
+  // The most page bytes this side takes inline (OFFER's inline_limit, what
+  // a later one exchange may send): the option, as far as a frame holds.
+  uint64_t inline_limit() const;
   // receive_until_commit()'s BulkPlacer: for PAGES, checks the positions
   // (offered, none twice, the bulk exactly their pages) before a byte lands
   // and returns where in the layout each page goes (host memory); keeps

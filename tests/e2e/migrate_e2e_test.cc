@@ -766,6 +766,35 @@ TEST(MigrateE2E, SmallMovesGoInlineAndArriveIntact) {
   EXPECT_TRUE(status_of(src->address())["seqs"].empty());
 }
 
+// A destination whose frames are smaller than its inline limit (a 1 MiB
+// frame cannot hold 1 MiB of pages and their positions) says so in OFFER:
+// on the kept connection, 1 MiB of pages does not go as one exchange that
+// frame would refuse, but takes the data path, intact.
+TEST(MigrateE2E, InlineLimitStaysWithinTheFrameLimit) {
+  const std::vector<std::string> limits = {"--max-frame-mib",  "1",
+                                           "--inline-kib",     "1024",
+                                           "--capacity-pages", "128"};
+  auto with = [&](std::vector<std::string> flags) {
+    flags.insert(flags.end(), limits.begin(), limits.end());
+    return AgentProcess::start(flags);
+  };
+  // 5 requests of 256 tokens: 16 tiny pages (256 KiB) each.
+  auto src = with({"--populate", "5:256"});
+  auto dst = with({});
+  ASSERT_TRUE(src && dst);
+  const auto before = digests(status_of(src->address()));
+  int code = -1;
+  json r = migrate(src->address(), dst->address(), {"--seqs", "1"}, &code);
+  ASSERT_EQ(code, 0) << r.dump() << src->child().err() << dst->child().err();
+  EXPECT_EQ(r["inline_pages"], true) << r.dump();
+  r = migrate(src->address(), dst->address(), {"--seqs", "2,3,4,5"}, &code);
+  ASSERT_EQ(code, 0) << r.dump() << src->child().err() << dst->child().err();
+  EXPECT_EQ(r["kept_connection"], true) << r.dump();
+  EXPECT_EQ(r["one_exchange"], false) << r.dump();
+  EXPECT_EQ(r["inline_pages"], false) << r.dump();
+  EXPECT_EQ(digests(status_of(dst->address())), before);
+}
+
 // Two `kvmig serve` processes: the second move goes on the first's kept
 // control connection. Then the destination is killed: the third move is an
 // error (the kept connection is found closed and a new one is refused),
