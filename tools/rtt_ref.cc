@@ -5,9 +5,10 @@
 //
 // --bytes N makes the request N bytes (the answer stays 64): one transfer
 // of N bytes on a warm connection, from the first byte sent to its answer,
-// with blocking sockets and nothing else to do. That is the floor of a
-// migration moving N bytes in one go (a stream like iperf3's never waits
-// for an answer, so it hides what one transfer costs to start and finish).
+// with blocking sockets and nothing else to do: what moving N bytes in one
+// go costs to start and finish, which a stream like iperf3's, never
+// waiting for an answer, hides. Not a floor: a 1 MiB inline migration
+// (protocol 13) has measured below it (README, Performance).
 //
 // Prints one JSON line: {"p50_us":P,"min_us":M,"p99_us":Q,"iters":I,
 // "bytes":N,"gbps":G}, G being N times the iterations over their summed
