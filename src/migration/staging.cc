@@ -56,13 +56,9 @@ Status page_in_layout(const PagerLayout& layout, PageIndex ix) {
   return Status();
 }
 
-namespace {
-
-// Calls f(address of the chunk, offset in the page, chunk bytes) for each
-// region's chunk of page ix, after checking ix and the page's size.
-template <typename F>
-Status for_each_chunk(const PagerLayout& layout, PageIndex ix,
-                      uint64_t page_bytes, F f) {
+Status host_page_chunks(const PagerLayout& layout, PageIndex ix,
+                        uint64_t page_bytes,
+                        std::vector<std::span<uint8_t>>& chunks) {
   KVMIG_RETURN_IF_ERROR(page_in_layout(layout, ix));
   uint64_t total = 0;
   for (const StridedRegion& r : layout) total += r.chunk;
@@ -71,39 +67,11 @@ Status for_each_chunk(const PagerLayout& layout, PageIndex ix,
                                     std::to_string(total) + " bytes, not " +
                                     std::to_string(page_bytes));
   }
-  uint64_t at = 0;
   for (const StridedRegion& r : layout) {
-    f(r.base + uint64_t{ix} * r.stride, at, r.chunk);
-    at += r.chunk;
+    chunks.emplace_back(
+        reinterpret_cast<uint8_t*>(r.base + uint64_t{ix} * r.stride), r.chunk);
   }
   return Status();
-}
-
-}  // namespace
-
-Status read_host_page(const PagerLayout& layout, PageIndex ix,
-                      std::span<uint8_t> bytes) {
-  return for_each_chunk(layout, ix, bytes.size(),
-                        [&](const std::byte* p, uint64_t at, uint64_t n) {
-                          std::memcpy(bytes.data() + at, p, n);
-                        });
-}
-
-Status write_host_page(const PagerLayout& layout, PageIndex ix,
-                       std::span<const uint8_t> bytes) {
-  return for_each_chunk(layout, ix, bytes.size(),
-                        [&](std::byte* p, uint64_t at, uint64_t n) {
-                          std::memcpy(p, bytes.data() + at, n);
-                        });
-}
-
-Status host_page_chunks(const PagerLayout& layout, PageIndex ix,
-                        uint64_t page_bytes,
-                        std::vector<std::span<uint8_t>>& chunks) {
-  return for_each_chunk(layout, ix, page_bytes,
-                        [&](std::byte* p, uint64_t, uint64_t n) {
-                          chunks.emplace_back(reinterpret_cast<uint8_t*>(p), n);
-                        });
 }
 
 Result<uint64_t> pager_page_checksum(CachePager& pager,

@@ -56,16 +56,11 @@ class StagingBuffer {
 // OutOfRange naming the page (a pager that named it broke its layout).
 Status page_in_layout(const PagerLayout& layout, PageIndex ix);
 
-// Page ix's bytes in canonical order (each region's chunk, in layout
-// order) copied out of / into a layout whose regions are all host memory
-// (MigrationContext::host_layout). `bytes` is exactly one page.
-Status read_host_page(const PagerLayout& layout, PageIndex ix,
-                      std::span<uint8_t> bytes);
-Status write_host_page(const PagerLayout& layout, PageIndex ix,
-                       std::span<const uint8_t> bytes);
-// Appends to `chunks` where page ix's bytes lie in such a layout, in
-// canonical order (one span per region), after the same checks: the page
-// is sent from there, or read into place, without a copy.
+// Appends to `chunks` where page ix's bytes lie in a layout whose regions
+// are all host memory (MigrationContext::host_layout), in canonical order
+// (each region's chunk, in layout order), once ix is checked against the
+// layout and page_bytes against its chunks: the page is sent from there,
+// or read into place, without a copy.
 Status host_page_chunks(const PagerLayout& layout, PageIndex ix,
                         uint64_t page_bytes,
                         std::vector<std::span<uint8_t>>& chunks);
