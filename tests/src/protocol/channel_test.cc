@@ -53,6 +53,18 @@ class ChannelTest : public ::testing::Test {
     return std::move(*out);
   }
 
+  // Spawns a's send of `frames` (kept alive by the caller until run()
+  // returns); its status lands in `sent`.
+  void spawn_send_all(std::span<const FrameChannel::OutFrame> frames,
+                      Deadline deadline, std::optional<Status>& sent) {
+    asio::co_spawn(
+        io_,
+        [this, frames, deadline, &sent]() -> asio::awaitable<void> {
+          sent = co_await a_->send_all(frames, deadline);
+        },
+        asio::detached);
+  }
+
   // Writes raw bytes on a's socket, bypassing the channel.
   void raw_write(std::span<const uint8_t> bytes) {
     asio::write(a_->socket(), asio::buffer(bytes.data(), bytes.size()));
@@ -118,12 +130,7 @@ TEST_F(ChannelTest, FramesSentTogetherArriveWholeAndInOrder) {
   const auto deadline = Clock::now() + std::chrono::seconds(10);
   std::optional<Status> sent;
   std::vector<Result<Frame>> got;
-  asio::co_spawn(
-      io_,
-      [&]() -> asio::awaitable<void> {
-        sent = co_await a_->send_all(frames, deadline);
-      },
-      asio::detached);
+  spawn_send_all(frames, deadline, sent);
   asio::co_spawn(
       io_,
       [&]() -> asio::awaitable<void> {
@@ -188,12 +195,7 @@ TEST_F(ChannelTest, BulkBytesAreReadWhereThePlacerSays) {
   };
   std::optional<Status> sent;
   std::vector<Result<Frame>> got;
-  asio::co_spawn(
-      io_,
-      [&]() -> asio::awaitable<void> {
-        sent = co_await a_->send_all(frames, deadline);
-      },
-      asio::detached);
+  spawn_send_all(frames, deadline, sent);
   asio::co_spawn(
       io_,
       [&]() -> asio::awaitable<void> {
