@@ -1637,8 +1637,9 @@ void expect_refused(Agent* at, int fd, const std::string& why) {
 
 // A hand-made source asks for its pages inline (PAGES on the control
 // connection) and sends bad ones: the wrong size, a position not offered,
-// one position twice, PAGES where OFFER opened a data path, or none at all
-// before COMMIT. Each is an ABORT naming what was wrong, no request is
+// one position twice, PAGES where OFFER opened a data path, pages under the
+// frame's checksum instead of its bulk, none at all before COMMIT, or the
+// pages cut off halfway. Each is an ABORT naming what was wrong, no request is
 // installed and every slot is free again. Then good PAGES install the very
 // bytes sent; and an agent whose limit is 0 answers with a data path.
 TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
@@ -1737,6 +1738,23 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     expect_refused(agent, fd,
                    "points at slot " + std::to_string(offer.slots[0]) +
                        ", not one allocated for it");
+  }
+  {
+    // The source stops in the middle of the pages (its write side shut):
+    // what came went into this migration's own slots, which go back with
+    // the ABORT; nothing is installed.
+    SCOPED_TRACE("cut mid-pages");
+    const int fd = raw_connect(agent->address());
+    ASSERT_GE(fd, 0);
+    ScopeExit close_fd([fd] { close(fd); });
+    hello(fd, 2, true);
+    const std::vector<uint8_t> bytes = patterned_pages(2, page);
+    std::vector<uint8_t> f =
+        encode_frame(MsgType::kPages, encode(PagesMsg{{0, 1}, {}}), bytes);
+    f.resize(f.size() - page - page / 2);  // half of the first page came
+    ASSERT_EQ(write(fd, f.data(), f.size()), ssize_t(f.size()));
+    ASSERT_EQ(shutdown(fd, SHUT_WR), 0);
+    expect_refused(agent, fd, "reading PAGES from");
   }
   {
     SCOPED_TRACE("good");
