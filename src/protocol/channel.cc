@@ -135,6 +135,30 @@ asio::awaitable<Status> FrameChannel::send_frames(OutFrames frames,
   co_return Status();
 }
 
+template <typename Buffers>
+asio::awaitable<size_t> FrameChannel::read_some(const Buffers& buffers,
+                                                Deadline deadline,
+                                                std::optional<Watchdog>& dog,
+                                                error_code& ec) {
+  ec = {};
+  const size_t n = socket_.read_some(buffers, ec);
+  if (ec != asio::error::would_block && ec != asio::error::try_again) {
+    co_return n;
+  }
+  if (!dog) {
+    dog.emplace(socket_, deadline);
+  } else if (dog->fired()) {
+    ec = asio::error::operation_aborted;  // nothing to cancel now
+    co_return 0;
+  }
+  // A read, not a wait for readability: asio queues it on the socket's
+  // standing registration, where async_wait would re-register the socket
+  // with epoll (a system call, and a spurious EPOLLOUT wake-up) every time.
+  ec = {};
+  co_return co_await socket_.async_read_some(
+      buffers, asio::redirect_error(asio::use_awaitable, ec));
+}
+
 size_t FrameChannel::take_ahead(std::span<uint8_t> out) {
   const size_t n = std::min(out.size(), ahead_end_ - ahead_pos_);
   std::copy_n(ahead_.begin() + static_cast<ptrdiff_t>(ahead_pos_), n,
@@ -158,21 +182,7 @@ asio::awaitable<error_code> FrameChannel::read_exact(
     const asio::mutable_buffer into =
         ahead ? asio::buffer(ahead_)
               : asio::buffer(out.data() + got, out.size() - got);
-    size_t n = socket_.read_some(into, ec);
-    if (ec == asio::error::would_block || ec == asio::error::try_again) {
-      if (!dog) {
-        dog.emplace(socket_, deadline);
-      } else if (dog->fired()) {
-        co_return asio::error::operation_aborted;  // nothing to cancel now
-      }
-      // A read, not a wait for readability: asio queues it on the socket's
-      // standing registration, where async_wait would re-register the
-      // socket with epoll (a system call, and a spurious EPOLLOUT wake-up)
-      // every time.
-      ec = {};
-      n = co_await socket_.async_read_some(
-          into, asio::redirect_error(asio::use_awaitable, ec));
-    }
+    const size_t n = co_await read_some(into, deadline, dog, ec);
     if (ec) co_return ec;
     if (ahead) {
       ahead_end_ = n;
@@ -197,17 +207,7 @@ asio::awaitable<error_code> FrameChannel::read_scattered(
     const std::span<const asio::mutable_buffer> rest =
         std::span(out).subspan(i);
     error_code ec;
-    size_t n = socket_.read_some(rest, ec);
-    if (ec == asio::error::would_block || ec == asio::error::try_again) {
-      if (!dog) {
-        dog.emplace(socket_, deadline);
-      } else if (dog->fired()) {
-        co_return asio::error::operation_aborted;
-      }
-      ec = {};
-      n = co_await socket_.async_read_some(
-          rest, asio::redirect_error(asio::use_awaitable, ec));
-    }
+    size_t n = co_await read_some(rest, deadline, dog, ec);
     if (ec) co_return ec;
     for (; i < out.size() && n >= out[i].size(); ++i) n -= out[i].size();
     if (i < out.size()) out[i] += n;

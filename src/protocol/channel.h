@@ -104,6 +104,13 @@ class FrameChannel {
   asio::awaitable<boost::system::error_code> read_scattered(
       std::vector<asio::mutable_buffer> out, Deadline deadline,
       std::optional<detail::Watchdog>& dog);
+  // One read into `buffers` (a mutable buffer sequence): at once when the
+  // socket has bytes, else a wait, under `dog` (armed for the deadline the
+  // first time one must wait). Sets ec on failure.
+  template <typename Buffers>
+  asio::awaitable<size_t> read_some(const Buffers& buffers, Deadline deadline,
+                                    std::optional<detail::Watchdog>& dog,
+                                    boost::system::error_code& ec);
   // Moves read-ahead bytes into out; returns how many.
   size_t take_ahead(std::span<uint8_t> out);
 
