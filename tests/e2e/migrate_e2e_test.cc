@@ -793,6 +793,7 @@ TEST(MigrateE2E, InlineLimitStaysWithinTheFrameLimit) {
   EXPECT_EQ(r["one_exchange"], false) << r.dump();
   EXPECT_EQ(r["inline_pages"], false) << r.dump();
   EXPECT_EQ(digests(status_of(dst->address())), before);
+  EXPECT_TRUE(status_of(src->address())["seqs"].empty());
 }
 
 // Two `kvmig serve` processes: the second move goes on the first's kept
