@@ -264,12 +264,21 @@ Status UcxCore::register_region(std::span<std::byte> region,
       mp.memory_type = type;
     }
     ucp_mem_h memh = nullptr;
-    const ucs_status_t s = ucp_mem_map(context(), &mp, &memh);
+    ucs_status_t s = ucp_mem_map(context(), &mp, &memh);
     if (s != UCS_OK) {
       return status_from_ucs(
           s, "ucp_mem_map of " + std::to_string(region.size()) + " bytes");
     }
-    regions_.add(region, MemhPtr(memh, MemhDeleter{context()}));
+    Registration r{MemhPtr(memh, MemhDeleter{context()}), {}};
+    void* buf = nullptr;
+    size_t size = 0;
+    s = ucp_rkey_pack(context(), memh, &buf, &size);
+    // On failure r unmaps the memory: no registration without its key.
+    if (s != UCS_OK) return status_from_ucs(s, "ucp_rkey_pack");
+    RkeyBufferPtr packed(buf);
+    const auto* bytes = static_cast<const uint8_t*>(buf);
+    r.rkey.assign(bytes, bytes + size);
+    regions_.add(region, std::move(r));
     return Status();
   });
 }
@@ -284,14 +293,14 @@ Status UcxCore::deregister_region(std::span<std::byte> region) {
 void UcxCore::clear_regions() {
   call([&] {
     std::lock_guard lock(regions_mu_);
-    regions_.clear([](auto& e) { e.value.reset(); });
+    regions_.clear([](auto& e) { e.value.memh.reset(); });
   });
 }
 
 ucp_mem_h UcxCore::find_memh(const void* p, size_t len) const {
   std::lock_guard lock(regions_mu_);
   const auto* e = regions_.find(p, len);
-  return e ? e->value.get() : nullptr;
+  return e ? e->value.memh.get() : nullptr;
 }
 
 Result<ConfigPtr> UcxCore::read_config() {
@@ -396,7 +405,7 @@ void UcxCore::run(std::promise<Status>& started) {
   pollers_.clear();
   {
     std::lock_guard lock(regions_mu_);
-    regions_.clear([](auto& e) { e.value.reset(); });
+    regions_.clear([](auto& e) { e.value.memh.reset(); });
   }
   // Destroyed on the thread that created them, worker before context.
   worker_.reset();

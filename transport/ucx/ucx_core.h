@@ -150,6 +150,14 @@ using RkeyPtr = std::unique_ptr<Handle<ucp_rkey_h>, RkeyDeleter>;
 using RkeyBufferPtr = std::unique_ptr<void, RkeyBufferDeleter>;
 using MemhPtr = std::unique_ptr<Handle<ucp_mem_h>, MemhDeleter>;
 
+// One registered region: UCX's handle, and its remote key packed once when
+// it was mapped (a key stays good while the mapping does), so a target
+// hands out keys without a trip to the progress thread.
+struct Registration {
+  MemhPtr memh;
+  std::vector<uint8_t> rkey;
+};
+
 // Socket addresses (stateless; thread-safe).
 
 // host:port as a socket address; InvalidArgument unless host is an IP.
@@ -263,7 +271,7 @@ class UcxCore {
   bool arm_failed_ = false;
 
   mutable std::mutex regions_mu_;
-  RegionTable<MemhPtr> regions_;  // guarded by regions_mu_; memh on thread
+  RegionTable<Registration> regions_;  // guarded by regions_mu_; memh on thread
 
   std::mutex mu_;
   int wake_fd_ = -1;                         // eventfd; written by wake_locked

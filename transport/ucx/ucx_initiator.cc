@@ -271,13 +271,13 @@ class UcxInitiator final : public TransportInitiator {
     auto puts = std::make_shared<std::vector<Put>>();
     puts->reserve(ops.size());
     uint64_t bytes = 0;
-    core_->with_regions([&](const RegionTable<MemhPtr>& table) {
+    core_->with_regions([&](const RegionTable<Registration>& table) {
       for (const WriteOp& op : ops) {
         if (op.length == 0) continue;
         const auto* e = table.find(op.src, op.length);
         puts->push_back(
             Put{op.src, region_bases_[op.dst_region] + op.dst_offset, op.length,
-                op.dst_region, e ? e->value.get() : nullptr});
+                op.dst_region, e ? e->value.memh.get() : nullptr});
         bytes += op.length;
       }
     });

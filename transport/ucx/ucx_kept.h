@@ -7,6 +7,7 @@
 
 #include <ucp/api/ucp.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -53,6 +54,11 @@ struct TargetState : std::enable_shared_from_this<TargetState> {
   bool healthy();
 
   UcxCore* const core;
+  // Whether the initiator's endpoint is up: set by the progress thread once
+  // it is accepted, cleared when it fails or closes. Read from any thread
+  // (a kept connection is adopted and kept again without a trip to the
+  // progress thread).
+  std::atomic<bool> connected{false};
   uint64_t token = 0;  // names this connection to its initiator; set once
   // Progress thread only. The endpoint is closed before the listener goes.
   ListenerPtr listener;
@@ -197,7 +203,8 @@ class Parking {
 struct ExportedRegion {
   uint64_t base = 0;
   uint64_t length = 0;
-  ucp_mem_h memh = nullptr;  // null for an empty region
+  std::vector<uint8_t> rkey;  // its registration's packed key; empty for an
+                              // empty region
 };
 
 // ucx_target.cc. A target for the initiator that presented `token` (0:

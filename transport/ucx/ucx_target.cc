@@ -55,8 +55,11 @@ void TargetState::on_conn_request(ucp_conn_request_h req, void* arg) {
   }
   st->core->object_opened();
   st->ep.reset(ep);
-  std::lock_guard lock(st->mu);
-  st->peer = from;
+  {
+    std::lock_guard lock(st->mu);
+    st->peer = from;
+  }
+  st->connected = true;
 }
 
 void TargetState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
@@ -69,6 +72,7 @@ void TargetState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
   Status status = status_from_ucs(s, "connection from initiator " + peer);
   ucx_log()->info("target: {}", status.to_string());
   st->set_health(std::move(status));
+  st->connected = false;
   st->ep_failed = true;
   // A failed endpoint is only good for closing; close it at once.
   // Known UCX 1.13 limit (seen under TSan with UCX_TLS=tcp, about one run
@@ -81,6 +85,7 @@ void TargetState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
 }
 
 void TargetState::close(std::function<void()> done) {
+  connected = false;
   if (drain.running()) return drain.wait(std::move(done));
   if (ep && !drained && !ep_failed) {
     drained = true;
@@ -121,23 +126,21 @@ class UcxTarget final : public TransportTarget {
     if (token != 0) {
       if (auto st = parking->take_target(token)) {
         std::unique_ptr<UcxTarget> t(new UcxTarget(core, parking, st));
-        auto adopted = core->call([&]() -> Result<std::vector<uint8_t>> {
-          if (!st->ep || st->revoked) {
-            return Status::unavailable("kept connection is gone");
-          }
+        t->adopted_ = true;
+        // No trip to the progress thread: the keys were packed when the
+        // memory was registered, and an endpoint that fails after this
+        // check fails the migration's writes instead.
+        if (st->connected && st->healthy()) {
           // No listener (port 0): reuse the kept endpoint.
-          TargetAddress a{host, 0, st->token, {}};
-          KVMIG_ASSIGN_OR_RETURN(a.regions, pack_regions(st->core, regions));
-          return encode_target_address(a);
-        });
-        if (adopted.ok()) {
-          t->address_ = std::move(*adopted);
+          t->address_ = encode_target_address(
+              TargetAddress{host, 0, st->token, pack_regions(regions)});
+          std::lock_guard lock(st->mu);
           ucx_log()->debug("target reuses the connection kept for {}",
                            st->peer);
           return std::unique_ptr<TransportTarget>(std::move(t));
         }
-        ucx_log()->debug("target: {}; listening afresh",
-                         adopted.status().to_string());
+        ucx_log()->debug(
+            "target: the kept connection is gone; listening afresh");
         // t's destructor revokes what is left of it.
       }
     }
@@ -188,10 +191,13 @@ class UcxTarget final : public TransportTarget {
       std::lock_guard lock(revoke_mu_);
       if (revoked_ || kept_) return kept_;
     }
-    const bool open = core_->call([st = state_.get()] {
-      st->listener.reset();  // one initiator per connection, as before
-      return st->ep != nullptr && !st->revoked;
-    });
+    // An adopted connection has no listener (it went when the connection
+    // was first kept): nothing for the progress thread to do.
+    const bool open =
+        adopted_ ? state_->connected.load() : core_->call([st = state_.get()] {
+          st->listener.reset();  // one initiator per connection
+          return st->ep != nullptr && !st->revoked;
+        });
     if (!open || !state_->healthy()) {
       revoke();
       return false;
@@ -216,24 +222,13 @@ class UcxTarget final : public TransportTarget {
         parking_(std::move(parking)),
         state_(std::move(state)) {}
 
-  // Progress thread: each region's base, length and packed remote key.
-  static Result<std::vector<RemoteRegion>> pack_regions(
-      UcxCore* core, const std::vector<ExportedRegion>& regions) {
+  // Each region's base, length and packed remote key. Any thread.
+  static std::vector<RemoteRegion> pack_regions(
+      const std::vector<ExportedRegion>& regions) {
     std::vector<RemoteRegion> out;
     out.reserve(regions.size());
     for (const ExportedRegion& r : regions) {
-      RemoteRegion& packed = out.emplace_back();
-      packed.base = r.base;
-      packed.length = r.length;
-      if (r.memh == nullptr) continue;
-      void* buf = nullptr;
-      size_t size = 0;
-      const ucs_status_t s =
-          ucp_rkey_pack(core->context(), r.memh, &buf, &size);
-      if (s != UCS_OK) return status_from_ucs(s, "ucp_rkey_pack");
-      RkeyBufferPtr owned(buf);
-      const auto* bytes = static_cast<const uint8_t*>(buf);
-      packed.rkey.assign(bytes, bytes + size);
+      out.push_back(RemoteRegion{r.base, r.length, r.rkey});
     }
     return out;
   }
@@ -243,8 +238,8 @@ class UcxTarget final : public TransportTarget {
   static Result<std::vector<uint8_t>> setup(
       TargetState* st, const std::string& host, const sockaddr_storage& ss,
       const std::vector<ExportedRegion>& regions) {
-    TargetAddress a{host, 0, st->token, {}};  // the port is the listener's
-    KVMIG_ASSIGN_OR_RETURN(a.regions, pack_regions(st->core, regions));
+    // The port is the listener's.
+    TargetAddress a{host, 0, st->token, pack_regions(regions)};
 
     ucp_listener_params_t lp{};
     lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR |
@@ -280,6 +275,7 @@ class UcxTarget final : public TransportTarget {
   std::mutex revoke_mu_;
   bool revoked_ = false;  // guarded by revoke_mu_
   bool kept_ = false;     // guarded by revoke_mu_
+  bool adopted_ = false;  // state_ is a kept connection: it has no listener
 };
 
 }  // namespace

@@ -95,7 +95,7 @@ class UcxTransport final : public Transport {
   Status export_regions(std::span<const std::span<std::byte>> regions,
                         std::vector<ExportedRegion>& exported) const {
     Status bad;
-    core_->with_regions([&](const RegionTable<MemhPtr>& table) {
+    core_->with_regions([&](const RegionTable<Registration>& table) {
       for (size_t i = 0; i < regions.size() && bad.ok(); ++i) {
         ExportedRegion r;
         r.base = reinterpret_cast<uintptr_t>(regions[i].data());
@@ -108,7 +108,7 @@ class UcxTransport final : public Transport {
                 std::to_string(regions[i].size()) +
                 " bytes) is not inside registered memory");
           } else {
-            r.memh = e->value.get();
+            r.rkey = e->value.rkey;
           }
         }
         exported.push_back(r);
