@@ -11,7 +11,9 @@
 // completions, endpoint errors, connection requests) runs on that thread.
 // This is simpler to get right than UCS_THREAD_MODE_MULTI, whose locking
 // covers the worker but not our own state touched from callbacks; the cost
-// is one hand-off per write()/flush() call, not per put.
+// is one hand-off per write()/flush() call, not per put. A kept connection
+// needs none to be reused (initiator) or adopted and kept (target: its keys
+// were packed at registration).
 //
 // The thread progresses UCX while it makes progress, then sleeps until work is
 // posted (an eventfd) or, with an endpoint or a listener open, until UCX has an

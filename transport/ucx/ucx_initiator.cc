@@ -55,7 +55,7 @@ void InitState::begin_reuse() {
   std::lock_guard lock(mu);
   batches_posted = 0;
   flushes_done = 0;
-  connected = false;
+  connected = true;
 }
 
 void InitState::reuse(std::vector<RemoteRegion> regions) {
@@ -67,7 +67,7 @@ void InitState::reuse(std::vector<RemoteRegion> regions) {
   remote = std::move(regions);
   batch.reset();
   next = 0;
-  start_flush(on_connect_flushed);
+  finish_connect();
 }
 
 bool InitState::usable() {
@@ -258,10 +258,13 @@ class UcxInitiator final : public TransportInitiator {
       region_lengths_.push_back(region.length);
     }
     if (a.port == 0) {
+      // Nothing to wait for: the target holds the connection (it answered
+      // with our token), and the keys are unpacked on the progress thread
+      // before any put, which is posted behind them.
       start_reuse(std::move(a.regions));
-    } else {
-      start_connect(std::move(a), *ss);
+      return Status();
     }
+    start_connect(std::move(a), *ss);
     return wait_connected(deadline);
   }
 

@@ -102,10 +102,14 @@ struct InitState : std::enable_shared_from_this<InitState> {
 
   // A kept connection serves a new migration. Caller's thread, before any
   // task for it is posted: the counters the caller waits on start from zero
-  // (stale ones from the last migration would satisfy its waits at once).
+  // (stale ones from the last migration would satisfy its waits at once),
+  // and the connection counts as up, so writes may be posted at once.
   void begin_reuse();
-  // Progress thread, after begin_reuse(): the new regions' keys once a flush
-  // has shown the connection still works.
+  // Progress thread, after begin_reuse() and before any put of the new
+  // migration: unpacks the new regions' keys, or fails the state (the
+  // endpoint is gone), which every later write and flush then returns. No
+  // flush first: the target presented our token, so it holds its end, and
+  // a connection that broke since fails the puts and the flush.
   void reuse(std::vector<RemoteRegion> regions);
 
   bool usable();
