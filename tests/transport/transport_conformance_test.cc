@@ -24,6 +24,7 @@
 #include <fstream>
 #include <future>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <span>
 #include <string>
@@ -394,6 +395,41 @@ TEST_P(TransportConformanceTest, ManySmallWritesAcrossBatches) {
   }
   ASSERT_OK(init->flush(in(seconds(20))));
   expect_dst_equals(expected);
+}
+
+// Page-sized writes as a migration posts them (write() calls of 256 ops,
+// then one flush), enough to fill the transport's queues, so that some
+// still wait to go out when the last write() returns: flush() returns only
+// once every one of them has landed. Forty rounds (the flush's start is
+// where it went wrong), each checked the moment flush() returns. (Over ucx a
+// flush started inside a put's completion returned before puts still queued in
+// UCX had gone out.)
+TEST_P(TransportConformanceTest, FlushCoversWritesStillQueued) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  constexpr uint64_t kPage = 4096;
+  constexpr uint64_t kPages = 512;  // 2 MiB of region 0, two write() calls
+  std::mt19937 rng(11);
+  for (int round = 0; round < 40; ++round) {
+    SCOPED_TRACE(round);
+    std::vector<uint64_t> slots(kPages);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng);
+    std::vector<WriteOp> ops;
+    for (uint64_t i = 0; i < kPages; ++i) {
+      ops.push_back(
+          {src_at(rng() % (kSrcBytes - kPage)), 0, slots[i] * kPage, kPage});
+    }
+    auto expected = dst_copy();
+    apply(ops, expected);
+    for (size_t i = 0; i < ops.size(); i += 256) {
+      ASSERT_OK(init->write(std::span<const WriteOp>(ops).subspan(i, 256),
+                            in(seconds(20))));
+    }
+    ASSERT_OK(init->flush(in(seconds(20))));
+    expect_dst_equals(expected);
+  }
 }
 
 TEST_P(TransportConformanceTest, SmallAndLargeWritesInterleaved) {
