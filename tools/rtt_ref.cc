@@ -8,7 +8,7 @@
 // with blocking sockets and nothing else to do: what moving N bytes in one
 // go costs to start and finish, which a stream like iperf3's, never
 // waiting for an answer, hides. Not a floor: a 1 MiB inline migration
-// (protocol 13) has measured below it (README, Performance).
+// (protocol 13) has measured below it (docs/performance.md).
 //
 // Prints one JSON line: {"p50_us":P,"min_us":M,"p99_us":Q,"iters":I,
 // "bytes":N,"gbps":G}, G being N times the iterations over their summed

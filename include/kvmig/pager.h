@@ -124,9 +124,9 @@ class CachePager {
   // nothing. kvmig calls it on its control thread, before it sends the
   // hold_seqs() job to a data thread, and only when bookkeeping_never_waits():
   // held at once, a migration saves that trip's two thread hand-offs (a
-  // quarter of a 1-page migration's fixed cost, README). So it returns
-  // within microseconds, like that bookkeeping: a try-lock, never a wait
-  // for a step. Any answer but OK (Unavailable, NotFound, an error) holds
+  // quarter of a 1-page migration's fixed cost, docs/performance.md). So it
+  // returns within microseconds, like that bookkeeping: a try-lock, never a
+  // wait for a step. Any answer but OK (Unavailable, NotFound, an error) holds
   // nothing, and kvmig then calls hold_seqs(), whose answer decides. Default
   // Unimplemented: kvmig calls hold_seqs() on a data thread.
   virtual Status try_hold_seqs(std::span<const SeqId> ids) {
@@ -147,12 +147,13 @@ class CachePager {
   // lock held across one, or an interpreter's lock (so not a Python pager).
   // kvmig may then make those calls on its control thread instead of a data
   // thread, which saves each of them a trip's two thread hand-offs (20-60 us
-  // each on a VM: a quarter of a small migration's fixed cost, README). The
-  // price: while such a call runs, the agent's other connections and timers
-  // wait. pause(), hold_seqs() and every page access (read_page, write_page,
-  // the device copies) stay on the data threads, but for a try_hold_seqs()
-  // that holds at once. Default false. Constant for the pager's lifetime; a
-  // pager that wraps another does not inherit it (the wrapper may wait).
+  // each on a VM: a quarter of a small migration's fixed cost,
+  // docs/performance.md). The price: while such a call runs, the agent's
+  // other connections and timers wait. pause(), hold_seqs() and every page
+  // access (read_page, write_page, the device copies) stay on the data threads,
+  // but for a try_hold_seqs() that holds at once. Default false. Constant for
+  // the pager's lifetime; a pager that wraps another does not inherit it (the
+  // wrapper may wait).
   virtual bool bookkeeping_never_waits() const { return false; }
 
   // --- Device memory --------------------------------------------------------

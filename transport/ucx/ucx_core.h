@@ -28,7 +28,7 @@
 // polls, yielding the CPU (sched_yield) between rounds: on a host with few
 // cores a progress thread that spins outright holds a core the agent's io
 // thread and data pool, and a peer agent's threads, must wait for at every
-// wake-up. Measured on this 2-vCPU VM (README, "Performance"): spinning
+// wake-up. Measured on this 2-vCPU VM (docs/performance.md): spinning
 // outright against yielding, a 1-page migration 1.19 -> 0.81 ms; yielding for 2
 // ms after activity against sleeping on events at once, 64 pages (1 MiB) 0.81
 // of the time and three quarters of the initiator's CPU.
