@@ -141,6 +141,10 @@ asio::awaitable<Status> InDoubtSet::settle_by_hand(MigrationContext& ctx,
   if (it == entries_.end()) {
     co_return Status::not_found("migration " + id + " is not in doubt here");
   }
+  if (settling_.count(id)) {
+    co_return Status::failed_precondition(
+        "migration " + id + " is being settled now (its destination answered)");
+  }
   if (!ctx.snapshot.empty()) {
     co_return Status::failed_precondition(
         "a snapshot of this agent is under way (" + ctx.snapshot +
@@ -157,10 +161,9 @@ asio::awaitable<void> InDoubtSet::settle(MigrationContext& ctx,
                                          Outcome outcome) {
   auto it = std::find_if(entries_.begin(), entries_.end(),
                          [&](const auto& d) { return d.migration_id == id; });
-  if (it == entries_.end()) co_return;
-  // Out of the set before any wait: nothing settles it twice.
-  const AgentStatus::InDoubt d = std::move(*it);
-  entries_.erase(it);
+  if (it == entries_.end() || !settling_.insert(id).second) co_return;
+  // A copy: `entries_` may move while the pager works.
+  const AgentStatus::InDoubt d = *it;
   const std::string tag = migration_tag(id, "->", d.to);
   const bool committed = outcome == Outcome::kCommitted;
   if (d.hold != "none") {
@@ -168,7 +171,9 @@ asio::awaitable<void> InDoubtSet::settle(MigrationContext& ctx,
     // back, they run here again. The pager is called from the data pool.
     CachePager& pager = ctx.pager;
     spdlog::logger& log = *ctx.log;
-    co_await ctx.offload([&pager, &d, &tag, &log, committed] {
+    const MigrationContext& c = ctx;
+    co_await ctx.offload([&pager, &c, &d, &tag, &log, committed] {
+      c.fault("src.settling");
       auto live = still_live(pager, d.seqs);
       Status s = live.status();
       if (s.ok()) {
@@ -189,6 +194,9 @@ asio::awaitable<void> InDoubtSet::settle(MigrationContext& ctx,
       return 0;
     });
   }
+  // Listed until here: the requests are dropped or run again now.
+  settling_.erase(id);
+  std::erase_if(entries_, [&](const auto& e) { return e.migration_id == id; });
   ctx.log->warn("{} in doubt settled: {}; requests {} {}", tag,
                 committed ? "committed at the destination" : "rolled back",
                 join_ids(d.seqs),

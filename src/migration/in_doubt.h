@@ -32,7 +32,9 @@ class InDoubtSet {
   void enter(MigrationContext& ctx, AgentStatus::InDoubt entry);
 
   // Applies a learned outcome to an in-doubt migration: drops its requests
-  // (a committed move) or lets them run again, and forgets the entry.
+  // (a committed move) or lets them run again, then forgets the entry. The
+  // entry stays listed (and its requests held) until the pager is done, so
+  // whoever sees it gone sees its requests dropped or running again.
   asio::awaitable<void> settle(MigrationContext& ctx,
                                const std::string& migration_id,
                                Outcome outcome);
@@ -49,6 +51,8 @@ class InDoubtSet {
                                     std::string migration_id);
 
   std::vector<AgentStatus::InDoubt> entries_;
+  // Entries being settled right now: nothing settles them twice.
+  std::set<std::string> settling_;
 };
 
 // The destination's answer, as it gives it, to an OUTCOME_REQ about

@@ -1188,6 +1188,79 @@ TEST(SettleE2E, AnOperatorSettlesAMoveWhoseDestinationIsGone) {
   EXPECT_NE(twice.err.find("NotFound"), std::string::npos) << twice.err;
 }
 
+// A settled move leaves the in-doubt list only once its requests are
+// dropped: whoever sees the list empty sees the pages back. And a status
+// that lists the requests just before they are dropped still answers,
+// without them. (The source holds at src.settling, before the pager
+// drops; a status holds at agent.status.listed, after it listed.)
+TEST(SettleE2E, AnInDoubtMoveIsListedUntilItsRequestsAreDropped) {
+  char dir_tmpl[] = "/tmp/kvmig-settling-XXXXXX";
+  const std::string dir = mkdtemp(dir_tmpl);
+  ScopeExit cleanup([&] { std::filesystem::remove_all(dir); });
+  const std::string settle_gate = dir + "/settle";
+  const std::string status_gate = dir + "/status";
+  std::ofstream(status_gate).put('\n');  // statuses pass for now
+  auto src = AgentProcess::start({"--populate", "2:40", "--peer-timeout-ms",
+                                  "300", "--fault",
+                                  "src.settling=hold:" + settle_gate, "--fault",
+                                  "agent.status.listed=hold:" + status_gate});
+  auto dst = AgentProcess::start({"--fault", "dst.before_done=stall:2000"});
+  ASSERT_TRUE(src && dst);
+  const json before = status_of(src->address());
+  ASSERT_EQ(before["seqs"].size(), 2u) << before.dump();
+  int64_t moved_pages = 0;
+  for (const auto& seq : before["seqs"])
+    moved_pages += seq["pages"].get<int64_t>();
+  int code = -1;
+  json r = migrate(src->address(), dst->address(), {"--all", "--id", "held-1"},
+                   &code);
+  EXPECT_EQ(code, 1) << r.dump();
+  EXPECT_NE(r.value("error", "").find("in doubt"), std::string::npos)
+      << r.dump();
+
+  // The destination answered "committed"; the pager has not dropped yet.
+  ASSERT_TRUE(src->child().wait_for("reached src.settling", 30s, true))
+      << src->child().err();
+  json s = status_of(src->address());
+  ASSERT_EQ(s["in_doubt"].size(), 1u) << s.dump();
+  EXPECT_EQ(s["in_doubt"][0]["migration_id"], "held-1");
+  EXPECT_EQ(s["free_pages"], before["free_pages"]) << s.dump();
+  EXPECT_EQ(digests(s), digests(before));
+  CliResult twice =
+      run_kvmig({"settle", "--agent", src->address(), "--migration", "held-1",
+                 "--outcome", "aborted"});
+  EXPECT_EQ(twice.code, 1) << twice.out << twice.err;
+  EXPECT_NE(twice.err.find("being settled"), std::string::npos) << twice.err;
+
+  // A status lists both requests, then the pager drops them.
+  std::filesystem::remove(status_gate);
+  const size_t listed =
+      count_of(src->child().err(), "reached agent.status.listed");
+  auto reader = Child::spawn({kvmig_bin(), "status", "--agent", src->address(),
+                              "--json", "--digests"});
+  ASSERT_TRUE(reader);
+  ASSERT_TRUE(
+      wait_for_count(*src, "reached agent.status.listed", listed + 1, 30s))
+      << src->child().err();
+  std::ofstream(settle_gate).put('\n');
+  ASSERT_TRUE(src->child().wait_for(
+      "in doubt settled: committed at the destination", 30s, true))
+      << src->child().err();
+  std::ofstream(status_gate).put('\n');
+  ASSERT_TRUE(reader->wait_exit(30s));
+  ASSERT_EQ(reader->exit_code(), 0) << reader->out() << reader->err();
+  const json mid = json::parse(reader->out(), nullptr, false);
+  ASSERT_TRUE(mid.is_object()) << reader->out();
+  EXPECT_TRUE(mid["seqs"].empty()) << mid.dump();
+
+  s = status_of(src->address());
+  EXPECT_TRUE(s["in_doubt"].empty()) << s.dump();
+  EXPECT_TRUE(s["seqs"].empty()) << s.dump();
+  EXPECT_EQ(s["free_pages"], before["free_pages"].get<int64_t>() + moved_pages)
+      << s.dump();
+  EXPECT_EQ(digests(status_of(dst->address())), digests(before));
+}
+
 // --- the destination's deadline is on progress, not on size ---------------
 
 TEST(ProgressDeadline, AStalledSourceLosesItsSlotsAtThePeerTimeout) {
