@@ -72,8 +72,7 @@ void TargetState::on_ep_error(void* arg, ucp_ep_h, ucs_status_t s) {
   Status status = status_from_ucs(s, "connection from initiator " + peer);
   ucx_log()->info("target: {}", status.to_string());
   st->set_health(std::move(status));
-  st->connected = false;
-  st->ep_failed = true;
+  st->ep_failed = true;  // close() below clears `connected`
   // A failed endpoint is only good for closing; close it at once.
   // Known UCX 1.13 limit (seen under TSan with UCX_TLS=tcp, about one run
   // in five): when the initiator vanishes mid-transfer, software-RMA puts
