@@ -1697,6 +1697,30 @@ std::vector<uint8_t> patterned_pages(uint32_t pages, uint64_t page) {
   return bytes;
 }
 
+// Writes all of `bytes` to fd, or what went out before the agent closed:
+// an agent that refuses a frame may close with bytes of it unread, which
+// resets the connection, so a write may come back short and the next one
+// fail (EPIPE, without the signal that would end this process). The ABORT
+// sent before the reset is still there to read. Whether all went out.
+bool write_unless_cut(int fd, const std::vector<uint8_t>& bytes) {
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n =
+        ::send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      EXPECT_TRUE(n < 0 && (errno == EPIPE || errno == ECONNRESET))
+          << done << " of " << bytes.size()
+          << " bytes: " << std::strerror(errno);
+      return false;
+    }
+  }
+  return true;
+}
+
 // The next frame on fd is an ABORT naming `why`, and the agent took
 // nothing: no request, every slot free.
 void expect_refused(Agent* at, int fd, const std::string& why) {
@@ -1749,23 +1773,14 @@ TEST(MigrateE2E, PagesSentInlineAreCheckedBeforeAnythingIsInstalled) {
     EXPECT_EQ(offer.inline_limit, options.inline_page_bytes);
     return offer;
   };
-  // The frames after OFFER. The agent may refuse a bad PAGES before it has
-  // read all of it and close with bytes unread, which resets the
-  // connection: a write after that fails (EPIPE, without the signal that
-  // would end this process), and the ABORT sent before it is still read.
-  auto write_may_be_cut = [](int fd, const std::vector<uint8_t>& f) {
-    errno = 0;
-    const ssize_t n = ::send(fd, f.data(), f.size(), MSG_NOSIGNAL);
-    EXPECT_TRUE(n == ssize_t(f.size()) || errno == EPIPE || errno == ECONNRESET)
-        << n << " of " << f.size() << " bytes: " << std::strerror(errno);
-  };
+  // The frames after OFFER; the agent may refuse a bad PAGES unread.
   auto send = [&](int fd, MsgType type, const std::vector<uint8_t>& payload) {
-    write_may_be_cut(fd, encode_frame(type, payload));
+    write_unless_cut(fd, encode_frame(type, payload));
   };
   // PAGES as a source sends it: the positions, then the bytes as the
   // frame's bulk (protocol 13).
   auto send_pages = [&](int fd, const PagesMsg& pages) {
-    write_may_be_cut(
+    write_unless_cut(
         fd, encode_frame(MsgType::kPages, encode(PagesMsg{pages.positions, {}}),
                          pages.bytes));
   };
@@ -1924,9 +1939,9 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
           encode_frame(MsgType::kCommit, encode(c))}) {
       out.insert(out.end(), f.begin(), f.end());
     }
-    // Written whole before anything is read: the destination answers only
-    // once it has read COMMIT, or refused.
-    EXPECT_EQ(write(fd, out.data(), out.size()), ssize_t(out.size()));
+    // Written before anything is read: the destination answers only once
+    // it has read COMMIT, or refused (maybe before it read all of it).
+    write_unless_cut(fd, out);
     return bytes;
   };
   {
