@@ -1924,6 +1924,7 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
   int n = 0;
   // HELLO, PAGES for positions {1, 0} (bytes made from their index) and
   // COMMIT naming `table` for request 77, in one write.
+  bool written_whole = false;  // the last exchange's bytes all went out
   auto exchange = [&](int fd, uint32_t pages,
                       const std::vector<PageIndex>& table) {
     HelloMsg h = inline_hello(meta, "follow-" + std::to_string(++n), pages, 77);
@@ -1941,7 +1942,7 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
     }
     // Written before anything is read: the destination answers only once
     // it has read COMMIT, or refused (maybe before it read all of it).
-    write_unless_cut(fd, out);
+    written_whole = write_unless_cut(fd, out);
     return bytes;
   };
   {
@@ -1973,6 +1974,7 @@ TEST(MigrateE2E, PagesThatFollowHelloAreMappedAndChecked) {
     ASSERT_GE(fd, 0);
     ScopeExit close_fd([fd] { close(fd); });
     const std::vector<uint8_t> bytes = exchange(fd, 2, {0, 1});
+    EXPECT_TRUE(written_whole);
     ASSERT_OK_AND_ASSIGN(auto done, read_frame(fd));
     ASSERT_EQ(done.first, MsgType::kDone) << msg_type_name(done.first);
     ASSERT_OK_AND_ASSIGN(auto seqs, pager->logical_seqs());
