@@ -207,7 +207,7 @@ void UcxCore::post_close_and_wait(
   post([close = std::move(close), done] {
     close([done] { done->set_value(); });
   });
-  constexpr auto kWait = kDrainGrace + kCloseGrace;
+  constexpr auto kWait = kDrainCap + kCloseGrace;
   if (closed.wait_for(kWait) == std::future_status::ready) return;
   ucx_log()->warn("closing {} took over {} ms", what,
                   std::chrono::milliseconds(kWait).count());

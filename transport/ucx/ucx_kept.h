@@ -43,7 +43,7 @@ struct TargetState : std::enable_shared_from_this<TargetState> {
   static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t s);
 
   // Progress thread: force-closes the initiator's endpoint, if any. A
-  // healthy one is drained first, once, for at most kDrainGrace: the
+  // healthy one is drained first, once (EpDrain, at most kDrainCap): the
   // acknowledgements of the puts it received must not be left owed (see
   // ucx_core.h, "Closing").
   void close(std::function<void()> done);
@@ -131,7 +131,7 @@ struct InitState : std::enable_shared_from_this<InitState> {
 
   // Progress thread: force-closes the endpoint; the remote keys go once UCX
   // has finished with it (no request refers to them any more). Puts sent
-  // since the last flush are drained first, for at most kDrainGrace, unless
+  // since the last flush are drained first (EpDrain), unless
   // the endpoint failed: the target must not be left holding
   // acknowledgements it cannot send (see ucx_core.h, "Closing").
   void close(std::function<void()> on_closed);
