@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include "kvmig/status.h"
 
 // Asserts that a Status (or Result) is ok, printing it otherwise.
@@ -32,6 +35,18 @@ inline Status as_status(const Status& s) { return s; }
 template <typename T>
 Status as_status(const Result<T>& r) {
   return r.status();
+}
+
+// Polls pred every 20 ms until it holds or `limit` has passed; whether it
+// held. For state that another thread or process reaches in its own time.
+template <typename Pred>
+bool eventually(Pred pred, std::chrono::milliseconds limit) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (pred()) return true;
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 }  // namespace kvmig::testing

@@ -20,6 +20,7 @@
 #include "process.h"
 #include "prometheus_util.h"
 #include "scope_exit.h"
+#include "testutil.h"
 
 namespace kvmig::testing {
 namespace {
@@ -28,17 +29,6 @@ using json = nlohmann::json;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using std::chrono::steady_clock;
-
-// Polls pred every 50 ms until it holds or limit passes.
-template <typename Pred>
-bool eventually(Pred pred, milliseconds limit) {
-  const auto end = steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (steady_clock::now() >= end) return false;
-    std::this_thread::sleep_for(milliseconds(50));
-  }
-}
 
 class ClusterE2E : public ::testing::Test {
  protected:

@@ -1008,12 +1008,8 @@ TEST(EmbedExample, StoppingTheSourceMidMigrationRollsBack) {
   EXPECT_EQ(pager_digests(*m.src_cache), m.before);
   EXPECT_GT(m.src_cache->decode_step(), 0u);  // resumed
   // The destination heard ABORT and gives its slots back.
-  const auto until =
-      std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (free_pages(*m.dst_cache) != 64u &&
-         std::chrono::steady_clock::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  testing::eventually([&] { return free_pages(*m.dst_cache) == 64u; },
+                      std::chrono::seconds(10));
   EXPECT_EQ(free_pages(*m.dst_cache), 64u);
   EXPECT_TRUE(pager_digests(*m.dst_cache).empty());
 }

@@ -2052,16 +2052,13 @@ TEST(MigrateE2E, APageBeyondTheSourcesLayoutIsAnErrorNotARead) {
       << report.status().to_string();
   // The destination frees its slot when it reads the source's ABORT, which
   // may be after migrate() returned: poll for it.
-  AgentStatus d;
-  const auto end = std::chrono::steady_clock::now() + 10s;
-  for (;;) {
-    ASSERT_OK_AND_ASSIGN(d, dst.agent->status());
-    if (d.free_pages == d.capacity_pages ||
-        std::chrono::steady_clock::now() > end) {
-      break;
-    }
-    std::this_thread::sleep_for(10ms);
-  }
+  EXPECT_TRUE(eventually(
+      [&] {
+        auto st = dst.agent->status();
+        return st.ok() && st->free_pages == st->capacity_pages;
+      },
+      10s));
+  ASSERT_OK_AND_ASSIGN(AgentStatus d, dst.agent->status());
   EXPECT_TRUE(d.seqs.empty());
   EXPECT_EQ(d.free_pages, d.capacity_pages);
   ASSERT_OK_AND_ASSIGN(AgentStatus s, src->status(StatusOptions{false}));

@@ -27,19 +27,9 @@ namespace {
 
 using namespace std::chrono_literals;
 using testing::EtcdServer;
+using testing::eventually;
 using testing::free_loopback_port;
 using Clock = std::chrono::steady_clock;
-
-// Polls pred every 20 ms until it holds or `limit` passes.
-bool eventually(const std::function<bool()>& pred,
-                std::chrono::milliseconds limit = 15s) {
-  const auto end = Clock::now() + limit;
-  while (Clock::now() < end) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
-}
 
 // What a watch delivered, for the test thread to wait on.
 class Recorder {
@@ -235,10 +225,12 @@ TEST_F(EtcdClientTest, LeaseKeepaliveAndExpiry) {
   EXPECT_GT(ttl, 0);
   EXPECT_LE(ttl, 2);
   // No more keepalives: the key goes with the lease.
-  bool gone = eventually([&] {
-    auto kv = client_->get("ttl/k");
-    return kv.ok() && !kv->has_value();
-  });
+  bool gone = eventually(
+      [&] {
+        auto kv = client_->get("ttl/k");
+        return kv.ok() && !kv->has_value();
+      },
+      15s);
   EXPECT_TRUE(gone);
   auto after = client_->lease_keepalive(lease);
   EXPECT_EQ(after.status().code(), StatusCode::kNotFound)
@@ -499,12 +491,14 @@ TEST_F(EtcdClientTest, WatchStopsWithOutOfRangeWhenCompactedWhileAway) {
   if (HasFatalFailure() || IsSkipped()) return;
   etcd_->kill();
   ASSERT_TRUE(etcd_->restart());
-  bool out_of_range = eventually([&] {
-    for (const Status& s : rec.wait_errors(0, 0ms)) {
-      if (s.code() == StatusCode::kOutOfRange) return true;
-    }
-    return false;
-  });
+  bool out_of_range = eventually(
+      [&] {
+        for (const Status& s : rec.wait_errors(0, 0ms)) {
+          if (s.code() == StatusCode::kOutOfRange) return true;
+        }
+        return false;
+      },
+      15s);
   ASSERT_TRUE(out_of_range);
   // Stopped: later changes are not delivered, nothing else is reported.
   const size_t callbacks = rec.callbacks();

@@ -23,16 +23,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using testing::EtcdServer;
-
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= end) return false;
-    std::this_thread::sleep_for(20ms);
-  }
-}
+using testing::eventually;
 
 // An in-process agent over a tiny synthetic cache.
 struct LocalAgent {
