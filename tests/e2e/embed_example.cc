@@ -493,11 +493,7 @@ TEST(EmbedExample, RecreatedDestinationLeavesTheSourceInDoubtUntilSettled) {
   ASSERT_TRUE(dst);
   // Two queries answered: the first answer was read before the second
   // query went out.
-  const auto until =
-      std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (queries < 2 && std::chrono::steady_clock::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  testing::eventually([&] { return queries >= 2; }, std::chrono::seconds(30));
   ASSERT_GE(queries.load(), 2);
   ASSERT_OK_AND_ASSIGN(st, src->status());
   ASSERT_EQ(st.in_doubt.size(), 1u);

@@ -13,7 +13,6 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <vector>
 
 #include "kvmig/kvmig.h"
@@ -119,12 +118,7 @@ TEST(KeptConnectionStatus, CountsWhatTheSourceKeeps) {
   };
   // Polls until `agent` keeps `n`, for at most 10 s.
   auto settles_at = [&](Agent& agent, uint32_t n) {
-    const auto until = std::chrono::steady_clock::now() + 10s;
-    while (kept(agent) != n) {
-      if (std::chrono::steady_clock::now() > until) return false;
-      std::this_thread::sleep_for(20ms);
-    }
-    return true;
+    return testing::eventually([&] { return kept(agent) == n; }, 10s);
   };
   AgentOptions short_idle;
   short_idle.kept_connection_idle = 300ms;

@@ -520,12 +520,8 @@ size_t count_of(const std::string& s, const std::string& needle) {
 // Waits until the agent's log says `needle` at least n times.
 bool wait_for_count(AgentProcess& a, const std::string& needle, size_t n,
                     std::chrono::seconds limit) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (count_of(a.child().err(), needle) < n) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(20ms);
-  }
-  return true;
+  return eventually([&] { return count_of(a.child().err(), needle) >= n; },
+                    limit);
 }
 
 using ConcurrentCase = std::tuple<std::string, int>;  // transport, killed
