@@ -27,6 +27,10 @@
 #   ucx_put_ref          raw ucp_put_nbx in kvmig's average write size, UCX
 #                        free to pick (worker addresses): shared memory here,
 #                        the lanes kvmig's listener-made endpoint gets too
+#   ucx_put_ref random   (cases into random slots) the same puts, read in
+#                        order, written to shuffled chunk positions
+#                        (--dst-order random): what the scattered
+#                        destination costs raw puts too
 #   ucx_put_ref tcp      the same with UCX_TLS=tcp (kvmig's ucx then also
 #                        runs with UCX_TLS=tcp, on its own perf server)
 #   iperf3               one TCP stream on loopback, -l 1M (for kvmig tcp)
@@ -158,9 +162,13 @@ def chunk_of(c):
     # kvmig's average write: what the raw references post per call
     return max(1, c["bytes"] // max(1, c.get("writes", 1)))
 
-def ucx_ref(c, tls=None):
-    j = run_json([UCX_REF, "--bytes", str(c["bytes"]), "--chunk", str(chunk_of(c)),
-                  "--iters", str(iters_for(c["bytes"]))], {"UCX_TLS": tls} if tls else None)
+def ucx_ref(c, tls=None, order="contiguous"):
+    chunk = chunk_of(c)
+    # shuffled positions are whole chunks: the bytes rounded down to them
+    nbytes = c["bytes"] - c["bytes"] % chunk if order == "random" else c["bytes"]
+    j = run_json([UCX_REF, "--bytes", str(nbytes), "--chunk", str(chunk),
+                  "--iters", str(iters_for(c["bytes"])), "--dst-order", order],
+                 {"UCX_TLS": tls} if tls else None)
     return j["gbps"]
 
 def memcpy_ref(c):
@@ -221,6 +229,8 @@ def groups(c, big):
                  ("kvmig tcp host", lambda: kvmig(c, "tcp"))]]
     g = [("kvmig ucx", lambda: kvmig(c, "ucx")),
          ("ucx_put_ref", lambda: ucx_ref(c))]
+    if c["order"] == "random":
+        g.append(("ucx_put_ref random", lambda: ucx_ref(c, order="random")))
     if not ucx_only:
         g.append(("memcpy_ref", lambda: memcpy_ref(c)))
     u = [("kvmig ucx tcp", lambda: kvmig(c, "ucx", "tcp")),

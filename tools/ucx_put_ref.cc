@@ -2,7 +2,12 @@
 // of --bytes in --chunk sized puts from this process into ucp_mem_map'd
 // memory of a forked child, --iters times, each iteration ended by an
 // endpoint flush (the point where the bytes have landed). Prints one JSON
-// line: {"gbps":G,"bytes":N,"chunk":C,"iters":I,"seconds":S}.
+// line: {"gbps":G,"bytes":N,"chunk":C,"iters":I,"seconds":S,"dst_order":O}.
+//
+// --dst-order random puts the source's chunks, read in order, at shuffled
+// chunk positions of the target (a fixed permutation): the access pattern
+// of kvmig's `--dst-order random` (pages read in source order, written to
+// slots scattered over the pool), without kvmig.
 //
 // The processes exchange worker addresses and the rkey over a socketpair, so
 // UCX may pick any transport between them (shared memory included); set
@@ -19,6 +24,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -75,6 +82,15 @@ std::vector<uint8_t> recv_blob(int fd) {
 }
 
 // The byte at offset i of every iteration's source and target.
+// Where chunk k of the source lands at the target, in chunks: k itself, or
+// a fixed shuffle (the same in both processes).
+std::vector<size_t> destination_order(size_t n_chunks, bool shuffle) {
+  std::vector<size_t> order(n_chunks);
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (shuffle) std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
+  return order;
+}
+
 uint8_t pattern(size_t i) {
   return static_cast<uint8_t>((i * 131) ^ (i >> 12));
 }
@@ -132,7 +148,7 @@ void* map_memory(size_t n, const char* who) {
 
 // The target: maps memory, sends its address and rkey, progresses until the
 // initiator is done, then checks the bytes and answers 1 (equal) or 0.
-int run_target(int fd, size_t bytes) {
+int run_target(int fd, size_t bytes, size_t chunk, bool shuffle) {
   const char* who = "target";
   auto* mem = static_cast<uint8_t*>(map_memory(bytes, who));
   std::memset(mem, 0, bytes);
@@ -164,11 +180,10 @@ int run_target(int fd, size_t bytes) {
       if (k == 0) die(who, "initiator went away");
     }
     uint8_t ok = 1;
-    for (size_t i = 0; i < bytes; ++i) {
-      if (mem[i] != pattern(i)) {
-        ok = 0;
-        break;
-      }
+    const std::vector<size_t> order =
+        destination_order(bytes / chunk + (bytes % chunk != 0), shuffle);
+    for (size_t i = 0; i < bytes && ok; ++i) {
+      if (mem[order[i / chunk] * chunk + i % chunk] != pattern(i)) ok = 0;
     }
     send_all(fd, &ok, 1);
     uint8_t bye = 0;
@@ -191,7 +206,7 @@ void on_put(void* req, ucs_status_t s, void* user) {
   ucp_request_free(req);
 }
 
-int run_initiator(int fd, size_t bytes, size_t chunk, int iters) {
+int run_initiator(int fd, size_t bytes, size_t chunk, int iters, bool shuffle) {
   const char* who = "initiator";
   auto* src = static_cast<uint8_t*>(map_memory(bytes, who));
   for (size_t i = 0; i < bytes; ++i) src[i] = pattern(i);
@@ -223,12 +238,14 @@ int run_initiator(int fd, size_t bytes, size_t chunk, int iters) {
     put.memh = memh;
     ucp_request_param_t flush{};
 
+    const std::vector<size_t> order =
+        destination_order(bytes / chunk + (bytes % chunk != 0), shuffle);
     auto one_pass = [&] {
       for (size_t off = 0; off < bytes; off += chunk) {
         while (inflight.n >= kMaxInFlight) ucp_worker_progress(ucx.worker);
         const size_t n = std::min(chunk, bytes - off);
-        ucs_status_ptr_t r =
-            ucp_put_nbx(ep, src + off, n, base + off, rkey, &put);
+        ucs_status_ptr_t r = ucp_put_nbx(
+            ep, src + off, n, base + order[off / chunk] * chunk, rkey, &put);
         if (UCS_PTR_IS_PTR(r)) {
           ++inflight.n;
         } else {
@@ -269,8 +286,9 @@ int run_initiator(int fd, size_t bytes, size_t chunk, int iters) {
   const double total = static_cast<double>(bytes) * iters;
   std::printf(
       "{\"gbps\":%.3f,\"bytes\":%zu,\"chunk\":%zu,\"iters\":%d,"
-      "\"seconds\":%.6f}\n",
-      total / seconds / 1e9, bytes, chunk, iters, seconds);
+      "\"seconds\":%.6f,\"dst_order\":\"%s\"}\n",
+      total / seconds / 1e9, bytes, chunk, iters, seconds,
+      shuffle ? "random" : "contiguous");
   return 0;
 }
 
@@ -288,19 +306,34 @@ int main(int argc, char** argv) {
   size_t bytes = size_t{1} << 30;
   size_t chunk = size_t{2} << 20;
   size_t iters = 5;
+  bool shuffle = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
+    if (a == "--dst-order" && i + 1 < argc) {
+      const std::string_view v = argv[++i];
+      if (v == "random" || v == "contiguous") {
+        shuffle = v == "random";
+        continue;
+      }
+    }
     size_t* dst = a == "--bytes"   ? &bytes
                   : a == "--chunk" ? &chunk
                   : a == "--iters" ? &iters
                                    : nullptr;
     if (dst == nullptr || i + 1 >= argc || !parse_size(argv[++i], *dst)) {
       std::fprintf(stderr,
-                   "usage: ucx_put_ref [--bytes N] [--chunk C] [--iters I]\n");
+                   "usage: ucx_put_ref [--bytes N] [--chunk C] [--iters I] "
+                   "[--dst-order contiguous|random]\n");
       return 2;
     }
   }
   if (chunk > bytes) chunk = bytes;
+  if (shuffle && bytes % chunk != 0) {
+    std::fprintf(stderr,
+                 "ucx_put_ref: --dst-order random needs --bytes a multiple "
+                 "of --chunk\n");
+    return 2;
+  }
 
   int fds[2];
   if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds) != 0) die("main", "socketpair");
@@ -308,10 +341,11 @@ int main(int argc, char** argv) {
   if (child < 0) die("main", "fork");
   if (child == 0) {
     close(fds[0]);
-    std::exit(run_target(fds[1], bytes));
+    std::exit(run_target(fds[1], bytes, chunk, shuffle));
   }
   close(fds[1]);
-  const int rc = run_initiator(fds[0], bytes, chunk, static_cast<int>(iters));
+  const int rc =
+      run_initiator(fds[0], bytes, chunk, static_cast<int>(iters), shuffle);
   int status = 0;
   waitpid(child, &status, 0);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
