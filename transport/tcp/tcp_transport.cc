@@ -19,10 +19,13 @@
 #include <functional>
 #include <iterator>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -30,6 +33,7 @@
 #include "bytes.h"
 #include "errors.h"
 #include "log.h"
+#include "wide_transfer.h"
 
 namespace kvmig {
 namespace {
@@ -121,11 +125,6 @@ class Registry {
   RegionTable<std::shared_ptr<const DeviceMemory>> table_;  // guarded by mu_
   std::atomic<bool> has_device_{false};
 };
-
-// Lets one read or write call move up to kMaxTransferPerCall bytes.
-size_t large_transfers(const error_code& ec, size_t /*transferred*/) {
-  return ec ? 0 : kMaxTransferPerCall;
-}
 
 // Completion condition: at least `n` bytes, in calls of up to
 // kMaxTransferPerCall.
@@ -579,16 +578,16 @@ class TargetConn {
     }
     batch_reads_.push_back(asio::buffer(rx_.data(), kHeaderBytes));
     const uint64_t rest = batch_bytes_ - have;
-    asio::async_read(socket_, batch_reads_, at_least(rest),
-                     [this, rest](const error_code& ec, size_t n) {
-                       end_payload();
-                       if (ec) {
-                         return fail(status_from_error(
-                             ec, "tcp: read a batch from " + peer_));
-                       }
-                       rx_end_ = n - rest;
-                       end_batch();
-                     });
+    transfer_wide(socket_, batch_reads_, rest,
+                  [this, rest](const error_code& ec, size_t n) {
+                    end_payload();
+                    if (ec) {
+                      return fail(status_from_error(
+                          ec, "tcp: read a batch from " + peer_));
+                    }
+                    rx_end_ = n - rest;
+                    end_batch();
+                  });
   }
 
   // A device target's batch is whole in bounce_ (and `tail` bytes of the
@@ -1372,13 +1371,26 @@ class TcpInitiator final : public TransportInitiator {
   // Writes every buffer of buffers_ (none: nothing to do) before deadline.
   Status send_buffers(Deadline deadline) {
     if (buffers_.empty()) return Status();
+    // A target that gave the migration up (revoke) has closed its end, and
+    // its FIN or RST waits here: nothing is sent then. The kernel would
+    // take a call's worth of bytes all the same (only the next call
+    // fails), and a source that resumes after a stall would go on to
+    // COMMIT as if its last pages had landed, instead of learning now that
+    // they cannot (FaultMatrix Stall_DuringData_tcp).
+    if (!conn_->alive()) {
+      return fail(Status::unavailable(
+          "tcp: target " + conn_->peer +
+          " closed the data connection (it gave the migration up)"));
+    }
     bool done = false;
     error_code result;
-    asio::async_write(conn_->socket, buffers_, large_transfers,
-                      [&](const error_code& ec, size_t) {
-                        result = ec;
-                        done = true;
-                      });
+    uint64_t total = 0;
+    for (const asio::const_buffer& b : buffers_) total += b.size();
+    transfer_wide(conn_->socket, buffers_, total,
+                  [&](const error_code& ec, size_t) {
+                    result = ec;
+                    done = true;
+                  });
     return wait(deadline, done, result, "write");
   }
 
