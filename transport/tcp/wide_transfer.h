@@ -72,6 +72,7 @@ class WideTransfer : public std::enable_shared_from_this<
     }
   }
   void advance(size_t got) {
+    if (got == 0) return;  // (a failed call: the buffers are not touched)
     total_ += got;
     // (got never exceeds the window, which ends at or before the last
     // buffer.)
