@@ -81,16 +81,18 @@ std::vector<uint8_t> recv_blob(int fd) {
   return v;
 }
 
-// The byte at offset i of every iteration's source and target.
-// Where chunk k of the source lands at the target, in chunks: k itself, or
-// a fixed shuffle (the same in both processes).
-std::vector<size_t> destination_order(size_t n_chunks, bool shuffle) {
-  std::vector<size_t> order(n_chunks);
+// Where chunk k of the source (bytes in chunks, the last one maybe short)
+// lands at the target, in chunks: k itself, or a fixed shuffle (the same
+// in both processes).
+std::vector<size_t> destination_order(size_t bytes, size_t chunk,
+                                      bool shuffle) {
+  std::vector<size_t> order(bytes / chunk + (bytes % chunk != 0));
   std::iota(order.begin(), order.end(), size_t{0});
   if (shuffle) std::shuffle(order.begin(), order.end(), std::mt19937_64(42));
   return order;
 }
 
+// The byte at offset i of every iteration's source and target.
 uint8_t pattern(size_t i) {
   return static_cast<uint8_t>((i * 131) ^ (i >> 12));
 }
@@ -180,8 +182,7 @@ int run_target(int fd, size_t bytes, size_t chunk, bool shuffle) {
       if (k == 0) die(who, "initiator went away");
     }
     uint8_t ok = 1;
-    const std::vector<size_t> order =
-        destination_order(bytes / chunk + (bytes % chunk != 0), shuffle);
+    const std::vector<size_t> order = destination_order(bytes, chunk, shuffle);
     for (size_t i = 0; i < bytes && ok; ++i) {
       if (mem[order[i / chunk] * chunk + i % chunk] != pattern(i)) ok = 0;
     }
@@ -238,8 +239,7 @@ int run_initiator(int fd, size_t bytes, size_t chunk, int iters, bool shuffle) {
     put.memh = memh;
     ucp_request_param_t flush{};
 
-    const std::vector<size_t> order =
-        destination_order(bytes / chunk + (bytes % chunk != 0), shuffle);
+    const std::vector<size_t> order = destination_order(bytes, chunk, shuffle);
     auto one_pass = [&] {
       for (size_t off = 0; off < bytes; off += chunk) {
         while (inflight.n >= kMaxInFlight) ucp_worker_progress(ucx.worker);

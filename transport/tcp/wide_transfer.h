@@ -83,7 +83,6 @@ class WideTransfer : public std::enable_shared_from_this<
       got -= n;
       skip_empty();
     }
-    skip_empty();
   }
 
   Socket& socket_;
