@@ -229,10 +229,15 @@ asio::awaitable<Status> SourceRun::offload_with_progress(F f) {
       if (init_) init_->cancel();
     }
   }
-  if (job->result.ok() || link.ok() || cancelled_) {
-    co_return std::move(job->result);
-  }
-  // The destination gave up on this migration: its ABORT says why.
+  if (job->result.ok() || cancelled_) co_return std::move(job->result);
+  // The destination gives a migration up by cutting its data path, then
+  // sends ABORT: a write that found the data path gone (Unavailable), or
+  // a control connection that broke, is most likely that, and the ABORT
+  // (read here: nothing else reads this connection during the data phase)
+  // says why. Any other failure is this side's own.
+  const bool cut_off =
+      !link.ok() || job->result.code() == StatusCode::kUnavailable;
+  if (!cut_off) co_return std::move(job->result);
   auto why =
       co_await channel_->receive(Clock::now() + std::chrono::milliseconds(200));
   if (why.ok() && why->type == MsgType::kAbort) {
@@ -240,7 +245,7 @@ asio::awaitable<Status> SourceRun::offload_with_progress(F f) {
     if (abort.ok())
       co_return Status::aborted("destination aborted: " + abort->reason);
   }
-  co_return link;
+  co_return link.ok() ? std::move(job->result) : link;
 }
 
 asio::awaitable<void> SourceRun::abort_peer(const Status& why) {

@@ -926,7 +926,8 @@ uint64_t free_pages(const CachePager& pager) {
 // src to dst on a scheduler's thread, held half-way through the data at a
 // gate (the source's data thread waits there) until the test opens it.
 struct GatedMove {
-  void start(PoolLayout src_layout, PoolLayout dst_layout) {
+  void start(PoolLayout src_layout, PoolLayout dst_layout,
+             const std::string& transport = "tcp") {
     src_cache = make_cache(src_layout, 64);
     dst_cache = make_cache(dst_layout, 64);
     ASSERT_TRUE(src_cache && dst_cache);
@@ -934,6 +935,7 @@ struct GatedMove {
     AgentOptions options;
     options.peer_timeout = std::chrono::seconds(5);
     options.inline_page_bytes = 0;  // the data path, which has a middle
+    options.transports = {transport};
     options.fault_hook = [this](std::string_view point) {
       if (point == "src.data.mid") mid.reach();
     };
@@ -966,21 +968,38 @@ struct GatedMove {
 };
 
 // stop() on the destination mid-migration gives every slot back before it
-// returns, and the source rolls back: nothing is lost or installed.
+// returns, and the source rolls back: nothing is lost or installed. The
+// source learns why from the destination's ABORT, although it meets the
+// cut data path first (its writes resume once stop() has returned).
 TEST(EmbedExample, StoppingTheDestinationMidMigrationReleasesItsSlots) {
-  GatedMove m;
-  ASSERT_NO_FATAL_FAILURE(m.start(PoolLayout::kPage, PoolLayout::kLayer));
-  EXPECT_EQ(free_pages(*m.dst_cache), 64u - 14u);  // slots offered
-  m.dst->stop();
-  // Given back by the time stop() returns, and nothing installed.
-  EXPECT_EQ(free_pages(*m.dst_cache), 64u);
-  EXPECT_TRUE(pager_digests(*m.dst_cache).empty());
-  m.mid.open();
-  m.scheduler.join();
-  EXPECT_FALSE(m.result.ok());
-  // The source rolled back: every request intact and decoding again.
-  EXPECT_EQ(pager_digests(*m.src_cache), m.before);
-  EXPECT_GT(m.src_cache->decode_step(), 0u);
+  std::vector<std::string> transports = {"tcp"};
+  const auto built = built_transports();
+  if (std::find(built.begin(), built.end(), "ucx") != built.end()) {
+    transports.push_back("ucx");
+  }
+  for (const std::string& transport : transports) {
+    SCOPED_TRACE(transport);
+    GatedMove m;
+    ASSERT_NO_FATAL_FAILURE(
+        m.start(PoolLayout::kPage, PoolLayout::kLayer, transport));
+    EXPECT_EQ(free_pages(*m.dst_cache), 64u - 14u);  // slots offered
+    m.dst->stop();
+    // Given back by the time stop() returns, and nothing installed.
+    EXPECT_EQ(free_pages(*m.dst_cache), 64u);
+    EXPECT_TRUE(pager_digests(*m.dst_cache).empty());
+    m.mid.open();
+    m.scheduler.join();
+    ASSERT_FALSE(m.result.ok());
+    EXPECT_EQ(m.result.status().code(), StatusCode::kAborted)
+        << m.result.status().to_string();
+    EXPECT_NE(m.result.status().message().find(
+                  "destination aborted: Aborted: the agent is stopping"),
+              std::string::npos)
+        << m.result.status().to_string();
+    // The source rolled back: every request intact and decoding again.
+    EXPECT_EQ(pager_digests(*m.src_cache), m.before);
+    EXPECT_GT(m.src_cache->decode_step(), 0u);
+  }
 }
 
 // stop() on the source mid-migration cancels it: the engine is resumed
