@@ -1275,6 +1275,53 @@ TEST_P(TransportConformanceTest, RevokeMidTransferCutsOffAndLeavesNothingOwed) {
 #endif
 }
 
+// A writer that never pauses (write after write, no flush) is cut off by a
+// revoke mid-stream: a later write fails, and no byte lands after revoke()
+// returned. The writer gives up after 20 s of successful writes: if it got
+// that far, the revoke waited for it or never cut it off. (It does not pin
+// kProgressBurst in ucx_core.cc: on this 2-vCPU machine the target's
+// progress loop finds UCX idle between the writer's calls even without the
+// bound, under UCX_TLS=tcp too.)
+TEST_P(TransportConformanceTest, RevokeCutsOffAWriterThatNeverPauses) {
+  std::unique_ptr<TransportTarget> target;
+  std::unique_ptr<TransportInitiator> init;
+  ASSERT_NO_FATAL_FAILURE(connect_pair(target, init));
+  std::vector<WriteOp> ops;
+  for (uint64_t i = 0; i < 64; ++i) {
+    ops.push_back(
+        {src_at(i * 32768), static_cast<uint32_t>(i % 2), i * 32768, 32768});
+  }
+  std::atomic<uint64_t> writes{0};
+  std::atomic<bool> gave_up{false};
+  Status s;
+  std::thread writer([&] {
+    const auto give_up = Clock::now() + seconds(20);
+    while (s.ok()) {
+      if (Clock::now() > give_up) {
+        gave_up = true;
+        return;
+      }
+      s = init->write(ops, in(seconds(5)));
+      writes.fetch_add(1);
+    }
+  });
+  // Revoked mid-stream: once the writer has written a few times.
+  while (writes.load() < 4 && !gave_up.load()) std::this_thread::yield();
+  target->revoke();
+  const uint64_t writes_at_revoke = writes.load();
+  const auto at_revoke = dst_copy();
+  writer.join();
+  EXPECT_FALSE(gave_up.load())
+      << "revoke() returned only once the writer stopped on its own, after "
+      << writes.load() << " writes (" << writes_at_revoke
+      << " when it returned)";
+  EXPECT_TRUE(s.code() == StatusCode::kUnavailable ||
+              s.code() == StatusCode::kDeadlineExceeded)
+      << s.to_string();
+  init.reset();  // returns once nothing of it runs
+  expect_dst_equals(at_revoke);
+}
+
 TEST_P(TransportConformanceTest, RegistrationRules) {
   Mapping m(kMiB);
   ASSERT_TRUE(m.ok());
