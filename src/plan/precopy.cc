@@ -2,13 +2,14 @@
 
 #include <algorithm>
 #include <set>
+#include <unordered_map>
 #include <unordered_set>
 
 namespace kvmig {
 
 int64_t PrecopyState::position_of(PageIndex page) const {
-  auto it = pos_of_.find(page);
-  return it == pos_of_.end() ? -1 : int64_t{it->second};
+  const uint32_t pos = pos_of_.find(page);
+  return pos == SlotPositions::kNone ? -1 : int64_t{pos};
 }
 
 PrecopyState::Round PrecopyState::plan(const std::vector<LogicalSeq>& current,
@@ -38,13 +39,13 @@ PrecopyState::Round PrecopyState::plan(const std::vector<LogicalSeq>& current,
     for (size_t i = 0; i < cur.pages.size(); ++i) {
       PageIndex page = cur.pages[i];
       if (!paused && !page_full(cur, i)) continue;  // still being written
-      auto pos = pos_of_.find(page);
-      if (pos == pos_of_.end()) {
+      const uint32_t pos = pos_of_.find(page);
+      if (pos == SlotPositions::kNone) {
         r.new_pages.push_back(page);  // duplicates go below
         continue;
       }
       bool picked_up_anew = prev && i >= prev->pages.size();
-      if (!full_[pos->second] || picked_up_anew) resend.insert(pos->second);
+      if (!full_[pos] || picked_up_anew) resend.insert(pos);
     }
   }
   r.resend.assign(resend.begin(), resend.end());
@@ -66,11 +67,12 @@ void PrecopyState::commit_round(const Round& r,
                                 const std::vector<SeqId>& moving,
                                 const std::vector<PageIndex>& new_slots) {
   for (size_t k = 0; k < r.new_pages.size(); ++k) {
-    pos_of_[r.new_pages[k]] = static_cast<uint32_t>(slots_.size());
     slots_.push_back(new_slots[k]);
     src_pages_.push_back(r.new_pages[k]);
     full_.push_back(true);
   }
+  // Each page once: plan() left out pages sent before and duplicates.
+  if (!r.new_pages.empty()) pos_of_ = SlotPositions(src_pages_);
   std::unordered_set<SeqId> keep(moving.begin(), moving.end());
   for (SeqId id : r.dropped) keep.erase(id);
   tables_.clear();
@@ -82,9 +84,8 @@ void PrecopyState::commit_round(const Round& r,
   std::vector<bool> seen(full_.size(), false);
   for (const auto& [id, seq] : tables_) {
     for (size_t i = 0; i < seq.pages.size(); ++i) {
-      auto it = pos_of_.find(seq.pages[i]);
-      if (it == pos_of_.end()) continue;  // not sent yet (not full)
-      uint32_t pos = it->second;
+      const uint32_t pos = pos_of_.find(seq.pages[i]);
+      if (pos == SlotPositions::kNone) continue;  // not sent yet (not full)
       bool full = page_full(seq, i);
       full_[pos] = seen[pos] ? (full_[pos] && full) : full;
       seen[pos] = true;

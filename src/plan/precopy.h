@@ -15,10 +15,10 @@
 
 #include <cstdint>
 #include <map>
-#include <unordered_map>
 #include <vector>
 
 #include "kvmig/types.h"
+#include "slot_positions.h"
 
 namespace kvmig {
 
@@ -66,7 +66,10 @@ class PrecopyState {
 
   uint32_t page_size_;
   std::map<SeqId, LogicalSeq> tables_;
-  std::unordered_map<PageIndex, uint32_t> pos_of_;
+  // Position of each sent page, rebuilt each round over src_pages_: one
+  // load a lookup where the pages are dense in the pool (a hash map took
+  // 0.15-0.2 ms of a 4096-page migration's offer phase).
+  SlotPositions pos_of_;
   std::vector<PageIndex> slots_;      // position -> destination slot
   std::vector<PageIndex> src_pages_;  // position -> source page
   std::vector<bool> full_;            // position -> full when last sent

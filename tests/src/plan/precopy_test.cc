@@ -34,6 +34,36 @@ TEST(PrecopyTest, PausedRoundSendsEveryPageOnceIncludingSharedOnes) {
   EXPECT_EQ(st.plan(cur, {1, 2}, kPaused).pages(), 2u);  // the two tails
 }
 
+// Pages spread over a large pool (the positions then go through a binary
+// search, not a table over the pages' span) and a later round that fills
+// the gaps: every page sent is found at its position, no other page.
+TEST(PrecopyTest, PositionsHoldForPagesSpreadOverALargePool) {
+  PrecopyState st(kPageTokens);
+  std::vector<LogicalSeq> cur = {{1, 48, {4000000000u, 5, 3000000}},
+                                 {2, 40, {70000, 6, 7}}};
+  auto r1 = st.plan(cur, {1, 2}, kRunning);
+  EXPECT_EQ(r1.new_pages,
+            (std::vector<PageIndex>{4000000000u, 5, 3000000, 70000, 6}));
+  st.commit_round(r1, cur, {1, 2}, slots_for(r1, 10));
+  // The second request filled page 7 and took pages 8 to 2007.
+  cur[1].n_tokens = 2008 * kPageTokens;
+  for (PageIndex p = 8; p < 2008; ++p) cur[1].pages.push_back(p);
+  auto r2 = st.plan(cur, {1, 2}, kPaused);
+  EXPECT_EQ(r2.new_pages.size(), 2001u);
+  st.commit_round(r2, cur, {1, 2}, slots_for(r2, 20));
+  std::vector<PageIndex> sent = r1.new_pages;
+  sent.insert(sent.end(), r2.new_pages.begin(), r2.new_pages.end());
+  ASSERT_EQ(st.positions(), sent.size());
+  for (uint32_t pos = 0; pos < sent.size(); ++pos) {
+    ASSERT_EQ(st.position_of(sent[pos]), int64_t{pos}) << "page " << sent[pos];
+    ASSERT_EQ(st.source_page_at(pos), sent[pos]);
+  }
+  for (PageIndex never : {0u, 4u, 2008u, 69999u, 3999999999u, 4294967295u}) {
+    EXPECT_EQ(st.position_of(never), -1) << "page " << never;
+  }
+  EXPECT_EQ(st.plan(cur, {1, 2}, kPaused).pages(), 0u);  // all sent, full
+}
+
 TEST(PrecopyTest, SharedPagesAreNewOnceWhereFirstSeen) {
   PrecopyState st(kPageTokens);
   std::vector<LogicalSeq> cur = {

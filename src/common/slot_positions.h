@@ -1,7 +1,9 @@
-// SlotPositions: where each of a migration's destination slots sits in its
-// allocation, for checking COMMIT's page tables. Not thread-safe.
-#ifndef KVMIG_SRC_MIGRATION_SLOT_POSITIONS_H_
-#define KVMIG_SRC_MIGRATION_SLOT_POSITIONS_H_
+// SlotPositions: where each page of a list sits in it: a migration's
+// destination slots in their allocation (the destination checks COMMIT's
+// page tables with it), the source pages a migration has sent (the
+// source's pre-copy rounds). Not thread-safe.
+#ifndef KVMIG_SRC_COMMON_SLOT_POSITIONS_H_
+#define KVMIG_SRC_COMMON_SLOT_POSITIONS_H_
 
 #include <algorithm>
 #include <cstdint>
@@ -22,6 +24,7 @@ class SlotPositions {
  public:
   static constexpr uint32_t kNone = UINT32_MAX;
 
+  SlotPositions() = default;  // finds nothing
   explicit SlotPositions(std::span<const PageIndex> slots) {
     if (slots.empty()) return;
     const auto [lo, hi] = std::minmax_element(slots.begin(), slots.end());
@@ -68,4 +71,4 @@ class SlotPositions {
 
 }  // namespace kvmig
 
-#endif  // KVMIG_SRC_MIGRATION_SLOT_POSITIONS_H_
+#endif  // KVMIG_SRC_COMMON_SLOT_POSITIONS_H_
