@@ -50,7 +50,7 @@ void put_seqs(ByteWriter& w, const std::vector<LogicalSeq>& seqs) {
     w.put(s.seq_id);
     w.put(s.n_tokens);
     w.put(static_cast<uint32_t>(s.pages.size()));
-    for (PageIndex p : s.pages) w.put(p);
+    w.put_array(std::span<const PageIndex>(s.pages));
   }
 }
 
@@ -63,39 +63,33 @@ Result<std::vector<LogicalSeq>> get_seqs(ByteReader& r, const WireLimits& l) {
     KVMIG_ASSIGN_OR_RETURN(uint32_t np,
                            get_count(r, l.max_pages, 4, "seq page count"));
     s.pages.resize(np);
-    for (PageIndex& p : s.pages) {
-      KVMIG_ASSIGN_OR_RETURN(p, r.get<uint32_t>("seq page"));
-    }
+    KVMIG_RETURN_IF_ERROR(r.get_array(std::span(s.pages), "seq page"));
   }
   return seqs;
 }
 
 void put_ids(ByteWriter& w, const std::vector<SeqId>& ids) {
   w.put(static_cast<uint32_t>(ids.size()));
-  for (SeqId id : ids) w.put(id);
+  w.put_array(std::span<const SeqId>(ids));
 }
 
 Result<std::vector<SeqId>> get_ids(ByteReader& r, const WireLimits& l) {
   KVMIG_ASSIGN_OR_RETURN(uint32_t n, get_count(r, l.max_seqs, 8, "id count"));
   std::vector<SeqId> ids(n);
-  for (SeqId& id : ids) {
-    KVMIG_ASSIGN_OR_RETURN(id, r.get<uint64_t>("seq id"));
-  }
+  KVMIG_RETURN_IF_ERROR(r.get_array(std::span(ids), "seq id"));
   return ids;
 }
 
 void put_u32s(ByteWriter& w, const std::vector<uint32_t>& v) {
   w.put(static_cast<uint32_t>(v.size()));
-  for (uint32_t x : v) w.put(x);
+  w.put_array(std::span<const uint32_t>(v));
 }
 
 Result<std::vector<uint32_t>> get_u32s(ByteReader& r, uint32_t limit,
                                        std::string_view what) {
   KVMIG_ASSIGN_OR_RETURN(uint32_t n, get_count(r, limit, 4, what));
   std::vector<uint32_t> v(n);
-  for (uint32_t& x : v) {
-    KVMIG_ASSIGN_OR_RETURN(x, r.get<uint32_t>(what));
-  }
+  KVMIG_RETURN_IF_ERROR(r.get_array(std::span(v), what));
   return v;
 }
 

@@ -67,7 +67,7 @@ std::vector<uint8_t> encode(const OfferMsg& m) {
   ByteWriter w;
   w.put_string(m.transport);
   w.put(static_cast<uint32_t>(m.slots.size()));
-  for (PageIndex s : m.slots) w.put(s);
+  w.put_array(std::span<const PageIndex>(m.slots));
   w.put(static_cast<uint32_t>(m.regions.size()));
   for (const RegionGeometry& g : m.regions) {
     w.put(g.stride);
@@ -91,9 +91,7 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
         KVMIG_ASSIGN_OR_RETURN(uint32_t n,
                                get_count(r, l.max_pages, 4, "slots"));
         m.slots.resize(n);
-        for (PageIndex& s : m.slots) {
-          KVMIG_ASSIGN_OR_RETURN(s, r.get<uint32_t>("slot"));
-        }
+        KVMIG_RETURN_IF_ERROR(r.get_array(std::span(m.slots), "slot"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nr,
                                get_count(r, l.max_regions, 20, "regions"));
         m.regions.resize(nr);
@@ -121,7 +119,7 @@ namespace {
 void put_verify(ByteWriter& w, const VerifyMsg& m) {
   put_u32s(w, m.positions);
   w.put(static_cast<uint32_t>(m.checksums.size()));
-  for (uint64_t c : m.checksums) w.put(c);
+  w.put_array(std::span<const uint64_t>(m.checksums));
 }
 
 Result<VerifyMsg> get_verify(ByteReader& r, const WireLimits& l) {
@@ -134,9 +132,7 @@ Result<VerifyMsg> get_verify(ByteReader& r, const WireLimits& l) {
                              std::to_string(m.positions.size()) + " positions");
   }
   m.checksums.resize(n);
-  for (uint64_t& c : m.checksums) {
-    KVMIG_ASSIGN_OR_RETURN(c, r.get<uint64_t>("checksum"));
-  }
+  KVMIG_RETURN_IF_ERROR(r.get_array(std::span(m.checksums), "checksum"));
   return m;
 }
 

@@ -309,6 +309,45 @@ TEST(MessagesTest, TrailingBytesAndTruncationAreErrors) {
   }
 }
 
+// Arrays (page lists, ids, checksums) go in one copy: the same bytes as a
+// put() a value, so the wire format is unchanged; read back whole, and a
+// cut array is refused naming it, before anything is read into place.
+TEST(MessagesTest, ArraysAreWrittenAsValueByValue) {
+  const std::vector<uint32_t> pages = {0, 1, 0x01020304u, 0xfffffffeu};
+  const std::vector<uint64_t> sums = {0x0102030405060708ull, 0, ~0ull};
+  ByteWriter one_by_one;
+  for (uint32_t p : pages) one_by_one.put(p);
+  for (uint64_t c : sums) one_by_one.put(c);
+  ByteWriter whole;
+  whole.put_array(std::span<const uint32_t>(pages));
+  whole.put_array(std::span<const uint64_t>(sums));
+  whole.put_array(std::span<const uint64_t>());  // nothing
+  ASSERT_EQ(whole.buffer(), one_by_one.buffer());
+  EXPECT_EQ(whole.buffer()[8], 0x04);  // little-endian
+  EXPECT_EQ(whole.buffer()[16], 0x08);
+
+  const std::vector<uint8_t> bytes = whole.take();
+  ByteReader r(bytes);
+  std::vector<uint32_t> pages_back(pages.size());
+  std::vector<uint64_t> sums_back(sums.size());
+  ASSERT_OK(r.get_array(std::span(pages_back), "pages"));
+  ASSERT_OK(r.get_array(std::span(sums_back), "sums"));
+  EXPECT_EQ(pages_back, pages);
+  EXPECT_EQ(sums_back, sums);
+  EXPECT_OK(r.expect_end("arrays"));
+
+  ByteReader cut(std::span(bytes.data(), bytes.size() - 1));
+  ASSERT_OK(cut.get_array(std::span(pages_back), "pages"));
+  std::vector<uint64_t> untouched(sums.size(), 7);
+  Status s = cut.get_array(std::span(untouched), "checksums");
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss);
+  EXPECT_NE(s.message().find("checksums: truncated at offset 16 (need 24"),
+            std::string::npos)
+      << s.to_string();
+  EXPECT_EQ(untouched, std::vector<uint64_t>(sums.size(), 7));
+  EXPECT_EQ(cut.offset(), 16u);
+}
+
 TEST(MessagesTest, BadEnumsAreErrors) {
   auto hello = encode(small_hello());
   hello[4 + 2 + 16] = 77;  // dtype byte after "id" and four u32 dims
