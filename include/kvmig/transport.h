@@ -278,6 +278,22 @@ class Transport {
   // its control thread along with the allocation and the install. Default
   // false.
   virtual bool targets_open_at_once() const { return false; }
+
+  // open_target() where that needs no wait (no trip to another thread, no
+  // peer, no device call), allow() on the target too; null where it would
+  // wait, and then nothing changed: call open_target() from a thread that
+  // may wait. So a destination whose pager never waits opens a transport
+  // whose targets do not all open at once on its control thread when this
+  // one does (ucx: the initiator presents a kept connection that is ready).
+  // Default: open_target() where targets_open_at_once(), else null.
+  virtual Result<std::unique_ptr<TransportTarget>> open_target_at_once(
+      std::span<const std::span<std::byte>> regions,
+      std::span<const uint8_t> initiator_address, Deadline deadline) {
+    if (!targets_open_at_once()) {
+      return std::unique_ptr<TransportTarget>();
+    }
+    return open_target(regions, initiator_address, deadline);
+  }
 };
 
 // Options for building a transport.

@@ -85,18 +85,17 @@ asio::awaitable<bool> DestinationRun::run() {
         " inline");
   }
   if (s.ok()) {
-    const bool quick =
-        !ctx_.layout || inline_pages_ || transport_->targets_open_at_once();
-    s = co_await ctx_.bookkeeping(
-        [this]() -> Status {
-          KVMIG_RETURN_IF_ERROR(check_ids_not_live());
-          KVMIG_RETURN_IF_ERROR(allocate_first_round());
-          if (ctx_.layout && !inline_pages_) {
-            return open_target(ctx_.pager_regions);
-          }
-          return Status();
-        },
-        quick);
+    // On this thread (the pager never waits) the data path opens here only
+    // if that needs no wait (a transport whose targets open at once, a
+    // kept ucx connection ready to adopt); otherwise open_and_offer()
+    // opens it on a data thread.
+    s = co_await ctx_.bookkeeping([this]() -> Status {
+      KVMIG_RETURN_IF_ERROR(check_ids_not_live());
+      KVMIG_RETURN_IF_ERROR(allocate_first_round());
+      if (!ctx_.layout || inline_pages_) return Status();
+      if (ctx_.pager_never_waits) return open_target_at_once();
+      return open_target(ctx_.pager_regions);
+    });
   }
   // One exchange: PAGES and COMMIT are on their way already. (Not a ?:
   // around co_await: GCC 12 miscompiles that.)
@@ -273,7 +272,22 @@ Status DestinationRun::open_target(
   if (!opened.ok()) {
     return opened.status().with_context("opening the data path");
   }
-  target_ = std::move(*opened);
+  return restrict_target(std::move(*opened));
+}
+
+Status DestinationRun::open_target_at_once() {
+  auto opened = transport_->open_target_at_once(
+      ctx_.pager_regions, hello_.initiator_address, ctx_.peer_deadline());
+  if (!opened.ok()) {
+    return opened.status().with_context("opening the data path");
+  }
+  if (!*opened) return Status();  // it would wait: open_and_offer() opens it
+  return restrict_target(std::move(*opened));
+}
+
+Status DestinationRun::restrict_target(
+    std::unique_ptr<TransportTarget> target) {
+  target_ = std::move(target);
   // Zero-copy into the pool: the source may write its own slots only (a
   // staging buffer is this migration's alone).
   if (ctx_.layout && target_->restricts_writes()) {

@@ -74,6 +74,12 @@ class DestinationRun {
   // Data pool: opens the data path into regions (the pager's own, or the
   // staging buffer), the source allowed into its slots only.
   Status open_target(const std::vector<std::span<std::byte>>& regions);
+  // The pager's regions' data path where it opens without a wait; target_
+  // stays null where it would wait.
+  Status open_target_at_once();
+  // target_ = target, allowed only this migration's slots where the
+  // transport checks writes.
+  Status restrict_target(std::unique_ptr<TransportTarget> target);
   // Opens the data path unless the first trip did, and sends OFFER.
   asio::awaitable<Status> open_and_offer();
   // HELLO's pages_follow: no OFFER; PAGES and COMMIT come next.

@@ -1005,6 +1005,62 @@ TEST_P(TransportConformanceTest, KeptPathServesTheNextAndStillRevokes) {
   }
 }
 
+// open_target_at_once(): a path that opens without a wait opens, one that
+// would wait is left to open_target() with nothing changed. Over ucx a kept
+// connection is adopted at once and a fresh initiator gets null (the
+// listener waits on the progress thread); tcp's targets all open at once;
+// verbs' none do.
+TEST_P(TransportConformanceTest, OpenAtOnceOnlyWhatNeedsNoWait) {
+  const std::string t = GetParam();
+  for (uint64_t round = 0; round < 3; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-o"));
+    ASSERT_OK_AND_ASSIGN(
+        auto at_once,
+        dst_->open_target_at_once(regions_, init->address(), in(seconds(10))));
+    const bool kept = t == "ucx" && round > 0;
+    EXPECT_EQ(at_once != nullptr, t == "tcp" || kept);
+    std::unique_ptr<TransportTarget> target = std::move(at_once);
+    if (!target) {
+      // Nothing was taken: the slow way still finds the kept connection.
+      ASSERT_OK_AND_ASSIGN(target, dst_->open_target(regions_, init->address(),
+                                                     in(seconds(10))));
+    }
+    ASSERT_OK(init->connect(target->address(), in(seconds(10))));
+    std::vector<WriteOp> ops = {
+        {src_at(round * 8192 + 3), 1, 5 + round, 70000}};
+    auto expected = dst_copy();
+    apply(ops, expected);
+    ASSERT_OK(init->write(ops, in(seconds(10))));
+    ASSERT_OK(init->flush(in(seconds(10))));
+    expect_dst_equals(expected);
+    EXPECT_EQ(target->keep(), t != "verbs");
+    init->keep();
+  }
+  if (t == "ucx") {
+    // The kept connection revoked: the next initiator finds nothing kept
+    // and gets null, as does an address from no initiator at all.
+    {
+      ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-o"));
+      ASSERT_OK_AND_ASSIGN(auto target,
+                           dst_->open_target_at_once(regions_, init->address(),
+                                                     in(seconds(10))));
+      ASSERT_NE(target, nullptr);
+      target->revoke();
+    }
+    ASSERT_OK_AND_ASSIGN(auto init, src_->create_initiator_for("peer-o"));
+    ASSERT_OK_AND_ASSIGN(
+        auto none,
+        dst_->open_target_at_once(regions_, init->address(), in(seconds(10))));
+    EXPECT_EQ(none, nullptr);
+    const uint8_t junk[] = {7, 1, 2};
+    EXPECT_EQ(dst_->open_target_at_once(regions_, junk, in(seconds(1)))
+                  .status()
+                  .code(),
+              StatusCode::kInvalidArgument);
+  }
+}
+
 // A migration whose pages went inline (protocol 8) adopts the kept path,
 // never connects and keeps it: the path is there for the next migration,
 // which writes over it (ucx and tcp reuse; verbs starts afresh anyway).

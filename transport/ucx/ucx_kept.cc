@@ -41,6 +41,18 @@ std::shared_ptr<TargetState> Parking::take_target(uint64_t token) {
   return nullptr;
 }
 
+std::shared_ptr<TargetState> Parking::take_ready_target(uint64_t token) {
+  std::lock_guard lock(mu_);
+  for (auto it = targets_.begin(); it != targets_.end(); ++it) {
+    if ((*it)->token != token) continue;
+    if (!(*it)->connected || !(*it)->healthy()) return nullptr;
+    auto st = std::move(*it);
+    targets_.erase(it);
+    return st;
+  }
+  return nullptr;
+}
+
 bool Parking::unpark_target(const TargetState* st) {
   std::lock_guard lock(mu_);
   for (auto it = targets_.begin(); it != targets_.end(); ++it) {

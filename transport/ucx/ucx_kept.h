@@ -181,6 +181,9 @@ class Parking {
   void park_target(std::shared_ptr<TargetState> st);
   // The healthy kept target with this token, taken out; null if none.
   std::shared_ptr<TargetState> take_target(uint64_t token);
+  // The kept target with this token if it is connected and healthy, taken
+  // out; null (and nothing changed) otherwise.
+  std::shared_ptr<TargetState> take_ready_target(uint64_t token);
   // Takes st out if it is still kept (not adopted meanwhile): true.
   bool unpark_target(const TargetState* st);
   void park_init(const std::string& peer, std::shared_ptr<InitState> st);
@@ -217,6 +220,15 @@ struct ExportedRegion {
 Result<std::unique_ptr<TransportTarget>> open_ucx_target(
     std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
     const std::string& host, std::vector<ExportedRegion> regions,
+    uint64_t token);
+
+// ucx_target.cc. The target over the kept connection the initiator that
+// presented `token` holds, when the parking has it ready (connected,
+// healthy): taken without a trip to the progress thread. Null otherwise,
+// the parking as it was. Thread-safe.
+std::unique_ptr<TransportTarget> adopt_ucx_target(
+    std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+    const std::string& host, const std::vector<ExportedRegion>& regions,
     uint64_t token);
 
 // ucx_initiator.cc. peer: the destination agent's control address, under

@@ -124,20 +124,12 @@ class UcxTarget final : public TransportTarget {
       uint64_t token) {
     if (token != 0) {
       if (auto st = parking->take_target(token)) {
+        if (st->connected && st->healthy()) {
+          return adopt(std::move(core), std::move(parking), host, regions,
+                       std::move(st));
+        }
         std::unique_ptr<UcxTarget> t(new UcxTarget(core, parking, st));
         t->adopted_ = true;
-        // No trip to the progress thread: the keys were packed when the
-        // memory was registered, and an endpoint that fails after this
-        // check fails the migration's writes instead.
-        if (st->connected && st->healthy()) {
-          // No listener (port 0): reuse the kept endpoint.
-          t->address_ = encode_target_address(
-              TargetAddress{host, 0, st->token, pack_regions(regions)});
-          std::lock_guard lock(st->mu);
-          ucx_log()->debug("target reuses the connection kept for {}",
-                           st->peer);
-          return std::unique_ptr<TransportTarget>(std::move(t));
-        }
         ucx_log()->debug(
             "target: the kept connection is gone; listening afresh");
         // t's destructor revokes what is left of it.
@@ -152,6 +144,25 @@ class UcxTarget final : public TransportTarget {
           return setup(st.get(), host, ss, regions);
         }));
     return std::unique_ptr<TransportTarget>(std::move(t));
+  }
+
+  // A target over the kept connection st (connected, healthy). No trip to
+  // the progress thread: the keys were packed when the memory was
+  // registered, and an endpoint that fails after this check fails the
+  // migration's writes instead.
+  static std::unique_ptr<TransportTarget> adopt(
+      std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+      const std::string& host, const std::vector<ExportedRegion>& regions,
+      std::shared_ptr<TargetState> st) {
+    std::unique_ptr<UcxTarget> t(
+        new UcxTarget(std::move(core), std::move(parking), st));
+    t->adopted_ = true;
+    // No listener (port 0): reuse the kept endpoint.
+    t->address_ = encode_target_address(
+        TargetAddress{host, 0, st->token, pack_regions(regions)});
+    std::lock_guard lock(st->mu);
+    ucx_log()->debug("target reuses the connection kept for {}", st->peer);
+    return t;
   }
 
   ~UcxTarget() override {
@@ -285,6 +296,17 @@ Result<std::unique_ptr<TransportTarget>> open_ucx_target(
     uint64_t token) {
   return UcxTarget::open(std::move(core), std::move(parking), host,
                          std::move(regions), token);
+}
+
+std::unique_ptr<TransportTarget> adopt_ucx_target(
+    std::shared_ptr<UcxCore> core, std::shared_ptr<Parking> parking,
+    const std::string& host, const std::vector<ExportedRegion>& regions,
+    uint64_t token) {
+  if (token == 0) return nullptr;
+  auto st = parking->take_ready_target(token);
+  if (!st) return nullptr;
+  return UcxTarget::adopt(std::move(core), std::move(parking), host, regions,
+                          std::move(st));
 }
 
 }  // namespace kvmig::ucx

@@ -77,6 +77,21 @@ class UcxTransport final : public Transport {
                               std::string(peer));
   }
 
+  // A kept connection that is ready is adopted with no trip to the
+  // progress thread; anything else (a listener, a kept connection that is
+  // gone) waits for it.
+  Result<std::unique_ptr<TransportTarget>> open_target_at_once(
+      std::span<const std::span<std::byte>> regions,
+      std::span<const uint8_t> initiator_address,
+      Deadline /*deadline: nothing here waits*/) override {
+    KVMIG_ASSIGN_OR_RETURN(uint64_t token,
+                           decode_initiator_address(initiator_address));
+    if (token == 0) return std::unique_ptr<TransportTarget>();
+    std::vector<ExportedRegion> exported;
+    KVMIG_RETURN_IF_ERROR(export_regions(regions, exported));
+    return adopt_ucx_target(core_, parking_, opts_.bind_host, exported, token);
+  }
+
   Result<std::unique_ptr<TransportTarget>> open_target(
       std::span<const std::span<std::byte>> regions,
       std::span<const uint8_t> initiator_address,
