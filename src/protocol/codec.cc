@@ -49,8 +49,7 @@ void put_seqs(ByteWriter& w, const std::vector<LogicalSeq>& seqs) {
   for (const LogicalSeq& s : seqs) {
     w.put(s.seq_id);
     w.put(s.n_tokens);
-    w.put(static_cast<uint32_t>(s.pages.size()));
-    w.put_array(std::span<const PageIndex>(s.pages));
+    put_u32s(w, s.pages);
   }
 }
 
@@ -60,10 +59,7 @@ Result<std::vector<LogicalSeq>> get_seqs(ByteReader& r, const WireLimits& l) {
   for (LogicalSeq& s : seqs) {
     KVMIG_ASSIGN_OR_RETURN(s.seq_id, r.get<uint64_t>("seq id"));
     KVMIG_ASSIGN_OR_RETURN(s.n_tokens, r.get<uint64_t>("seq tokens"));
-    KVMIG_ASSIGN_OR_RETURN(uint32_t np,
-                           get_count(r, l.max_pages, 4, "seq page count"));
-    s.pages.resize(np);
-    KVMIG_RETURN_IF_ERROR(r.get_array(std::span(s.pages), "seq page"));
+    KVMIG_ASSIGN_OR_RETURN(s.pages, get_u32s(r, l.max_pages, "seq pages"));
   }
   return seqs;
 }

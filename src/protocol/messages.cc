@@ -66,8 +66,7 @@ Result<HelloMsg> decode_hello(std::span<const uint8_t> p, const WireLimits& l) {
 std::vector<uint8_t> encode(const OfferMsg& m) {
   ByteWriter w;
   w.put_string(m.transport);
-  w.put(static_cast<uint32_t>(m.slots.size()));
-  w.put_array(std::span<const PageIndex>(m.slots));
+  put_u32s(w, m.slots);
   w.put(static_cast<uint32_t>(m.regions.size()));
   for (const RegionGeometry& g : m.regions) {
     w.put(g.stride);
@@ -88,10 +87,7 @@ Result<OfferMsg> decode_offer(std::span<const uint8_t> p, const WireLimits& l) {
       p, "OFFER", [&](ByteReader& r) -> Result<OfferMsg> {
         OfferMsg m;
         KVMIG_ASSIGN_OR_RETURN(m.transport, r.get_string(64, "transport"));
-        KVMIG_ASSIGN_OR_RETURN(uint32_t n,
-                               get_count(r, l.max_pages, 4, "slots"));
-        m.slots.resize(n);
-        KVMIG_RETURN_IF_ERROR(r.get_array(std::span(m.slots), "slot"));
+        KVMIG_ASSIGN_OR_RETURN(m.slots, get_u32s(r, l.max_pages, "slots"));
         KVMIG_ASSIGN_OR_RETURN(uint32_t nr,
                                get_count(r, l.max_regions, 20, "regions"));
         m.regions.resize(nr);
