@@ -206,10 +206,11 @@ tsan_test() {
     # of them took 22-59 s there before and after the progress thread's
     # yield, 0.3 s in the normal build; MarkedWrites... took 22 s at
     # 74f1735 and after it alike on 2026-12-07, FlushCoversWritesStillQueued
-    # moves 80 MiB).
+    # moves 80 MiB). FlushCoversManySmallWrites/ucx posts 819200 puts: five
+    # of its hundred rounds took 269 s under TSan on 2026-12-08.
     local filter='*'
     [[ $t == transport_tests ]] &&
-      filter='-*WritesLandByteExactAfterFlush/ucx:*KeptPathServesTheNextAndStillRevokes/ucx:*SmallAndLargeWritesInterleaved/ucx:*MarkedWritesHaveLandedWhenTheMarkArrives/ucx:*FlushCoversWritesStillQueued/ucx'
+      filter='-*WritesLandByteExactAfterFlush/ucx:*KeptPathServesTheNextAndStillRevokes/ucx:*SmallAndLargeWritesInterleaved/ucx:*MarkedWritesHaveLandedWhenTheMarkArrives/ucx:*FlushCoversWritesStillQueued/ucx:*FlushCoversManySmallWrites/ucx'
     UCX_MEM_EVENTS=no \
       TSAN_OPTIONS="halt_on_error=1 history_size=7 suppressions=$supp" \
       "$dir/tests/$t" --gtest_filter="$filter" \

@@ -69,7 +69,10 @@ class TransportInitiator {
   // Posts writes. May block for flow control until `deadline`. Checks every
   // op against the target's region bounds before posting any
   // (InvalidArgument). Writes may land in any order; none is known to have
-  // landed until flush() succeeds.
+  // landed until flush() succeeds. A transport may read an op's source
+  // bytes after write() has returned (a ucx put UCX queued, a verbs work
+  // request the adapter has not read yet): they must stay as they are until
+  // flush() returns, or the mark of write_marked() has been waited for.
   virtual Status write(std::span<const WriteOp> ops, Deadline deadline) = 0;
 
   // Returns when every write posted so far is visible in the target's
